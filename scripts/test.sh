@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up the environment (idempotent) and run the whole test suite on CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/optsel/torch_extensions}
+exec .venv/bin/python -m pytest -q -ra "$@"

@@ -1,0 +1,1 @@
+"""Selection algorithms (engine-agnostic): the Selector interface, FTW and baselines."""

@@ -1,0 +1,121 @@
+"""The Selector seam: one small interface that the trainer calls once per step.
+
+A pool is a dict of tensors for this rank's candidates (``input_ids`` [n, T] int64,
+``attention_mask`` [n, T], ``labels`` [n, T] with -100 on ignored positions; optional
+``sample_id`` [n] int64 and ``kind`` [n] int64). Under data parallelism the *global* pool is the
+rank-major concatenation of the local pools: global index = (sum of earlier ranks' pool sizes) +
+local index. A selector returns a :class:`Selection` that is identical on every rank.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+
+Batch = Mapping[str, torch.Tensor]
+
+
+@dataclass
+class Selection:
+    """Result of one selection step (identical on every rank).
+
+    indices: [s] int64 global indices of the chosen samples (s <= budget).
+    weights: [s] float64, >= 0, summing to 1; the step's gradient is sum_i weights[i] * g_i.
+    local_indices / local_weights: the part of (indices, weights) that lives on this rank,
+        indices local to this rank's pool, weights still the global ones.
+    alignment [N], utility [N], filtered [m], gram [m, m]: FTW's intermediate quantities
+        (None for selectors that do not compute them).
+    timings: seconds per phase. diagnostics: counters, solver status, fallbacks (JSON-able).
+    """
+
+    indices: torch.Tensor
+    weights: torch.Tensor
+    local_indices: torch.Tensor
+    local_weights: torch.Tensor
+    pool_size: int
+    alignment: torch.Tensor | None = None
+    utility: torch.Tensor | None = None
+    filtered: torch.Tensor | None = None
+    gram: torch.Tensor | None = None
+    covered: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
+class Selector(abc.ABC):
+    """Chooses which candidates (and with which weights) form the step.
+
+    Selectors are ``Stateful``: ``state_dict`` / ``load_state_dict`` restore RNGs, caches and
+    counters so that a resumed run selects exactly what an uninterrupted one would.
+    """
+
+    #: registry name, e.g. "ftw", "random"
+    name: str = "selector"
+    #: whether :meth:`select` needs a target (validation) batch
+    needs_target: bool = False
+
+    @abc.abstractmethod
+    def select(self, pool: Batch, target: Batch | None = None) -> Selection:
+        """Choose from this rank's local ``pool``; see the module docstring for the layout."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        del state
+
+
+def split_local(
+    indices: torch.Tensor, weights: torch.Tensor, pool_sizes: list[int], rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The part of a global selection owned by ``rank`` (rank-major pool layout).
+
+    indices [s] global, weights [s]; returns (local indices [s_r], their global weights [s_r]).
+    """
+    start = sum(pool_sizes[:rank])
+    stop = start + pool_sizes[rank]
+    mine = (indices >= start) & (indices < stop)
+    return indices[mine] - start, weights[mine]
+
+
+SelectorFactory = Callable[..., Selector]
+_REGISTRY: dict[str, SelectorFactory] = {}
+
+
+def register_selector(name: str) -> Callable[[SelectorFactory], SelectorFactory]:
+    """Class decorator: make a selector buildable by name from a run config."""
+
+    def wrap(factory: SelectorFactory) -> SelectorFactory:
+        if name in _REGISTRY:
+            raise ValueError(f"selector {name!r} registered twice")
+        _REGISTRY[name] = factory
+        return factory
+
+    return wrap
+
+
+def selector_names() -> list[str]:
+    _import_builtin_selectors()
+    return sorted(_REGISTRY)
+
+
+def get_selector_factory(name: str) -> SelectorFactory:
+    _import_builtin_selectors()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown selector {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def _import_builtin_selectors() -> None:
+    """Import the modules whose decorators fill the registry (lazily: avoids import cycles)."""
+    import importlib
+
+    for module in ("optsel.selection.simple", "optsel.selection.ftw", "optsel.selection.baselines"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:  # a module that does not exist yet is not an error
+            if err.name != module:
+                raise
