@@ -1,0 +1,125 @@
+"""The run config: one typed tree that ``optsel train CONFIG`` resolves from YAML + overrides.
+
+Each block's dataclass is declared next to the component it configures; this module only composes
+them and checks the cross-block rules (e.g. the pool divides evenly over ranks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from optsel.launch.config_loader import ConfigError, apply_overrides, from_mapping, load_yaml
+from optsel.monitoring.sinks import MonitoringConfig
+from optsel.pipeline.checkpoint import CheckpointConfig
+from optsel.pipeline.data import DataConfig
+from optsel.pipeline.engines.base import EngineConfig, OptimizerConfig
+from optsel.pipeline.model import ModelConfig
+
+
+@dataclass(kw_only=True)
+class TrainingConfig:
+    """The loop. Steps are optimizer steps; each consumes ``selection.pool_size`` stream samples."""
+
+    num_steps: int
+    eval_every: int = 0  # 0: only at the end
+    num_eval_samples: int = 64  # held-out target prompts for loss and exact match
+    max_new_tokens: int = 8  # greedy decoding length for exact match
+    seed: int = 0
+    nan_policy: Literal["skip", "raise"] = "skip"
+    max_skipped_steps: int = 20  # abort the run after this many NaN/Inf steps
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps: must be >= 1, got {self.num_steps}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every: must be >= 0, got {self.eval_every}")
+        if self.num_eval_samples < 0:
+            raise ValueError(f"num_eval_samples: must be >= 0, got {self.num_eval_samples}")
+
+
+@dataclass(kw_only=True)
+class SelectionConfig:
+    """Which selector, the global pool size N and the global data budget k per step.
+
+    ``num_target_samples`` target (validation) samples feed target-aware selectors; they are taken
+    from the front of the val split and never used for evaluation. ``options`` maps a method name to
+    that method's own config block (e.g. ``{ftw: {gram: exact}}``, FTWConfig's fields); every block is
+    validated against its method's dataclass, and the block of ``method`` is used, so switching
+    ``selection.method`` by override keeps one config file valid for every method.
+    """
+
+    method: str = "random"
+    pool_size: int = 32
+    budget: int = 8
+    seed: int = 0
+    num_target_samples: int = 16
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.pool_size < 1:
+            raise ValueError(f"pool_size: must be >= 1, got {self.pool_size}")
+        if not 1 <= self.budget <= self.pool_size:
+            raise ValueError(f"budget: must be in [1, pool_size={self.pool_size}], got {self.budget}")
+        if self.num_target_samples < 1:
+            raise ValueError(f"num_target_samples: must be >= 1, got {self.num_target_samples}")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    run_name: str = "run"
+    output_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig
+    training: TrainingConfig
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+    def validate_for_world(self, world_size: int) -> None:
+        """Rules that depend on the launch: the pool and the target split evenly over ranks."""
+        if self.selection.pool_size % world_size:
+            raise ConfigError("selection.pool_size",
+                              f"must be divisible by the world size {world_size}, got {self.selection.pool_size}")
+        if self.selection.num_target_samples < world_size:
+            raise ConfigError("selection.num_target_samples", f"must be >= the world size {world_size}")
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """YAML file + ``key.sub=value`` overrides → validated RunConfig (errors name the key)."""
+    data = apply_overrides(load_yaml(path), list(overrides or []))
+    config = from_mapping(RunConfig, data)
+    from optsel.selection.base import selector_names
+
+    if config.selection.method not in selector_names():
+        raise ConfigError("selection.method",
+                          f"unknown selector {config.selection.method!r}; known: {', '.join(selector_names())}")
+    for method in config.selection.options:
+        method_config(config.selection, method)  # validate every block, not only the one in use
+    return config
+
+
+def method_config(selection: SelectionConfig, method: str) -> Any:
+    """The typed config of ``method`` from ``selection.options[method]`` (None if it takes none)."""
+    from optsel.selection.base import get_selector_factory, selector_names
+
+    path = f"selection.options.{method}"
+    if method not in selector_names():
+        raise ConfigError(path, f"unknown selector {method!r}; known: {', '.join(selector_names())}")
+    config_class = getattr(get_selector_factory(method), "config_class", None)
+    options = dict(selection.options.get(method) or {})
+    if config_class is None:
+        if options:
+            raise ConfigError(path, f"selector {method!r} takes no options, got {sorted(options)}")
+        return None
+    if "budget" in options:
+        raise ConfigError(f"{path}.budget", "set the budget once, as selection.budget")
+    return from_mapping(config_class, {"budget": selection.budget, **options}, path)

@@ -1,0 +1,58 @@
+"""Training entry point for every launcher (thin, torchtitan style).
+
+    python -m optsel.launch.train CONFIG [key.sub=value ...]             # one process
+    torchrun --nproc_per_node 2 -m optsel.launch.train CONFIG ...       # torchrun
+    deepspeed --num_gpus 2 --module optsel.launch.train CONFIG ...      # deepspeed launcher
+    srun python -m optsel.launch.train CONFIG ...                       # SLURM (see launch/slurm/)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="optsel train", description="Train with online data selection.")
+    parser.add_argument("config", help="run config YAML (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. training.num_steps=10")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help="set by the deepspeed launcher; the LOCAL_RANK env var is used instead")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # DeepSpeed 0.19 calls torch's deprecated all_gather_into_tensor alias on every step.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from optsel import distributed
+    from optsel.launch.config_loader import ConfigError
+    from optsel.launch.run_config import load_run_config
+
+    try:
+        config = load_run_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"optsel: {err}", file=sys.stderr)
+        return 2
+    from optsel.pipeline.trainer import Trainer
+
+    trainer = None
+    try:
+        trainer = Trainer(config)
+        summary = trainer.train()
+        if distributed.info().is_main:
+            print(json.dumps(summary, indent=2))
+            print(f"outputs in {summary['run_dir']} (config.yaml, metrics.jsonl, selections.jsonl, summary.json)")
+        return 0
+    finally:
+        if trainer is not None:
+            trainer.close()
+        distributed.destroy()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""The streaming side: MDS shards written by prepare → per-rank pools (batches) for the trainer.
+
+The prepared directory (``DataConfig.local``) is never modified: StreamingDataset reads the shards
+from it as its ``remote`` (a plain path) and keeps its decompressed working copy in a cache directory
+(``cache_dir``, default ``<tmp>/optsel-streaming-<uid>/<hash of the index>/``). Passing the prepared
+dir as streaming's ``local`` with ``remote=None`` would make streaming decompress the shards next to
+their ``.zstd`` files and delete the compressed originals, and later runs would then read the raw files
+without any hash check. With a ``remote`` (e.g. ``s3://bucket/ds``) shards are downloaded into the
+cache; ``local`` still holds ``tokenizer/`` and ``kinds.json``.
+
+Every rank draws the same number of samples per step (the per-rank pool size, ``drop_last``);
+``collate`` builds the batch of docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import gc
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+
+from optsel.distributed import DistInfo
+from optsel.distributed import info as dist_info
+
+log = logging.getLogger("optsel.data")
+
+Batch = dict[str, torch.Tensor]
+SPLITS = ("train", "val")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where the prepared shards are and how they are streamed."""
+
+    local: str  # the prepare out_dir: tokenizer/, kinds.json (and train/, val/ unless remote is set)
+    remote: str | None = None  # a remote copy of the prepare out_dir (s3://…, or a plain path)
+    cache_dir: str | None = None  # streaming's working copy; default: <tmp>/optsel-streaming-<uid>/<key>
+    shuffle: bool = True
+    shuffle_seed: int = 0
+    shuffle_algo: str = "py1e"
+    shuffle_block_size: int | None = None
+    num_canonical_nodes: int | None = None  # fix it to keep the sample order when the world size changes
+    num_workers: int = 0  # DataLoader worker processes per rank
+    predownload: int | None = None  # samples to fetch ahead per worker (streaming default when None)
+    validate_hash: str | None = "xxh64"  # streaming checks every shard it copies into the cache
+    verify_shards: Literal["hash", "size", "none"] = "hash"  # up-front check of local shards (names the file)
+    max_seq_len: int | None = None  # cut samples to this many tokens in collate (None: as prepared)
+    download_timeout: float = 60.0  # seconds per shard
+    clean_stale_shm: bool = True  # remove shared memory / file locks of crashed runs before starting
+
+    def __post_init__(self) -> None:
+        if not self.local:
+            raise ValueError("local: required (the directory written by `optsel prepare`)")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers: must be >= 0, got {self.num_workers}")
+        if self.max_seq_len is not None and self.max_seq_len < 2:
+            raise ValueError(f"max_seq_len: must be >= 2, got {self.max_seq_len}")
+        if self.predownload is not None and self.predownload < 1:
+            raise ValueError(f"predownload: must be >= 1, got {self.predownload}")
+        if self.remote is not None and self.remote.startswith("file://"):
+            raise ValueError("remote: give a plain path, not a file:// URL (streaming needs that)")
+
+
+_CLEAN_AT_EXIT = False
+
+
+def _clean_at_exit() -> None:
+    """Registered at import, so it runs after streaming's own atexit handlers (LIFO) have unmapped and
+    unlinked this process's shared memory: then its file locks in /tmp can go too (live jobs' stay)."""
+    if _CLEAN_AT_EXIT:
+        from optsel.pipeline.shm_cleanup import clean_stale_streaming_state
+
+        try:
+            clean_stale_streaming_state(min_age_s=0.0)
+        except Exception:  # never fail an exiting process over housekeeping
+            pass
+
+
+atexit.register(_clean_at_exit)
+
+
+class ShardError(RuntimeError):
+    """A missing, truncated or corrupt shard; the message names the file."""
+
+
+# -- metadata ---------------------------------------------------------------------------------------
+def kinds(data_dir: str | Path) -> dict[str, int]:
+    """kind name → kind_id, from ``<data_dir>/kinds.json``."""
+    path = Path(data_dir) / "kinds.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {data_dir} a directory written by `optsel prepare`?")
+    return {str(k): int(v) for k, v in json.loads(path.read_text()).items()}
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path
+
+
+def _source(cfg: DataConfig, split: str) -> str:
+    base = cfg.remote if cfg.remote is not None else cfg.local
+    return os.path.join(base, split) if _is_local(base) else f"{base.rstrip('/')}/{split}"
+
+
+def verify_split(split_dir: str | Path, mode: Literal["hash", "size", "none"] = "hash",
+                 algo: str | None = None) -> int:
+    """Check that every shard listed in ``split_dir/index.json`` exists with its size (and hash).
+
+    Returns the number of samples. Raises ShardError naming the missing/truncated/corrupt file.
+    """
+    from optsel.pipeline.streaming_compat import MDSWriter  # noqa: F401  (registers `streaming`)
+    from streaming.base.hashing import get_hash
+
+    split_dir = Path(split_dir)
+    index_path = split_dir / "index.json"
+    if not index_path.is_file():
+        raise ShardError(f"no MDS index at {index_path}: run `optsel prepare` (or check data.local/remote)")
+    try:
+        index = json.loads(index_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ShardError(f"corrupt MDS index {index_path}: {err}") from err
+    total = 0
+    for shard in index["shards"]:
+        total += int(shard["samples"])
+        if mode == "none":
+            continue
+        info = shard.get("zip_data") or shard["raw_data"]
+        path = split_dir / info["basename"]
+        if not path.is_file():
+            raise ShardError(f"shard file missing: {path} (listed in {index_path})")
+        size = path.stat().st_size
+        if size != int(info["bytes"]):
+            raise ShardError(f"shard file {path} has {size} bytes, index says {info['bytes']} (truncated or replaced)")
+        if mode == "hash" and info.get("hashes"):
+            name = algo if algo in info["hashes"] else sorted(info["hashes"])[0]
+            if get_hash(name, path.read_bytes()) != info["hashes"][name]:
+                raise ShardError(f"shard file {path} fails its {name} check (corrupt)")
+    return total
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    """Streaming's working directory for this dataset (split subdirectories below it)."""
+    if cfg.cache_dir is not None:
+        return Path(cfg.cache_dir)
+    base = cfg.remote if cfg.remote is not None else cfg.local
+    key = hashlib.sha1(os.path.abspath(base).encode() if _is_local(base) else base.encode())
+    if _is_local(base):  # a new prepare (different shard hashes) gets a fresh cache
+        for split in SPLITS:
+            index = Path(base) / split / "index.json"
+            if index.is_file():
+                key.update(index.read_bytes())
+    return Path(tempfile.gettempdir()) / f"optsel-streaming-{os.getuid()}" / key.hexdigest()[:16]
+
+
+# -- distributed environment for streaming ------------------------------------------------------------
+def _streaming_env(rank_info: DistInfo) -> None:
+    """Streaming reads RANK / WORLD_SIZE / LOCAL_WORLD_SIZE from the environment: make them agree."""
+    env = os.environ
+    for key, value in (("RANK", rank_info.rank), ("WORLD_SIZE", rank_info.world_size),
+                       ("LOCAL_RANK", rank_info.local_rank)):
+        if env.get(key) in (None, ""):
+            env[key] = str(value)
+        elif int(env[key]) != value:
+            raise RuntimeError(f"environment {key}={env[key]} disagrees with the process group ({value})")
+    if env.get("LOCAL_WORLD_SIZE") in (None, ""):
+        guess = env.get("LOCAL_SIZE") or env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+        if not guess and rank_info.world_size == 1:
+            guess = "1"
+        if not guess:
+            raise RuntimeError("LOCAL_WORLD_SIZE is not set: launch with torchrun or the deepspeed launcher, "
+                               "or export LOCAL_WORLD_SIZE (ranks per node)")
+        env["LOCAL_WORLD_SIZE"] = guess
+    if rank_info.world_size % int(env["LOCAL_WORLD_SIZE"]):
+        raise RuntimeError(f"LOCAL_WORLD_SIZE={env['LOCAL_WORLD_SIZE']} does not divide the world size "
+                           f"{rank_info.world_size}")
+
+
+def _checked_dataset_class():
+    """StreamingDataset that raises when its background download/validation thread failed.
+
+    Streaming itself only *ends the epoch early* in that case (and raises on the next epoch), which
+    would silently shorten training; here the failure is raised at the end of the pass.
+    """
+    from optsel.pipeline.streaming_compat import StreamingDataset
+
+    global _CheckedStreamingDataset
+    if _CheckedStreamingDataset is None:
+        class CheckedStreamingDataset(StreamingDataset):
+            def on_exception(self, future) -> None:
+                if future.exception() is not None:
+                    self._optsel_failure = future.exception()
+                super().on_exception(future)
+
+            def __iter__(self):
+                yield from super().__iter__()
+                failure = getattr(self, "_optsel_failure", None)
+                if failure is not None:
+                    raise ShardError(f"streaming stopped early on {self.streams[0].remote}: {failure}") from failure
+
+        CheckedStreamingDataset.__qualname__ = CheckedStreamingDataset.__name__ = "_CheckedStreamingDataset"
+        _CheckedStreamingDataset = CheckedStreamingDataset
+    return _CheckedStreamingDataset
+
+
+_CheckedStreamingDataset = None
+
+
+def _dataset(cfg: DataConfig, split: str, rank_info: DistInfo, batch_size: int | None, shuffle: bool):
+    StreamingDataset = _checked_dataset_class()
+
+    _streaming_env(rank_info)
+    if cfg.clean_stale_shm:
+        global _CLEAN_AT_EXIT
+        _CLEAN_AT_EXIT = True
+        if rank_info.local_rank == 0:
+            from optsel.pipeline.shm_cleanup import clean_stale_streaming_state
+
+            clean_stale_streaming_state()
+    source = _source(cfg, split)
+    if _is_local(source):
+        verify_split(source, cfg.verify_shards, cfg.validate_hash)
+    local = cache_root(cfg) / split
+    local.mkdir(parents=True, exist_ok=True)
+    try:
+        return StreamingDataset(remote=source, local=str(local), batch_size=batch_size, shuffle=shuffle,
+                                shuffle_seed=cfg.shuffle_seed, shuffle_algo=cfg.shuffle_algo,
+                                shuffle_block_size=cfg.shuffle_block_size,
+                                num_canonical_nodes=cfg.num_canonical_nodes, predownload=cfg.predownload,
+                                validate_hash=cfg.validate_hash, download_timeout=cfg.download_timeout)
+    except ValueError as err:
+        if "Reused local directory" in str(err):
+            raise RuntimeError(f"the streaming cache {local} is in use by another live job on this node; "
+                               f"give this run its own data.cache_dir") from err
+        raise
+
+
+# -- batches ------------------------------------------------------------------------------------------
+def collate(samples: Sequence[dict[str, Any]], pad_id: int, max_seq_len: int | None = None) -> Batch:
+    """Samples (MDS rows) → the batch of docs/architecture.md, right-padded to the longest sample.
+
+    input_ids / attention_mask / labels: [n, T] int64 (labels -100 on prompt and padding, unshifted);
+    sample_id, kind_id: [n] int64. ``max_seq_len`` cuts longer samples.
+    """
+    if not samples:
+        raise ValueError("collate: no samples")
+    tokens = [np.asarray(s["tokens"], dtype=np.int64)[:max_seq_len] for s in samples]
+    width = max(len(t) for t in tokens)
+    n = len(samples)
+    input_ids = torch.full((n, width), int(pad_id), dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    labels = torch.full((n, width), -100, dtype=torch.long)
+    for i, (toks, sample) in enumerate(zip(tokens, samples)):
+        length = len(toks)
+        row = torch.from_numpy(toks)
+        input_ids[i, :length] = row
+        attention_mask[i, :length] = 1
+        start = min(int(sample["prompt_len"]), length)
+        labels[i, start:length] = row[start:]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "sample_id": torch.tensor([int(s["sample_id"]) for s in samples], dtype=torch.long),
+            "kind_id": torch.tensor([int(s["kind_id"]) for s in samples], dtype=torch.long)}
+
+
+def _pad_id(cfg: DataConfig) -> int:
+    from optsel.pipeline.tokenizer import load_tokenizer
+
+    return int(load_tokenizer(Path(cfg.local) / "tokenizer").pad_token_id)
+
+
+def build_train_loader(cfg: DataConfig, per_rank_pool_size: int, rank_info: DistInfo | None = None,
+                       pad_id: int | None = None):
+    """A StreamingDataLoader over the train split yielding this rank's pool (a collated Batch).
+
+    Every rank yields batches of exactly ``per_rank_pool_size`` samples (drop_last), the same number
+    per epoch on every rank; iterating the loader again starts the next epoch. ``pad_id`` defaults to
+    the prepared tokenizer's. The loader has ``state_dict()`` / ``load_state_dict()`` for exact resume.
+    """
+    from optsel.pipeline.streaming_compat import StreamingDataLoader
+
+    if per_rank_pool_size < 1:
+        raise ValueError(f"per_rank_pool_size: must be >= 1, got {per_rank_pool_size}")
+    rank_info = rank_info or dist_info()
+    pad_id = _pad_id(cfg) if pad_id is None else pad_id
+    dataset = _dataset(cfg, "train", rank_info, per_rank_pool_size, cfg.shuffle)
+    if len(dataset) < per_rank_pool_size:
+        raise ValueError(f"the train split under {_source(cfg, 'train')} gives {len(dataset)} samples per rank, "
+                         f"fewer than one pool of {per_rank_pool_size}")
+    return StreamingDataLoader(dataset, batch_size=per_rank_pool_size, num_workers=cfg.num_workers,
+                               collate_fn=functools.partial(collate, pad_id=pad_id, max_seq_len=cfg.max_seq_len),
+                               drop_last=True, persistent_workers=False)
+
+
+def iterate_pools(loader: Iterable[Batch]) -> Iterator[Batch]:
+    """Pools forever: epoch after epoch (streaming advances the epoch on each new pass)."""
+    while True:
+        got = 0
+        for pool in loader:
+            got += 1
+            yield pool
+        if got == 0:
+            raise RuntimeError("the train loader yields no full pool (too few samples per rank)")
+
+
+def load_split(cfg: DataConfig, split: str = "val", rank_info: DistInfo | None = None) -> list[dict[str, Any]]:
+    """Every sample of ``split`` in stored order (all ranks get all of it); for small splits (val).
+
+    Goes through StreamingDataset like training (same cache, same hash checks); call it on every rank.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split: must be one of {SPLITS}, got {split!r}")
+    dataset = _dataset(cfg, split, rank_info or dist_info(), batch_size=None, shuffle=False)
+    try:
+        return [dict(dataset.get_item(i)) for i in range(dataset.size)]
+    finally:
+        del dataset
+        gc.collect()  # release the shared memory now, not at interpreter exit
+
+
+def build_val_batches(cfg: DataConfig, pad_id: int | None = None, batch_size: int = 32,
+                      rank_info: DistInfo | None = None, limit: int | None = None) -> list[Batch]:
+    """This rank's share of the (first ``limit``) val samples as collated batches.
+
+    Samples are dealt round-robin after trimming to a multiple of the world size, so every rank gets
+    the same number of samples (and batches).
+    """
+    rank_info = rank_info or dist_info()
+    pad_id = _pad_id(cfg) if pad_id is None else pad_id
+    rows = load_split(cfg, "val", rank_info)[:limit]
+    rows = rows[: len(rows) // rank_info.world_size * rank_info.world_size][rank_info.rank::rank_info.world_size]
+    return [collate(rows[i:i + batch_size], pad_id, cfg.max_seq_len) for i in range(0, len(rows), batch_size)]

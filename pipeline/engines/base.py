@@ -1,0 +1,134 @@
+"""The Engine seam: how the trainer drives a distributed training backend.
+
+An engine owns the (sharded) model, its optimizer and LR schedule. The trainer only calls the verbs
+below; everything engine-specific (ZeRO-3 partitioning, FSDP2 ``fully_shard``, mixed precision,
+gradient clipping, checkpoint formats) stays inside the implementation.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Mapping
+
+import torch
+from torch import nn
+
+Batch = Mapping[str, torch.Tensor]
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    """AdamW and its schedule. lr in units of the parameter, warmup/decay in optimizer steps."""
+
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if not all(0.0 <= b < 1.0 for b in self.betas) or len(self.betas) != 2:
+            raise ValueError(f"betas: must be two numbers in [0, 1), got {self.betas}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip: must be >= 0 (0 disables), got {self.grad_clip}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass(kw_only=True)
+class EngineConfig:
+    """Which backend and how it shards.
+
+    deepspeed_config: path to a DeepSpeed JSON (configs/deepspeed/); optsel fills the batch sizes,
+    optimizer and scheduler from the run config. precision "auto" = bf16 on CUDA, fp32 on CPU.
+    """
+
+    name: Literal["deepspeed", "fsdp2"] = "deepspeed"
+    deepspeed_config: str = "configs/deepspeed/zero3.json"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    collective_timeout_s: float = 600.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Engine(abc.ABC):
+    """A training backend.
+
+    ``module`` is the model to call (a DeepSpeed engine, an FSDP2-sharded module or a plain module);
+    ``optimizer`` is the torch optimizer that holds the AdamW state (for DeepSpeed: the engine's
+    optimizer); both are what ``FilterThenWeight(model, optimizer, ...)`` takes.
+    """
+
+    name: str = "engine"
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+
+    @abc.abstractmethod
+    def forward_backward(self, batch: Batch, sample_weights: torch.Tensor, loss_scale: float) -> torch.Tensor:
+        """Backward of ``loss_scale * Σ_i sample_weights[i] * ℓ_i`` over the batch's samples
+        (ℓ_i: sample i's token-mean CE). Returns the per-sample losses [n] (detached, float32)."""
+
+    @abc.abstractmethod
+    def step(self) -> float:
+        """Clip, optimizer step, LR-schedule step, zero grads. Returns the pre-clip global grad norm."""
+
+    @abc.abstractmethod
+    def per_sample_loss(self, batch: Batch) -> torch.Tensor:
+        """Per-sample token-mean losses [n] without gradients (every rank must call it)."""
+
+    @abc.abstractmethod
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy continuation [n, max_new_tokens] (every rank must call it; ZeRO-3/FSDP gather params)."""
+
+    @abc.abstractmethod
+    def lr(self) -> float:
+        """Current learning rate."""
+
+    @property
+    def unwrapped_model(self) -> nn.Module:
+        """The Hugging Face / peft model inside ``module`` (for hooks, e.g. FTW's factor capture):
+        DeepSpeed: ``engine.module`` (ZeRO-3 partitioned params); FSDP2: the sharded module itself."""
+        return self.module
+
+    def skip_step(self) -> None:
+        """Drop the accumulated gradients without stepping (NaN/Inf loss or gradient)."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def reset_after_selection(self) -> None:
+        """Return to the between-steps state after the selector's own forward/backward over the pool
+        (drop any gradient it may have left; sharded engines re-shard parameters)."""
+        self.skip_step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+EngineFactory = Callable[..., Engine]
+_ENGINES: dict[str, EngineFactory] = {}
+
+
+def register_engine(name: str) -> Callable[[EngineFactory], EngineFactory]:
+    def wrap(factory: EngineFactory) -> EngineFactory:
+        _ENGINES[name] = factory
+        return factory
+
+    return wrap
+
+
+def build_engine(config: EngineConfig, model: nn.Module, optim: OptimizerConfig, total_steps: int,
+                 micro_batch_size: int) -> Engine:
+    """Build the engine named by ``config.name`` around ``model`` (not yet sharded)."""
+    import importlib
+
+    importlib.import_module(f"optsel.pipeline.engines.{config.name}_engine")
+    return _ENGINES[config.name](config=config, model=model, optim=optim, total_steps=total_steps,
+                                 micro_batch_size=micro_batch_size)

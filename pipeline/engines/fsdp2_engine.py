@@ -1,0 +1,136 @@
+"""PyTorch FSDP2 engine: ``fully_shard`` on every decoder layer, then on the root.
+
+Parameters, gradients and the AdamW moments are DTensors sharded on dim 0 over the data-parallel
+mesh (a world of 1 works too). bf16 compute with fp32 reduction via ``MixedPrecisionPolicy`` when
+the precision resolves to bf16; fp32 master weights always.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from optsel import distributed
+from optsel.pipeline.engines import common
+from optsel.pipeline.engines.base import Batch, Engine, EngineConfig, OptimizerConfig, register_engine
+
+log = logging.getLogger("optsel.engine")
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The blocks to shard one by one: modules whose class is in the HF model's
+    ``_no_split_modules`` (e.g. LlamaDecoderLayer), else the children of the largest ModuleList."""
+    names: set[str] = set()
+    for m in model.modules():
+        names |= set(getattr(m, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if layers:
+        return layers
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def shard_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Apply ``fully_shard`` per decoder layer and to the root (in place; returns ``model``)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs = {}
+    if dtype != torch.float32:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    layers = decoder_layers(model)
+    if not layers:
+        log.warning("no decoder layers found to shard one by one; sharding only the root module")
+    for layer in layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+@register_engine("fsdp2")
+class FSDP2Engine(Engine):
+    """FSDP2 data parallelism.
+
+    ``module`` and ``unwrapped_model`` are the same sharded HF / peft model (FSDP2 shards in place;
+    inside forward/backward hooks its weights are unsharded); ``optimizer`` is torch AdamW over the
+    DTensor parameters (``exp_avg_sq`` etc. are DTensors with Shard(0)).
+    """
+
+    name = "fsdp2"
+
+    def __init__(self, *, config: EngineConfig, model: nn.Module, optim: OptimizerConfig, total_steps: int,
+                 micro_batch_size: int):
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size: must be >= 1, got {micro_batch_size}")
+        if config.extra:
+            raise ValueError(f"engine.extra: the fsdp2 engine takes no extra options, got {sorted(config.extra)}")
+        distributed.init_distributed("fsdp2", timeout_s=config.collective_timeout_s)
+        self.device = common.local_device()
+        self.dtype = common.resolve_precision(config.precision, self.device)
+        self.module = shard_model(model.to(self.device), self.dtype)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("model: no parameter requires grad")
+        self.grad_clip = float(optim.grad_clip)
+        self.optimizer = torch.optim.AdamW(self.params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                                           weight_decay=optim.weight_decay)
+        self.scheduler = common.lr_scheduler_factory(optim, total_steps)(self.optimizer)
+        self.empty_samples = common.EmptySampleCounter()
+
+    @property
+    def unwrapped_model(self) -> nn.Module:
+        return self.module
+
+    def _losses(self, batch: Batch) -> common.SampleLosses:
+        inputs = common.model_inputs(batch, self.device)
+        logits = self.module(**inputs, use_cache=False).logits
+        return common.per_sample_token_mean_ce(logits, batch["labels"].to(self.device))
+
+    def forward_backward(self, batch: Batch, sample_weights: torch.Tensor, loss_scale: float) -> torch.Tensor:
+        weights = common.check_sample_weights(sample_weights, batch["input_ids"].shape[0])
+        self.module.train()
+        losses = self._losses(batch)
+        self.empty_samples.check(losses, weights)
+        common.weighted_objective(losses.loss, weights, loss_scale).backward()
+        return losses.loss.detach().float().cpu()
+
+    def step(self) -> float:
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm=max_norm, foreach=True)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def reshard(self) -> None:
+        """Re-register the sharded parameters after a forward without backward. FSDP2 never
+        reshards the root after forward (backward would need it at once), so after a no-grad forward
+        ``named_parameters()`` yields the root's unsharded tensors, without ``.grad`` and not the
+        ones the optimizer holds. Backward reshards on its own."""
+        self.module.reshard()
+
+    @torch.no_grad()
+    def reset_after_selection(self) -> None:
+        self.reshard()
+        self.skip_step()
+
+    def per_sample_loss(self, batch: Batch) -> torch.Tensor:
+        try:
+            return self._losses(batch).loss.float().cpu()
+        finally:
+            self.reshard()
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            return common.greedy_generate(self.module, input_ids, attention_mask, max_new_tokens, self.device)
+        finally:
+            self.module.train(was_training)
+            self.reshard()
+
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])

@@ -1,0 +1,192 @@
+"""Per-sample gradient factors from one forward/backward over a batch (DESIGN §3).
+
+For a covered linear layer y = a Wᵀ (W: [d_out, d_in]) the gradient of sample i's own loss is
+G_i = Δ_iᵀ A_i with A_i [T, d_in] the layer inputs and Δ_i [T, d_out] the gradients of ℓ_i
+(sample i's token-mean CE) w.r.t. the layer outputs. Forward hooks record the inputs and the
+outputs; ``torch.autograd.grad`` of Σ_i ℓ_i w.r.t. the recorded outputs gives every Δ_i at once
+(samples do not interact in a causal LM, so ∂(Σ_j ℓ_j)/∂y_i = ∂ℓ_i/∂y_i: no rescaling needed) and
+never touches any parameter's ``.grad``.
+
+Covered: the weight of every ``nn.Linear`` and transformers ``Conv1D`` (GPT-2; its weight is stored
+transposed, [d_in, d_out]) whose weight requires grad — with peft, the LoRA adapter matrices
+(``lora_A`` / ``lora_B`` are nn.Linear) and not the frozen base weight. A weight that is also used
+by another module (``lm_head`` tied to ``embed_tokens``) is excluded and reported: counting only the
+linear use would be half its gradient. A module called several times per forward contributes one
+(A, Δ) pair per call, concatenated along T.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # GPT-2 style linear with transposed weight
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a hard dependency
+    Conv1D = ()  # type: ignore[assignment]
+
+
+@dataclass
+class CoveredLayer:
+    """One covered weight. ``transposed``: the parameter is stored [d_in, d_out] (Conv1D)."""
+
+    name: str
+    module: nn.Module
+    param: nn.Parameter
+    d_in: int
+    d_out: int
+    transposed: bool = False
+
+
+@dataclass
+class Factors:
+    """Factors of a batch. A[l]: [n, T_l, d_in], D[l]: [n, T_l, d_out] (padding rows are 0);
+    loss: [n] per-sample token-mean CE (0 for a sample without target tokens); tokens: [n] counts."""
+
+    A: list[torch.Tensor]
+    D: list[torch.Tensor]
+    loss: torch.Tensor
+    tokens: torch.Tensor
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.loss.shape[0])
+
+    def select(self, rows: torch.Tensor) -> "Factors":
+        return Factors([a[rows] for a in self.A], [d[rows] for d in self.D], self.loss[rows], self.tokens[rows])
+
+
+@dataclass
+class Coverage:
+    layers: list[CoveredLayer]
+    excluded: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+
+def find_covered_layers(model: nn.Module) -> Coverage:
+    """The trainable linear weights of ``model`` (see module docstring) and what was left out, why."""
+    owners: dict[int, list[str]] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for p_name, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append(f"{mod_name}.{p_name}" if mod_name else p_name)
+    layers: list[CoveredLayer] = []
+    excluded: dict[str, str] = {}
+    seen: set[int] = set()
+    for mod_name, module in model.named_modules():
+        is_linear = isinstance(module, nn.Linear)
+        is_conv1d = bool(Conv1D) and isinstance(module, Conv1D)
+        if not (is_linear or is_conv1d):
+            continue
+        weight = module.weight
+        name = f"{mod_name}.weight" if mod_name else "weight"
+        if not weight.requires_grad or id(weight) in seen:
+            continue
+        seen.add(id(weight))
+        uses = sorted(set(owners.get(id(weight), [name])))
+        if len(uses) > 1:
+            excluded[name] = f"tied weight shared by {uses}: excluded (only part of its gradient is linear-layer form)"
+            continue
+        if is_conv1d:
+            d_in, d_out = weight.shape
+        else:
+            d_out, d_in = weight.shape
+        layers.append(CoveredLayer(name, module, weight, int(d_in), int(d_out), transposed=is_conv1d))
+    if not layers:
+        raise ValueError("model: no trainable nn.Linear / Conv1D / LoRA weight to cover")
+    return Coverage(layers, excluded)
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-mean CE per sample over positions whose shifted label is not -100.
+
+    logits [n, T, V], labels [n, T] (unshifted). Returns (loss [n], tokens [n]); a sample without
+    target tokens has loss 0 (and zero gradient)."""
+    shift_logits = logits[:, :-1].float() if logits.dtype in (torch.float16, torch.bfloat16) else logits[:, :-1]
+    shift_labels = labels[:, 1:]
+    ce = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
+    tokens = (shift_labels != -100).sum(dim=1)
+    return ce.sum(dim=1) / tokens.clamp(min=1).to(ce.dtype), tokens
+
+
+class _Recorder:
+    """Forward hooks that keep each covered module's (input, output) per call."""
+
+    def __init__(self, layers: list[CoveredLayer]):
+        self.calls: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in layers]
+        self.handles = [layer.module.register_forward_hook(self._hook(i)) for i, layer in enumerate(layers)]
+
+    def _hook(self, index: int):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if torch.is_grad_enabled() and output.requires_grad:
+                self.calls[index].append((inputs[0].detach(), output))
+
+        return hook
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def capture_factors(model: nn.Module, batch: Mapping[str, torch.Tensor], layers: list[CoveredLayer],
+                    chunk_size: int | None = None) -> Factors:
+    """(A, Δ) of every covered layer for every sample of ``batch`` (see :class:`Factors`).
+
+    batch: input_ids / attention_mask / labels [n, T]. chunk_size: samples per forward/backward
+    (None: all at once). Parameter ``.grad`` is left untouched; the model's train/eval mode too.
+    """
+    n = int(batch["input_ids"].shape[0])
+    step = n if not chunk_size else max(1, int(chunk_size))
+    parts = [_capture_chunk(model, {k: batch[k][s:s + step] for k in ("input_ids", "attention_mask", "labels")},
+                            layers) for s in range(0, n, step)]
+    if len(parts) == 1:
+        return parts[0]
+    width = [max(p.A[l].shape[1] for p in parts) for l in range(len(layers))]
+    pad = lambda t, w: F.pad(t, (0, 0, 0, w - t.shape[1]))  # noqa: E731
+    return Factors(
+        A=[torch.cat([pad(p.A[l], width[l]) for p in parts]) for l in range(len(layers))],
+        D=[torch.cat([pad(p.D[l], width[l]) for p in parts]) for l in range(len(layers))],
+        loss=torch.cat([p.loss for p in parts]), tokens=torch.cat([p.tokens for p in parts]))
+
+
+def _capture_chunk(model: nn.Module, batch: Mapping[str, torch.Tensor], layers: list[CoveredLayer]) -> Factors:
+    mask = batch["attention_mask"]
+    recorder = _Recorder(layers)
+    try:
+        with torch.enable_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits
+            loss, tokens = per_sample_loss(logits, batch["labels"])
+            outputs = [out for calls in recorder.calls for _, out in calls]
+            if not outputs:
+                raise RuntimeError("capture: no covered layer ran with grad enabled in the forward")
+            grads = torch.autograd.grad(loss.sum(), outputs, allow_unused=True)
+    finally:
+        recorder.close()
+    A: list[torch.Tensor] = []
+    D: list[torch.Tensor] = []
+    it = iter(grads)
+    for layer, calls in zip(layers, recorder.calls):
+        a_parts, d_parts = [], []
+        for inp, out in calls:
+            grad = next(it)
+            if inp.dim() != 3 or inp.shape[:2] != mask.shape:
+                raise ValueError(f"capture: layer {layer.name} saw input of shape {tuple(inp.shape)}, "
+                                 f"expected [n, T, d_in] matching attention_mask {tuple(mask.shape)}")
+            grad = torch.zeros_like(out) if grad is None else grad
+            keep = mask.to(inp.dtype)
+            a_parts.append(inp * keep.unsqueeze(-1))
+            d_parts.append(grad.detach().to(inp.dtype) * keep.unsqueeze(-1))
+        if not a_parts:
+            n = mask.shape[0]
+            a_parts, d_parts = [mask.new_zeros((n, 1, layer.d_in), dtype=loss.dtype)], \
+                [mask.new_zeros((n, 1, layer.d_out), dtype=loss.dtype)]
+        A.append(torch.cat(a_parts, dim=1))
+        D.append(torch.cat(d_parts, dim=1))
+    return Factors(A, D, loss.detach(), tokens)
+

@@ -1,0 +1,363 @@
+"""Filter-then-Weight (DESIGN §2–§4, §7): the optimizer-aware selector.
+
+    ftw = FilterThenWeight(model, optimizer, FTWConfig(budget=k, filter_size=m, gram="exact"))
+    sel = ftw.select(pool, target)
+
+One step: capture (A, Δ) of the pool → target gradient (every ``target_refresh`` steps) → P, m̂ from
+the optimizer → gather factors / sketches over ranks → alignment b (exact, target-side trick) and
+diag K → filter on u = b − (τ/2) diag K → Gram K on the m survivors → weight QP → ≤ k weights.
+Partial results computed on this rank's moment blocks are summed with ``all_reduce_sum`` and
+candidate factors / sketches concatenated with ``all_gather_cat`` (no-ops on one process), so every
+rank returns the same Selection.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from optsel import distributed
+from optsel.selection import gram as gram_ops
+from optsel.selection.alignment import alignment_partial, target_direction
+from optsel.selection.base import Batch, Selection, Selector, register_selector, split_local
+from optsel.selection.capture import Coverage, Factors, capture_factors, find_covered_layers
+from optsel.selection.filter import filter_candidates, utility
+from optsel.selection.preconditioner import (LayerGeometry, OptimizerStateReader, default_coefficients,
+                                             layer_geometry, make_state_reader)
+from optsel.selection.solvers import select_weights
+from optsel.selection.target import TargetCache
+
+
+@dataclass(kw_only=True)
+class FTWConfig:
+    """Options of Filter-then-Weight.
+
+    budget: k, the most samples with non-zero weight. filter_size: m survivors of the filter (takes
+    precedence over filter_ratio, a fraction of the global pool N); m is clipped to [k, N].
+    gram: "exact" | "ghost" | "sketch" | "auto" (per layer by cost). geometry: "adam" (P, m̂ from the
+    optimizer) | "sgd" (P = I, no momentum). momentum_coef ρ / curvature τ: None = DESIGN §2's
+    defaults from the optimizer's β1 and step, scaled by curvature_scale γ. w_max: optional cap on
+    each weight (>= 1/budget). target_refresh: recompute g_V every this many selection steps.
+    sketch_dim_out/in: k_o, k_i of the sketch backend. capture_chunk_size: samples per
+    forward/backward (None: whole pool). max_temp_elems: bound on temporaries of the Gram kernels
+    and on T² for auto's ghost choice. compute_dtype: "auto" = float64 for float64 models else float32.
+    """
+
+    budget: int
+    filter_size: int | None = None
+    filter_ratio: float = 0.5
+    gram: Literal["exact", "ghost", "sketch", "auto"] = "auto"
+    geometry: Literal["adam", "sgd"] = "adam"
+    momentum_coef: float | None = None
+    curvature: float | None = None
+    curvature_scale: float = 1.0
+    solver: Literal["torch", "cvxpy"] = "torch"
+    support: Literal["topk", "greedy"] = "topk"
+    w_max: float | None = None
+    target_refresh: int = 1
+    sketch_dim_out: int = 32
+    sketch_dim_in: int = 32
+    capture_chunk_size: int | None = None
+    max_temp_elems: int = 1 << 24
+    compute_dtype: Literal["auto", "float32", "float64"] = "auto"
+
+    def __post_init__(self) -> None:
+        def bad(field_name: str, message: str) -> ValueError:
+            return ValueError(f"{field_name}: {message}")
+
+        if self.budget < 1:
+            raise bad("budget", f"must be >= 1, got {self.budget}")
+        if self.filter_size is not None and self.filter_size < self.budget:
+            raise bad("filter_size", f"must be >= budget={self.budget}, got {self.filter_size}")
+        if not 0.0 < self.filter_ratio <= 1.0:
+            raise bad("filter_ratio", f"must be in (0, 1], got {self.filter_ratio}")
+        choices = {"gram": gram_ops.BACKENDS, "geometry": ("adam", "sgd"), "solver": ("torch", "cvxpy"),
+                   "support": ("topk", "greedy"), "compute_dtype": ("auto", "float32", "float64")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise bad(name, f"must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.momentum_coef is not None and not (0.0 <= self.momentum_coef and math.isfinite(self.momentum_coef)):
+            raise bad("momentum_coef", f"must be a finite number >= 0, got {self.momentum_coef}")
+        if self.curvature is not None and not (self.curvature > 0 and math.isfinite(self.curvature)):
+            raise bad("curvature", f"must be a finite number > 0, got {self.curvature}")
+        if not (self.curvature_scale > 0 and math.isfinite(self.curvature_scale)):
+            raise bad("curvature_scale", f"must be a finite number > 0, got {self.curvature_scale}")
+        if self.w_max is not None and not (1.0 / self.budget - 1e-12 <= self.w_max <= 1.0):
+            raise bad("w_max", f"must be in [1/budget, 1] = [{1.0 / self.budget:.4g}, 1], got {self.w_max}")
+        if self.target_refresh < 1:
+            raise bad("target_refresh", f"must be >= 1, got {self.target_refresh}")
+        for name in ("sketch_dim_out", "sketch_dim_in", "max_temp_elems"):
+            if getattr(self, name) < 1:
+                raise bad(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.capture_chunk_size is not None and self.capture_chunk_size < 1:
+            raise bad("capture_chunk_size", f"must be >= 1 or null, got {self.capture_chunk_size}")
+
+    def num_filtered(self, pool_size: int) -> int:
+        m = self.filter_size if self.filter_size is not None else math.ceil(self.filter_ratio * pool_size)
+        return max(min(self.budget, pool_size), min(m, pool_size))
+
+
+class FilterThenWeight(Selector):
+    """The FTW selector (see module docstring); ``Stateful``."""
+
+    name = "ftw"
+    needs_target = True
+
+    def __init__(self, model: nn.Module, optimizer: Any, config: FTWConfig, seed: int = 0):
+        self.model = model
+        self.optimizer = optimizer
+        self.config = config
+        self.coverage: Coverage = find_covered_layers(model)
+        self.reader: OptimizerStateReader = make_state_reader(optimizer, config.geometry)
+        self.target_cache = TargetCache(config.target_refresh)
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.step = 0
+        self.counters: dict[str, int] = {}
+        self.comm = distributed.CommCounter()
+        for layer in self.coverage.layers:  # fail at construction, naming the parameter
+            try:
+                self.reader.read(layer.param)
+            except KeyError as err:
+                raise ValueError(f"optimizer: covered parameter {layer.name} is not in its param_groups") from err
+
+    # ------------------------------------------------------------------ public
+    @property
+    def covered(self) -> list[str]:
+        return self.coverage.names
+
+    def select(self, pool: Batch, target: Batch | None = None) -> Selection:
+        cfg = self.config
+        self.comm.reset()
+        timings: dict[str, float] = {}
+        fallbacks: dict[str, int] = {}
+        layers = self.coverage.layers
+        sizes = distributed.gather_sizes(int(pool["input_ids"].shape[0]))
+        n_global = sum(sizes)
+
+        with _timed(timings, "capture"):
+            local = capture_factors(self.model, pool, layers, cfg.capture_chunk_size)
+        dtype = self._dtype(local)
+        geoms = [layer_geometry(self.reader, layer, dtype, use_momentum=cfg.geometry == "adam") for layer in layers]
+        rho, tau, opt_step = self._coefficients(geoms)
+
+        refreshed = False
+        with _timed(timings, "target"):
+            if self.target_cache.due(self.step):
+                if target is None:
+                    raise ValueError("target: FilterThenWeight needs a target batch (input_ids, attention_mask, labels)")
+                tf = self._gather(capture_factors(self.model, target, layers, cfg.capture_chunk_size), dtype)
+                self.target_cache.update(tf, [[blk for blk in g.blocks] for g in geoms], self.step)
+                refreshed = True
+
+        with _timed(timings, "gather"):
+            pool_f = self._gather(local, dtype)
+            T = int(pool_f.A[0].shape[1]) if pool_f.A else 1
+            backends = [self._backend(layer, pool_f.A[i].shape[1]) for i, layer in enumerate(layers)]
+            factors_rc = [gram_ops.rank_one_factors(g.blocks, layer.d_out, layer.d_in,
+                                                     not self.reader.replicated, self.comm)
+                          if backends[i] != "exact" else None for i, (layer, g) in enumerate(zip(layers, geoms))]
+            sketches = self._sketches(local, dtype, backends, factors_rc)
+
+        with _timed(timings, "alignment"):
+            partial_b = torch.zeros(n_global, dtype=torch.float64, device=self._device())
+            for i, g in enumerate(geoms):
+                for blk, gv in zip(g.blocks, self.target_cache.blocks[i]):
+                    M = target_direction(blk.precond, gv.to(dtype), blk.momentum, rho)
+                    partial_b += alignment_partial(pool_f.A[i], pool_f.D[i], M, blk.rows, blk.cols).double()
+
+        with _timed(timings, "gram"):
+            partial_diag = torch.zeros(n_global, dtype=torch.float64, device=self._device())
+            shared_diag = torch.zeros_like(partial_diag)  # already global on every rank (ghost/sketch)
+            for i, g in enumerate(geoms):
+                if backends[i] == "exact":
+                    for blk in g.blocks:
+                        partial_diag += gram_ops.exact_diag_partial(pool_f.A[i], pool_f.D[i], blk, cfg.max_temp_elems).double()
+                elif backends[i] == "ghost":
+                    r, c = factors_rc[i]
+                    shared_diag += gram_ops.ghost_diag(pool_f.A[i], pool_f.D[i], r, c, cfg.max_temp_elems).double()
+                else:
+                    shared_diag += sketches[i].reshape(n_global, -1).square().sum(1).double()
+            reduced = self._sum_blocks(torch.stack([partial_b, partial_diag]))
+            alignment, diag = reduced[0], reduced[1] + shared_diag
+
+        with _timed(timings, "filter"):
+            u = utility(alignment, diag, tau)
+            m = cfg.num_filtered(n_global)
+            filt = filter_candidates(u, m, min(cfg.budget, n_global))
+            if filt.fallback:
+                fallbacks["filter_underflow"] = 1
+            filtered = filt.filtered
+
+        with _timed(timings, "gram"):
+            K = self._filtered_gram(pool_f, geoms, backends, factors_rc, sketches, filtered)
+
+        with _timed(timings, "solve"):
+            result = select_weights(alignment[filtered], K, u[filtered], tau, min(cfg.budget, n_global),
+                                    cfg.w_max, cfg.solver, cfg.support)
+            if result.fallback:
+                fallbacks[result.fallback] = fallbacks.get(result.fallback, 0) + 1
+            indices, weights = self._agree(filtered[result.support].to(torch.int64).cpu(),
+                                           result.weights.double().cpu(), min(cfg.budget, n_global))
+
+        for key, count in fallbacks.items():
+            self.counters[key] = self.counters.get(key, 0) + count
+        self.step += 1
+        local_idx, local_w = split_local(indices, weights, sizes, distributed.info().rank)
+        diagnostics = {
+            "fallbacks": fallbacks,
+            "fallbacks_total": dict(self.counters),
+            "solver_status": result.status if not result.fallback else "fallback",
+            "solver_detail": result.status,
+            "preconditioner": self._precond_note(geoms),
+            "gram_condition": gram_ops.condition_number(K),
+            "num_filtered": int(filtered.numel()),
+            "num_positive_utility": filt.num_positive,
+            "momentum_coef": rho, "curvature": tau, "optimizer_step": opt_step,
+            "gram_backends": {layer.name: be for layer, be in zip(layers, backends)},
+            "excluded": dict(self.coverage.excluded),
+            "target_refreshed": refreshed,
+            "empty_samples": int((pool_f.tokens == 0).sum()),
+            "comm_bytes": self.comm.bytes,
+            "seq_len": T,
+        }
+        return Selection(indices=indices, weights=weights, local_indices=local_idx, local_weights=local_w,
+                         pool_size=n_global, alignment=alignment.cpu(), utility=u.cpu(), filtered=filtered.cpu(),
+                         gram=K.cpu(), covered=list(self.covered), timings=timings, diagnostics=diagnostics)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "counters": dict(self.counters), "generator": self.generator.get_state(),
+                "target": self.target_cache.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.counters = dict(state.get("counters", {}))
+        self.generator.set_state(state["generator"])
+        self.target_cache.load_state_dict(dict(state.get("target", {})))
+
+    # ------------------------------------------------------------------ helpers
+    def _device(self) -> torch.device:
+        return self.coverage.layers[0].param.device
+
+    def _dtype(self, factors: Factors) -> torch.dtype:
+        if self.config.compute_dtype != "auto":
+            return getattr(torch, self.config.compute_dtype)
+        return torch.float64 if factors.A[0].dtype == torch.float64 else torch.float32
+
+    def _coefficients(self, geoms: list[LayerGeometry]) -> tuple[float, float, int]:
+        cfg = self.config
+        if cfg.geometry == "sgd":
+            return 0.0, cfg.curvature if cfg.curvature is not None else cfg.curvature_scale, 0
+        hyper = max((g.hyper for g in geoms), key=lambda h: h.step)
+        rho, tau = default_coefficients(hyper.step, hyper.beta1, cfg.curvature_scale)
+        rho = cfg.momentum_coef if cfg.momentum_coef is not None else rho
+        tau = cfg.curvature if cfg.curvature is not None else tau
+        return rho, tau, hyper.step
+
+    def _precond_note(self, geoms: list[LayerGeometry]) -> str:
+        if self.config.geometry == "sgd":
+            return "identity (geometry=sgd)"
+        if all(g.identity for g in geoms):
+            return "identity (before the optimizer's first step: no Adam state yet; momentum 0)"
+        if any(g.identity for g in geoms):
+            return "adam (some covered parameters have no state yet: identity there)"
+        return "adam"
+
+    def _backend(self, layer, T: int) -> str:
+        if self.config.gram != "auto":
+            return self.config.gram
+        return gram_ops.auto_backend(int(T), layer.d_in, layer.d_out, self.config.max_temp_elems)
+
+    def _gather(self, factors: Factors, dtype: torch.dtype) -> Factors:
+        """Factors in ``dtype``, all-gathered over ranks (rank-major, T padded to the global max)."""
+        A = [a.to(dtype) for a in factors.A]
+        D = [d.to(dtype) for d in factors.D]
+        if not distributed.is_distributed():
+            return Factors(A, D, factors.loss, factors.tokens)
+        widths = distributed.all_reduce_max(torch.tensor([a.shape[1] for a in A]), self.comm)
+        pad = lambda t, w: F.pad(t, (0, 0, 0, int(w) - t.shape[1]))  # noqa: E731
+        return Factors([distributed.all_gather_cat(pad(a, w), self.comm) for a, w in zip(A, widths)],
+                       [distributed.all_gather_cat(pad(d, w), self.comm) for d, w in zip(D, widths)],
+                       distributed.all_gather_cat(factors.loss, self.comm),
+                       distributed.all_gather_cat(factors.tokens, self.comm))
+
+    def _sum_blocks(self, partial: torch.Tensor) -> torch.Tensor:
+        """Sum of per-block partial results over ranks (only when the state is sharded)."""
+        return partial if self.reader.replicated else distributed.all_reduce_sum(partial, self.comm)
+
+    def _agree(self, indices: torch.Tensor, weights: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rank 0's (indices, weights) on every rank. The solver is deterministic, but reductions may
+        differ in the last bit across devices, so rank 0 is authoritative; padded to k (-1 / 0)."""
+        if not distributed.is_distributed():
+            return indices, weights
+        packed = torch.full((2, k), -1.0, dtype=torch.float64)
+        packed[0, : indices.numel()] = indices.double()
+        packed[1] = 0.0
+        packed[1, : weights.numel()] = weights
+        packed = distributed.broadcast(packed, 0, self.comm)
+        keep = packed[0] >= 0
+        return packed[0, keep].to(torch.int64), packed[1, keep]
+
+    def _sketches(self, local: Factors, dtype: torch.dtype, backends: list[str],
+                  factors_rc: list) -> list[torch.Tensor | None]:
+        """Per sketch layer: the local candidates' sketches [n, k_o, k_i], all-gathered."""
+        step_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        out: list[torch.Tensor | None] = []
+        for i, layer in enumerate(self.coverage.layers):
+            if backends[i] != "sketch":
+                out.append(None)
+                continue
+            r, c = factors_rc[i]
+            po, pi = gram_ops.sketch_projections(layer.d_out, layer.d_in, self.config.sketch_dim_out,
+                                                 self.config.sketch_dim_in, step_seed + i, dtype, r.device)
+            S = gram_ops.sketch(local.A[i].to(dtype), local.D[i].to(dtype), r, c, po, pi)
+            out.append(distributed.all_gather_cat(S, self.comm) if distributed.is_distributed() else S)
+        return out
+
+    def _filtered_gram(self, pool_f: Factors, geoms, backends, factors_rc, sketches,
+                       filtered: torch.Tensor) -> torch.Tensor:
+        m = filtered.numel()
+        partial = torch.zeros(m, m, dtype=torch.float64, device=self._device())
+        shared = torch.zeros_like(partial)
+        for i, g in enumerate(geoms):
+            if backends[i] == "sketch":
+                shared += gram_ops.sketch_gram(sketches[i][filtered]).double()
+                continue
+            A, D = pool_f.A[i][filtered], pool_f.D[i][filtered]
+            if backends[i] == "exact":
+                for blk in g.blocks:
+                    partial += gram_ops.exact_gram_partial(A, D, blk, self.config.max_temp_elems).double()
+            else:
+                r, c = factors_rc[i]
+                shared += gram_ops.ghost_gram(A, D, r, c, self.config.max_temp_elems).double()
+        K = self._sum_blocks(partial) + shared
+        return 0.5 * (K + K.T)
+
+
+@contextmanager
+def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
+
+
+@register_selector("ftw")
+def build_ftw(*, model: nn.Module, optimizer: Any, config: FTWConfig | None = None, budget: int,
+              seed: int = 0, **_: Any) -> FilterThenWeight:
+    """Registry factory: the trainer passes the unwrapped module, the torch optimizer, the typed
+    ``selection.options.ftw`` block (whose budget is ``selection.budget``) and the run seed."""
+    config = config if config is not None else FTWConfig(budget=budget)
+    if config.budget != budget:
+        raise ValueError(f"budget: FTWConfig.budget={config.budget} disagrees with the selection budget {budget}")
+    return FilterThenWeight(model, optimizer, config, seed=seed)
+
+
+build_ftw.config_class = FTWConfig  # type: ignore[attr-defined]

@@ -1,0 +1,172 @@
+"""Preconditioned Gram K_ij = ⟨P^½ g_i, P^½ g_j⟩ per layer, three backends (DESIGN §3).
+
+- ``exact``: materialize P^½ ⊙ G_i (G_i = Δ_iᵀ A_i) in chunks, GEMM. Works per block [rows, cols]
+  of the [d_out, d_in] matrix and returns partial sums (summed over blocks / ranks).
+- ``ghost``: P replaced by its rank-one fit P ≈ r cᵀ (:func:`rank_one_factors`, Adafactor-style
+  row/column means normalized; exact when P is rank one), K_ij = ⟨Δ_i R Δ_jᵀ, A_i C A_jᵀ⟩_F, the T×T
+  form, cost O(T²(d_in+d_out)) per pair.
+- ``sketch``: Kronecker random projections of the rank-one-scaled factors (LoGra-style),
+  S_i = (Π_o R^½ Δ_iᵀ)(A_i C^½ Π_iᵀ) [k_o, k_i]; E⟨S_i, S_j⟩ = the ghost K_ij (Π entries N(0, 1/k)).
+  Linear in T; the sketches are what crosses ranks cheaply. Its error is the ghost's rank-one
+  approximation of P plus the projection's O(1/sqrt(k)) noise.
+``auto`` picks per layer: exact when d_in·d_out ≤ 2T², else ghost while the T×T blocks fit, else sketch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from optsel import distributed
+from optsel.selection.preconditioner import LayerBlock
+
+BACKENDS = ("exact", "ghost", "sketch", "auto")
+
+
+def auto_backend(T: int, d_in: int, d_out: int, max_ghost_elems: int) -> str:
+    """Cheapest backend for one layer: exact when a materialized gradient (d_in·d_out) costs no
+    more than the two T×T products (2T²), ghost while T² fits ``max_ghost_elems``, else sketch."""
+    if d_in * d_out <= 2 * T * T:
+        return "exact"
+    return "ghost" if T * T <= max_ghost_elems else "sketch"
+
+
+def _grads(A: torch.Tensor, D: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
+    """Per-sample gradient blocks [n, r, c] = Δ[:, :, rows]ᵀ A[:, :, cols]."""
+    return D[..., rows].transpose(1, 2) @ A[..., cols]
+
+
+def _chunk_for(elems_per_sample: int, max_elems: int) -> int:
+    return max(1, max_elems // max(elems_per_sample, 1))
+
+
+def exact_diag_partial(A: torch.Tensor, D: torch.Tensor, blk: LayerBlock, max_elems: int = 1 << 24) -> torch.Tensor:
+    """Partial K_ii = Σ_block P ⊙ G_i² over one block, [n]."""
+    r, c = blk.precond.shape
+    step = _chunk_for(r * c, max_elems)
+    out = torch.empty(A.shape[0], dtype=blk.precond.dtype, device=blk.precond.device)
+    for s in range(0, A.shape[0], step):
+        g = _grads(A[s:s + step], D[s:s + step], blk.rows, blk.cols)
+        out[s:s + step] = (g.square() * blk.precond).sum(dim=(1, 2))
+    return out
+
+
+def exact_gram_partial(A: torch.Tensor, D: torch.Tensor, blk: LayerBlock, max_elems: int = 1 << 24) -> torch.Tensor:
+    """Partial K [n, n] over one block: (P^½ ⊙ G) (P^½ ⊙ G)ᵀ, chunks of samples materialized in pairs."""
+    n = A.shape[0]
+    r, c = blk.precond.shape
+    half = blk.precond.sqrt()
+    step = _chunk_for(2 * r * c, max_elems)
+    K = torch.zeros(n, n, dtype=half.dtype, device=half.device)
+
+    def scaled(s: int) -> torch.Tensor:
+        return (_grads(A[s:s + step], D[s:s + step], blk.rows, blk.cols) * half).reshape(-1, r * c)
+
+    for i in range(0, n, step):
+        zi = scaled(i)
+        for j in range(i, n, step):
+            zj = zi if j == i else scaled(j)
+            block = zi @ zj.T
+            K[i:i + step, j:j + step] = block
+            K[j:j + step, i:i + step] = block.T
+    return K
+
+
+def rank_one_partials(blocks: list[LayerBlock], d_out: int, d_in: int) -> torch.Tensor:
+    """Row sums [d_out], column sums [d_in] and the total of P over this rank's blocks, packed
+    into one vector [d_out + d_in + 1] (all-reduce it, then :func:`rank_one_from_sums`)."""
+    ref = blocks[0].precond
+    rows = torch.zeros(d_out, dtype=ref.dtype, device=ref.device)
+    cols = torch.zeros(d_in, dtype=ref.dtype, device=ref.device)
+    total = torch.zeros(1, dtype=ref.dtype, device=ref.device)
+    for blk in blocks:
+        rows[blk.rows] += blk.precond.sum(dim=1)
+        cols[blk.cols] += blk.precond.sum(dim=0)
+        total += blk.precond.sum()
+    return torch.cat([rows, cols, total])
+
+
+def rank_one_from_sums(sums: torch.Tensor, d_out: int, d_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r [d_out], c [d_in]) with P ≈ r cᵀ: r = row means, c = column means / overall mean.
+    Exact when P = u vᵀ (then r cᵀ = u vᵀ)."""
+    rows, cols, total = sums[:d_out], sums[d_out:d_out + d_in], sums[-1]
+    mean = total / (d_out * d_in)
+    return rows / d_in, (cols / d_out) / mean.clamp(min=torch.finfo(sums.dtype).tiny)
+
+
+def rank_one_factors(blocks: list[LayerBlock], d_out: int, d_in: int, sharded: bool = False,
+                     counter: distributed.CommCounter | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-one fit of P from this rank's blocks; with ``sharded`` blocks (disjoint over ranks)
+    one all-reduce of O(d_in + d_out) floats."""
+    sums = rank_one_partials(blocks, d_out, d_in)
+    sums = distributed.all_reduce_sum(sums, counter) if sharded else sums
+    return rank_one_from_sums(sums, d_out, d_in)
+
+
+def ghost_diag(A: torch.Tensor, D: torch.Tensor, r: torch.Tensor, c: torch.Tensor,
+               max_elems: int = 1 << 24) -> torch.Tensor:
+    """K_ii = ⟨Δ_i R Δ_iᵀ, A_i C A_iᵀ⟩_F, [n]."""
+    n, T = A.shape[:2]
+    step = _chunk_for(T * T, max_elems)
+    out = torch.empty(n, dtype=r.dtype, device=r.device)
+    for s in range(0, n, step):
+        a, d = A[s:s + step].to(r.dtype), D[s:s + step].to(r.dtype)
+        dd = (d * r) @ d.transpose(1, 2)
+        aa = (a * c) @ a.transpose(1, 2)
+        out[s:s + step] = (dd * aa).sum(dim=(1, 2))
+    return out
+
+
+def ghost_gram(A: torch.Tensor, D: torch.Tensor, r: torch.Tensor, c: torch.Tensor,
+               max_elems: int = 1 << 24) -> torch.Tensor:
+    """K [n, n] with K_ij = ⟨Δ_i R Δ_jᵀ, A_i C A_jᵀ⟩_F; temporaries of (chunk·T)² elements."""
+    n, T = A.shape[:2]
+    A, D = A.to(r.dtype), D.to(r.dtype)
+    step = max(1, int((max_elems ** 0.5) // max(T, 1)))
+    K = torch.empty(n, n, dtype=r.dtype, device=r.device)
+    for i in range(0, n, step):
+        di = (D[i:i + step] * r).reshape(-1, D.shape[-1])
+        ai = (A[i:i + step] * c).reshape(-1, A.shape[-1])
+        ni = di.shape[0] // T
+        for j in range(i, n, step):
+            dj = D[j:j + step].reshape(-1, D.shape[-1])
+            aj = A[j:j + step].reshape(-1, A.shape[-1])
+            nj = dj.shape[0] // T
+            prod = (di @ dj.T) * (ai @ aj.T)
+            block = prod.reshape(ni, T, nj, T).sum(dim=(1, 3))
+            K[i:i + ni, j:j + nj] = block
+            K[j:j + nj, i:i + ni] = block.T
+    return K
+
+
+def sketch_projections(d_out: int, d_in: int, k_out: int, k_in: int, seed: int,
+                       dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian Π_o [k_out, d_out], Π_i [k_in, d_in] with N(0, 1/k) entries, from ``seed`` (CPU RNG,
+    so every rank and device draws the same)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    po = torch.randn(k_out, d_out, generator=gen, dtype=torch.float64) / k_out ** 0.5
+    pi = torch.randn(k_in, d_in, generator=gen, dtype=torch.float64) / k_in ** 0.5
+    return po.to(device=device, dtype=dtype), pi.to(device=device, dtype=dtype)
+
+
+def sketch(A: torch.Tensor, D: torch.Tensor, r: torch.Tensor, c: torch.Tensor,
+           proj_out: torch.Tensor, proj_in: torch.Tensor) -> torch.Tensor:
+    """S_i = (Π_o R^½ Δ_iᵀ)(A_i C^½ Π_iᵀ), [n, k_out, k_in]; cost linear in T."""
+    left = D.to(r.dtype) @ (r.clamp(min=0).sqrt()[:, None] * proj_out.T)   # [n, T, k_out]
+    right = A.to(r.dtype) @ (c.clamp(min=0).sqrt()[:, None] * proj_in.T)   # [n, T, k_in]
+    return left.transpose(1, 2) @ right
+
+
+def sketch_gram(S: torch.Tensor) -> torch.Tensor:
+    flat = S.reshape(S.shape[0], -1)
+    return flat @ flat.T
+
+
+def condition_number(K: torch.Tensor) -> float:
+    """λmax / λmin of the symmetric K (inf when singular or not finite)."""
+    if K.numel() == 0:
+        return 1.0
+    if not torch.isfinite(K).all():
+        return float("inf")
+    eig = torch.linalg.eigvalsh(0.5 * (K + K.T).double())
+    lo, hi = float(eig[0]), float(eig[-1])
+    return hi / lo if lo > 0 else float("inf")

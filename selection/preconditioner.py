@@ -1,0 +1,186 @@
+"""The diagonal Adam preconditioner P = 1/(sqrt(v̂)+ε) and momentum m̂ = m/(1−β1^t) (DESIGN §2).
+
+All reads of optimizer state go through ONE seam, :class:`OptimizerStateReader`: for a covered
+parameter it returns :class:`ParamState` — the optimizer's own β1, β2, ε, step, bias-correction flag
+and a list of :class:`StateBlock` (rectangular blocks [rows, cols] of exp_avg / exp_avg_sq in the
+parameter's own layout). The plain reader returns one block covering the whole tensor; a sharded
+reader (FSDP2 ``Shard(0)``: a row block; ZeRO-3 flat slice: up to three blocks — a partial first row,
+whole rows, a partial last row) returns only this rank's blocks. Everything downstream (alignment,
+exact Gram, rank-one factors) works per block and sums partials, so a sharded run all-reduces
+small results and never gathers a whole moment tensor.
+
+Layer convention: blocks are turned into :class:`LayerBlock` over the layer's [d_out, d_in] weight
+matrix (Conv1D's transposed storage is flipped here), so rows are output dims (columns of Δ) and
+columns are input dims (columns of A).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import torch
+
+from optsel.selection.capture import CoveredLayer
+
+#: optimizer classes whose state is Adam's (exp_avg, exp_avg_sq, step; groups with betas, eps)
+ADAM_CLASS_NAMES = ("Adam", "AdamW", "DeepSpeedCPUAdam", "FusedAdam")
+
+
+@dataclass(frozen=True)
+class AdamHyper:
+    """The optimizer's own hyper-parameters for one parameter; step = updates taken so far (0: none)."""
+
+    step: int
+    beta1: float
+    beta2: float
+    eps: float
+    bias_correction: bool = True
+
+
+@dataclass
+class StateBlock:
+    """Block [rows, cols] of a parameter's moments, in the parameter's own 2-D layout.
+    exp_avg / exp_avg_sq: [r, c] or None before the first step."""
+
+    rows: slice
+    cols: slice
+    exp_avg: torch.Tensor | None
+    exp_avg_sq: torch.Tensor | None
+
+
+@dataclass
+class ParamState:
+    hyper: AdamHyper
+    blocks: list[StateBlock]
+
+
+class OptimizerStateReader(abc.ABC):
+    """The one place that reads optimizer state (see module docstring).
+
+    ``replicated``: every rank holds the same, whole state (plain DDP / one process); block partials
+    are then complete on each rank and must not be summed over ranks. Sharded readers set False:
+    their blocks are disjoint over ranks and partial results are all-reduced.
+    """
+
+    replicated: bool = True
+
+    @abc.abstractmethod
+    def read(self, param: torch.nn.Parameter) -> ParamState:
+        """This rank's blocks of ``param``'s Adam moments and the hyper-parameters that apply."""
+
+
+def _full(shape: torch.Size) -> tuple[slice, slice]:
+    return slice(0, shape[0]), slice(0, shape[1])
+
+
+class TorchAdamStateReader(OptimizerStateReader):
+    """Unsharded torch.optim.Adam / AdamW (amsgrad: max_exp_avg_sq), DeepSpeedCPUAdam, FusedAdam."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        if not is_adam_like(optimizer):
+            raise TypeError(unsupported_message(optimizer))
+        self.optimizer = optimizer
+        self._groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+
+    def read(self, param: torch.nn.Parameter) -> ParamState:
+        group = self._groups.get(id(param))
+        if group is None:
+            raise KeyError("parameter is not managed by the optimizer")
+        state = self.optimizer.state.get(param, {})
+        beta1, beta2 = (float(b) for b in group["betas"])
+        step = state.get("step", group.get("step", 0) if state else 0)
+        step = int(step.item()) if torch.is_tensor(step) else int(step)
+        hyper = AdamHyper(step=step, beta1=beta1, beta2=beta2, eps=float(group["eps"]),
+                          bias_correction=bool(group.get("bias_correction", True)))
+        rows, cols = _full(_as_2d(param).shape)
+        if step == 0 or "exp_avg" not in state:
+            return ParamState(AdamHyper(0, beta1, beta2, hyper.eps, hyper.bias_correction),
+                              [StateBlock(rows, cols, None, None)])
+        v = state["max_exp_avg_sq"] if group.get("amsgrad") and "max_exp_avg_sq" in state else state["exp_avg_sq"]
+        return ParamState(hyper, [StateBlock(rows, cols, _as_2d(state["exp_avg"]), _as_2d(v))])
+
+
+class IdentityStateReader(OptimizerStateReader):
+    """geometry="sgd": P = I, no momentum, whatever the optimizer (one full block)."""
+
+    def read(self, param: torch.nn.Parameter) -> ParamState:
+        rows, cols = _full(_as_2d(param).shape)
+        return ParamState(AdamHyper(0, 0.0, 0.0, 0.0), [StateBlock(rows, cols, None, None)])
+
+
+def is_adam_like(optimizer: object) -> bool:
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return True
+    return any(cls.__name__ in ADAM_CLASS_NAMES for cls in type(optimizer).__mro__)
+
+
+def unsupported_message(optimizer: object) -> str:
+    return (f"optimizer: {type(optimizer).__module__}.{type(optimizer).__name__} is not supported by "
+            f"geometry='adam' (supported: {', '.join(ADAM_CLASS_NAMES)}); use geometry='sgd' for P = I")
+
+
+def make_state_reader(optimizer: object, geometry: str) -> OptimizerStateReader:
+    """The reader for ``optimizer`` under ``geometry`` ("adam" | "sgd")."""
+    if geometry == "sgd":
+        return IdentityStateReader()
+    if geometry != "adam":
+        raise ValueError(f"geometry: must be 'adam' or 'sgd', got {geometry!r}")
+    return TorchAdamStateReader(optimizer)  # type: ignore[arg-type]
+
+
+def _as_2d(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dim() == 2 else t.reshape(t.shape[0], -1)
+
+
+@dataclass
+class LayerBlock:
+    """Block [rows, cols] of a layer's [d_out, d_in] matrix: P and m̂ there ([r, c]; m̂ None = 0)."""
+
+    rows: slice
+    cols: slice
+    precond: torch.Tensor
+    momentum: torch.Tensor | None
+
+
+@dataclass
+class LayerGeometry:
+    blocks: list[LayerBlock]
+    hyper: AdamHyper
+    identity: bool  # True when P = I (sgd geometry or no optimizer state yet)
+
+
+def layer_geometry(reader: OptimizerStateReader, layer: CoveredLayer, dtype: torch.dtype,
+                   use_momentum: bool = True) -> LayerGeometry:
+    """P and m̂ on this rank's blocks of ``layer`` (layer convention, ``dtype``)."""
+    state = reader.read(layer.param)
+    h = state.hyper
+    blocks: list[LayerBlock] = []
+    identity = True
+    for blk in state.blocks:
+        rows, cols = (blk.cols, blk.rows) if layer.transposed else (blk.rows, blk.cols)
+        shape = (rows.stop - rows.start, cols.stop - cols.start)
+        if blk.exp_avg_sq is None or h.step == 0:
+            blocks.append(LayerBlock(rows, cols, torch.ones(shape, dtype=dtype, device=layer.param.device), None))
+            continue
+        identity = False
+        v = blk.exp_avg_sq.detach().to(dtype)
+        m = blk.exp_avg.detach().to(dtype) if blk.exp_avg is not None else None
+        if h.bias_correction:
+            v = v / (1.0 - h.beta2 ** h.step)
+            m = m / (1.0 - h.beta1 ** h.step) if m is not None else None
+        precond = 1.0 / (v.sqrt() + h.eps)
+        if layer.transposed:
+            precond, m = precond.T, (m.T if m is not None else None)
+        blocks.append(LayerBlock(rows, cols, precond.contiguous(),
+                                 m.contiguous() if (m is not None and use_momentum) else None))
+    return LayerGeometry(blocks, h, identity)
+
+
+def default_coefficients(step: int, beta1: float, gamma: float = 1.0) -> tuple[float, float]:
+    """(ρ, τ) of DESIGN §2 at optimizer step t = ``step`` (updates taken so far):
+    ρ = γ β1 (1 − β1^t)/(1 − β1^{t+1}),  τ = γ (1 − β1)/(1 − β1^{t+1})."""
+    denom = 1.0 - beta1 ** (step + 1)
+    if denom <= 0.0:  # beta1 == 0 and ... only when beta1 == 1 (invalid): keep τ = γ
+        return 0.0, gamma
+    return gamma * beta1 * (1.0 - beta1 ** step) / denom, gamma * (1.0 - beta1) / denom
