@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = trainer.train()
         if distributed.info().is_main:
             print(json.dumps(summary, indent=2))
-            print(f"outputs in {summary['run_dir']} (config.yaml, metrics.jsonl, selections.jsonl, summary.json)")
+            print(f"outputs in {summary['run_dir']} (config.yaml, metrics.jsonl, selections.jsonl, summary.json, loss.png)")
         return 0
     finally:
         if trainer is not None:

@@ -80,7 +80,8 @@ def init_distributed(engine: str, timeout_s: float = 600.0, backend: str | None 
 
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     else:
-        dist.init_process_group(backend=backend, timeout=timeout)
+        device_id = torch.device("cuda", info().local_rank) if backend == "nccl" else None
+        dist.init_process_group(backend=backend, timeout=timeout, device_id=device_id)
     return info()
 
 

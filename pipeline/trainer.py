@@ -24,6 +24,7 @@ from optsel.pipeline import data as data_lib
 from optsel.pipeline.engines.base import Batch, build_engine
 from optsel.pipeline.evaluate import EvalResult, evaluate
 from optsel.pipeline.model import build_model
+from optsel.pipeline.plots import plot_run
 from optsel.pipeline.tokenizer import load_tokenizer
 from optsel.selection.base import Selection, get_selector_factory
 from optsel.selection.stats import selection_metrics
@@ -81,6 +82,12 @@ class Trainer:
         self.engine = build_engine(config.engine, model, config.optimizer, total_steps=config.training.num_steps,
                                    micro_batch_size=self.per_rank_pool)
         self.selector = build_selector(config, self.engine.unwrapped_model, self.engine.optimizer)
+        if self.dist.is_main:
+            log.info("run %s: engine %s on %s (%s, backend %s), world size %d, selector %s, pool %d, budget %d",
+                     config.run_name, config.engine.name, self.engine.device,
+                     str(getattr(self.engine, "dtype", "")).replace("torch.", ""), distributed.default_backend(),
+                     self.dist.world_size, config.selection.method, config.selection.pool_size,
+                     config.selection.budget)
 
         self.loader = data_lib.build_train_loader(config.data, self.per_rank_pool, self.dist)
         self.target, self.eval_batches = self._held_out_batches()
@@ -238,6 +245,8 @@ class Trainer:
         }
         if self.dist.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            plot_run(history, initial.loss, self.run_dir / "loss.png",
+                     f"{self.config.selection.method} / {self.config.engine.name} / {self.dist.world_size} ranks")
         return summary
 
     def close(self) -> None:

@@ -71,7 +71,12 @@ class Coverage:
 
 
 def find_covered_layers(model: nn.Module) -> Coverage:
-    """The trainable linear weights of ``model`` (see module docstring) and what was left out, why."""
+    """The trainable linear weights of ``model`` (see module docstring) and what was left out, why.
+
+    Sharded models: FSDP2 modules are resharded first, so that ``module.weight`` is the sharded
+    DTensor the optimizer holds (FSDP2 leaves the root unsharded after a forward without backward);
+    ZeRO-3 partitioned weights (local shape [0]) are measured by ``ds_shape``."""
+    _reshard_fsdp2(model)
     owners: dict[int, list[str]] = {}
     for mod_name, module in model.named_modules(remove_duplicate=False):
         for p_name, param in module.named_parameters(recurse=False):
@@ -93,14 +98,24 @@ def find_covered_layers(model: nn.Module) -> Coverage:
         if len(uses) > 1:
             excluded[name] = f"tied weight shared by {uses}: excluded (only part of its gradient is linear-layer form)"
             continue
-        if is_conv1d:
-            d_in, d_out = weight.shape
-        else:
-            d_out, d_in = weight.shape
+        shape = tuple(getattr(weight, "ds_shape", None) or weight.shape)
+        if len(shape) != 2:
+            raise ValueError(f"model: linear weight {name} has shape {shape}, expected 2-D")
+        d_in, d_out = shape if is_conv1d else shape[::-1]
         layers.append(CoveredLayer(name, module, weight, int(d_in), int(d_out), transposed=is_conv1d))
     if not layers:
         raise ValueError("model: no trainable nn.Linear / Conv1D / LoRA weight to cover")
     return Coverage(layers, excluded)
+
+
+def _reshard_fsdp2(model: nn.Module) -> None:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch >= 2.6 has it
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,7 +158,8 @@ def capture_factors(model: nn.Module, batch: Mapping[str, torch.Tensor], layers:
     """
     n = int(batch["input_ids"].shape[0])
     step = n if not chunk_size else max(1, int(chunk_size))
-    parts = [_capture_chunk(model, {k: batch[k][s:s + step] for k in ("input_ids", "attention_mask", "labels")},
+    device = layers[0].param.device  # pools arrive on the CPU from the dataloader
+    parts = [_capture_chunk(model, {k: batch[k][s:s + step].to(device) for k in ("input_ids", "attention_mask", "labels")},
                             layers) for s in range(0, n, step)]
     if len(parts) == 1:
         return parts[0]

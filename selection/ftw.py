@@ -29,7 +29,7 @@ from optsel.selection.alignment import alignment_partial, target_direction
 from optsel.selection.base import Batch, Selection, Selector, register_selector, split_local
 from optsel.selection.capture import Coverage, Factors, capture_factors, find_covered_layers
 from optsel.selection.filter import filter_candidates, utility
-from optsel.selection.preconditioner import (LayerGeometry, OptimizerStateReader, default_coefficients,
+from optsel.selection.preconditioner import (LayerBlock, LayerGeometry, OptimizerStateReader, default_coefficients,
                                              layer_geometry, make_state_reader)
 from optsel.selection.solvers import select_weights
 from optsel.selection.target import TargetCache
@@ -139,6 +139,8 @@ class FilterThenWeight(Selector):
         fallbacks: dict[str, int] = {}
         layers = self.coverage.layers
         sizes = distributed.gather_sizes(int(pool["input_ids"].shape[0]))
+        if distributed.is_distributed():
+            self.comm.add("all_gather", 8 * len(sizes))
         n_global = sum(sizes)
 
         with _timed(timings, "capture"):
@@ -160,8 +162,8 @@ class FilterThenWeight(Selector):
             pool_f = self._gather(local, dtype)
             T = int(pool_f.A[0].shape[1]) if pool_f.A else 1
             backends = [self._backend(layer, pool_f.A[i].shape[1]) for i, layer in enumerate(layers)]
-            factors_rc = [gram_ops.rank_one_factors(g.blocks, layer.d_out, layer.d_in,
-                                                     not self.reader.replicated, self.comm)
+            factors_rc = [gram_ops.rank_one_factors(g.blocks or [_empty_block(dtype, self._device())],
+                                                     layer.d_out, layer.d_in, not self.reader.replicated, self.comm)
                           if backends[i] != "exact" else None for i, (layer, g) in enumerate(zip(layers, geoms))]
             sketches = self._sketches(local, dtype, backends, factors_rc)
 
@@ -338,6 +340,11 @@ class FilterThenWeight(Selector):
                 shared += gram_ops.ghost_gram(A, D, r, c, self.config.max_temp_elems).double()
         K = self._sum_blocks(partial) + shared
         return 0.5 * (K + K.T)
+
+
+def _empty_block(dtype: torch.dtype, device: torch.device) -> LayerBlock:
+    """A zero-area block: this rank's (empty) share of a parameter in the rank-one sums."""
+    return LayerBlock(slice(0, 0), slice(0, 0), torch.zeros(0, 0, dtype=dtype, device=device), None)
 
 
 @contextmanager

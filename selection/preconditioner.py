@@ -70,7 +70,7 @@ class OptimizerStateReader(abc.ABC):
         """This rank's blocks of ``param``'s Adam moments and the hyper-parameters that apply."""
 
 
-def _full(shape: torch.Size) -> tuple[slice, slice]:
+def _full(shape: tuple[int, ...]) -> tuple[slice, slice]:
     return slice(0, shape[0]), slice(0, shape[1])
 
 
@@ -88,24 +88,36 @@ class TorchAdamStateReader(OptimizerStateReader):
         if group is None:
             raise KeyError("parameter is not managed by the optimizer")
         state = self.optimizer.state.get(param, {})
-        beta1, beta2 = (float(b) for b in group["betas"])
-        step = state.get("step", group.get("step", 0) if state else 0)
-        step = int(step.item()) if torch.is_tensor(step) else int(step)
-        hyper = AdamHyper(step=step, beta1=beta1, beta2=beta2, eps=float(group["eps"]),
-                          bias_correction=bool(group.get("bias_correction", True)))
-        rows, cols = _full(_as_2d(param).shape)
-        if step == 0 or "exp_avg" not in state:
-            return ParamState(AdamHyper(0, beta1, beta2, hyper.eps, hyper.bias_correction),
-                              [StateBlock(rows, cols, None, None)])
-        v = state["max_exp_avg_sq"] if group.get("amsgrad") and "max_exp_avg_sq" in state else state["exp_avg_sq"]
-        return ParamState(hyper, [StateBlock(rows, cols, _as_2d(state["exp_avg"]), _as_2d(v))])
+        hyper = adam_hyper(group, state)
+        rows, cols = _full(shape_2d(param))
+        if hyper.step == 0 or "exp_avg" not in state:
+            return ParamState(hyper, [StateBlock(rows, cols, None, None)])
+        return ParamState(hyper, [StateBlock(rows, cols, _as_2d(state["exp_avg"]), _as_2d(second_moment(group, state)))])
+
+
+def adam_hyper(group: dict, state: dict) -> AdamHyper:
+    """β1, β2, ε, step and bias correction of one Adam param group / state entry (step 0: no state)."""
+    beta1, beta2 = (float(b) for b in group["betas"])
+    step = state.get("step", group.get("step", 0) if state else 0)
+    step = int(step.item()) if torch.is_tensor(step) else int(step)
+    if "exp_avg" not in state:
+        step = 0
+    return AdamHyper(step=step, beta1=beta1, beta2=beta2, eps=float(group["eps"]),
+                     bias_correction=bool(group.get("bias_correction", True)))
+
+
+def second_moment(group: dict, state: dict) -> torch.Tensor:
+    """exp_avg_sq, or max_exp_avg_sq under amsgrad (what Adam divides by)."""
+    if group.get("amsgrad") and "max_exp_avg_sq" in state:
+        return state["max_exp_avg_sq"]
+    return state["exp_avg_sq"]
 
 
 class IdentityStateReader(OptimizerStateReader):
     """geometry="sgd": P = I, no momentum, whatever the optimizer (one full block)."""
 
     def read(self, param: torch.nn.Parameter) -> ParamState:
-        rows, cols = _full(_as_2d(param).shape)
+        rows, cols = _full(shape_2d(param))
         return ParamState(AdamHyper(0, 0.0, 0.0, 0.0), [StateBlock(rows, cols, None, None)])
 
 
@@ -121,12 +133,26 @@ def unsupported_message(optimizer: object) -> str:
 
 
 def make_state_reader(optimizer: object, geometry: str) -> OptimizerStateReader:
-    """The reader for ``optimizer`` under ``geometry`` ("adam" | "sgd")."""
+    """The reader for ``optimizer`` under ``geometry`` ("adam" | "sgd"), picked by the optimizer:
+    DeepSpeed's ZeRO-3 optimizer → :class:`~optsel.selection.sharded_state.ZeRO3StateReader`;
+    a torch optimizer over FSDP2 DTensor parameters → ``FSDP2StateReader``; else the plain reader.
+    Other sharded setups (ZeRO-1/2, FSDP1 flat parameters) raise TypeError naming them."""
     if geometry == "sgd":
         return IdentityStateReader()
     if geometry != "adam":
         raise ValueError(f"geometry: must be 'adam' or 'sgd', got {geometry!r}")
-    return TorchAdamStateReader(optimizer)  # type: ignore[arg-type]
+    from optsel.selection import sharded_state
+
+    return sharded_state.reader_for(optimizer) or TorchAdamStateReader(optimizer)  # type: ignore[arg-type]
+
+
+def shape_2d(param: torch.Tensor) -> torch.Size:
+    """The parameter's full shape as 2-D [d0, rest] (ZeRO-3 partitioned params: from ``ds_shape``)."""
+    shape = tuple(getattr(param, "ds_shape", None) or param.shape)
+    rest = 1
+    for d in shape[1:]:
+        rest *= int(d)
+    return torch.Size((int(shape[0]), rest))
 
 
 def _as_2d(t: torch.Tensor) -> torch.Tensor:
@@ -152,7 +178,8 @@ class LayerGeometry:
 
 def layer_geometry(reader: OptimizerStateReader, layer: CoveredLayer, dtype: torch.dtype,
                    use_momentum: bool = True) -> LayerGeometry:
-    """P and m̂ on this rank's blocks of ``layer`` (layer convention, ``dtype``)."""
+    """P and m̂ on this rank's non-empty blocks of ``layer`` (layer convention, ``dtype``); the list
+    is empty where a sharded rank holds none of the parameter."""
     state = reader.read(layer.param)
     h = state.hyper
     blocks: list[LayerBlock] = []
@@ -160,6 +187,8 @@ def layer_geometry(reader: OptimizerStateReader, layer: CoveredLayer, dtype: tor
     for blk in state.blocks:
         rows, cols = (blk.cols, blk.rows) if layer.transposed else (blk.rows, blk.cols)
         shape = (rows.stop - rows.start, cols.stop - cols.start)
+        if shape[0] * shape[1] == 0:  # a sharded reader may hand out nothing for this rank
+            continue
         if blk.exp_avg_sq is None or h.step == 0:
             blocks.append(LayerBlock(rows, cols, torch.ones(shape, dtype=dtype, device=layer.param.device), None))
             continue
@@ -174,6 +203,8 @@ def layer_geometry(reader: OptimizerStateReader, layer: CoveredLayer, dtype: tor
             precond, m = precond.T, (m.T if m is not None else None)
         blocks.append(LayerBlock(rows, cols, precond.contiguous(),
                                  m.contiguous() if (m is not None and use_momentum) else None))
+    if not blocks:  # this rank holds none of it: identity as far as the hyper-parameters say
+        identity = h.step == 0
     return LayerGeometry(blocks, h, identity)
 
 

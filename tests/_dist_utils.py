@@ -101,7 +101,8 @@ def run_distributed(fn: Callable[..., Any], world_size: int = 2, *, args: tuple 
             try:
                 rank, status, payload = results.get(timeout=0.5)
                 got[rank] = (status, payload)
-                if status == "error":  # the others are probably stuck in a collective: fail now
+                if status == "error":  # the others are probably stuck in a collective: fail soon,
+                    _drain(results, got, world_size, grace_s=3.0)  # with every rank's error (root cause too)
                     break
             except queue.Empty:
                 dead = [p for r, p in enumerate(procs) if r not in got and p.exitcode not in (None, 0)]
@@ -131,6 +132,18 @@ def run_distributed(fn: Callable[..., Any], world_size: int = 2, *, args: tuple 
                 proc.join(timeout=10)
         results.close()
         _remove_deepspeed_shm(port)
+
+
+def _drain(results: Any, got: dict[int, tuple[str, Any]], world_size: int, grace_s: float) -> None:
+    """Collect what other ranks report within ``grace_s`` seconds (e.g. the rank that raised first,
+    when a peer's collective failed before its message arrived)."""
+    end = time.monotonic() + grace_s
+    while len(got) < world_size and time.monotonic() < end:
+        try:
+            rank, status, payload = results.get(timeout=max(0.05, end - time.monotonic()))
+        except queue.Empty:
+            return
+        got[rank] = (status, payload)
 
 
 def _errors(got: dict[int, tuple[str, Any]]) -> str:

@@ -1,0 +1,111 @@
+"""LESS-style selection (Xia et al., ICML 2024, "LESS: Selecting Influential Data for Targeted
+Instruction Tuning"), online: score_i = b_i = ⟨P g_i, g_V⟩ with the optimizer's current Adam
+preconditioner P = 1/(sqrt(v̂)+ε) — exactly FTW's alignment with ρ = 0 (no momentum correction),
+no Gram, no curvature — then the top k with weight 1/k.
+
+Reuses FTW's building blocks: capture → layer_geometry (optimizer-state seam) → TargetCache →
+target_direction / alignment_partial (target-side trick), block partials all-reduced when the state
+is sharded. Deviations from the paper: online (the current model and optimizer state, not an offline
+warm-up checkpoint series), the exact gradient on the covered linear weights instead of LoRA
+gradients with a random projection, the raw inner product instead of cosine similarity, and one
+target set (no max over target subtasks). Before the optimizer's first step P = I.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from optsel import distributed
+from optsel.selection.alignment import alignment_partial, target_direction
+from optsel.selection.base import Batch, Selection, Selector, register_selector
+from optsel.selection.baselines.common import (agree, check_budget, compute_dtype, gather_factors, timed, topk,
+                                               uniform_selection)
+from optsel.selection.capture import capture_factors, find_covered_layers
+from optsel.selection.preconditioner import layer_geometry, make_state_reader
+from optsel.selection.target import TargetCache
+
+
+@dataclass(kw_only=True)
+class LessConfig:
+    """budget: k. target_refresh: recompute g_V every this many steps. capture_chunk_size:
+    samples per forward/backward (None: the whole pool)."""
+
+    budget: int
+    target_refresh: int = 1
+    capture_chunk_size: int | None = None
+
+    def __post_init__(self) -> None:
+        check_budget(self.budget)
+        if self.target_refresh < 1:
+            raise ValueError(f"target_refresh: must be >= 1, got {self.target_refresh}")
+        if self.capture_chunk_size is not None and self.capture_chunk_size < 1:
+            raise ValueError(f"capture_chunk_size: must be >= 1 or null, got {self.capture_chunk_size}")
+
+
+class Less(Selector):
+    name = "less"
+    needs_target = True
+
+    def __init__(self, model: nn.Module, optimizer: Any, config: LessConfig):
+        self.model = model
+        self.config = config
+        self.coverage = find_covered_layers(model)
+        self.reader = make_state_reader(optimizer, "adam")
+        self.target_cache = TargetCache(config.target_refresh)
+        self.comm = distributed.CommCounter()
+        self.step = 0
+
+    def select(self, pool: Batch, target: Batch | None = None) -> Selection:
+        cfg = self.config
+        self.comm.reset()
+        timings: dict[str, float] = {}
+        layers = self.coverage.layers
+        sizes = distributed.gather_sizes(int(pool["input_ids"].shape[0]))
+        with timed(timings, "capture"):
+            local = capture_factors(self.model, pool, layers, cfg.capture_chunk_size)
+        dtype = compute_dtype(local)
+        geoms = [layer_geometry(self.reader, layer, dtype, use_momentum=False) for layer in layers]
+        with timed(timings, "target"):
+            if self.target_cache.due(self.step):
+                if target is None:
+                    raise ValueError("target: LESS needs a target batch (input_ids, attention_mask, labels)")
+                tf = gather_factors(capture_factors(self.model, target, layers, cfg.capture_chunk_size), dtype, self.comm)
+                self.target_cache.update(tf, [g.blocks for g in geoms], self.step)
+        with timed(timings, "gather"):
+            pool_f = gather_factors(local, dtype, self.comm)
+        with timed(timings, "alignment"):
+            b = torch.zeros(sum(sizes), dtype=torch.float64, device=layers[0].param.device)
+            for i, g in enumerate(geoms):
+                for blk, gv in zip(g.blocks, self.target_cache.blocks[i]):
+                    M = target_direction(blk.precond, gv.to(dtype), None, 0.0)
+                    b += alignment_partial(pool_f.A[i], pool_f.D[i], M, blk.rows, blk.cols).double()
+            if not self.reader.replicated:
+                b = distributed.all_reduce_sum(b, self.comm)
+        with timed(timings, "select"):
+            chosen = agree(topk(b, cfg.budget), min(cfg.budget, sum(sizes)), self.comm)
+        self.step += 1
+        sel = uniform_selection(chosen, sizes, timings, {"comm_bytes": self.comm.bytes}, utility=b)
+        sel.alignment, sel.covered = b.cpu(), list(self.coverage.names)
+        return sel
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "target": self.target_cache.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.target_cache.load_state_dict(dict(state.get("target", {})))
+
+
+@register_selector("less")
+def build_less(*, model: nn.Module, optimizer: Any, budget: int, config: LessConfig | None = None, **_: Any) -> Less:
+    config = config if config is not None else LessConfig(budget=budget)
+    if config.budget != budget:
+        raise ValueError(f"budget: LessConfig.budget={config.budget} disagrees with the selection budget {budget}")
+    return Less(model, optimizer, config)
+
+
+build_less.config_class = LessConfig  # type: ignore[attr-defined]

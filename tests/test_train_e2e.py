@@ -1,0 +1,121 @@
+"""End to end: `optsel prepare` → `optsel launch` (2 ranks, torchrun and the deepspeed launcher) →
+training with selection; the live metrics endpoint is scraped over HTTP while the run trains; bad
+configs fail before training with the key named."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO = Path(__file__).resolve().parents[1]
+OPTSEL = [sys.executable, "-m", "optsel.launch.cli"]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/optsel/torch_extensions"))
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+def _run(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(OPTSEL + args, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "synthetic"
+    done = _run(["prepare", "configs/prepare_synthetic.yaml", f"out_dir={out}", "synthetic.num_train=2048",
+                 "synthetic.num_val=160"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def _train_args(data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["configs/demo.yaml", f"data.local={data_dir}", f"output_dir={run_dir}", "training.progress_bar=false",
+            "training.num_eval_samples=32", "monitoring.port=0", *extra]
+
+
+def _summary(run_dir: Path, name: str) -> dict:
+    return json.loads((run_dir / name / "summary.json").read_text())
+
+
+def _selected(run_dir: Path, name: str) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / name / "selections.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine, launcher", [("fsdp2", "torchrun"), ("deepspeed", "deepspeed")])
+def test_two_rank_training_learns_and_respects_the_budget(data_dir, tmp_path, engine, launcher):
+    shm_before = set(os.listdir("/dev/shm"))
+    done = _run(["launch", "--nproc", "2", "--launcher", launcher,
+                 *_train_args(data_dir, tmp_path, f"engine.name={engine}", "selection.method=random",
+                              "training.num_steps=25", "training.eval_every=0", "run_name=r")])
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    summary = _summary(tmp_path, "r")
+    assert summary["world_size"] == 2 and summary["engine"] == engine
+    assert summary["last_train_loss"] < 0.7 * summary["first_train_loss"]
+    assert summary["final_eval_loss"] < summary["initial_eval_loss"]
+    assert summary["samples_seen"] == 25 * 64  # every rank consumed its share of every pool
+    steps = _selected(tmp_path, "r")
+    assert len(steps) == 25
+    for record in steps:
+        assert len(record["sample_ids"]) == 16 and len(set(record["sample_ids"])) == 16
+        assert set(record["sample_ids"]) <= set(record["pool_sample_ids"])
+        assert abs(sum(record["weights"]) - 1.0) < 1e-4
+    pools = [sid for record in steps for sid in record["pool_sample_ids"]]
+    assert len(pools) == len(set(pools)), "a sample was drawn twice within one epoch"
+    from optsel.pipeline.shm_cleanup import live_shm_names
+
+    stray = set(os.listdir("/dev/shm")) - shm_before - set(live_shm_names())  # other live jobs may run beside
+    assert not stray, f"stray shared-memory files left behind: {sorted(stray)}"
+
+
+@pytest.mark.slow
+def test_live_metrics_endpoint_moves_while_training(data_dir, tmp_path):
+    from optsel.distributed import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        OPTSEL + ["train", *_train_args(data_dir, tmp_path, "engine.name=fsdp2", "selection.method=random",
+                                        "training.num_steps=400", "training.eval_every=0", "run_name=live",
+                                        f"monitoring.port={port}")],
+        cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen: list[float] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len([v for v in seen if v > 0]) < 2 and proc.poll() is None:
+            try:
+                text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            except OSError:
+                time.sleep(0.5)
+                continue
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name == "optsel_steps_total":
+                        if not seen or sample.value > seen[-1]:
+                            seen.append(sample.value)
+            time.sleep(1.0)
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=60)[0]
+    positive = [v for v in seen if v > 0]
+    assert len(positive) >= 2 and positive[-1] > positive[0], f"steps counter did not move: {seen}\n{out[-3000:]}"
+
+
+def test_bad_config_is_an_error_naming_the_key(data_dir, tmp_path):
+    done = _run(["train", *_train_args(data_dir, tmp_path, "selection.budgett=3")], timeout=120)
+    assert done.returncode == 2 and "selection.budgett" in done.stderr and "unknown key" in done.stderr
+    done = _run(["train", *_train_args(data_dir, tmp_path, "selection.budget=999")], timeout=120)
+    assert done.returncode == 2 and "selection.budget" in done.stderr
+    done = _run(["train", *_train_args(data_dir, tmp_path, "selection.options.ftw.gram=dense")], timeout=120)
+    assert done.returncode == 2 and "selection.options.ftw.gram" in done.stderr
