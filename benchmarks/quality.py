@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script
 from benchmarks.common import DEFAULT, QUICK, Scale, base_overrides, prepare_stream, pretrain, quiet, run_trainer
 
 METHODS = ["random", "full", "loss", "gradnorm", "greats", "uds", "less", "ftw", "ftw_sgd", "ftw_filter_only",
-           "ftw_weight_only"]
+           "ftw_weight_only", "ftw_sketch_exchange"]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -8,6 +8,7 @@ any (nested) dataclass from a mapping, apply ``key.sub=value`` overrides and dum
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -194,5 +195,24 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
+_SECRET_KEY = re.compile(r"(?i)(password|passwd|secret|api_?key|access_?key|credentials?|_token|^token)$")
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/@\s]+@")
+
+
+def redact(obj: Any, key: str = "") -> Any:
+    """A plain config with secrets masked: values of keys named like passwords/tokens/keys, and the
+    ``user:password@`` part of URLs (e.g. data.remote), become ``***``."""
+    if isinstance(obj, dict):
+        return {k: redact(v, str(k)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v, key) for v in obj]
+    if isinstance(obj, str):
+        if key and _SECRET_KEY.search(key) and obj:
+            return "***"
+        return _URL_USERINFO.sub(lambda m: m.group("scheme") + "***@", obj)
+    return obj
+
+
 def dump_yaml(obj: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_plain(obj), sort_keys=False))
+    """The resolved config as YAML, secrets redacted (see :func:`redact`)."""
+    Path(path).write_text(yaml.safe_dump(redact(to_plain(obj)), sort_keys=False))

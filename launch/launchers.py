@@ -1,7 +1,10 @@
 """``optsel launch``: start N ranks of ``optsel.launch.train`` with torchrun or the deepspeed launcher.
 
 Single node by default; ``--nnodes/--node-rank/--master-addr`` give the multi-node form (run the
-same command on every node). The deepspeed launcher on CPU leaves
+same command on every node; the master port then defaults to 29500, since every node must name the
+same one). The deepspeed launcher refuses ``--num_nodes`` > 1 without a hostfile even with ``--no_ssh``:
+without ``--hostfile`` one listing ``node0 .. node<N-1>`` is written for the run (with ``--no_ssh`` the
+names are only labels; the node order gives the node rank). The deepspeed launcher on CPU leaves
 ``/dev/shm/deepspeed_allreduce_buffer_*`` files behind (see STACK notes): the ones created by this
 launch are removed when it ends.
 """
@@ -18,12 +21,17 @@ import sys
 from optsel.distributed import free_port
 
 SHM_PATTERN = "/dev/shm/deepspeed_allreduce_buffer*"
+MULTI_NODE_PORT = 29500
 
 
 def build_command(launcher: str, nproc: int, config: str, overrides: list[str], *, nnodes: int = 1,
-                  node_rank: int = 0, master_addr: str = "127.0.0.1", master_port: int | None = None) -> list[str]:
-    """The argv that starts ``nproc`` local ranks of training with ``launcher``."""
-    port = str(master_port or free_port())
+                  node_rank: int = 0, master_addr: str = "127.0.0.1", master_port: int | None = None,
+                  hostfile: str | None = None) -> list[str]:
+    """The argv that starts ``nproc`` local ranks of training with ``launcher``.
+
+    ``hostfile`` (deepspeed, ``nnodes`` > 1): required by the deepspeed launcher, one ``NAME slots=N``
+    line per node (see ``write_hostfile``)."""
+    port = str(master_port or (MULTI_NODE_PORT if nnodes > 1 else free_port()))
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--nnodes={nnodes}",
                 f"--node_rank={node_rank}", f"--master_addr={master_addr}", f"--master_port={port}",
@@ -33,10 +41,22 @@ def build_command(launcher: str, nproc: int, config: str, overrides: list[str], 
         if deepspeed is None:
             raise FileNotFoundError("the deepspeed launcher is not on PATH (pip install deepspeed)")
         cmd = [deepspeed, f"--num_gpus={nproc}", f"--master_addr={master_addr}", f"--master_port={port}"]
-        if nnodes > 1:  # no hostfile/ssh: each node runs the launcher itself
-            cmd += ["--no_ssh", f"--num_nodes={nnodes}", f"--node_rank={node_rank}"]
+        if nnodes > 1:  # no ssh: each node runs the launcher itself (a hostfile is still required)
+            if hostfile is None:
+                raise ValueError("the deepspeed launcher needs a hostfile for --num_nodes > 1 (see write_hostfile)")
+            cmd += ["--hostfile", hostfile, "--no_ssh", f"--num_nodes={nnodes}", f"--node_rank={node_rank}"]
         return cmd + ["--module", "optsel.launch.train", config, *overrides]
     raise ValueError(f"launcher: expected torchrun or deepspeed, got {launcher!r}")
+
+
+def write_hostfile(nnodes: int, slots: int) -> str:
+    """A temporary deepspeed hostfile ``node0 slots=N`` .. ``node<nnodes-1> slots=N``; returns its path."""
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="optsel-hostfile-")
+    with os.fdopen(fd, "w") as f:
+        f.writelines(f"node{i} slots={slots}\n" for i in range(nnodes))
+    return path
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float | None = None) -> int:
@@ -59,11 +79,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nnodes", type=int, default=1)
     parser.add_argument("--node-rank", type=int, default=0)
     parser.add_argument("--master-addr", default="127.0.0.1")
-    parser.add_argument("--master-port", type=int, default=None)
+    parser.add_argument("--master-port", type=int, default=None,
+                        help=f"default: a free port on one node, {MULTI_NODE_PORT} with --nnodes > 1")
+    parser.add_argument("--hostfile", default=None,
+                        help="deepspeed with --nnodes > 1: its hostfile (default: one written for the run)")
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    cmd = build_command(args.launcher, args.nproc, args.config, args.overrides, nnodes=args.nnodes,
-                        node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port)
-    print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
-    return run(cmd)
+    hostfile, written = args.hostfile, None
+    if args.launcher == "deepspeed" and args.nnodes > 1 and hostfile is None:
+        hostfile = written = write_hostfile(args.nnodes, args.nproc)
+    try:
+        cmd = build_command(args.launcher, args.nproc, args.config, args.overrides, nnodes=args.nnodes,
+                            node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
+                            hostfile=hostfile)
+        print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
+        return run(cmd)
+    finally:
+        if written is not None:
+            os.remove(written)

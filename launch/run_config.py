@@ -30,10 +30,13 @@ class TrainingConfig:
     nan_policy: Literal["skip", "raise"] = "skip"
     max_skipped_steps: int = 20  # abort the run after this many NaN/Inf steps
     progress_bar: bool = True
+    stop_at_step: int = 0  # save a checkpoint and end the run after this step (0: run to num_steps)
 
     def __post_init__(self) -> None:
         if self.num_steps < 1:
             raise ValueError(f"num_steps: must be >= 1, got {self.num_steps}")
+        if self.stop_at_step < 0:
+            raise ValueError(f"stop_at_step: must be >= 0 (0: run to num_steps), got {self.stop_at_step}")
         if self.eval_every < 0:
             raise ValueError(f"eval_every: must be >= 0, got {self.eval_every}")
         if self.num_eval_samples < 0:

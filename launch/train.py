@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 
@@ -19,9 +20,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="optsel train", description="Train with online data selection.")
     parser.add_argument("config", help="run config YAML (see configs/)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. training.num_steps=10")
+    parser.add_argument("--resume", action="store_const", const="auto", default=None,
+                        help="resume from the newest complete checkpoint in checkpoint.dir, or start fresh if there "
+                             "is none (same as checkpoint.resume=auto)")
+    parser.add_argument("--resume-from", dest="resume", metavar="CHECKPOINT",
+                        help="resume from this checkpoint folder (same as checkpoint.resume=PATH)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the deepspeed launcher; the LOCAL_RANK env var is used instead")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,11 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     from optsel.launch.run_config import load_run_config
 
     try:
-        config = load_run_config(args.config, args.overrides)
+        overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+        config = load_run_config(args.config, overrides)
     except ConfigError as err:
         print(f"optsel: {err}", file=sys.stderr)
         return 2
     from optsel.pipeline.trainer import Trainer
+
+    from optsel.pipeline.checkpoint import CheckpointError
 
     trainer = None
     try:
@@ -47,7 +56,21 @@ def main(argv: list[str] | None = None) -> int:
         if distributed.info().is_main:
             print(json.dumps(summary, indent=2))
             print(f"outputs in {summary['run_dir']} (config.yaml, metrics.jsonl, selections.jsonl, summary.json, loss.png)")
+            if summary.get("stopped"):
+                print(f"optsel: stopped early ({summary['stopped']}) at step {summary['num_steps']} of "
+                      f"{summary['target_steps']}; continue with `optsel train --resume {args.config} ...`")
         return 0
+    except (CheckpointError, ConfigError) as err:
+        print(f"optsel: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        if distributed.is_peer_failure(err):
+            rank = distributed.info().rank
+            print(f"optsel: rank {rank}: lost contact with another rank during a collective ({type(err).__name__}: "
+                  f"{str(err).splitlines()[0][:300]}); a rank probably died or its node went away. Ending this rank; "
+                  f"restart the job with --resume to continue from the last checkpoint.", file=sys.stderr, flush=True)
+            os._exit(1)  # the process group is broken: skip teardown that could wait on the dead peer
+        raise
     finally:
         if trainer is not None:
             trainer.close()

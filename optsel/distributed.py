@@ -105,7 +105,8 @@ def is_distributed() -> bool:
 @dataclass
 class CommCounter:
     """Bytes handed to collectives (payload per rank: all-reduce/broadcast count the tensor once,
-    all-gather counts the gathered output), and the number of calls."""
+    all-gather counts the gathered output, padding included), and the number of calls. Every
+    collective a counted helper issues is counted, including ``all_gather_cat``'s size exchange."""
 
     bytes: int = 0
     calls: int = 0
@@ -152,13 +153,16 @@ def all_reduce_max(t: torch.Tensor, counter: CommCounter | None = None) -> torch
     return buf.to(t.device)
 
 
-def gather_sizes(n: int) -> list[int]:
-    """Every rank's local count ``n`` (e.g. pool size), in rank order."""
+def gather_sizes(n: int, counter: CommCounter | None = None) -> list[int]:
+    """Every rank's local count ``n`` (e.g. pool size), in rank order (one int64 per rank; counted
+    as an all-gather of 8 · R bytes when a counter is given)."""
     if not is_distributed():
         return [int(n)]
     local = torch.tensor([int(n)], dtype=torch.int64, device=_comm_device(torch.empty(0)))
     out = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(out, local)
+    if counter is not None:
+        counter.add("all_gather", sum(_nbytes(o) for o in out))
     return [int(x.item()) for x in out]
 
 
@@ -168,14 +172,14 @@ def all_gather_cat(t: torch.Tensor, counter: CommCounter | None = None) -> torch
     if not is_distributed():
         return t.clone()
     device = _comm_device(t)
-    sizes = gather_sizes(t.shape[0])
+    sizes = gather_sizes(t.shape[0], counter)  # the size exchange is a collective too: counted
     longest = max(sizes)
     buf = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=device)
     buf[: t.shape[0]] = t.detach().to(device)
     out = [torch.empty_like(buf) for _ in sizes]
     dist.all_gather(out, buf)
-    if counter is not None:
-        counter.add("all_gather", sum(sizes) * _nbytes(buf[:1]) if longest else 0)
+    if counter is not None:  # what the collective moves: every rank's buffer, padded to the longest
+        counter.add("all_gather", sum(_nbytes(o) for o in out))
     return torch.cat([o[:s] for o, s in zip(out, sizes)]).to(t.device)
 
 
@@ -201,3 +205,18 @@ def broadcast_object(obj, src: int = 0):
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+_PEER_FAILURE_HINTS = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out",
+                       "timeout", "nccl communicator was aborted", "connection refused", "socket closed")
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """Whether ``err`` is a collective that failed because another rank died or hung (gloo
+    "Connection closed by peer", NCCL abort, a collective timeout) rather than a bug in this rank."""
+    if not is_distributed():
+        return False
+    dist_errors = tuple(getattr(dist, name) for name in ("DistError", "DistBackendError", "DistNetworkError")
+                        if hasattr(dist, name))
+    text = str(err).lower()
+    return isinstance(err, dist_errors) or (isinstance(err, RuntimeError) and any(h in text for h in _PEER_FAILURE_HINTS))

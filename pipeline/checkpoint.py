@@ -1,21 +1,231 @@
-"""Checkpoint settings (where, how often, how many to keep)."""
+"""Checkpoints: where, how often, atomic writes, keep the last N, resume from the newest complete one.
+
+Layout of one checkpoint (``<dir>/step_00000040/``)::
+
+    engine/                 the engine's own format: DeepSpeed ``save_checkpoint`` (tag "engine",
+                            ZeRO-3 partitions per rank, client_state) or FSDP2 through
+                            ``torch.distributed.checkpoint`` (sharded .distcp files + engine_extra.pt)
+    trainer_rank00000.pt    per rank: step counters, torch RNG, StreamingDataLoader state, selector
+                            state (RNG, target cache, UDS buffer, counters)
+    meta.json               written last: step, world size, the config it was made with
+
+A save is written into ``step_N.partial/`` and renamed to ``step_N/`` by rank 0 only after every rank
+has finished and ``meta.json`` is on disk, so a crash mid-save leaves a ``.partial`` folder that is
+never picked (and is removed by the next save). The directory must be on a filesystem every rank
+sees (the usual shared filesystem of a cluster). Everything is read back with ``weights_only=True``
+(DeepSpeed's own files excepted: DeepSpeed loads them itself).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from optsel import distributed
+
+log = logging.getLogger("optsel.checkpoint")
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+#: config keys that may change between a checkpoint and the run that resumes from it
+RESUMABLE_CHANGES = ("run_name", "output_dir", "checkpoint.", "monitoring.", "training.progress_bar",
+                     "training.eval_every", "training.stop_at_step", "training.num_steps",
+                     "data.local", "data.remote", "data.cache_dir", "data.num_workers", "data.predownload",
+                     "data.download_timeout", "engine.collective_timeout_s")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, or was made by another config or world size."""
 
 
 @dataclass(kw_only=True)
 class CheckpointConfig:
-    """dir: checkpoint folder ("" = <run_dir>/checkpoints); every_steps: 0 disables periodic saves;
-    keep_last: newest complete checkpoints kept."""
+    """dir: checkpoint folder ("" = <run_dir>/checkpoints); every_steps: periodic saves (0: none; a
+    run that checkpoints also saves at its end); keep_last: newest complete checkpoints kept;
+    save_on_signals: signals (as SLURM preemption sends) that make every rank save at the next step
+    boundary and end the run; resume: "" (start fresh), "auto" (the newest complete checkpoint in
+    ``dir`` if there is one) or the path of one checkpoint folder."""
 
     dir: str = ""
     every_steps: int = 0
     keep_last: int = 2
+    save_on_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    resume: str = ""
 
     def __post_init__(self) -> None:
+        import signal
+
         if self.every_steps < 0:
             raise ValueError(f"every_steps: must be >= 0, got {self.every_steps}")
         if self.keep_last < 1:
             raise ValueError(f"keep_last: must be >= 1, got {self.keep_last}")
+        for name in self.save_on_signals:
+            if not isinstance(getattr(signal, str(name), None), signal.Signals):
+                raise ValueError(f"save_on_signals: {name!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
+            if name in ("SIGKILL", "SIGSTOP"):
+                raise ValueError(f"save_on_signals: {name} cannot be caught")
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a.b": leaf} for a nested dict (lists are leaves)."""
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: node}
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Keys (full paths) whose values differ and that a resume must not change."""
+    a, b = flatten(saved), flatten(current)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == allowed or (allowed.endswith(".") and key.startswith(allowed)) for allowed in RESUMABLE_CHANGES):
+            continue
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            diffs.append(f"{key}: checkpoint {a.get(key, '<absent>')!r}, this run {b.get(key, '<absent>')!r}")
+    return diffs
+
+
+def _step_of(path: Path) -> int | None:
+    match = STEP_DIR.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def is_complete(path: Path) -> bool:
+    return _step_of(path) is not None and (path / "meta.json").is_file()
+
+
+class CheckpointManager:
+    """Saves and finds checkpoints under ``root`` for one run (every rank makes one)."""
+
+    def __init__(self, config: CheckpointConfig, run_dir: Path):
+        self.config = config
+        self.root = Path(config.dir) if config.dir else Path(run_dir) / "checkpoints"
+        self.dist = distributed.info()
+
+    # -- finding ---------------------------------------------------------------------------------
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if p.is_dir() and is_complete(p)]
+        return sorted(found, key=lambda p: _step_of(p) or 0)
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1] if done else None
+
+    def to_resume(self) -> Path | None:
+        """The checkpoint that ``config.resume`` names (None: start fresh)."""
+        choice = self.config.resume
+        if not choice:
+            return None
+        if choice == "auto":
+            path = self.latest()
+            if path is None:
+                log.info("checkpoint.resume=auto: no complete checkpoint under %s; starting fresh", self.root)
+            return path
+        path = Path(choice)
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint.resume: {path} does not exist")
+        if not is_complete(path):
+            raise CheckpointError(f"checkpoint.resume: {path} is not a complete checkpoint (a step_NNNNNNNN "
+                                  f"folder with meta.json; an interrupted save leaves step_N.partial)")
+        return path
+
+    # -- saving ----------------------------------------------------------------------------------
+    def save(self, step: int, save_engine: Callable[[Path], None], rank_state: dict[str, Any],
+             meta: dict[str, Any]) -> tuple[Path, float]:
+        """Collective: every rank calls it. ``save_engine(dir)`` writes the engine's state into
+        ``dir``; ``rank_state`` is this rank's trainer state. Returns (final path, seconds)."""
+        start = time.perf_counter()
+        final = self.root / f"step_{step:08d}"
+        partial = self.root / f"step_{step:08d}.partial"
+        if self.dist.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir()
+        distributed.barrier()
+        save_engine(partial / "engine")
+        _atomic_torch_save(rank_state, partial / f"trainer_rank{self.dist.rank:05d}.pt")
+        distributed.barrier()
+        seconds = time.perf_counter() - start
+        if self.dist.is_main:
+            record = {**meta, "step": step, "world_size": self.dist.world_size, "save_seconds": seconds,
+                      "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            _atomic_write_text(partial / "meta.json", json.dumps(record, indent=2, default=str))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            _fsync_dir(self.root)
+            self._prune()
+        distributed.barrier()
+        return final, time.perf_counter() - start
+
+    def _prune(self) -> None:
+        """Keep the newest ``keep_last`` complete checkpoints; remove stale partial saves."""
+        for old in self.complete()[: -self.config.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+            log.info("removed old checkpoint %s", old)
+        for stale in self.root.glob("step_*.partial"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    # -- loading ---------------------------------------------------------------------------------
+    def check_compatible(self, path: Path, config: dict[str, Any], world_size: int) -> dict[str, Any]:
+        """meta.json of ``path``, after checking it was made by this config and world size."""
+        meta = json.loads((path / "meta.json").read_text())
+        if int(meta["world_size"]) != world_size:
+            raise CheckpointError(f"checkpoint.resume: {path} was saved by {meta['world_size']} ranks, this run has "
+                                  f"{world_size}; resume with the same number of ranks")
+        diffs = config_differences(meta.get("config", {}), config)
+        if diffs:
+            raise CheckpointError(f"checkpoint.resume: {path} was made with another config; these keys differ:\n  "
+                                  + "\n  ".join(diffs))
+        return meta
+
+    def load_rank_state(self, path: Path) -> dict[str, Any]:
+        file = path / f"trainer_rank{self.dist.rank:05d}.pt"
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint.resume: {file} is missing (was the checkpoint saved by this world size?)")
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated / corrupt file, or a pickled object weights_only refuses
+            raise CheckpointError(f"checkpoint.resume: {file} cannot be read ({type(err).__name__}: "
+                                  f"{str(err).splitlines()[0][:200]})") from err
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -57,6 +57,7 @@ class DataConfig:
     max_seq_len: int | None = None  # cut samples to this many tokens in collate (None: as prepared)
     download_timeout: float = 60.0  # seconds per shard
     clean_stale_shm: bool = True  # remove shared memory / file locks of crashed runs before starting
+    allow_pickle: bool = False  # shards with pickle-encoded columns (code runs on load) are refused unless true
 
     def __post_init__(self) -> None:
         if not self.local:
@@ -111,9 +112,36 @@ def _source(cfg: DataConfig, split: str) -> str:
     return os.path.join(base, split) if _is_local(base) else f"{base.rstrip('/')}/{split}"
 
 
+#: columns the trainer reads → accepted MDS encodings
+REQUIRED_COLUMNS = {"tokens": ("ndarray:int8", "ndarray:int16", "ndarray:int32", "ndarray:int64", "ndarray:uint8",
+                               "ndarray:uint16", "ndarray:uint32"),
+                    "prompt_len": ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "int"),
+                    "sample_id": ("int32", "int64", "uint32", "uint64", "int"),
+                    "kind_id": ("int8", "int16", "int32", "int64", "uint8", "uint16", "int")}
+PICKLE_ENCODINGS = ("pkl",)
+
+
+def check_columns(shard: dict[str, Any], index_path: Path, allow_pickle: bool = False) -> None:
+    """The shard's columns hold what the trainer reads, with numeric encodings; pickle-encoded
+    columns are refused unless ``allow_pickle`` (unpickling runs code from the file)."""
+    encodings = dict(zip(shard.get("column_names", []), shard.get("column_encodings", [])))
+    pickled = [name for name, enc in encodings.items() if enc in PICKLE_ENCODINGS]
+    if pickled and not allow_pickle:
+        raise ShardError(f"{index_path}: column(s) {pickled} are pickle-encoded; loading them can run code from the "
+                         f"file. Re-write the shards without pickle, or set data.allow_pickle=true if you trust them")
+    for name, allowed in REQUIRED_COLUMNS.items():
+        if name not in encodings:
+            raise ShardError(f"{index_path}: column '{name}' is missing (columns: {sorted(encodings)}); "
+                             f"write shards with `optsel prepare`")
+        if encodings[name] not in allowed:
+            raise ShardError(f"{index_path}: column '{name}' has encoding '{encodings[name]}', expected one of "
+                             f"{list(allowed)}")
+
+
 def verify_split(split_dir: str | Path, mode: Literal["hash", "size", "none"] = "hash",
-                 algo: str | None = None) -> int:
-    """Check that every shard listed in ``split_dir/index.json`` exists with its size (and hash).
+                 algo: str | None = None, allow_pickle: bool = False) -> int:
+    """Check that every shard listed in ``split_dir/index.json`` has the trainer's columns (no pickle
+    unless allowed) and exists with its size (and hash; mode "none" checks columns only).
 
     Returns the number of samples. Raises ShardError naming the missing/truncated/corrupt file.
     """
@@ -131,6 +159,7 @@ def verify_split(split_dir: str | Path, mode: Literal["hash", "size", "none"] = 
     total = 0
     for shard in index["shards"]:
         total += int(shard["samples"])
+        check_columns(shard, index_path, allow_pickle)
         if mode == "none":
             continue
         info = shard.get("zip_data") or shard["raw_data"]
@@ -225,17 +254,27 @@ def _dataset(cfg: DataConfig, split: str, rank_info: DistInfo, batch_size: int |
             from optsel.pipeline.shm_cleanup import clean_stale_streaming_state
 
             clean_stale_streaming_state()
+        # streaming's ranks each scan /dev/shm for the next free prefix before their first barrier:
+        # none may scan while the local leader is still removing stale files (they would disagree)
+        from optsel import distributed
+
+        distributed.barrier()
     source = _source(cfg, split)
     if _is_local(source):
-        verify_split(source, cfg.verify_shards, cfg.validate_hash)
+        verify_split(source, cfg.verify_shards, cfg.validate_hash, cfg.allow_pickle)
     local = cache_root(cfg) / split
     local.mkdir(parents=True, exist_ok=True)
     try:
-        return StreamingDataset(remote=source, local=str(local), batch_size=batch_size, shuffle=shuffle,
-                                shuffle_seed=cfg.shuffle_seed, shuffle_algo=cfg.shuffle_algo,
-                                shuffle_block_size=cfg.shuffle_block_size,
-                                num_canonical_nodes=cfg.num_canonical_nodes, predownload=cfg.predownload,
-                                validate_hash=cfg.validate_hash, download_timeout=cfg.download_timeout)
+        dataset = StreamingDataset(remote=source, local=str(local), batch_size=batch_size, shuffle=shuffle,
+                                   shuffle_seed=cfg.shuffle_seed, shuffle_algo=cfg.shuffle_algo,
+                                   shuffle_block_size=cfg.shuffle_block_size,
+                                   num_canonical_nodes=cfg.num_canonical_nodes, predownload=cfg.predownload,
+                                   validate_hash=cfg.validate_hash, download_timeout=cfg.download_timeout)
+        if not _is_local(source):  # remote: the index is known only now (local ones were checked above)
+            for reader in getattr(dataset, "shards", []):
+                check_columns({"column_names": reader.column_names, "column_encodings": reader.column_encodings},
+                              Path(source) / "index.json", cfg.allow_pickle)
+        return dataset
     except ValueError as err:
         if "Reused local directory" in str(err):
             raise RuntimeError(f"the streaming cache {local} is in use by another live job on this node; "
@@ -248,11 +287,12 @@ def collate(samples: Sequence[dict[str, Any]], pad_id: int, max_seq_len: int | N
     """Samples (MDS rows) → the batch of docs/architecture.md, right-padded to the longest sample.
 
     input_ids / attention_mask / labels: [n, T] int64 (labels -100 on prompt and padding, unshifted);
-    sample_id, kind_id: [n] int64. ``max_seq_len`` cuts longer samples.
+    sample_id, kind_id: [n] int64. ``max_seq_len`` cuts longer samples; truncated: [n] bool, which were cut.
     """
     if not samples:
         raise ValueError("collate: no samples")
-    tokens = [np.asarray(s["tokens"], dtype=np.int64)[:max_seq_len] for s in samples]
+    full = [np.asarray(s["tokens"], dtype=np.int64) for s in samples]
+    tokens = [t[:max_seq_len] for t in full]
     width = max(len(t) for t in tokens)
     n = len(samples)
     input_ids = torch.full((n, width), int(pad_id), dtype=torch.long)
@@ -267,7 +307,8 @@ def collate(samples: Sequence[dict[str, Any]], pad_id: int, max_seq_len: int | N
         labels[i, start:length] = row[start:]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
             "sample_id": torch.tensor([int(s["sample_id"]) for s in samples], dtype=torch.long),
-            "kind_id": torch.tensor([int(s["kind_id"]) for s in samples], dtype=torch.long)}
+            "kind_id": torch.tensor([int(s["kind_id"]) for s in samples], dtype=torch.long),
+            "truncated": torch.tensor([len(t) < len(f) for t, f in zip(tokens, full)], dtype=torch.bool)}
 
 
 def _pad_id(cfg: DataConfig) -> int:

@@ -7,9 +7,12 @@ average is Σ_i w_i g_i over the global selection) → optimizer step → metric
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
+import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,10 +20,11 @@ from typing import Any, Iterator
 import torch
 
 from optsel import __version__, distributed
-from optsel.launch.config_loader import ConfigError, dump_yaml
+from optsel.launch.config_loader import ConfigError, dump_yaml, redact, to_plain
 from optsel.launch.run_config import RunConfig, method_config
 from optsel.monitoring.sinks import MultiSink, build_sinks
 from optsel.pipeline import data as data_lib
+from optsel.pipeline.checkpoint import CheckpointError, CheckpointManager
 from optsel.pipeline.engines.base import Batch, build_engine
 from optsel.pipeline.evaluate import EvalResult, evaluate
 from optsel.pipeline.model import build_model
@@ -34,6 +38,34 @@ log = logging.getLogger("optsel.train")
 
 class NonFiniteLossError(RuntimeError):
     """Too many NaN/Inf steps (or nan_policy=raise)."""
+
+
+class StopSignals:
+    """Remembers the first of ``names`` (e.g. SIGTERM, SIGUSR1) that arrives; the trainer agrees on it
+    across ranks at the next step boundary, checkpoints and ends the run. Restores the previous
+    handlers on ``close``. Only the main thread can install handlers (elsewhere: a no-op)."""
+
+    def __init__(self, names: list[str]):
+        self.received: str | None = None
+        self._previous: dict[signal.Signals, object] = {}
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in names:
+            sig = getattr(signal, name)
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        del frame
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+            log.warning("received %s: will checkpoint and stop at the end of this step", self.received)
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous.clear()
 
 
 def subset(batch: Batch, rows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -89,17 +121,97 @@ class Trainer:
                      self.dist.world_size, config.selection.method, config.selection.pool_size,
                      config.selection.budget)
 
-        self.loader = data_lib.build_train_loader(config.data, self.per_rank_pool, self.dist)
+        self.max_seq_len = _effective_max_seq_len(config.data.max_seq_len, model)
+        self.loader = data_lib.build_train_loader(dataclasses.replace(config.data, max_seq_len=self.max_seq_len),
+                                                  self.per_rank_pool, self.dist)
+        self.truncated_samples = 0
         self.target, self.eval_batches = self._held_out_batches()
+
+        self.step = 0
+        self.skipped_steps = 0
+        self.samples_seen = 0
+        self.epoch = 0
+        self.initial_eval: EvalResult | None = None
+        self.checkpoint_seconds: dict[str, float] = {}
+        self.checkpoints = CheckpointManager(config.checkpoint, self.run_dir)
+        chosen, problem = (self._choose_start() if self.dist.is_main else ("", ""))
+        chosen, problem = distributed.broadcast_object((chosen, problem))  # one decision for all ranks
+        if problem:
+            raise CheckpointError(problem)
+        self.resumed_from = Path(chosen) if chosen else None
+        if self.resumed_from is not None:
+            self._resume(self.resumed_from)
         self.sinks = MultiSink(build_sinks(config.monitoring, run_dir=self.run_dir, rank=self.dist.rank,
                                            local_rank=self.dist.local_rank, world_size=self.dist.world_size,
                                            engine=config.engine.name, method=config.selection.method))
         self.sinks.log_info({"version": __version__, "engine": config.engine.name,
                              "method": config.selection.method, "world_size": str(self.dist.world_size)})
-        self.step = 0
-        self.skipped_steps = 0
-        self.samples_seen = 0
         self._selections_file = (self.run_dir / "selections.jsonl").open("a") if self.dist.is_main else None
+        self.signals = StopSignals(config.checkpoint.save_on_signals)
+        self._stop_requested = False
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _rank_state(self) -> dict[str, Any]:
+        return {"step": self.step, "skipped_steps": self.skipped_steps, "samples_seen": self.samples_seen,
+                "epoch": self.epoch, "loader": self.loader.state_dict(), "selector": self.selector.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "initial_eval": None if self.initial_eval is None else vars(self.initial_eval)}
+
+    def save_checkpoint(self, reason: str) -> Path:
+        """Collective: checkpoint the engine, the data position, the selector and the counters."""
+        meta = {"reason": reason, "engine": self.config.engine.name, "method": self.config.selection.method,
+                "optsel_version": __version__, "config": redact(to_plain(self.config))}
+        path, seconds = self.checkpoints.save(
+            self.step, lambda where: self.engine.save_checkpoint(where, {"step": self.step}), self._rank_state(), meta)
+        self.checkpoint_seconds["save"] = seconds
+        if self.dist.is_main:
+            log.info("checkpoint %s saved (%s) in %.2f s", path, reason, seconds)
+        return path
+
+    def _choose_start(self) -> tuple[str, str]:
+        """Rank 0: (checkpoint to resume or "", error message or ""). A fresh start clears the run's
+        logs; checkpoints of an earlier run in the default folder are removed, in a configured
+        ``checkpoint.dir`` they are an error (resume them or pick another folder)."""
+        try:
+            chosen = self.checkpoints.to_resume()
+        except CheckpointError as err:
+            return "", str(err)
+        if chosen is not None:
+            return str(chosen), ""
+        earlier = self.checkpoints.complete()
+        if earlier and self.config.checkpoint.dir:
+            return "", (f"checkpoint.dir: {self.checkpoints.root} holds checkpoints of an earlier run (newest "
+                        f"{earlier[-1].name}); continue it with --resume or choose another checkpoint.dir")
+        for old in earlier:
+            log.warning("starting fresh: removing checkpoint %s of an earlier run with this run_dir", old)
+            shutil.rmtree(old, ignore_errors=True)
+        for name in ("metrics.jsonl", "selections.jsonl"):
+            _truncate_jsonl(self.run_dir / name, -1)
+        return "", ""
+
+    def _resume(self, path: Path) -> None:
+        """Restore every stateful piece from checkpoint ``path`` (collective)."""
+        start = time.perf_counter()
+        self.checkpoints.check_compatible(path, redact(to_plain(self.config)), self.dist.world_size)
+        client = self.engine.load_checkpoint(path / "engine")
+        state = self.checkpoints.load_rank_state(path)
+        if int(client.get("step", state["step"])) != int(state["step"]):
+            raise CheckpointError(f"checkpoint.resume: {path}: the engine state is from step {client.get('step')} "
+                                  f"but the trainer state from step {state['step']}")
+        self.step, self.skipped_steps = int(state["step"]), int(state["skipped_steps"])
+        self.samples_seen, self.epoch = int(state["samples_seen"]), int(state["epoch"])
+        if state["loader"] is not None:
+            self.loader.load_state_dict(state["loader"])
+        self.selector.load_state_dict(state["selector"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("initial_eval"):
+            self.initial_eval = EvalResult(**state["initial_eval"])
+        if self.dist.is_main:  # drop log lines of steps after the checkpoint (a crashed run got further)
+            for name in ("metrics.jsonl", "selections.jsonl"):
+                _truncate_jsonl(self.run_dir / name, self.step)
+        self.checkpoint_seconds["load"] = time.perf_counter() - start
+        if self.dist.is_main:
+            log.info("resumed from %s at step %d in %.2f s", path, self.step, self.checkpoint_seconds["load"])
 
     # -- data -----------------------------------------------------------------------------------
     def _held_out_batches(self) -> tuple[Batch, list[Batch]]:
@@ -115,24 +227,26 @@ class Trainer:
         target_rows = list(range(sel.num_target_samples))[rank::world]
         eval_rows = list(range(sel.num_target_samples, needed))
         eval_rows = eval_rows[: len(eval_rows) // world * world][rank::world]  # same count on every rank
-        target = data_lib.collate([val[i] for i in target_rows], self.pad_id)
-        eval_batches = [data_lib.collate([val[i] for i in eval_rows[j:j + 32]], self.pad_id)
+        target = data_lib.collate([val[i] for i in target_rows], self.pad_id, self.max_seq_len)
+        eval_batches = [data_lib.collate([val[i] for i in eval_rows[j:j + 32]], self.pad_id, self.max_seq_len)
                         for j in range(0, len(eval_rows), 32)]
         return target, eval_batches
 
     def pools(self) -> Iterator[Batch]:
-        """Pools forever, epoch after epoch (every rank gets the same number per epoch)."""
-        epoch = 0
+        """Pools forever, epoch after epoch (every rank gets the same number per epoch). After a
+        resume the loader continues inside the saved epoch (possibly at its very end)."""
+        empty_in_a_row = 0
         while True:
             got = 0
             for pool in self.loader:
                 got += 1
                 yield pool
-            if got == 0:
+            empty_in_a_row = 0 if got else empty_in_a_row + 1
+            if empty_in_a_row > 1 or (got == 0 and self.resumed_from is None):
                 raise RuntimeError(f"the train split under {self.config.data.local} yields no full pool of "
                                    f"{self.per_rank_pool} samples per rank")
-            epoch += 1
-            log.info("starting epoch %d", epoch)
+            self.epoch += 1
+            log.info("starting epoch %d", self.epoch)
 
     # -- one step -------------------------------------------------------------------------------
     def train_step(self, pool: Batch, data_seconds: float) -> dict[str, float]:
@@ -153,19 +267,27 @@ class Trainer:
 
         weighted_loss = float((weights.double() * losses.double()).sum())
         local_tokens = float((batch["labels"][:, 1:] != -100).sum()) if selection.local_indices.numel() else 0.0
+        stop_flag = 1.0 if self.signals.received else 0.0  # rides on this all-reduce: every rank agrees
+        bad_grad = 0.0 if self.engine.local_grads_finite() else 1.0
         totals = distributed.all_reduce_sum(torch.tensor(
-            [weighted_loss, local_tokens, 0.0 if math.isfinite(weighted_loss) else 1.0], dtype=torch.float64))
-        loss, tokens, bad = float(totals[0]), float(totals[1]), totals[2] > 0
+            [weighted_loss, local_tokens, 0.0 if math.isfinite(weighted_loss) else 1.0, stop_flag, bad_grad],
+            dtype=torch.float64))
+        loss, tokens = float(totals[0]), float(totals[1])
+        bad_loss, bad_grads = bool(totals[2] > 0), bool(totals[4] > 0)
+        bad = bad_loss or bad_grads
+        self._stop_requested = bool(totals[3] > 0)
 
         t0 = time.perf_counter()
         grad_norm = float("nan")
         if bad:
             self.engine.skip_step()
             self.skipped_steps += 1
-            log.warning("step %d: non-finite loss; step skipped (%d so far)", self.step + 1, self.skipped_steps)
+            what = "loss" if bad_loss else "gradient (finite loss)"
+            log.warning("step %d: NaN/Inf %s; optimizer step skipped, weights unchanged (%d skipped so far)",
+                        self.step + 1, what, self.skipped_steps)
             if self.config.training.nan_policy == "raise" or \
                     self.skipped_steps > self.config.training.max_skipped_steps:
-                raise NonFiniteLossError(f"{self.skipped_steps} steps with NaN/Inf loss (training.max_skipped_steps="
+                raise NonFiniteLossError(f"{self.skipped_steps} steps with NaN/Inf loss or gradient (training.max_skipped_steps="
                                          f"{self.config.training.max_skipped_steps}, nan_policy="
                                          f"{self.config.training.nan_policy})")
         else:
@@ -173,6 +295,12 @@ class Trainer:
         optimizer_seconds = time.perf_counter() - t0
         step_seconds = data_seconds + (time.perf_counter() - start)
 
+        if "truncated" in pool and bool(pool["truncated"].any()):
+            if self.truncated_samples == 0:
+                log.warning("rank %d: samples longer than %d tokens are cut (data.max_seq_len / the model's "
+                            "max_position_embeddings); counted in data/truncated_samples", self.dist.rank,
+                            self.max_seq_len)
+            self.truncated_samples += int(pool["truncated"].sum())
         kind_ids = distributed.all_gather_cat(pool["kind_id"]) if "kind_id" in pool else None
         sample_ids = distributed.all_gather_cat(pool["sample_id"]) if "sample_id" in pool else None
         self.samples_seen += selection.pool_size
@@ -184,6 +312,7 @@ class Trainer:
             "train/pool_samples_per_second": selection.pool_size / step_seconds,
             "train/samples_seen": float(self.samples_seen),
             "train/skipped_steps": float(self.skipped_steps),
+            "data/truncated_samples": float(self.truncated_samples),
             "time/step_seconds": step_seconds, "time/phase/data": data_seconds,
             "time/phase/select": select_seconds, "time/phase/train": train_seconds,
             "time/phase/optimizer": optimizer_seconds,
@@ -203,18 +332,24 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
-        cfg = self.config.training
+        cfg, ckpt = self.config.training, self.config.checkpoint
         started = time.perf_counter()
-        initial = self.evaluate()
-        self.sinks.log({"eval/loss": initial.loss, "eval/exact_match": initial.exact_match}, step=0)
-        history: list[dict[str, float]] = []
+        if self.initial_eval is None:
+            self.initial_eval = self.evaluate()
+            self.sinks.log({"eval/loss": self.initial_eval.loss, "eval/exact_match": self.initial_eval.exact_match},
+                           step=0)
+        initial = self.initial_eval
+        history: list[dict[str, float]] = _logged_history(self.run_dir / "metrics.jsonl") \
+            if self.resumed_from is not None and self.dist.is_main else []
         bar = None
         if cfg.progress_bar and self.dist.is_main:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=cfg.num_steps, desc=f"train [{self.config.selection.method}]", unit="step")
+            bar = tqdm(total=cfg.num_steps, initial=self.step, desc=f"train [{self.config.selection.method}]",
+                       unit="step")
         pools = self.pools()
         final = initial
+        stopped = ""
         while self.step < cfg.num_steps:
             t0 = time.perf_counter()
             pool = next(pools)
@@ -224,23 +359,38 @@ class Trainer:
                 final = self.evaluate()
                 metrics.update({"eval/loss": final.loss, "eval/exact_match": final.exact_match})
             metrics["train/last_step_timestamp_seconds"] = time.time()
+            if self._stop_requested:
+                stopped = self.signals.received or "signal on another rank"
+            elif cfg.stop_at_step and self.step >= cfg.stop_at_step and self.step < cfg.num_steps:
+                stopped = f"training.stop_at_step={cfg.stop_at_step}"
+            periodic = ckpt.every_steps and self.step % ckpt.every_steps == 0
+            if stopped or periodic or (ckpt.every_steps and self.step == cfg.num_steps):
+                self.save_checkpoint(stopped or "periodic")
+                metrics["checkpoint/save_seconds"] = self.checkpoint_seconds["save"]
             self.sinks.log(metrics, step=self.step)
             history.append(metrics)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", eval=f"{final.loss:.3f}")
+            if stopped:
+                log.warning("stopping after step %d (%s); resume with `optsel train --resume ...`", self.step, stopped)
+                break
         if bar is not None:
             bar.close()
         summary = {
             "run_dir": str(self.run_dir), "engine": self.config.engine.name,
             "method": self.config.selection.method, "world_size": self.dist.world_size,
-            "num_steps": self.step, "pool_size": self.config.selection.pool_size,
+            "num_steps": self.step, "target_steps": cfg.num_steps, "stopped": stopped or None,
+            "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+            "checkpoint_seconds": dict(self.checkpoint_seconds),
+            "pool_size": self.config.selection.pool_size,
             "budget": self.config.selection.budget, "samples_seen": self.samples_seen,
             "skipped_steps": self.skipped_steps,
             "initial_eval_loss": initial.loss, "final_eval_loss": final.loss,
             "initial_exact_match": initial.exact_match, "final_exact_match": final.exact_match,
-            "first_train_loss": history[0]["train/loss"], "last_train_loss": history[-1]["train/loss"],
-            "mean_step_seconds": sum(h["time/step_seconds"] for h in history) / len(history),
+            "first_train_loss": history[0]["train/loss"] if history else float("nan"),
+            "last_train_loss": history[-1]["train/loss"] if history else float("nan"),
+            "mean_step_seconds": sum(h["time/step_seconds"] for h in history) / max(len(history), 1),
             "wall_seconds": time.perf_counter() - started,
         }
         if self.dist.is_main:
@@ -250,10 +400,39 @@ class Trainer:
         return summary
 
     def close(self) -> None:
+        self.signals.close()
         if self._selections_file is not None:
             self._selections_file.close()
         self.sinks.close()
         self.engine.close()
+
+
+def _effective_max_seq_len(configured: int | None, model: torch.nn.Module) -> int | None:
+    """data.max_seq_len, capped by the model's max_position_embeddings (longer is a config error:
+    positions past it are untrained or out of range)."""
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if configured is not None and max_pos is not None and configured > max_pos:
+        raise ConfigError("data.max_seq_len", f"{configured} exceeds the model's max_position_embeddings={max_pos}")
+    return configured if configured is not None else max_pos
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep the lines of ``path`` with ``step`` <= last_step (atomic rewrite)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+def _logged_history(path: Path) -> list[dict[str, float]]:
+    """Per-step metric records of steps before a resume, from metrics.jsonl (for the summary and plot)."""
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{k: (float("nan") if v is None else v) for k, v in r.items()} for r in records
+            if r.get("step", 0) >= 1 and "train/loss" in r]
 
 
 def _memory_metrics() -> dict[str, float]:

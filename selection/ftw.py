@@ -31,6 +31,7 @@ from optsel.selection.capture import Coverage, Factors, capture_factors, find_co
 from optsel.selection.filter import filter_candidates, utility
 from optsel.selection.preconditioner import (LayerBlock, LayerGeometry, OptimizerStateReader, default_coefficients,
                                              layer_geometry, make_state_reader)
+from optsel.selection.sketch_exchange import SketchTarget, momentum_sketch_partial, sketched_alignment
 from optsel.selection.solvers import select_weights
 from optsel.selection.target import TargetCache
 
@@ -45,7 +46,10 @@ class FTWConfig:
     optimizer) | "sgd" (P = I, no momentum). momentum_coef ρ / curvature τ: None = DESIGN §2's
     defaults from the optimizer's β1 and step, scaled by curvature_scale γ. w_max: optional cap on
     each weight (>= 1/budget). target_refresh: recompute g_V every this many selection steps.
-    sketch_dim_out/in: k_o, k_i of the sketch backend. capture_chunk_size: samples per
+    sketch_dim_out/in: k_o, k_i of the sketch backend. exchange: what crosses ranks — "factors" (the
+    candidates' and targets' (A, Δ), T·(d_in + d_out) floats per sample and layer: exact b) or
+    "sketches" (needs gram="sketch": only k_o·k_i floats per sample and layer; b is sketched too, with
+    P ≈ r cᵀ on the target gradient; see selection/sketch_exchange.py). capture_chunk_size: samples per
     forward/backward (None: whole pool). max_temp_elems: bound on temporaries of the Gram kernels
     and on T² for auto's ghost choice. compute_dtype: "auto" = float64 for float64 models else float32.
     """
@@ -67,6 +71,7 @@ class FTWConfig:
     capture_chunk_size: int | None = None
     max_temp_elems: int = 1 << 24
     compute_dtype: Literal["auto", "float32", "float64"] = "auto"
+    exchange: Literal["factors", "sketches"] = "factors"
 
     def __post_init__(self) -> None:
         def bad(field_name: str, message: str) -> ValueError:
@@ -79,7 +84,8 @@ class FTWConfig:
         if not 0.0 < self.filter_ratio <= 1.0:
             raise bad("filter_ratio", f"must be in (0, 1], got {self.filter_ratio}")
         choices = {"gram": gram_ops.BACKENDS, "geometry": ("adam", "sgd"), "solver": ("torch", "cvxpy"),
-                   "support": ("topk", "greedy"), "compute_dtype": ("auto", "float32", "float64")}
+                   "support": ("topk", "greedy"), "compute_dtype": ("auto", "float32", "float64"),
+                   "exchange": ("factors", "sketches")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise bad(name, f"must be one of {allowed}, got {getattr(self, name)!r}")
@@ -91,6 +97,9 @@ class FTWConfig:
             raise bad("curvature_scale", f"must be a finite number > 0, got {self.curvature_scale}")
         if self.w_max is not None and not (1.0 / self.budget - 1e-12 <= self.w_max <= 1.0):
             raise bad("w_max", f"must be in [1/budget, 1] = [{1.0 / self.budget:.4g}, 1], got {self.w_max}")
+        if self.exchange == "sketches" and self.gram != "sketch":
+            raise bad("exchange", f"'sketches' needs gram='sketch' (got gram={self.gram!r}): exact and ghost Grams "
+                                  f"need the candidates' factors on every rank")
         if self.target_refresh < 1:
             raise bad("target_refresh", f"must be >= 1, got {self.target_refresh}")
         for name in ("sketch_dim_out", "sketch_dim_in", "max_temp_elems"):
@@ -121,6 +130,7 @@ class FilterThenWeight(Selector):
         self.step = 0
         self.counters: dict[str, int] = {}
         self.comm = distributed.CommCounter()
+        self.sketch_target = SketchTarget(config.target_refresh)  # exchange="sketches": local target factors
         for layer in self.coverage.layers:  # fail at construction, naming the parameter
             try:
                 self.reader.read(layer.param)
@@ -149,6 +159,9 @@ class FilterThenWeight(Selector):
         geoms = [layer_geometry(self.reader, layer, dtype, use_momentum=cfg.geometry == "adam") for layer in layers]
         rho, tau, opt_step = self._coefficients(geoms)
 
+        if cfg.exchange == "sketches":
+            return self._select_exchanging_sketches(pool, target, local, geoms, rho, tau, opt_step, sizes, timings)
+
         refreshed = False
         with _timed(timings, "target"):
             if self.target_cache.due(self.step):
@@ -165,13 +178,13 @@ class FilterThenWeight(Selector):
             factors_rc = [gram_ops.rank_one_factors(g.blocks or [_empty_block(dtype, self._device())],
                                                      layer.d_out, layer.d_in, not self.reader.replicated, self.comm)
                           if backends[i] != "exact" else None for i, (layer, g) in enumerate(zip(layers, geoms))]
-            sketches = self._sketches(local, dtype, backends, factors_rc)
+            sketches = self._sketches(local, dtype, backends, factors_rc, self._projections(backends, dtype))
 
         with _timed(timings, "alignment"):
             partial_b = torch.zeros(n_global, dtype=torch.float64, device=self._device())
             for i, g in enumerate(geoms):
                 for blk, gv in zip(g.blocks, self.target_cache.blocks[i]):
-                    M = target_direction(blk.precond, gv.to(dtype), blk.momentum, rho)
+                    M = target_direction(blk.precond, gv.to(self._device(), dtype), blk.momentum, rho)
                     partial_b += alignment_partial(pool_f.A[i], pool_f.D[i], M, blk.rows, blk.cols).double()
 
         with _timed(timings, "gram"):
@@ -189,6 +202,64 @@ class FilterThenWeight(Selector):
             reduced = self._sum_blocks(torch.stack([partial_b, partial_diag]))
             alignment, diag = reduced[0], reduced[1] + shared_diag
 
+        return self._finish(alignment, diag, tau, rho, opt_step, sizes, geoms, backends, timings, fallbacks,
+                            lambda filtered: self._filtered_gram(pool_f, geoms, backends, factors_rc, sketches, filtered),
+                            refreshed, tokens=pool_f.tokens, seq_len=T)
+
+    def _select_exchanging_sketches(self, pool: Batch, target: Batch | None, local: Factors,
+                                    geoms: list[LayerGeometry], rho: float, tau: float, opt_step: int,
+                                    sizes: list[int], timings: dict[str, float]) -> Selection:
+        """exchange="sketches" (selection/sketch_exchange.py): no factor crosses ranks."""
+        del pool
+        cfg, layers = self.config, self.coverage.layers
+        dtype, device = self._dtype(local), self._device()
+        refreshed = False
+        with _timed(timings, "target"):
+            if self.sketch_target.due(self.step):
+                if target is None:
+                    raise ValueError("target: FilterThenWeight needs a target batch (input_ids, attention_mask, labels)")
+                tf = capture_factors(self.model, target, layers, cfg.capture_chunk_size)
+                count = distributed.all_reduce_sum(torch.tensor([float(tf.num_samples)], dtype=torch.float64), self.comm)
+                self.sketch_target.update(tf, dtype, int(count[0]), self.step)
+                refreshed = True
+
+        with _timed(timings, "gather"):
+            backends = ["sketch"] * len(layers)
+            factors_rc = [gram_ops.rank_one_factors(g.blocks or [_empty_block(dtype, device)], layer.d_out, layer.d_in,
+                                                     not self.reader.replicated, self.comm)
+                          for layer, g in zip(layers, geoms)]
+            projections = self._projections(backends, dtype)
+            sketches = self._sketches(local, dtype, backends, factors_rc, projections)
+            tokens = distributed.all_gather_cat(local.tokens, self.comm) if distributed.is_distributed() else local.tokens
+
+        with _timed(timings, "alignment"):
+            owns_moments = not self.reader.replicated or distributed.info().rank == 0  # replicated: count once
+            parts = []
+            for i, g in enumerate(geoms):
+                r, c = factors_rc[i]
+                po, pi = projections[i]
+                target_sum = self.sketch_target.sketch_sum(i, r, c, po, pi)
+                momentum = momentum_sketch_partial(g.blocks, r, c, po, pi) if rho and owns_moments \
+                    else torch.zeros_like(target_sum)
+                parts.append(torch.stack([target_sum, momentum]))
+            packed = torch.stack(parts)  # [L, 2, k_o, k_i]
+            if distributed.is_distributed():
+                packed = distributed.all_reduce_sum(packed, self.comm)
+            directions = packed[:, 0] / max(self.sketch_target.count, 1) - rho * packed[:, 1]
+            alignment = sketched_alignment(sketches, directions)
+
+        with _timed(timings, "gram"):
+            diag = sum(S.reshape(S.shape[0], -1).square().sum(1).double() for S in sketches)
+
+        return self._finish(alignment, diag, tau, rho, opt_step, sizes, geoms, backends, timings, {},
+                            lambda filtered: self._filtered_gram(None, geoms, backends, factors_rc, sketches, filtered),
+                            refreshed, tokens=tokens, seq_len=int(local.A[0].shape[1]) if local.A else 1)
+
+    def _finish(self, alignment, diag, tau, rho, opt_step, sizes, geoms, backends, timings, fallbacks,
+                gram_of, refreshed, tokens, seq_len) -> Selection:
+        """Filter on u, Gram of the survivors (``gram_of(filtered)``), QP, agreement, bookkeeping."""
+        cfg, layers = self.config, self.coverage.layers
+        n_global = sum(sizes)
         with _timed(timings, "filter"):
             u = utility(alignment, diag, tau)
             m = cfg.num_filtered(n_global)
@@ -198,7 +269,7 @@ class FilterThenWeight(Selector):
             filtered = filt.filtered
 
         with _timed(timings, "gram"):
-            K = self._filtered_gram(pool_f, geoms, backends, factors_rc, sketches, filtered)
+            K = gram_of(filtered)
 
         with _timed(timings, "solve"):
             result = select_weights(alignment[filtered], K, u[filtered], tau, min(cfg.budget, n_global),
@@ -225,9 +296,10 @@ class FilterThenWeight(Selector):
             "gram_backends": {layer.name: be for layer, be in zip(layers, backends)},
             "excluded": dict(self.coverage.excluded),
             "target_refreshed": refreshed,
-            "empty_samples": int((pool_f.tokens == 0).sum()),
+            "empty_samples": int((tokens == 0).sum()),
             "comm_bytes": self.comm.bytes,
-            "seq_len": T,
+            "seq_len": seq_len,
+            "exchange": cfg.exchange,
         }
         return Selection(indices=indices, weights=weights, local_indices=local_idx, local_weights=local_w,
                          pool_size=n_global, alignment=alignment.cpu(), utility=u.cpu(), filtered=filtered.cpu(),
@@ -235,13 +307,14 @@ class FilterThenWeight(Selector):
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "counters": dict(self.counters), "generator": self.generator.get_state(),
-                "target": self.target_cache.state_dict()}
+                "target": self.target_cache.state_dict(), "sketch_target": self.sketch_target.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.step = int(state["step"])
         self.counters = dict(state.get("counters", {}))
         self.generator.set_state(state["generator"])
         self.target_cache.load_state_dict(dict(state.get("target", {})))
+        self.sketch_target.load_state_dict(dict(state.get("sketch_target", {})))
 
     # ------------------------------------------------------------------ helpers
     def _device(self) -> torch.device:
@@ -306,18 +379,24 @@ class FilterThenWeight(Selector):
         keep = packed[0] >= 0
         return packed[0, keep].to(torch.int64), packed[1, keep]
 
-    def _sketches(self, local: Factors, dtype: torch.dtype, backends: list[str],
-                  factors_rc: list) -> list[torch.Tensor | None]:
-        """Per sketch layer: the local candidates' sketches [n, k_o, k_i], all-gathered."""
+    def _projections(self, backends: list[str], dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """This step's (Π_o, Π_i) per sketch layer (one seed per step from the selector's RNG: the
+        same on every rank)."""
         step_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        return [gram_ops.sketch_projections(layer.d_out, layer.d_in, self.config.sketch_dim_out,
+                                            self.config.sketch_dim_in, step_seed + i, dtype, self._device())
+                if backends[i] == "sketch" else None for i, layer in enumerate(self.coverage.layers)]
+
+    def _sketches(self, local: Factors, dtype: torch.dtype, backends: list[str], factors_rc: list,
+                  projections: list) -> list[torch.Tensor | None]:
+        """Per sketch layer: the local candidates' sketches [n, k_o, k_i], all-gathered."""
         out: list[torch.Tensor | None] = []
         for i, layer in enumerate(self.coverage.layers):
             if backends[i] != "sketch":
                 out.append(None)
                 continue
             r, c = factors_rc[i]
-            po, pi = gram_ops.sketch_projections(layer.d_out, layer.d_in, self.config.sketch_dim_out,
-                                                 self.config.sketch_dim_in, step_seed + i, dtype, r.device)
+            po, pi = projections[i]
             S = gram_ops.sketch(local.A[i].to(dtype), local.D[i].to(dtype), r, c, po, pi)
             out.append(distributed.all_gather_cat(S, self.comm) if distributed.is_distributed() else S)
         return out
@@ -338,7 +417,7 @@ class FilterThenWeight(Selector):
             else:
                 r, c = factors_rc[i]
                 shared += gram_ops.ghost_gram(A, D, r, c, self.config.max_temp_elems).double()
-        K = self._sum_blocks(partial) + shared
+        K = (self._sum_blocks(partial) if any(b != "sketch" for b in backends) else partial) + shared
         return 0.5 * (K + K.T)
 
 

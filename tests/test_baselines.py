@@ -164,6 +164,7 @@ def test_ftw_ablations(trained):
 @pytest.mark.parametrize("name,options,field", [
     ("ftw_sgd", dict(geometry="adam"), "geometry"), ("ftw_filter_only", dict(filter_size=8), "filter_size"),
     ("ftw_weight_only", dict(filter_ratio=0.5), "filter_ratio"),
+    ("ftw_sketch_exchange", dict(gram="exact"), "exchange"), ("ftw_sketch_exchange", dict(exchange="factors"), "exchange"),
 ])
 def test_ablation_rejects_conflicting_options(name, options, field):
     with pytest.raises(ValueError, match=f"^{field}: "):

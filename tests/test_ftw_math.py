@@ -174,3 +174,29 @@ def test_sketch_error_shrinks_with_sketch_size(llama_state):
     assert errs[2] < errs[1] < errs[0]
     assert errs[2] < 0.15
     assert ranks[2] > 0.8 and ranks[2] >= ranks[0] - 0.05
+
+
+def test_sketch_exchange_alignment_tracks_exact_and_is_unbiased_when_p_is_rank_one(llama_state):
+    """exchange="sketches" sketches b too: with P = I (geometry sgd, rank one, no momentum) the sketched
+    b is an unbiased estimate of ⟨g_i, g_V⟩; under Adam it tracks the exact b better as the sketch grows
+    (its remaining error is P ≈ r cᵀ on the target term)."""
+    model, opt, _, target = llama_state
+    pool = make_batch(16, 9, seed=21)
+
+    def run(geometry: str, dim: int | None, seed: int = 0):
+        cfg = FTWConfig(budget=2, filter_size=16, geometry=geometry, compute_dtype="float64",
+                        **({"gram": "exact"} if dim is None else
+                           {"gram": "sketch", "exchange": "sketches", "sketch_dim_out": dim, "sketch_dim_in": dim}))
+        return FilterThenWeight(model, opt, cfg, seed=seed).select(pool, target)
+
+    exact_sgd = run("sgd", None).alignment
+    draws = torch.stack([run("sgd", 8, seed).alignment for seed in range(160)])
+    err_1, err_10, err_160 = (_rel(draws[:n].mean(0), exact_sgd) for n in (1, 10, 160))
+    print(f"sketched b (P = I, 8x8 sketch) vs exact: one draw {err_1:.3f}, mean of 10 {err_10:.3f}, of 160 {err_160:.3f}")
+    assert err_160 < err_10 < err_1 and err_160 < 0.25 * err_1  # unbiased: the mean converges (~1/sqrt(n))
+
+    exact = run("adam", None).alignment
+    errs = [sum(_rel(run("adam", dim, seed).alignment, exact) for seed in range(3)) / 3 for dim in (4, 16, 64)]
+    ranks = [sum(spearman(run("adam", dim, seed).alignment, exact) for seed in range(3)) / 3 for dim in (4, 64)]
+    print(f"sketched b vs exact (adam), dims 4/16/64: rel err {errs}; Spearman 4/64 {ranks}")
+    assert errs[2] < errs[1] < errs[0] and ranks[1] > ranks[0] + 0.2 and ranks[1] > 0.4

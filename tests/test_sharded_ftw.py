@@ -31,7 +31,7 @@ from optsel.selection.sharded_state import flat_range_blocks
 ZERO3_JSON = Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "zero3.json"
 BETAS, EPS, TRAIN_STEPS = (0.9, 0.95), 1e-8, 2
 N_POOL, N_TARGET, N_TRAIN = 12, 4, 8
-BACKENDS = ("exact", "ghost", "sketch")
+BACKENDS = ("exact", "ghost", "sketch", "sketch+exchange")  # last: gram=sketch, exchange="sketches"
 FIELDS = ("alignment", "utility", "gram", "filtered", "indices", "weights")
 
 
@@ -48,7 +48,9 @@ def tiny_model() -> torch.nn.Module:
 
 
 def ftw_config(gram: str) -> FTWConfig:
-    return FTWConfig(budget=4, filter_size=8, gram=gram, compute_dtype="float64", sketch_dim_out=6, sketch_dim_in=6)
+    exchange = "sketches" if gram.endswith("+exchange") else "factors"
+    return FTWConfig(budget=4, filter_size=8, gram=gram.removesuffix("+exchange"), compute_dtype="float64",
+                     sketch_dim_out=6, sketch_dim_in=6, exchange=exchange)
 
 
 def half(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
@@ -273,6 +275,11 @@ def _check(results: list[dict], engine_name: str) -> None:
             counted = wire["all_reduce"] + wire["broadcast"] + wire["all_gather"]
             assert counted > 0 and r["after"][gram]["comm_bytes"] >= counted, (gram, wire, r["after"][gram])
             assert r["after"][gram]["comm_bytes"] <= counted + wire["size_exchange"], (gram, wire)
+
+    # exchanging sketches only: a fraction of the factor exchange's bytes (here T·(d_in + d_out) = 8·(27 + 24) per
+    # sample and layer for q_proj vs k_o·k_i = 36)
+    light, heavy = r0["after"]["sketch+exchange"]["comm_bytes"], r0["after"]["sketch"]["comm_bytes"]
+    assert light < 0.25 * heavy, (light, heavy)
 
     # no rank ever held more than its share of a moment; the two ranks' blocks tile every weight once
     per_rank: list[dict[str, list]] = []

@@ -48,9 +48,11 @@ def test_collate_masks_prompt_and_padding():
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, -100, -100, 8, 2], [-100, 10, 2, -100, -100]]
     assert batch["sample_id"].tolist() == [11, 12] and batch["kind_id"].tolist() == [0, 3]
-    assert all(v.dtype == torch.int64 for v in batch.values())
+    assert all(v.dtype == torch.int64 for k, v in batch.items() if k != "truncated")
+    assert batch["truncated"].tolist() == [False, False]
     cut = collate(samples, pad_id=0, max_seq_len=4)
     assert cut["input_ids"].shape == (2, 4) and cut["labels"][0].tolist() == [-100, -100, -100, 8]
+    assert cut["truncated"].tolist() == [True, False]
 
 
 def test_train_loader_pools_epochs_and_val(dataset_dir, tmp_path):

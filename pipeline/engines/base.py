@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
 
 import torch
@@ -90,6 +91,11 @@ class Engine(abc.ABC):
     def lr(self) -> float:
         """Current learning rate."""
 
+    @abc.abstractmethod
+    def local_grads_finite(self) -> bool:
+        """Whether this rank's (shard of the) accumulated gradient is free of NaN/Inf (no collective;
+        the trainer combines the ranks' answers in its per-step all-reduce)."""
+
     @property
     def unwrapped_model(self) -> nn.Module:
         """The Hugging Face / peft model inside ``module`` (for hooks, e.g. FTW's factor capture):
@@ -105,8 +111,14 @@ class Engine(abc.ABC):
         (drop any gradient it may have left; sharded engines re-shard parameters)."""
         self.skip_step()
 
-    def state_dict(self) -> dict[str, Any]:
-        return {}
+    @abc.abstractmethod
+    def save_checkpoint(self, path: Path, client_state: dict[str, Any]) -> None:
+        """Collective: write model, optimizer and LR-schedule state (sharded as it lives) into the
+        new folder ``path``, with ``client_state`` (small, JSON-like) beside it."""
+
+    @abc.abstractmethod
+    def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        """Collective: restore what :meth:`save_checkpoint` wrote; returns its ``client_state``."""
 
     def close(self) -> None:
         pass

@@ -195,6 +195,41 @@ class DeepSpeedEngine(Engine):
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
 
+    @torch.no_grad()
+    def local_grads_finite(self) -> bool:
+        """ZeRO-3 keeps this rank's reduced gradient partition in one flat buffer (DeepSpeed only
+        checks it itself under fp16 loss scaling)."""
+        flat = getattr(self.optimizer, "grad_partitions_flat_buffer", None)
+        if flat is None:
+            if not getattr(self, "_warned_no_flat_grads", False):
+                log.warning("DeepSpeed optimizer has no grad_partitions_flat_buffer (offload?): "
+                            "non-finite gradients are not detected before the step")
+                self._warned_no_flat_grads = True
+            return True
+        return bool(torch.isfinite(flat).all())
+
+    def save_checkpoint(self, path: Path, client_state: dict[str, Any]) -> None:
+        """DeepSpeed's own format under ``path`` (its tag folder): ZeRO-3 model/optimizer partitions
+        per rank, the LR scheduler, ``client_state``."""
+        ok = self.module.save_checkpoint(str(path.parent), tag=path.name, client_state={"optsel": client_state},
+                                         save_latest=False)
+        if ok is False:
+            raise RuntimeError(f"DeepSpeed save_checkpoint into {path} failed")
+
+    def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        from optsel.pipeline.checkpoint import CheckpointError
+
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint.resume: {path} is missing")
+        try:
+            loaded, client = self.module.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                                         load_lr_scheduler_states=True)
+        except (FileNotFoundError, RuntimeError, KeyError, ValueError) as err:
+            raise CheckpointError(f"checkpoint.resume: DeepSpeed could not load {path}: {err}") from err
+        if loaded is None:
+            raise CheckpointError(f"checkpoint.resume: DeepSpeed found no checkpoint in {path}")
+        return dict((client or {}).get("optsel", {}))
+
     def close(self) -> None:
         destroy = getattr(self.module, "destroy", None)
         if callable(destroy):

@@ -8,6 +8,8 @@ the precision resolves to bf16; fp32 master weights always.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -134,3 +136,43 @@ class FSDP2Engine(Engine):
 
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
+
+    @torch.no_grad()
+    def local_grads_finite(self) -> bool:
+        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in self.params if p.grad is not None]
+        return all(bool(torch.isfinite(g).all()) for g in grads)
+
+    def _dcp_state(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)  # sharded (DTensor) state dicts
+        return {"model": model_sd, "optim": optim_sd}
+
+    def save_checkpoint(self, path: Path, client_state: dict[str, Any]) -> None:
+        """``torch.distributed.checkpoint`` of the sharded model and AdamW state (each rank writes its
+        shards), plus ``engine_extra.pt`` (LR scheduler, client_state) from rank 0."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._dcp_state(), checkpoint_id=str(path))
+        if distributed.info().is_main:
+            torch.save({"scheduler": self.scheduler.state_dict(), "client_state": client_state},
+                       path / "engine_extra.pt")
+
+    def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        from optsel.pipeline.checkpoint import CheckpointError
+
+        extra_file = path / "engine_extra.pt"
+        if not extra_file.is_file():
+            raise CheckpointError(f"checkpoint.resume: {extra_file} is missing (not an fsdp2 checkpoint?)")
+        state = self._dcp_state()  # initializes the optimizer state so DCP can load into it in place
+        try:
+            dcp.load(state, checkpoint_id=str(path))
+        except Exception as err:  # DCP raises CheckpointException wrapping per-rank errors
+            raise CheckpointError(f"checkpoint.resume: torch.distributed.checkpoint could not load {path}: {err}") from err
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        extra = torch.load(extra_file, map_location="cpu", weights_only=True)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        return dict(extra.get("client_state", {}))

@@ -9,6 +9,10 @@
   filter_ratio = 1. Deviation: FTW's filter still drops candidates with u ≤ 0 (they only enter when
   fewer than k are positive); a true "no filter" needs an FTWConfig switch (see benchmarks/README.md).
 
+- ``ftw_sketch_exchange``: gram "sketch" with exchange "sketches" — only sketches cross ranks, b is
+  sketched too (what the communication-light mode costs in selection quality; it runs the same way
+  on one process).
+
 Each takes FTWConfig's options (``selection.options.<name>``), except the field its ablation fixes.
 """
 
@@ -56,6 +60,18 @@ class FTWWeightOnlyConfig(FTWConfig):
                              f"filter_ratio={self.filter_ratio}, filter_size={self.filter_size}")
 
 
+@dataclass(kw_only=True)
+class FTWSketchExchangeConfig(FTWConfig):
+    gram: Literal["exact", "ghost", "sketch", "auto"] = "sketch"
+    exchange: Literal["factors", "sketches"] = "sketches"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.gram != "sketch" or self.exchange != "sketches":
+            raise ValueError(f"exchange: ftw_sketch_exchange fixes gram='sketch', exchange='sketches', got "
+                             f"gram={self.gram!r}, exchange={self.exchange!r}")
+
+
 class FTWFilterOnly(FilterThenWeight):
     """FTW's filter with uniform weights on its k survivors (module docstring)."""
 
@@ -96,3 +112,4 @@ def _build(config_class: type, selector_class: type, name: str):
 build_ftw_sgd = _build(FTWSGDConfig, FilterThenWeight, "ftw_sgd")
 build_ftw_filter_only = _build(FTWFilterOnlyConfig, FTWFilterOnly, "ftw_filter_only")
 build_ftw_weight_only = _build(FTWWeightOnlyConfig, FilterThenWeight, "ftw_weight_only")
+build_ftw_sketch_exchange = _build(FTWSketchExchangeConfig, FilterThenWeight, "ftw_sketch_exchange")

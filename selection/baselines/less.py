@@ -81,7 +81,7 @@ class Less(Selector):
             b = torch.zeros(sum(sizes), dtype=torch.float64, device=layers[0].param.device)
             for i, g in enumerate(geoms):
                 for blk, gv in zip(g.blocks, self.target_cache.blocks[i]):
-                    M = target_direction(blk.precond, gv.to(dtype), None, 0.0)
+                    M = target_direction(blk.precond, gv.to(layers[0].param.device, dtype), None, 0.0)
                     b += alignment_partial(pool_f.A[i], pool_f.D[i], M, blk.rows, blk.cols).double()
             if not self.reader.replicated:
                 b = distributed.all_reduce_sum(b, self.comm)
