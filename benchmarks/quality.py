@@ -49,9 +49,11 @@ def run_method(method: str, seed: int, base: Path, data: Path, work: Path, scale
     curve = {int(r["step"]): r["eval/loss"] for r in rows if r.get("eval/loss") is not None}
     em = {int(r["step"]): r["eval/exact_match"] for r in rows if r.get("eval/exact_match") is not None}
     precision = [r.get("select/precision/target", 0.0) or 0.0 for r in rows if "train/loss" in r]
+    selected = [r.get("select/selected", 0.0) or 0.0 for r in rows if "train/loss" in r]
     return {"method": method, "seed": seed, "final_eval_loss": summary["final_eval_loss"],
             "final_exact_match": summary["final_exact_match"], "curve": curve, "exact_match_curve": em,
             "precision_target": sum(precision) / max(len(precision), 1),
+            "selected_mean": sum(selected) / max(len(selected), 1),
             "mean_step_seconds": summary["mean_step_seconds"], "wall_seconds": time.perf_counter() - start}
 
 
@@ -95,16 +97,20 @@ def write_outputs(runs: list[dict], agg: dict[str, dict], out: Path, scale: Scal
     (out / "summary.json").write_text(json.dumps({"settings": scale.__dict__, "meta": meta, "methods": agg,
                                                    "runs": runs}, indent=2, default=str))
     lines = [f"# Quality benchmark ({meta['mode']})", "",
+             f"Command: `{meta.get('command', 'python -m benchmarks.quality')}` — {meta.get('date', '')}, "
+             f"{meta.get('wall_seconds', 0) / 60:.1f} min wall on 2 CPU cores (shared).", "",
              f"N = {scale.pool} candidates/step, k = {scale.budget} (full: all N), {scale.steps} steps, "
              f"seeds {list(scale.seeds)}; base model pre-trained {scale.pretrain_steps} steps on distractors only.",
              "Mean ± std over seeds. Precision: share of the step's weight on clean target samples.", "",
-             "| method | final target val loss | final exact match | steps to random's final loss | precision (target) | s/step |",
-             "|---|---|---|---|---|---|"]
+             "Selected: mean number of samples with non-zero weight per step (budget k).", "",
+             "| method | final target val loss | final exact match | steps to random's final loss | precision (target) | selected | s/step |",
+             "|---|---|---|---|---|---|---|"]
     for method, a in agg.items():
         fl, em, pr, st = a["final_eval_loss"], a["final_exact_match"], a["precision_target"], a["mean_step_seconds"]
         lines.append(f"| {method} | {fl[0]:.4f} ± {fl[1]:.4f} | {em[0]:.3f} ± {em[1]:.3f} | "
                      f"{a.get('steps_to_random_final') if a.get('steps_to_random_final') is not None else '—'} | "
-                     f"{pr[0]:.3f} ± {pr[1]:.3f} | {st[0]:.3f} |")
+                     f"{pr[0]:.3f} ± {pr[1]:.3f} | {meta.get('selected_per_step', {}).get(method, float('nan')):.1f} | "
+                     f"{st[0]:.3f} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     plot(agg, out)
 
@@ -165,7 +171,9 @@ def main(argv: list[str] | None = None) -> dict:
             runs.append(r)
     agg = aggregate(runs, methods)
     meta = {"mode": "quick" if args.quick else "default", "wall_seconds": time.perf_counter() - started,
-            "work_dir": str(work)}
+            "work_dir": str(work), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "command": "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "selected_per_step": {m: mean_std([r["selected_mean"] for r in runs if r["method"] == m])[0] for m in methods}}
     write_outputs(runs, agg, out, scale, meta)
     print((out / "summary.md").read_text())
     return agg

@@ -182,7 +182,10 @@ def write(results: dict, out: Path) -> None:
     (out / "speed.json").write_text(json.dumps(results, indent=2))
     st = results["steps"]
     phases = sorted({p for r in st.values() for p in r.get("phases_s", {})})
-    lines = [f"# Speed benchmark ({results['meta']['mode']}, {results['meta']['device_name']})", "",
+    meta = results["meta"]
+    lines = [f"# Speed benchmark ({meta['mode']}, {meta['device_name']})", "",
+             f"Command: `{meta.get('command', 'python -m benchmarks.speed')}` — {meta.get('date', '')}; torch "
+             f"{meta.get('torch', '')}, {meta.get('threads', '?')} threads.", "",
              f"N = {results['meta']['N']}, k = {results['meta']['k']}, T = {results['meta']['T']}; "
              f"mean over {results['meta']['repeats']} steps after one warm-up. Times in ms; ratio = step / plain step over all N.", "",
              "| method | step | ratio | select | train | " + " | ".join(phases) + " | peak mem (MiB) |",
@@ -192,8 +195,8 @@ def write(results: dict, out: Path) -> None:
         lines.append(f"| {name} | {r['step_s'] * 1e3:.1f} | {r.get('ratio_to_plain', 1.0):.2f} | "
                      f"{r.get('select_s', 0.0) * 1e3:.1f} | {r.get('train_s', r['step_s']) * 1e3:.1f} | {ph} | "
                      f"{r['peak_memory_bytes'] / 2**20:.0f} |")
-    sw = results["seq_sweep"]
-    Ts = sorted({int(t) for res in sw.values() for t in res})
+    sw = {gram: {int(t): v for t, v in res.items()} for gram, res in results["seq_sweep"].items()}  # JSON: str keys
+    Ts = sorted({t for res in sw.values() for t in res})
     lines += ["", f"FTW select time (s) vs sequence length T (N = {results['meta']['sweep_N']}, "
                   f"k = {results['meta']['sweep_k']}); '—': skipped after exceeding the time cap.", "",
               "| backend | " + " | ".join(str(t) for t in Ts) + " |", "|---|" + "---|" * len(Ts)]
@@ -216,7 +219,9 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"meta": {"mode": "quick" if args.quick else "default", "device": str(device),
                         "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
                         "threads": torch.get_num_threads(), "N": n, "T": T, "k": k, "repeats": repeats,
-                        "sweep_N": sweep_n, "sweep_k": max(2, sweep_n // 4), "torch": torch.__version__}}
+                        "sweep_N": sweep_n, "sweep_k": max(2, sweep_n // 4), "torch": torch.__version__,
+                        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                        "command": "python -m benchmarks.speed " + " ".join(argv if argv is not None else sys.argv[1:])}}
     results["steps"] = step_table(device, n, T, k, repeats)
     results["seq_sweep"] = seq_sweep(device, sweep_n, max(2, sweep_n // 4), lengths, 1, cap)
     out = Path(args.out or ("results/speed_quick" if args.quick else "results/speed"))

@@ -30,11 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"prepare": _prepare, "train": None, "launch": None, "bench": None}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: optsel {prepare,train,launch} ...\n"
+        print("usage: optsel {prepare,train,launch,bench} ...\n"
               "  prepare CONFIG [k=v ...]   write MDS shards (bundled synthetic stream or local files)\n"
               "  train CONFIG [k=v ...]     train with online selection (run under torchrun/deepspeed for >1 rank)\n"
               "  launch --nproc N [--launcher torchrun|deepspeed] CONFIG [k=v ...]\n"
-              "                             start N local ranks of `train` with the chosen launcher",
+              "                             start N local ranks of `train` with the chosen launcher\n"
+              "  bench {quality,speed,select_grid,distributed_select} [--quick]   run a benchmark (benchmarks/)",
               file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     command, rest = argv[0], argv[1:]
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         from optsel.launch.launchers import main as launch_main
 
         return launch_main(rest)
-    from optsel.launch.bench import main as bench_main  # noqa: F401  (issue 5)
+    from optsel.launch.bench import main as bench_main
 
     return bench_main(rest)
 

@@ -54,11 +54,14 @@ def _selected(run_dir: Path, name: str) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine, launcher", [("fsdp2", "torchrun"), ("deepspeed", "deepspeed")])
-def test_two_rank_training_learns_and_respects_the_budget(data_dir, tmp_path, engine, launcher):
+@pytest.mark.parametrize("engine, launcher, method", [
+    ("fsdp2", "torchrun", "random"), ("deepspeed", "deepspeed", "random"),
+    ("fsdp2", "deepspeed", "ftw"), ("deepspeed", "torchrun", "ftw"),
+])
+def test_two_rank_training_learns_and_respects_the_budget(data_dir, tmp_path, engine, launcher, method):
     shm_before = set(os.listdir("/dev/shm"))
     done = _run(["launch", "--nproc", "2", "--launcher", launcher,
-                 *_train_args(data_dir, tmp_path, f"engine.name={engine}", "selection.method=random",
+                 *_train_args(data_dir, tmp_path, f"engine.name={engine}", f"selection.method={method}",
                               "training.num_steps=25", "training.eval_every=0", "run_name=r")])
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     summary = _summary(tmp_path, "r")
@@ -68,8 +71,9 @@ def test_two_rank_training_learns_and_respects_the_budget(data_dir, tmp_path, en
     assert summary["samples_seen"] == 25 * 64  # every rank consumed its share of every pool
     steps = _selected(tmp_path, "r")
     assert len(steps) == 25
-    for record in steps:
-        assert len(record["sample_ids"]) == 16 and len(set(record["sample_ids"])) == 16
+    for record in steps:  # random: exactly k = 16; ftw: at most k with non-zero weight
+        chosen = len(record["sample_ids"])
+        assert (chosen == 16 if method == "random" else 1 <= chosen <= 16) and len(set(record["sample_ids"])) == chosen
         assert set(record["sample_ids"]) <= set(record["pool_sample_ids"])
         assert abs(sum(record["weights"]) - 1.0) < 1e-4
     pools = [sid for record in steps for sid in record["pool_sample_ids"]]

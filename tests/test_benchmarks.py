@@ -1,0 +1,64 @@
+"""The four benchmarks run from the CLI in their --quick form and write their tables (with the command and
+date) and JSON; the numbers themselves are the benchmarks' business, the structure and sanity are tested here."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench(name: str, out: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "optsel.launch.cli", "bench", name, "--quick", f"--out={out}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_quality_quick(tmp_path):
+    done = _bench("quality", tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {"random", "ftw", "greats", "uds", "less"} <= set(summary["methods"])
+    for method, agg in summary["methods"].items():
+        assert agg["final_eval_loss"][0] > 0 and 0 <= agg["precision_target"][0] <= 1, method
+    assert summary["meta"]["selected_per_step"]["random"] == pytest.approx(4.0)
+    md = (tmp_path / "summary.md").read_text()
+    assert "Command: `python -m benchmarks.quality --quick" in md and "| ftw |" in md
+    assert (tmp_path / "eval_loss.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, files", [("speed", ["speed.json", "speed.md"]),
+                                         ("select_grid", ["select_grid.json", "select_grid.md"]),
+                                         ("distributed_select", ["distributed_select.json", "distributed_select.md"])])
+def test_cost_benchmarks_quick(tmp_path, name, files):
+    done = _bench(name, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for f in files:
+        assert (tmp_path / f).stat().st_size > 200, f
+    md = (tmp_path / files[1]).read_text()
+    assert f"python -m benchmarks.{name}" in md and re.search(r"\d{4}-\d{2}-\d{2}", md), md[:500]
+    data = json.loads((tmp_path / files[0]).read_text())
+    if name == "speed":
+        assert data["steps"]["plain"]["step_s"] > 0 and data["steps"]["ftw[exact]"]["select_s"] > 0
+    if name == "select_grid":
+        errs = [r["rel_frob_err_mean"] for r in data["sketch"]]
+        assert errs == sorted(errs, reverse=True)  # a bigger sketch, a smaller error
+    if name == "distributed_select":
+        two = [r for r in data["rows"] if r["R"] == 2]
+        assert two and all(r["ranks_agree"] for r in two) and all(r["selector_bytes"] > 0 for r in two)
+
+
+def test_bench_usage_and_unknown_name():
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, "-m", "optsel.launch.cli", "bench", "nope"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "quality,speed,select_grid,distributed_select" in done.stderr
