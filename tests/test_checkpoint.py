@@ -157,7 +157,8 @@ def straight_runs(data_dir, tmp_path_factory) -> dict[tuple[str, str], Path]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine, method", [("fsdp2", "ftw"), ("deepspeed", "random")])
+@pytest.mark.parametrize("engine", ["fsdp2", "deepspeed"])
+@pytest.mark.parametrize("method", ["random", "ftw"])
 def test_sigkilled_rank_ends_job_and_resume_finishes_it(data_dir, tmp_path, straight_runs, engine, method):
     reference = straight_runs(engine, method)
     args = _overrides(data_dir, tmp_path, engine, method, "run_name=r", "checkpoint.every_steps=2",
