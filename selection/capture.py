@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from optsel import distributed
+
 try:  # GPT-2 style linear with transposed weight
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a hard dependency
@@ -206,3 +208,17 @@ def _capture_chunk(model: nn.Module, batch: Mapping[str, torch.Tensor], layers: 
         D.append(torch.cat(d_parts, dim=1))
     return Factors(A, D, loss.detach(), tokens)
 
+
+def gather_factors(factors: Factors, dtype: torch.dtype, comm: distributed.CommCounter | None = None) -> Factors:
+    """Factors in ``dtype``, all-gathered over ranks (rank-major, T padded to the global max); on one
+    process only the dtype changes. Every rank must call it."""
+    A = [a.to(dtype) for a in factors.A]
+    D = [d.to(dtype) for d in factors.D]
+    if not distributed.is_distributed():
+        return Factors(A, D, factors.loss, factors.tokens)
+    widths = distributed.all_reduce_max(torch.tensor([a.shape[1] for a in A]), comm)
+    pad = lambda t, w: F.pad(t, (0, 0, 0, int(w) - t.shape[1]))  # noqa: E731
+    return Factors([distributed.all_gather_cat(pad(a, w), comm) for a, w in zip(A, widths)],
+                   [distributed.all_gather_cat(pad(d, w), comm) for d, w in zip(D, widths)],
+                   distributed.all_gather_cat(factors.loss, comm),
+                   distributed.all_gather_cat(factors.tokens, comm))

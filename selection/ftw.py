@@ -20,14 +20,13 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Literal, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from optsel import distributed
 from optsel.selection import gram as gram_ops
 from optsel.selection.alignment import alignment_partial, target_direction
 from optsel.selection.base import Batch, Selection, Selector, register_selector, split_local
-from optsel.selection.capture import Coverage, Factors, capture_factors, find_covered_layers
+from optsel.selection.capture import Coverage, Factors, capture_factors, find_covered_layers, gather_factors
 from optsel.selection.filter import filter_candidates, utility
 from optsel.selection.preconditioner import (LayerBlock, LayerGeometry, OptimizerStateReader, default_coefficients,
                                              layer_geometry, make_state_reader)
@@ -350,17 +349,8 @@ class FilterThenWeight(Selector):
         return gram_ops.auto_backend(int(T), layer.d_in, layer.d_out, self.config.max_temp_elems)
 
     def _gather(self, factors: Factors, dtype: torch.dtype) -> Factors:
-        """Factors in ``dtype``, all-gathered over ranks (rank-major, T padded to the global max)."""
-        A = [a.to(dtype) for a in factors.A]
-        D = [d.to(dtype) for d in factors.D]
-        if not distributed.is_distributed():
-            return Factors(A, D, factors.loss, factors.tokens)
-        widths = distributed.all_reduce_max(torch.tensor([a.shape[1] for a in A]), self.comm)
-        pad = lambda t, w: F.pad(t, (0, 0, 0, int(w) - t.shape[1]))  # noqa: E731
-        return Factors([distributed.all_gather_cat(pad(a, w), self.comm) for a, w in zip(A, widths)],
-                       [distributed.all_gather_cat(pad(d, w), self.comm) for d, w in zip(D, widths)],
-                       distributed.all_gather_cat(factors.loss, self.comm),
-                       distributed.all_gather_cat(factors.tokens, self.comm))
+        """Factors in ``dtype``, all-gathered over ranks (see :func:`gather_factors`), counted."""
+        return gather_factors(factors, dtype, self.comm)
 
     def _sum_blocks(self, partial: torch.Tensor) -> torch.Tensor:
         """Sum of per-block partial results over ranks (only when the state is sharded)."""

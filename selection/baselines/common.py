@@ -8,11 +8,10 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from optsel import distributed
 from optsel.selection.base import Selection, split_local
-from optsel.selection.capture import Factors
+from optsel.selection.capture import Factors, gather_factors  # noqa: F401  (re-exported for the baselines)
 from optsel.selection.solvers import uniform_topk
 
 
@@ -22,21 +21,6 @@ def compute_dtype(factors_or_tensor: Factors | torch.Tensor, choice: str = "auto
         return getattr(torch, choice)
     ref = factors_or_tensor.A[0] if isinstance(factors_or_tensor, Factors) else factors_or_tensor
     return torch.float64 if ref.dtype == torch.float64 else torch.float32
-
-
-def gather_factors(factors: Factors, dtype: torch.dtype, comm: distributed.CommCounter | None = None) -> Factors:
-    """Factors in ``dtype``, all-gathered over ranks (rank-major, T padded to the global max).
-    Same contract as FilterThenWeight._gather (candidate for one shared public helper)."""
-    A = [a.to(dtype) for a in factors.A]
-    D = [d.to(dtype) for d in factors.D]
-    if not distributed.is_distributed():
-        return Factors(A, D, factors.loss, factors.tokens)
-    widths = distributed.all_reduce_max(torch.tensor([a.shape[1] for a in A]), comm)
-    pad = lambda t, w: F.pad(t, (0, 0, 0, int(w) - t.shape[1]))  # noqa: E731
-    return Factors([distributed.all_gather_cat(pad(a, w), comm) for a, w in zip(A, widths)],
-                   [distributed.all_gather_cat(pad(d, w), comm) for d, w in zip(D, widths)],
-                   distributed.all_gather_cat(factors.loss, comm),
-                   distributed.all_gather_cat(factors.tokens, comm))
 
 
 def agree(indices: torch.Tensor, k: int, comm: distributed.CommCounter | None = None) -> torch.Tensor:
@@ -68,6 +52,7 @@ def topk(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 @contextmanager
 def timed(timings: dict[str, float], phase: str) -> Iterator[None]:
+    """Add the block's wall seconds to ``timings[phase]`` (FTW and the baselines report phases alike)."""
     start = time.perf_counter()
     try:
         yield
