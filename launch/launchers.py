@@ -83,9 +83,14 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"default: a free port on one node, {MULTI_NODE_PORT} with --nnodes > 1")
     parser.add_argument("--hostfile", default=None,
                         help="deepspeed with --nnodes > 1: its hostfile (default: one written for the run)")
+    parser.add_argument("--resume", action="store_true",
+                        help="pass --resume to every rank (newest complete checkpoint, or start fresh)")
+    parser.add_argument("--resume-from", default=None, metavar="CHECKPOINT", help="pass --resume-from to every rank")
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    if args.resume or args.resume_from:
+        args.overrides = [*args.overrides, f"checkpoint.resume={args.resume_from or 'auto'}"]
     hostfile, written = args.hostfile, None
     if args.launcher == "deepspeed" and args.nnodes > 1 and hostfile is None:
         hostfile = written = write_hostfile(args.nnodes, args.nproc)

@@ -200,8 +200,14 @@ def test_sigterm_to_torchrun_checkpoints_then_resume_matches(data_dir, tmp_path,
     assert saved and all(p.name.startswith("step_") and not p.name.endswith(".partial") for p in saved), log[-3000:]
     meta = json.loads((saved[-1] / "meta.json").read_text())
     assert meta["reason"] == "SIGTERM" and meta["step"] < STEPS, meta
-    proc = _torchrun(args, tmp_path / "resumed.txt")
-    assert _finish(proc, 300) == 0, (tmp_path / "resumed.txt").read_text()[-4000:]
+    # the relaunch goes through `optsel launch --resume` (what a requeued job script runs)
+    fresh_args = [a for a in args if a != "checkpoint.resume=auto"]
+    done = subprocess.run([sys.executable, "-m", "optsel.launch.cli", "launch", "--nproc", "2", "--resume",
+                           "configs/demo.yaml", *fresh_args], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "checkpoint.resume=auto" in done.stderr  # the launcher printed the command it ran
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["resumed_from"].endswith(saved[-1].name)
     _assert_same_run(reference, tmp_path / "r")
 
 
