@@ -36,8 +36,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def run_method(method: str, seed: int, base: Path, data: Path, work: Path, scale: Scale) -> dict:
-    overrides = base_overrides(f"{method}_s{seed}", work / "runs", data, scale, seed) + [
+def run_method(method: str, seed: int, base: Path, data: Path, work: Path, scale: Scale,
+               extra: list[str] | None = None) -> dict:
+    overrides = base_overrides(f"{method}_s{seed}", work / "runs", data, scale, seed) + list(extra or []) + [
         f"selection.method={method}", f"selection.pool_size={scale.pool}",
         f"selection.budget={scale.pool if method == 'full' else scale.budget}",
         f"training.num_steps={scale.steps}", f"training.eval_every={scale.eval_every}",
@@ -152,6 +153,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", default=None, help="default: results/quality (quick: results/quality_quick)")
     parser.add_argument("--work", default=None, help="scratch dir for streams, base model and runs (default: temp)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="run-config override for every run (e.g. selection.options.ftw.w_max=0.125); for "
+                             "diagnostic variants written to their own --out, never for the committed default table")
     args = parser.parse_args(argv)
     quiet()
     scale = QUICK if args.quick else DEFAULT
@@ -164,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs = []
     for seed in scale.seeds:
         for method in methods:
-            r = run_method(method, seed, base, data, work, scale)
+            r = run_method(method, seed, base, data, work, scale, args.set)
             print(f"[quality] {method:16s} seed {seed}: final loss {r['final_eval_loss']:.4f} "
                   f"EM {r['final_exact_match']:.3f} precision {r['precision_target']:.3f} "
                   f"({r['wall_seconds']:.1f}s)", flush=True)
@@ -173,6 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     meta = {"mode": "quick" if args.quick else "default", "wall_seconds": time.perf_counter() - started,
             "work_dir": str(work), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "command": "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "overrides": list(args.set),
             "selected_per_step": {m: mean_std([r["selected_mean"] for r in runs if r["method"] == m])[0] for m in methods}}
     write_outputs(runs, agg, out, scale, meta)
     print((out / "summary.md").read_text())
