@@ -329,9 +329,9 @@ def _child(rank, world, port, engine, threads, fn, args, env, results) -> None:
 
 def run_ranks(fn: Callable[..., Any], world: int, engine: str, args: tuple, threads: int, timeout_s: float) -> list:
     """``fn(rank, world, *args)`` on ``world`` spawned gloo processes; results in rank order."""
-    import glob
-
     import torch.multiprocessing as mp
+
+    from optsel.launch.launchers import deepspeed_shm_files, remove_files
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -368,11 +368,7 @@ def run_ranks(fn: Callable[..., Any], world: int, engine: str, args: tuple, thre
                 p.kill()
                 p.join(timeout=10)
         results.close()
-        for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        remove_files(deepspeed_shm_files(port))
 
 
 # -- summarizing ----------------------------------------------------------------------------------------

@@ -59,17 +59,29 @@ def write_hostfile(nnodes: int, slots: int) -> str:
     return path
 
 
+def deepspeed_shm_files(port: int | None = None, addr: str = "127.0.0.1") -> set[str]:
+    """DeepSpeed's CPU shm all-reduce buffers, /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>:
+    every one, or those of this user's job on ``addr:port``."""
+    pattern = SHM_PATTERN if port is None else f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_*"
+    return set(glob.glob(pattern))
+
+
+def remove_files(paths: set[str]) -> None:
+    """Remove ``paths``, ignoring ones already gone."""
+    for path in paths:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
 def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float | None = None) -> int:
     """Run a launch command; remove the deepspeed shm buffers it created. Returns its exit code."""
-    before = set(glob.glob(SHM_PATTERN))
+    before = deepspeed_shm_files()
     try:
         return subprocess.run(cmd, env=env, timeout=timeout, check=False).returncode
     finally:
-        for path in set(glob.glob(SHM_PATTERN)) - before:
-            try:
-                os.remove(path)
-            except OSError:
-                pass
+        remove_files(deepspeed_shm_files() - before)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,8 +10,10 @@ local index. A selector returns a :class:`Selection` that is identical on every 
 from __future__ import annotations
 
 import abc
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -119,3 +121,13 @@ def _import_builtin_selectors() -> None:
         except ModuleNotFoundError as err:  # a module that does not exist yet is not an error
             if err.name != module:
                 raise
+
+
+@contextmanager
+def timed(timings: dict[str, float], phase: str) -> Iterator[None]:
+    """Add the block's wall seconds to ``timings[phase]`` (``Selection.timings``: selectors report phases alike)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start

@@ -14,10 +14,8 @@ rank returns the same Selection.
 from __future__ import annotations
 
 import math
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
 from torch import nn
@@ -25,7 +23,7 @@ from torch import nn
 from optsel import distributed
 from optsel.selection import gram as gram_ops
 from optsel.selection.alignment import alignment_partial, target_direction
-from optsel.selection.base import Batch, Selection, Selector, register_selector, split_local
+from optsel.selection.base import Batch, Selection, Selector, register_selector, split_local, timed
 from optsel.selection.capture import Coverage, Factors, capture_factors, find_covered_layers, gather_factors
 from optsel.selection.filter import filter_candidates, utility
 from optsel.selection.preconditioner import (LayerBlock, LayerGeometry, OptimizerStateReader, default_coefficients,
@@ -147,31 +145,30 @@ class FilterThenWeight(Selector):
         timings: dict[str, float] = {}
         fallbacks: dict[str, int] = {}
         layers = self.coverage.layers
-        sizes = distributed.gather_sizes(int(pool["input_ids"].shape[0]))
-        if distributed.is_distributed():
-            self.comm.add("all_gather", 8 * len(sizes))
+        sizes = distributed.gather_sizes(int(pool["input_ids"].shape[0]), self.comm)
         n_global = sum(sizes)
 
-        with _timed(timings, "capture"):
+        with timed(timings, "capture"):
             local = capture_factors(self.model, pool, layers, cfg.capture_chunk_size)
         dtype = self._dtype(local)
         geoms = [layer_geometry(self.reader, layer, dtype, use_momentum=cfg.geometry == "adam") for layer in layers]
         rho, tau, opt_step = self._coefficients(geoms)
 
         if cfg.exchange == "sketches":
-            return self._select_exchanging_sketches(pool, target, local, geoms, rho, tau, opt_step, sizes, timings)
+            return self._select_exchanging_sketches(target, local, geoms, rho, tau, opt_step, sizes, timings)
 
         refreshed = False
-        with _timed(timings, "target"):
+        with timed(timings, "target"):
             if self.target_cache.due(self.step):
                 if target is None:
                     raise ValueError("target: FilterThenWeight needs a target batch (input_ids, attention_mask, labels)")
-                tf = self._gather(capture_factors(self.model, target, layers, cfg.capture_chunk_size), dtype)
+                tf = gather_factors(capture_factors(self.model, target, layers, cfg.capture_chunk_size), dtype,
+                                    self.comm)
                 self.target_cache.update(tf, [[blk for blk in g.blocks] for g in geoms], self.step)
                 refreshed = True
 
-        with _timed(timings, "gather"):
-            pool_f = self._gather(local, dtype)
+        with timed(timings, "gather"):
+            pool_f = gather_factors(local, dtype, self.comm)
             T = int(pool_f.A[0].shape[1]) if pool_f.A else 1
             backends = [self._backend(layer, pool_f.A[i].shape[1]) for i, layer in enumerate(layers)]
             factors_rc = [gram_ops.rank_one_factors(g.blocks or [_empty_block(dtype, self._device())],
@@ -179,14 +176,14 @@ class FilterThenWeight(Selector):
                           if backends[i] != "exact" else None for i, (layer, g) in enumerate(zip(layers, geoms))]
             sketches = self._sketches(local, dtype, backends, factors_rc, self._projections(backends, dtype))
 
-        with _timed(timings, "alignment"):
+        with timed(timings, "alignment"):
             partial_b = torch.zeros(n_global, dtype=torch.float64, device=self._device())
             for i, g in enumerate(geoms):
                 for blk, gv in zip(g.blocks, self.target_cache.blocks[i]):
                     M = target_direction(blk.precond, gv.to(self._device(), dtype), blk.momentum, rho)
                     partial_b += alignment_partial(pool_f.A[i], pool_f.D[i], M, blk.rows, blk.cols).double()
 
-        with _timed(timings, "gram"):
+        with timed(timings, "gram"):
             partial_diag = torch.zeros(n_global, dtype=torch.float64, device=self._device())
             shared_diag = torch.zeros_like(partial_diag)  # already global on every rank (ghost/sketch)
             for i, g in enumerate(geoms):
@@ -205,15 +202,14 @@ class FilterThenWeight(Selector):
                             lambda filtered: self._filtered_gram(pool_f, geoms, backends, factors_rc, sketches, filtered),
                             refreshed, tokens=pool_f.tokens, seq_len=T)
 
-    def _select_exchanging_sketches(self, pool: Batch, target: Batch | None, local: Factors,
+    def _select_exchanging_sketches(self, target: Batch | None, local: Factors,
                                     geoms: list[LayerGeometry], rho: float, tau: float, opt_step: int,
                                     sizes: list[int], timings: dict[str, float]) -> Selection:
         """exchange="sketches" (selection/sketch_exchange.py): no factor crosses ranks."""
-        del pool
         cfg, layers = self.config, self.coverage.layers
         dtype, device = self._dtype(local), self._device()
         refreshed = False
-        with _timed(timings, "target"):
+        with timed(timings, "target"):
             if self.sketch_target.due(self.step):
                 if target is None:
                     raise ValueError("target: FilterThenWeight needs a target batch (input_ids, attention_mask, labels)")
@@ -222,7 +218,7 @@ class FilterThenWeight(Selector):
                 self.sketch_target.update(tf, dtype, int(count[0]), self.step)
                 refreshed = True
 
-        with _timed(timings, "gather"):
+        with timed(timings, "gather"):
             backends = ["sketch"] * len(layers)
             factors_rc = [gram_ops.rank_one_factors(g.blocks or [_empty_block(dtype, device)], layer.d_out, layer.d_in,
                                                      not self.reader.replicated, self.comm)
@@ -231,7 +227,7 @@ class FilterThenWeight(Selector):
             sketches = self._sketches(local, dtype, backends, factors_rc, projections)
             tokens = distributed.all_gather_cat(local.tokens, self.comm) if distributed.is_distributed() else local.tokens
 
-        with _timed(timings, "alignment"):
+        with timed(timings, "alignment"):
             owns_moments = not self.reader.replicated or distributed.info().rank == 0  # replicated: count once
             parts = []
             for i, g in enumerate(geoms):
@@ -247,7 +243,7 @@ class FilterThenWeight(Selector):
             directions = packed[:, 0] / max(self.sketch_target.count, 1) - rho * packed[:, 1]
             alignment = sketched_alignment(sketches, directions)
 
-        with _timed(timings, "gram"):
+        with timed(timings, "gram"):
             diag = sum(S.reshape(S.shape[0], -1).square().sum(1).double() for S in sketches)
 
         return self._finish(alignment, diag, tau, rho, opt_step, sizes, geoms, backends, timings, {},
@@ -259,7 +255,7 @@ class FilterThenWeight(Selector):
         """Filter on u, Gram of the survivors (``gram_of(filtered)``), QP, agreement, bookkeeping."""
         cfg, layers = self.config, self.coverage.layers
         n_global = sum(sizes)
-        with _timed(timings, "filter"):
+        with timed(timings, "filter"):
             u = utility(alignment, diag, tau)
             m = cfg.num_filtered(n_global)
             filt = filter_candidates(u, m, min(cfg.budget, n_global))
@@ -267,10 +263,10 @@ class FilterThenWeight(Selector):
                 fallbacks["filter_underflow"] = 1
             filtered = filt.filtered
 
-        with _timed(timings, "gram"):
+        with timed(timings, "gram"):
             K = gram_of(filtered)
 
-        with _timed(timings, "solve"):
+        with timed(timings, "solve"):
             result = select_weights(alignment[filtered], K, u[filtered], tau, min(cfg.budget, n_global),
                                     cfg.w_max, cfg.solver, cfg.support)
             if result.fallback:
@@ -348,10 +344,6 @@ class FilterThenWeight(Selector):
             return self.config.gram
         return gram_ops.auto_backend(int(T), layer.d_in, layer.d_out, self.config.max_temp_elems)
 
-    def _gather(self, factors: Factors, dtype: torch.dtype) -> Factors:
-        """Factors in ``dtype``, all-gathered over ranks (see :func:`gather_factors`), counted."""
-        return gather_factors(factors, dtype, self.comm)
-
     def _sum_blocks(self, partial: torch.Tensor) -> torch.Tensor:
         """Sum of per-block partial results over ranks (only when the state is sharded)."""
         return partial if self.reader.replicated else distributed.all_reduce_sum(partial, self.comm)
@@ -414,15 +406,6 @@ class FilterThenWeight(Selector):
 def _empty_block(dtype: torch.dtype, device: torch.device) -> LayerBlock:
     """A zero-area block: this rank's (empty) share of a parameter in the rank-one sums."""
     return LayerBlock(slice(0, 0), slice(0, 0), torch.zeros(0, 0, dtype=dtype, device=device), None)
-
-
-@contextmanager
-def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
 
 
 @register_selector("ftw")

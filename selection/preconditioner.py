@@ -83,10 +83,15 @@ class TorchAdamStateReader(OptimizerStateReader):
         self.optimizer = optimizer
         self._groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
 
-    def read(self, param: torch.nn.Parameter) -> ParamState:
+    def _group(self, param: torch.nn.Parameter, hint: str = "") -> dict:
+        """The param group holding ``param`` (KeyError, with ``hint``, if the optimizer does not manage it)."""
         group = self._groups.get(id(param))
         if group is None:
-            raise KeyError("parameter is not managed by the optimizer")
+            raise KeyError("parameter is not managed by the optimizer" + hint)
+        return group
+
+    def read(self, param: torch.nn.Parameter) -> ParamState:
+        group = self._group(param)
         state = self.optimizer.state.get(param, {})
         hyper = adam_hyper(group, state)
         rows, cols = _full(shape_2d(param))

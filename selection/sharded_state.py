@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from optsel.selection.preconditioner import (OptimizerStateReader, ParamState, StateBlock, adam_hyper,
-                                             is_adam_like, second_moment, shape_2d, unsupported_message)
+from optsel.selection.preconditioner import (OptimizerStateReader, ParamState, StateBlock, TorchAdamStateReader,
+                                             adam_hyper, is_adam_like, second_moment, shape_2d, unsupported_message)
 
 #: (rows, cols, local_start, local_stop): a block and where its elements sit in the local flat slice
 FlatBlock = tuple[slice, slice, int, int]
@@ -90,22 +90,14 @@ def dtensor_rows(param: torch.Tensor) -> slice:
     return slice(int(offset[0]), int(offset[0]) + int(local_shape[0]))
 
 
-class FSDP2StateReader(OptimizerStateReader):
+class FSDP2StateReader(TorchAdamStateReader):
     """torch Adam / AdamW over FSDP2 DTensor parameters: this rank's row block (or nothing)."""
 
     replicated = False
 
-    def __init__(self, optimizer: torch.optim.Optimizer):
-        if not is_adam_like(optimizer):
-            raise TypeError(unsupported_message(optimizer))
-        self.optimizer = optimizer
-        self._groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-
     def read(self, param: torch.nn.Parameter) -> ParamState:
-        group = self._groups.get(id(param))
-        if group is None:
-            raise KeyError("parameter is not managed by the optimizer (with FSDP2: the sharded DTensor "
-                           "parameter must be passed; reshard the module after a forward without backward)")
+        group = self._group(param, " (with FSDP2: the sharded DTensor parameter must be passed; reshard the "
+                                   "module after a forward without backward)")
         DTensor = _dtensor_type()
         if not isinstance(param, DTensor):
             raise TypeError("optimizer: FSDP2 reader got a parameter that is not a DTensor")

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from optsel.selection.capture import Factors
+from optsel.selection.gram import sketch
 from optsel.selection.preconditioner import LayerBlock
 
 
@@ -73,8 +74,6 @@ class SketchTarget:
     def sketch_sum(self, layer: int, r: torch.Tensor, c: torch.Tensor, proj_out: torch.Tensor,
                    proj_in: torch.Tensor) -> torch.Tensor:
         """Σ over this rank's target samples of S_t for one layer, [k_o, k_i]."""
-        from optsel.selection.gram import sketch
-
         assert self.A is not None and self.D is not None
         A, D = self.A[layer].to(r.device), self.D[layer].to(r.device)
         if A.shape[0] == 0:

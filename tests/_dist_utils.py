@@ -21,7 +21,6 @@ instead of hanging it. DeepSpeed's CPU shm all-reduce files for this run's port 
 
 from __future__ import annotations
 
-import glob
 import io
 import os
 import queue
@@ -32,6 +31,8 @@ from typing import Any, Callable
 
 import torch
 import torch.multiprocessing as mp
+
+from optsel.launch.launchers import deepspeed_shm_files, remove_files
 
 TORCH_EXTENSIONS_DIR = str(Path.home() / ".cache" / "optsel" / "torch_extensions")
 
@@ -131,7 +132,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int = 2, *, args: tuple 
                 proc.kill()
                 proc.join(timeout=10)
         results.close()
-        _remove_deepspeed_shm(port)
+        remove_files(deepspeed_shm_files(port))
 
 
 def _drain(results: Any, got: dict[int, tuple[str, Any]], world_size: int, grace_s: float) -> None:
@@ -149,15 +150,6 @@ def _drain(results: Any, got: dict[int, tuple[str, Any]], world_size: int, grace
 def _errors(got: dict[int, tuple[str, Any]]) -> str:
     return "\n".join(f"--- rank {r} raised ---\n{payload}" for r, (status, payload) in sorted(got.items())
                      if status == "error")
-
-
-def _remove_deepspeed_shm(port: int) -> None:
-    """DeepSpeed's CPU shm all-reduce leaves /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>."""
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"):
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
 
 
 __all__ = ["DistributedTestError", "run_distributed", "TORCH_EXTENSIONS_DIR"]

@@ -140,7 +140,9 @@ class FSDP2Engine(Engine):
     @torch.no_grad()
     def local_grads_finite(self) -> bool:
         grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in self.params if p.grad is not None]
-        return all(bool(torch.isfinite(g).all()) for g in grads)
+        if not grads:
+            return True
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())  # one device sync, not one per tensor
 
     def _dcp_state(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_state_dict

@@ -3,14 +3,12 @@ turn scores into a top-k Selection with uniform weights. No selection math lives
 
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from optsel import distributed
-from optsel.selection.base import Selection, split_local
+from optsel.selection.base import Selection, split_local, timed  # noqa: F401  (re-exported)
 from optsel.selection.capture import Factors, gather_factors  # noqa: F401  (re-exported for the baselines)
 from optsel.selection.solvers import uniform_topk
 
@@ -50,17 +48,13 @@ def topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     return uniform_topk(scores.double().cpu(), min(k, scores.numel())).support
 
 
-@contextmanager
-def timed(timings: dict[str, float], phase: str) -> Iterator[None]:
-    """Add the block's wall seconds to ``timings[phase]`` (FTW and the baselines report phases alike)."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
-
-
 def check_budget(budget: int) -> int:
     if budget < 1:
         raise ValueError(f"budget: must be >= 1, got {budget}")
     return int(budget)
+
+
+def check_chunk_size(name: str, value: int | None) -> None:
+    """A samples-per-pass option: None (whole pool) or >= 1; the error names ``name``."""
+    if value is not None and value < 1:
+        raise ValueError(f"{name}: must be >= 1 or null, got {value}")

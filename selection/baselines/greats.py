@@ -36,8 +36,8 @@ from optsel import distributed
 from optsel.selection import gram as gram_ops
 from optsel.selection.alignment import alignment_partial
 from optsel.selection.base import Batch, Selection, Selector, register_selector
-from optsel.selection.baselines.common import (agree, check_budget, compute_dtype, gather_factors, timed,
-                                               uniform_selection)
+from optsel.selection.baselines.common import (agree, check_budget, check_chunk_size, compute_dtype, gather_factors,
+                                               timed, uniform_selection)
 from optsel.selection.capture import Factors, capture_factors, find_covered_layers
 from optsel.selection.preconditioner import LayerBlock
 from optsel.selection.target import target_block
@@ -61,8 +61,7 @@ class GreatsConfig:
             raise ValueError(f"lr: must be > 0 or null, got {self.lr}")
         if self.gram not in ("exact", "ghost", "auto"):
             raise ValueError(f"gram: must be one of ('exact', 'ghost', 'auto'), got {self.gram!r}")
-        if self.capture_chunk_size is not None and self.capture_chunk_size < 1:
-            raise ValueError(f"capture_chunk_size: must be >= 1 or null, got {self.capture_chunk_size}")
+        check_chunk_size("capture_chunk_size", self.capture_chunk_size)
 
 
 def plain_alignment_and_gram(pool: Factors, target: Factors, gram: str = "auto",

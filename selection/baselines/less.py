@@ -22,8 +22,8 @@ from torch import nn
 from optsel import distributed
 from optsel.selection.alignment import alignment_partial, target_direction
 from optsel.selection.base import Batch, Selection, Selector, register_selector
-from optsel.selection.baselines.common import (agree, check_budget, compute_dtype, gather_factors, timed, topk,
-                                               uniform_selection)
+from optsel.selection.baselines.common import (agree, check_budget, check_chunk_size, compute_dtype, gather_factors,
+                                               timed, topk, uniform_selection)
 from optsel.selection.capture import capture_factors, find_covered_layers
 from optsel.selection.preconditioner import layer_geometry, make_state_reader
 from optsel.selection.target import TargetCache
@@ -42,8 +42,7 @@ class LessConfig:
         check_budget(self.budget)
         if self.target_refresh < 1:
             raise ValueError(f"target_refresh: must be >= 1, got {self.target_refresh}")
-        if self.capture_chunk_size is not None and self.capture_chunk_size < 1:
-            raise ValueError(f"capture_chunk_size: must be >= 1 or null, got {self.capture_chunk_size}")
+        check_chunk_size("capture_chunk_size", self.capture_chunk_size)
 
 
 class Less(Selector):

@@ -24,7 +24,8 @@ from torch import nn
 from optsel import distributed
 from optsel.selection import gram as gram_ops
 from optsel.selection.base import Batch, Selection, Selector, register_selector
-from optsel.selection.baselines.common import agree, check_budget, compute_dtype, timed, topk, uniform_selection
+from optsel.selection.baselines.common import (agree, check_budget, check_chunk_size, compute_dtype, timed, topk,
+                                               uniform_selection)
 from optsel.selection.capture import Factors, capture_factors, find_covered_layers, per_sample_loss
 from optsel.selection.preconditioner import LayerBlock
 
@@ -40,8 +41,7 @@ class ScoreConfig:
 
     def __post_init__(self) -> None:
         check_budget(self.budget)
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise ValueError(f"chunk_size: must be >= 1 or null, got {self.chunk_size}")
+        check_chunk_size("chunk_size", self.chunk_size)
         if self.max_temp_elems < 1:
             raise ValueError(f"max_temp_elems: must be >= 1, got {self.max_temp_elems}")
 

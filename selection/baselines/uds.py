@@ -33,7 +33,7 @@ from torch import nn
 
 from optsel import distributed
 from optsel.selection.base import Batch, Selection, Selector, register_selector
-from optsel.selection.baselines.common import agree, check_budget, timed, topk, uniform_selection
+from optsel.selection.baselines.common import agree, check_budget, check_chunk_size, timed, topk, uniform_selection
 
 
 @dataclass(kw_only=True)
@@ -58,8 +58,7 @@ class UDSConfig:
         for name in ("buffer_size", "proj_dim_vocab", "proj_dim_time", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise ValueError(f"chunk_size: must be >= 1 or null, got {self.chunk_size}")
+        check_chunk_size("chunk_size", self.chunk_size)
 
 
 class SRFTProjector:
