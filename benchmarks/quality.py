@@ -1,187 +1,211 @@
-"""Quality benchmark (DESIGN §6): every selector at the same budget on the synthetic stream.
+"""Quality benchmark: can selectors beat random at an equal budget, and does FTW?
 
-    python -m benchmarks.quality [--quick] [--methods a,b] [--out results/quality] [--work DIR]
+    python -m benchmarks.quality [--cells default|all|NAME,...] [--methods a,b] [--variants all|a,b]
+                                 [--workers 2] [--out results/quality] [--quick]
 
-A tiny Llama is first pre-trained briefly with ``full`` on a distractor-only ("general") stream
-and saved; every method then fine-tunes that model on the mixed stream (clean addition = target,
-corrupted additions, distractors) with the same N, k, steps, optimizer and seeds, through the real
-Trainer (single process, fsdp2 engine). Reported per method, mean ± std over seeds: target
-validation loss vs step, final exact match, steps to reach random's final loss, and selection
-precision (share of the step's weight on clean target samples). Writes runs.csv, summary.json,
-summary.md and PNG plots under --out. Settings are fixed in benchmarks/common.py (QUICK / DEFAULT)
-before any result is seen; nothing is tuned per method.
+Every setting, the full grid, the default subset of cells and the named FTW variants are in
+``benchmarks/quality_grid.yaml`` (written before the results were seen). Per cell (target fraction,
+corrupted fraction, look-alike distractor heavy/absent, budget k of N) a tiny Llama pre-trained on
+the distractors plus a little of the target task is fine-tuned with every selector for the same
+steps, on the same stream order and target set per seed (paired seeds). Reported: final target loss
+and exact match, the paired difference to random with its 95 % CI, the gap closed
+(L_random − L_method) / (L_random − L_oracle) in valid cells (where the oracle beats random), weight
+per kind and ESS; curves vs step and vs wall-clock seconds; a gap-closed heat map.
+
+Finished runs are kept under ``<out>/runs/`` keyed by settings, cell, method, options and seed, so an
+interrupted or extended grid only runs what is missing (``--fresh`` ignores them; nothing is deleted).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import hashlib
 import json
-import math
+import logging
+import multiprocessing as mp
 import sys
-import tempfile
 import time
+from dataclasses import asdict, fields
+from itertools import product
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import DEFAULT, QUICK, Scale, base_overrides, prepare_stream, pretrain, quiet, run_trainer
+import yaml
 
-METHODS = ["random", "full", "loss", "gradnorm", "greats", "uds", "less", "ftw", "ftw_sgd", "ftw_filter_only",
-           "ftw_weight_only", "ftw_sketch_exchange"]
+from benchmarks import quality_report as report
+from benchmarks.quality_runs import Cell, RunResult, Settings, build_stream, pretrain, run, synthetic_config
 
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def run_method(method: str, seed: int, base: Path, data: Path, work: Path, scale: Scale,
-               extra: list[str] | None = None) -> dict:
-    overrides = base_overrides(f"{method}_s{seed}", work / "runs", data, scale, seed) + list(extra or []) + [
-        f"selection.method={method}", f"selection.pool_size={scale.pool}",
-        f"selection.budget={scale.pool if method == 'full' else scale.budget}",
-        f"training.num_steps={scale.steps}", f"training.eval_every={scale.eval_every}",
-        "model.source=local", f"model.path={base}"]
-    start = time.perf_counter()
-    summary, trainer = run_trainer(overrides)
-    trainer.close()
-    rows = read_metrics(Path(summary["run_dir"]))
-    curve = {int(r["step"]): r["eval/loss"] for r in rows if r.get("eval/loss") is not None}
-    em = {int(r["step"]): r["eval/exact_match"] for r in rows if r.get("eval/exact_match") is not None}
-    precision = [r.get("select/precision/target", 0.0) or 0.0 for r in rows if "train/loss" in r]
-    selected = [r.get("select/selected", 0.0) or 0.0 for r in rows if "train/loss" in r]
-    return {"method": method, "seed": seed, "final_eval_loss": summary["final_eval_loss"],
-            "final_exact_match": summary["final_exact_match"], "curve": curve, "exact_match_curve": em,
-            "precision_target": sum(precision) / max(len(precision), 1),
-            "selected_mean": sum(selected) / max(len(selected), 1),
-            "mean_step_seconds": summary["mean_step_seconds"], "wall_seconds": time.perf_counter() - start}
+GRID_FILE = Path(__file__).with_name("quality_grid.yaml")
+PROBED = ("ftw",)  # methods whose per-kind alignment is recorded along training
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    if not vals:
-        return float("nan"), float("nan")
-    m = sum(vals) / len(vals)
-    return m, (sum((v - m) ** 2 for v in vals) / max(len(vals) - 1, 1)) ** 0.5 if len(vals) > 1 else 0.0
+def load_grid(path: Path, quick: bool) -> dict[str, Any]:
+    grid = yaml.safe_load(path.read_text())
+    unknown = set(grid) - {"settings", "methods", "factors", "default_cells", "variants", "quick"}
+    if unknown:
+        raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)}")
+    settings = dict(grid["settings"])
+    if quick:
+        q = grid["quick"]
+        settings.update({k: v for k, v in q["settings"].items()})
+        grid = {**grid, "default_cells": q["cells"], "methods": q["methods"]}
+    names = {f.name for f in fields(Settings)}
+    bad = set(settings) - names
+    if bad:
+        raise ValueError(f"{path}: settings: unknown keys {sorted(bad)}")
+    grid["settings_obj"] = Settings(**settings)
+    return grid
 
 
-def aggregate(runs: list[dict], methods: list[str]) -> dict[str, dict]:
-    out: dict[str, dict] = {}
-    for method in methods:
-        rs = [r for r in runs if r["method"] == method]
-        if not rs:
-            continue
-        steps = sorted(set.intersection(*(set(r["curve"]) for r in rs)))
-        curve = {s: mean_std([r["curve"][s] for r in rs]) for s in steps}
-        out[method] = {"seeds": [r["seed"] for r in rs], "curve": curve,
-                       "final_eval_loss": mean_std([r["final_eval_loss"] for r in rs]),
-                       "final_exact_match": mean_std([r["final_exact_match"] for r in rs]),
-                       "precision_target": mean_std([r["precision_target"] for r in rs]),
-                       "mean_step_seconds": mean_std([r["mean_step_seconds"] for r in rs])}
-    if "random" in out:
-        goal = out["random"]["final_eval_loss"][0]
-        for agg in out.values():
-            hit = [s for s, (m, _) in agg["curve"].items() if s > 0 and m <= goal]
-            agg["steps_to_random_final"] = min(hit) if hit else None
+def all_cells(grid: dict[str, Any]) -> dict[str, Cell]:
+    f = grid["factors"]
+    cells = [Cell(t, c, like, k) for t, c, like, k in
+             product(f["target_fraction"], f["corrupted_fraction"], f["lookalike"], f["budget"])]
+    return {c.name: c for c in cells}
+
+
+def pick_cells(grid: dict[str, Any], spec: str, quick: bool) -> list[Cell]:
+    known = all_cells(grid)
+    if quick:  # the quick cell need not be in the factors
+        return [_parse_cell(n) for n in grid["default_cells"]]
+    names = grid["default_cells"] if spec == "default" else list(known) if spec == "all" else spec.split(",")
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise SystemExit(f"--cells: unknown cells {missing}; known: {', '.join(known)}")
+    return [known[n] for n in names]
+
+
+def _parse_cell(name: str) -> Cell:
+    t, c, like, k = name.split("-")
+    return Cell(int(t[1:]) / 100, int(c[1:]) / 100, {"h": "heavy", "a": "absent"}[like[1:]], int(k[1:]))
+
+
+def methods_to_run(grid: dict[str, Any], methods: str | None, variants: str | None) -> list[tuple[str, str, dict]]:
+    """(label, registry method, options) in order: the grid's methods, then the requested variants."""
+    out = [(m, m, {}) for m in (methods.split(",") if methods else grid["methods"])]
+    if variants:
+        table = grid["variants"]
+        names = list(table) if variants == "all" else variants.split(",")
+        missing = [n for n in names if n not in table]
+        if missing:
+            raise SystemExit(f"--variants: unknown {missing}; known: {', '.join(table)}")
+        out += [(n, table[n]["method"], dict(table[n].get("options") or {})) for n in names]
     return out
 
 
-def write_outputs(runs: list[dict], agg: dict[str, dict], out: Path, scale: Scale, meta: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "runs.csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["method", "seed", "step", "eval_loss", "eval_exact_match"])
-        for r in runs:
-            for s, loss in sorted(r["curve"].items()):
-                w.writerow([r["method"], r["seed"], s, loss, r["exact_match_curve"].get(s)])
-    (out / "summary.json").write_text(json.dumps({"settings": scale.__dict__, "meta": meta, "methods": agg,
-                                                   "runs": runs}, indent=2, default=str))
-    lines = [f"# Quality benchmark ({meta['mode']})", "",
-             f"Command: `{meta.get('command', 'python -m benchmarks.quality')}` — {meta.get('date', '')}, "
-             f"{meta.get('wall_seconds', 0) / 60:.1f} min wall on 2 CPU cores (shared).", "",
-             f"N = {scale.pool} candidates/step, k = {scale.budget} (full: all N), {scale.steps} steps, "
-             f"seeds {list(scale.seeds)}; base model pre-trained {scale.pretrain_steps} steps on distractors only.",
-             "Mean ± std over seeds. Precision: share of the step's weight on clean target samples.", "",
-             "Selected: mean number of samples with non-zero weight per step (budget k).", "",
-             "| method | final target val loss | final exact match | steps to random's final loss | precision (target) | selected | s/step |",
-             "|---|---|---|---|---|---|---|"]
-    for method, a in agg.items():
-        fl, em, pr, st = a["final_eval_loss"], a["final_exact_match"], a["precision_target"], a["mean_step_seconds"]
-        lines.append(f"| {method} | {fl[0]:.4f} ± {fl[1]:.4f} | {em[0]:.3f} ± {em[1]:.3f} | "
-                     f"{a.get('steps_to_random_final') if a.get('steps_to_random_final') is not None else '—'} | "
-                     f"{pr[0]:.3f} ± {pr[1]:.3f} | {meta.get('selected_per_step', {}).get(method, float('nan')):.1f} | "
-                     f"{st[0]:.3f} |")
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
-    plot(agg, out)
+def _key(settings: Settings, cell: Cell, label: str, method: str, options: dict, seed: int) -> str:
+    blob = json.dumps([asdict(settings), asdict(cell), method, options, seed], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def plot(agg: dict[str, dict], out: Path) -> None:
-    import matplotlib
+def _job(args: tuple) -> list[dict]:
+    """One (cell, seed): every requested method, reusing finished runs. Runs in a worker process."""
+    settings, base, cell, seed, todo, run_dir = args
+    import torch
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    torch.set_num_threads(1)
+    logging.getLogger("optsel").setLevel(logging.WARNING)
+    stream = build_stream(settings, synthetic_config(settings, cell.target_fraction, cell.corrupted_fraction,
+                                                     cell.lookalike, settings.num_train), settings.stream_seed)
+    out = []
+    for label, method, options in todo:
+        path = Path(run_dir) / cell.name / f"{label}_s{seed}_{_key(settings, cell, label, method, options, seed)}.json"
+        if path.is_file():
+            out.append(json.loads(path.read_text()))
+            continue
+        r = run(settings, stream, base, method, options, label, cell, seed, probe_alignment=method in PROBED)
+        record = vars(r)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(path)
+        print(f"[quality] {cell.name} {label:18s} seed {seed}: loss {r.final_loss:.4f} EM {r.final_em:.3f} "
+              f"target w {r.precision.get('target', 0):.2f} corrupted w {r.precision.get('corrupted', 0):.2f} "
+              f"ESS {r.ess:.1f} ({r.wall_seconds:.1f}s)", flush=True)
+        out.append(record)
+    return out
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for method, a in agg.items():
-        steps = sorted(a["curve"])
-        m = [a["curve"][s][0] for s in steps]
-        sd = [a["curve"][s][1] for s in steps]
-        style = "-" if method.startswith("ftw") else "--"
-        ax.plot(steps, m, style, label=method, lw=2.2 if method == "ftw" else 1.2)
-        ax.fill_between(steps, [x - y for x, y in zip(m, sd)], [x + y for x, y in zip(m, sd)], alpha=0.12)
-    ax.set_xlabel("step")
-    ax.set_ylabel("target validation loss")
-    ax.legend(fontsize=8, ncol=2)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "eval_loss.png", dpi=120)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(8, 4))
-    names = list(agg)
-    ax.bar(names, [agg[n]["final_exact_match"][0] for n in names], yerr=[agg[n]["final_exact_match"][1] for n in names])
-    ax.set_ylabel("final exact match")
-    ax.tick_params(axis="x", rotation=45)
-    fig.tight_layout()
-    fig.savefig(out / "exact_match.png", dpi=120)
-    plt.close(fig)
+
+def _from_record(d: dict) -> RunResult:
+    r = RunResult(method=d["method"], cell=d["cell"], seed=d["seed"])
+    for name in ("curve", "em_curve", "seconds", "alignment_by_kind"):
+        setattr(r, name, {int(k): v for k, v in d[name].items()})
+    for name in ("precision", "fallbacks"):
+        setattr(r, name, dict(d[name]))
+    r.ess, r.selected, r.wall_seconds = d["ess"], d["selected"], d["wall_seconds"]
+    return r
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="CI-sized smoke run")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--quick", action="store_true", help="CI-sized smoke run (the grid file's quick block)")
+    parser.add_argument("--grid", default=str(GRID_FILE), help="grid file (default: benchmarks/quality_grid.yaml)")
+    parser.add_argument("--cells", default="default", help="default | all | comma-separated cell names")
+    parser.add_argument("--methods", default=None, help="comma-separated methods (default: the grid's)")
+    parser.add_argument("--variants", default=None, help="FTW variants from the grid file: all | a,b")
+    parser.add_argument("--workers", type=int, default=2, help="parallel (cell, seed) jobs, one thread each")
     parser.add_argument("--out", default=None, help="default: results/quality (quick: results/quality_quick)")
-    parser.add_argument("--work", default=None, help="scratch dir for streams, base model and runs (default: temp)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="run-config override for every run (e.g. selection.options.ftw.w_max=0.125); for "
-                             "diagnostic variants written to their own --out, never for the committed default table")
+    parser.add_argument("--fresh", action="store_true", help="rerun even where a finished run is stored")
     args = parser.parse_args(argv)
-    quiet()
-    scale = QUICK if args.quick else DEFAULT
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    out = Path(args.out or ("results/quality_quick" if args.quick else "results/quality"))
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="optsel_quality_"))
     started = time.perf_counter()
-    base = pretrain(work, scale)
-    data = prepare_stream(work / "data_mixed", scale.num_train, scale.num_val, 0.4, 0.2, seed=0)
-    runs = []
-    for seed in scale.seeds:
-        for method in methods:
-            r = run_method(method, seed, base, data, work, scale, args.set)
-            print(f"[quality] {method:16s} seed {seed}: final loss {r['final_eval_loss']:.4f} "
-                  f"EM {r['final_exact_match']:.3f} precision {r['precision_target']:.3f} "
-                  f"({r['wall_seconds']:.1f}s)", flush=True)
-            runs.append(r)
-    agg = aggregate(runs, methods)
+    grid = load_grid(Path(args.grid), args.quick)
+    settings: Settings = grid["settings_obj"]
+    cells = pick_cells(grid, args.cells, args.quick)
+    todo = methods_to_run(grid, args.methods, args.variants)
+    if not {"random", "oracle"} <= {m for _, m, _ in todo}:
+        raise SystemExit("--methods: random and oracle are needed for the gap closed")
+    out = Path(args.out or ("results/quality_quick" if args.quick else "results/quality"))
+    out.mkdir(parents=True, exist_ok=True)
+    run_dir = out / "runs"
+    if args.fresh:
+        run_dir = out / f"runs-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    import torch
+
+    torch.set_num_threads(1)
+    logging.getLogger("optsel").setLevel(logging.WARNING)
+    base_path = out / "base_model.pt"
+    base_key = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    cached = torch.load(base_path, weights_only=True) if base_path.is_file() else None
+    if cached is not None and cached.get("key") == base_key:
+        base = cached["state"]
+    else:
+        t0 = time.perf_counter()
+        base = pretrain(settings)
+        print(f"[quality] base model pre-trained in {time.perf_counter() - t0:.1f}s", flush=True)
+        tmp = base_path.with_suffix(".tmp")
+        torch.save({"key": base_key, "state": base}, tmp)
+        tmp.replace(base_path)
+    jobs = [(settings, base, cell, seed, todo, str(run_dir)) for cell in cells for seed in settings.seeds]
+    if args.workers > 1:
+        with mp.get_context("spawn").Pool(args.workers) as pool:
+            records = [r for batch in pool.imap_unordered(_job, jobs) for r in batch]
+    else:
+        records = [r for job in jobs for r in _job(job)]
+    runs = [_from_record(d) for d in records]
+    summaries = [report.cell_summary(c.name, [r for r in runs if r.cell == c.name]) for c in cells]
+    from optsel.pipeline.synthetic import look_alike
+
     meta = {"mode": "quick" if args.quick else "default", "wall_seconds": time.perf_counter() - started,
-            "work_dir": str(work), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "command": "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "overrides": list(args.set),
-            "selected_per_step": {m: mean_std([r["selected_mean"] for r in runs if r["method"] == m])[0] for m in methods}}
-    write_outputs(runs, agg, out, scale, meta)
-    print((out / "summary.md").read_text())
-    return agg
+            "grid_file": str(Path(args.grid).resolve().relative_to(Path(__file__).resolve().parents[1]))
+            if Path(args.grid).resolve().is_relative_to(Path(__file__).resolve().parents[1]) else args.grid,
+            "settings": asdict(settings), "cells": [c.name for c in cells],
+            "methods": [{"label": label, "method": m, "options": o} for label, m, o in todo],
+            "lookalike_kind": f"distractor/{look_alike(settings.target_task)}",
+            "description": (f"Target task `{settings.target_task}`; N = {settings.pool}, {settings.steps} steps, "
+                            f"seeds {settings.seeds}; base pre-trained {settings.pretrain_steps} steps.")}
+    report.write_csv(runs, out / "runs.csv")
+    report.write_json(runs, summaries, meta, out / "summary.json")
+    (out / "summary.md").write_text(report.markdown(summaries, meta))
+    main_cell = "t15-c25-lh-k8" if "t15-c25-lh-k8" in meta["cells"] else meta["cells"][0]
+    report.plots(runs, summaries, main_cell, out)
+    print((out / "summary.md").read_text().split("## Per cell")[0])
+    return {"overall": report.overall(summaries), "cells": summaries}
 
 
 if __name__ == "__main__":

@@ -1,15 +1,19 @@
 """The bundled synthetic stream: a checkable target task mixed with distractors and label noise.
 
-Target: multi-digit addition, prompt ``"12+345="``, answer ``"357"``. Corrupted: the same kind of
-prompt with a wrong answer (the true sum plus a non-zero offset). Distractors (each a named task):
+The target task is selectable (``target_task``); each one has a corruption rule that gives a wrong
+answer of the right form, so corrupted samples teach a wrong mapping, and a look-alike distractor
+(a different task whose prompts look like the target's):
 
-| name | prompt | answer |
-|---|---|---|
-| ``reverse`` | ``rev:abcd=`` | ``dcba`` |
-| ``sort`` | ``sort:3142=`` | ``1234`` |
-| ``copy`` | ``copy:xyz=`` | ``xyz`` |
-| ``count`` | ``count a:abaca=`` | ``3`` |
-| ``multiply`` | ``12*3=`` | ``36`` (looks like the target, is not) |
+| target | prompt | answer | corrupted answer | look-alike |
+|---|---|---|---|---|
+| ``addition`` | ``12+345=`` | ``357`` | the sum plus a non-zero offset | ``multiply`` |
+| ``reverse`` | ``rev:abcd=`` | ``dcba`` | another ordering of the same letters | ``copy`` |
+| ``copy`` | ``copy:xyz=`` | ``xyz`` | another ordering of the same letters (or one letter changed) | ``reverse`` |
+| ``sort`` | ``sort:3142=`` | ``1234`` | another ordering of the same digits | ``rsort`` |
+
+Distractors (named tasks): ``reverse``, ``sort``, ``copy``, ``count`` (``count a:abaca=`` → ``3``),
+``multiply`` (``12*3=`` → ``36``), ``add`` (addition as a distractor) and ``rsort`` (descending sort,
+``rsort:3142=`` → ``4321``). A task cannot be both the target and a distractor.
 
 Everything is deterministic from the seed. The val split holds only clean target samples whose
 prompts never occur in train. With the byte tokenizer every sample is at most ~20 tokens.
@@ -22,22 +26,36 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 Sample = dict[str, str]  # {"prompt", "answer", "kind"}
+Generator = Callable[[random.Random], tuple[str, str]]
 
 _LETTERS = "abcdefghij"
 
 
+def _letters(rng: random.Random) -> str:
+    return "".join(rng.choices(_LETTERS, k=rng.randint(3, 6)))
+
+
+def _digits(rng: random.Random) -> str:
+    return "".join(rng.choices("0123456789", k=rng.randint(3, 6)))
+
+
 def _reverse(rng: random.Random) -> tuple[str, str]:
-    s = "".join(rng.choices(_LETTERS, k=rng.randint(3, 6)))
+    s = _letters(rng)
     return f"rev:{s}=", s[::-1]
 
 
 def _sort(rng: random.Random) -> tuple[str, str]:
-    s = "".join(rng.choices("0123456789", k=rng.randint(3, 6)))
+    s = _digits(rng)
     return f"sort:{s}=", "".join(sorted(s))
 
 
+def _rsort(rng: random.Random) -> tuple[str, str]:
+    s = _digits(rng)
+    return f"rsort:{s}=", "".join(sorted(s, reverse=True))
+
+
 def _copy(rng: random.Random) -> tuple[str, str]:
-    s = "".join(rng.choices(_LETTERS, k=rng.randint(3, 6)))
+    s = _letters(rng)
     return f"copy:{s}=", s
 
 
@@ -52,9 +70,27 @@ def _multiply(rng: random.Random) -> tuple[str, str]:
     return f"{a}*{b}=", str(a * b)
 
 
-DISTRACTORS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+def _add(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(0, 999), rng.randint(0, 999)
+    return f"{a}+{b}=", str(a + b)
+
+
+DISTRACTORS: dict[str, Generator] = {
     "reverse": _reverse, "sort": _sort, "copy": _copy, "count": _count, "multiply": _multiply,
+    "add": _add, "rsort": _rsort,
 }
+#: target task -> (its generator, or None for addition (digit range from the config); look-alike distractor)
+TARGET_TASKS: dict[str, tuple[Generator | None, str]] = {
+    "addition": (None, "multiply"), "reverse": (_reverse, "copy"), "copy": (_copy, "reverse"),
+    "sort": (_sort, "rsort"),
+}
+#: the distractor that is the same task as a target (cannot be mixed in with it)
+_SAME_TASK = {"addition": "add", "reverse": "reverse", "copy": "copy", "sort": "sort"}
+
+
+def look_alike(target_task: str) -> str:
+    """The distractor whose prompts look like ``target_task``'s."""
+    return TARGET_TASKS[target_task][1]
 
 
 @dataclass(kw_only=True)
@@ -63,11 +99,12 @@ class SyntheticConfig:
 
     num_train: int = 4096
     num_val: int = 256
-    target_fraction: float = 0.4  # share of clean addition samples in train
-    corrupted_fraction: float = 0.2  # share of addition samples with a wrong answer in train
+    target_task: str = "addition"  # addition | reverse | copy | sort (see the module docstring)
+    target_fraction: float = 0.4  # share of clean target samples in train
+    corrupted_fraction: float = 0.2  # share of target-form samples with a wrong answer in train
     distractors: list[str] = field(default_factory=lambda: ["reverse", "sort", "copy", "count"])
     distractor_weights: list[float] | None = None  # relative weights, one per distractor; None: uniform
-    min_digits: int = 1
+    min_digits: int = 1  # addition's operand digits
     max_digits: int = 3
 
     def __post_init__(self) -> None:
@@ -75,6 +112,8 @@ class SyntheticConfig:
             raise ValueError(f"num_train: must be >= 1, got {self.num_train}")
         if self.num_val < 0:
             raise ValueError(f"num_val: must be >= 0, got {self.num_val}")
+        if self.target_task not in TARGET_TASKS:
+            raise ValueError(f"target_task: must be one of {', '.join(TARGET_TASKS)}, got {self.target_task!r}")
         for name in ("target_fraction", "corrupted_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}: must be in [0, 1], got {getattr(self, name)}")
@@ -85,6 +124,9 @@ class SyntheticConfig:
         unknown = [d for d in self.distractors if d not in DISTRACTORS]
         if unknown:
             raise ValueError(f"distractors: unknown task {unknown[0]!r}; known: {', '.join(DISTRACTORS)}")
+        if _SAME_TASK[self.target_task] in self.distractors:
+            raise ValueError(f"distractors: {_SAME_TASK[self.target_task]!r} is the target task "
+                             f"{self.target_task!r} itself")
         if len(set(self.distractors)) != len(self.distractors):
             raise ValueError("distractors: names must be unique")
         if rest > 1e-9 and not self.distractors:
@@ -121,6 +163,27 @@ def _wrong(rng: random.Random, true: int) -> int:
             return wrong
 
 
+def _wrong_order(rng: random.Random, true: str, alphabet: str) -> str:
+    """Another ordering of ``true``'s characters; if all are equal, one character changed."""
+    if len(set(true)) > 1:
+        chars = list(true)
+        while "".join(chars) == true:
+            rng.shuffle(chars)
+        return "".join(chars)
+    i = rng.randrange(len(true))
+    return true[:i] + rng.choice([c for c in alphabet if c != true[i]]) + true[i + 1:]
+
+
+def _target_sample(rng: random.Random, cfg: SyntheticConfig) -> tuple[str, str, Callable[[], str]]:
+    """(prompt, true answer, a function drawing a corrupted answer) of the target task."""
+    if cfg.target_task == "addition":
+        prompt, total = _addition(rng, cfg)
+        return prompt, str(total), lambda: str(_wrong(rng, total))
+    prompt, answer = TARGET_TASKS[cfg.target_task][0](rng)
+    alphabet = "0123456789" if cfg.target_task == "sort" else _LETTERS
+    return prompt, answer, lambda: _wrong_order(rng, answer, alphabet)
+
+
 def generate(cfg: SyntheticConfig, seed: int) -> tuple[list[Sample], list[Sample]]:
     """(train, val) sample lists, deterministic in (cfg, seed).
 
@@ -130,14 +193,17 @@ def generate(cfg: SyntheticConfig, seed: int) -> tuple[list[Sample], list[Sample
     rng = random.Random(seed)
     val: list[Sample] = []
     val_prompts: set[str] = set()
-    space = (10 ** cfg.max_digits) ** 2
-    if cfg.num_val > space // 4:
+    if cfg.target_task == "addition" and cfg.num_val > (10 ** cfg.max_digits) ** 2 // 4:
         raise ValueError(f"num_val: {cfg.num_val} distinct addition prompts do not fit max_digits={cfg.max_digits}")
+    attempts = 0
     while len(val) < cfg.num_val:
-        prompt, total = _addition(rng, cfg)
+        attempts += 1
+        if attempts > 50 * cfg.num_val + 1000:
+            raise ValueError(f"num_val: could not draw {cfg.num_val} distinct {cfg.target_task} prompts")
+        prompt, answer, _ = _target_sample(rng, cfg)
         if prompt not in val_prompts:
             val_prompts.add(prompt)
-            val.append({"prompt": prompt, "answer": str(total), "kind": "target"})
+            val.append({"prompt": prompt, "answer": answer, "kind": "target"})
 
     n_target = round(cfg.num_train * cfg.target_fraction)
     n_corrupted = min(round(cfg.num_train * cfg.corrupted_fraction), cfg.num_train - n_target)
@@ -151,11 +217,10 @@ def generate(cfg: SyntheticConfig, seed: int) -> tuple[list[Sample], list[Sample
     train: list[Sample] = []
     for kind in kinds:
         if kind in ("target", "corrupted"):
-            prompt, total = _addition(rng, cfg)
+            prompt, answer, corrupt = _target_sample(rng, cfg)
             while prompt in val_prompts:
-                prompt, total = _addition(rng, cfg)
-            answer = total if kind == "target" else _wrong(rng, total)
-            train.append({"prompt": prompt, "answer": str(answer), "kind": kind})
+                prompt, answer, corrupt = _target_sample(rng, cfg)
+            train.append({"prompt": prompt, "answer": answer if kind == "target" else corrupt(), "kind": kind})
         else:
             prompt, answer = DISTRACTORS[kind.split("/", 1)[1]](rng)
             train.append({"prompt": prompt, "answer": answer, "kind": kind})

@@ -78,10 +78,11 @@ def subset(batch: Batch, rows: torch.Tensor) -> dict[str, torch.Tensor]:
     return out
 
 
-def build_selector(config: RunConfig, model, optimizer):
+def build_selector(config: RunConfig, model, optimizer, kind_names: dict[int, str] | None = None):
     """The configured selector, with its typed options block (see ``SelectionConfig.options``)."""
     sel = config.selection
-    kwargs: dict[str, Any] = dict(model=model, optimizer=optimizer, budget=sel.budget, seed=sel.seed)
+    kwargs: dict[str, Any] = dict(model=model, optimizer=optimizer, budget=sel.budget, seed=sel.seed,
+                                  kind_names=kind_names)
     typed = method_config(sel, sel.method)
     if typed is not None:
         kwargs["config"] = typed
@@ -113,7 +114,7 @@ class Trainer:
                             bos_id=self.tokenizer.bos_token_id, eos_id=self.eos_id)
         self.engine = build_engine(config.engine, model, config.optimizer, total_steps=config.training.num_steps,
                                    micro_batch_size=self.per_rank_pool)
-        self.selector = build_selector(config, self.engine.unwrapped_model, self.engine.optimizer)
+        self.selector = build_selector(config, self.engine.unwrapped_model, self.engine.optimizer, self.kind_names)
         if self.dist.is_main:
             log.info("run %s: engine %s on %s (%s, backend %s), world size %d, selector %s, pool %d, budget %d",
                      config.run_name, config.engine.name, self.engine.device,

@@ -49,6 +49,16 @@ class FTWConfig:
     P ≈ r cᵀ on the target gradient; see selection/sketch_exchange.py). capture_chunk_size: samples per
     forward/backward (None: whole pool). max_temp_elems: bound on temporaries of the Gram kernels
     and on T² for auto's ghost choice. compute_dtype: "auto" = float64 for float64 models else float32.
+
+    Options studied by the quality benchmark (docs/design.md §5; defaults = the plain method):
+    alignment: "dot" (b, K as defined) | "cosine" (every candidate's gradient scaled to unit P-norm:
+    b_i/‖g_i‖_P, K_ij/(‖g_i‖_P ‖g_j‖_P), as LESS does). filter_curvature: "sample" (u = b − (τ/2) K_ii,
+    the sample alone) | "batch" (u = b − (τ/(2k)) K_ii, its share of a k-sample step). ess_fraction:
+    minimum effective sample size 1/Σw² as a fraction of k, enforced exactly by the weight cap
+    w ≤ 1/(ess_fraction·k) (combined with w_max). weighting: "qp" (train on the QP's ≤ k weights) |
+    "proportional" (draw k samples with replacement from the survivors ∝ the QP weights, uniform loss
+    weights, duplicates merged: the hardware batch stays k). warmup_steps: the first this many steps
+    select k at random (uniform weights) before FTW takes over.
     """
 
     budget: int
@@ -69,6 +79,11 @@ class FTWConfig:
     max_temp_elems: int = 1 << 24
     compute_dtype: Literal["auto", "float32", "float64"] = "auto"
     exchange: Literal["factors", "sketches"] = "factors"
+    alignment: Literal["dot", "cosine"] = "dot"
+    filter_curvature: Literal["sample", "batch"] = "sample"
+    ess_fraction: float | None = None
+    weighting: Literal["qp", "proportional"] = "qp"
+    warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         def bad(field_name: str, message: str) -> ValueError:
@@ -82,7 +97,8 @@ class FTWConfig:
             raise bad("filter_ratio", f"must be in (0, 1], got {self.filter_ratio}")
         choices = {"gram": gram_ops.BACKENDS, "geometry": ("adam", "sgd"), "solver": ("torch", "cvxpy"),
                    "support": ("topk", "greedy"), "compute_dtype": ("auto", "float32", "float64"),
-                   "exchange": ("factors", "sketches")}
+                   "exchange": ("factors", "sketches"), "alignment": ("dot", "cosine"),
+                   "filter_curvature": ("sample", "batch"), "weighting": ("qp", "proportional")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise bad(name, f"must be one of {allowed}, got {getattr(self, name)!r}")
@@ -97,6 +113,10 @@ class FTWConfig:
         if self.exchange == "sketches" and self.gram != "sketch":
             raise bad("exchange", f"'sketches' needs gram='sketch' (got gram={self.gram!r}): exact and ghost Grams "
                                   f"need the candidates' factors on every rank")
+        if self.ess_fraction is not None and not 0.0 < self.ess_fraction <= 1.0:
+            raise bad("ess_fraction", f"must be in (0, 1] or null, got {self.ess_fraction}")
+        if self.warmup_steps < 0:
+            raise bad("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         if self.target_refresh < 1:
             raise bad("target_refresh", f"must be >= 1, got {self.target_refresh}")
         for name in ("sketch_dim_out", "sketch_dim_in", "max_temp_elems"):
@@ -104,6 +124,12 @@ class FTWConfig:
                 raise bad(name, f"must be >= 1, got {getattr(self, name)}")
         if self.capture_chunk_size is not None and self.capture_chunk_size < 1:
             raise bad("capture_chunk_size", f"must be >= 1 or null, got {self.capture_chunk_size}")
+
+    def weight_cap(self, k: int) -> float | None:
+        """The cap on each weight: w_max and 1/(ess_fraction·k), whichever is tighter (None: no cap)."""
+        caps = [c for c in (self.w_max, None if self.ess_fraction is None else 1.0 / (self.ess_fraction * k))
+                if c is not None]
+        return min(caps) if caps else None
 
     def num_filtered(self, pool_size: int) -> int:
         m = self.filter_size if self.filter_size is not None else math.ceil(self.filter_ratio * pool_size)
@@ -147,6 +173,8 @@ class FilterThenWeight(Selector):
         layers = self.coverage.layers
         sizes = distributed.gather_sizes(int(pool["input_ids"].shape[0]), self.comm)
         n_global = sum(sizes)
+        if self.step < cfg.warmup_steps:
+            return self._warmup_selection(sizes, timings)
 
         with timed(timings, "capture"):
             local = capture_factors(self.model, pool, layers, cfg.capture_chunk_size)
@@ -255,24 +283,33 @@ class FilterThenWeight(Selector):
         """Filter on u, Gram of the survivors (``gram_of(filtered)``), QP, agreement, bookkeeping."""
         cfg, layers = self.config, self.coverage.layers
         n_global = sum(sizes)
+        k = min(cfg.budget, n_global)
         with timed(timings, "filter"):
-            u = utility(alignment, diag, tau)
+            norms = diag.clamp(min=1e-300).sqrt() if cfg.alignment == "cosine" else None
+            if norms is not None:  # unit P-norm gradients: b_i/‖g_i‖, K_ii = 1
+                alignment, diag = alignment / norms, torch.ones_like(diag)
+            u = utility(alignment, diag, tau / k if cfg.filter_curvature == "batch" else tau)
             m = cfg.num_filtered(n_global)
-            filt = filter_candidates(u, m, min(cfg.budget, n_global))
+            filt = filter_candidates(u, m, k)
             if filt.fallback:
                 fallbacks["filter_underflow"] = 1
             filtered = filt.filtered
 
         with timed(timings, "gram"):
             K = gram_of(filtered)
+            if norms is not None:
+                K = K / torch.outer(norms[filtered], norms[filtered]).to(K.dtype)
 
         with timed(timings, "solve"):
-            result = select_weights(alignment[filtered], K, u[filtered], tau, min(cfg.budget, n_global),
-                                    cfg.w_max, cfg.solver, cfg.support)
+            proportional = cfg.weighting == "proportional"
+            result = select_weights(alignment[filtered], K, u[filtered], tau, filtered.numel() if proportional else k,
+                                    cfg.weight_cap(k), cfg.solver, cfg.support)
             if result.fallback:
                 fallbacks[result.fallback] = fallbacks.get(result.fallback, 0) + 1
-            indices, weights = self._agree(filtered[result.support].to(torch.int64).cpu(),
-                                           result.weights.double().cpu(), min(cfg.budget, n_global))
+            support, chosen_w = result.support, result.weights.double()
+            if proportional:
+                support, chosen_w = self._draw_proportional(support, chosen_w, k)
+            indices, weights = self._agree(filtered[support].to(torch.int64).cpu(), chosen_w.cpu(), k)
 
         for key, count in fallbacks.items():
             self.counters[key] = self.counters.get(key, 0) + count
@@ -295,10 +332,33 @@ class FilterThenWeight(Selector):
             "comm_bytes": self.comm.bytes,
             "seq_len": seq_len,
             "exchange": cfg.exchange,
+            "warmup": False,
         }
         return Selection(indices=indices, weights=weights, local_indices=local_idx, local_weights=local_w,
                          pool_size=n_global, alignment=alignment.cpu(), utility=u.cpu(), filtered=filtered.cpu(),
                          gram=K.cpu(), covered=list(self.covered), timings=timings, diagnostics=diagnostics)
+
+    def _warmup_selection(self, sizes: list[int], timings: dict[str, float]) -> Selection:
+        """``warmup_steps``: k of the N global candidates at random, uniform weights (the selector's
+        generator: the same on every rank)."""
+        with timed(timings, "select"):
+            n, k = sum(sizes), min(self.config.budget, sum(sizes))
+            indices = torch.randperm(n, generator=self.generator)[:k].sort().values.to(torch.int64)
+            weights = torch.full((k,), 1.0 / k, dtype=torch.float64)
+        self.step += 1
+        local_idx, local_w = split_local(indices, weights, sizes, distributed.info().rank)
+        return Selection(indices=indices, weights=weights, local_indices=local_idx, local_weights=local_w,
+                         pool_size=n, covered=list(self.covered), timings=timings,
+                         diagnostics={"warmup": True, "fallbacks": {}, "fallbacks_total": dict(self.counters),
+                                      "comm_bytes": self.comm.bytes})
+
+    def _draw_proportional(self, support: torch.Tensor, weights: torch.Tensor, k: int
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``weighting="proportional"``: k draws with replacement ∝ ``weights`` (the selector's
+        generator), duplicates merged: returns (positions, count/k) ordered by position."""
+        draws = torch.multinomial(weights.cpu().double(), k, replacement=True, generator=self.generator)
+        picked, counts = torch.unique(support.cpu()[draws], return_counts=True)
+        return picked.to(support.device), (counts.double() / k).to(weights.device)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "counters": dict(self.counters), "generator": self.generator.get_state(),

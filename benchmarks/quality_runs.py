@@ -1,0 +1,308 @@
+"""One quality-benchmark run: an in-memory stream of one grid cell, the pre-trained base model, and
+a fine-tuning loop that drives a selector through the public Selector API.
+
+The loop is the "in your own loop" use of the README: a plain single-process model with
+``torch.optim.AdamW``, the selector built from the registry exactly as the Trainer builds it, the
+loss ``Σ_i w_i ℓ_i`` over the chosen samples with the per-sample token-mean CE the engines use, the
+engines' LR schedule and gradient clipping, and ``pipeline.evaluate.evaluate`` for target loss and
+exact match. It skips MDS, streaming and the engines so that a grid of hundreds of runs fits 2 CPU
+cores; the Trainer path of every selector is covered by the end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from optsel.pipeline import synthetic
+from optsel.pipeline.engines.base import OptimizerConfig
+from optsel.pipeline.engines.common import greedy_generate, lr_factor, per_sample_token_mean_ce
+from optsel.pipeline.evaluate import evaluate
+from optsel.pipeline.model import ModelConfig, build_model
+from optsel.pipeline.tokenizer import byte_tokenizer
+from optsel.selection.base import get_selector_factory
+from optsel.selection.stats import selection_metrics
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid cell: the stream's mix and the budget. name e.g. ``t15-c25-lh-k8``."""
+
+    target_fraction: float
+    corrupted_fraction: float
+    lookalike: str  # "heavy" | "absent"
+    budget: int
+
+    @property
+    def name(self) -> str:
+        return (f"t{round(100 * self.target_fraction):02d}-c{round(100 * self.corrupted_fraction):02d}-"
+                f"l{self.lookalike[0]}-k{self.budget}")
+
+
+@dataclass(kw_only=True)
+class Settings:
+    """Everything fixed across the grid (read from the grid file)."""
+
+    target_task: str
+    distractors: list[str]  # the look-alike is added (heavy) or left out (absent) per cell
+    lookalike_share: float  # share of the distractor mass on the look-alike when "heavy"
+    model: dict[str, Any]
+    pool: int
+    steps: int
+    eval_every: int
+    num_eval: int
+    num_target: int
+    num_train: int
+    optimizer: dict[str, Any]
+    pretrain_steps: int
+    pretrain_batch: int
+    pretrain_target_fraction: float
+    seeds: list[int]
+    max_new_tokens: int = 8
+    stream_seed: int = 0
+
+
+@dataclass
+class Stream:
+    """A cell's tokenized train stream and its held-out target / eval batches (all in memory)."""
+
+    train: Batch
+    target: Batch
+    eval_batches: list[Batch]
+    kind_names: dict[int, str]
+
+
+def _encode(tok, samples: list[dict[str, str]], kind_ids: dict[str, int]) -> Batch:
+    """Byte-tokenize like ``optsel prepare``: prompt + answer + EOS, loss on answer and EOS only."""
+    rows = []
+    for s in samples:
+        head = tok.encode(s["prompt"], add_special_tokens=False)
+        rows.append((head + tok.encode(s["answer"], add_special_tokens=False) + [int(tok.eos_token_id)], len(head),
+                     kind_ids[s["kind"]]))
+    width = max(len(r[0]) for r in rows)
+    n = len(rows)
+    ids = torch.full((n, width), int(tok.pad_token_id), dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    labels = torch.full((n, width), -100, dtype=torch.long)
+    for i, (toks, head, _) in enumerate(rows):
+        ids[i, :len(toks)] = torch.tensor(toks)
+        mask[i, :len(toks)] = 1
+        labels[i, head:len(toks)] = torch.tensor(toks[head:])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+            "kind_id": torch.tensor([r[2] for r in rows], dtype=torch.long),
+            "sample_id": torch.arange(n, dtype=torch.long)}
+
+
+def take(batch: Batch, rows: torch.Tensor) -> Batch:
+    """Rows of a batch, trimmed to the longest kept sample."""
+    out = {k: v[rows] for k, v in batch.items()}
+    width = int(out["attention_mask"].sum(1).max()) if rows.numel() else 1
+    for key in ("input_ids", "attention_mask", "labels"):
+        out[key] = out[key][:, :width]
+    return out
+
+
+def synthetic_config(settings: Settings, target_fraction: float, corrupted_fraction: float, lookalike: str,
+                     num_train: int) -> synthetic.SyntheticConfig:
+    like = synthetic.look_alike(settings.target_task)
+    others = [d for d in settings.distractors if d != like]
+    if lookalike == "heavy":
+        names = [like] + others
+        weights = [settings.lookalike_share] + [(1 - settings.lookalike_share) / len(others)] * len(others)
+    elif lookalike == "absent":
+        names, weights = others, None
+    else:
+        raise ValueError(f"lookalike: must be 'heavy' or 'absent', got {lookalike!r}")
+    return synthetic.SyntheticConfig(num_train=num_train, num_val=settings.num_target + settings.num_eval,
+                                     target_task=settings.target_task, target_fraction=target_fraction,
+                                     corrupted_fraction=corrupted_fraction, distractors=names,
+                                     distractor_weights=weights)
+
+
+def build_stream(settings: Settings, cfg: synthetic.SyntheticConfig, seed: int) -> Stream:
+    tok = byte_tokenizer()
+    train, val = synthetic.generate(cfg, seed)
+    kind_ids = {name: i for i, name in enumerate(cfg.kind_names())}
+    t = settings.num_target
+    target = _encode(tok, val[:t], kind_ids) if t else {}
+    evals = [_encode(tok, val[t + j:t + j + 48], kind_ids) for j in range(0, len(val) - t, 48)]
+    return Stream(_encode(tok, train, kind_ids), target, evals, {v: k for k, v in kind_ids.items()})
+
+
+def new_model(settings: Settings) -> torch.nn.Module:
+    tok = byte_tokenizer()
+    return build_model(ModelConfig(**settings.model), vocab_size=len(tok), pad_id=int(tok.pad_token_id),
+                       bos_id=tok.bos_token_id, eos_id=int(tok.eos_token_id))
+
+
+class _PlainEngine:
+    """What ``pipeline.evaluate.evaluate`` needs of an engine, for a plain module on the CPU."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    @torch.no_grad()
+    def per_sample_loss(self, batch: Batch) -> torch.Tensor:
+        logits = self.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return per_sample_token_mean_ce(logits, batch["labels"]).loss
+
+    def generate(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        return greedy_generate(self.module, ids, mask, max_new_tokens, torch.device("cpu"))
+
+
+def _optimizer(model: torch.nn.Module, opt: OptimizerConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=opt.lr,
+                             betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay)
+
+
+def _train_on(model, optimizer, batch: Batch, weights: torch.Tensor, opt: OptimizerConfig, step: int,
+              total: int) -> float:
+    for group in optimizer.param_groups:
+        group["lr"] = opt.lr * lr_factor(step, opt, total)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    losses = per_sample_token_mean_ce(logits, batch["labels"]).loss
+    loss = (weights.to(losses.dtype) * losses).sum()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if opt.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip)
+    optimizer.step()
+    return float(loss.detach())
+
+
+def pretrain(settings: Settings) -> dict[str, torch.Tensor]:
+    """The base model: ``pretrain_steps`` of plain training on a general stream (the distractor tasks,
+    look-alike included, plus ``pretrain_target_fraction`` clean target samples), seeded by stream_seed."""
+    like = synthetic.look_alike(settings.target_task)
+    names = [like] + [d for d in settings.distractors if d != like]
+    cfg = synthetic.SyntheticConfig(num_train=settings.pretrain_steps * settings.pretrain_batch, num_val=0,
+                                    target_task=settings.target_task,
+                                    target_fraction=settings.pretrain_target_fraction, corrupted_fraction=0.0,
+                                    distractors=names)
+    stream = build_stream(dataclasses_replace(settings, num_eval=0, num_target=0), cfg, 1000 + settings.stream_seed)
+    torch.manual_seed(settings.stream_seed)
+    model = new_model(settings)
+    opt = OptimizerConfig(**{**settings.optimizer, "warmup_steps": 10, "schedule": "cosine"})
+    optimizer = _optimizer(model, opt)
+    b = settings.pretrain_batch
+    model.train()
+    for step in range(settings.pretrain_steps):
+        rows = torch.arange(step * b, (step + 1) * b)
+        _train_on(model, optimizer, take(stream.train, rows), torch.full((b,), 1.0 / b), opt, step,
+                  settings.pretrain_steps)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def dataclasses_replace(settings: Settings, **changes: Any) -> Settings:
+    import dataclasses
+
+    return dataclasses.replace(settings, **changes)
+
+
+@dataclass
+class RunResult:
+    method: str
+    cell: str
+    seed: int
+    curve: dict[int, float] = field(default_factory=dict)  # step -> target val loss
+    em_curve: dict[int, float] = field(default_factory=dict)  # step -> exact match
+    seconds: dict[int, float] = field(default_factory=dict)  # step -> cumulative select + train seconds
+    precision: dict[str, float] = field(default_factory=dict)  # kind -> mean share of the step's weight
+    ess: float = 0.0
+    selected: float = 0.0
+    fallbacks: dict[str, float] = field(default_factory=dict)
+    alignment_by_kind: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> kind -> mean b/‖b‖
+    wall_seconds: float = 0.0
+
+    @property
+    def final_loss(self) -> float:
+        return self.curve[max(self.curve)]
+
+    @property
+    def final_em(self) -> float:
+        return self.em_curve[max(self.em_curve)]
+
+
+def build_selector(method: str, options: dict[str, Any], model, optimizer, budget: int, seed: int,
+                   kind_names: dict[int, str]):
+    """The selector as the Trainer builds it: registry factory + typed options (validated, key named)."""
+    from optsel.launch.config_loader import from_mapping
+
+    factory = get_selector_factory(method)
+    kwargs: dict[str, Any] = dict(model=model, optimizer=optimizer, budget=budget, seed=seed, kind_names=kind_names)
+    config_class = getattr(factory, "config_class", None)
+    if config_class is not None:
+        kwargs["config"] = from_mapping(config_class, {"budget": budget, **options}, f"options.{method}")
+    elif options:
+        raise ValueError(f"options.{method}: selector {method!r} takes no options, got {sorted(options)}")
+    return factory(**kwargs)
+
+
+def run(settings: Settings, stream: Stream, base: dict[str, torch.Tensor], method: str, options: dict[str, Any],
+        label: str, cell: Cell, seed: int, probe_alignment: bool = False) -> RunResult:
+    """Fine-tune the base on ``stream`` with one selector; ``seed`` fixes the stream order and RNGs (paired)."""
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    model = new_model(settings)
+    model.load_state_dict(base)
+    opt = OptimizerConfig(**settings.optimizer)
+    optimizer = _optimizer(model, opt)
+    n = settings.pool
+    budget = n if method == "full" else cell.budget
+    selector = build_selector(method, options, model, optimizer, budget, seed, stream.kind_names)
+    needs_target = getattr(selector, "needs_target", False)
+    num = stream.train["input_ids"].shape[0]
+    order = torch.randperm(num, generator=torch.Generator().manual_seed(seed))
+    engine = _PlainEngine(model)
+    result = RunResult(method=label, cell=cell.name, seed=seed)
+    sums: dict[str, float] = {}
+    fallbacks: dict[str, float] = {}
+    ess = selected = elapsed = 0.0
+
+    def record_eval(step: int) -> None:
+        ev = evaluate(engine, stream.eval_batches, settings.max_new_tokens, 0, 2)
+        result.curve[step], result.em_curve[step], result.seconds[step] = ev.loss, ev.exact_match, elapsed
+        model.train()
+
+    record_eval(0)
+    model.train()
+    for step in range(settings.steps):
+        rows = order[torch.arange(step * n, (step + 1) * n) % num]
+        pool = take(stream.train, rows)
+        t0 = time.perf_counter()
+        sel = selector.select(pool, stream.target if needs_target else None)
+        _train_on(model, optimizer, take(pool, sel.indices), sel.weights.float(), opt, step, settings.steps)
+        elapsed += time.perf_counter() - t0
+        m = selection_metrics(sel, pool["kind_id"], stream.kind_names)
+        for key, value in m.items():
+            if key.startswith("select/precision/"):
+                kind = key.removeprefix("select/precision/")
+                sums[kind] = sums.get(kind, 0.0) + value
+            elif key.startswith("select/fallback/"):
+                fallbacks[key.removeprefix("select/fallback/")] = fallbacks.get(key, 0.0) + value
+        ess += m["select/ess"]
+        selected += m["select/selected"]
+        if probe_alignment and sel.alignment is not None and (step % settings.eval_every == 0):
+            b = sel.alignment.double()
+            scale = float(b.abs().mean()) or 1.0
+            result.alignment_by_kind[step] = {stream.kind_names[int(c)]: float(b[pool["kind_id"] == c].mean() / scale)
+                                              for c in pool["kind_id"].unique()}
+        if (step + 1) % settings.eval_every == 0 or step + 1 == settings.steps:
+            record_eval(step + 1)
+    steps = max(settings.steps, 1)
+    result.precision = {k: v / steps for k, v in sums.items()}
+    result.ess, result.selected, result.fallbacks = ess / steps, selected / steps, fallbacks
+    result.wall_seconds = time.perf_counter() - started
+    return result
+
+
+def seeded_shuffle(items: list[Any], seed: int) -> list[Any]:
+    out = list(items)
+    random.Random(seed).shuffle(out)
+    return out
