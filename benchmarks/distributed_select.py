@@ -583,7 +583,7 @@ def notes(rows: list[dict], meta: dict) -> list[str]:
             f"here, {min(ratios):.1f}–{max(ratios):.1f}× the engine's traffic of this 107k-parameter model (one "
             f"sample's 32×32 sketch per layer is 1/8 of a 64×128 layer). It does not grow with T or d: for a "
             f"7B Llama (224 linear layers, bf16 parameter traffic ≈ 3 · 6.7e9 · 2 B ≈ 40 GB per step) the same "
-            f"N = 64, 32×32 sketches are 64 · 224 · 1024 · 4 B ≈ 59 MB ≈ 0.15 % (analytic), inside DESIGN §4's 1 %. "
+            f"N = 64, 32×32 sketches are 64 · 224 · 1024 · 4 B ≈ 59 MB ≈ 0.15 % (analytic), inside docs/design.md §4's 1 %. "
             f"The price is a sketched alignment b (see tests/test_ftw_math.py and the quality benchmark's "
             f"ftw_sketch_exchange row).")
     bad = [f"{r['engine']} R={r['R']} {r['gram']}" for r in rows if not r["ranks_agree"]]

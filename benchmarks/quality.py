@@ -44,7 +44,8 @@ PROBED = ("ftw",)  # methods whose per-kind alignment is recorded along training
 
 def load_grid(path: Path, quick: bool) -> dict[str, Any]:
     grid = yaml.safe_load(path.read_text())
-    unknown = set(grid) - {"settings", "methods", "factors", "default_cells", "variants", "quick"}
+    unknown = set(grid) - {"settings", "methods", "factors", "default_cells", "variants", "quick", "study_variants",
+                           "study_cells"}
     if unknown:
         raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)}")
     settings = dict(grid["settings"])
@@ -71,7 +72,8 @@ def pick_cells(grid: dict[str, Any], spec: str, quick: bool) -> list[Cell]:
     known = all_cells(grid)
     if quick:  # the quick cell need not be in the factors
         return [_parse_cell(n) for n in grid["default_cells"]]
-    names = grid["default_cells"] if spec == "default" else list(known) if spec == "all" else spec.split(",")
+    names = {"default": grid["default_cells"], "all": list(known), "study": grid.get("study_cells", [])}.get(
+        spec, spec.split(","))
     missing = [n for n in names if n not in known]
     if missing:
         raise SystemExit(f"--cells: unknown cells {missing}; known: {', '.join(known)}")
@@ -88,7 +90,7 @@ def methods_to_run(grid: dict[str, Any], methods: str | None, variants: str | No
     out = [(m, m, {}) for m in (methods.split(",") if methods else grid["methods"])]
     if variants:
         table = grid["variants"]
-        names = list(table) if variants == "all" else variants.split(",")
+        names = {"all": list(table), "study": grid.get("study_variants", [])}.get(variants, variants.split(","))
         missing = [n for n in names if n not in table]
         if missing:
             raise SystemExit(f"--variants: unknown {missing}; known: {', '.join(table)}")
@@ -143,9 +145,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI-sized smoke run (the grid file's quick block)")
     parser.add_argument("--grid", default=str(GRID_FILE), help="grid file (default: benchmarks/quality_grid.yaml)")
-    parser.add_argument("--cells", default="default", help="default | all | comma-separated cell names")
+    parser.add_argument("--cells", default="default", help="default | all | study | comma-separated cell names")
     parser.add_argument("--methods", default=None, help="comma-separated methods (default: the grid's)")
-    parser.add_argument("--variants", default=None, help="FTW variants from the grid file: all | a,b")
+    parser.add_argument("--variants", default=None, help="FTW variants from the grid file: all | study | a,b")
     parser.add_argument("--workers", type=int, default=2, help="parallel (cell, seed) jobs, one thread each")
     parser.add_argument("--out", default=None, help="default: results/quality (quick: results/quality_quick)")
     parser.add_argument("--fresh", action="store_true", help="rerun even where a finished run is stored")

@@ -1,4 +1,4 @@
-"""Filter: u_i = b_i − (τ/2) K_ii, keep the top m with u > 0 (DESIGN §2)."""
+"""Filter: u_i = b_i − (τ/2) K_ii, keep the top m with u > 0 (docs/design.md §2)."""
 
 from __future__ import annotations
 

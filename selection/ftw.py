@@ -1,4 +1,4 @@
-"""Filter-then-Weight (DESIGN §2–§4, §7): the optimizer-aware selector.
+"""Filter-then-Weight (docs/design.md §2–§4, §7): the optimizer-aware selector.
 
     ftw = FilterThenWeight(model, optimizer, FTWConfig(budget=k, filter_size=m, gram="exact"))
     sel = ftw.select(pool, target)
@@ -40,7 +40,7 @@ class FTWConfig:
     budget: k, the most samples with non-zero weight. filter_size: m survivors of the filter (takes
     precedence over filter_ratio, a fraction of the global pool N); m is clipped to [k, N].
     gram: "exact" | "ghost" | "sketch" | "auto" (per layer by cost). geometry: "adam" (P, m̂ from the
-    optimizer) | "sgd" (P = I, no momentum). momentum_coef ρ / curvature τ: None = DESIGN §2's
+    optimizer) | "sgd" (P = I, no momentum). momentum_coef ρ / curvature τ: None = docs/design.md §2's
     defaults from the optimizer's β1 and step, scaled by curvature_scale γ. w_max: optional cap on
     each weight (>= 1/budget). target_refresh: recompute g_V every this many selection steps.
     sketch_dim_out/in: k_o, k_i of the sketch backend. exchange: what crosses ranks — "factors" (the

@@ -1,4 +1,4 @@
-"""Optimizer-state readers for sharded moments (DESIGN §4): FSDP2 and DeepSpeed ZeRO-3.
+"""Optimizer-state readers for sharded moments (docs/design.md §4): FSDP2 and DeepSpeed ZeRO-3.
 
 Both return only this rank's part of a parameter's Adam moments as :class:`StateBlock`s of the
 parameter's 2-D layout and set ``replicated = False``, so FTW all-reduces its partial results.

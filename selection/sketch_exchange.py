@@ -1,4 +1,4 @@
-"""FTW with ``exchange="sketches"``: alignment, diag K and Gram from k_o × k_i sketches only (DESIGN §3–§4).
+"""FTW with ``exchange="sketches"``: alignment, diag K and Gram from k_o × k_i sketches only (docs/design.md §3–§4).
 
 The sketch operator (selection/gram.py, P ≈ r cᵀ from the moments, R = diag r, C = diag c, Gaussian
 Π_o [k_o, d_out], Π_i [k_i, d_in] with E[ΠᵀΠ] = I):

@@ -1,4 +1,4 @@
-"""Weight: max_w bᵀw − (τ/2) wᵀKw  s.t. w ≥ 0, Σw = 1, (w ≤ w_max), at most k non-zeros (DESIGN §2).
+"""Weight: max_w bᵀw − (τ/2) wᵀKw  s.t. w ≥ 0, Σw = 1, (w ≤ w_max), at most k non-zeros (docs/design.md §2).
 
 Two interchangeable QP solvers (same optimum; tests hold them together):
 - ``torch`` (default): batched FISTA with projection onto the (capped) simplex, then an exact KKT

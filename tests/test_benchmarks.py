@@ -26,13 +26,23 @@ def test_quality_quick(tmp_path):
     done = _bench("quality", tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert {"random", "ftw", "greats", "uds", "less"} <= set(summary["methods"])
-    for method, agg in summary["methods"].items():
-        assert agg["final_eval_loss"][0] > 0 and 0 <= agg["precision_target"][0] <= 1, method
-    assert summary["meta"]["selected_per_step"]["random"] == pytest.approx(4.0)
+    assert summary["meta"]["grid_file"] == "benchmarks/quality_grid.yaml"
+    assert {"random", "oracle", "greats", "ftw"} <= set(summary["overall"])
+    (cell,) = summary["cells"]
+    assert cell["cell"] == "t15-c25-lh-k4" and cell["seeds"] == [0, 1] and isinstance(cell["valid"], bool)
+    for method, m in cell["methods"].items():
+        assert m["final_loss"][0] > 0 and abs(sum(m["precision"].values()) - 1) < 1e-6, method
+        assert (m["gap_closed"] is None) == (not cell["valid"])
+    # the oracle really reads the kinds: far more weight on clean target than random's base rate
+    assert cell["methods"]["oracle"]["precision"]["target"] > cell["methods"]["random"]["precision"]["target"] + 0.2
+    assert cell["methods"]["random"]["ess"] == pytest.approx(4.0)
     md = (tmp_path / "summary.md").read_text()
-    assert "Command: `python -m benchmarks.quality --quick" in md and "| ftw |" in md
-    assert (tmp_path / "eval_loss.png").stat().st_size > 1000
+    assert "Command: `python -m benchmarks.quality --quick" in md and "| ftw |" in md and "gap closed" in md
+    for png in ("curves.png", "gap_closed.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+    # finished runs are stored and reused: a second invocation runs nothing new
+    again = _bench("quality", tmp_path)
+    assert again.returncode == 0 and "[quality] t15" not in again.stdout
 
 
 @pytest.mark.slow

@@ -123,3 +123,14 @@ def test_bad_config_is_an_error_naming_the_key(data_dir, tmp_path):
     assert done.returncode == 2 and "selection.budget" in done.stderr
     done = _run(["train", *_train_args(data_dir, tmp_path, "selection.options.ftw.gram=dense")], timeout=120)
     assert done.returncode == 2 and "selection.options.ftw.gram" in done.stderr
+
+
+def test_oracle_through_the_trainer_reads_the_kind_column(data_dir, tmp_path):
+    """The Trainer hands the stream's kind names to the selector: the oracle's weight is all on clean target."""
+    done = _run(["train", *_train_args(data_dir, tmp_path, "engine.name=fsdp2", "selection.method=oracle",
+                                       "training.num_steps=4", "training.eval_every=0", "run_name=oracle",
+                                       "monitoring.enabled=false", "checkpoint.every_steps=0")], timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "oracle" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "train/loss" in r]
+    assert len(steps) == 4 and all(r["select/precision/target"] == 1.0 for r in steps)
