@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     from optsel.pipeline.synthetic import look_alike
 
     meta = {"mode": "quick" if args.quick else "default", "wall_seconds": time.perf_counter() - started,
+            "run_seconds": sum(r.wall_seconds for r in runs), "workers": args.workers,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "command": "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
             "grid_file": str(Path(args.grid).resolve().relative_to(Path(__file__).resolve().parents[1]))
@@ -203,7 +204,11 @@ def main(argv: list[str] | None = None) -> dict:
                             f"seeds {settings.seeds}; base pre-trained {settings.pretrain_steps} steps.")}
     report.write_csv(runs, out / "runs.csv")
     report.write_json(runs, summaries, meta, out / "summary.json")
-    (out / "summary.md").write_text(report.markdown(summaries, meta))
+    table = report.alignment_by_kind(runs)
+    extra = ("\n## FTW's alignment b by kind along training\n\nMean b of each kind's pool samples in units of "
+             "the step's mean |b|, mean ± 95 % CI over FTW's runs in these cells:\n\n"
+             + report.alignment_markdown(table)) if table else ""
+    (out / "summary.md").write_text(report.markdown(summaries, meta) + extra)
     main_cell = "t15-c25-lh-k8" if "t15-c25-lh-k8" in meta["cells"] else meta["cells"][0]
     report.plots(runs, summaries, main_cell, out)
     print((out / "summary.md").read_text().split("## Per cell")[0])

@@ -94,7 +94,10 @@ def _pm(pair: tuple[float, float], digits: int = 3) -> str:
 def markdown(summaries: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     ov = overall(summaries)
     lines = [f"# Quality grid ({meta['mode']})", "",
-             f"Command: `{meta['command']}` — {meta['date']}, {meta['wall_seconds'] / 60:.1f} min wall on 2 CPU cores.",
+             f"Command: `{meta['command']}` — {meta['date']}, {meta['wall_seconds'] / 60:.1f} min wall for this "
+             f"invocation on 2 CPU cores; the {len(meta['cells'])} cells' runs took {meta['run_seconds'] / 60:.1f} "
+             f"core-minutes in all (≈ {meta['run_seconds'] / 60 / max(meta['workers'], 1):.1f} min with "
+             f"{meta['workers']} workers; stored runs are reused).",
              f"Grid file: `{meta['grid_file']}` (settings and cells fixed before results were seen).", "",
              meta.get("description", ""), "",
              "Gap closed = (L_random − L_method) / (L_random − L_oracle) of the final target validation loss, "
@@ -202,3 +205,24 @@ def plots(runs: list[RunResult], summaries: list[dict[str, Any]], cell: str, out
     fig.tight_layout()
     fig.savefig(out / "gap_closed.png", dpi=110)
     plt.close(fig)
+
+
+def alignment_by_kind(runs: list[RunResult], method: str = "ftw") -> dict[int, dict[str, tuple[float, float]]]:
+    """step -> kind -> (mean, 95 % CI) over the method's runs of the mean alignment b of that kind's pool
+    samples, in units of the step's mean |b| (recorded every eval_every steps)."""
+    acc: dict[int, dict[str, list[float]]] = {}
+    for r in runs:
+        if r.method != method:
+            continue
+        for step, kinds in r.alignment_by_kind.items():
+            for kind, value in kinds.items():
+                acc.setdefault(int(step), {}).setdefault(kind, []).append(value)
+    return {s: {k: mean_ci(v) for k, v in sorted(kinds.items())} for s, kinds in sorted(acc.items())}
+
+
+def alignment_markdown(table: dict[int, dict[str, tuple[float, float]]]) -> str:
+    kinds = sorted({k for row in table.values() for k in row})
+    lines = ["| step | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+    for step, row in table.items():
+        lines.append(f"| {step} | " + " | ".join(_pm(row[k], 2) if k in row else "—" for k in kinds) + " |")
+    return "\n".join(lines) + "\n"
