@@ -98,26 +98,43 @@ def methods_to_run(grid: dict[str, Any], methods: str | None, variants: str | No
     return out
 
 
+def resolved_options(method: str, options: dict, budget: int) -> dict:
+    """The selector's typed config as it will run (defaults filled in), so a changed default is a new run."""
+    from optsel.launch.config_loader import from_mapping, to_plain
+    from optsel.selection.base import get_selector_factory
+
+    config_class = getattr(get_selector_factory(method), "config_class", None)
+    if config_class is None:
+        return dict(options)
+    return to_plain(from_mapping(config_class, {"budget": budget, **options}, f"options.{method}"))
+
+
 def _key(settings: Settings, cell: Cell, label: str, method: str, options: dict, seed: int) -> str:
-    blob = json.dumps([asdict(settings), asdict(cell), method, options, seed], sort_keys=True, default=str)
+    budget = settings.pool if method == "full" else cell.budget
+    blob = json.dumps([asdict(settings), asdict(cell), method, resolved_options(method, options, budget), seed],
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _job(args: tuple) -> list[dict]:
     """One (cell, seed): every requested method, reusing finished runs. Runs in a worker process."""
-    settings, base, cell, seed, todo, run_dir = args
+    settings, base, cell, seed, todo, run_dir, report_only = args
     import torch
 
     torch.set_num_threads(1)
     logging.getLogger("optsel").setLevel(logging.WARNING)
-    stream = build_stream(settings, synthetic_config(settings, cell.target_fraction, cell.corrupted_fraction,
-                                                     cell.lookalike, settings.num_train), settings.stream_seed)
+    stream = None
     out = []
     for label, method, options in todo:
         path = Path(run_dir) / cell.name / f"{label}_s{seed}_{_key(settings, cell, label, method, options, seed)}.json"
         if path.is_file():
             out.append(json.loads(path.read_text()))
             continue
+        if report_only:
+            continue
+        if stream is None:
+            stream = build_stream(settings, synthetic_config(settings, cell.target_fraction, cell.corrupted_fraction,
+                                                             cell.lookalike, settings.num_train), settings.stream_seed)
         r = run(settings, stream, base, method, options, label, cell, seed, probe_alignment=method in PROBED)
         record = vars(r)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,6 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=2, help="parallel (cell, seed) jobs, one thread each")
     parser.add_argument("--out", default=None, help="default: results/quality (quick: results/quality_quick)")
     parser.add_argument("--fresh", action="store_true", help="rerun even where a finished run is stored")
+    parser.add_argument("--report-only", action="store_true",
+                        help="no new runs: the report over the stored runs of these cells, methods and variants")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     grid = load_grid(Path(args.grid), args.quick)
@@ -181,7 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
         tmp = base_path.with_suffix(".tmp")
         torch.save({"key": base_key, "state": base}, tmp)
         tmp.replace(base_path)
-    jobs = [(settings, base, cell, seed, todo, str(run_dir)) for cell in cells for seed in settings.seeds]
+    jobs = [(settings, base, cell, seed, todo, str(run_dir), args.report_only) for cell in cells
+            for seed in settings.seeds]
     if args.workers > 1:
         with mp.get_context("spawn").Pool(args.workers) as pool:
             records = [r for batch in pool.imap_unordered(_job, jobs) for r in batch]
