@@ -50,10 +50,11 @@ class FTWConfig:
     forward/backward (None: whole pool). max_temp_elems: bound on temporaries of the Gram kernels
     and on T² for auto's ghost choice. compute_dtype: "auto" = float64 for float64 models else float32.
 
-    Options studied by the quality benchmark (docs/design.md §5; defaults = the plain method):
+    Options studied by the quality benchmark (docs/design.md §5):
     alignment: "dot" (b, K as defined) | "cosine" (every candidate's gradient scaled to unit P-norm:
-    b_i/‖g_i‖_P, K_ij/(‖g_i‖_P ‖g_j‖_P), as LESS does). filter_curvature: "sample" (u = b − (τ/2) K_ii,
-    the sample alone) | "batch" (u = b − (τ/(2k)) K_ii, its share of a k-sample step). ess_fraction:
+    b_i/‖g_i‖_P, K_ij/(‖g_i‖_P ‖g_j‖_P), as LESS does). filter_curvature: "batch" (default since the
+    grid: u = b − (τ/(2k)) K_ii, the sample's share of a k-sample step) | "sample" (u = b − (τ/2) K_ii,
+    the sample alone). ess_fraction:
     minimum effective sample size 1/Σw² as a fraction of k, enforced exactly by the weight cap
     w ≤ 1/(ess_fraction·k) (combined with w_max). weighting: "qp" (train on the QP's ≤ k weights) |
     "proportional" (draw k samples with replacement from the survivors ∝ the QP weights, uniform loss
@@ -80,7 +81,7 @@ class FTWConfig:
     compute_dtype: Literal["auto", "float32", "float64"] = "auto"
     exchange: Literal["factors", "sketches"] = "factors"
     alignment: Literal["dot", "cosine"] = "dot"
-    filter_curvature: Literal["sample", "batch"] = "sample"
+    filter_curvature: Literal["sample", "batch"] = "batch"  # the quality grid's evidence (docs/design.md §5)
     ess_fraction: float | None = None
     weighting: Literal["qp", "proportional"] = "qp"
     warmup_steps: int = 0

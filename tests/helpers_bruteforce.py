@@ -103,8 +103,10 @@ def adam_precond(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> tuple
     return 1.0 / (vhat.sqrt() + group["eps"]), state["exp_avg"] / (1 - b1 ** t)
 
 
-def brute_force(model, optimizer, pool, target, names, rho: float, tau: float, geometry: str = "adam"):
-    """(b [N], K [N, N], u [N]) from explicit per-sample gradients and explicit P, m̂."""
+def brute_force(model, optimizer, pool, target, names, rho: float, tau: float, geometry: str = "adam",
+                batch_share: int | None = None):
+    """(b [N], K [N, N], u [N]) from explicit per-sample gradients and explicit P, m̂.
+    u = b − (τ/2) K_ii, or b − (τ/(2k)) K_ii with ``batch_share=k`` (FTWConfig.filter_curvature="batch")."""
     params = dict(model.named_parameters())
     gp = per_sample_grads(model, pool, names)
     gt = per_sample_grads(model, target, names)
@@ -122,7 +124,7 @@ def brute_force(model, optimizer, pool, target, names, rho: float, tau: float, g
         Pf = P.reshape(-1)
         b += G @ (Pf * direction.reshape(-1))
         K += (G * Pf) @ G.T
-    u = b - 0.5 * tau * K.diagonal()
+    u = b - 0.5 * (tau / (batch_share or 1)) * K.diagonal()
     return b, K, u
 
 

@@ -54,7 +54,8 @@ def test_selection_is_consistent_with_brute_force(trained, support):
     cfg = FTWConfig(budget=3, filter_size=6, gram="exact", support=support, curvature=0.02)
     sel = FilterThenWeight(model, opt, cfg).select(pool, target)
     assert isinstance(sel, Selection) and sel.pool_size == 10
-    b, K, u = brute_force(model, opt, pool, target, sel.covered, sel.diagnostics["momentum_coef"], 0.02)
+    b, K, u = brute_force(model, opt, pool, target, sel.covered, sel.diagnostics["momentum_coef"], 0.02,
+                          batch_share=cfg.budget if cfg.filter_curvature == "batch" else None)
     assert sel.alignment.shape == (10,) and sel.utility.shape == (10,)
     f = sel.filtered
     m = f.numel()

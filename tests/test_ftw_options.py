@@ -40,7 +40,7 @@ def test_cosine_alignment_is_unit_norm_gradients(trained):
     b_cos, K_cos = b / norms, K / torch.outer(norms, norms)
     tau = sel.diagnostics["curvature"]
     assert _rel(sel.alignment, b_cos) < 1e-6
-    assert _rel(sel.utility, b_cos - 0.5 * tau) < 1e-6  # K_ii = 1
+    assert _rel(sel.utility, b_cos - 0.5 * tau / 3) < 1e-6  # K_ii = 1; default filter_curvature "batch", k = 3
     f = sel.filtered
     assert _rel(sel.gram, K_cos[f][:, f]) < 1e-6
     assert torch.allclose(sel.gram.diagonal().double(), torch.ones(f.numel(), dtype=torch.float64), atol=1e-6)
@@ -49,12 +49,16 @@ def test_cosine_alignment_is_unit_norm_gradients(trained):
 def test_batch_filter_curvature_is_the_sample_share_of_k(trained):
     model, opt, pool, target = trained
     k = 4
+    assert FTWConfig(budget=k).filter_curvature == "batch"  # the default since the quality grid
     sel = FilterThenWeight(model, opt, FTWConfig(budget=k, filter_size=6, gram="exact", filter_curvature="batch")
                            ).select(pool, target)
+    single = FilterThenWeight(model, opt, FTWConfig(budget=k, filter_size=6, gram="exact", filter_curvature="sample")
+                              ).select(pool, target)
     b, K, _ = _brute(model, opt, pool, target, sel)
     tau = sel.diagnostics["curvature"]
     u = b - 0.5 * (tau / k) * K.diagonal()
     assert _rel(sel.utility, u) < 1e-6
+    assert _rel(single.utility, b - 0.5 * tau * K.diagonal()) < 1e-6
     order = torch.sort(u, descending=True).indices
     positive = int((u > 0).sum())
     expected = order[:min(6, positive)] if positive >= k else order[:k]  # the filter's rule, fallback included

@@ -312,7 +312,9 @@ def _check_bruteforce(results: list[dict]) -> None:
     """The exact backend (R = 1, float64 copy of the trained state) equals explicit per-sample gradients
     (1e-5: Llama's eager attention takes its softmax in float32, on padded vs unpadded rows)."""
     sel, model, opt = _reference(results[0]["state_after"], "exact", torch.float64)
-    b, K, u = brute_force(model, opt, pool_batch(), target_batch(), sel["covered"], sel["rho"], sel["tau"])
+    cfg = ftw_config("exact")
+    b, K, u = brute_force(model, opt, pool_batch(), target_batch(), sel["covered"], sel["rho"], sel["tau"],
+                          batch_share=cfg.budget if cfg.filter_curvature == "batch" else None)
     torch.testing.assert_close(sel["alignment"], b, rtol=1e-5, atol=1e-7 * float(b.abs().max()))
     torch.testing.assert_close(sel["utility"], u, rtol=1e-5, atol=1e-7 * float(u.abs().max()))
     torch.testing.assert_close(sel["gram"], K[sel["filtered"]][:, sel["filtered"]], rtol=1e-5,
