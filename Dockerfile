@@ -8,19 +8,20 @@
 #   CPU, as CI builds it (bash scripts/container_image.sh): a Debian 12 base made locally with
 #   debootstrap and the CPU torch wheel scripts/setup.sh installs, handed over as the `wheels` context.
 #     podman build --build-arg BASE_IMAGE=localhost/optsel-base:bookworm --build-arg TORCH_VARIANT=cpu \
-#       --build-context wheels=/dir/with/torch-2.13.0+cpu.whl --secret id=ca,src=... -t optsel:0.1.0-cpu .
+#       --build-context wheels=DIR_WITH_THE_torch-2.13.0+cpu_WHEEL --secret id=ca,src=... -t optsel:0.1.0-cpu .
 #
 # Every other Python package is pinned by requirements/lock.txt (the stack the test suite runs) and
 # installed without dependency resolution, so the image holds exactly that set plus optsel's wheel.
 # The `ca` secret is the CA bundle pip trusts (a TLS-intercepting proxy's); it never lands in a layer.
-ARG BASE_IMAGE=docker.io/nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+# Python 3.11 everywhere, as in the tests (Ubuntu 22.04's python3.11 packages; Debian 12's python3):
+# the lock's wheels are cp311 (some pinned versions have none for 3.12, e.g. zstd 1.5.7.2).
+ARG BASE_IMAGE=docker.io/nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04
 
 # Extra wheels for pip (--find-links); empty unless --build-context wheels=DIR replaces this stage.
 FROM scratch AS wheels
 
 FROM ${BASE_IMAGE}
 ARG TORCH_VARIANT=cuda
-ARG TORCH_VERSION=2.13.0
 ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/optsel/venv PATH=/opt/optsel/venv/bin:$PATH \
     MPLCONFIGDIR=/tmp/optsel-matplotlib TORCH_EXTENSIONS_DIR=/tmp/optsel-torch-extensions
@@ -28,7 +29,7 @@ ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
 # Python with venv, and g++ + Python headers for DeepSpeed's JIT-built CPU ops (zero3_cpu_adam).
 # The CI base already carries them (debootstrap --include), so apt runs only where something is missing.
 RUN set -eu; missing=""; \
-    for p in python3 python3-venv python3-dev g++ ca-certificates; do \
+    for p in python3.11 python3.11-venv python3.11-dev g++ ca-certificates; do \
       dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done; \
     if [ -n "$missing" ]; then \
       apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $missing && \
@@ -43,9 +44,9 @@ COPY requirements/lock.txt /opt/optsel/lock.txt
 RUN --mount=type=secret,id=ca --mount=type=bind,from=wheels,target=/wheels \
     --mount=type=cache,target=/root/.cache/pip \
     set -eu; if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
-    python3 -m venv "$VIRTUAL_ENV"; \
+    python3.11 -m venv "$VIRTUAL_ENV"; \
     pip install -q -c /opt/optsel/lock.txt pip setuptools wheel; \
-    pip install -q --find-links /wheels -c /opt/optsel/lock.txt "torch==${TORCH_VERSION}"; \
+    pip install -q --find-links /wheels -c /opt/optsel/lock.txt torch; \
     python -c "import torch, sys; v = torch.__version__; cuda = torch.version.cuda; \
       sys.exit(0 if ('$TORCH_VARIANT' == 'cpu') == (cuda is None) else f'torch {v} (cuda {cuda}) is not the $TORCH_VARIANT build')"; \
     pip install -q --no-deps --no-build-isolation -r /opt/optsel/lock.txt

@@ -10,7 +10,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
-"${PIP[@]}" install --upgrade pip setuptools wheel
+"${PIP[@]}" install --upgrade -c requirements/lock.txt pip setuptools wheel
 CONSTRAINTS=()
 if [ "${OPTSEL_KEEP_TORCH:-0}" != "1" ]; then
   "${PIP[@]}" install -c requirements/constraints-cpu.txt torch==2.13.0

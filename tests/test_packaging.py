@@ -73,6 +73,16 @@ def test_builtin_configs_by_name_write_under_the_current_directory(tmp_path, mon
         load_run_config("demo_typo")
 
 
+def test_lock_is_the_tested_environment():
+    """requirements/lock.txt (what the container image installs) pins what this environment runs."""
+    done = subprocess.run([sys.executable, str(REPO / "scripts/make_lock.py"), "--check"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lock = (REPO / "requirements/lock.txt").read_text()
+    for pin in ("torch==2.13.0", "deepspeed==0.19.8", "mosaicml-streaming==0.13.0"):
+        assert f"\n{pin}\n" in lock, pin
+
+
 def _venv_python(venv: Path) -> Path:
     return venv / "bin" / "python"
 
