@@ -8,11 +8,12 @@ any (nested) dataclass from a mapping, apply ``key.sub=value`` overrides and dum
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Mapping, TypeVar, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Literal, Mapping, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -153,10 +154,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set each ``key.sub=value`` in the raw mapping (creating sub-mappings) before validation."""
+def apply_overrides(data: dict[str, Any], overrides: list[str],
+                    transform: Callable[[list[str], Any], Any] | None = None) -> dict[str, Any]:
+    """Set each ``key.sub=value`` in the raw mapping (creating sub-mappings) before validation.
+
+    ``transform(keys, value)``, if given, maps each parsed value first (e.g. path resolution)."""
     for text in overrides:
         keys, value = parse_override(text)
+        if transform is not None:
+            value = transform(keys, value)
         node = data
         for i, key in enumerate(keys[:-1]):
             child = node.get(key)
@@ -180,6 +186,90 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError("", f"{path} must hold a mapping at the top level")
     return data
+
+
+# ---- paths ---------------------------------------------------------------------------------------
+# A config names its path keys as {dotted key: kind}; "key[]" is a list of paths. Kinds:
+#   "path"     a file or folder (relative: see resolve_path)
+#   "located"  a local path or a hub/registry name: resolved only if that path exists
+# URLs (scheme://...) and the empty string are never touched; ``keep`` values (e.g. "auto") neither.
+PathKeys = Mapping[str, str]
+_VAR = re.compile(r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)\}|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))")
+
+
+def expand_vars(value: str, key: str) -> str:
+    """``$NAME``/``${NAME}`` from the environment and a leading ``~``. ``$PWD`` is always the current
+    directory (set or not by a shell). An unset variable is an error naming ``key``."""
+    def sub(match: re.Match) -> str:
+        name = match.group("braced") or match.group("plain")
+        if name == "PWD":
+            return os.getcwd()
+        if name not in os.environ:
+            raise ConfigError(key, f"{value!r} uses the environment variable ${name}, which is not set")
+        return os.environ[name]
+
+    return os.path.expanduser(_VAR.sub(sub, value))
+
+
+def resolve_path(value: Any, key: str, base: Path, kind: str = "path", keep: tuple[str, ...] = ()) -> Any:
+    """One path value: variables expanded, then a relative path joined to ``base`` (the config file's
+    folder for values from a file, the current directory for command-line overrides)."""
+    if not isinstance(value, str) or not value or value in keep:
+        return value
+    value = expand_vars(value, key)
+    if "://" in value or os.path.isabs(value):
+        return value
+    resolved = os.path.normpath(os.path.join(base, value))
+    if kind == "located" and not os.path.exists(resolved):
+        return value  # e.g. a hub name, or a path the command will report as missing
+    return resolved
+
+
+def resolve_paths(data: dict[str, Any], keys: PathKeys, base: Path,
+                  keep: Mapping[str, tuple[str, ...]] | None = None) -> dict[str, Any]:
+    """Resolve every path key present in the raw mapping ``data`` (in place) against ``base``."""
+    for dotted, kind in keys.items():
+        is_list = dotted.endswith("[]")
+        parts = dotted.removesuffix("[]").split(".")
+        node: Any = data
+        for part in parts[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or parts[-1] not in node:
+            continue
+        name, value, skip = dotted.removesuffix("[]"), node[parts[-1]], (keep or {}).get(dotted.removesuffix("[]"), ())
+        if is_list and isinstance(value, list):
+            node[parts[-1]] = [resolve_path(v, f"{name}[{i}]", base, kind, skip) for i, v in enumerate(value)]
+        elif not is_list:
+            node[parts[-1]] = resolve_path(value, name, base, kind, skip)
+    return data
+
+
+def load_config_data(path: str | Path, overrides: list[str], keys: PathKeys,
+                     keep: Mapping[str, tuple[str, ...]] | None = None) -> dict[str, Any]:
+    """A config file (a path, or the name of a built-in config such as ``demo``) plus overrides, as a
+    raw mapping with its paths resolved: relative paths written in the file against the file's folder,
+    relative paths given as ``key=value`` overrides against the current directory."""
+    from optsel.resources import find_config
+
+    try:
+        file = find_config(path)
+    except FileNotFoundError as err:
+        raise ConfigError("", str(err)) from None
+    data = resolve_paths(load_yaml(file), keys, file.resolve().parent, keep)
+    cwd = Path.cwd()
+
+    def transform(parts: list[str], value: Any) -> Any:
+        wrapped: dict[str, Any] = {}
+        node = wrapped
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+        resolve_paths(wrapped, keys, cwd, keep)
+        for part in parts[:-1]:
+            wrapped = wrapped[part]
+        return wrapped[parts[-1]]
+
+    return apply_overrides(data, overrides, transform)
 
 
 def to_plain(obj: Any) -> Any:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from optsel.launch.config_loader import ConfigError, apply_overrides, from_mapping, load_yaml
+from optsel.launch.config_loader import ConfigError, from_mapping, load_config_data
 from optsel.monitoring.sinks import MonitoringConfig
 from optsel.pipeline.checkpoint import CheckpointConfig
 from optsel.pipeline.data import DataConfig
@@ -96,9 +96,21 @@ class RunConfig:
             raise ConfigError("selection.num_target_samples", f"must be >= the world size {world_size}")
 
 
+# The path keys of a run config and of a prepare config (see config_loader.resolve_paths): relative
+# paths written in a config file resolve against that file's folder, relative paths given as
+# overrides against the current directory; $VAR/${VAR} expand ($PWD: the current directory).
+RUN_PATH_KEYS = {"output_dir": "path", "model.path": "path", "data.local": "path", "data.remote": "path",
+                 "data.cache_dir": "path", "engine.deepspeed_config": "path", "monitoring.textfile": "path",
+                 "checkpoint.dir": "path", "checkpoint.resume": "path"}
+RUN_PATH_KEEP = {"checkpoint.resume": ("auto",)}
+PREPARE_PATH_KEYS = {"out_dir": "path", "files[]": "path", "val_files[]": "path", "hf.path": "located",
+                     "tokenizer.path": "located"}
+
+
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """YAML file + ``key.sub=value`` overrides → validated RunConfig (errors name the key)."""
-    data = apply_overrides(load_yaml(path), list(overrides or []))
+    """YAML file (or built-in config name, e.g. ``demo``) + ``key.sub=value`` overrides → validated
+    RunConfig (errors name the key); paths resolved as described at RUN_PATH_KEYS."""
+    data = load_config_data(path, list(overrides or []), RUN_PATH_KEYS, RUN_PATH_KEEP)
     config = from_mapping(RunConfig, data)
     from optsel.selection.base import selector_names
 
@@ -108,6 +120,13 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     for method in config.selection.options:
         method_config(config.selection, method)  # validate every block, not only the one in use
     return config
+
+
+def load_prepare_config(path: str | Path, overrides: list[str] | None = None) -> Any:
+    """A prepare config file (or built-in name, e.g. ``prepare_synthetic``) + overrides → PrepareConfig."""
+    from optsel.pipeline.prepare import PrepareConfig
+
+    return from_mapping(PrepareConfig, load_config_data(path, list(overrides or []), PREPARE_PATH_KEYS))
 
 
 def method_config(selection: SelectionConfig, method: str) -> Any:

@@ -10,11 +10,12 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
-"${PIP[@]}" install --upgrade pip setuptools wheel
+"${PIP[@]}" install --upgrade -c requirements/lock.txt pip setuptools wheel
 CONSTRAINTS=()
 if [ "${OPTSEL_KEEP_TORCH:-0}" != "1" ]; then
   "${PIP[@]}" install -c requirements/constraints-cpu.txt torch==2.13.0
-  CONSTRAINTS=(-c requirements/constraints-cpu.txt)
+  # requirements/lock.txt: the exact package set the container image ships (scripts/make_lock.py).
+  CONSTRAINTS=(-c requirements/constraints-cpu.txt -c requirements/lock.txt)
 fi
 # deepspeed's setup.py imports torch: build it against the venv's torch, never an isolated one.
 "${PIP[@]}" install "${CONSTRAINTS[@]}" --no-build-isolation "deepspeed==0.19.8"

@@ -4,5 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/install_prometheus.sh   # promtool + a real Prometheus for the monitoring tests
+bash scripts/install_container_tools.sh   # podman, runc, debootstrap for tests/test_container.py
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/optsel/torch_extensions}
 exec .venv/bin/python -m pytest -q -ra "$@"

@@ -42,16 +42,23 @@ class OptimizerConfig:
             raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
 
 
+def _default_deepspeed_config() -> str:
+    from optsel.resources import default_deepspeed_config
+
+    return default_deepspeed_config()
+
+
 @dataclass(kw_only=True)
 class EngineConfig:
     """Which backend and how it shards.
 
-    deepspeed_config: path to a DeepSpeed JSON (configs/deepspeed/); optsel fills the batch sizes,
-    optimizer and scheduler from the run config. precision "auto" = bf16 on CUDA, fp32 on CPU.
+    deepspeed_config: path to a DeepSpeed JSON (default: the bundled ``deepspeed/zero3.json``, see
+    ``optsel configs list``); optsel fills the batch sizes, optimizer and scheduler from the run config.
+    precision "auto" = bf16 on CUDA, fp32 on CPU.
     """
 
     name: Literal["deepspeed", "fsdp2"] = "deepspeed"
-    deepspeed_config: str = "configs/deepspeed/zero3.json"
+    deepspeed_config: str = field(default_factory=_default_deepspeed_config)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     collective_timeout_s: float = 600.0
     extra: dict[str, Any] = field(default_factory=dict)
