@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -45,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"optsel: {err}", file=sys.stderr)
         return 2
+    from optsel.pipeline import jsonio
     from optsel.pipeline.trainer import Trainer
 
     from optsel.pipeline.checkpoint import CheckpointError
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(config)
         summary = trainer.train()
         if distributed.info().is_main:
-            print(json.dumps(summary, indent=2))
+            print(jsonio.dumps(summary, indent=2))
             print(f"outputs in {summary['run_dir']} (config.yaml, metrics.jsonl, selections.jsonl, summary.json, loss.png)")
             if summary.get("stopped"):
                 print(f"optsel: stopped early ({summary['stopped']}) at step {summary['num_steps']} of "

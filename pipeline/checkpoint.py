@@ -31,6 +31,7 @@ from typing import Any, Callable
 import torch
 
 from optsel import distributed
+from optsel.pipeline import jsonio
 
 log = logging.getLogger("optsel.checkpoint")
 
@@ -163,7 +164,7 @@ class CheckpointManager:
         if self.dist.is_main:
             record = {**meta, "step": step, "world_size": self.dist.world_size, "save_seconds": seconds,
                       "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            _atomic_write_text(partial / "meta.json", json.dumps(record, indent=2, default=str))
+            _atomic_write_text(partial / "meta.json", jsonio.dumps(record, indent=2, default=str))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(partial, final)

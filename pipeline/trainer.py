@@ -24,6 +24,7 @@ from optsel.launch.config_loader import ConfigError, dump_yaml, redact, to_plain
 from optsel.launch.run_config import RunConfig, method_config
 from optsel.monitoring.sinks import MultiSink, build_sinks
 from optsel.pipeline import data as data_lib
+from optsel.pipeline import jsonio
 from optsel.pipeline.checkpoint import CheckpointError, CheckpointManager
 from optsel.pipeline.engines.base import Batch, build_engine
 from optsel.pipeline.evaluate import EvalResult, evaluate
@@ -95,6 +96,7 @@ class Trainer:
         self.config = config
         self.dist = distributed.init_distributed(config.engine.name, timeout_s=config.engine.collective_timeout_s)
         config.validate_for_world(self.dist.world_size)
+        config.check_paths()
         torch.manual_seed(config.training.seed)
         self.run_dir = config.run_dir
         if self.dist.is_main:
@@ -323,7 +325,7 @@ class Trainer:
             record = {"step": self.step + 1, "sample_ids": sample_ids[selection.indices].tolist(),
                       "weights": [round(float(w), 6) for w in selection.weights],
                       "pool_sample_ids": sample_ids.tolist()}
-            self._selections_file.write(json.dumps(record) + "\n")
+            self._selections_file.write(jsonio.dumps(record) + "\n")
             self._selections_file.flush()
         return metrics
 
@@ -394,7 +396,7 @@ class Trainer:
             "wall_seconds": time.perf_counter() - started,
         }
         if self.dist.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            (self.run_dir / "summary.json").write_text(jsonio.dumps(summary, indent=2))
             plot_run(history, initial.loss, self.run_dir / "loss.png",
                      f"{self.config.selection.method} / {self.config.engine.name} / {self.dist.world_size} ranks")
         return summary
