@@ -173,14 +173,21 @@ class FSDP2Engine(Engine):
 
         state = self._dcp_state()  # initializes the optimizer state so DCP can load into it in place
         reader, planner = dcp_reader_and_planner(path)  # .metadata and byte items without arbitrary pickle
+        from torch.distributed.checkpoint.api import CheckpointException
+
         try:
             dcp.load(state, storage_reader=reader, planner=planner)
         except UnsafeCheckpointError:
             raise
-        except Exception as err:  # DCP raises CheckpointException wrapping per-rank errors
+        except (Exception, CheckpointException) as err:  # CheckpointException (a BaseException) wraps per-rank errors
             unsafe = _find_cause(err, UnsafeCheckpointError)
             if unsafe is not None:
-                raise unsafe from err
+                raise UnsafeCheckpointError(str(unsafe)) from err
+            import re
+
+            refused = re.search(r"checkpoint\.resume: .*? holds pickled objects .*?could run code\)", str(err))
+            if refused:  # DCP turned the reader's error into text
+                raise UnsafeCheckpointError(refused.group(0)) from err
             raise CheckpointError(f"checkpoint.resume: torch.distributed.checkpoint could not load {path}: {err}") from err
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         extra = torch_load(extra_file, what=str(extra_file))
@@ -202,6 +209,7 @@ def _find_cause(err: BaseException, kind: type) -> BaseException | None:
             return cur
         stack.extend([cur.__cause__, cur.__context__])
         failures = getattr(cur, "failures", None)
-        if isinstance(failures, dict):
-            stack.extend(v for v in failures.values() if isinstance(v, BaseException))
+        if isinstance(failures, dict):  # DCP: {rank: (exception, traceback)}
+            for value in failures.values():
+                stack.extend(v for v in (value if isinstance(value, tuple) else (value,)) if isinstance(v, BaseException))
     return None
