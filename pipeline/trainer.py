@@ -224,13 +224,12 @@ class Trainer:
         if chosen is not None:
             return str(chosen), ""
         earlier = self.checkpoints.complete()
-        partial = list(self.checkpoints.root.glob("step_*.partial")) if self.checkpoints.root.is_dir() else []
-        if (earlier or partial) and not self.config.checkpoint.overwrite:
-            newest = earlier[-1].name if earlier else partial[-1].name
+        if earlier and not self.config.checkpoint.overwrite:  # (an interrupted .partial save is no checkpoint)
+            newest = earlier[-1].name
             return "", (f"checkpoint.dir: {self.checkpoints.root} holds checkpoints of an earlier run (newest {newest}); "
                         f"continue it with --resume, or start over with --overwrite (checkpoint.overwrite=true: "
                         f"moves them aside, deletes nothing), or choose another output_dir / checkpoint.dir")
-        if earlier or partial:
+        if earlier:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             aside = self.checkpoints.root.with_name(f"{self.checkpoints.root.name}.replaced-{stamp}")
             self.checkpoints.root.rename(aside)
@@ -513,7 +512,15 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
     """Keep the lines of ``path`` with ``step`` <= last_step (atomic rewrite)."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:  # a line torn by a crash mid-write
+            log.warning("%s: dropping a torn line (%d characters) written by a crashed run", path, len(line))
+            continue
+        if record is not None and record.get("step", 0) <= last_step:
+            kept.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)
