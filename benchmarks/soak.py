@@ -85,6 +85,11 @@ def finish(proc: subprocess.Popen, timeout: float) -> int:
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        try:  # torchrun starts its workers in their own sessions: kill them by pid first
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
+        except psutil.Error:
+            pass
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         return -9
@@ -168,7 +173,9 @@ def soak_engine(engine: str, kills: int, steps: int, method: str, work: Path, da
         folder.mkdir(parents=True)
     before_shm = deepspeed_shm_files()
     t0 = time.perf_counter()
-    proc = launch(overrides(data, straight_out, engine, steps, method), straight_out / "log.txt")
+    # the straight run saves no periodic checkpoints (checkpoint.* may differ between runs; it saves at its end)
+    proc = launch(overrides(data, straight_out, engine, steps, method) + ["checkpoint.every_steps=0"],
+                  straight_out / "log.txt")
     code = finish(proc, launch_timeout)
     straight_s = time.perf_counter() - t0
     if code != 0:
