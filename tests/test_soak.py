@@ -29,6 +29,6 @@ def test_soak_quick(tmp_path):
     kills = [e for e in result["events"] if "signal" in e]
     assert kills[0]["exit_code"] != 0  # a SIGKILLed rank ends the job
     assert kills[1]["exit_code"] == 0  # SIGTERM: every rank checkpoints and stops cleanly
-    assert kills[1]["resumed_from"] >= 1 and result["launches"] == 3
+    assert kills[1]["resumed_from"] >= 1 and result["launches"] >= 3
     md = (tmp_path / "soak.md").read_text()
     assert "python -m benchmarks.soak --quick" in md and "**pass**" in md
