@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import io
-import json
 import os
 import platform
 import queue
@@ -59,6 +58,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+
+from optsel.pipeline import jsonio
 
 REPO = Path(__file__).resolve().parents[1]
 ZERO3_JSON = REPO / "configs" / "deepspeed" / "zero3.json"
@@ -449,7 +450,7 @@ def _ratio(a: float, b: float) -> str:
 
 def write(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "distributed_select.json").write_text(json.dumps(results, indent=2))
+    (out / "distributed_select.json").write_text(jsonio.dumps(results, indent=2))
     meta, rows = results["meta"], results["rows"]
     L = [f"# Distributed FTW select: bytes and per-phase time, R = 1 vs R = 2 ({meta['mode']})", "",
          f"- date: {meta['date']}",

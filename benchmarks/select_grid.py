@@ -17,7 +17,6 @@ it is 1 — printed as a check) and of the QP weights.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -31,6 +30,7 @@ if __package__ in (None, ""):
 import torch
 
 from benchmarks.speed import build_model, make_pool, sync, train_step
+from optsel.pipeline import jsonio
 from optsel.selection.ftw import FilterThenWeight, FTWConfig
 
 PHASES = ("capture", "target", "alignment", "filter", "gather", "gram", "solve")
@@ -118,7 +118,7 @@ def sketch_errors(device, n, T, dims, seeds) -> list[dict]:
 
 def write(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "select_grid.json").write_text(json.dumps(results, indent=2))
+    (out / "select_grid.json").write_text(jsonio.dumps(results, indent=2))
     m = results["meta"]
     lines = [f"# FTW select per-phase time ({m['device_name']}, torch {m['torch']}, {m['threads']} threads, {m['date']})", "",
              f"Command: `{m['command']}`. k = N/4, m = N/2 survivors, mean of {m['repeats']} selects after a warm-up; seconds.", "",

@@ -17,7 +17,6 @@ the process's peak RSS (ru_maxrss, monotone over the run, so only an upper bound
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import sys
@@ -29,6 +28,7 @@ if __package__ in (None, ""):
 
 import torch
 
+from optsel.pipeline import jsonio
 from optsel.selection.base import get_selector_factory
 from optsel.selection.capture import per_sample_loss
 
@@ -179,7 +179,7 @@ def seq_sweep(device, n, k, lengths, repeats, cap_s) -> dict:
 
 def write(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "speed.json").write_text(json.dumps(results, indent=2))
+    (out / "speed.json").write_text(jsonio.dumps(results, indent=2))
     st = results["steps"]
     phases = sorted({p for r in st.values() for p in r.get("phases_s", {})})
     meta = results["meta"]

@@ -285,13 +285,26 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
-_SECRET_KEY = re.compile(r"(?i)(password|passwd|secret|api_?key|access_?key|credentials?|_token|^token)$")
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/@\s]+@")
+_SECRET_KEY = re.compile(r"(?i)(password|passwd|passphrase|pwd|secret|secret_?key|private_?key|api_?key|access_?key"
+                         r"|authorization|auth_?header|credentials?|signature|_token|^token|^sig)$")
+#: ``scheme://<userinfo>@``: everything up to the last ``@`` before whitespace (a password may hold ``/``)
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^@\s]+@")
+#: query-string credentials: presigned-URL signatures and tokens
+_QUERY_SECRET = re.compile(r"(?i)(?P<name>[?&;](?:sig|signature|x-amz-signature|x-amz-credential|x-amz-security-token"
+                           r"|x-goog-signature|x-goog-credential|token|access_token|api_?key|key|password|pwd"
+                           r"|secret)=)[^&#\s]*")
+
+
+def mask_url(text: str) -> str:
+    """``text`` with URL credentials masked: the ``user:password@`` part (a password may contain
+    ``/``) and query-string signatures/tokens (``sig=``, ``X-Amz-Signature=``, ``token=`` ...)."""
+    text = _URL_USERINFO.sub(lambda m: m.group("scheme") + "***@", text)
+    return _QUERY_SECRET.sub(lambda m: m.group("name") + "***", text)
 
 
 def redact(obj: Any, key: str = "") -> Any:
     """A plain config with secrets masked: values of keys named like passwords/tokens/keys, and the
-    ``user:password@`` part of URLs (e.g. data.remote), become ``***``."""
+    credentials in URLs (``user:password@``, query-string signatures; e.g. data.remote), become ``***``."""
     if isinstance(obj, dict):
         return {k: redact(v, str(k)) for k, v in obj.items()}
     if isinstance(obj, list):
@@ -299,7 +312,7 @@ def redact(obj: Any, key: str = "") -> Any:
     if isinstance(obj, str):
         if key and _SECRET_KEY.search(key) and obj:
             return "***"
-        return _URL_USERINFO.sub(lambda m: m.group("scheme") + "***@", obj)
+        return mask_url(obj)
     return obj
 
 

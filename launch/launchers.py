@@ -98,11 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="pass --resume to every rank (newest complete checkpoint, or start fresh)")
     parser.add_argument("--resume-from", default=None, metavar="CHECKPOINT", help="pass --resume-from to every rank")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="pass --overwrite to every rank (move an earlier run's checkpoints aside)")
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
     if args.resume or args.resume_from:
         args.overrides = [*args.overrides, f"checkpoint.resume={args.resume_from or 'auto'}"]
+    if args.overwrite:
+        args.overrides = [*args.overrides, "checkpoint.overwrite=true"]
     hostfile, written = args.hostfile, None
     if args.launcher == "deepspeed" and args.nnodes > 1 and hostfile is None:
         hostfile = written = write_hostfile(args.nnodes, args.nproc)

@@ -95,6 +95,24 @@ class RunConfig:
         if self.selection.num_target_samples < world_size:
             raise ConfigError("selection.num_target_samples", f"must be >= the world size {world_size}")
 
+    def check_paths(self) -> None:
+        """Paths that cannot work, checked on the resolved values: the DeepSpeed JSON must exist (for
+        the deepspeed engine); output_dir, the run folder and checkpoint.dir must not be files."""
+        if self.engine.name == "deepspeed":
+            ds = Path(self.engine.deepspeed_config)
+            if not ds.is_file():
+                raise ConfigError("engine.deepspeed_config",
+                                  f"{ds} {'is not a file' if ds.exists() else 'does not exist'}")
+        for key, path in (("output_dir", Path(self.output_dir)), ("run_name", self.run_dir),
+                          ("checkpoint.dir", Path(self.checkpoint.dir) if self.checkpoint.dir else None)):
+            if path is None:
+                continue
+            for at in (path, *path.parents):  # the first existing component must be a folder
+                if at.exists() or at.is_symlink():
+                    if not at.is_dir():
+                        raise ConfigError(key, f"{path} cannot be a folder: {at} is a file")
+                    break
+
 
 # The path keys of a run config and of a prepare config (see config_loader.resolve_paths): relative
 # paths written in a config file resolve against that file's folder, relative paths given as
@@ -119,6 +137,7 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
                           f"unknown selector {config.selection.method!r}; known: {', '.join(selector_names())}")
     for method in config.selection.options:
         method_config(config.selection, method)  # validate every block, not only the one in use
+    config.check_paths()
     return config
 
 

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -25,6 +24,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "is none (same as checkpoint.resume=auto)")
     parser.add_argument("--resume-from", dest="resume", metavar="CHECKPOINT",
                         help="resume from this checkpoint folder (same as checkpoint.resume=PATH)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start fresh even if the run folder holds checkpoints: move them (and the run's logs) "
+                             "aside, deleting nothing (same as checkpoint.overwrite=true)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the deepspeed launcher; the LOCAL_RANK env var is used instead")
     return parser.parse_intermixed_args(argv)
@@ -40,27 +42,31 @@ def main(argv: list[str] | None = None) -> int:
     from optsel.launch.run_config import load_run_config
 
     try:
-        overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+        overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else []) \
+            + (["checkpoint.overwrite=true"] if args.overwrite else [])
         config = load_run_config(args.config, overrides)
     except ConfigError as err:
         print(f"optsel: {err}", file=sys.stderr)
         return 2
+    from optsel.pipeline import jsonio
     from optsel.pipeline.trainer import Trainer
 
     from optsel.pipeline.checkpoint import CheckpointError
+    from optsel.pipeline.data import ShardError
+    from optsel.pipeline.run_lock import RunDirBusyError
 
     trainer = None
     try:
         trainer = Trainer(config)
         summary = trainer.train()
         if distributed.info().is_main:
-            print(json.dumps(summary, indent=2))
+            print(jsonio.dumps(summary, indent=2))
             print(f"outputs in {summary['run_dir']} (config.yaml, metrics.jsonl, selections.jsonl, summary.json, loss.png)")
             if summary.get("stopped"):
                 print(f"optsel: stopped early ({summary['stopped']}) at step {summary['num_steps']} of "
                       f"{summary['target_steps']}; continue with `optsel train --resume {args.config} ...`")
         return 0
-    except (CheckpointError, ConfigError) as err:
+    except (CheckpointError, ConfigError, ShardError, RunDirBusyError) as err:
         print(f"optsel: {err}", file=sys.stderr)
         return 2
     except Exception as err:

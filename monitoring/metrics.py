@@ -76,6 +76,8 @@ KEYS: dict[str, MetricSpec] = {
                                       "Steps skipped because the loss or the gradient was NaN/Inf."),
     "data/truncated_samples": MetricSpec("optsel_truncated_samples_total", "cumulative", "rank",
                                          "Pool samples on this rank cut to data.max_seq_len / the model's positions."),
+    "data/empty_samples": MetricSpec("optsel_empty_samples_total", "cumulative", "rank",
+                                     "Pool samples on this rank without any loss token (all labels -100)."),
     "checkpoint/save_seconds": MetricSpec("optsel_checkpoint_save_seconds", "gauge", "job",
                                           "Wall time of the last checkpoint save (all ranks, atomic rename included)."),
     "time/step_seconds": MetricSpec("optsel_step_duration_seconds", "histogram", "rank",

@@ -7,17 +7,25 @@ Layout of one checkpoint (``<dir>/step_00000040/``)::
                             ``torch.distributed.checkpoint`` (sharded .distcp files + engine_extra.pt)
     trainer_rank00000.pt    per rank: step counters, torch RNG, StreamingDataLoader state, selector
                             state (RNG, target cache, UDS buffer, counters)
-    meta.json               written last: step, world size, the config it was made with
+    meta.json               written last: step, world size, the config it was made with, and the
+                            manifest (size + SHA-256 of every other file), HMAC-signed when a key is
+                            configured (OPTSEL_CHECKPOINT_KEY / OPTSEL_CHECKPOINT_KEY_FILE)
 
 A save is written into ``step_N.partial/`` and renamed to ``step_N/`` by rank 0 only after every rank
 has finished and ``meta.json`` is on disk, so a crash mid-save leaves a ``.partial`` folder that is
 never picked (and is removed by the next save). The directory must be on a filesystem every rank
-sees (the usual shared filesystem of a cluster). Everything is read back with ``weights_only=True``
-(DeepSpeed's own files excepted: DeepSpeed loads them itself).
+sees (the usual shared filesystem of a cluster).
+
+Before any file of a checkpoint is unpickled, :meth:`CheckpointManager.verify` checks every file
+against the manifest (and the HMAC when a key is configured); files not in the manifest are refused.
+Then everything is read weights-only (see ``optsel.pipeline.safe_load``). ``resume=auto`` falls back
+to the newest checkpoint that verifies, saying which one failed and why.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -31,6 +39,7 @@ from typing import Any, Callable
 import torch
 
 from optsel import distributed
+from optsel.pipeline import jsonio
 
 log = logging.getLogger("optsel.checkpoint")
 
@@ -46,19 +55,71 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, or was made by another config or world size."""
 
 
+KEY_ENV, KEY_FILE_ENV = "OPTSEL_CHECKPOINT_KEY", "OPTSEL_CHECKPOINT_KEY_FILE"
+MANIFEST_CHUNK = 1 << 20
+
+
+def checkpoint_key() -> bytes | None:
+    """The HMAC key for checkpoint manifests: ``$OPTSEL_CHECKPOINT_KEY`` (the key itself) or the
+    contents of the file ``$OPTSEL_CHECKPOINT_KEY_FILE``; None when neither is set. Never from the
+    run config (it is copied into every run folder)."""
+    value = os.environ.get(KEY_ENV)
+    if value:
+        return value.encode()
+    file = os.environ.get(KEY_FILE_ENV)
+    if file:
+        try:
+            key = Path(file).read_bytes().strip()
+        except OSError as err:
+            raise CheckpointError(f"{KEY_FILE_ENV}={file}: cannot read the checkpoint key ({err})") from err
+        if not key:
+            raise CheckpointError(f"{KEY_FILE_ENV}={file}: the key file is empty")
+        return key
+    return None
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(MANIFEST_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def build_manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    """{relative path: {"bytes", "sha256"}} of every file under ``folder`` except meta.json."""
+    out: dict[str, dict[str, Any]] = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.relative_to(folder).as_posix() != "meta.json":
+            out[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, "sha256": file_digest(path)}
+    return out
+
+
+def _signed_bytes(record: dict[str, Any]) -> bytes:
+    body = {k: v for k, v in record.items() if k != "hmac"}
+    return jsonio.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def sign(record: dict[str, Any], key: bytes) -> str:
+    return hmac.new(key, _signed_bytes(record), hashlib.sha256).hexdigest()
+
+
 @dataclass(kw_only=True)
 class CheckpointConfig:
     """dir: checkpoint folder ("" = <run_dir>/checkpoints); every_steps: periodic saves (0: none; a
     run that checkpoints also saves at its end); keep_last: newest complete checkpoints kept;
     save_on_signals: signals (as SLURM preemption sends) that make every rank save at the next step
-    boundary and end the run; resume: "" (start fresh), "auto" (the newest complete checkpoint in
-    ``dir`` if there is one) or the path of one checkpoint folder."""
+    boundary and end the run (SIGINT, Ctrl-C, always does); resume: "" (start fresh), "auto" (the
+    newest complete checkpoint in ``dir`` that verifies, if there is one) or the path of one checkpoint
+    folder; overwrite: a fresh start into a ``dir`` holding checkpoints moves them aside (without it,
+    such a start is refused)."""
 
     dir: str = ""
     every_steps: int = 0
     keep_last: int = 2
     save_on_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     resume: str = ""
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         import signal
@@ -126,22 +187,83 @@ class CheckpointManager:
         return done[-1] if done else None
 
     def to_resume(self) -> Path | None:
-        """The checkpoint that ``config.resume`` names (None: start fresh)."""
+        """The checkpoint that ``config.resume`` names (None: start fresh), verified against its
+        manifest. ``auto`` falls back to the newest complete checkpoint that verifies, logging why each
+        newer one was skipped; an explicit path that fails verification is an error naming the file."""
         choice = self.config.resume
         if not choice:
             return None
         if choice == "auto":
-            path = self.latest()
-            if path is None:
+            candidates = self.complete()
+            if not candidates:
                 log.info("checkpoint.resume=auto: no complete checkpoint under %s; starting fresh", self.root)
-            return path
+                return None
+            problems = []
+            for path in reversed(candidates):
+                try:
+                    self.verify(path)
+                except CheckpointError as err:
+                    problems.append(str(err))
+                    log.warning("checkpoint.resume=auto: skipping %s: %s", path.name, err)
+                    continue
+                if problems:
+                    log.warning("checkpoint.resume=auto: falling back to %s, the newest checkpoint that verifies "
+                                "(%d newer one(s) failed verification)", path, len(problems))
+                return path
+            raise CheckpointError("checkpoint.resume=auto: no checkpoint under " + str(self.root)
+                                  + " verifies:\n  " + "\n  ".join(problems))
         path = Path(choice)
         if not path.is_dir():
             raise CheckpointError(f"checkpoint.resume: {path} does not exist")
         if not is_complete(path):
             raise CheckpointError(f"checkpoint.resume: {path} is not a complete checkpoint (a step_NNNNNNNN "
                                   f"folder with meta.json; an interrupted save leaves step_N.partial)")
+        self.verify(path)
         return path
+
+    def verify(self, path: Path) -> dict[str, Any]:
+        """meta.json of ``path`` after checking every file against its manifest (size, SHA-256; no
+        file missing, none extra) and, when a key is configured, the manifest's HMAC. Nothing is
+        unpickled. Raises CheckpointError naming the first bad file."""
+        meta_file = path / "meta.json"
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"checkpoint.resume: {meta_file} cannot be read ({type(err).__name__}: "
+                                  f"{str(err).splitlines()[0][:200]}; truncated or corrupt)") from err
+        if not isinstance(meta, dict) or not isinstance(meta.get("manifest"), dict):
+            raise CheckpointError(f"checkpoint.resume: {meta_file} has no file manifest (made by an older optsel, "
+                                  f"or edited); it cannot be verified, so it is not loaded")
+        key = checkpoint_key()
+        if key is not None:
+            if "hmac" not in meta:
+                raise CheckpointError(f"checkpoint.resume: {meta_file} is not signed, but a checkpoint key is "
+                                      f"configured ({KEY_ENV} / {KEY_FILE_ENV}); refusing an unsigned checkpoint")
+            if not hmac.compare_digest(str(meta["hmac"]), sign(meta, key)):
+                raise CheckpointError(f"checkpoint.resume: {meta_file}: the manifest's HMAC does not match (the "
+                                      f"checkpoint was changed after it was saved, or signed with another key)")
+        elif "hmac" in meta:
+            log.warning("%s is HMAC-signed but no key is configured (%s / %s): checking file hashes only",
+                        meta_file, KEY_ENV, KEY_FILE_ENV)
+        manifest: dict[str, Any] = meta["manifest"]
+        present = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() or p.is_symlink()}
+        extra = sorted(present - set(manifest) - {"meta.json"})
+        if extra:
+            raise CheckpointError(f"checkpoint.resume: {path / extra[0]} is not in the checkpoint's manifest "
+                                  f"({len(extra)} unexpected file(s)); refusing to load a folder with added files")
+        for rel, info in sorted(manifest.items()):
+            file = path / rel
+            if ".." in Path(rel).parts or Path(rel).is_absolute():
+                raise CheckpointError(f"checkpoint.resume: {meta_file} lists {rel!r}, outside the checkpoint")
+            if file.is_symlink() or not file.is_file():
+                raise CheckpointError(f"checkpoint.resume: {file} is missing (listed in the manifest)")
+            size = file.stat().st_size
+            if size != int(info["bytes"]):
+                raise CheckpointError(f"checkpoint.resume: {file} has {size} bytes, the manifest says {info['bytes']} "
+                                      f"(truncated or replaced)")
+            if file_digest(file) != info["sha256"]:
+                raise CheckpointError(f"checkpoint.resume: {file} fails its SHA-256 check (corrupt or replaced)")
+        return meta
 
     # -- saving ----------------------------------------------------------------------------------
     def save(self, step: int, save_engine: Callable[[Path], None], rank_state: dict[str, Any],
@@ -163,7 +285,12 @@ class CheckpointManager:
         if self.dist.is_main:
             record = {**meta, "step": step, "world_size": self.dist.world_size, "save_seconds": seconds,
                       "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            _atomic_write_text(partial / "meta.json", json.dumps(record, indent=2, default=str))
+            record = json.loads(jsonio.dumps(record, default=str))  # what meta.json will hold (signed as read back)
+            record["manifest"] = build_manifest(partial)
+            key = checkpoint_key()
+            if key is not None:
+                record["hmac"] = sign(record, key)
+            _atomic_write_text(partial / "meta.json", jsonio.dumps(record, indent=2, default=str))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(partial, final)
@@ -197,9 +324,13 @@ class CheckpointManager:
         file = path / f"trainer_rank{self.dist.rank:05d}.pt"
         if not file.is_file():
             raise CheckpointError(f"checkpoint.resume: {file} is missing (was the checkpoint saved by this world size?)")
+        from optsel.pipeline.safe_load import torch_load
+
         try:
-            return torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as err:  # truncated / corrupt file, or a pickled object weights_only refuses
+            return torch_load(file, what=str(file))
+        except CheckpointError:
+            raise
+        except Exception as err:  # truncated / corrupt file
             raise CheckpointError(f"checkpoint.resume: {file} cannot be read ({type(err).__name__}: "
                                   f"{str(err).splitlines()[0][:200]})") from err
 

@@ -36,6 +36,8 @@ log = logging.getLogger("optsel.data")
 
 Batch = dict[str, torch.Tensor]
 SPLITS = ("train", "val")
+#: URL schemes mosaicml-streaming can download from (``streaming.base.storage.download``)
+REMOTE_SCHEMES = ("s3", "gs", "oci", "azure", "azure-dl", "hf", "sftp", "dbfs", "alipan")
 
 
 @dataclass(kw_only=True)
@@ -70,19 +72,30 @@ class DataConfig:
             raise ValueError(f"predownload: must be >= 1, got {self.predownload}")
         if self.remote is not None and self.remote.startswith("file://"):
             raise ValueError("remote: give a plain path, not a file:// URL (streaming needs that)")
+        if self.remote is not None and "://" in self.remote:
+            scheme = self.remote.split("://", 1)[0].lower()
+            if scheme not in REMOTE_SCHEMES:
+                from optsel.launch.config_loader import mask_url
+
+                raise ValueError(f"remote: unsupported URL scheme {scheme!r} in {mask_url(self.remote)}; streaming "
+                                 f"reads {', '.join(REMOTE_SCHEMES)} URLs or a plain path")
 
 
 _CLEAN_AT_EXIT = False
+#: streaming shm prefixes of the datasets this process made (the exit cleanup touches only these)
+_OWN_PREFIXES: set[int] = set()
 
 
 def _clean_at_exit() -> None:
     """Registered at import, so it runs after streaming's own atexit handlers (LIFO) have unmapped and
-    unlinked this process's shared memory: then its file locks in /tmp can go too (live jobs' stay)."""
-    if _CLEAN_AT_EXIT:
+    unlinked this process's shared memory: then the file locks of *this process's* prefixes in /tmp can
+    go too. Other prefixes are left alone (a job starting on the same node may have just created
+    them); crashed runs' leftovers are swept at the next start, with the age guard."""
+    if _CLEAN_AT_EXIT and _OWN_PREFIXES:
         from optsel.pipeline.shm_cleanup import clean_stale_streaming_state
 
         try:
-            clean_stale_streaming_state(min_age_s=0.0)
+            clean_stale_streaming_state(only_prefixes=set(_OWN_PREFIXES))
         except Exception:  # never fail an exiting process over housekeeping
             pass
 
@@ -138,6 +151,24 @@ def check_columns(shard: dict[str, Any], index_path: Path, allow_pickle: bool = 
                              f"{list(allowed)}")
 
 
+def check_basename(name: Any, index_path: Any) -> None:
+    """A shard file name from an index must be a plain file name: streaming joins it to the cache
+    folder and writes there, so ``../x`` or an absolute path would write anywhere."""
+    if (not isinstance(name, str) or not name or os.path.isabs(name) or "/" in name or "\\" in name
+            or ".." in name or "\x00" in name or name in (".", "~") or name.startswith("~")):
+        raise ShardError(f"{index_path}: shard file name {name!r} is not a plain file name (absolute, or contains "
+                         f"'/', '\\' or '..'); refusing the index (streaming would write outside its cache)")
+
+
+def check_index_basenames(shards: Iterable[dict[str, Any]], index_path: Any) -> None:
+    """Every raw and zip basename of the index's shard entries is a plain file name."""
+    for shard in shards:
+        for key in ("raw_data", "zip_data"):
+            info = shard.get(key) if isinstance(shard, dict) else None
+            if info:
+                check_basename(info.get("basename") if isinstance(info, dict) else None, index_path)
+
+
 def verify_split(split_dir: str | Path, mode: Literal["hash", "size", "none"] = "hash",
                  algo: str | None = None, allow_pickle: bool = False) -> int:
     """Check that every shard listed in ``split_dir/index.json`` has the trainer's columns (no pickle
@@ -156,6 +187,7 @@ def verify_split(split_dir: str | Path, mode: Literal["hash", "size", "none"] = 
         index = json.loads(index_path.read_text())
     except json.JSONDecodeError as err:
         raise ShardError(f"corrupt MDS index {index_path}: {err}") from err
+    check_index_basenames(index["shards"], index_path)
     total = 0
     for shard in index["shards"]:
         total += int(shard["samples"])
@@ -214,20 +246,68 @@ def _streaming_env(rank_info: DistInfo) -> None:
 
 
 def _checked_dataset_class():
-    """StreamingDataset that raises when its background download/validation thread failed.
+    """StreamingDataset that checks what it reads and raises what streaming would hide.
 
-    Streaming itself only *ends the epoch early* in that case (and raises on the next epoch), which
-    would silently shorten training; here the failure is raised at the end of the pass.
+    - its Stream refuses an index whose raw or zip shard names are not plain file names, right after
+      the index is read and before any shard file is touched (local and remote sources alike);
+    - ``get_item`` names the shard file and the sample when a sample does not decode, or when its
+      tokens fall outside [0, vocab_size) or its ``prompt_len`` outside [0, len(tokens)];
+    - a failure of the background download/validation thread is raised at the end of the pass
+      (streaming itself only *ends the epoch early*, which would silently shorten training).
     """
-    from optsel.pipeline.streaming_compat import StreamingDataset
+    from optsel.pipeline.streaming_compat import Stream, StreamingDataset
 
-    global _CheckedStreamingDataset
+    global _CheckedStreamingDataset, _CheckedStream
     if _CheckedStreamingDataset is None:
+        class CheckedStream(Stream):
+            def get_shards(self, world, allow_unsafe_types):
+                shards = super().get_shards(world, allow_unsafe_types)
+                index_path = f"{self.remote or self.local}/{self.split or ''}".rstrip("/") + "/index.json"
+                for reader in shards:
+                    for raw, zipped in reader.file_pairs:
+                        for info in (raw, zipped):
+                            if info is not None:
+                                check_basename(info.basename, index_path)
+                return shards
+
         class CheckedStreamingDataset(StreamingDataset):
+            vocab_size: int | None = None
+
             def on_exception(self, future) -> None:
                 if future.exception() is not None:
                     self._optsel_failure = future.exception()
                 super().on_exception(future)
+
+            def _where(self, sample_id: int) -> str:
+                try:
+                    shard_id, in_shard = self.spanner[sample_id]
+                    reader = self.shards[shard_id]
+                    stream = self.streams[self.stream_per_shard[shard_id]]
+                    raw = reader.file_pairs[0][0]
+                    zipped = reader.file_pairs[0][1]
+                    name = (zipped or raw).basename
+                    base = f"{stream.remote or stream.local}/{stream.split or ''}".rstrip("/")
+                    return f"shard {base}/{name}, sample {in_shard} of the shard (dataset index {sample_id})"
+                except Exception:  # noqa: BLE001 - the message must not fail
+                    return f"dataset index {sample_id}"
+
+            def get_item(self, sample_id: int, retry: int = 7):
+                try:
+                    sample = super().get_item(sample_id, retry)
+                except ShardError:
+                    raise
+                except Exception as err:
+                    if "Background thread failed" in str(err):
+                        raise
+                    raise ShardError(f"{self._where(sample_id)}: cannot be decoded ({type(err).__name__}: "
+                                     f"{str(err).splitlines()[0][:200] if str(err) else ''}); the shard's hash may "
+                                     f"match its index but its contents are not valid MDS samples") from err
+                problem = sample_problem(sample, self.vocab_size)
+                if problem:
+                    sid = sample.get("sample_id") if isinstance(sample, dict) else None
+                    raise ShardError(f"{self._where(sample_id)}" + (f", sample_id {sid}" if sid is not None else "")
+                                     + f": {problem}")
+                return sample
 
             def __iter__(self):
                 yield from super().__iter__()
@@ -236,14 +316,37 @@ def _checked_dataset_class():
                     raise ShardError(f"streaming stopped early on {self.streams[0].remote}: {failure}") from failure
 
         CheckedStreamingDataset.__qualname__ = CheckedStreamingDataset.__name__ = "_CheckedStreamingDataset"
-        _CheckedStreamingDataset = CheckedStreamingDataset
+        CheckedStream.__qualname__ = CheckedStream.__name__ = "_CheckedStream"
+        _CheckedStreamingDataset, _CheckedStream = CheckedStreamingDataset, CheckedStream
     return _CheckedStreamingDataset
 
 
+def sample_problem(sample: Any, vocab_size: int | None) -> str:
+    """What is wrong with one decoded MDS row ("" if nothing): ``tokens`` a 1-d integer array with
+    ids in [0, vocab_size), ``prompt_len`` in [0, len(tokens)]. Vectorised (one min/max per sample)."""
+    if not isinstance(sample, dict) or "tokens" not in sample or "prompt_len" not in sample:
+        return f"not a sample with tokens and prompt_len (got {type(sample).__name__})"
+    tokens = np.asarray(sample["tokens"])
+    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+        return f"tokens must be a 1-d integer array, got shape {tokens.shape} dtype {tokens.dtype}"
+    if tokens.size:
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or (vocab_size is not None and high >= vocab_size):
+            bad = low if low < 0 else high
+            return (f"token id {bad} is outside the model's vocabulary [0, {vocab_size}) "
+                    if vocab_size is not None else f"token id {bad} is negative")
+    prompt_len = int(sample["prompt_len"])
+    if not 0 <= prompt_len <= tokens.size:
+        return f"prompt_len {prompt_len} is outside [0, length {tokens.size}]"
+    return ""
+
+
+_CheckedStream = None
 _CheckedStreamingDataset = None
 
 
-def _dataset(cfg: DataConfig, split: str, rank_info: DistInfo, batch_size: int | None, shuffle: bool):
+def _dataset(cfg: DataConfig, split: str, rank_info: DistInfo, batch_size: int | None, shuffle: bool,
+             vocab_size: int | None = None):
     StreamingDataset = _checked_dataset_class()
 
     _streaming_env(rank_info)
@@ -265,11 +368,15 @@ def _dataset(cfg: DataConfig, split: str, rank_info: DistInfo, batch_size: int |
     local = cache_root(cfg) / split
     local.mkdir(parents=True, exist_ok=True)
     try:
-        dataset = StreamingDataset(remote=source, local=str(local), batch_size=batch_size, shuffle=shuffle,
+        stream = _CheckedStream(remote=source, local=str(local))
+        dataset = StreamingDataset(streams=[stream], batch_size=batch_size, shuffle=shuffle,
                                    shuffle_seed=cfg.shuffle_seed, shuffle_algo=cfg.shuffle_algo,
                                    shuffle_block_size=cfg.shuffle_block_size,
                                    num_canonical_nodes=cfg.num_canonical_nodes, predownload=cfg.predownload,
                                    validate_hash=cfg.validate_hash, download_timeout=cfg.download_timeout)
+        dataset.vocab_size = vocab_size
+        if getattr(dataset, "_shm_prefix_int", None) is not None:
+            _OWN_PREFIXES.add(int(dataset._shm_prefix_int))
         if not _is_local(source):  # remote: the index is known only now (local ones were checked above)
             for reader in getattr(dataset, "shards", []):
                 check_columns({"column_names": reader.column_names, "column_encodings": reader.column_encodings},
@@ -318,12 +425,13 @@ def _pad_id(cfg: DataConfig) -> int:
 
 
 def build_train_loader(cfg: DataConfig, per_rank_pool_size: int, rank_info: DistInfo | None = None,
-                       pad_id: int | None = None):
+                       pad_id: int | None = None, vocab_size: int | None = None):
     """A StreamingDataLoader over the train split yielding this rank's pool (a collated Batch).
 
     Every rank yields batches of exactly ``per_rank_pool_size`` samples (drop_last), the same number
     per epoch on every rank; iterating the loader again starts the next epoch. ``pad_id`` defaults to
     the prepared tokenizer's. The loader has ``state_dict()`` / ``load_state_dict()`` for exact resume.
+    ``vocab_size``: token ids at or above it are a ShardError naming the shard and sample.
     """
     from optsel.pipeline.streaming_compat import StreamingDataLoader
 
@@ -331,7 +439,7 @@ def build_train_loader(cfg: DataConfig, per_rank_pool_size: int, rank_info: Dist
         raise ValueError(f"per_rank_pool_size: must be >= 1, got {per_rank_pool_size}")
     rank_info = rank_info or dist_info()
     pad_id = _pad_id(cfg) if pad_id is None else pad_id
-    dataset = _dataset(cfg, "train", rank_info, per_rank_pool_size, cfg.shuffle)
+    dataset = _dataset(cfg, "train", rank_info, per_rank_pool_size, cfg.shuffle, vocab_size)
     if len(dataset) < per_rank_pool_size:
         raise ValueError(f"the train split under {_source(cfg, 'train')} gives {len(dataset)} samples per rank, "
                          f"fewer than one pool of {per_rank_pool_size}")
@@ -351,14 +459,15 @@ def iterate_pools(loader: Iterable[Batch]) -> Iterator[Batch]:
             raise RuntimeError("the train loader yields no full pool (too few samples per rank)")
 
 
-def load_split(cfg: DataConfig, split: str = "val", rank_info: DistInfo | None = None) -> list[dict[str, Any]]:
+def load_split(cfg: DataConfig, split: str = "val", rank_info: DistInfo | None = None,
+               vocab_size: int | None = None) -> list[dict[str, Any]]:
     """Every sample of ``split`` in stored order (all ranks get all of it); for small splits (val).
 
     Goes through StreamingDataset like training (same cache, same hash checks); call it on every rank.
     """
     if split not in SPLITS:
         raise ValueError(f"split: must be one of {SPLITS}, got {split!r}")
-    dataset = _dataset(cfg, split, rank_info or dist_info(), batch_size=None, shuffle=False)
+    dataset = _dataset(cfg, split, rank_info or dist_info(), batch_size=None, shuffle=False, vocab_size=vocab_size)
     try:
         return [dict(dataset.get_item(i)) for i in range(dataset.size)]
     finally:

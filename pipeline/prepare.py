@@ -25,6 +25,7 @@ from typing import Any, Iterator, Literal
 
 import numpy as np
 
+from optsel.pipeline import jsonio
 from optsel.pipeline.synthetic import SyntheticConfig, generate
 from optsel.pipeline.tokenizer import TokenizerConfig, build_tokenizer, save_tokenizer
 
@@ -429,7 +430,7 @@ def prepare(cfg: PrepareConfig) -> PrepareReport:
         log.warning("the val split under %s is empty: training needs target samples there", out)
     (out / "kinds.json").write_text(json.dumps(kinds, indent=2))
     report.seconds = time.perf_counter() - started
-    (out / "prepare_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    (out / "prepare_report.json").write_text(jsonio.dumps(report.to_dict(), indent=2))
     log.info("prepared %s: %d train / %d val samples, %d truncated, %d rejected, %d empty, %d bad",
              out, report.num_train, report.num_val, report.truncated, report.rejected_overlong,
              report.skipped_empty, report.skipped_bad)

@@ -50,12 +50,14 @@ def live_shm_names(shm_dir: str = "/dev/shm") -> set[str]:
 
 
 def clean_stale_streaming_state(shm_dir: str = "/dev/shm", lock_dir: str | None = None,
-                                min_age_s: float = 5.0) -> list[str]:
+                                min_age_s: float = 5.0, only_prefixes: set[int] | None = None) -> list[str]:
     """Unlink streaming shared memory and file locks of prefixes no live process uses.
 
     A prefix counts as stale when none of its ``/dev/shm`` files is mapped or open, all of them are
-    ours and were last changed more than ``min_age_s`` seconds ago (this covers the microseconds
-    between a new job creating a segment and mapping it). Returns the removed paths.
+    ours and were last changed more than ``min_age_s`` seconds ago (this covers the window between a
+    new job creating a segment or lock and mapping it). ``only_prefixes`` limits the sweep to those
+    prefixes (the exit cleanup passes the ones this process's datasets used; their age does not
+    matter). Returns the removed paths; only removals of *other* runs' leftovers are logged as such.
     """
     lock_dir = lock_dir or tempfile.gettempdir()
     if not os.path.isdir(shm_dir):
@@ -74,13 +76,16 @@ def clean_stale_streaming_state(shm_dir: str = "/dev/shm", lock_dir: str | None 
     live = live_shm_names(shm_dir)
     removed: list[str] = []
     for prefix, paths in sorted(groups.items()):
+        own = only_prefixes is not None
+        if own and int(prefix) not in only_prefixes:
+            continue
         if any(p.name in live for p in paths if str(p.parent) == shm_dir.rstrip("/")):
             continue
         try:
             stats = [p.lstat() for p in paths]
         except FileNotFoundError:
             continue  # changing under us: a job is starting or ending
-        if any(s.st_uid != uid or now - max(s.st_mtime, s.st_ctime) < min_age_s for s in stats):
+        if any(s.st_uid != uid or (not own and now - max(s.st_mtime, s.st_ctime) < min_age_s) for s in stats):
             continue
         for p in paths:
             try:
@@ -88,6 +93,8 @@ def clean_stale_streaming_state(shm_dir: str = "/dev/shm", lock_dir: str | None 
                 removed.append(str(p))
             except FileNotFoundError:
                 pass
-    if removed:
+    if removed and only_prefixes is None:
         log.info("removed %d stale streaming files (shared memory / file locks) of crashed runs", len(removed))
+    elif removed:
+        log.debug("removed %d streaming file locks of this process's finished datasets", len(removed))
     return removed

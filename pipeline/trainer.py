@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -24,11 +23,13 @@ from optsel.launch.config_loader import ConfigError, dump_yaml, redact, to_plain
 from optsel.launch.run_config import RunConfig, method_config
 from optsel.monitoring.sinks import MultiSink, build_sinks
 from optsel.pipeline import data as data_lib
+from optsel.pipeline import jsonio
 from optsel.pipeline.checkpoint import CheckpointError, CheckpointManager
 from optsel.pipeline.engines.base import Batch, build_engine
 from optsel.pipeline.evaluate import EvalResult, evaluate
 from optsel.pipeline.model import build_model
 from optsel.pipeline.plots import plot_run
+from optsel.pipeline.run_lock import RunDirBusyError, RunLock
 from optsel.pipeline.tokenizer import load_tokenizer
 from optsel.selection.base import Selection, get_selector_factory
 from optsel.selection.stats import selection_metrics
@@ -41,26 +42,43 @@ class NonFiniteLossError(RuntimeError):
 
 
 class StopSignals:
-    """Remembers the first of ``names`` (e.g. SIGTERM, SIGUSR1) that arrives; the trainer agrees on it
-    across ranks at the next step boundary, checkpoints and ends the run. Restores the previous
+    """Remembers the first of ``names`` (e.g. SIGTERM, SIGUSR1) or SIGINT (Ctrl-C) that arrives; the
+    trainer agrees on it across ranks at the next step boundary, checkpoints and ends the run. A second
+    Ctrl-C (more than ``SIGINT_REPEAT_S`` after the first: a launcher forwarding the terminal's Ctrl-C
+    to its workers is the same press) exits at once, without a checkpoint. Restores the previous
     handlers on ``close``. Only the main thread can install handlers (elsewhere: a no-op)."""
+
+    SIGINT_REPEAT_S = 1.0
 
     def __init__(self, names: list[str]):
         self.received: str | None = None
+        self._first_sigint: float | None = None
         self._previous: dict[signal.Signals, object] = {}
         import threading
 
         if threading.current_thread() is not threading.main_thread():
             return
-        for name in names:
+        for name in dict.fromkeys([*names, "SIGINT"]):
             sig = getattr(signal, name)
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: object) -> None:
         del frame
+        name = signal.Signals(signum).name
+        if name == "SIGINT":
+            now = time.monotonic()
+            if self._first_sigint is not None and now - self._first_sigint > self.SIGINT_REPEAT_S:
+                import os
+                import sys
+
+                print("optsel: second Ctrl-C: exiting now, without a checkpoint", file=sys.stderr, flush=True)
+                os._exit(130)
+            if self._first_sigint is None:
+                self._first_sigint = now
         if self.received is None:
-            self.received = signal.Signals(signum).name
-            log.warning("received %s: will checkpoint and stop at the end of this step", self.received)
+            self.received = name
+            log.warning("received %s: will checkpoint and stop at the end of this step%s", self.received,
+                        " (Ctrl-C again to exit at once, without a checkpoint)" if name == "SIGINT" else "")
 
     def close(self) -> None:
         for sig, handler in self._previous.items():
@@ -93,11 +111,36 @@ class Trainer:
     """Owns the engine, the selector, the data and the sinks for one run."""
 
     def __init__(self, config: RunConfig):
+        self._lock: RunLock | None = None
+        try:
+            self._build(config)
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _build(self, config: RunConfig) -> None:
         self.config = config
         self.dist = distributed.init_distributed(config.engine.name, timeout_s=config.engine.collective_timeout_s)
         config.validate_for_world(self.dist.world_size)
+        config.check_paths()
         torch.manual_seed(config.training.seed)
         self.run_dir = config.run_dir
+        busy = ""
+        if self.dist.is_main:  # one run per run folder, for the run's life
+            lock = RunLock(self.run_dir, config.run_name)
+            try:
+                lock.acquire()
+                self._lock = lock
+            except RunDirBusyError as err:
+                busy = str(err)
+        busy = distributed.broadcast_object(busy)
+        if busy:
+            raise RunDirBusyError(busy)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(config, self.run_dir / "config.yaml")
@@ -123,9 +166,11 @@ class Trainer:
                      config.selection.budget)
 
         self.max_seq_len = _effective_max_seq_len(config.data.max_seq_len, model)
+        self.vocab_size = int(getattr(getattr(model, "config", None), "vocab_size", None) or len(self.tokenizer))
         self.loader = data_lib.build_train_loader(dataclasses.replace(config.data, max_seq_len=self.max_seq_len),
-                                                  self.per_rank_pool, self.dist)
+                                                  self.per_rank_pool, self.dist, vocab_size=self.vocab_size)
         self.truncated_samples = 0
+        self.empty_train_samples = 0
         self.target, self.eval_batches = self._held_out_batches()
 
         self.step = 0
@@ -170,9 +215,9 @@ class Trainer:
         return path
 
     def _choose_start(self) -> tuple[str, str]:
-        """Rank 0: (checkpoint to resume or "", error message or ""). A fresh start clears the run's
-        logs; checkpoints of an earlier run in the default folder are removed, in a configured
-        ``checkpoint.dir`` they are an error (resume them or pick another folder)."""
+        """Rank 0: (checkpoint to resume or "", error message or ""). Checkpoints of an earlier run
+        are never deleted implicitly: a fresh start into a folder that holds some is refused unless
+        ``checkpoint.overwrite`` (``--overwrite``), which moves them and the run's logs aside."""
         try:
             chosen = self.checkpoints.to_resume()
         except CheckpointError as err:
@@ -180,12 +225,22 @@ class Trainer:
         if chosen is not None:
             return str(chosen), ""
         earlier = self.checkpoints.complete()
-        if earlier and self.config.checkpoint.dir:
-            return "", (f"checkpoint.dir: {self.checkpoints.root} holds checkpoints of an earlier run (newest "
-                        f"{earlier[-1].name}); continue it with --resume or choose another checkpoint.dir")
-        for old in earlier:
-            log.warning("starting fresh: removing checkpoint %s of an earlier run with this run_dir", old)
-            shutil.rmtree(old, ignore_errors=True)
+        if earlier and not self.config.checkpoint.overwrite:  # (an interrupted .partial save is no checkpoint)
+            newest = earlier[-1].name
+            return "", (f"checkpoint.dir: {self.checkpoints.root} holds checkpoints of an earlier run (newest {newest}); "
+                        f"continue it with --resume, or start over with --overwrite (checkpoint.overwrite=true: "
+                        f"moves them aside, deletes nothing), or choose another output_dir / checkpoint.dir")
+        if earlier:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            aside = self.checkpoints.root.with_name(f"{self.checkpoints.root.name}.replaced-{stamp}")
+            self.checkpoints.root.rename(aside)
+            logs_aside = self.run_dir / f"replaced-{stamp}"
+            for name in ("metrics.jsonl", "selections.jsonl", "summary.json"):
+                if (self.run_dir / name).is_file():
+                    logs_aside.mkdir(exist_ok=True)
+                    (self.run_dir / name).rename(logs_aside / name)
+            log.warning("--overwrite: moved the earlier run's checkpoints to %s%s", aside,
+                        f" and its logs to {logs_aside}" if logs_aside.exists() else "")
         for name in ("metrics.jsonl", "selections.jsonl"):
             _truncate_jsonl(self.run_dir / name, -1)
         return "", ""
@@ -219,7 +274,7 @@ class Trainer:
         """This rank's share of the target (selection) samples and of the evaluation samples."""
         sel, train = self.config.selection, self.config.training
         rank, world = self.dist.rank, self.dist.world_size
-        val = data_lib.load_split(self.config.data, "val")
+        val = data_lib.load_split(self.config.data, "val", vocab_size=self.vocab_size)
         needed = sel.num_target_samples + train.num_eval_samples
         if len(val) < needed:
             raise ConfigError("training.num_eval_samples",
@@ -231,7 +286,34 @@ class Trainer:
         target = data_lib.collate([val[i] for i in target_rows], self.pad_id, self.max_seq_len)
         eval_batches = [data_lib.collate([val[i] for i in eval_rows[j:j + 32]], self.pad_id, self.max_seq_len)
                         for j in range(0, len(eval_rows), 32)]
+        self._check_loss_tokens(target, eval_batches, len(val))
         return target, eval_batches
+
+    def _check_loss_tokens(self, target: Batch, eval_batches: list[Batch], val_size: int) -> None:
+        """Refuse a target or eval split in which no sample has a loss token (every label -100: the
+        eval loss would read 0.0, which looks perfect); count and warn for single such samples."""
+        def counts(batches: list[Batch]) -> list[float]:
+            per_sample = [(b["labels"][:, 1:] != -100).sum(dim=1) for b in batches]
+            flat = torch.cat(per_sample) if per_sample else torch.zeros(0, dtype=torch.long)
+            return [float(flat.numel()), float((flat == 0).sum()), float(flat.sum())]
+
+        totals = distributed.all_reduce_sum(torch.tensor(counts([target]) + counts(eval_batches), dtype=torch.float64))
+        sel, train = self.config.selection, self.config.training
+        where = f"the val split under {self.config.data.remote or self.config.data.local}"
+        for name, (n, empty, tokens), rows in (
+                ("target", totals[:3].tolist(), f"rows 0-{sel.num_target_samples - 1}, selection.num_target_samples"),
+                ("eval", totals[3:].tolist(), f"rows {sel.num_target_samples}-"
+                                              f"{sel.num_target_samples + train.num_eval_samples - 1}, "
+                                              f"training.num_eval_samples")):
+            if n > 0 and tokens == 0:
+                raise data_lib.ShardError(
+                    f"{where}: every one of its {int(n)} {name} samples ({rows}) has no loss token (all labels -100, "
+                    f"e.g. prompt_len == length{' or cut by data.max_seq_len' if self.max_seq_len else ''}); its loss "
+                    f"would read 0.0. Re-prepare the data with answers")
+            if empty and self.dist.is_main:
+                log.warning("%s: %d of %d %s samples have no loss token (all labels -100); they count 0 in the "
+                            "%s loss", where, int(empty), int(n), name, name)
+        self.empty_eval_samples = int(totals[4])
 
     def pools(self) -> Iterator[Batch]:
         """Pools forever, epoch after epoch (every rank gets the same number per epoch). After a
@@ -296,6 +378,12 @@ class Trainer:
         optimizer_seconds = time.perf_counter() - t0
         step_seconds = data_seconds + (time.perf_counter() - start)
 
+        empty = int(((pool["labels"][:, 1:] != -100).sum(dim=1) == 0).sum())
+        if empty:
+            if self.empty_train_samples == 0:
+                log.warning("rank %d: train samples without any loss token (all labels -100) were drawn; counted in "
+                            "data/empty_samples (a selected one adds no gradient)", self.dist.rank)
+            self.empty_train_samples += empty
         if "truncated" in pool and bool(pool["truncated"].any()):
             if self.truncated_samples == 0:
                 log.warning("rank %d: samples longer than %d tokens are cut (data.max_seq_len / the model's "
@@ -314,6 +402,7 @@ class Trainer:
             "train/samples_seen": float(self.samples_seen),
             "train/skipped_steps": float(self.skipped_steps),
             "data/truncated_samples": float(self.truncated_samples),
+            "data/empty_samples": float(self.empty_train_samples),
             "time/step_seconds": step_seconds, "time/phase/data": data_seconds,
             "time/phase/select": select_seconds, "time/phase/train": train_seconds,
             "time/phase/optimizer": optimizer_seconds,
@@ -324,7 +413,7 @@ class Trainer:
             record = {"step": self.step + 1, "sample_ids": sample_ids[selection.indices].tolist(),
                       "weights": [round(float(w), 6) for w in selection.weights],
                       "pool_sample_ids": sample_ids.tolist()}
-            self._selections_file.write(json.dumps(record) + "\n")
+            self._selections_file.write(jsonio.dumps(record) + "\n")
             self._selections_file.flush()
         return metrics
 
@@ -395,17 +484,20 @@ class Trainer:
             "wall_seconds": time.perf_counter() - started,
         }
         if self.dist.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            (self.run_dir / "summary.json").write_text(jsonio.dumps(summary, indent=2))
             plot_run(history, initial.loss, self.run_dir / "loss.png",
                      f"{self.config.selection.method} / {self.config.engine.name} / {self.dist.world_size} ranks")
         return summary
 
     def close(self) -> None:
-        self.signals.close()
-        if self._selections_file is not None:
-            self._selections_file.close()
-        self.sinks.close()
-        self.engine.close()
+        try:
+            self.signals.close()
+            if self._selections_file is not None:
+                self._selections_file.close()
+            self.sinks.close()
+            self.engine.close()
+        finally:
+            self._release_lock()
 
 
 def _effective_max_seq_len(configured: int | None, model: torch.nn.Module) -> int | None:
@@ -421,7 +513,15 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
     """Keep the lines of ``path`` with ``step`` <= last_step (atomic rewrite)."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:  # a line torn by a crash mid-write
+            log.warning("%s: dropping a torn line (%d characters) written by a crashed run", path, len(line))
+            continue
+        if record is not None and record.get("step", 0) <= last_step:
+            kept.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)

@@ -32,6 +32,14 @@ class OptimizerConfig:
     min_lr_ratio: float = 0.1
 
     def __post_init__(self) -> None:
+        import math
+
+        for name in ("lr", "eps", "weight_decay", "grad_clip", "min_lr_ratio"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise ValueError(f"{name}: must be a finite number, got {value}")
+        if not all(math.isfinite(b) for b in self.betas):
+            raise ValueError(f"betas: must be finite, got {self.betas}")
         if self.lr <= 0:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
         if not all(0.0 <= b < 1.0 for b in self.betas) or len(self.betas) != 2:
@@ -40,6 +48,12 @@ class OptimizerConfig:
             raise ValueError(f"grad_clip: must be >= 0 (0 disables), got {self.grad_clip}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if self.eps <= 0:
+            raise ValueError(f"eps: must be > 0, got {self.eps}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
 
 
 def _default_deepspeed_config() -> str:
@@ -62,6 +76,12 @@ class EngineConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     collective_timeout_s: float = 600.0
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        import math
+
+        if not (math.isfinite(self.collective_timeout_s) and self.collective_timeout_s > 0):
+            raise ValueError(f"collective_timeout_s: must be a finite number > 0, got {self.collective_timeout_s}")
 
 
 class Engine(abc.ABC):

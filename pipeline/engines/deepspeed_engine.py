@@ -221,11 +221,25 @@ class DeepSpeedEngine(Engine):
 
         if not path.is_dir():
             raise CheckpointError(f"checkpoint.resume: {path} is missing")
+        from optsel.pipeline.safe_load import UnsafeCheckpointError, deepspeed_safe_globals, torch_load
+
+        allowed = deepspeed_safe_globals()
+        ckpt_engine = self.module.checkpoint_engine
+        unsafe_load = ckpt_engine.load  # torch.load(weights_only=False): a replaced file would run code
+
+        def weights_only_load(file: str, map_location=None):
+            return torch_load(file, what=str(file), allowed=allowed, map_location=map_location)
+
+        ckpt_engine.load = weights_only_load
         try:
             loaded, client = self.module.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                                          load_lr_scheduler_states=True)
+        except UnsafeCheckpointError:
+            raise
         except (FileNotFoundError, RuntimeError, KeyError, ValueError) as err:
             raise CheckpointError(f"checkpoint.resume: DeepSpeed could not load {path}: {err}") from err
+        finally:
+            ckpt_engine.load = unsafe_load
         if loaded is None:
             raise CheckpointError(f"checkpoint.resume: DeepSpeed found no checkpoint in {path}")
         return dict((client or {}).get("optsel", {}))

@@ -169,12 +169,47 @@ class FSDP2Engine(Engine):
         extra_file = path / "engine_extra.pt"
         if not extra_file.is_file():
             raise CheckpointError(f"checkpoint.resume: {extra_file} is missing (not an fsdp2 checkpoint?)")
+        from optsel.pipeline.safe_load import UnsafeCheckpointError, dcp_reader_and_planner, torch_load
+
         state = self._dcp_state()  # initializes the optimizer state so DCP can load into it in place
+        reader, planner = dcp_reader_and_planner(path)  # .metadata and byte items without arbitrary pickle
+        from torch.distributed.checkpoint.api import CheckpointException
+
         try:
-            dcp.load(state, checkpoint_id=str(path))
-        except Exception as err:  # DCP raises CheckpointException wrapping per-rank errors
+            dcp.load(state, storage_reader=reader, planner=planner)
+        except UnsafeCheckpointError:
+            raise
+        except (Exception, CheckpointException) as err:  # CheckpointException (a BaseException) wraps per-rank errors
+            unsafe = _find_cause(err, UnsafeCheckpointError)
+            if unsafe is not None:
+                raise UnsafeCheckpointError(str(unsafe)) from err
+            import re
+
+            refused = re.search(r"checkpoint\.resume: .*? holds pickled objects .*?could run code\)", str(err))
+            if refused:  # DCP turned the reader's error into text
+                raise UnsafeCheckpointError(refused.group(0)) from err
             raise CheckpointError(f"checkpoint.resume: torch.distributed.checkpoint could not load {path}: {err}") from err
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        extra = torch.load(extra_file, map_location="cpu", weights_only=True)
+        extra = torch_load(extra_file, what=str(extra_file))
         self.scheduler.load_state_dict(extra["scheduler"])
         return dict(extra.get("client_state", {}))
+
+
+def _find_cause(err: BaseException, kind: type) -> BaseException | None:
+    """The first exception of type ``kind`` in ``err``'s cause/context chain or, for DCP's
+    CheckpointException, among its per-rank failures."""
+    seen: set[int] = set()
+    stack = [err]
+    while stack:
+        cur = stack.pop()
+        if cur is None or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, kind):
+            return cur
+        stack.extend([cur.__cause__, cur.__context__])
+        failures = getattr(cur, "failures", None)
+        if isinstance(failures, dict):  # DCP: {rank: (exception, traceback)}
+            for value in failures.values():
+                stack.extend(v for v in (value if isinstance(value, tuple) else (value,)) if isinstance(v, BaseException))
+    return None
