@@ -36,6 +36,7 @@ if __package__ in (None, ""):  # run as a script
 import yaml
 
 from benchmarks import quality_report as report
+from optsel.pipeline import jsonio
 from benchmarks.quality_runs import Cell, RunResult, Settings, build_stream, pretrain, run, synthetic_config
 
 GRID_FILE = Path(__file__).with_name("quality_grid.yaml")
@@ -139,7 +140,7 @@ def _job(args: tuple) -> list[dict]:
         record = vars(r)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record))
+        tmp.write_text(jsonio.dumps(record))  # strict JSON: null, never NaN
         tmp.replace(path)
         print(f"[quality] {cell.name} {label:18s} seed {seed}: loss {r.final_loss:.4f} EM {r.final_em:.3f} "
               f"target w {r.precision.get('target', 0):.2f} corrupted w {r.precision.get('corrupted', 0):.2f} "

@@ -15,7 +15,6 @@ one, 0.5 = no separation) and the mean b of each kind relative to the clean mean
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from benchmarks.quality import GRID_FILE, _parse_cell, load_grid
 from benchmarks.quality_runs import (_optimizer, _train_on, build_stream, new_model, pretrain, synthetic_config,
                                      take)
+from optsel.pipeline import jsonio
 from optsel.pipeline.engines.base import OptimizerConfig
 from optsel.pipeline.engines.common import per_sample_token_mean_ce
 from optsel.selection.capture import find_covered_layers
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
                   settings.steps)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "probe.json").write_text(json.dumps({"cell": args.cell, "seed": args.seed, "rows": results}, indent=1))
+    (out / "probe.json").write_text(jsonio.dumps({"cell": args.cell, "seed": args.seed, "rows": results}))
     lines = [f"# Alignment probe — {args.cell}, seed {args.seed}", "",
              f"Command: `python -m benchmarks.quality_probe {' '.join(argv if argv is not None else sys.argv[1:])}` — "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {(time.perf_counter() - started) / 60:.1f} min.", "",

@@ -12,5 +12,6 @@ METHOD=${METHOD:-ftw}
 LAUNCHER=${LAUNCHER:-torchrun}
 NPROC=${NPROC:-2}
 .venv/bin/optsel prepare configs/prepare_synthetic.yaml overwrite=true
-.venv/bin/optsel launch --nproc "$NPROC" --launcher "$LAUNCHER" configs/demo.yaml \
+# --overwrite: a rerun of the demo moves the previous demo's checkpoints aside (nothing is deleted)
+.venv/bin/optsel launch --nproc "$NPROC" --launcher "$LAUNCHER" --overwrite configs/demo.yaml \
   engine.name="$ENGINE" selection.method="$METHOD" run_name="demo-$ENGINE-$METHOD" "$@"
