@@ -70,6 +70,8 @@ def init_distributed(engine: str, timeout_s: float = 600.0, backend: str | None 
         os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if os.environ.get("WORLD_SIZE", "1") == "1":  # one process, maybe with RANK but no rendezvous address
+        os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     timeout = datetime.timedelta(seconds=timeout_s)
