@@ -11,7 +11,7 @@ cores; the Trainer path of every selector is covered by the end-to-end tests.
 
 from __future__ import annotations
 
-import random
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,11 +19,13 @@ from typing import Any
 import torch
 
 from optsel.pipeline import synthetic
+from optsel.pipeline.data import collate
 from optsel.pipeline.engines.base import OptimizerConfig
 from optsel.pipeline.engines.common import greedy_generate, lr_factor, per_sample_token_mean_ce
 from optsel.pipeline.evaluate import evaluate
 from optsel.pipeline.model import ModelConfig, build_model
 from optsel.pipeline.tokenizer import byte_tokenizer
+from optsel.pipeline.trainer import subset
 from optsel.selection.base import get_selector_factory
 from optsel.selection.stats import selection_metrics
 
@@ -79,33 +81,19 @@ class Stream:
 
 
 def _encode(tok, samples: list[dict[str, str]], kind_ids: dict[str, int]) -> Batch:
-    """Byte-tokenize like ``optsel prepare``: prompt + answer + EOS, loss on answer and EOS only."""
+    """Byte-tokenize like ``optsel prepare`` (prompt + answer + EOS) and collate like the stream: loss on
+    answer and EOS only (``pipeline.data.collate``)."""
     rows = []
-    for s in samples:
+    for i, s in enumerate(samples):
         head = tok.encode(s["prompt"], add_special_tokens=False)
-        rows.append((head + tok.encode(s["answer"], add_special_tokens=False) + [int(tok.eos_token_id)], len(head),
-                     kind_ids[s["kind"]]))
-    width = max(len(r[0]) for r in rows)
-    n = len(rows)
-    ids = torch.full((n, width), int(tok.pad_token_id), dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    labels = torch.full((n, width), -100, dtype=torch.long)
-    for i, (toks, head, _) in enumerate(rows):
-        ids[i, :len(toks)] = torch.tensor(toks)
-        mask[i, :len(toks)] = 1
-        labels[i, head:len(toks)] = torch.tensor(toks[head:])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-            "kind_id": torch.tensor([r[2] for r in rows], dtype=torch.long),
-            "sample_id": torch.arange(n, dtype=torch.long)}
+        tokens = head + tok.encode(s["answer"], add_special_tokens=False) + [int(tok.eos_token_id)]
+        rows.append({"tokens": tokens, "prompt_len": len(head), "sample_id": i, "kind_id": kind_ids[s["kind"]]})
+    return collate(rows, int(tok.pad_token_id))
 
 
 def take(batch: Batch, rows: torch.Tensor) -> Batch:
-    """Rows of a batch, trimmed to the longest kept sample."""
-    out = {k: v[rows] for k, v in batch.items()}
-    width = int(out["attention_mask"].sum(1).max()) if rows.numel() else 1
-    for key in ("input_ids", "attention_mask", "labels"):
-        out[key] = out[key][:, :width]
-    return out
+    """Rows of a batch, trimmed to the longest kept sample (the trainer's ``subset``)."""
+    return subset(batch, rows)
 
 
 def synthetic_config(settings: Settings, target_fraction: float, corrupted_fraction: float, lookalike: str,
@@ -185,7 +173,7 @@ def pretrain(settings: Settings) -> dict[str, torch.Tensor]:
                                     target_task=settings.target_task,
                                     target_fraction=settings.pretrain_target_fraction, corrupted_fraction=0.0,
                                     distractors=names)
-    stream = build_stream(dataclasses_replace(settings, num_eval=0, num_target=0), cfg, 1000 + settings.stream_seed)
+    stream = build_stream(dataclasses.replace(settings, num_eval=0, num_target=0), cfg, 1000 + settings.stream_seed)
     torch.manual_seed(settings.stream_seed)
     model = new_model(settings)
     opt = OptimizerConfig(**{**settings.optimizer, "warmup_steps": 10, "schedule": "cosine"})
@@ -197,12 +185,6 @@ def pretrain(settings: Settings) -> dict[str, torch.Tensor]:
         _train_on(model, optimizer, take(stream.train, rows), torch.full((b,), 1.0 / b), opt, step,
                   settings.pretrain_steps)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def dataclasses_replace(settings: Settings, **changes: Any) -> Settings:
-    import dataclasses
-
-    return dataclasses.replace(settings, **changes)
 
 
 @dataclass
@@ -300,9 +282,3 @@ def run(settings: Settings, stream: Stream, base: dict[str, torch.Tensor], metho
     result.ess, result.selected, result.fallbacks = ess / steps, selected / steps, fallbacks
     result.wall_seconds = time.perf_counter() - started
     return result
-
-
-def seeded_shuffle(items: list[Any], seed: int) -> list[Any]:
-    out = list(items)
-    random.Random(seed).shuffle(out)
-    return out

@@ -22,6 +22,8 @@ import pytest
 from _dist_utils import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks.soak import records as _records  # noqa: E402  (one reader of a run's logs, shared with the soak)
 STEPS = 6
 
 
@@ -47,15 +49,6 @@ def _overrides(data_dir: Path, out: Path, engine: str, method: str, *extra: str)
             "monitoring.port=0", "training.eval_every=2", f"engine.name={engine}", f"selection.method={method}",
             f"training.num_steps={STEPS}", "selection.pool_size=16", "selection.budget=4",
             "selection.num_target_samples=8", *extra]
-
-
-def _records(run_dir: Path) -> dict[str, list]:
-    sel = [json.loads(line) for line in (run_dir / "selections.jsonl").read_text().splitlines()]
-    met = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"steps": [r["step"] for r in sel], "selected": [r["sample_ids"] for r in sel],
-            "weights": [r["weights"] for r in sel], "drawn": [r["pool_sample_ids"] for r in sel],
-            "train_loss": [(m["step"], m["train/loss"]) for m in met if "train/loss" in m],
-            "eval_loss": [(m["step"], m["eval/loss"]) for m in met if "eval/loss" in m]}
 
 
 def _assert_same_run(straight: Path, resumed: Path) -> None:
