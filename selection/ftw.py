@@ -70,7 +70,7 @@ class FTWConfig:
     momentum_coef: float | None = None
     curvature: float | None = None
     curvature_scale: float = 1.0
-    solver: Literal["torch", "cvxpy"] = "torch"
+    solver: Literal["active_set", "torch", "cvxpy"] = "active_set"
     support: Literal["topk", "greedy"] = "topk"
     w_max: float | None = None
     target_refresh: int = 1
@@ -96,7 +96,7 @@ class FTWConfig:
             raise bad("filter_size", f"must be >= budget={self.budget}, got {self.filter_size}")
         if not 0.0 < self.filter_ratio <= 1.0:
             raise bad("filter_ratio", f"must be in (0, 1], got {self.filter_ratio}")
-        choices = {"gram": gram_ops.BACKENDS, "geometry": ("adam", "sgd"), "solver": ("torch", "cvxpy"),
+        choices = {"gram": gram_ops.BACKENDS, "geometry": ("adam", "sgd"), "solver": ("active_set", "torch", "cvxpy"),
                    "support": ("topk", "greedy"), "compute_dtype": ("auto", "float32", "float64"),
                    "exchange": ("factors", "sketches"), "alignment": ("dot", "cosine"),
                    "filter_curvature": ("sample", "batch"), "weighting": ("qp", "proportional")}

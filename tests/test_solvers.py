@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from optsel.selection import solvers
-from optsel.selection.solvers import (cvxpy_qp, objective, project_simplex, select_weights, torch_qp)
+from optsel.selection.solvers import (active_set_qp, cvxpy_qp, objective, project_simplex, select_weights,
+                                     torch_qp)
 
 
 def _problem(m: int, seed: int, rank: int | None = None, scale: float = 1.0):
@@ -89,7 +90,7 @@ def test_support_selection_refits_exactly(support):
     b = b + 0.5  # many candidates attractive: the unconstrained-support optimum is dense
     tau, k = 0.2, 5
     u = b - 0.5 * tau * K.diagonal()
-    res = select_weights(b, K, u, tau, k, solver="torch", support=support)
+    res = select_weights(b, K, u, tau, k, support=support)  # the default solver (active set)
     assert res.fallback is None and 1 <= res.support.numel() <= k
     assert (res.weights > 0).all() and abs(float(res.weights.sum()) - 1) < 1e-12
     s = res.support
@@ -114,9 +115,70 @@ def test_fallbacks_are_uniform_topk_and_counted(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("injected solver failure")
 
-    monkeypatch.setattr(solvers, "torch_qp", broken)
+    monkeypatch.setattr(solvers, "active_set_qp", broken)
     res = select_weights(b, K, u, 1.0, 3)
     assert res.fallback == "solver_error" and "injected" in res.status
     assert sorted(res.support.tolist()) == sorted(top3.tolist())
     with pytest.raises(ValueError, match="support"):
         select_weights(b, K, u, 1.0, 3, support="nope")
+
+
+def _ftw_like(m: int, seed: int, d: int = 200):
+    """b, K as FTW forms them: K = G Gᵀ / d for m gradients of unequal norms (rank-deficient when
+    m > d), b = G v."""
+    gen = torch.Generator().manual_seed(seed)
+    G = torch.randn(m, d, generator=gen, dtype=torch.float64) * torch.rand(m, 1, generator=gen, dtype=torch.float64)
+    return G @ torch.randn(d, generator=gen, dtype=torch.float64) / d ** 0.5, G @ G.T / d
+
+
+def _kkt_violation(w, b, K, tau, cap=None) -> float:
+    """Largest KKT violation (relative): stationarity on the free set with one ν, multiplier signs at
+    the bounds; ν from the free set, or the best ν in the feasible interval when none is free."""
+    g = tau * (K @ w) - b
+    hi = cap if cap is not None else float("inf")
+    free, zero, top = (w > 1e-12) & (w < hi - 1e-12), w <= 1e-12, w >= hi - 1e-12
+    if free.any():
+        nu = -float(g[free].mean())
+    else:
+        lo = float((-g[zero]).max()) if zero.any() else -float("inf")
+        up = float((-g[top]).min()) if top.any() else float("inf")
+        nu = up if lo == -float("inf") else lo if up == float("inf") else 0.5 * (lo + up)
+    viol = [float((g[free] + nu).abs().max()) if free.any() else 0.0,
+            float((-(g + nu))[zero].clamp(min=0).max()) if zero.any() else 0.0,
+            float((g + nu)[top].clamp(min=0).max()) if top.any() else 0.0]
+    return max(viol) / (float(g.abs().max()) + 1e-300)
+
+
+@pytest.mark.parametrize("m", [8, 32, 256])
+@pytest.mark.parametrize("tau", [0.5, 2.0, 8.0])
+@pytest.mark.parametrize("cap", [None, 1 / 8])
+def test_active_set_matches_cvxpy_and_is_kkt_exact(m, tau, cap):
+    b, K = _ftw_like(m, seed=m + int(tau * 10))
+    mine, ref = active_set_qp(b, K, tau, cap), cvxpy_qp(b, K, tau, cap)
+    assert mine.status == "optimal"
+    f_mine, f_ref = float(objective(mine.w, b, K, tau)), float(objective(ref.w, b, K, tau))
+    assert f_mine >= f_ref - 1e-8 * max(abs(f_ref), 1e-12)  # never worse than OSQP at 1e-10 tolerances
+    assert abs(float(mine.w.sum()) - 1.0) < 1e-12 and float(mine.w.min()) >= 0.0
+    if cap is not None:
+        assert float(mine.w.max()) <= cap + 1e-12
+    assert _kkt_violation(mine.w, b, K, tau, cap) < 1e-8
+    if m <= 32:  # K = G Gᵀ has full rank (d = 200 > m): the optimum is unique
+        assert torch.allclose(mine.w, ref.w, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_active_set_on_singular_and_degenerate_problems(seed):
+    b, K = _problem(40, seed, rank=5)            # singular Gram: duplicated directions
+    for tau, cap in [(1.0, None), (1.0, 0.15), (0.01, None), (100.0, 0.05), (1.0, 1 / 40)]:
+        # solve_qp: the active set, finished by cvxpy/CLARABEL when it cannot verify the KKT conditions
+        # (seen only on singular K with most weights at a tight cap, e.g. τ = 100, cap = 0.05 here)
+        mine, ref = solvers.solve_qp(b, K, tau, cap), cvxpy_qp(b, K, tau, cap, backend="CLARABEL")
+        f_mine, f_ref = float(objective(mine.w, b, K, tau)), float(objective(ref.w, b, K, tau))
+        assert f_mine >= f_ref - 1e-6 * max(abs(f_ref), 1e-12)
+        if cap is None or cap >= 0.15:
+            assert active_set_qp(b, K, tau, cap).status == "optimal"
+    dup = torch.cat([b[:3], b[:3]])              # exact duplicates: ties in b and K
+    Kd = K[[0, 1, 2, 0, 1, 2]][:, [0, 1, 2, 0, 1, 2]]
+    mine = active_set_qp(dup, Kd, 1.0)
+    ref = cvxpy_qp(dup, Kd, 1.0)
+    assert abs(float(objective(mine.w, dup, Kd, 1.0)) - float(objective(ref.w, dup, Kd, 1.0))) < 1e-8
