@@ -35,13 +35,18 @@ from optsel.selection.capture import per_sample_loss
 VOCAB = 259
 
 
-def build_model(device: torch.device, max_pos: int, seed: int = 0):
+SIZES = {  # name: (hidden, layers, intermediate); "small" is the demo's model, the others compute-bound
+    "small": (64, 2, 128), "cpu-compute": (256, 4, 512), "gpu-100m": (1024, 8, 2816)}
+
+
+def build_model(device: torch.device, max_pos: int, seed: int = 0, size: str = "small"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    hidden, layers, inter = SIZES[size]
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos,
-                      attn_implementation="sdpa")
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=max(4, hidden // 64), num_key_value_heads=max(2, hidden // 128),
+                      max_position_embeddings=max_pos, attn_implementation="sdpa")
     return LlamaForCausalLM(cfg).to(device)
 
 
@@ -75,16 +80,26 @@ def peak_memory(device: torch.device) -> float:
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
-def make_selector(method: str, model, opt, k: int, gram: str | None):
+def make_selector(method: str, model, opt, k: int, options: dict | None):
     factory = get_selector_factory(method)
     config = None
     if method == "ftw":
-        config = factory.config_class(budget=k, gram=gram)
+        config = factory.config_class(budget=k, **(options or {}))
     return factory(model=model, optimizer=opt, budget=k, seed=0, config=config)
 
 
-def time_method(method, gram, model, opt, pools, target, k, device, repeats) -> dict:
-    selector = make_selector(method, model, opt, k, gram)
+# (label, method, FTW options): ftw's default is the single pass with the active-set solver
+CONFIGS = [("random", "random", None), ("full", "full", None), ("greats", "greats", None), ("uds", "uds", None),
+           ("ftw[exact]", "ftw", {"gram": "exact"}),
+           ("ftw[exact, two-pass]", "ftw", {"gram": "exact", "single_pass": False}),
+           ("ftw[exact, refresh 8]", "ftw", {"gram": "exact", "target_refresh": 8}),
+           ("ftw[exact, two-pass, fista]", "ftw", {"gram": "exact", "single_pass": False, "solver": "torch"}),
+           ("ftw[ghost]", "ftw", {"gram": "ghost"}), ("ftw[sketch]", "ftw", {"gram": "sketch"}),
+           ("ftw[auto]", "ftw", {"gram": "auto"})]
+
+
+def time_method(method, options, model, opt, pools, target, k, device, repeats) -> dict:
+    selector = make_selector(method, model, opt, k, options)
     phases: dict[str, float] = {}
     totals = {"select": 0.0, "train": 0.0}
     if device.type == "cuda":
@@ -96,8 +111,12 @@ def time_method(method, gram, model, opt, pools, target, k, device, repeats) -> 
         sync(device)
         t1 = time.perf_counter()
         rows = sel.local_indices.to(device)
-        batch = {key: v[rows] for key, v in pool.items()}
-        train_step(model, opt, batch, sel.local_weights.to(device))
+        if sel.pool_pass is not None:  # the single pass: the gradient from the capture, no second forward
+            opt.zero_grad(set_to_none=True)
+            sel.pool_pass.accumulate_into_grads(rows, sel.local_weights.to(device))
+            opt.step()
+        else:
+            train_step(model, opt, {key: v[rows] for key, v in pool.items()}, sel.local_weights.to(device))
         sync(device)
         t2 = time.perf_counter()
         if r == 0:
@@ -126,23 +145,20 @@ def time_plain(model, opt, pools, device, repeats) -> dict:
     return {"step_s": total / repeats, "peak_memory_bytes": peak_memory(device)}
 
 
-def step_table(device, n, T, k, repeats) -> dict:
-    model = build_model(device, max_pos=max(64, T))
+def step_table(device, n, T, k, repeats, size: str = "small") -> dict:
+    model = build_model(device, max_pos=max(64, T), size=size)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     warm = [make_pool(n, T, 1000 + s, device) for s in range(3)]
     for p in warm:
         train_step(model, opt, p, torch.full((n,), 1.0 / n, device=device))
     pools = [make_pool(n, T, s, device) for s in range(repeats + 1)]
     target = make_pool(max(4, k), T, 999, device)
-    configs = [("random", None), ("full", None), ("greats", None), ("uds", None),
-               ("ftw", "exact"), ("ftw", "ghost"), ("ftw", "sketch")]
     time_plain(model, opt, pools[:2], device, 1)  # global warm-up pass: first-call costs out of the table
-    for method, gram in configs:
-        time_method(method, gram, model, opt, pools[:2], target, k if method != "full" else n, device, 1)
+    for _, method, options in CONFIGS:
+        time_method(method, options, model, opt, pools[:2], target, k if method != "full" else n, device, 1)
     rows = {"plain": time_plain(model, opt, pools, device, repeats)}
-    for method, gram in configs:
-        name = method if gram is None else f"{method}[{gram}]"
-        rows[name] = time_method(method, gram, model, opt, pools, target, k if method != "full" else n,
+    for name, method, options in CONFIGS:
+        rows[name] = time_method(method, options, model, opt, pools, target, k if method != "full" else n,
                                  device, repeats)
         rows[name]["ratio_to_plain"] = rows[name]["step_s"] / rows["plain"]["step_s"]
         print(f"[speed] {name:12s} step {rows[name]['step_s'] * 1e3:8.1f} ms  "
@@ -150,16 +166,18 @@ def step_table(device, n, T, k, repeats) -> dict:
     return rows
 
 
-def seq_sweep(device, n, k, lengths, repeats, cap_s) -> dict:
-    """FTW select seconds vs T per backend; a backend is dropped after a T whose select exceeds cap_s."""
-    out: dict[str, dict[int, float]] = {g: {} for g in ("exact", "ghost", "sketch")}
-    model = build_model(device, max_pos=max(lengths))
+def seq_sweep(device, n, k, lengths, repeats, cap_s, size: str = "small") -> dict:
+    """FTW select seconds and the plain step over the same N at each T (backends: the default "auto"
+    and "exact"); a backend is dropped after a T whose select exceeds cap_s."""
+    out: dict[str, dict[int, dict[str, float]]] = {g: {} for g in ("auto", "exact")}
+    model = build_model(device, max_pos=max(lengths), size=size)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     train_step(model, opt, make_pool(n, 64, 7, device), torch.full((n,), 1.0 / n, device=device))
     for T in lengths:
         pool, target = make_pool(n, T, 11, device), make_pool(4, T, 12, device)
+        plain = time_plain(model, opt, [pool] * (repeats + 1), device, repeats)["step_s"]
         for gram, res in out.items():
-            if res and max(res.values()) > cap_s:
+            if res and max(r["select_s"] for r in res.values()) > cap_s:
                 continue
             factory = get_selector_factory("ftw")
             sel = factory(model=model, optimizer=opt, budget=k, seed=0,
@@ -172,22 +190,40 @@ def seq_sweep(device, n, k, lengths, repeats, cap_s) -> dict:
                 sync(device)
                 if r:
                     times.append(time.perf_counter() - t0)
-            res[T] = sum(times) / len(times)
-            print(f"[speed] T={T:5d} {gram:6s} select {res[T]:.3f} s", flush=True)
+            res[T] = {"select_s": sum(times) / len(times), "plain_s": plain}
+            res[T]["ratio"] = res[T]["select_s"] / plain
+            print(f"[speed] T={T:5d} {gram:6s} select {res[T]['select_s']:.3f} s, plain {plain:.3f} s, "
+                  f"ratio {res[T]['ratio']:.2f}", flush=True)
     return out
 
 
-def write(results: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "speed.json").write_text(jsonio.dumps(results, indent=2))
-    st = results["steps"]
+def solver_table(repeats: int = 50) -> dict:
+    """Milliseconds per weight QP (b, K as FTW forms them) for each solver at m = 32 and 256."""
+    from optsel.selection.solvers import active_set_qp, cvxpy_qp, torch_qp
+
+    out: dict[str, dict[str, float]] = {}
+    for m in (32, 256):
+        gen = torch.Generator().manual_seed(m)
+        G = torch.randn(m, 200, generator=gen, dtype=torch.float64) * torch.rand(m, 1, generator=gen, dtype=torch.float64)
+        b, K = G @ torch.randn(200, generator=gen, dtype=torch.float64) / 200 ** 0.5, G @ G.T / 200
+        for name, fn, reps in (("active_set", active_set_qp, repeats), ("torch (FISTA + polish)", torch_qp, 3),
+                               ("cvxpy (OSQP)", cvxpy_qp, 3)):
+            try:
+                fn(b, K, 2.0)
+            except ImportError:  # cvxpy not installed (e.g. a GPU image): no row
+                continue
+            for tau in (2.0, 8.0):
+                fn(b, K, tau)
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    fn(b, K, tau)
+                out.setdefault(f"{name}", {})[f"m={m}, tau={tau:g}"] = (time.perf_counter() - t0) / reps * 1e3
+    return out
+
+
+def _step_lines(title: str, st: dict, meta: dict) -> list[str]:
     phases = sorted({p for r in st.values() for p in r.get("phases_s", {})})
-    meta = results["meta"]
-    lines = [f"# Speed benchmark ({meta['mode']}, {meta['device_name']})", "",
-             f"Command: `{meta.get('command', 'python -m benchmarks.speed')}` — {meta.get('date', '')}; torch "
-             f"{meta.get('torch', '')}, {meta.get('threads', '?')} threads.", "",
-             f"N = {results['meta']['N']}, k = {results['meta']['k']}, T = {results['meta']['T']}; "
-             f"mean over {results['meta']['repeats']} steps after one warm-up. Times in ms; ratio = step / plain step over all N.", "",
+    lines = [f"## {title}", "",
              "| method | step | ratio | select | train | " + " | ".join(phases) + " | peak mem (MiB) |",
              "|---|---|---|---|---|" + "---|" * len(phases) + "---|"]
     for name, r in st.items():
@@ -195,14 +231,61 @@ def write(results: dict, out: Path) -> None:
         lines.append(f"| {name} | {r['step_s'] * 1e3:.1f} | {r.get('ratio_to_plain', 1.0):.2f} | "
                      f"{r.get('select_s', 0.0) * 1e3:.1f} | {r.get('train_s', r['step_s']) * 1e3:.1f} | {ph} | "
                      f"{r['peak_memory_bytes'] / 2**20:.0f} |")
-    sw = {gram: {int(t): v for t, v in res.items()} for gram, res in results["seq_sweep"].items()}  # JSON: str keys
-    Ts = sorted({t for res in sw.values() for t in res})
-    lines += ["", f"FTW select time (s) vs sequence length T (N = {results['meta']['sweep_N']}, "
-                  f"k = {results['meta']['sweep_k']}); '—': skipped after exceeding the time cap.", "",
-              "| backend | " + " | ".join(str(t) for t in Ts) + " |", "|---|" + "---|" * len(Ts)]
+    return lines + [""]
+
+
+def write(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed.json").write_text(jsonio.dumps(results, indent=2))
+    meta = results["meta"]
+    lines = [f"# Speed benchmark ({meta['mode']}, {meta['device_name']})", "",
+             f"Command: `{meta.get('command', 'python -m benchmarks.speed')}` — {meta.get('date', '')}; torch "
+             f"{meta.get('torch', '')}, {meta.get('threads', '?')} threads.", "",
+             f"Mean over {meta['repeats']} steps after warm-up. Times in ms; ratio = step / plain step (forward + "
+             f"backward + AdamW over all N). ftw[...] rows use the single pass and the active-set solver unless "
+             f"named otherwise; 'refresh 8' recomputes the target gradient every 8 steps.", ""]
+    for size, block in results["steps"].items():
+        lines += _step_lines(f"{size}: N = {block['N']}, k = {block['k']}, T = {block['T']}, "
+                             f"model {block['model']}", block["rows"], meta)
+    sw = results["seq_sweep"]
+    Ts = sorted({int(t) for res in sw.values() for t in res})
+    lines += [f"## select / plain step against T (N = {meta['sweep_N']}, k = {meta['sweep_k']}, "
+              f"model {meta['sweep_model']})", "",
+              "'—': skipped after a select exceeded the time cap. Flat within 1.5x = linear in T like the step.", "",
+              "| backend | " + " | ".join(str(t) for t in Ts) + " | max/min |", "|---|" + "---|" * (len(Ts) + 1)]
     for gram, res in sw.items():
-        lines.append(f"| {gram} | " + " | ".join(f"{res[t]:.3f}" if t in res else "—" for t in Ts) + " |")
+        res = {int(t): v for t, v in res.items()}
+        ratios = [res[t]["ratio"] for t in Ts if t in res]
+        spread = max(ratios) / min(ratios) if ratios else float("nan")
+        lines.append(f"| {gram} | " + " | ".join(f"{res[t]['ratio']:.2f} ({res[t]['select_s']:.2f} s)" if t in res
+                                                 else "—" for t in Ts) + f" | {spread:.2f} |")
+    lines += ["", "## Weight QP solve time (ms)", "", "| solver | " + " | ".join(next(iter(results['solvers'].values()))) + " |",
+              "|---|" + "---|" * len(next(iter(results['solvers'].values())))]
+    for name, row in results["solvers"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in row.values()) + " |")
     (out / "speed.md").write_text("\n".join(lines) + "\n")
+    _plot_sweep(sw, out / "select_vs_T.png", meta)
+
+
+def _plot_sweep(sw: dict, path: Path, meta: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for gram, res in sw.items():
+        Ts = sorted(int(t) for t in res)
+        ax.plot(Ts, [{int(t): v for t, v in res.items()}[t]["ratio"] for t in Ts], marker="o", label=gram)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length T")
+    ax.set_ylabel("FTW select time / plain step time")
+    ax.set_title(f"select / plain vs T ({meta['device_name']}, N = {meta['sweep_N']})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -210,20 +293,30 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None, help="default: results/speed (quick: results/speed_quick)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--max-T", type=int, default=None, help="longest T of the sweep (default 4096 CPU, 8192 CUDA)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    cuda = device.type == "cuda"
     if args.quick:
-        n, T, k, repeats, lengths, sweep_n, cap = 16, 32, 4, 2, [128, 256], 8, 30.0
-    else:
-        n, T, k, repeats, lengths, sweep_n, cap = 64, 32, 16, 5, [128, 256, 512, 1024, 2048, 4096], 16, 60.0
+        sizes = [("small", 16, 32, 4)]
+        repeats, lengths, sweep_n, cap, sweep_size = 2, [128, 256], 8, 30.0, "small"
+    else:  # (model size, N, T, k): the demo-sized step and a compute-bound one
+        sizes = [("small", 64, 32, 16), ("gpu-100m" if cuda else "cpu-compute", 64, 512 if cuda else 256, 16)]
+        max_T = args.max_T or (8192 if cuda else 4096)
+        lengths = [t for t in (128, 256, 512, 1024, 2048, 4096, 8192) if t <= max_T]
+        repeats, sweep_n, cap, sweep_size = 3, 16, 60.0, "gpu-100m" if cuda else "small"
     results = {"meta": {"mode": "quick" if args.quick else "default", "device": str(device),
-                        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-                        "threads": torch.get_num_threads(), "N": n, "T": T, "k": k, "repeats": repeats,
-                        "sweep_N": sweep_n, "sweep_k": max(2, sweep_n // 4), "torch": torch.__version__,
-                        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                        "command": "python -m benchmarks.speed " + " ".join(argv if argv is not None else sys.argv[1:])}}
-    results["steps"] = step_table(device, n, T, k, repeats)
-    results["seq_sweep"] = seq_sweep(device, sweep_n, max(2, sweep_n // 4), lengths, 1, cap)
+                        "device_name": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+                        "threads": torch.get_num_threads(), "repeats": repeats,
+                        "sweep_N": sweep_n, "sweep_k": max(2, sweep_n // 4), "sweep_model": sweep_size,
+                        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                        "command": "python -m benchmarks.speed " + " ".join(argv if argv is not None else sys.argv[1:])},
+               "steps": {}}
+    for size, n, T, k in sizes:
+        results["steps"][size] = {"N": n, "T": T, "k": k, "model": f"hidden/layers/ffn {SIZES[size]}",
+                                  "rows": step_table(device, n, T, k, repeats, size)}
+    results["seq_sweep"] = seq_sweep(device, sweep_n, max(2, sweep_n // 4), lengths, 1, cap, sweep_size)
+    results["solvers"] = solver_table()
     out = Path(args.out or ("results/speed_quick" if args.quick else "results/speed"))
     write(results, out)
     print((out / "speed.md").read_text())

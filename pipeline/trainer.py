@@ -343,13 +343,15 @@ class Trainer:
         rows, weights = selection.local_indices, selection.local_weights.to(torch.float32)
         if rows.numel() == 0:  # keep the engines' collectives in step: one zero-weight sample
             rows, weights = torch.zeros(1, dtype=torch.long), torch.zeros(1)
-        batch = subset(pool, rows)
         t0 = time.perf_counter()
-        losses = self.engine.forward_backward(batch, weights, loss_scale=float(world))
+        if selection.pool_pass is not None and self.engine.supports_single_pass:  # no second forward
+            losses = self.engine.backward_from_pass(selection.pool_pass, rows, weights, loss_scale=float(world))
+        else:
+            losses = self.engine.forward_backward(subset(pool, rows), weights, loss_scale=float(world))
         train_seconds = time.perf_counter() - t0
 
         weighted_loss = float((weights.double() * losses.double()).sum())
-        local_tokens = float((batch["labels"][:, 1:] != -100).sum()) if selection.local_indices.numel() else 0.0
+        local_tokens = float((pool["labels"][rows][:, 1:] != -100).sum()) if selection.local_indices.numel() else 0.0
         stop_flag = 1.0 if self.signals.received else 0.0  # rides on this all-reduce: every rank agrees
         bad_grad = 0.0 if self.engine.local_grads_finite() else 1.0
         totals = distributed.all_reduce_sum(torch.tensor(

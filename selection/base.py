@@ -31,6 +31,8 @@ class Selection:
     alignment [N], utility [N], filtered [m], gram [m, m]: FTW's intermediate quantities
         (None for selectors that do not compute them).
     timings: seconds per phase. diagnostics: counters, solver status, fallbacks (JSON-able).
+    pool_pass: FTW's single pass (selection/single_pass.py): what this rank's capture kept, from
+        which the engine forms the training gradient without a second pass (None: train as usual).
     """
 
     indices: torch.Tensor
@@ -45,6 +47,7 @@ class Selection:
     covered: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    pool_pass: Any = None
 
 
 class Selector(abc.ABC):

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from optsel import distributed
+from optsel.selection.single_pass import Leaf, LeafCall, PoolPass
 
 try:  # GPT-2 style linear with transposed weight
     from transformers.pytorch_utils import Conv1D
@@ -152,17 +153,23 @@ class _Recorder:
 
 
 def capture_factors(model: nn.Module, batch: Mapping[str, torch.Tensor], layers: list[CoveredLayer],
-                    chunk_size: int | None = None) -> Factors:
+                    chunk_size: int | None = None, pool_pass: PoolPass | None = None,
+                    leaves: list[Leaf] | None = None) -> Factors:
     """(A, Δ) of every covered layer for every sample of ``batch`` (see :class:`Factors`).
 
     batch: input_ids / attention_mask / labels [n, T]. chunk_size: samples per forward/backward
     (None: all at once). Parameter ``.grad`` is left untouched; the model's train/eval mode too.
+    pool_pass + leaves (selection/single_pass.py): the same backward also records every leaf's
+    (input, output gradient) into ``pool_pass``, from which the training gradient follows.
     """
     n = int(batch["input_ids"].shape[0])
     step = n if not chunk_size else max(1, int(chunk_size))
     device = layers[0].param.device  # pools arrive on the CPU from the dataloader
     parts = [_capture_chunk(model, {k: batch[k][s:s + step].to(device) for k in ("input_ids", "attention_mask", "labels")},
-                            layers) for s in range(0, n, step)]
+                            layers, pool_pass, leaves, s) for s in range(0, n, step)]
+    if pool_pass is not None:
+        pool_pass.loss = torch.cat([p.loss for p in parts]).float()
+        pool_pass.tokens = torch.cat([p.tokens for p in parts])
     if len(parts) == 1:
         return parts[0]
     width = [max(p.A[l].shape[1] for p in parts) for l in range(len(layers))]
@@ -173,9 +180,11 @@ def capture_factors(model: nn.Module, batch: Mapping[str, torch.Tensor], layers:
         loss=torch.cat([p.loss for p in parts]), tokens=torch.cat([p.tokens for p in parts]))
 
 
-def _capture_chunk(model: nn.Module, batch: Mapping[str, torch.Tensor], layers: list[CoveredLayer]) -> Factors:
+def _capture_chunk(model: nn.Module, batch: Mapping[str, torch.Tensor], layers: list[CoveredLayer],
+                   pool_pass: PoolPass | None = None, leaves: list[Leaf] | None = None, offset: int = 0) -> Factors:
     mask = batch["attention_mask"]
     recorder = _Recorder(layers)
+    leaf_recorder = _Recorder(leaves) if pool_pass is not None and leaves else None
     try:
         with torch.enable_grad():
             logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits
@@ -183,9 +192,20 @@ def _capture_chunk(model: nn.Module, batch: Mapping[str, torch.Tensor], layers: 
             outputs = [out for calls in recorder.calls for _, out in calls]
             if not outputs:
                 raise RuntimeError("capture: no covered layer ran with grad enabled in the forward")
-            grads = torch.autograd.grad(loss.sum(), outputs, allow_unused=True)
+            leaf_outputs = [out for calls in leaf_recorder.calls for _, out in calls] if leaf_recorder else []
+            grads = torch.autograd.grad(loss.sum(), outputs + leaf_outputs, allow_unused=True)
     finally:
         recorder.close()
+        if leaf_recorder is not None:
+            leaf_recorder.close()
+    if leaf_recorder is not None:
+        leaf_grads = iter(grads[len(outputs):])
+        for leaf, calls in zip(leaves, leaf_recorder.calls):
+            for inp, out in calls:
+                grad = next(leaf_grads)
+                pool_pass.calls.append(LeafCall(leaf, inp, torch.zeros_like(out) if grad is None else grad.detach(),
+                                                offset))
+        grads = grads[:len(outputs)]
     A: list[torch.Tensor] = []
     D: list[torch.Tensor] = []
     it = iter(grads)

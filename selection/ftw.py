@@ -28,6 +28,7 @@ from optsel.selection.capture import Coverage, Factors, capture_factors, find_co
 from optsel.selection.filter import filter_candidates, utility
 from optsel.selection.preconditioner import (LayerBlock, LayerGeometry, OptimizerStateReader, default_coefficients,
                                              layer_geometry, make_state_reader)
+from optsel.selection.single_pass import PoolPass, single_pass_leaves
 from optsel.selection.sketch_exchange import SketchTarget, momentum_sketch_partial, sketched_alignment
 from optsel.selection.solvers import select_weights
 from optsel.selection.target import TargetCache
@@ -60,6 +61,11 @@ class FTWConfig:
     "proportional" (draw k samples with replacement from the survivors ∝ the QP weights, uniform loss
     weights, duplicates merged: the hardware batch stays k). warmup_steps: the first this many steps
     select k at random (uniform weights) before FTW takes over.
+
+    single_pass: keep every trainable leaf's (input, output gradient) from the capture so that the
+    training gradient needs no second forward/backward (selection/single_pass.py; the Selection
+    carries it as ``pool_pass``). Ignored, with the reason in the diagnostics, for a model with a
+    trainable module that is not Linear/Conv1D/Embedding/LayerNorm/*RMSNorm.
     """
 
     budget: int
@@ -85,6 +91,7 @@ class FTWConfig:
     ess_fraction: float | None = None
     weighting: Literal["qp", "proportional"] = "qp"
     warmup_steps: int = 0
+    single_pass: bool = True
 
     def __post_init__(self) -> None:
         def bad(field_name: str, message: str) -> ValueError:
@@ -155,6 +162,9 @@ class FilterThenWeight(Selector):
         self.counters: dict[str, int] = {}
         self.comm = distributed.CommCounter()
         self.sketch_target = SketchTarget(config.target_refresh)  # exchange="sketches": local target factors
+        self.leaves, self.single_pass_problem = (single_pass_leaves(model) if config.single_pass
+                                                 else ([], "single_pass: false"))
+        self._pool_pass: PoolPass | None = None
         for layer in self.coverage.layers:  # fail at construction, naming the parameter
             try:
                 self.reader.read(layer.param)
@@ -178,7 +188,8 @@ class FilterThenWeight(Selector):
             return self._warmup_selection(sizes, timings)
 
         with timed(timings, "capture"):
-            local = capture_factors(self.model, pool, layers, cfg.capture_chunk_size)
+            self._pool_pass = PoolPass() if self.leaves else None
+            local = capture_factors(self.model, pool, layers, cfg.capture_chunk_size, self._pool_pass, self.leaves)
         dtype = self._dtype(local)
         geoms = [layer_geometry(self.reader, layer, dtype, use_momentum=cfg.geometry == "adam") for layer in layers]
         rho, tau, opt_step = self._coefficients(geoms)
@@ -334,10 +345,14 @@ class FilterThenWeight(Selector):
             "seq_len": seq_len,
             "exchange": cfg.exchange,
             "warmup": False,
+            "single_pass": self._pool_pass is not None,
+            "single_pass_problem": self.single_pass_problem,
         }
+        pool_pass, self._pool_pass = self._pool_pass, None
         return Selection(indices=indices, weights=weights, local_indices=local_idx, local_weights=local_w,
                          pool_size=n_global, alignment=alignment.cpu(), utility=u.cpu(), filtered=filtered.cpu(),
-                         gram=K.cpu(), covered=list(self.covered), timings=timings, diagnostics=diagnostics)
+                         gram=K.cpu(), covered=list(self.covered), timings=timings, diagnostics=diagnostics,
+                         pool_pass=pool_pass)
 
     def _warmup_selection(self, sizes: list[int], timings: dict[str, float]) -> Selection:
         """``warmup_steps``: k of the N global candidates at random, uniform weights (the selector's

@@ -20,6 +20,8 @@ from optsel.pipeline.engines import common
 from optsel.pipeline.engines.base import EngineConfig, OptimizerConfig, build_engine
 from optsel.pipeline.engines.deepspeed_engine import fill_ds_config, load_ds_config
 from optsel.pipeline.model import LoraSettings, ModelConfig, build_model
+from optsel.selection.capture import capture_factors, find_covered_layers
+from optsel.selection.single_pass import PoolPass, single_pass_leaves
 
 VOCAB, SEQ, N_GLOBAL = 32, 12, 8
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -103,6 +105,18 @@ def _engine_body(rank: int, world: int, engine_name: str, ds_config_path: str, n
     result["rank0_only_grads"] = _full_grads(engine)
     engine.skip_step()
 
+    # 1b. the single pass (selection/single_pass.py): the weighted gradient from the capture's own
+    #     forward/backward over the local pool, with no second forward; checked below against the
+    #     single-process gradient (the two-pass step of 2. is checked against the same reference)
+    leaves, problem = single_pass_leaves(engine.unwrapped_model)
+    assert not problem, problem
+    kept = PoolPass()
+    capture_factors(engine.unwrapped_model, local, find_covered_layers(engine.unwrapped_model).layers, None, kept, leaves)
+    engine.reset_after_selection()
+    result["single_pass_losses"] = engine.backward_from_pass(kept, torch.arange(len(weights)), weights, float(world))
+    result["single_pass_grads"] = _full_grads(engine)
+    engine.skip_step()
+
     # 2. the weighted step: per-sample losses, full gradient, pre-clip grad norm
     result["losses"] = engine.forward_backward(local, weights, loss_scale=float(world))
     result["no_grad_losses"] = engine.per_sample_loss(local)
@@ -160,6 +174,13 @@ def _check_engine_results(results: list[dict]) -> None:
         for r in results:
             torch.testing.assert_close(r["grads"][name], ref, atol=1e-6, rtol=1e-4,
                                        msg=lambda m, name=name: f"{name}: {m}")
+    # the single pass gives the same gradient and losses (float tolerance: HF's RMSNorm rounds in fp32)
+    torch.testing.assert_close(torch.cat([r0["single_pass_losses"], r1["single_pass_losses"]]), ref_losses,
+                               atol=1e-5, rtol=1e-5)
+    for name, ref in ref_grads.items():
+        for r in results:
+            torch.testing.assert_close(r["single_pass_grads"][name], ref, atol=1e-6, rtol=1e-4,
+                                       msg=lambda m, name=name: f"single pass {name}: {m}")
     _, ref_rank0_only = reference_step(batch, RANK0_ONLY_WEIGHTS)
     for name, ref in ref_rank0_only.items():
         torch.testing.assert_close(r1["rank0_only_grads"][name], ref, atol=1e-6, rtol=1e-4,

@@ -102,6 +102,18 @@ class Engine(abc.ABC):
         """Backward of ``loss_scale * Σ_i sample_weights[i] * ℓ_i`` over the batch's samples
         (ℓ_i: sample i's token-mean CE). Returns the per-sample losses [n] (detached, float32)."""
 
+    def backward_from_pass(self, pool_pass: Any, rows: torch.Tensor, sample_weights: torch.Tensor,
+                           loss_scale: float) -> torch.Tensor:
+        """The single pass (selection/single_pass.py): accumulate the gradient of
+        ``loss_scale * Σ_i sample_weights[i] * ℓ_i`` over the pool rows ``rows`` [s] from what the
+        selector's capture kept, with no second forward. Returns those rows' losses [s] (float32,
+        cpu). Engines that cannot do it leave ``supports_single_pass`` False (the trainer then runs
+        :meth:`forward_backward` on the chosen rows)."""
+        raise NotImplementedError(f"engine {self.name}: no single-pass backward")
+
+    #: whether :meth:`backward_from_pass` is implemented
+    supports_single_pass: bool = False
+
     @abc.abstractmethod
     def step(self) -> float:
         """Clip, optimizer step, LR-schedule step, zero grads. Returns the pre-clip global grad norm."""

@@ -209,3 +209,11 @@ def greedy_generate(module: nn.Module, input_ids: torch.Tensor, attention_mask: 
     if not out:
         return torch.zeros((input_ids.shape[0], 0), dtype=torch.long)
     return torch.stack(out, dim=1).cpu()
+
+
+def pass_losses(pool_pass, rows: torch.Tensor, weights: torch.Tensor, counter: "EmptySampleCounter") -> torch.Tensor:
+    """The chosen rows' losses [s] (float32, cpu) from a single pass; counts weighted empty samples."""
+    losses = SampleLosses(pool_pass.loss[rows.to(pool_pass.loss.device)].detach(),
+                          pool_pass.tokens[rows.to(pool_pass.tokens.device)])
+    counter.check(losses, weights)
+    return losses.loss.float().cpu()

@@ -169,6 +169,18 @@ class DeepSpeedEngine(Engine):
         self.module.backward(common.weighted_objective(losses.loss, weights, loss_scale))
         return losses.loss.detach().float().cpu()
 
+    supports_single_pass = True
+
+    def backward_from_pass(self, pool_pass, rows: torch.Tensor, sample_weights: torch.Tensor,
+                           loss_scale: float) -> torch.Tensor:
+        """DeepSpeed's own backward on a surrogate with the same parameter gradient (each leaf module
+        called on its recorded input of the chosen rows: ZeRO-3 gathers, reduce-scatters, clips and
+        checks overflow as in any backward; no forward through the model)."""
+        weights = common.check_sample_weights(sample_weights, rows.numel())
+        self.module.train()
+        self.module.backward(pool_pass.surrogate_loss(rows, weights, scale=loss_scale))
+        return common.pass_losses(pool_pass, rows, weights, self.empty_samples)
+
     def step(self) -> float:
         self.module.step()  # clip (gradient_clipping), AdamW, LR schedule, zero grads
         norm = self.module.get_global_grad_norm()

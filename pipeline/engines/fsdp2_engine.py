@@ -97,6 +97,28 @@ class FSDP2Engine(Engine):
         common.weighted_objective(losses.loss, weights, loss_scale).backward()
         return losses.loss.detach().float().cpu()
 
+    supports_single_pass = True
+
+    @torch.no_grad()
+    def backward_from_pass(self, pool_pass, rows: torch.Tensor, sample_weights: torch.Tensor,
+                           loss_scale: float) -> torch.Tensor:
+        """This rank's full-shape gradient of its chosen rows (fp32), summed over ranks into each
+        parameter's Shard(0) gradient by a DTensor redistribute (Partial → Shard: a reduce-scatter,
+        as FSDP2's own backward does). FSDP2 averages over ranks what the trainer scaled by the world
+        size; the sum over ranks of the unscaled local sums is the same gradient."""
+        from torch.distributed.tensor import DTensor, Partial
+
+        weights = common.check_sample_weights(sample_weights, rows.numel())
+        world = distributed.info().world_size
+        for p, g in pool_pass.local_grads(rows, weights, dtype=torch.float32).items():
+            g = g * (loss_scale / world)
+            if isinstance(p, DTensor):
+                g = DTensor.from_local(g, p.device_mesh, [Partial()] * len(p.placements),
+                                       run_check=False).redistribute(p.device_mesh, p.placements)
+            g = g.to(p.dtype)
+            p.grad = g if p.grad is None else p.grad + g
+        return common.pass_losses(pool_pass, rows, weights, self.empty_samples)
+
     def step(self) -> float:
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm=max_norm, foreach=True)
