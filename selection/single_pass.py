@@ -101,6 +101,7 @@ class PoolPass:
                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(inputs, weight-scaled output gradients) of the chosen rows inside this call's chunk."""
         n = call.inputs.shape[0]
+        rows, weights = rows.cpu(), weights.cpu()
         inside = (rows >= call.offset) & (rows < call.offset + n)
         if not bool(inside.any()):
             return None
