@@ -214,7 +214,7 @@ class RunResult:
 def build_selector(method: str, options: dict[str, Any], model, optimizer, budget: int, seed: int,
                    kind_names: dict[int, str]):
     """The selector as the Trainer builds it: registry factory + typed options (validated, key named)."""
-    from optsel.launch.config_loader import from_mapping
+    from optsel.config_loader import from_mapping
 
     factory = get_selector_factory(method)
     kwargs: dict[str, Any] = dict(model=model, optimizer=optimizer, budget=budget, seed=seed, kind_names=kind_names)

@@ -75,7 +75,7 @@ class DataConfig:
         if self.remote is not None and "://" in self.remote:
             scheme = self.remote.split("://", 1)[0].lower()
             if scheme not in REMOTE_SCHEMES:
-                from optsel.launch.config_loader import mask_url
+                from optsel.config_loader import mask_url
 
                 raise ValueError(f"remote: unsupported URL scheme {scheme!r} in {mask_url(self.remote)}; streaming "
                                  f"reads {', '.join(REMOTE_SCHEMES)} URLs or a plain path")

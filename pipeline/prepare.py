@@ -70,7 +70,7 @@ class HFSourceConfig:
 
 @dataclass(kw_only=True)
 class PrepareConfig:
-    """Everything ``prepare`` needs; strict (unknown keys are errors, see launch/config_loader.py)."""
+    """Everything ``prepare`` needs; strict (unknown keys are errors, see optsel/config_loader.py)."""
 
     out_dir: str
     source: Literal["synthetic", "jsonl", "parquet", "hf"] = "synthetic"

@@ -217,7 +217,7 @@ def engine_names(root: Path = ROOT) -> list[tuple[str, int, str]]:
     return sorted(set(out))
 
 
-def report(edges: list[Import], allow: set[tuple[str, str]], out=sys.stdout) -> int:
+def report(edges: list[Import], allow: set[tuple[str, str]], out=sys.stdout, root: Path = ROOT) -> int:
     """Print the graph; return the number of package edges that break the rule and are not allowed."""
     pkg = package_edges(edges)
     print("package import edges (importer -> imported: import statements, of which inside a function):", file=out)
@@ -262,7 +262,7 @@ def report(edges: list[Import], allow: set[tuple[str, str]], out=sys.stdout) -> 
         for e in items:
             print(f"    {e.file}:{e.line}: {e.text}" + ("  [in function]" if e.in_function else ""), file=out)
 
-    names = engine_names()
+    names = engine_names(root)
     print(f"\nengine names in selection/ code (issue 12: selection names no engine; informational): {len(names)}",
           file=out)
     per_file: dict[str, list[str]] = defaultdict(list)
@@ -323,10 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow", action="append", default=[], metavar="SRC:DST",
                         help="tolerate this known-broken package edge under --check (repeatable)")
     parser.add_argument("--png", type=Path, help="also draw the package graph into this PNG")
+    parser.add_argument("--root", type=Path, default=ROOT, help="repository to read (default: this one)")
     args = parser.parse_args(argv)
     allow = {tuple(a.split(":", 1)) for a in args.allow}
-    edges = collect()
-    broken = report(edges, allow)
+    edges = collect(args.root)
+    broken = report(edges, allow, root=args.root)
     if args.png:
         draw(edges, args.png)
         print(f"\nwrote {args.png}")

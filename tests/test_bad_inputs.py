@@ -54,7 +54,7 @@ def _poison_second_training_forward(model: torch.nn.Module, what: str) -> None:
 
 
 def _nan_runs(rank: int, world: int, overrides: list[str]) -> dict:
-    from optsel.launch.run_config import load_run_config
+    from optsel.pipeline.run_config import load_run_config
     from optsel.pipeline.trainer import NonFiniteLossError, Trainer
 
     out = {}
@@ -158,8 +158,8 @@ def test_max_seq_len_beyond_the_model_is_a_config_error(data_dir, tmp_path):
 def test_config_dump_redacts_secrets(tmp_path):
     import yaml
 
-    from optsel.launch.config_loader import dump_yaml
-    from optsel.launch.run_config import load_run_config
+    from optsel.config_loader import dump_yaml
+    from optsel.pipeline.run_config import load_run_config
 
     config = load_run_config(REPO / "configs/demo.yaml", ["data.remote=s3://AKIAEXAMPLE:hunter2@bucket/ds",
                                                           "engine.extra.wandb_api_key=abc123"])
@@ -172,8 +172,8 @@ def test_config_dump_redacts_secrets(tmp_path):
 
 
 def test_malformed_and_conflicting_configs_are_named(tmp_path):
-    from optsel.launch.config_loader import ConfigError, load_yaml
-    from optsel.launch.run_config import load_run_config
+    from optsel.config_loader import ConfigError, load_yaml
+    from optsel.pipeline.run_config import load_run_config
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("training:\n  num_steps: [1,\n")

@@ -62,7 +62,7 @@ def _assert_same_run(straight: Path, resumed: Path) -> None:
 
 # -- in-process: straight vs stop + resume, each engine × method -------------------------------------
 def _straight_and_split(rank: int, world: int, overrides: list[str]) -> dict:
-    from optsel.launch.run_config import load_run_config
+    from optsel.pipeline.run_config import load_run_config
     from optsel.pipeline.trainer import Trainer
 
     def run(*extra: str) -> dict:

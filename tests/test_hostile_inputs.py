@@ -434,8 +434,8 @@ def test_eval_split_without_loss_tokens_is_refused_and_empty_samples_counted(dat
     ("engine.deepspeed_config=/nonexistent/zero3.json", "engine.deepspeed_config"),
 ])
 def test_config_refuses_non_finite_out_of_range_and_impossible_paths(override, key):
-    from optsel.launch.config_loader import ConfigError
-    from optsel.launch.run_config import load_run_config
+    from optsel.config_loader import ConfigError
+    from optsel.pipeline.run_config import load_run_config
 
     with pytest.raises(ConfigError) as err:
         load_run_config(REPO / "configs/demo.yaml", ["engine.name=deepspeed", override])
@@ -443,8 +443,8 @@ def test_config_refuses_non_finite_out_of_range_and_impossible_paths(override, k
 
 
 def test_output_dir_that_is_a_file_is_a_config_error(tmp_path):
-    from optsel.launch.config_loader import ConfigError
-    from optsel.launch.run_config import load_run_config
+    from optsel.config_loader import ConfigError
+    from optsel.pipeline.run_config import load_run_config
 
     (tmp_path / "afile").write_text("x")
     for override, key in ((f"output_dir={tmp_path / 'afile'}", "output_dir"),
@@ -534,7 +534,7 @@ def test_out_of_vocabulary_token_stops_training_naming_the_shard(data_dir, tmp_p
 @pytest.mark.parametrize("key", ["secret_key", "private_key", "authorization", "passphrase", "pwd", "password",
                                  "aws_secret_access_key", "api_key", "hf_token"])
 def test_secret_key_names_are_masked(key):
-    from optsel.launch.config_loader import redact
+    from optsel.config_loader import redact
 
     assert redact({"engine": {"extra": {key: "s3cr3t"}}}) == {"engine": {"extra": {key: "***"}}}
 
@@ -546,15 +546,15 @@ def test_secret_key_names_are_masked(key):
     ("gs://svc:a/b+c==@bucket/ds", "a/b+c=="),
 ])
 def test_url_credentials_are_masked(url, secret):
-    from optsel.launch.config_loader import redact
+    from optsel.config_loader import redact
 
     masked = redact({"data": {"remote": url}})["data"]["remote"]
     assert secret not in masked and "***" in masked
 
 
 def test_unsupported_remote_scheme_is_refused_with_the_url_masked(tmp_path):
-    from optsel.launch.config_loader import ConfigError
-    from optsel.launch.run_config import load_run_config
+    from optsel.config_loader import ConfigError
+    from optsel.pipeline.run_config import load_run_config
 
     with pytest.raises(ConfigError) as err:
         load_run_config(REPO / "configs/demo.yaml", ["data.remote=ftp://admin:hunter2/x@host/ds"])
