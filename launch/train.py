@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from optsel.pipeline.trainer import Trainer
 
     from optsel.pipeline.checkpoint import CheckpointError
-    from optsel.pipeline.data import ShardError
+    from optsel.pipeline.shards import ShardError
     from optsel.pipeline.run_lock import RunDirBusyError
 
     trainer = None

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from optsel.config_loader import ConfigError, from_mapping, load_config_data
 from optsel.monitoring.sinks import MonitoringConfig
 from optsel.pipeline.checkpoint import CheckpointConfig
-from optsel.pipeline.data import DataConfig
+from optsel.pipeline.data_config import DataConfig
 from optsel.pipeline.engines.base import EngineConfig, OptimizerConfig
 from optsel.pipeline.model import ModelConfig
 

@@ -116,7 +116,7 @@ def _rows(n: int, tokens_as=np.int32) -> list[dict]:
 
 
 def test_pickle_columns_are_refused_unless_allowed(tmp_path):
-    from optsel.pipeline.data import ShardError, verify_split
+    from optsel.pipeline.shards import ShardError, verify_split
 
     columns = {"tokens": "ndarray:int32", "prompt_len": "int32", "sample_id": "int64", "kind_id": "int32",
                "meta": "pkl"}
@@ -135,7 +135,7 @@ def test_pickle_columns_are_refused_unless_allowed(tmp_path):
      r"column 'kind_id' is missing"),
 ])
 def test_wrong_column_types_are_named(tmp_path, columns, message):
-    from optsel.pipeline.data import ShardError, verify_split
+    from optsel.pipeline.shards import ShardError, verify_split
 
     rows = _rows(3, np.float32 if columns["tokens"] == "ndarray:float32" else np.int32)
     if columns["tokens"] == "str":

@@ -79,7 +79,8 @@ def _strict_json(path: Path):
 
 
 def _val_rows(data_dir: Path) -> list[dict]:
-    from optsel.pipeline.data import DataConfig, load_split
+    from optsel.pipeline.data import load_split
+    from optsel.pipeline.data_config import DataConfig
 
     rows = load_split(DataConfig(local=str(data_dir), cache_dir=str(data_dir.parent / "read-cache"),
                                  clean_stale_shm=False), "val", SINGLE)
@@ -102,7 +103,9 @@ def _copy_with_val(data_dir: Path, dest: Path, rows: list[dict]) -> Path:
 @pytest.mark.parametrize("entry", ["raw_data", "zip_data"])
 @pytest.mark.parametrize("name", ["../../escaped.pth", "/tmp/optsel-escaped.pth", "sub\\..\\x.pth", "a/b.mds"])
 def test_traversal_basename_in_index_is_refused(data_dir, tmp_path, single_rank_env, entry, name):
-    from optsel.pipeline.data import DataConfig, ShardError, build_train_loader, verify_split
+    from optsel.pipeline.data import build_train_loader
+    from optsel.pipeline.data_config import DataConfig
+    from optsel.pipeline.shards import ShardError, verify_split
 
     crafted = tmp_path / "crafted"
     shutil.copytree(data_dir, crafted)
@@ -122,8 +125,10 @@ def test_traversal_basename_is_refused_by_the_stream_before_any_shard_is_copied(
     """The second layer, for remotes (s3://...) whose index optsel cannot read up front: the Stream
     refuses the index as soon as streaming has read it. The up-front check is switched off here to
     reach it with a local copy; the real escape target is set up so that the copy would succeed."""
-    from optsel.pipeline import data as data_lib
-    from optsel.pipeline.data import DataConfig, ShardError, build_train_loader
+    from optsel.pipeline import streaming_dataset
+    from optsel.pipeline.data import build_train_loader
+    from optsel.pipeline.data_config import DataConfig
+    from optsel.pipeline.shards import ShardError
 
     crafted = tmp_path / "remote" / "ds"
     shutil.copytree(data_dir, crafted)
@@ -134,7 +139,7 @@ def test_traversal_basename_is_refused_by_the_stream_before_any_shard_is_copied(
     shard["zip_data"]["basename"] = "../escaped.pth.zstd"
     shard["raw_data"]["basename"] = "../escaped.pth"
     index_path.write_text(json.dumps(index))
-    monkeypatch.setattr(data_lib, "verify_split", lambda *a, **k: 0)
+    monkeypatch.setattr(streaming_dataset, "verify_split", lambda *a, **k: 0)
     cache = tmp_path / "cache"
     with pytest.raises(ShardError, match=r"'\.\./escaped\.pth(\.zstd)?' is not a plain file name"):
         loader = build_train_loader(DataConfig(local=str(crafted), remote=str(crafted), cache_dir=str(cache)), 4,
@@ -496,7 +501,9 @@ def _corrupt_undecodable(split: Path, sample: int) -> None:
     ("undecodable", r"cannot be decoded \(ValueError"),
 ])
 def test_bad_samples_are_named_with_shard_and_sample(data_dir, tmp_path, single_rank_env, bad, message):
-    from optsel.pipeline.data import DataConfig, ShardError, load_split
+    from optsel.pipeline.data import load_split
+    from optsel.pipeline.data_config import DataConfig
+    from optsel.pipeline.shards import ShardError
     from optsel.pipeline.tokenizer import load_tokenizer
 
     rows = _val_rows(data_dir)[:6]
@@ -567,7 +574,7 @@ def test_unsupported_remote_scheme_is_refused_with_the_url_masked(tmp_path):
 
 # -- 11. the exit cleanup ----------------------------------------------------------------------------
 def test_exit_cleanup_removes_only_this_process_files_and_says_nothing_about_crashes(caplog, monkeypatch, tmp_path):
-    from optsel.pipeline import data as data_lib
+    from optsel.pipeline import streaming_dataset
 
     other, own = 987601, 987602  # streaming prefixes: another job's (just created) and ours (finished)
     made = []
@@ -576,11 +583,11 @@ def test_exit_cleanup_removes_only_this_process_files_and_says_nothing_about_cra
             path.write_bytes(b"\0" * 8)
             made.append(path)
     monkeypatch.setattr("tempfile.gettempdir", lambda: str(tmp_path))
-    monkeypatch.setattr(data_lib, "_CLEAN_AT_EXIT", True)
-    monkeypatch.setattr(data_lib, "_OWN_PREFIXES", {own})
+    monkeypatch.setattr(streaming_dataset, "_CLEAN_AT_EXIT", True)
+    monkeypatch.setattr(streaming_dataset, "_OWN_PREFIXES", {own})
     try:
         with caplog.at_level(logging.DEBUG, logger="optsel.shm"):
-            data_lib._clean_at_exit()
+            streaming_dataset._clean_at_exit()
         assert (Path("/dev/shm") / f"{other:06d}_locals").exists(), "a starting job's shared memory was removed"
         assert (tmp_path / f"{other:06d}_barrier_filelock").exists(), "a starting job's file lock was removed"
         assert not (Path("/dev/shm") / f"{own:06d}_locals").exists() and \
