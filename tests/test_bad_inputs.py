@@ -19,14 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("bad-shards") / "synthetic"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([sys.executable, "-m", "optsel.launch.cli", "prepare", "configs/prepare_synthetic.yaml",
-                           f"out_dir={out}", "synthetic.num_train=512", "synthetic.num_val=64"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
+def data_dir(prepare_synthetic) -> Path:
+    return prepare_synthetic("bad-shards", num_train=512, num_val=64)
 
 
 # -- NaN / Inf in training ---------------------------------------------------------------------------

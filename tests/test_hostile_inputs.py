@@ -44,13 +44,8 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("hostile-shards") / "synthetic"
-    done = subprocess.run([sys.executable, "-m", "optsel.launch.cli", "prepare", "configs/prepare_synthetic.yaml",
-                           f"out_dir={out}", "synthetic.num_train=512", "synthetic.num_val=64"],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
+def data_dir(prepare_synthetic) -> Path:
+    return prepare_synthetic("hostile-shards", num_train=512, num_val=64)
 
 
 @pytest.fixture
