@@ -274,11 +274,13 @@ def report(edges: list[Import], allow: set[tuple[str, str]], out=sys.stdout, roo
 
 
 # ---- picture -------------------------------------------------------------------------------------
-POSITIONS = {"benchmarks": (0.5, 4.0), "launch": (2.0, 3.0), "pipeline": (1.2, 2.0), "pipeline.engines": (2.8, 2.0),
-             "monitoring": (3.9, 1.0), "selection": (0.6, 1.0), "selection.baselines": (2.2, 1.0), "optsel": (2.0, 0.0)}
+POSITIONS = {"benchmarks": (-0.1, 4.0), "launch": (2.2, 4.0), "pipeline": (1.2, 2.8), "pipeline.engines": (3.2, 2.8),
+             "selection": (1.0, 1.5), "selection.baselines": (3.4, 1.5), "monitoring": (4.9, 1.5), "optsel": (2.2, 0.2)}
 
 
 def draw(edges: list[Import], path: Path) -> None:
+    """The package graph as a PNG: layers top to bottom, arrow = importer → imported, labelled with the
+    number of import statements (f: inside a function); red arrows break the rule."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -287,33 +289,37 @@ def draw(edges: list[Import], path: Path) -> None:
 
     pkg = package_edges(edges)
     bad = violations(pkg)
-    fig, ax = plt.subplots(figsize=(9, 6.5))
-    ax.set_xlim(-0.6, 4.9)
-    ax.set_ylim(-0.6, 4.6)
+    fig, ax = plt.subplots(figsize=(10, 7))
+    ax.set_xlim(-0.9, 5.7)
+    ax.set_ylim(-0.4, 4.5)
     ax.axis("off")
     for name, (x, y) in POSITIONS.items():
-        label = "optsel core\n(distributed, config,\nresources)" if name == "optsel" else name
-        ax.text(x, y, label, ha="center", va="center", fontsize=10, zorder=3,
-                bbox=dict(boxstyle="round,pad=0.4", fc="#eef3fb" if layer(name) != "benchmarks" else "#f4f4f4",
-                          ec="#335", lw=1))
+        label = "optsel core\n(distributed, config_loader, resources)" if name == "optsel" else name
+        outside = name == "benchmarks"
+        ax.text(x, y, label, ha="center", va="center", fontsize=10, zorder=3, style="italic" if outside else "normal",
+                bbox=dict(boxstyle="round,pad=0.45", fc="#f4f4f4" if outside else "#e8f0fb", ec="#335", lw=1))
     for (s, d), items in pkg.items():
         if s not in POSITIONS or d not in POSITIONS:
             continue
-        wrong = (s, d) in bad
-        lazy = sum(e.in_function for e in items)
-        same_row = POSITIONS[s][1] == POSITIONS[d][1]
-        arrow = FancyArrowPatch(POSITIONS[s], POSITIONS[d], arrowstyle="-|>", mutation_scale=14, shrinkA=28, shrinkB=28,
-                                connectionstyle=f"arc3,rad={0.25 if same_row else 0.08}", lw=1.0 + 0.15 * len(items) ** 0.5,
-                                color="#c0392b" if wrong else "#445", zorder=2)
-        ax.add_patch(arrow)
         (x0, y0), (x1, y1) = POSITIONS[s], POSITIONS[d]
-        ax.text(0.55 * x0 + 0.45 * x1 + (0.0 if not same_row else 0.0), 0.55 * y0 + 0.45 * y1 + (0.18 if same_row else 0),
-                f"{len(items)}" + (f" ({lazy}f)" if lazy else ""), fontsize=8, color="#c0392b" if wrong else "#333",
-                ha="center", va="center", zorder=4, bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.8))
-    ax.set_title("optsel package imports (scripts/import_graph.py): arrow = importer → imported,\n"
-                 "label = import statements (f: inside a function); red = against the layering rule", fontsize=10)
+        wrong = (s, d) in bad
+        faint = s == "benchmarks" or d == "optsel"  # outside the package, or the core everyone may use
+        color = "#c0392b" if wrong else ("#9aa3ad" if faint else "#2c3e50")
+        rad = 0.25 if y0 == y1 else 0.06
+        ax.add_patch(FancyArrowPatch((x0, y0), (x1, y1), arrowstyle="-|>", mutation_scale=14, shrinkA=22, shrinkB=22,
+                                     connectionstyle=f"arc3,rad={rad}", lw=1.0 + 0.25 * len(items) ** 0.5,
+                                     color=color, linestyle="--" if s == "benchmarks" else "-", zorder=2))
+        # the label sits on the curve's midpoint (arc3: control point = midpoint + rad * the chord turned left)
+        dx, dy = x1 - x0, y1 - y0
+        lx, ly = (x0 + x1) / 2 + rad / 2 * dy, (y0 + y1) / 2 - rad / 2 * dx
+        lazy = sum(e.in_function for e in items)
+        ax.text(lx, ly, f"{len(items)}" + (f" ({lazy}f)" if lazy else ""), fontsize=8, color=color, ha="center",
+                va="center", zorder=4, bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.85))
+    ax.set_title("optsel package imports, read from the source by scripts/import_graph.py\n"
+                 "arrow = importer → imported; label = import statements (f: inside a function); "
+                 "red = against the layering rule", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
