@@ -101,7 +101,7 @@ def methods_to_run(grid: dict[str, Any], methods: str | None, variants: str | No
 
 def resolved_options(method: str, options: dict, budget: int) -> dict:
     """The selector's typed config as it will run (defaults filled in), so a changed default is a new run."""
-    from optsel.launch.config_loader import from_mapping, to_plain
+    from optsel.config_loader import from_mapping, to_plain
     from optsel.selection.base import get_selector_factory
 
     config_class = getattr(get_selector_factory(method), "config_class", None)

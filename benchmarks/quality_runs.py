@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from optsel.pipeline import synthetic
-from optsel.pipeline.data import collate
+from optsel.pipeline.collate import collate
 from optsel.pipeline.engines.base import OptimizerConfig
 from optsel.pipeline.engines.common import greedy_generate, lr_factor, per_sample_token_mean_ce
 from optsel.pipeline.evaluate import evaluate
@@ -82,7 +82,7 @@ class Stream:
 
 def _encode(tok, samples: list[dict[str, str]], kind_ids: dict[str, int]) -> Batch:
     """Byte-tokenize like ``optsel prepare`` (prompt + answer + EOS) and collate like the stream: loss on
-    answer and EOS only (``pipeline.data.collate``)."""
+    answer and EOS only (``pipeline.collate.collate``)."""
     rows = []
     for i, s in enumerate(samples):
         head = tok.encode(s["prompt"], add_special_tokens=False)
@@ -214,7 +214,7 @@ class RunResult:
 def build_selector(method: str, options: dict[str, Any], model, optimizer, budget: int, seed: int,
                    kind_names: dict[int, str]):
     """The selector as the Trainer builds it: registry factory + typed options (validated, key named)."""
-    from optsel.launch.config_loader import from_mapping
+    from optsel.config_loader import from_mapping
 
     factory = get_selector_factory(method)
     kwargs: dict[str, Any] = dict(model=model, optimizer=optimizer, budget=budget, seed=seed, kind_names=kind_names)

@@ -13,8 +13,8 @@ def _prepare(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     import json
 
-    from optsel.launch.config_loader import ConfigError
-    from optsel.launch.run_config import load_prepare_config
+    from optsel.config_loader import ConfigError
+    from optsel.pipeline.run_config import load_prepare_config
     from optsel.pipeline.prepare import prepare
 
     try:

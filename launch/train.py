@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from optsel import distributed
-    from optsel.launch.config_loader import ConfigError
-    from optsel.launch.run_config import load_run_config
+    from optsel.config_loader import ConfigError
+    from optsel.pipeline.run_config import load_run_config
 
     try:
         overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else []) \
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from optsel.pipeline.trainer import Trainer
 
     from optsel.pipeline.checkpoint import CheckpointError
-    from optsel.pipeline.data import ShardError
+    from optsel.pipeline.shards import ShardError
     from optsel.pipeline.run_lock import RunDirBusyError
 
     trainer = None

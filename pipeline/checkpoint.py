@@ -40,6 +40,7 @@ import torch
 
 from optsel import distributed
 from optsel.pipeline import jsonio
+from optsel.pipeline.safe_load import CheckpointError, torch_load
 
 log = logging.getLogger("optsel.checkpoint")
 
@@ -49,10 +50,6 @@ RESUMABLE_CHANGES = ("run_name", "output_dir", "checkpoint.", "monitoring.", "tr
                      "training.eval_every", "training.stop_at_step", "training.num_steps",
                      "data.local", "data.remote", "data.cache_dir", "data.num_workers", "data.predownload",
                      "data.download_timeout", "engine.collective_timeout_s")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, or was made by another config or world size."""
 
 
 KEY_ENV, KEY_FILE_ENV = "OPTSEL_CHECKPOINT_KEY", "OPTSEL_CHECKPOINT_KEY_FILE"
@@ -324,8 +321,6 @@ class CheckpointManager:
         file = path / f"trainer_rank{self.dist.rank:05d}.pt"
         if not file.is_file():
             raise CheckpointError(f"checkpoint.resume: {file} is missing (was the checkpoint saved by this world size?)")
-        from optsel.pipeline.safe_load import torch_load
-
         try:
             return torch_load(file, what=str(file))
         except CheckpointError:

@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
-import string
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +24,8 @@ from typing import Any, Iterator, Literal
 import numpy as np
 
 from optsel.pipeline import jsonio
+from optsel.pipeline.records import (BadRecord, HFSourceConfig, Record, TemplateConfig, hf_records, jsonl_records,
+                                     parquet_records, render)
 from optsel.pipeline.synthetic import SyntheticConfig, generate
 from optsel.pipeline.tokenizer import TokenizerConfig, build_tokenizer, save_tokenizer
 
@@ -34,43 +34,12 @@ log = logging.getLogger("optsel.prepare")
 COLUMNS = {"tokens": "ndarray:int32", "prompt_len": "int32", "sample_id": "int64", "kind": "str",
            "kind_id": "int32", "prompt": "str", "answer": "str"}
 OUTPUTS = ("train", "val", "tokenizer", "kinds.json", "prepare_report.json")
-KIND_PATTERN = re.compile(r"^(target|corrupted|distractor/[A-Za-z0-9_.\-]+)$")
 MAX_BAD_EXAMPLES = 20
 
 
 @dataclass(kw_only=True)
-class TemplateConfig:
-    """How a record (a mapping of fields) becomes prompt and response text: ``str.format`` strings."""
-
-    prompt: str = "{prompt}"
-    response: str = "{response}"
-    kind_field: str | None = None  # record field holding the kind; None: every record is `target`
-
-    def __post_init__(self) -> None:
-        for name in ("prompt", "response"):
-            try:
-                fields = template_fields(getattr(self, name))
-            except ValueError as err:
-                raise ValueError(f"{name}: not a valid format string: {err}") from err
-            bad = [f for f in fields if not f.isidentifier()]
-            if bad:
-                raise ValueError(f"{name}: placeholders must be plain field names, got {{{bad[0]}}}")
-
-
-@dataclass(kw_only=True)
-class HFSourceConfig:
-    """A ``datasets`` dataset: a ``save_to_disk`` directory, a local data dir/file, or a hub name."""
-
-    path: str | None = None
-    name: str | None = None  # dataset config name (load_dataset only)
-    split: str = "train"
-    val_split: str | None = None  # a split of the same dataset used as val (else val_fraction)
-    local_files_only: bool = True  # a path that does not exist is an error unless this is false
-
-
-@dataclass(kw_only=True)
 class PrepareConfig:
-    """Everything ``prepare`` needs; strict (unknown keys are errors, see launch/config_loader.py)."""
+    """Everything ``prepare`` needs; strict (unknown keys are errors, see optsel/config_loader.py)."""
 
     out_dir: str
     source: Literal["synthetic", "jsonl", "parquet", "hf"] = "synthetic"
@@ -149,111 +118,6 @@ class PrepareReport:
     def note(self, message: str) -> None:
         if len(self.bad_examples) < MAX_BAD_EXAMPLES:
             self.bad_examples.append(message)
-
-
-def template_fields(fmt: str) -> list[str]:
-    return [name for _, name, _, _ in string.Formatter().parse(fmt) if name is not None]
-
-
-class BadRecord(ValueError):
-    """A record that cannot become a sample; the message starts with its origin (file:line)."""
-
-
-def render(record: Record, template: TemplateConfig) -> tuple[str, str, str]:
-    """(prompt, response, kind) of one record; raises BadRecord naming the record's origin."""
-    if record.error is not None:
-        raise BadRecord(f"{record.origin}: {record.error}")
-    values = record.values
-    assert values is not None
-    for fmt in (template.prompt, template.response):
-        for name in template_fields(fmt):
-            if name not in values:
-                raise BadRecord(f"{record.origin}: missing field {name!r} (template needs it; record has "
-                                f"{', '.join(sorted(map(str, values))) or 'no fields'})")
-            value = values[name]
-            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-                raise BadRecord(f"{record.origin}: field {name!r} has type {type(value).__name__}, "
-                                f"expected a string or number")
-    kind = "target"
-    if template.kind_field is not None:
-        if template.kind_field not in values:
-            raise BadRecord(f"{record.origin}: missing kind field {template.kind_field!r}")
-        kind = values[template.kind_field]
-        if not isinstance(kind, str) or not KIND_PATTERN.match(kind):
-            raise BadRecord(f"{record.origin}: kind field {template.kind_field!r} is {kind!r}; expected "
-                            f"'target', 'corrupted' or 'distractor/<name>'")
-    return template.prompt.format_map(values), template.response.format_map(values), kind
-
-
-# -- record readers: every record carries its origin (file:line) for error messages --------------------
-@dataclass
-class Record:
-    """One input record: its fields, or why it could not be read; ``origin`` names file and line/row."""
-
-    origin: str
-    values: dict[str, Any] | None = None
-    error: str | None = None
-    blank: bool = False
-
-
-def jsonl_records(path: str) -> Iterator[Record]:
-    """Records of a JSONL file, one per line (blank lines flagged, bad lines carry an error)."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            origin = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                yield Record(origin, error=f"not valid UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1})")
-                continue
-            if not line.strip():
-                yield Record(origin, blank=True)
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as err:
-                yield Record(origin, error=f"invalid JSON: {err.msg} (column {err.colno})")
-                continue
-            if not isinstance(value, dict):
-                yield Record(origin, error=f"expected a JSON object, got {type(value).__name__}")
-                continue
-            yield Record(origin, values=value)
-
-
-def parquet_records(path: str, batch_size: int = 4096) -> Iterator[Record]:
-    """Records of a Parquet file (``origin`` = path and row number, 1-based)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as err:
-        raise ValueError(f"{path}: not a readable Parquet file: {err}") from err
-    row = 0
-    for batch in pf.iter_batches(batch_size=batch_size):
-        for values in batch.to_pylist():
-            row += 1
-            yield Record(f"{path} row {row}", values=values)
-
-
-def hf_records(path: str, name: str | None, split: str, local_files_only: bool) -> Iterator[Record]:
-    """Records of a ``datasets`` dataset: ``load_from_disk`` for a saved dataset directory, else
-    ``load_dataset(path, name, split=split)`` (local files; a hub name only with network)."""
-    import datasets
-
-    p = Path(path)
-    if p.is_dir() and ((p / "dataset_dict.json").is_file() or (p / "state.json").is_file()):
-        ds = datasets.load_from_disk(str(p))
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise ValueError(f"hf dataset {path} has no split {split!r} (splits: {', '.join(ds)})")
-            ds = ds[split]
-    else:
-        if local_files_only and not p.exists():
-            raise FileNotFoundError(f"hf dataset path not found: {path}")
-        ds = datasets.load_dataset(path, name, split=split)
-    for row, values in enumerate(ds, 1):
-        yield Record(f"hf:{path}[{split}] row {row}", values=dict(values))
 
 
 # -- sources -> (split, ordinal, origin, prompt, answer, kind) ------------------------------------------

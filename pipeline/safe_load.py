@@ -19,7 +19,12 @@ from typing import Any, BinaryIO
 
 import torch
 
-from optsel.pipeline.checkpoint import CheckpointError
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, or was made by another config or world size.
+
+    Declared here, below ``optsel.pipeline.checkpoint`` (which raises it the most and imports it from
+    here), so that the two modules do not import each other."""
 
 
 class UnsafeCheckpointError(CheckpointError):

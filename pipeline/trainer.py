@@ -19,8 +19,8 @@ from typing import Any, Iterator
 import torch
 
 from optsel import __version__, distributed
-from optsel.launch.config_loader import ConfigError, dump_yaml, redact, to_plain
-from optsel.launch.run_config import RunConfig, method_config
+from optsel.config_loader import ConfigError, dump_yaml, redact, to_plain
+from optsel.pipeline.run_config import RunConfig, method_config
 from optsel.monitoring.sinks import MultiSink, build_sinks
 from optsel.pipeline import data as data_lib
 from optsel.pipeline import jsonio

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
 @pytest.fixture(autouse=True)
@@ -18,3 +25,22 @@ def _restore_environment():
     for key in set(os.environ) - set(saved):
         del os.environ[key]
     os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def prepare_synthetic(tmp_path_factory) -> Callable[..., Path]:
+    """``prepare_synthetic(name, num_train, num_val)``: run ``optsel prepare`` (the CLI, in a subprocess,
+    with the built-in ``configs/prepare_synthetic.yaml``) into a fresh temporary folder named after
+    ``name`` and return the prepared directory. Test modules wrap it in their own ``data_dir`` fixture."""
+
+    def run(name: str, num_train: int, num_val: int) -> Path:
+        out = tmp_path_factory.mktemp(name) / "synthetic"
+        env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+        env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        done = subprocess.run([sys.executable, "-m", "optsel.launch.cli", "prepare", "configs/prepare_synthetic.yaml",
+                               f"out_dir={out}", f"synthetic.num_train={num_train}", f"synthetic.num_val={num_val}"],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return out
+
+    return run

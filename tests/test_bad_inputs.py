@@ -19,14 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("bad-shards") / "synthetic"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([sys.executable, "-m", "optsel.launch.cli", "prepare", "configs/prepare_synthetic.yaml",
-                           f"out_dir={out}", "synthetic.num_train=512", "synthetic.num_val=64"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
+def data_dir(prepare_synthetic) -> Path:
+    return prepare_synthetic("bad-shards", num_train=512, num_val=64)
 
 
 # -- NaN / Inf in training ---------------------------------------------------------------------------
@@ -54,7 +48,7 @@ def _poison_second_training_forward(model: torch.nn.Module, what: str) -> None:
 
 
 def _nan_runs(rank: int, world: int, overrides: list[str]) -> dict:
-    from optsel.launch.run_config import load_run_config
+    from optsel.pipeline.run_config import load_run_config
     from optsel.pipeline.trainer import NonFiniteLossError, Trainer
 
     out = {}
@@ -116,7 +110,7 @@ def _rows(n: int, tokens_as=np.int32) -> list[dict]:
 
 
 def test_pickle_columns_are_refused_unless_allowed(tmp_path):
-    from optsel.pipeline.data import ShardError, verify_split
+    from optsel.pipeline.shards import ShardError, verify_split
 
     columns = {"tokens": "ndarray:int32", "prompt_len": "int32", "sample_id": "int64", "kind_id": "int32",
                "meta": "pkl"}
@@ -135,7 +129,7 @@ def test_pickle_columns_are_refused_unless_allowed(tmp_path):
      r"column 'kind_id' is missing"),
 ])
 def test_wrong_column_types_are_named(tmp_path, columns, message):
-    from optsel.pipeline.data import ShardError, verify_split
+    from optsel.pipeline.shards import ShardError, verify_split
 
     rows = _rows(3, np.float32 if columns["tokens"] == "ndarray:float32" else np.int32)
     if columns["tokens"] == "str":
@@ -158,8 +152,8 @@ def test_max_seq_len_beyond_the_model_is_a_config_error(data_dir, tmp_path):
 def test_config_dump_redacts_secrets(tmp_path):
     import yaml
 
-    from optsel.launch.config_loader import dump_yaml
-    from optsel.launch.run_config import load_run_config
+    from optsel.config_loader import dump_yaml
+    from optsel.pipeline.run_config import load_run_config
 
     config = load_run_config(REPO / "configs/demo.yaml", ["data.remote=s3://AKIAEXAMPLE:hunter2@bucket/ds",
                                                           "engine.extra.wandb_api_key=abc123"])
@@ -172,8 +166,8 @@ def test_config_dump_redacts_secrets(tmp_path):
 
 
 def test_malformed_and_conflicting_configs_are_named(tmp_path):
-    from optsel.launch.config_loader import ConfigError, load_yaml
-    from optsel.launch.run_config import load_run_config
+    from optsel.config_loader import ConfigError, load_yaml
+    from optsel.pipeline.run_config import load_run_config
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("training:\n  num_steps: [1,\n")

@@ -35,13 +35,8 @@ def _env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ckpt-shards") / "synthetic"
-    done = subprocess.run([sys.executable, "-m", "optsel.launch.cli", "prepare", "configs/prepare_synthetic.yaml",
-                           f"out_dir={out}", "synthetic.num_train=1024", "synthetic.num_val=96"],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
+def data_dir(prepare_synthetic) -> Path:
+    return prepare_synthetic("ckpt-shards", num_train=1024, num_val=96)
 
 
 def _overrides(data_dir: Path, out: Path, engine: str, method: str, *extra: str) -> list[str]:
@@ -62,7 +57,7 @@ def _assert_same_run(straight: Path, resumed: Path) -> None:
 
 # -- in-process: straight vs stop + resume, each engine × method -------------------------------------
 def _straight_and_split(rank: int, world: int, overrides: list[str]) -> dict:
-    from optsel.launch.run_config import load_run_config
+    from optsel.pipeline.run_config import load_run_config
     from optsel.pipeline.trainer import Trainer
 
     def run(*extra: str) -> dict:

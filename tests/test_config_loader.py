@@ -5,7 +5,7 @@ from typing import Literal
 
 import pytest
 
-from optsel.launch.config_loader import ConfigError, apply_overrides, from_mapping
+from optsel.config_loader import ConfigError, apply_overrides, from_mapping
 
 
 @dataclass(kw_only=True)

@@ -44,13 +44,8 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("hostile-shards") / "synthetic"
-    done = subprocess.run([sys.executable, "-m", "optsel.launch.cli", "prepare", "configs/prepare_synthetic.yaml",
-                           f"out_dir={out}", "synthetic.num_train=512", "synthetic.num_val=64"],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
+def data_dir(prepare_synthetic) -> Path:
+    return prepare_synthetic("hostile-shards", num_train=512, num_val=64)
 
 
 @pytest.fixture
@@ -79,7 +74,8 @@ def _strict_json(path: Path):
 
 
 def _val_rows(data_dir: Path) -> list[dict]:
-    from optsel.pipeline.data import DataConfig, load_split
+    from optsel.pipeline.data import load_split
+    from optsel.pipeline.data_config import DataConfig
 
     rows = load_split(DataConfig(local=str(data_dir), cache_dir=str(data_dir.parent / "read-cache"),
                                  clean_stale_shm=False), "val", SINGLE)
@@ -102,7 +98,9 @@ def _copy_with_val(data_dir: Path, dest: Path, rows: list[dict]) -> Path:
 @pytest.mark.parametrize("entry", ["raw_data", "zip_data"])
 @pytest.mark.parametrize("name", ["../../escaped.pth", "/tmp/optsel-escaped.pth", "sub\\..\\x.pth", "a/b.mds"])
 def test_traversal_basename_in_index_is_refused(data_dir, tmp_path, single_rank_env, entry, name):
-    from optsel.pipeline.data import DataConfig, ShardError, build_train_loader, verify_split
+    from optsel.pipeline.data import build_train_loader
+    from optsel.pipeline.data_config import DataConfig
+    from optsel.pipeline.shards import ShardError, verify_split
 
     crafted = tmp_path / "crafted"
     shutil.copytree(data_dir, crafted)
@@ -122,8 +120,10 @@ def test_traversal_basename_is_refused_by_the_stream_before_any_shard_is_copied(
     """The second layer, for remotes (s3://...) whose index optsel cannot read up front: the Stream
     refuses the index as soon as streaming has read it. The up-front check is switched off here to
     reach it with a local copy; the real escape target is set up so that the copy would succeed."""
-    from optsel.pipeline import data as data_lib
-    from optsel.pipeline.data import DataConfig, ShardError, build_train_loader
+    from optsel.pipeline import streaming_dataset
+    from optsel.pipeline.data import build_train_loader
+    from optsel.pipeline.data_config import DataConfig
+    from optsel.pipeline.shards import ShardError
 
     crafted = tmp_path / "remote" / "ds"
     shutil.copytree(data_dir, crafted)
@@ -134,7 +134,7 @@ def test_traversal_basename_is_refused_by_the_stream_before_any_shard_is_copied(
     shard["zip_data"]["basename"] = "../escaped.pth.zstd"
     shard["raw_data"]["basename"] = "../escaped.pth"
     index_path.write_text(json.dumps(index))
-    monkeypatch.setattr(data_lib, "verify_split", lambda *a, **k: 0)
+    monkeypatch.setattr(streaming_dataset, "verify_split", lambda *a, **k: 0)
     cache = tmp_path / "cache"
     with pytest.raises(ShardError, match=r"'\.\./escaped\.pth(\.zstd)?' is not a plain file name"):
         loader = build_train_loader(DataConfig(local=str(crafted), remote=str(crafted), cache_dir=str(cache)), 4,
@@ -434,8 +434,8 @@ def test_eval_split_without_loss_tokens_is_refused_and_empty_samples_counted(dat
     ("engine.deepspeed_config=/nonexistent/zero3.json", "engine.deepspeed_config"),
 ])
 def test_config_refuses_non_finite_out_of_range_and_impossible_paths(override, key):
-    from optsel.launch.config_loader import ConfigError
-    from optsel.launch.run_config import load_run_config
+    from optsel.config_loader import ConfigError
+    from optsel.pipeline.run_config import load_run_config
 
     with pytest.raises(ConfigError) as err:
         load_run_config(REPO / "configs/demo.yaml", ["engine.name=deepspeed", override])
@@ -443,8 +443,8 @@ def test_config_refuses_non_finite_out_of_range_and_impossible_paths(override, k
 
 
 def test_output_dir_that_is_a_file_is_a_config_error(tmp_path):
-    from optsel.launch.config_loader import ConfigError
-    from optsel.launch.run_config import load_run_config
+    from optsel.config_loader import ConfigError
+    from optsel.pipeline.run_config import load_run_config
 
     (tmp_path / "afile").write_text("x")
     for override, key in ((f"output_dir={tmp_path / 'afile'}", "output_dir"),
@@ -496,7 +496,9 @@ def _corrupt_undecodable(split: Path, sample: int) -> None:
     ("undecodable", r"cannot be decoded \(ValueError"),
 ])
 def test_bad_samples_are_named_with_shard_and_sample(data_dir, tmp_path, single_rank_env, bad, message):
-    from optsel.pipeline.data import DataConfig, ShardError, load_split
+    from optsel.pipeline.data import load_split
+    from optsel.pipeline.data_config import DataConfig
+    from optsel.pipeline.shards import ShardError
     from optsel.pipeline.tokenizer import load_tokenizer
 
     rows = _val_rows(data_dir)[:6]
@@ -534,7 +536,7 @@ def test_out_of_vocabulary_token_stops_training_naming_the_shard(data_dir, tmp_p
 @pytest.mark.parametrize("key", ["secret_key", "private_key", "authorization", "passphrase", "pwd", "password",
                                  "aws_secret_access_key", "api_key", "hf_token"])
 def test_secret_key_names_are_masked(key):
-    from optsel.launch.config_loader import redact
+    from optsel.config_loader import redact
 
     assert redact({"engine": {"extra": {key: "s3cr3t"}}}) == {"engine": {"extra": {key: "***"}}}
 
@@ -546,15 +548,15 @@ def test_secret_key_names_are_masked(key):
     ("gs://svc:a/b+c==@bucket/ds", "a/b+c=="),
 ])
 def test_url_credentials_are_masked(url, secret):
-    from optsel.launch.config_loader import redact
+    from optsel.config_loader import redact
 
     masked = redact({"data": {"remote": url}})["data"]["remote"]
     assert secret not in masked and "***" in masked
 
 
 def test_unsupported_remote_scheme_is_refused_with_the_url_masked(tmp_path):
-    from optsel.launch.config_loader import ConfigError
-    from optsel.launch.run_config import load_run_config
+    from optsel.config_loader import ConfigError
+    from optsel.pipeline.run_config import load_run_config
 
     with pytest.raises(ConfigError) as err:
         load_run_config(REPO / "configs/demo.yaml", ["data.remote=ftp://admin:hunter2/x@host/ds"])
@@ -567,7 +569,7 @@ def test_unsupported_remote_scheme_is_refused_with_the_url_masked(tmp_path):
 
 # -- 11. the exit cleanup ----------------------------------------------------------------------------
 def test_exit_cleanup_removes_only_this_process_files_and_says_nothing_about_crashes(caplog, monkeypatch, tmp_path):
-    from optsel.pipeline import data as data_lib
+    from optsel.pipeline import streaming_dataset
 
     other, own = 987601, 987602  # streaming prefixes: another job's (just created) and ours (finished)
     made = []
@@ -576,11 +578,11 @@ def test_exit_cleanup_removes_only_this_process_files_and_says_nothing_about_cra
             path.write_bytes(b"\0" * 8)
             made.append(path)
     monkeypatch.setattr("tempfile.gettempdir", lambda: str(tmp_path))
-    monkeypatch.setattr(data_lib, "_CLEAN_AT_EXIT", True)
-    monkeypatch.setattr(data_lib, "_OWN_PREFIXES", {own})
+    monkeypatch.setattr(streaming_dataset, "_CLEAN_AT_EXIT", True)
+    monkeypatch.setattr(streaming_dataset, "_OWN_PREFIXES", {own})
     try:
         with caplog.at_level(logging.DEBUG, logger="optsel.shm"):
-            data_lib._clean_at_exit()
+            streaming_dataset._clean_at_exit()
         assert (Path("/dev/shm") / f"{other:06d}_locals").exists(), "a starting job's shared memory was removed"
         assert (tmp_path / f"{other:06d}_barrier_filelock").exists(), "a starting job's file lock was removed"
         assert not (Path("/dev/shm") / f"{own:06d}_locals").exists() and \

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from _dist_utils import run_distributed
 from optsel.distributed import DistInfo
-from optsel.launch.config_loader import ConfigError, from_mapping
+from optsel.config_loader import ConfigError, from_mapping
 from optsel.monitoring import targets_from_slurm
 from optsel.monitoring.metrics import MAX_LABEL_VALUES, OptselMetrics, exported_names
 from optsel.monitoring.sinks import (JsonlSink, MetricsSink, MonitoringConfig, MultiSink, PortInUseError,

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from optsel import resources
-from optsel.launch.config_loader import ConfigError
-from optsel.launch.run_config import load_prepare_config, load_run_config
+from optsel.config_loader import ConfigError
+from optsel.pipeline.run_config import load_prepare_config, load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = ["demo", "prepare_synthetic", "prepare_jsonl_example", "deepspeed/zero3.json",

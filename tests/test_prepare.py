@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from optsel.launch.config_loader import ConfigError, from_mapping
-from optsel.pipeline.prepare import BadRecord, HFSourceConfig, PrepareConfig, TemplateConfig, prepare
+from optsel.config_loader import ConfigError, from_mapping
+from optsel.pipeline.prepare import PrepareConfig, prepare
+from optsel.pipeline.records import BadRecord, HFSourceConfig, TemplateConfig
 from optsel.pipeline.synthetic import SyntheticConfig, generate
 from optsel.pipeline.tokenizer import TokenizerConfig, build_tokenizer, load_tokenizer, save_tokenizer
 

@@ -15,8 +15,11 @@ from _dist_utils import run_distributed
 
 from optsel.distributed import DistInfo
 from optsel.pipeline import data as data_lib
-from optsel.pipeline.data import DataConfig, ShardError, build_train_loader, collate, iterate_pools, load_split
+from optsel.pipeline.collate import collate
+from optsel.pipeline.data import build_train_loader, iterate_pools, load_split
+from optsel.pipeline.data_config import DataConfig
 from optsel.pipeline.prepare import PrepareConfig, prepare
+from optsel.pipeline.shards import ShardError, verify_split
 from optsel.pipeline.shm_cleanup import clean_stale_streaming_state, live_shm_names
 from optsel.pipeline.synthetic import SyntheticConfig
 
@@ -118,10 +121,10 @@ def test_corrupt_truncated_and_missing_shards_are_named(dataset_dir, tmp_path):
             pass
     shards[1].write_bytes(shards[1].read_bytes()[:-5])
     with pytest.raises(ShardError, match=rf"{shards[1]} has \d+ bytes, index says"):
-        data_lib.verify_split(bad / "train", "size")
+        verify_split(bad / "train", "size")
     shards[1].unlink()
     with pytest.raises(ShardError, match=rf"shard file missing: {shards[1]}"):
-        data_lib.verify_split(bad / "train", "size")
+        verify_split(bad / "train", "size")
     with pytest.raises(ShardError, match="no MDS index at"):
         load_split(DataConfig(local=str(tmp_path / "nowhere")), "val", SINGLE)
     with pytest.raises(FileNotFoundError, match="kinds.json not found"):

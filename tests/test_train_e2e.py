@@ -32,12 +32,8 @@ def _run(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards") / "synthetic"
-    done = _run(["prepare", "configs/prepare_synthetic.yaml", f"out_dir={out}", "synthetic.num_train=2048",
-                 "synthetic.num_val=160"])
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
+def data_dir(prepare_synthetic) -> Path:
+    return prepare_synthetic("shards", num_train=2048, num_val=160)
 
 
 def _train_args(data_dir: Path, run_dir: Path, *extra: str) -> list[str]:

@@ -67,13 +67,8 @@ def namespaces(request) -> dict[str, str] | str:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards") / "synthetic"
-    done = subprocess.run(OPTSEL + ["prepare", "configs/prepare_synthetic.yaml", f"out_dir={out}",
-                                    "synthetic.num_train=2048", "synthetic.num_val=160"],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
+def data_dir(prepare_synthetic) -> Path:
+    return prepare_synthetic("shards", num_train=2048, num_val=160)
 
 
 def _veth_bytes(ns: str, veth: str) -> tuple[int, int]:

@@ -1,7 +1,8 @@
 """The run config: one typed tree that ``optsel train CONFIG`` resolves from YAML + overrides.
 
 Each block's dataclass is declared next to the component it configures; this module only composes
-them and checks the cross-block rules (e.g. the pool divides evenly over ranks).
+them and checks the cross-block rules (e.g. the pool divides evenly over ranks). It lives in pipeline/
+because the trainer consumes it; launch/ loads it (``load_run_config``) and never the reverse.
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from optsel.launch.config_loader import ConfigError, from_mapping, load_config_data
+from optsel.config_loader import ConfigError, from_mapping, load_config_data
 from optsel.monitoring.sinks import MonitoringConfig
 from optsel.pipeline.checkpoint import CheckpointConfig
-from optsel.pipeline.data import DataConfig
+from optsel.pipeline.data_config import DataConfig
 from optsel.pipeline.engines.base import EngineConfig, OptimizerConfig
 from optsel.pipeline.model import ModelConfig
 
