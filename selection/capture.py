@@ -47,7 +47,10 @@ class CoveredLayer:
 
 @dataclass
 class Factors:
-    """Factors of a batch. A[l]: [n, T_l, d_in], D[l]: [n, T_l, d_out] (padding rows are 0);
+    """Factors of a batch. A[l]: [n, T_l, d_in], D[l]: [n, T_l, d_out]. D is exactly 0 on padding
+    positions (no loss term depends on them: labels -100 there, and the attention mask gives real
+    tokens exactly zero weight on them), so A's padding rows never count and are not masked (a mask
+    would copy every activation once more);
     loss: [n] per-sample token-mean CE (0 for a sample without target tokens); tokens: [n] counts."""
 
     A: list[torch.Tensor]
@@ -217,15 +220,14 @@ def _capture_chunk(model: nn.Module, batch: Mapping[str, torch.Tensor], layers: 
                 raise ValueError(f"capture: layer {layer.name} saw input of shape {tuple(inp.shape)}, "
                                  f"expected [n, T, d_in] matching attention_mask {tuple(mask.shape)}")
             grad = torch.zeros_like(out) if grad is None else grad
-            keep = mask.to(inp.dtype)
-            a_parts.append(inp * keep.unsqueeze(-1))
-            d_parts.append(grad.detach().to(inp.dtype) * keep.unsqueeze(-1))
+            a_parts.append(inp)  # no mask, no copy: Δ is exactly 0 on padding (see Factors)
+            d_parts.append(grad.detach().to(inp.dtype))
         if not a_parts:
             n = mask.shape[0]
             a_parts, d_parts = [mask.new_zeros((n, 1, layer.d_in), dtype=loss.dtype)], \
                 [mask.new_zeros((n, 1, layer.d_out), dtype=loss.dtype)]
-        A.append(torch.cat(a_parts, dim=1))
-        D.append(torch.cat(d_parts, dim=1))
+        A.append(a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, dim=1))
+        D.append(d_parts[0] if len(d_parts) == 1 else torch.cat(d_parts, dim=1))
     return Factors(A, D, loss.detach(), tokens)
 
 

@@ -77,5 +77,5 @@ def test_grads_untouched_and_padding_and_empty_samples():
     assert all(float(d[2].abs().max()) == 0.0 for d in factors.D)
     pad = batch["attention_mask"] == 0
     assert pad.any()
-    for a, d in zip(factors.A, factors.D):
-        assert float(a[pad].abs().max()) == 0.0 and float(d[pad].abs().max()) == 0.0
+    for d in factors.D:  # exactly 0 on padding: what lets A go unmasked (see Factors)
+        assert float(d[pad].abs().max()) == 0.0
