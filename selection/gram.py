@@ -51,23 +51,21 @@ def exact_diag_partial(A: torch.Tensor, D: torch.Tensor, blk: LayerBlock, max_el
 
 
 def exact_gram_partial(A: torch.Tensor, D: torch.Tensor, blk: LayerBlock, max_elems: int = 1 << 24) -> torch.Tensor:
-    """Partial K [n, n] over one block: (P^½ ⊙ G) (P^½ ⊙ G)ᵀ, chunks of samples materialized in pairs."""
+    """Partial K [n, n] over one block: Σ over column slabs of (P^½ ⊙ G)(P^½ ⊙ G)ᵀ. Each slab holds
+    all n samples' [r, c_s] gradient pieces (n·r·c_s ≤ max_elems), so every gradient entry is formed
+    once: cost n·T·r·c to form, n²·r·c for the products."""
     n = A.shape[0]
     r, c = blk.precond.shape
     half = blk.precond.sqrt()
-    step = _chunk_for(2 * r * c, max_elems)
     K = torch.zeros(n, n, dtype=half.dtype, device=half.device)
-
-    def scaled(s: int) -> torch.Tensor:
-        return (_grads(A[s:s + step], D[s:s + step], blk.rows, blk.cols) * half).reshape(-1, r * c)
-
-    for i in range(0, n, step):
-        zi = scaled(i)
-        for j in range(i, n, step):
-            zj = zi if j == i else scaled(j)
-            block = zi @ zj.T
-            K[i:i + step, j:j + step] = block
-            K[j:j + step, i:i + step] = block.T
+    if n == 0 or r * c == 0:
+        return K
+    width = max(1, min(c, max_elems // max(n * r, 1)))
+    col0 = blk.cols.start or 0
+    for s in range(0, c, width):
+        cols = slice(col0 + s, col0 + min(s + width, c))
+        z = (_grads(A, D, blk.rows, cols) * half[:, s:s + width]).reshape(n, -1)
+        K += z @ z.T
     return K
 
 
