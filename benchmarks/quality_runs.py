@@ -150,14 +150,20 @@ def _optimizer(model: torch.nn.Module, opt: OptimizerConfig) -> torch.optim.Adam
 
 
 def _train_on(model, optimizer, batch: Batch, weights: torch.Tensor, opt: OptimizerConfig, step: int,
-              total: int) -> float:
+              total: int, pool_pass=None, rows: torch.Tensor | None = None) -> float:
+    """One AdamW step on Σ w_i ℓ_i: from FTW's single pass (``pool_pass`` and the pool ``rows``) when
+    given, as the trainer does, else a forward/backward over ``batch``."""
     for group in optimizer.param_groups:
         group["lr"] = opt.lr * lr_factor(step, opt, total)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    losses = per_sample_token_mean_ce(logits, batch["labels"]).loss
-    loss = (weights.to(losses.dtype) * losses).sum()
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    if pool_pass is not None:
+        pool_pass.accumulate_into_grads(rows, weights)
+        loss = (weights.to(pool_pass.loss.dtype) * pool_pass.loss[rows]).sum()
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        losses = per_sample_token_mean_ce(logits, batch["labels"]).loss
+        loss = (weights.to(losses.dtype) * losses).sum()
+        loss.backward()
     if opt.grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip)
     optimizer.step()
@@ -259,7 +265,8 @@ def run(settings: Settings, stream: Stream, base: dict[str, torch.Tensor], metho
         pool = take(stream.train, rows)
         t0 = time.perf_counter()
         sel = selector.select(pool, stream.target if needs_target else None)
-        _train_on(model, optimizer, take(pool, sel.indices), sel.weights.float(), opt, step, settings.steps)
+        _train_on(model, optimizer, take(pool, sel.indices), sel.weights.float(), opt, step, settings.steps,
+                  sel.pool_pass, sel.indices)
         elapsed += time.perf_counter() - t0
         m = selection_metrics(sel, pool["kind_id"], stream.kind_names)
         for key, value in m.items():
