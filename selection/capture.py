@@ -155,6 +155,15 @@ class _Recorder:
             handle.remove()
 
 
+def stack_batches(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rows of ``second`` after those of ``first`` (input_ids, attention_mask, labels), right-padded to
+    the wider of the two (pad id 0, mask 0, label -100: padding adds nothing to any loss)."""
+    width = max(int(first["input_ids"].shape[1]), int(second["input_ids"].shape[1]))
+    fill = {"input_ids": 0, "attention_mask": 0, "labels": -100}
+    return {key: torch.cat([F.pad(b[key], (0, width - b[key].shape[1]), value=value) for b in (first, second)])
+            for key, value in fill.items()}
+
+
 def capture_factors(model: nn.Module, batch: Mapping[str, torch.Tensor], layers: list[CoveredLayer],
                     chunk_size: int | None = None, pool_pass: PoolPass | None = None,
                     leaves: list[Leaf] | None = None) -> Factors:

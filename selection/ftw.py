@@ -24,7 +24,8 @@ from optsel import distributed
 from optsel.selection import gram as gram_ops
 from optsel.selection.alignment import alignment_partial, target_direction
 from optsel.selection.base import Batch, Selection, Selector, register_selector, split_local, timed
-from optsel.selection.capture import Coverage, Factors, capture_factors, find_covered_layers, gather_factors
+from optsel.selection.capture import (Coverage, Factors, capture_factors, find_covered_layers, gather_factors,
+                                     stack_batches)
 from optsel.selection.filter import filter_candidates, utility
 from optsel.selection.preconditioner import (LayerBlock, LayerGeometry, OptimizerStateReader, default_coefficients,
                                              layer_geometry, make_state_reader)
@@ -65,7 +66,9 @@ class FTWConfig:
     single_pass: keep every trainable leaf's (input, output gradient) from the capture so that the
     training gradient needs no second forward/backward (selection/single_pass.py; the Selection
     carries it as ``pool_pass``). Ignored, with the reason in the diagnostics, for a model with a
-    trainable module that is not Linear/Conv1D/Embedding/LayerNorm/*RMSNorm.
+    trainable module that is not Linear/Conv1D/Embedding/LayerNorm/*RMSNorm. target_pass: when the
+    target gradient is due, "joint" captures the target samples in the same forward/backward as the
+    pool (rows appended after the pool's, never selectable); "separate" runs its own pass.
     """
 
     budget: int
@@ -92,6 +95,7 @@ class FTWConfig:
     weighting: Literal["qp", "proportional"] = "qp"
     warmup_steps: int = 0
     single_pass: bool = True
+    target_pass: Literal["joint", "separate"] = "joint"
 
     def __post_init__(self) -> None:
         def bad(field_name: str, message: str) -> ValueError:
@@ -106,7 +110,8 @@ class FTWConfig:
         choices = {"gram": gram_ops.BACKENDS, "geometry": ("adam", "sgd"), "solver": ("active_set", "torch", "cvxpy"),
                    "support": ("topk", "greedy"), "compute_dtype": ("auto", "float32", "float64"),
                    "exchange": ("factors", "sketches"), "alignment": ("dot", "cosine"),
-                   "filter_curvature": ("sample", "batch"), "weighting": ("qp", "proportional")}
+                   "filter_curvature": ("sample", "batch"), "weighting": ("qp", "proportional"),
+                   "target_pass": ("joint", "separate")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise bad(name, f"must be one of {allowed}, got {getattr(self, name)!r}")
@@ -165,6 +170,7 @@ class FilterThenWeight(Selector):
         self.leaves, self.single_pass_problem = (single_pass_leaves(model) if config.single_pass
                                                  else ([], "single_pass: false"))
         self._pool_pass: PoolPass | None = None
+        self._joint_target: Factors | None = None
         for layer in self.coverage.layers:  # fail at construction, naming the parameter
             try:
                 self.reader.read(layer.param)
@@ -189,7 +195,9 @@ class FilterThenWeight(Selector):
 
         with timed(timings, "capture"):
             self._pool_pass = PoolPass() if self.leaves else None
-            local = capture_factors(self.model, pool, layers, cfg.capture_chunk_size, self._pool_pass, self.leaves)
+            due = (self.sketch_target if cfg.exchange == "sketches" else self.target_cache).due(self.step)
+            joint = target if due and cfg.target_pass == "joint" else None
+            local, self._joint_target = self._capture(pool, joint)
         dtype = self._dtype(local)
         geoms = [layer_geometry(self.reader, layer, dtype, use_momentum=cfg.geometry == "adam") for layer in layers]
         rho, tau, opt_step = self._coefficients(geoms)
@@ -202,8 +210,7 @@ class FilterThenWeight(Selector):
             if self.target_cache.due(self.step):
                 if target is None:
                     raise ValueError("target: FilterThenWeight needs a target batch (input_ids, attention_mask, labels)")
-                tf = gather_factors(capture_factors(self.model, target, layers, cfg.capture_chunk_size), dtype,
-                                    self.comm)
+                tf = gather_factors(self._target_factors(target), dtype, self.comm)
                 self.target_cache.update(tf, [[blk for blk in g.blocks] for g in geoms], self.step)
                 refreshed = True
 
@@ -253,7 +260,7 @@ class FilterThenWeight(Selector):
             if self.sketch_target.due(self.step):
                 if target is None:
                     raise ValueError("target: FilterThenWeight needs a target batch (input_ids, attention_mask, labels)")
-                tf = capture_factors(self.model, target, layers, cfg.capture_chunk_size)
+                tf = self._target_factors(target)
                 count = distributed.all_reduce_sum(torch.tensor([float(tf.num_samples)], dtype=torch.float64), self.comm)
                 self.sketch_target.update(tf, dtype, int(count[0]), self.step)
                 refreshed = True
@@ -388,6 +395,27 @@ class FilterThenWeight(Selector):
         self.sketch_target.load_state_dict(dict(state.get("sketch_target", {})))
 
     # ------------------------------------------------------------------ helpers
+    def _capture(self, pool: Batch, target: Batch | None) -> tuple[Factors, Factors | None]:
+        """The pool's factors (and the single pass), with ``target``'s rows riding in the same
+        forward/backward when given: (pool factors, target factors or None)."""
+        cfg, layers = self.config, self.coverage.layers
+        if target is None:
+            return capture_factors(self.model, pool, layers, cfg.capture_chunk_size, self._pool_pass, self.leaves), None
+        n = int(pool["input_ids"].shape[0])
+        both = capture_factors(self.model, stack_batches(pool, target), layers, cfg.capture_chunk_size,
+                               self._pool_pass, self.leaves)
+        rows = torch.arange(both.num_samples, device=both.loss.device)
+        return both.select(rows[:n]), both.select(rows[n:])
+
+    def _target_factors(self, target: Batch | None) -> Factors:
+        """This rank's target factors: from the joint capture when it ran, else their own pass."""
+        if target is None:
+            raise ValueError("target: FilterThenWeight needs a target batch (input_ids, attention_mask, labels)")
+        joint, self._joint_target = self._joint_target, None
+        if joint is not None:
+            return joint
+        return capture_factors(self.model, target, self.coverage.layers, self.config.capture_chunk_size)
+
     def _device(self) -> torch.device:
         return self.coverage.layers[0].param.device
 
