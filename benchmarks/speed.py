@@ -294,6 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None, help="default: results/speed (quick: results/speed_quick)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--max-T", type=int, default=None, help="longest T of the sweep (default 4096 CPU, 8192 CUDA)")
+    parser.add_argument("--sizes", default=None, help="comma-separated step-table model sizes (default: both)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -312,6 +313,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                         "command": "python -m benchmarks.speed " + " ".join(argv if argv is not None else sys.argv[1:])},
                "steps": {}}
+    if args.sizes:
+        sizes = [row for row in sizes if row[0] in args.sizes.split(",")]
     for size, n, T, k in sizes:
         results["steps"][size] = {"N": n, "T": T, "k": k, "model": f"hidden/layers/ffn {SIZES[size]}",
                                   "rows": step_table(device, n, T, k, repeats, size)}

@@ -62,6 +62,11 @@ class Factors:
     def num_samples(self) -> int:
         return int(self.loss.shape[0])
 
+    def rows(self, start: int, stop: int) -> "Factors":
+        """Samples start..stop-1 as views (no copy)."""
+        return Factors([a[start:stop] for a in self.A], [d[start:stop] for d in self.D], self.loss[start:stop],
+                       self.tokens[start:stop])
+
     def select(self, rows: torch.Tensor) -> "Factors":
         return Factors([a[rows] for a in self.A], [d[rows] for d in self.D], self.loss[rows], self.tokens[rows])
 

@@ -404,8 +404,7 @@ class FilterThenWeight(Selector):
         n = int(pool["input_ids"].shape[0])
         both = capture_factors(self.model, stack_batches(pool, target), layers, cfg.capture_chunk_size,
                                self._pool_pass, self.leaves)
-        rows = torch.arange(both.num_samples, device=both.loss.device)
-        return both.select(rows[:n]), both.select(rows[n:])
+        return both.rows(0, n), both.rows(n, both.num_samples)
 
     def _target_factors(self, target: Batch | None) -> Factors:
         """This rank's target factors: from the joint capture when it ran, else their own pass."""
