@@ -25,10 +25,11 @@ from optsel.selection import gram as gram_ops
 from optsel.selection.alignment import alignment_partial, target_direction
 from optsel.selection.base import Batch, Selection, Selector, register_selector, split_local, timed
 from optsel.selection.capture import Coverage, Factors, capture_factors, find_covered_layers, gather_factors
+from optsel.selection.direction_exchange import DirectionCache, phase, select_direction
 from optsel.selection.filter import filter_candidates, utility
 from optsel.selection.preconditioner import (LayerBlock, LayerGeometry, OptimizerStateReader, default_coefficients,
                                              layer_geometry, make_state_reader)
-from optsel.selection.sketch_exchange import SketchTarget, momentum_sketch_partial, sketched_alignment
+from optsel.selection.sketch_exchange import SketchTarget, select_sketches
 from optsel.selection.solvers import select_weights
 from optsel.selection.target import TargetCache
 
@@ -43,10 +44,15 @@ class FTWConfig:
     optimizer) | "sgd" (P = I, no momentum). momentum_coef ρ / curvature τ: None = docs/design.md §2's
     defaults from the optimizer's β1 and step, scaled by curvature_scale γ. w_max: optional cap on
     each weight (>= 1/budget). target_refresh: recompute g_V every this many selection steps.
-    sketch_dim_out/in: k_o, k_i of the sketch backend. exchange: what crosses ranks — "factors" (the
-    candidates' and targets' (A, Δ), T·(d_in + d_out) floats per sample and layer: exact b) or
-    "sketches" (needs gram="sketch": only k_o·k_i floats per sample and layer; b is sketched too, with
-    P ≈ r cᵀ on the target gradient; see selection/sketch_exchange.py). capture_chunk_size: samples per
+    sketch_dim_out/in: k_o, k_i of the sketch backend. exchange: what crosses ranks — "direction" (the
+    default: the parameter-shaped M = P ⊙ (G_V − ρ m̂) is gathered layer by layer like the weight, b is
+    exact and only N scalars, the target's token ids and the survivors' sketches or factors cross ranks;
+    selection/direction_exchange.py), "factors" (every candidate's and target's (A, Δ),
+    T·(d_in + d_out) floats per sample and layer: exact b) or "sketches" (needs gram="sketch": only
+    k_o·k_i floats per sample and layer; b is sketched too, with P ≈ r cᵀ on the target gradient;
+    selection/sketch_exchange.py). direction_dtype: "compute" (M crosses ranks in compute_dtype: exact)
+    | "bfloat16" (half the bytes, b rounded). direction_cache: keep the gathered M (a full copy of the
+    covered weights per rank) while target, optimizer step and ρ are unchanged. capture_chunk_size: samples per
     forward/backward (None: whole pool). max_temp_elems: bound on temporaries of the Gram kernels
     and on T² for auto's ghost choice. compute_dtype: "auto" = float64 for float64 models else float32.
 
@@ -79,7 +85,9 @@ class FTWConfig:
     capture_chunk_size: int | None = None
     max_temp_elems: int = 1 << 24
     compute_dtype: Literal["auto", "float32", "float64"] = "auto"
-    exchange: Literal["factors", "sketches"] = "factors"
+    exchange: Literal["direction", "factors", "sketches"] = "direction"
+    direction_dtype: Literal["compute", "bfloat16"] = "compute"
+    direction_cache: bool = False
     alignment: Literal["dot", "cosine"] = "dot"
     filter_curvature: Literal["sample", "batch"] = "batch"  # the quality grid's evidence (docs/design.md §5)
     ess_fraction: float | None = None
@@ -98,7 +106,8 @@ class FTWConfig:
             raise bad("filter_ratio", f"must be in (0, 1], got {self.filter_ratio}")
         choices = {"gram": gram_ops.BACKENDS, "geometry": ("adam", "sgd"), "solver": ("torch", "cvxpy"),
                    "support": ("topk", "greedy"), "compute_dtype": ("auto", "float32", "float64"),
-                   "exchange": ("factors", "sketches"), "alignment": ("dot", "cosine"),
+                   "exchange": ("direction", "factors", "sketches"), "direction_dtype": ("compute", "bfloat16"),
+                   "alignment": ("dot", "cosine"),
                    "filter_curvature": ("sample", "batch"), "weighting": ("qp", "proportional")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -114,6 +123,11 @@ class FTWConfig:
         if self.exchange == "sketches" and self.gram != "sketch":
             raise bad("exchange", f"'sketches' needs gram='sketch' (got gram={self.gram!r}): exact and ghost Grams "
                                   f"need the candidates' factors on every rank")
+        if self.direction_dtype != "compute" and self.exchange != "direction":
+            raise bad("direction_dtype", f"{self.direction_dtype!r} applies to exchange='direction' only "
+                                         f"(got exchange={self.exchange!r})")
+        if not isinstance(self.direction_cache, bool):
+            raise bad("direction_cache", f"must be true or false, got {self.direction_cache!r}")
         if self.ess_fraction is not None and not 0.0 < self.ess_fraction <= 1.0:
             raise bad("ess_fraction", f"must be in (0, 1] or null, got {self.ess_fraction}")
         if self.warmup_steps < 0:
@@ -155,6 +169,7 @@ class FilterThenWeight(Selector):
         self.counters: dict[str, int] = {}
         self.comm = distributed.CommCounter()
         self.sketch_target = SketchTarget(config.target_refresh)  # exchange="sketches": local target factors
+        self.direction_cache = DirectionCache()  # exchange="direction": gathered M, P (direction_cache=True)
         for layer in self.coverage.layers:  # fail at construction, naming the parameter
             try:
                 self.reader.read(layer.param)
@@ -184,10 +199,12 @@ class FilterThenWeight(Selector):
         rho, tau, opt_step = self._coefficients(geoms)
 
         if cfg.exchange == "sketches":
-            return self._select_exchanging_sketches(target, local, geoms, rho, tau, opt_step, sizes, timings)
+            return select_sketches(self, target, local, geoms, rho, tau, opt_step, sizes, timings)
+        if cfg.exchange == "direction":
+            return select_direction(self, target, local, geoms, rho, tau, opt_step, sizes, timings)
 
         refreshed = False
-        with timed(timings, "target"):
+        with phase(timings, self.comm, "target"):
             if self.target_cache.due(self.step):
                 if target is None:
                     raise ValueError("target: FilterThenWeight needs a target batch (input_ids, attention_mask, labels)")
@@ -196,23 +213,24 @@ class FilterThenWeight(Selector):
                 self.target_cache.update(tf, [[blk for blk in g.blocks] for g in geoms], self.step)
                 refreshed = True
 
-        with timed(timings, "gather"):
+        with phase(timings, self.comm, "gather"):
             pool_f = gather_factors(local, dtype, self.comm)
             T = int(pool_f.A[0].shape[1]) if pool_f.A else 1
-            backends = [self._backend(layer, pool_f.A[i].shape[1]) for i, layer in enumerate(layers)]
+            backends = [self._backend(layer, pool_f.A[i].shape[1], n_global, cfg.num_filtered(n_global))
+                        for i, layer in enumerate(layers)]
             factors_rc = [gram_ops.rank_one_factors(g.blocks or [_empty_block(dtype, self._device())],
                                                      layer.d_out, layer.d_in, not self.reader.replicated, self.comm)
                           if backends[i] != "exact" else None for i, (layer, g) in enumerate(zip(layers, geoms))]
             sketches = self._sketches(local, dtype, backends, factors_rc, self._projections(backends, dtype))
 
-        with timed(timings, "alignment"):
+        with phase(timings, self.comm, "alignment"):
             partial_b = torch.zeros(n_global, dtype=torch.float64, device=self._device())
             for i, g in enumerate(geoms):
                 for blk, gv in zip(g.blocks, self.target_cache.blocks[i]):
                     M = target_direction(blk.precond, gv.to(self._device(), dtype), blk.momentum, rho)
                     partial_b += alignment_partial(pool_f.A[i], pool_f.D[i], M, blk.rows, blk.cols).double()
 
-        with timed(timings, "gram"):
+        with phase(timings, self.comm, "gram"):
             partial_diag = torch.zeros(n_global, dtype=torch.float64, device=self._device())
             shared_diag = torch.zeros_like(partial_diag)  # already global on every rank (ghost/sketch)
             for i, g in enumerate(geoms):
@@ -231,54 +249,6 @@ class FilterThenWeight(Selector):
                             lambda filtered: self._filtered_gram(pool_f, geoms, backends, factors_rc, sketches, filtered),
                             refreshed, tokens=pool_f.tokens, seq_len=T)
 
-    def _select_exchanging_sketches(self, target: Batch | None, local: Factors,
-                                    geoms: list[LayerGeometry], rho: float, tau: float, opt_step: int,
-                                    sizes: list[int], timings: dict[str, float]) -> Selection:
-        """exchange="sketches" (selection/sketch_exchange.py): no factor crosses ranks."""
-        cfg, layers = self.config, self.coverage.layers
-        dtype, device = self._dtype(local), self._device()
-        refreshed = False
-        with timed(timings, "target"):
-            if self.sketch_target.due(self.step):
-                if target is None:
-                    raise ValueError("target: FilterThenWeight needs a target batch (input_ids, attention_mask, labels)")
-                tf = capture_factors(self.model, target, layers, cfg.capture_chunk_size)
-                count = distributed.all_reduce_sum(torch.tensor([float(tf.num_samples)], dtype=torch.float64), self.comm)
-                self.sketch_target.update(tf, dtype, int(count[0]), self.step)
-                refreshed = True
-
-        with timed(timings, "gather"):
-            backends = ["sketch"] * len(layers)
-            factors_rc = [gram_ops.rank_one_factors(g.blocks or [_empty_block(dtype, device)], layer.d_out, layer.d_in,
-                                                     not self.reader.replicated, self.comm)
-                          for layer, g in zip(layers, geoms)]
-            projections = self._projections(backends, dtype)
-            sketches = self._sketches(local, dtype, backends, factors_rc, projections)
-            tokens = distributed.all_gather_cat(local.tokens, self.comm) if distributed.is_distributed() else local.tokens
-
-        with timed(timings, "alignment"):
-            owns_moments = not self.reader.replicated or distributed.info().rank == 0  # replicated: count once
-            parts = []
-            for i, g in enumerate(geoms):
-                r, c = factors_rc[i]
-                po, pi = projections[i]
-                target_sum = self.sketch_target.sketch_sum(i, r, c, po, pi)
-                momentum = momentum_sketch_partial(g.blocks, r, c, po, pi) if rho and owns_moments \
-                    else torch.zeros_like(target_sum)
-                parts.append(torch.stack([target_sum, momentum]))
-            packed = torch.stack(parts)  # [L, 2, k_o, k_i]
-            if distributed.is_distributed():
-                packed = distributed.all_reduce_sum(packed, self.comm)
-            directions = packed[:, 0] / max(self.sketch_target.count, 1) - rho * packed[:, 1]
-            alignment = sketched_alignment(sketches, directions)
-
-        with timed(timings, "gram"):
-            diag = sum(S.reshape(S.shape[0], -1).square().sum(1).double() for S in sketches)
-
-        return self._finish(alignment, diag, tau, rho, opt_step, sizes, geoms, backends, timings, {},
-                            lambda filtered: self._filtered_gram(None, geoms, backends, factors_rc, sketches, filtered),
-                            refreshed, tokens=tokens, seq_len=int(local.A[0].shape[1]) if local.A else 1)
-
     def _finish(self, alignment, diag, tau, rho, opt_step, sizes, geoms, backends, timings, fallbacks,
                 gram_of, refreshed, tokens, seq_len) -> Selection:
         """Filter on u, Gram of the survivors (``gram_of(filtered)``), QP, agreement, bookkeeping."""
@@ -296,12 +266,12 @@ class FilterThenWeight(Selector):
                 fallbacks["filter_underflow"] = 1
             filtered = filt.filtered
 
-        with timed(timings, "gram"):
+        with phase(timings, self.comm, "gram"):
             K = gram_of(filtered)
             if norms is not None:
                 K = K / torch.outer(norms[filtered], norms[filtered]).to(K.dtype)
 
-        with timed(timings, "solve"):
+        with phase(timings, self.comm, "solve"):
             proportional = cfg.weighting == "proportional"
             result = select_weights(alignment[filtered], K, u[filtered], tau, filtered.numel() if proportional else k,
                                     cfg.weight_cap(k), cfg.solver, cfg.support)
@@ -331,6 +301,7 @@ class FilterThenWeight(Selector):
             "target_refreshed": refreshed,
             "empty_samples": int((tokens == 0).sum()),
             "comm_bytes": self.comm.bytes,
+            "comm_by_phase": dict(self.comm.by_phase),
             "seq_len": seq_len,
             "exchange": cfg.exchange,
             "warmup": False,
@@ -400,10 +371,22 @@ class FilterThenWeight(Selector):
             return "adam (some covered parameters have no state yet: identity there)"
         return "adam"
 
-    def _backend(self, layer, T: int) -> str:
-        if self.config.gram != "auto":
-            return self.config.gram
-        return gram_ops.auto_backend(int(T), layer.d_in, layer.d_out, self.config.max_temp_elems)
+    def _backend(self, layer, T: int, n: int, m: int) -> str:
+        """The layer's Gram backend; ``auto``: selection/cost_model.py for this step's T, N, m, R, exchange."""
+        cfg = self.config
+        if cfg.gram != "auto":
+            return cfg.gram
+        esz = 8 if self._dtype_name() == "float64" else 4
+        wire = 2 if cfg.direction_dtype == "bfloat16" else esz
+        return gram_ops.auto_backend(int(T), layer.d_in, layer.d_out, cfg.max_temp_elems, n=n, m=m,
+                                     world=distributed.info().world_size if distributed.is_distributed() else 1,
+                                     exchange=cfg.exchange, k_out=cfg.sketch_dim_out, k_in=cfg.sketch_dim_in,
+                                     esz=esz, wire_esz=wire)
+
+    def _dtype_name(self) -> str:
+        if self.config.compute_dtype != "auto":
+            return self.config.compute_dtype
+        return str(self.coverage.layers[0].param.dtype).removeprefix("torch.")
 
     def _sum_blocks(self, partial: torch.Tensor) -> torch.Tensor:
         """Sum of per-block partial results over ranks (only when the state is sharded)."""
