@@ -14,6 +14,7 @@ full-tensor gather (DTensor.full_tensor, safe_get_full_*) runs during selection.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -219,6 +220,13 @@ def _body(rank: int, world: int, engine_name: str, ds_config_path: str) -> dict:
         with _wire_bytes() as wire, collective_counter(world) as dispatch:  # DTensor's collectives too
             out["after"][gram] = _sel_fields(ftw.select(pool, target))
         out["wire_bytes"][gram], out["dispatch"][gram] = wire, dispatch.totals()["selector"]
+    # direction_cache: the target kept for 2 steps, no optimizer step in between, so the 2nd select reuses M;
+    # direction_dtype bfloat16: M crosses ranks in 2 bytes an element
+    cached = FilterThenWeight(model, opt, dataclasses.replace(ftw_config("sketch+direction"), target_refresh=2,
+                                                              direction_cache=True))
+    out["cache"] = [_sel_fields(cached.select(pool, target)) for _ in range(2)]
+    bf16 = dataclasses.replace(ftw_config("sketch+direction"), direction_dtype="bfloat16")
+    out["bf16"] = _sel_fields(FilterThenWeight(model, opt, bf16).select(pool, target))
     probe.active = False
     out["state_after"] = _full_state(engine)
     out["reads"], out["full_gathers"] = probe.reads, probe.full_gathers
@@ -315,6 +323,15 @@ def _check(results: list[dict], engine_name: str) -> None:
     # the sketch+direction step moves M once (float64 here; FSDP2 pads uneven row chunks) and little else
     assert 8 * m_elems <= r0["after"]["sketch+direction"]["comm_bytes"] < 8 * m_elems * 1.8, \
         (m_elems, r0["after"]["sketch+direction"]["comm_by_phase"])
+
+    first, second = r0["cache"]
+    assert torch.equal(second["alignment"], first["alignment"])  # the same M, not gathered again
+    assert first["comm_by_phase"]["gather"] - second["comm_by_phase"]["gather"] >= 8 * m_elems, (first, second)
+    assert second["comm_by_phase"].get("target", 0) == 0 < first["comm_by_phase"]["target"]
+    full, half_ = r0["after"]["sketch+direction"], r0["bf16"]  # bfloat16 M: 6 bytes an element fewer, b rounded
+    assert full["comm_bytes"] - half_["comm_bytes"] >= 6 * m_elems, (full["comm_bytes"], half_["comm_bytes"])
+    err = float((half_["alignment"] - exact["alignment"]).abs().max() / exact["alignment"].abs().max())
+    assert 0 < err < 1e-2, err
 
     # no rank ever held more than its share of a moment; the two ranks' blocks tile every weight once
     per_rank: list[dict[str, list]] = []
