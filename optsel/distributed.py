@@ -250,6 +250,8 @@ def gather_shard0(local: torch.Tensor, like: torch.Tensor, shape: tuple[int, int
 
     mesh = like.device_mesh
     d0, d1 = int(shape[0]), int(shape[1])
+    if mesh.size() == 1:  # nothing to gather (and nothing counted, like the other collectives on one rank)
+        return local.reshape(d0, d1).clone()
     dt = DTensor.from_local(local.contiguous(), mesh, [Shard(0)], run_check=False, shape=torch.Size((d0, d1)),
                             stride=(d1, 1))
     full = dt.redistribute(mesh, [Replicate()]).to_local()
