@@ -238,7 +238,8 @@ def _worker(rank: int, world: int, engine_name: str, grams: list[str], s: dict) 
         backend, exchange = split_label(gram)
         ftw = FilterThenWeight(engine.unwrapped_model, engine.optimizer,
                                FTWConfig(budget=k, filter_ratio=0.5, gram=backend, exchange=exchange,
-                                         geometry="adam"), seed=0)
+                                         geometry="adam", sketch_dim_out=s["sketch_dim"],
+                                         sketch_dim_in=s["sketch_dim"]), seed=0)
         rec: dict[str, Any] = {"select_s": [], "train_s": [], "phases_s": [], "comm_bytes": [], "comm_by_op": [],
                                "comm_by_phase": [],
                                "comm_calls": [], "indices": [], "weights": [], "optimizer_step": [], "backends": None}
@@ -475,7 +476,8 @@ def write(results: dict, out: Path) -> None:
          f"(fp32: {_fmt_bytes(meta['num_params'] * 4)}); AdamW after {meta['warm_steps']} warm-up optimizer steps",
          f"- FTW: global pool N = {meta['N']} (N/R per rank), budget k = {meta['k']}, filter_ratio 0.5 (m = "
          f"{meta['N'] // 2}), T = {meta['T']}, target {meta['num_target']} samples (refreshed every step), "
-         f"geometry adam; same global pools and target for every R",
+         f"geometry adam, {meta.get('sketch_dim', 32)}×{meta.get('sketch_dim', 32)} sketches; same global pools and target "
+         f"for every R",
          f"- times: mean over {meta['repeats']} steps after 1 warm-up step (median of select too), slowest rank per "
          f"column; wall time of the whole benchmark {meta['wall_s']:.0f} s", ""]
     L += ["## (a) Selector bytes per step vs the engine's parameter traffic per step", "",
@@ -607,7 +609,7 @@ def notes(rows: list[dict], meta: dict) -> list[str]:
             f"With exchange='sketches' ('+sketches' rows) only sketches cross ranks: N · Σ_l k_o·k_i "
             f"floats all-gathered plus O(Σ_l (d_in + d_out + 2·k_o·k_i)) all-reduced: {_fmt_bytes(r['selector_bytes'])} "
             f"here, {min(ratios):.1f}–{max(ratios):.1f}× the engine's traffic of this 107k-parameter model (one "
-            f"sample's 32×32 sketch per layer is 1/8 of a 64×128 layer). It does not grow with T or d: for a "
+            f"sample's {meta['sketch_dim']}×{meta['sketch_dim']} sketch per layer against a 64×64 layer). It does not grow with T or d: for a "
             f"7B Llama (224 linear layers, bf16 parameter traffic ≈ 3 · 6.7e9 · 2 B ≈ 40 GB per step) the same "
             f"N = 64, 32×32 sketches are 64 · 224 · 1024 · 4 B ≈ 59 MB ≈ 0.15 % (analytic), inside docs/design.md §4's 1 %. "
             f"The price is a sketched alignment b (see tests/test_ftw_math.py and the quality benchmark's "
@@ -654,6 +656,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--grams", default=None, help="comma list of <gram backend>+<exchange> (default: "
                         "auto+direction,exact+direction,auto+factors,sketch+sketches; a bare backend: +factors)")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--sketch-dim", type=int, default=16,
+                        help="k_o = k_i of every sketch (default 16: 1/4 of this 64-wide model's layers; FTWConfig's "
+                             "default 32 is 1/128 of a 4096-wide layer)")
     parser.add_argument("--threads-per-rank", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per (engine, R) run")
     args = parser.parse_args(argv)
@@ -667,6 +672,7 @@ def main(argv: list[str] | None = None) -> dict:
         grams = [g.strip() for g in args.grams.split(",") if g.strip()]
     if args.repeats is not None:
         s["repeats"] = args.repeats
+    s["sketch_dim"] = args.sketch_dim
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     ranks = [int(r) for r in args.ranks.split(",")]
     for r in ranks:

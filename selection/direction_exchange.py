@@ -56,15 +56,23 @@ def phase(timings: dict[str, float], comm: distributed.CommCounter, name: str) -
 
 def gather_batch(batch: Batch, comm: distributed.CommCounter | None = None) -> Batch:
     """Every rank's batch, concatenated in rank order (T right-padded to the longest: attention mask
-    0, labels -100); a no-op on one process."""
+    0, labels -100; int64 tensors cross ranks as int32 when every rank's values fit); a no-op on one
+    process."""
     if not distributed.is_distributed():
         return batch
-    width = int(distributed.all_reduce_max(torch.tensor([int(batch["input_ids"].shape[1])]), comm)[0])
+    keys = sorted(batch)
+    wide = [int(t.dtype == torch.int64 and t.numel() > 0 and not (-2**31 <= int(t.min()) and int(t.max()) < 2**31))
+            for t in (batch[k] for k in keys)]
+    agreed = distributed.all_reduce_max(torch.tensor([int(batch["input_ids"].shape[1]), *wide]), comm)
+    width, wide = int(agreed[0]), {k: bool(w) for k, w in zip(keys, agreed[1:].tolist())}
     out = {}
-    for key, t in batch.items():
+    for key in keys:
+        t = batch[key]
         if t.dim() >= 2 and t.shape[1] != width:
             t = F.pad(t, (0, width - t.shape[1]), value=_PAD.get(key, 0))
-        out[key] = distributed.all_gather_cat(t, comm)
+        narrow = t.dtype == torch.int64 and not wide[key]
+        gathered = distributed.all_gather_cat(t.to(torch.int32) if narrow else t, comm)
+        out[key] = gathered.to(t.dtype)
     return out
 
 

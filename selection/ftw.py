@@ -25,6 +25,7 @@ from optsel.selection import gram as gram_ops
 from optsel.selection.alignment import alignment_partial, target_direction
 from optsel.selection.base import Batch, Selection, Selector, register_selector, split_local, timed
 from optsel.selection.capture import Coverage, Factors, capture_factors, find_covered_layers, gather_factors
+from optsel.selection.cost_model import REFERENCE_WORLD
 from optsel.selection.direction_exchange import DirectionCache, phase, select_direction
 from optsel.selection.filter import filter_candidates, utility
 from optsel.selection.preconditioner import (LayerBlock, LayerGeometry, OptimizerStateReader, default_coefficients,
@@ -170,6 +171,7 @@ class FilterThenWeight(Selector):
         self.comm = distributed.CommCounter()
         self.sketch_target = SketchTarget(config.target_refresh)  # exchange="sketches": local target factors
         self.direction_cache = DirectionCache()  # exchange="direction": gathered M, P (direction_cache=True)
+        self.engine_bytes = distributed.engine_param_bytes_per_step(model)  # the engine's own, per step
         for layer in self.coverage.layers:  # fail at construction, naming the parameter
             try:
                 self.reader.read(layer.param)
@@ -302,6 +304,7 @@ class FilterThenWeight(Selector):
             "empty_samples": int((tokens == 0).sum()),
             "comm_bytes": self.comm.bytes,
             "comm_by_phase": dict(self.comm.by_phase),
+            "engine_bytes_estimate": self.engine_bytes,
             "seq_len": seq_len,
             "exchange": cfg.exchange,
             "warmup": False,
@@ -372,14 +375,15 @@ class FilterThenWeight(Selector):
         return "adam"
 
     def _backend(self, layer, T: int, n: int, m: int) -> str:
-        """The layer's Gram backend; ``auto``: selection/cost_model.py for this step's T, N, m, R, exchange."""
+        """The layer's Gram backend; ``auto``: selection/cost_model.py for this step's T, N, m and the exchange
+        (at cost_model.REFERENCE_WORLD ranks whatever R is: the same choice, so the same selection, on any R)."""
         cfg = self.config
         if cfg.gram != "auto":
             return cfg.gram
         esz = 8 if self._dtype_name() == "float64" else 4
         wire = 2 if cfg.direction_dtype == "bfloat16" else esz
         return gram_ops.auto_backend(int(T), layer.d_in, layer.d_out, cfg.max_temp_elems, n=n, m=m,
-                                     world=distributed.info().world_size if distributed.is_distributed() else 1,
+                                     world=REFERENCE_WORLD,
                                      exchange=cfg.exchange, k_out=cfg.sketch_dim_out, k_in=cfg.sketch_dim_in,
                                      esz=esz, wire_esz=wire)
 
