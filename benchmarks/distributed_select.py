@@ -623,7 +623,9 @@ def notes(rows: list[dict], meta: dict) -> list[str]:
             f"fp32, gathered like the weight{', and P for the exact Gram' if r['gram'].startswith('exact') else ''}; "
             f"rank-one r, c; N × (b, diag K, tokens)) {_fmt_bytes(ph.get('gather', 0))}, survivors' "
             f"{'factors' if r['gram'].startswith('exact') else 'sketches'} {_fmt_bytes(ph.get('survivors', 0))}, "
-            f"target token ids {_fmt_bytes(ph.get('target', 0))}. Backends: {sorted(set(r['backends'].values()))}.")
+            f"target token ids {_fmt_bytes(ph.get('target', 0))}. Backends: {sorted(set(r['backends'].values()))}. "
+            f"The survivors' share varies from step to step with the number of survivors (u > 0, at most m) "
+            f"and their split over ranks (the all-gather pads to the larger share).")
     bad = [f"{r['engine']} R={r['R']} {r['gram']}" for r in rows if not r["ranks_agree"]]
     if bad:
         out.append(f"Ranks returned different selections in: {', '.join(bad)} (should never happen).")

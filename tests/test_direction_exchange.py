@@ -86,3 +86,27 @@ def test_one_process_direction_equals_factors(gram):
     assert torch.equal(b.filtered, a.filtered) and torch.equal(b.indices, a.indices)
     torch.testing.assert_close(b.gram, a.gram, rtol=1e-10, atol=1e-12)
     assert b.diagnostics["exchange"] == "direction" and b.diagnostics["comm_bytes"] == 0
+
+
+def test_selector_engine_bytes_ratio_and_phase_bytes_reach_prometheus():
+    from prometheus_client import CollectorRegistry
+
+    from optsel.monitoring.metrics import OptselMetrics
+    from optsel.selection.base import Selection
+    from optsel.selection.stats import selection_metrics
+
+    sel = Selection(indices=torch.tensor([0]), weights=torch.tensor([1.0], dtype=torch.float64),
+                    local_indices=torch.tensor([0]), local_weights=torch.tensor([1.0], dtype=torch.float64),
+                    pool_size=2, diagnostics={"comm_bytes": 300, "engine_bytes_estimate": 1200,
+                                              "comm_by_phase": {"gather": 200, "survivors": 100}})
+    flat = selection_metrics(sel)
+    assert flat["select/engine_bytes_ratio"] == 0.25
+    assert flat["select/comm_phase_bytes/gather"] == 200 and flat["select/comm_phase_bytes/survivors"] == 100
+    registry = CollectorRegistry()
+    OptselMetrics(registry, rank=0, job_level=True, labels={"engine": "fsdp2", "method": "ftw"}).update(flat, step=1)
+    labels = {"engine": "fsdp2", "method": "ftw", "rank": "0"}
+    assert registry.get_sample_value("optsel_selection_engine_bytes_ratio", labels) == 0.25
+    assert registry.get_sample_value("optsel_selection_phase_comm_bytes_total", {**labels, "phase": "gather"}) == 200
+    assert "engine_bytes_ratio" not in " ".join(selection_metrics(
+        Selection(indices=sel.indices, weights=sel.weights, local_indices=sel.local_indices,
+                  local_weights=sel.local_weights, pool_size=2, diagnostics={"comm_bytes": 0})))

@@ -79,6 +79,7 @@ def _sel_fields(sel) -> dict:
     out["optimizer_step"] = sel.diagnostics["optimizer_step"]
     out["comm_by_phase"] = dict(sel.diagnostics["comm_by_phase"])
     out["gram_backends"] = dict(sel.diagnostics["gram_backends"])
+    out["engine_bytes"] = sel.diagnostics["engine_bytes_estimate"]
     return out
 
 
@@ -323,6 +324,9 @@ def _check(results: list[dict], engine_name: str) -> None:
     assert 8 * m_elems <= r0["after"]["sketch+direction"]["comm_bytes"] < 8 * m_elems * 1.8, \
         (m_elems, r0["after"]["sketch+direction"]["comm_by_phase"])
 
+    # the engine's own traffic per step that the Prometheus ratio divides by: 3 × the fp32 parameters' bytes
+    params = sum(math.prod(w.shape) for w in r0["state_after"]["weights"].values())
+    assert r0["after"]["exact"]["engine_bytes"] == 3 * 4 * params and ref["engine_bytes"] == 0
     first, second = r0["cache"]
     assert torch.equal(second["alignment"], first["alignment"])  # the same M, not gathered again
     assert first["comm_by_phase"]["gather"] - second["comm_by_phase"]["gather"] >= 8 * m_elems, (first, second)
