@@ -4,11 +4,12 @@
     sel = ftw.select(pool, target)
 
 One step: capture (A, Δ) of the pool → target gradient (every ``target_refresh`` steps) → P, m̂ from
-the optimizer → gather factors / sketches over ranks → alignment b (exact, target-side trick) and
-diag K → filter on u = b − (τ/2) diag K → Gram K on the m survivors → weight QP → ≤ k weights.
-Partial results computed on this rank's moment blocks are summed with ``all_reduce_sum`` and
-candidate factors / sketches concatenated with ``all_gather_cat`` (no-ops on one process), so every
-rank returns the same Selection.
+the optimizer → alignment b (exact, target-side trick) and diag K → filter on u = b − (τ/2) diag K →
+Gram K on the m survivors → weight QP → ≤ k weights. What crosses ranks is ``exchange``'s choice:
+"direction" (default; selection/direction_exchange.py: M gathered like the weight, N scalars, the
+survivors' sketches or factors), "factors" (below: every candidate's factors all-gathered, partial
+results on this rank's moment blocks all-reduced) or "sketches" (selection/sketch_exchange.py). The
+collectives are no-ops on one process, and every rank returns the same Selection.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from optsel.selection.base import Batch, Selection, Selector, register_selector,
 from optsel.selection.capture import Coverage, Factors, capture_factors, find_covered_layers, gather_factors
 from optsel.selection.cost_model import REFERENCE_WORLD
 from optsel.selection.direction_exchange import DirectionCache, phase, select_direction
+from optsel.selection.direction_exchange import _empty as _empty_block
 from optsel.selection.filter import filter_candidates, utility
-from optsel.selection.preconditioner import (LayerBlock, LayerGeometry, OptimizerStateReader, default_coefficients,
+from optsel.selection.preconditioner import (LayerGeometry, OptimizerStateReader, default_coefficients,
                                              layer_geometry, make_state_reader)
 from optsel.selection.sketch_exchange import SketchTarget, select_sketches
 from optsel.selection.solvers import select_weights
@@ -449,11 +451,6 @@ class FilterThenWeight(Selector):
                 shared += gram_ops.ghost_gram(A, D, r, c, self.config.max_temp_elems).double()
         K = (self._sum_blocks(partial) if any(b != "sketch" for b in backends) else partial) + shared
         return 0.5 * (K + K.T)
-
-
-def _empty_block(dtype: torch.dtype, device: torch.device) -> LayerBlock:
-    """A zero-area block: this rank's (empty) share of a parameter in the rank-one sums."""
-    return LayerBlock(slice(0, 0), slice(0, 0), torch.zeros(0, 0, dtype=dtype, device=device), None)
 
 
 @register_selector("ftw")

@@ -75,7 +75,7 @@ def select_sketches(ftw: Any, target: Any, local: Factors, geoms: list, rho: flo
     with phase(timings, ftw.comm, "gather"):
         backends = ["sketch"] * len(layers)
         factors_rc = [gram_ops.rank_one_factors(g.blocks or [_empty_block(dtype, device)], layer.d_out, layer.d_in,
-                                                 not ftw.reader.replicated, ftw.comm)
+                                                not ftw.reader.replicated, ftw.comm)
                       for layer, g in zip(layers, geoms)]
         projections = ftw._projections(backends, dtype)
         sketches = ftw._sketches(local, dtype, backends, factors_rc, projections)
@@ -101,8 +101,8 @@ def select_sketches(ftw: Any, target: Any, local: Factors, geoms: list, rho: flo
         diag = sum(S.reshape(S.shape[0], -1).square().sum(1).double() for S in sketches)
 
     return ftw._finish(alignment, diag, tau, rho, opt_step, sizes, geoms, backends, timings, {},
-                        lambda filtered: ftw._filtered_gram(None, geoms, backends, factors_rc, sketches, filtered),
-                        refreshed, tokens=tokens, seq_len=int(local.A[0].shape[1]) if local.A else 1)
+                       lambda filtered: ftw._filtered_gram(None, geoms, backends, factors_rc, sketches, filtered),
+                       refreshed, tokens=tokens, seq_len=int(local.A[0].shape[1]) if local.A else 1)
 
 
 class SketchTarget:
