@@ -19,8 +19,8 @@ Per layer (Σd = d_in + d_out, n_l = n / R this rank's candidates, k² = k_o·k_
 | direction | M = P ⊙ (G_V − ρ m̂): d_in·d_out; exact: + P (d_in·d_out) + survivors' factors m·T·Σd; |
 |           | ghost: + r, c + survivors' factors; sketch: + r, c + survivors' sketches m·k²       |
 
-``auto`` (:func:`choose_backend`, which FTW evaluates at R = REFERENCE_WORLD whatever the real R, so
-that R = 1 and R = 2 select alike): time = FLOPs + FLOPS_PER_BYTE · bytes; among the backends that fit
+``auto`` (:func:`choose_backend`; FTW evaluates it at R = REFERENCE_WORLD whatever the real R ≥ 2, so that
+any R ≥ 2 selects alike, and at R = 1 on one process, where nothing crosses ranks): time = FLOPs + FLOPS_PER_BYTE · bytes; among the backends that fit
 (ghost needs T² ≤ max_temp_elems), the most accurate (exact, then ghost, then sketch) whose time is at
 most ACCURACY_SLACK × the cheapest's. With the factors already shipped (exchange: factors) the bytes
 hardly differ and FLOPs decide (exact while d_in·d_out is small next to T·Σd, as the old 2T² rule);
@@ -37,8 +37,8 @@ FLOPS_PER_BYTE = 100.0
 #: auto takes the most accurate backend costing at most this many times the cheapest
 ACCURACY_SLACK = 2.0
 ACCURACY_ORDER = ("exact", "ghost", "sketch")
-#: FTW's ``auto`` decides for this many ranks whatever R is, so that a run selects the same on any number
-#: of ranks (R = 1 moves no bytes; from R = 2 on the bytes per rank hardly change with R)
+#: on R ≥ 2 ranks FTW's ``auto`` decides for this many, whatever R is, so that a run selects the same on any
+#: R ≥ 2 (the bytes per rank hardly change with R); one process moves no bytes and decides for R = 1
 REFERENCE_WORLD = 8
 EXCHANGES = ("direction", "factors", "sketches")
 

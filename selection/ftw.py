@@ -378,14 +378,15 @@ class FilterThenWeight(Selector):
 
     def _backend(self, layer, T: int, n: int, m: int) -> str:
         """The layer's Gram backend; ``auto``: selection/cost_model.py for this step's T, N, m and the exchange
-        (at cost_model.REFERENCE_WORLD ranks whatever R is: the same choice, so the same selection, on any R)."""
+        (at cost_model.REFERENCE_WORLD ranks whatever R ≥ 2 is: the same choice, so the same selection, on any
+        R ≥ 2; at R = 1 on one process, where no byte crosses ranks)."""
         cfg = self.config
         if cfg.gram != "auto":
             return cfg.gram
         esz = 8 if self._dtype_name() == "float64" else 4
         wire = 2 if cfg.direction_dtype == "bfloat16" else esz
         return gram_ops.auto_backend(int(T), layer.d_in, layer.d_out, cfg.max_temp_elems, n=n, m=m,
-                                     world=REFERENCE_WORLD,
+                                     world=REFERENCE_WORLD if distributed.is_distributed() else 1,
                                      exchange=cfg.exchange, k_out=cfg.sketch_dim_out, k_in=cfg.sketch_dim_in,
                                      esz=esz, wire_esz=wire)
 
