@@ -2,9 +2,11 @@
 per-phase time with R = 1 vs R = 2 ranks, on both engines (FSDP2, DeepSpeed ZeRO-3), CPU + gloo.
 
     python -m benchmarks.distributed_select [--quick] [--out DIR] [--engines fsdp2,deepspeed]
-                                            [--ranks 1,2] [--grams auto,exact,sketch,sketch+exchange] [--repeats 10]
+                                            [--ranks 1,2] [--grams exact+direction,sketch+sketches,auto+factors,
+                                            auto+direction] [--repeats 10]
 
-For every (engine, R, gram backend) R real processes are spawned (``torch.multiprocessing``, gloo,
+A "gram" label is ``<gram backend>+<exchange>`` (direction: the default, factors, sketches).
+For every (engine, R, label) R real processes are spawned (``torch.multiprocessing``, gloo,
 one intra-op thread per rank by default). Each builds the demo-sized tiny Llama (benchmarks/speed.py
 ``build_model``: hidden 64, 2 layers, vocab 259) inside the real engine (``build_engine``: FSDP2
 ``fully_shard`` per decoder layer + root, or DeepSpeed ZeRO-3 with configs/deepspeed/zero3.json),
@@ -233,11 +235,13 @@ def _worker(rank: int, world: int, engine_name: str, grams: list[str], s: dict) 
         return sel, t_select, t_train, sel_counts, (counter2.totals() if counter2 is not None else None)
 
     for gram in grams:
+        backend, exchange = split_label(gram)
         ftw = FilterThenWeight(engine.unwrapped_model, engine.optimizer,
-                               FTWConfig(budget=k, filter_ratio=0.5, gram=gram.removesuffix("+exchange"),
-                                         exchange="sketches" if gram.endswith("+exchange") else "factors",
-                                         geometry="adam"), seed=0)
+                               FTWConfig(budget=k, filter_ratio=0.5, gram=backend, exchange=exchange,
+                                         geometry="adam", sketch_dim_out=s["sketch_dim"],
+                                         sketch_dim_in=s["sketch_dim"]), seed=0)
         rec: dict[str, Any] = {"select_s": [], "train_s": [], "phases_s": [], "comm_bytes": [], "comm_by_op": [],
+                               "comm_by_phase": [],
                                "comm_calls": [], "indices": [], "weights": [], "optimizer_step": [], "backends": None}
         for r in range(1 + s["repeats"]):  # r = 0: warm-up, not recorded
             pool = _share(make_pool(n, T, r, device), rank, world)
@@ -249,6 +253,7 @@ def _worker(rank: int, world: int, engine_name: str, grams: list[str], s: dict) 
             rec["phases_s"].append(dict(sel.timings))
             rec["comm_bytes"].append(int(sel.diagnostics["comm_bytes"]))
             rec["comm_by_op"].append(dict(ftw.comm.by_op))
+            rec["comm_by_phase"].append(dict(sel.diagnostics.get("comm_by_phase", {})))
             rec["comm_calls"].append(int(ftw.comm.calls))
             rec["indices"].append(sel.indices.tolist())
             rec["weights"].append([float(x) for x in sel.weights])
@@ -276,6 +281,12 @@ def _worker(rank: int, world: int, engine_name: str, grams: list[str], s: dict) 
     if dist.is_initialized():
         dist.barrier()
     return out
+
+
+def split_label(label: str) -> tuple[str, str]:
+    """'auto+direction' → ('auto', 'direction'); a bare backend is exchange 'factors'."""
+    backend, _, exchange = label.partition("+")
+    return backend, exchange or "factors"
 
 
 def _local_param_numel(engine) -> int:
@@ -407,6 +418,7 @@ def summarize(ranks: list[dict], gram: str, settings: dict) -> dict:
         "selector_bytes_constant": all(len(set(rec["comm_bytes"])) <= 1 and rec["comm_bytes"] == r0["comm_bytes"]
                                        for rec in recs),
         "selector_by_op": r0["comm_by_op"][0] if r0["comm_by_op"] else {},
+        "selector_by_phase": r0["comm_by_phase"][0] if r0.get("comm_by_phase") else {},
         "selector_calls": r0["comm_calls"][0] if r0["comm_calls"] else 0,
         "selector_ring_wire_bytes": sel_dispatch["selector"]["ring_wire_bytes"],
         "dispatch_selector_bytes": sel_dispatch["selector"]["bytes"],
@@ -464,7 +476,8 @@ def write(results: dict, out: Path) -> None:
          f"(fp32: {_fmt_bytes(meta['num_params'] * 4)}); AdamW after {meta['warm_steps']} warm-up optimizer steps",
          f"- FTW: global pool N = {meta['N']} (N/R per rank), budget k = {meta['k']}, filter_ratio 0.5 (m = "
          f"{meta['N'] // 2}), T = {meta['T']}, target {meta['num_target']} samples (refreshed every step), "
-         f"geometry adam; same global pools and target for every R",
+         f"geometry adam, {meta.get('sketch_dim', 32)}×{meta.get('sketch_dim', 32)} sketches; same global pools and target "
+         f"for every R",
          f"- times: mean over {meta['repeats']} steps after 1 warm-up step (median of select too), slowest rank per "
          f"column; wall time of the whole benchmark {meta['wall_s']:.0f} s", ""]
     L += ["## (a) Selector bytes per step vs the engine's parameter traffic per step", "",
@@ -504,6 +517,19 @@ def write(results: dict, out: Path) -> None:
         L.append(f"| {r['engine']} | {r['gram']} | {r['selector_calls']} | "
                  + " | ".join(_fmt_bytes(ops.get(o, 0)) for o in ("all_gather", "all_reduce", "broadcast"))
                  + f" | {'yes' if r['commcounter_equals_dispatch'] else 'NO'} |")
+    cols = ("target", "gather", "alignment", "gram", "survivors", "solve", "other")
+    L += ["", "Selector payload by FTW phase (R = 2; CommCounter.by_phase: *target* = target tokens / factors / "
+              "sketch sums, *gather* = M (direction), every candidate's factors (factors) or sketches, rank-one "
+              "r, c, the N scalars; *survivors* = the m survivors' sketches or factors (direction); *gram* = "
+              "partial Gram all-reduces; *solve* = rank 0's choice broadcast):", "",
+          "| engine | gram | " + " | ".join(cols) + " | total | total / engine train step |",
+          "|---|---|" + "---|" * len(cols) + "---|---|"]
+    for r in rows:
+        if r["R"] < 2:
+            continue
+        ph = r.get("selector_by_phase", {})
+        L.append(f"| {r['engine']} | {r['gram']} | " + " | ".join(_fmt_bytes(ph.get(c, 0)) for c in cols)
+                 + f" | {_fmt_bytes(r['selector_bytes'])} | {_ratio(r['selector_bytes'], r['engine_bytes_train_step'])} |")
     L += ["", "Engine collectives, payload (calls), R = 2: a training step on its own, during one select, and the "
               "training step right after that select (identical for every gram backend: shown for the first):", "",
           "| engine | gram | where | " + " | ".join(("all_gather", "reduce_scatter", "all_reduce", "broadcast")) + " |",
@@ -561,15 +587,16 @@ def notes(rows: list[dict], meta: dict) -> list[str]:
         "FSDP2 issues no collectives at all; DeepSpeed still calls its reduce-scatters on a world of one (payload "
         "counted, 0 on the wire). The selector issues nothing at R = 1 (its collectives are no-ops).",
     ]
-    two = [r for r in rows if r["R"] >= 2 and not r["gram"].endswith("+exchange")]
-    light = [r for r in rows if r["R"] >= 2 and r["gram"].endswith("+exchange")]
+    two = [r for r in rows if r["R"] >= 2 and split_label(r["gram"])[1] == "factors"]
+    light = [r for r in rows if r["R"] >= 2 and split_label(r["gram"])[1] == "sketches"]
+    direction = [r for r in rows if r["R"] >= 2 and split_label(r["gram"])[1] == "direction"]
     if two:
         r = two[0]
         n, nt, T, W = meta["N"], meta["num_target"], meta["T"], r["factor_width"]
         factors = (n + nt) * T * W * 4
         ratios = [r2["selector_bytes"] / r2["engine_bytes_train_step"] for r2 in two if r2["engine_bytes_train_step"]]
         out.append(
-            f"With exchange='factors' (the default) `FilterThenWeight._gather` all-gathers the full factors (A, Δ) "
+            f"With exchange='factors' FTW all-gathers the full factors (A, Δ) "
             f"of every pool and target sample whatever the Gram backend: "
             f"(N + N_target) · T · Σ_l(d_in + d_out) · 4 B = ({n} + {nt}) · {T} · {W} · 4 B = {_fmt_bytes(factors)} "
             f"(analytic) of the measured {_fmt_bytes(r['selector_bytes'])}; the sketch backend gathers its sketches "
@@ -579,14 +606,27 @@ def notes(rows: list[dict], meta: dict) -> list[str]:
         r = light[0]
         ratios = [r2["selector_bytes"] / r2["engine_bytes_train_step"] for r2 in light if r2["engine_bytes_train_step"]]
         out.append(
-            f"With exchange='sketches' (gram 'sketch+exchange' rows) only sketches cross ranks: N · Σ_l k_o·k_i "
+            f"With exchange='sketches' ('+sketches' rows) only sketches cross ranks: N · Σ_l k_o·k_i "
             f"floats all-gathered plus O(Σ_l (d_in + d_out + 2·k_o·k_i)) all-reduced: {_fmt_bytes(r['selector_bytes'])} "
             f"here, {min(ratios):.1f}–{max(ratios):.1f}× the engine's traffic of this 107k-parameter model (one "
-            f"sample's 32×32 sketch per layer is 1/8 of a 64×128 layer). It does not grow with T or d: for a "
+            f"sample's {meta['sketch_dim']}×{meta['sketch_dim']} sketch per layer against a 64×64 layer). It does not grow with T or d: for a "
             f"7B Llama (224 linear layers, bf16 parameter traffic ≈ 3 · 6.7e9 · 2 B ≈ 40 GB per step) the same "
             f"N = 64, 32×32 sketches are 64 · 224 · 1024 · 4 B ≈ 59 MB ≈ 0.15 % (analytic), inside docs/design.md §4's 1 %. "
             f"The price is a sketched alignment b (see tests/test_ftw_math.py and the quality benchmark's "
             f"ftw_sketch_exchange row).")
+    for r in direction:
+        ph = r.get("selector_by_phase", {})
+        out.append(
+            f"{r['engine']} {r['gram']} (exchange='direction', the default; b exact): "
+            f"{_fmt_bytes(r['selector_bytes'])} per step = {_ratio(r['selector_bytes'], r['engine_bytes_train_step'])} "
+            f"the engine's measured train-step traffic; of it, gather (M = P ⊙ (G_V − ρ m̂) of every covered layer, "
+            f"fp32, gathered like the weight{', and P for the exact Gram' if r['gram'].startswith('exact') else ''}; "
+            f"rank-one r, c; N × (b, diag K, tokens)) {_fmt_bytes(ph.get('gather', 0))}, survivors' "
+            f"{'factors' if r['gram'].startswith('exact') else 'sketches'} {_fmt_bytes(ph.get('survivors', 0))}, "
+            f"target token ids {_fmt_bytes(ph.get('target', 0))}. Backends: {sorted(set(r['backends'].values()))}. "
+            f"{'Auto picks by FLOPs on one process (no bytes to weigh) and at a reference R = 8 on R ≥ 2, so its R = 1 and R = 2 backends, hence selections, may differ by design. ' if r['gram'].startswith('auto') else ''}"
+            f"The survivors' share varies from step to step with the number of survivors (u > 0, at most m) "
+            f"and their split over ranks (the all-gather pads to the larger share).")
     bad = [f"{r['engine']} R={r['R']} {r['gram']}" for r in rows if not r["ranks_agree"]]
     if bad:
         out.append(f"Ranks returned different selections in: {', '.join(bad)} (should never happen).")
@@ -616,22 +656,28 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None, help="default: results/distributed_select (quick: ..._quick)")
     parser.add_argument("--engines", default="fsdp2,deepspeed")
     parser.add_argument("--ranks", default="1,2")
-    parser.add_argument("--grams", default=None, help="comma list of FTW gram backends (default: auto,exact,sketch,sketch+exchange; "
-                             "'+exchange': exchange='sketches', only sketches cross ranks)")
+    parser.add_argument("--grams", default=None, help="comma list of <gram backend>+<exchange> (default: "
+                        "exact+direction,sketch+sketches,auto+factors,auto+direction; a bare backend: +factors)")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--sketch-dim", type=int, default=16,
+                        help="k_o = k_i of every sketch (default 16: 1/4 of this 64-wide model's layers; FTWConfig's "
+                             "default 32 is 1/128 of a 4096-wide layer)")
     parser.add_argument("--threads-per-rank", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per (engine, R) run")
     args = parser.parse_args(argv)
     if args.quick:
         s = {"N": 16, "k": 4, "T": 32, "num_target": 8, "repeats": 2, "warm_steps": 2}
-        grams = ["auto"]
+        grams = ["auto+direction"]
     else:
         s = {"N": 64, "k": 16, "T": 64, "num_target": 32, "repeats": 10, "warm_steps": 3}
-        grams = ["auto", "exact", "sketch", "sketch+exchange"]
+        # auto last: one process moves no bytes, so auto picks by FLOPs there and may pick other backends than on
+        # R ≥ 2: R = 1 and R = 2 selections (and the training that follows) may differ by design
+        grams = ["exact+direction", "sketch+sketches", "auto+factors", "auto+direction"]
     if args.grams:
         grams = [g.strip() for g in args.grams.split(",") if g.strip()]
     if args.repeats is not None:
         s["repeats"] = args.repeats
+    s["sketch_dim"] = args.sketch_dim
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     ranks = [int(r) for r in args.ranks.split(",")]
     for r in ranks:

@@ -102,6 +102,10 @@ KEYS: dict[str, MetricSpec] = {
                                         "Condition number of the last step's Gram matrix."),
     "select/comm_bytes": MetricSpec("optsel_selection_comm_bytes_total", "counter", "rank",
                                     "Bytes this rank handed to the selector's collectives."),
+    "select/engine_bytes_ratio": MetricSpec(
+        "optsel_selection_engine_bytes_ratio", "gauge", "rank",
+        "Selector bytes of the last step / the engine's own parameter traffic per step (analytic: ZeRO-3 / FSDP2 "
+        "3 x parameter bytes, all-gather forward and backward + gradient reduce-scatter; DDP 1 x)."),
     "eval/loss": MetricSpec("optsel_eval_loss", "gauge", "job",
                             "Loss on the held-out target validation samples at the last evaluation (nats/token)."),
     "eval/exact_match": MetricSpec("optsel_eval_exact_match_ratio", "gauge", "job",
@@ -124,6 +128,9 @@ PREFIXES: dict[str, MetricSpec] = {
                                    "Fallbacks taken by the selector, by reason.", label="reason"),
     "select/solver_status/": MetricSpec("optsel_selection_solver_status_total", "counter", "job",
                                         "Weight-solver outcomes, by status.", label="status"),
+    "select/comm_phase_bytes/": MetricSpec("optsel_selection_phase_comm_bytes_total", "counter", "rank",
+                                           "Bytes this rank handed to the selector's collectives, by FTW phase.",
+                                           label="phase"),
     "select/precision/": MetricSpec("optsel_selection_precision_ratio", "gauge", "job",
                                     "Share of the last step's weight on each ground-truth kind.", label="kind"),
 }

@@ -113,14 +113,17 @@ class CommCounter:
     bytes: int = 0
     calls: int = 0
     by_op: dict[str, int] = field(default_factory=dict)
+    by_phase: dict[str, int] = field(default_factory=dict)
+    phase: str = "other"  # the phase the caller is in (FTW sets it per phase): bytes are also kept by phase
 
     def add(self, op: str, nbytes: int) -> None:
         self.bytes += int(nbytes)
         self.calls += 1
         self.by_op[op] = self.by_op.get(op, 0) + int(nbytes)
+        self.by_phase[self.phase] = self.by_phase.get(self.phase, 0) + int(nbytes)
 
     def reset(self) -> None:
-        self.bytes, self.calls, self.by_op = 0, 0, {}
+        self.bytes, self.calls, self.by_op, self.by_phase, self.phase = 0, 0, {}, {}, "other"
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -222,3 +225,50 @@ def is_peer_failure(err: BaseException) -> bool:
                         if hasattr(dist, name))
     text = str(err).lower()
     return isinstance(err, dist_errors) or (isinstance(err, RuntimeError) and any(h in text for h in _PEER_FAILURE_HINTS))
+
+
+def engine_param_bytes_per_step(model: torch.nn.Module) -> int:
+    """The engine's own parameter traffic per optimizer step, analytic, in the CommCounter's payload
+    convention: ZeRO-3 / FSDP2 (parameters sharded) all-gather every parameter in forward and again in
+    backward and reduce-scatter its gradient, 3 × the parameters' bytes; plain data parallel
+    all-reduces the gradients, 1 ×; 0 on one process. Parameter bytes at the parameters' own dtype."""
+    if not is_distributed():
+        return 0
+    params = list(model.parameters())
+    sharded = any(hasattr(p, "ds_id") or hasattr(p, "device_mesh") for p in params)
+    total = sum(int(getattr(p, "ds_numel", 0) or p.numel()) * p.element_size() for p in params)
+    return (3 if sharded else 1) * total
+
+
+def all_gather_equal(t: torch.Tensor, counter: CommCounter | None = None) -> torch.Tensor:
+    """Concatenate every rank's ``t`` along dim 0 when every rank passes the same shape (no size
+    exchange, unlike ``all_gather_cat``). Returns a tensor on t's device."""
+    if not is_distributed():
+        return t.clone()
+    buf = t.detach().to(_comm_device(t)).contiguous()
+    out = [torch.empty_like(buf) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, buf)
+    if counter is not None:
+        counter.add("all_gather", sum(_nbytes(o) for o in out))
+    return torch.cat(out).to(t.device)
+
+
+def gather_shard0(local: torch.Tensor, like: torch.Tensor, shape: tuple[int, int],
+                  counter: CommCounter | None = None) -> torch.Tensor:
+    """The whole [d0, d1] tensor from every rank's ``Shard(0)`` row block ``local``, sharded like the
+    FSDP2 DTensor parameter ``like`` (its 1-D mesh; torch's chunk rule): a DTensor redistribute
+    Shard(0) → Replicate, the engine's own parameter all-gather. Counted as the gathered output,
+    padding included (R · ceil(d0 / R) · d1 elements: what the collective moves)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    mesh = like.device_mesh
+    d0, d1 = int(shape[0]), int(shape[1])
+    if mesh.size() == 1:  # nothing to gather (and nothing counted, like the other collectives on one rank)
+        return local.reshape(d0, d1).clone()
+    dt = DTensor.from_local(local.contiguous(), mesh, [Shard(0)], run_check=False, shape=torch.Size((d0, d1)),
+                            stride=(d1, 1))
+    full = dt.redistribute(mesh, [Replicate()]).to_local()
+    if counter is not None:
+        world = mesh.size()
+        counter.add("all_gather", world * -(-d0 // world) * d1 * local.element_size())
+    return full

@@ -4,18 +4,17 @@
     sel = ftw.select(pool, target)
 
 One step: capture (A, Δ) of the pool → target gradient (every ``target_refresh`` steps) → P, m̂ from
-the optimizer → gather factors / sketches over ranks → alignment b (exact, target-side trick) and
-diag K → filter on u = b − (τ/2) diag K → Gram K on the m survivors → weight QP → ≤ k weights.
-Partial results computed on this rank's moment blocks are summed with ``all_reduce_sum`` and
-candidate factors / sketches concatenated with ``all_gather_cat`` (no-ops on one process), so every
-rank returns the same Selection.
+the optimizer → alignment b (exact, target-side trick) and diag K → filter on u = b − (τ/2) diag K →
+Gram K on the m survivors → weight QP → ≤ k weights. What crosses ranks is ``exchange``'s choice:
+"direction" (default; selection/direction_exchange.py: M gathered like the weight, N scalars, the
+survivors' sketches or factors), "factors" (below: every candidate's factors all-gathered, partial
+results on this rank's moment blocks all-reduced) or "sketches" (selection/sketch_exchange.py). The
+collectives are no-ops on one process, and every rank returns the same Selection.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -26,127 +25,17 @@ from optsel.selection.alignment import alignment_partial, target_direction
 from optsel.selection.base import Batch, Selection, Selector, register_selector, split_local, timed
 from optsel.selection.capture import (Coverage, Factors, capture_factors, find_covered_layers, gather_factors,
                                      stack_batches)
+from optsel.selection.cost_model import REFERENCE_WORLD
+from optsel.selection.direction_exchange import DirectionCache, gather_batch, phase, select_direction
+from optsel.selection.direction_exchange import _empty as _empty_block
 from optsel.selection.filter import filter_candidates, utility
-from optsel.selection.preconditioner import (LayerBlock, LayerGeometry, OptimizerStateReader, default_coefficients,
+from optsel.selection.ftw_config import FTWConfig
+from optsel.selection.preconditioner import (LayerGeometry, OptimizerStateReader, default_coefficients,
                                              layer_geometry, make_state_reader)
 from optsel.selection.single_pass import PoolPass, single_pass_leaves
-from optsel.selection.sketch_exchange import SketchTarget, momentum_sketch_partial, sketched_alignment
+from optsel.selection.sketch_exchange import SketchTarget, select_sketches
 from optsel.selection.solvers import select_weights
 from optsel.selection.target import TargetCache
-
-
-@dataclass(kw_only=True)
-class FTWConfig:
-    """Options of Filter-then-Weight.
-
-    budget: k, the most samples with non-zero weight. filter_size: m survivors of the filter (takes
-    precedence over filter_ratio, a fraction of the global pool N); m is clipped to [k, N].
-    gram: "exact" | "ghost" | "sketch" | "auto" (per layer by cost). geometry: "adam" (P, m̂ from the
-    optimizer) | "sgd" (P = I, no momentum). momentum_coef ρ / curvature τ: None = docs/design.md §2's
-    defaults from the optimizer's β1 and step, scaled by curvature_scale γ. w_max: optional cap on
-    each weight (>= 1/budget). target_refresh: recompute g_V every this many selection steps.
-    sketch_dim_out/in: k_o, k_i of the sketch backend. exchange: what crosses ranks — "factors" (the
-    candidates' and targets' (A, Δ), T·(d_in + d_out) floats per sample and layer: exact b) or
-    "sketches" (needs gram="sketch": only k_o·k_i floats per sample and layer; b is sketched too, with
-    P ≈ r cᵀ on the target gradient; see selection/sketch_exchange.py). capture_chunk_size: samples per
-    forward/backward (None: whole pool). max_temp_elems: bound on temporaries of the Gram kernels
-    and on T² for auto's ghost choice. compute_dtype: "auto" = float64 for float64 models else float32.
-
-    Options studied by the quality benchmark (docs/design.md §5):
-    alignment: "dot" (b, K as defined) | "cosine" (every candidate's gradient scaled to unit P-norm:
-    b_i/‖g_i‖_P, K_ij/(‖g_i‖_P ‖g_j‖_P), as LESS does). filter_curvature: "batch" (default since the
-    grid: u = b − (τ/(2k)) K_ii, the sample's share of a k-sample step) | "sample" (u = b − (τ/2) K_ii,
-    the sample alone). ess_fraction:
-    minimum effective sample size 1/Σw² as a fraction of k, enforced exactly by the weight cap
-    w ≤ 1/(ess_fraction·k) (combined with w_max). weighting: "qp" (train on the QP's ≤ k weights) |
-    "proportional" (draw k samples with replacement from the survivors ∝ the QP weights, uniform loss
-    weights, duplicates merged: the hardware batch stays k). warmup_steps: the first this many steps
-    select k at random (uniform weights) before FTW takes over.
-
-    single_pass: keep every trainable leaf's (input, output gradient) from the capture so that the
-    training gradient needs no second forward/backward (selection/single_pass.py; the Selection
-    carries it as ``pool_pass``). Ignored, with the reason in the diagnostics, for a model with a
-    trainable module that is not Linear/Conv1D/Embedding/LayerNorm/*RMSNorm. target_pass: when the
-    target gradient is due, "joint" captures the target samples in the same forward/backward as the
-    pool (rows appended after the pool's, never selectable); "separate" runs its own pass.
-    """
-
-    budget: int
-    filter_size: int | None = None
-    filter_ratio: float = 0.5
-    gram: Literal["exact", "ghost", "sketch", "auto"] = "auto"
-    geometry: Literal["adam", "sgd"] = "adam"
-    momentum_coef: float | None = None
-    curvature: float | None = None
-    curvature_scale: float = 1.0
-    solver: Literal["active_set", "torch", "cvxpy"] = "active_set"
-    support: Literal["topk", "greedy"] = "topk"
-    w_max: float | None = None
-    target_refresh: int = 1
-    sketch_dim_out: int = 32
-    sketch_dim_in: int = 32
-    capture_chunk_size: int | None = None
-    max_temp_elems: int = 1 << 24
-    compute_dtype: Literal["auto", "float32", "float64"] = "auto"
-    exchange: Literal["factors", "sketches"] = "factors"
-    alignment: Literal["dot", "cosine"] = "dot"
-    filter_curvature: Literal["sample", "batch"] = "batch"  # the quality grid's evidence (docs/design.md §5)
-    ess_fraction: float | None = None
-    weighting: Literal["qp", "proportional"] = "qp"
-    warmup_steps: int = 0
-    single_pass: bool = True
-    target_pass: Literal["joint", "separate"] = "joint"
-
-    def __post_init__(self) -> None:
-        def bad(field_name: str, message: str) -> ValueError:
-            return ValueError(f"{field_name}: {message}")
-
-        if self.budget < 1:
-            raise bad("budget", f"must be >= 1, got {self.budget}")
-        if self.filter_size is not None and self.filter_size < self.budget:
-            raise bad("filter_size", f"must be >= budget={self.budget}, got {self.filter_size}")
-        if not 0.0 < self.filter_ratio <= 1.0:
-            raise bad("filter_ratio", f"must be in (0, 1], got {self.filter_ratio}")
-        choices = {"gram": gram_ops.BACKENDS, "geometry": ("adam", "sgd"), "solver": ("active_set", "torch", "cvxpy"),
-                   "support": ("topk", "greedy"), "compute_dtype": ("auto", "float32", "float64"),
-                   "exchange": ("factors", "sketches"), "alignment": ("dot", "cosine"),
-                   "filter_curvature": ("sample", "batch"), "weighting": ("qp", "proportional"),
-                   "target_pass": ("joint", "separate")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise bad(name, f"must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.momentum_coef is not None and not (0.0 <= self.momentum_coef and math.isfinite(self.momentum_coef)):
-            raise bad("momentum_coef", f"must be a finite number >= 0, got {self.momentum_coef}")
-        if self.curvature is not None and not (self.curvature > 0 and math.isfinite(self.curvature)):
-            raise bad("curvature", f"must be a finite number > 0, got {self.curvature}")
-        if not (self.curvature_scale > 0 and math.isfinite(self.curvature_scale)):
-            raise bad("curvature_scale", f"must be a finite number > 0, got {self.curvature_scale}")
-        if self.w_max is not None and not (1.0 / self.budget - 1e-12 <= self.w_max <= 1.0):
-            raise bad("w_max", f"must be in [1/budget, 1] = [{1.0 / self.budget:.4g}, 1], got {self.w_max}")
-        if self.exchange == "sketches" and self.gram != "sketch":
-            raise bad("exchange", f"'sketches' needs gram='sketch' (got gram={self.gram!r}): exact and ghost Grams "
-                                  f"need the candidates' factors on every rank")
-        if self.ess_fraction is not None and not 0.0 < self.ess_fraction <= 1.0:
-            raise bad("ess_fraction", f"must be in (0, 1] or null, got {self.ess_fraction}")
-        if self.warmup_steps < 0:
-            raise bad("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        if self.target_refresh < 1:
-            raise bad("target_refresh", f"must be >= 1, got {self.target_refresh}")
-        for name in ("sketch_dim_out", "sketch_dim_in", "max_temp_elems"):
-            if getattr(self, name) < 1:
-                raise bad(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.capture_chunk_size is not None and self.capture_chunk_size < 1:
-            raise bad("capture_chunk_size", f"must be >= 1 or null, got {self.capture_chunk_size}")
-
-    def weight_cap(self, k: int) -> float | None:
-        """The cap on each weight: w_max and 1/(ess_fraction·k), whichever is tighter (None: no cap)."""
-        caps = [c for c in (self.w_max, None if self.ess_fraction is None else 1.0 / (self.ess_fraction * k))
-                if c is not None]
-        return min(caps) if caps else None
-
-    def num_filtered(self, pool_size: int) -> int:
-        m = self.filter_size if self.filter_size is not None else math.ceil(self.filter_ratio * pool_size)
-        return max(min(self.budget, pool_size), min(m, pool_size))
 
 
 class FilterThenWeight(Selector):
@@ -171,6 +60,8 @@ class FilterThenWeight(Selector):
                                                  else ([], "single_pass: false"))
         self._pool_pass: PoolPass | None = None
         self._joint_target: Factors | None = None
+        self.direction_cache = DirectionCache()  # exchange="direction": gathered M, P (direction_cache=True)
+        self.engine_bytes = distributed.engine_param_bytes_per_step(model)  # the engine's own, per step
         for layer in self.coverage.layers:  # fail at construction, naming the parameter
             try:
                 self.reader.read(layer.param)
@@ -197,16 +88,20 @@ class FilterThenWeight(Selector):
             self._pool_pass = PoolPass() if self.leaves else None
             due = (self.sketch_target if cfg.exchange == "sketches" else self.target_cache).due(self.step)
             joint = target if due and cfg.target_pass == "joint" else None
+            if joint is not None and cfg.exchange == "direction":  # every rank captures the whole target
+                joint = gather_batch(joint, self.comm)
             local, self._joint_target = self._capture(pool, joint)
         dtype = self._dtype(local)
         geoms = [layer_geometry(self.reader, layer, dtype, use_momentum=cfg.geometry == "adam") for layer in layers]
         rho, tau, opt_step = self._coefficients(geoms)
 
         if cfg.exchange == "sketches":
-            return self._select_exchanging_sketches(target, local, geoms, rho, tau, opt_step, sizes, timings)
+            return select_sketches(self, target, local, geoms, rho, tau, opt_step, sizes, timings)
+        if cfg.exchange == "direction":
+            return select_direction(self, target, local, geoms, rho, tau, opt_step, sizes, timings)
 
         refreshed = False
-        with timed(timings, "target"):
+        with phase(timings, self.comm, "target"):
             if self.target_cache.due(self.step):
                 if target is None:
                     raise ValueError("target: FilterThenWeight needs a target batch (input_ids, attention_mask, labels)")
@@ -214,23 +109,24 @@ class FilterThenWeight(Selector):
                 self.target_cache.update(tf, [[blk for blk in g.blocks] for g in geoms], self.step)
                 refreshed = True
 
-        with timed(timings, "gather"):
+        with phase(timings, self.comm, "gather"):
             pool_f = gather_factors(local, dtype, self.comm)
             T = int(pool_f.A[0].shape[1]) if pool_f.A else 1
-            backends = [self._backend(layer, pool_f.A[i].shape[1]) for i, layer in enumerate(layers)]
+            backends = [self._backend(layer, pool_f.A[i].shape[1], n_global, cfg.num_filtered(n_global))
+                        for i, layer in enumerate(layers)]
             factors_rc = [gram_ops.rank_one_factors(g.blocks or [_empty_block(dtype, self._device())],
                                                      layer.d_out, layer.d_in, not self.reader.replicated, self.comm)
                           if backends[i] != "exact" else None for i, (layer, g) in enumerate(zip(layers, geoms))]
             sketches = self._sketches(local, dtype, backends, factors_rc, self._projections(backends, dtype))
 
-        with timed(timings, "alignment"):
+        with phase(timings, self.comm, "alignment"):
             partial_b = torch.zeros(n_global, dtype=torch.float64, device=self._device())
             for i, g in enumerate(geoms):
                 for blk, gv in zip(g.blocks, self.target_cache.blocks[i]):
                     M = target_direction(blk.precond, gv.to(self._device(), dtype), blk.momentum, rho)
                     partial_b += alignment_partial(pool_f.A[i], pool_f.D[i], M, blk.rows, blk.cols).double()
 
-        with timed(timings, "gram"):
+        with phase(timings, self.comm, "gram"):
             partial_diag = torch.zeros(n_global, dtype=torch.float64, device=self._device())
             shared_diag = torch.zeros_like(partial_diag)  # already global on every rank (ghost/sketch)
             for i, g in enumerate(geoms):
@@ -249,54 +145,6 @@ class FilterThenWeight(Selector):
                             lambda filtered: self._filtered_gram(pool_f, geoms, backends, factors_rc, sketches, filtered),
                             refreshed, tokens=pool_f.tokens, seq_len=T)
 
-    def _select_exchanging_sketches(self, target: Batch | None, local: Factors,
-                                    geoms: list[LayerGeometry], rho: float, tau: float, opt_step: int,
-                                    sizes: list[int], timings: dict[str, float]) -> Selection:
-        """exchange="sketches" (selection/sketch_exchange.py): no factor crosses ranks."""
-        cfg, layers = self.config, self.coverage.layers
-        dtype, device = self._dtype(local), self._device()
-        refreshed = False
-        with timed(timings, "target"):
-            if self.sketch_target.due(self.step):
-                if target is None:
-                    raise ValueError("target: FilterThenWeight needs a target batch (input_ids, attention_mask, labels)")
-                tf = self._target_factors(target)
-                count = distributed.all_reduce_sum(torch.tensor([float(tf.num_samples)], dtype=torch.float64), self.comm)
-                self.sketch_target.update(tf, dtype, int(count[0]), self.step)
-                refreshed = True
-
-        with timed(timings, "gather"):
-            backends = ["sketch"] * len(layers)
-            factors_rc = [gram_ops.rank_one_factors(g.blocks or [_empty_block(dtype, device)], layer.d_out, layer.d_in,
-                                                     not self.reader.replicated, self.comm)
-                          for layer, g in zip(layers, geoms)]
-            projections = self._projections(backends, dtype)
-            sketches = self._sketches(local, dtype, backends, factors_rc, projections)
-            tokens = distributed.all_gather_cat(local.tokens, self.comm) if distributed.is_distributed() else local.tokens
-
-        with timed(timings, "alignment"):
-            owns_moments = not self.reader.replicated or distributed.info().rank == 0  # replicated: count once
-            parts = []
-            for i, g in enumerate(geoms):
-                r, c = factors_rc[i]
-                po, pi = projections[i]
-                target_sum = self.sketch_target.sketch_sum(i, r, c, po, pi)
-                momentum = momentum_sketch_partial(g.blocks, r, c, po, pi) if rho and owns_moments \
-                    else torch.zeros_like(target_sum)
-                parts.append(torch.stack([target_sum, momentum]))
-            packed = torch.stack(parts)  # [L, 2, k_o, k_i]
-            if distributed.is_distributed():
-                packed = distributed.all_reduce_sum(packed, self.comm)
-            directions = packed[:, 0] / max(self.sketch_target.count, 1) - rho * packed[:, 1]
-            alignment = sketched_alignment(sketches, directions)
-
-        with timed(timings, "gram"):
-            diag = sum(S.reshape(S.shape[0], -1).square().sum(1).double() for S in sketches)
-
-        return self._finish(alignment, diag, tau, rho, opt_step, sizes, geoms, backends, timings, {},
-                            lambda filtered: self._filtered_gram(None, geoms, backends, factors_rc, sketches, filtered),
-                            refreshed, tokens=tokens, seq_len=int(local.A[0].shape[1]) if local.A else 1)
-
     def _finish(self, alignment, diag, tau, rho, opt_step, sizes, geoms, backends, timings, fallbacks,
                 gram_of, refreshed, tokens, seq_len) -> Selection:
         """Filter on u, Gram of the survivors (``gram_of(filtered)``), QP, agreement, bookkeeping."""
@@ -314,12 +162,12 @@ class FilterThenWeight(Selector):
                 fallbacks["filter_underflow"] = 1
             filtered = filt.filtered
 
-        with timed(timings, "gram"):
+        with phase(timings, self.comm, "gram"):
             K = gram_of(filtered)
             if norms is not None:
                 K = K / torch.outer(norms[filtered], norms[filtered]).to(K.dtype)
 
-        with timed(timings, "solve"):
+        with phase(timings, self.comm, "solve"):
             proportional = cfg.weighting == "proportional"
             result = select_weights(alignment[filtered], K, u[filtered], tau, filtered.numel() if proportional else k,
                                     cfg.weight_cap(k), cfg.solver, cfg.support)
@@ -349,6 +197,8 @@ class FilterThenWeight(Selector):
             "target_refreshed": refreshed,
             "empty_samples": int((tokens == 0).sum()),
             "comm_bytes": self.comm.bytes,
+            "comm_by_phase": dict(self.comm.by_phase),
+            "engine_bytes_estimate": self.engine_bytes,
             "seq_len": seq_len,
             "exchange": cfg.exchange,
             "warmup": False,
@@ -406,14 +256,16 @@ class FilterThenWeight(Selector):
                                self._pool_pass, self.leaves)
         return both.rows(0, n), both.rows(n, both.num_samples)
 
-    def _target_factors(self, target: Batch | None) -> Factors:
-        """This rank's target factors: from the joint capture when it ran, else their own pass."""
+    def _target_factors(self, target: Batch | None, whole: bool = False) -> Factors:
+        """The target factors: from the joint capture when it ran, else their own pass over this rank's
+        target rows (``whole``: over every rank's, gathered: the direction exchange)."""
         if target is None:
             raise ValueError("target: FilterThenWeight needs a target batch (input_ids, attention_mask, labels)")
         joint, self._joint_target = self._joint_target, None
         if joint is not None:
             return joint
-        return capture_factors(self.model, target, self.coverage.layers, self.config.capture_chunk_size)
+        batch = gather_batch(target, self.comm) if whole else target
+        return capture_factors(self.model, batch, self.coverage.layers, self.config.capture_chunk_size)
 
     def _device(self) -> torch.device:
         return self.coverage.layers[0].param.device
@@ -442,10 +294,24 @@ class FilterThenWeight(Selector):
             return "adam (some covered parameters have no state yet: identity there)"
         return "adam"
 
-    def _backend(self, layer, T: int) -> str:
-        if self.config.gram != "auto":
-            return self.config.gram
-        return gram_ops.auto_backend(int(T), layer.d_in, layer.d_out, self.config.max_temp_elems)
+    def _backend(self, layer, T: int, n: int, m: int) -> str:
+        """The layer's Gram backend; ``auto``: selection/cost_model.py for this step's T, N, m and the exchange
+        (at cost_model.REFERENCE_WORLD ranks whatever R ≥ 2 is: the same choice, so the same selection, on any
+        R ≥ 2; at R = 1 on one process, where no byte crosses ranks)."""
+        cfg = self.config
+        if cfg.gram != "auto":
+            return cfg.gram
+        esz = 8 if self._dtype_name() == "float64" else 4
+        wire = 2 if cfg.direction_dtype == "bfloat16" else esz
+        return gram_ops.auto_backend(int(T), layer.d_in, layer.d_out, cfg.max_temp_elems, n=n, m=m,
+                                     world=REFERENCE_WORLD if distributed.is_distributed() else 1,
+                                     exchange=cfg.exchange, k_out=cfg.sketch_dim_out, k_in=cfg.sketch_dim_in,
+                                     esz=esz, wire_esz=wire)
+
+    def _dtype_name(self) -> str:
+        if self.config.compute_dtype != "auto":
+            return self.config.compute_dtype
+        return str(self.coverage.layers[0].param.dtype).removeprefix("torch.")
 
     def _sum_blocks(self, partial: torch.Tensor) -> torch.Tensor:
         """Sum of per-block partial results over ranks (only when the state is sharded)."""
@@ -504,11 +370,6 @@ class FilterThenWeight(Selector):
                 shared += gram_ops.ghost_gram(A, D, r, c, self.config.max_temp_elems).double()
         K = (self._sum_blocks(partial) if any(b != "sketch" for b in backends) else partial) + shared
         return 0.5 * (K + K.T)
-
-
-def _empty_block(dtype: torch.dtype, device: torch.device) -> LayerBlock:
-    """A zero-area block: this rank's (empty) share of a parameter in the rank-one sums."""
-    return LayerBlock(slice(0, 0), slice(0, 0), torch.zeros(0, 0, dtype=dtype, device=device), None)
 
 
 @register_selector("ftw")

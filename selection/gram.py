@@ -9,7 +9,8 @@
   S_i = (Π_o R^½ Δ_iᵀ)(A_i C^½ Π_iᵀ) [k_o, k_i]; E⟨S_i, S_j⟩ = the ghost K_ij (Π entries N(0, 1/k)).
   Linear in T; the sketches are what crosses ranks cheaply. Its error is the ghost's rank-one
   approximation of P plus the projection's O(1/sqrt(k)) noise.
-``auto`` picks per layer: exact when d_in·d_out ≤ 2T², else ghost while the T×T blocks fit, else sketch.
+``auto`` picks per layer by the cost model of selection/cost_model.py (bytes and FLOPs, counting N, m,
+R and the exchange): the most accurate backend within a factor of the cheapest.
 """
 
 from __future__ import annotations
@@ -22,12 +23,16 @@ from optsel.selection.preconditioner import LayerBlock
 BACKENDS = ("exact", "ghost", "sketch", "auto")
 
 
-def auto_backend(T: int, d_in: int, d_out: int, max_ghost_elems: int) -> str:
-    """Cheapest backend for one layer: exact when a materialized gradient (d_in·d_out) costs no
-    more than the two T×T products (2T²), ghost while T² fits ``max_ghost_elems``, else sketch."""
-    if d_in * d_out <= 2 * T * T:
-        return "exact"
-    return "ghost" if T * T <= max_ghost_elems else "sketch"
+def auto_backend(T: int, d_in: int, d_out: int, max_ghost_elems: int, *, n: int = 1, m: int = 1, world: int = 1,
+                 exchange: str = "factors", k_out: int = 32, k_in: int = 32, esz: int = 4,
+                 wire_esz: int | None = None) -> str:
+    """``gram: auto`` for one layer: :func:`optsel.selection.cost_model.choose_backend` (bytes and
+    FLOPs of the step for pool N = ``n``, ``m`` survivors, R = ``world`` ranks and ``exchange``; ghost
+    only while T² fits ``max_ghost_elems``)."""
+    from optsel.selection.cost_model import choose_backend
+
+    return choose_backend(exchange, T=int(T), d_in=d_in, d_out=d_out, n=n, m=m, world=world, k_out=k_out,
+                          k_in=k_in, max_temp_elems=max_ghost_elems, esz=esz, wire_esz=wire_esz)
 
 
 def _grads(A: torch.Tensor, D: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:

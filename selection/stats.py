@@ -31,6 +31,10 @@ def selection_metrics(selection: Selection, kind_ids: torch.Tensor | None = None
     for key in ("gram_condition", "comm_bytes"):
         if key in diag and diag[key] is not None and math.isfinite(float(diag[key])):
             out[f"select/{key}"] = float(diag[key])
+    if diag.get("engine_bytes_estimate") and diag.get("comm_bytes") is not None:  # selector / engine traffic
+        out["select/engine_bytes_ratio"] = float(diag["comm_bytes"]) / float(diag["engine_bytes_estimate"])
+    for phase, nbytes in (diag.get("comm_by_phase") or {}).items():
+        out[f"select/comm_phase_bytes/{phase}"] = float(nbytes)
     for reason, count in (diag.get("fallbacks") or {}).items():
         out[f"select/fallback/{reason}"] = float(count)
     if diag.get("solver_status"):

@@ -14,6 +14,7 @@ full-tensor gather (DTensor.full_tensor, safe_get_full_*) runs during selection.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -31,7 +32,10 @@ from optsel.selection.sharded_state import flat_range_blocks
 ZERO3_JSON = Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "zero3.json"
 BETAS, EPS, TRAIN_STEPS = (0.9, 0.95), 1e-8, 2
 N_POOL, N_TARGET, N_TRAIN = 12, 4, 8
-BACKENDS = ("exact", "ghost", "sketch", "sketch+exchange")  # last: gram=sketch, exchange="sketches"
+# "<gram>" alone: exchange="factors"; "+exchange": exchange="sketches"; "+direction": exchange="direction"
+BACKENDS = ("exact", "ghost", "sketch", "sketch+exchange", "exact+direction", "ghost+direction", "sketch+direction",
+            "auto+direction")
+DIRECTION = tuple(b for b in BACKENDS if b.endswith("+direction"))
 FIELDS = ("alignment", "utility", "gram", "filtered", "indices", "weights")
 
 
@@ -48,8 +52,9 @@ def tiny_model() -> torch.nn.Module:
 
 
 def ftw_config(gram: str) -> FTWConfig:
-    exchange = "sketches" if gram.endswith("+exchange") else "factors"
-    return FTWConfig(budget=4, filter_size=8, gram=gram.removesuffix("+exchange"), compute_dtype="float64",
+    base, _, suffix = gram.partition("+")
+    exchange = {"": "factors", "exchange": "sketches", "direction": "direction"}[suffix]
+    return FTWConfig(budget=4, filter_size=8, gram=base, compute_dtype="float64",
                      sketch_dim_out=6, sketch_dim_in=6, exchange=exchange)
 
 
@@ -72,6 +77,9 @@ def _sel_fields(sel) -> dict:
     out["comm_bytes"] = sel.diagnostics["comm_bytes"]
     out["rho"], out["tau"] = sel.diagnostics["momentum_coef"], sel.diagnostics["curvature"]
     out["optimizer_step"] = sel.diagnostics["optimizer_step"]
+    out["comm_by_phase"] = dict(sel.diagnostics["comm_by_phase"])
+    out["gram_backends"] = dict(sel.diagnostics["gram_backends"])
+    out["engine_bytes"] = sel.diagnostics["engine_bytes_estimate"]
     return out
 
 
@@ -183,6 +191,7 @@ def _full_state(engine) -> dict:
 
 
 def _body(rank: int, world: int, engine_name: str, ds_config_path: str) -> dict:
+    from benchmarks.distributed_select import collective_counter
     from optsel.pipeline.engines.base import EngineConfig, OptimizerConfig, build_engine
 
     probe = _Probe()
@@ -206,12 +215,19 @@ def _body(rank: int, world: int, engine_name: str, ds_config_path: str) -> dict:
         engine.step()
 
     probe.active = True
-    out["after"], out["wire_bytes"] = {}, {}
+    out["after"], out["wire_bytes"], out["dispatch"] = {}, {}, {}
     for gram in BACKENDS:
         ftw = FilterThenWeight(model, opt, ftw_config(gram))
-        with _wire_bytes() as wire:
+        with _wire_bytes() as wire, collective_counter(world) as dispatch:  # DTensor's collectives too
             out["after"][gram] = _sel_fields(ftw.select(pool, target))
-        out["wire_bytes"][gram] = wire
+        out["wire_bytes"][gram], out["dispatch"][gram] = wire, dispatch.totals()["selector"]
+    # direction_cache: the target kept for 2 steps, no optimizer step in between, so the 2nd select reuses M;
+    # direction_dtype bfloat16: M crosses ranks in 2 bytes an element
+    cached = FilterThenWeight(model, opt, dataclasses.replace(ftw_config("sketch+direction"), target_refresh=2,
+                                                              direction_cache=True))
+    out["cache"] = [_sel_fields(cached.select(pool, target)) for _ in range(2)]
+    bf16 = dataclasses.replace(ftw_config("sketch+direction"), direction_dtype="bfloat16")
+    out["bf16"] = _sel_fields(FilterThenWeight(model, opt, bf16).select(pool, target))
     probe.active = False
     out["state_after"] = _full_state(engine)
     out["reads"], out["full_gathers"] = probe.reads, probe.full_gathers
@@ -266,11 +282,22 @@ def _check(results: list[dict], engine_name: str) -> None:
     ref, _, _ = _reference(r0["state_before"], "exact")
     _assert_same(r0["before"], ref, f"{engine_name} before the first step")
     for gram in BACKENDS:
-        ref, _, _ = _reference(r0["state_after"], gram)
+        # auto weighs bytes, which one process does not move (R = 1 picks by FLOPs): the R = 1 reference runs what
+        # R = 2 chose (sketch: the survivors' m·T·Σd factors cost far more than their m·k_o·k_i sketches)
+        ref, _, _ = _reference(r0["state_after"], gram.replace("auto", "sketch"))
+        if gram.startswith("auto"):
+            assert set(r0["after"][gram]["gram_backends"].values()) == {"sketch"}
+            assert "exact" in set(_reference(r0["state_after"], gram)[0]["gram_backends"].values())  # by FLOPs
         _assert_same(r0["after"][gram], ref, f"{engine_name} {gram}")
         # every selector collective is counted (pool halves are equal: all-gathers carry no padding);
         # only the one-int size exchanges inside all_gather_cat are not
         for r in results:
+            # every collective the selector issued, c10d and DTensor's functional ones, seen by a
+            # TorchDispatchMode: exactly what its CommCounter says
+            assert r["dispatch"][gram]["bytes"] == r["after"][gram]["comm_bytes"], (gram, r["dispatch"][gram])
+            assert sum(r["after"][gram]["comm_by_phase"].values()) == r["after"][gram]["comm_bytes"], gram
+            if gram in DIRECTION:  # the M gathers of FSDP2 are DTensor redistributes: not dist.all_gather
+                continue
             wire = r["wire_bytes"][gram]
             counted = wire["all_reduce"] + wire["broadcast"] + wire["all_gather"]
             assert counted > 0 and r["after"][gram]["comm_bytes"] >= counted, (gram, wire, r["after"][gram])
@@ -280,6 +307,35 @@ def _check(results: list[dict], engine_name: str) -> None:
     # sample and layer for q_proj vs k_o·k_i = 36)
     light, heavy = r0["after"]["sketch+exchange"]["comm_bytes"], r0["after"]["sketch"]["comm_bytes"]
     assert light < 0.25 * heavy, (light, heavy)
+
+    # exchange="direction": b is the factors exchange's exact b (R = 2 against R = 2), K too with exact
+    # factors shipped for the survivors; it gathers M (and P for exact) instead of every candidate's factors
+    exact = r0["after"]["exact"]
+    for gram in DIRECTION:
+        got = r0["after"][gram]
+        scale = float(exact["alignment"].abs().max())
+        torch.testing.assert_close(got["alignment"], exact["alignment"], rtol=1e-6, atol=1e-9 * scale)
+        assert got["comm_by_phase"].get("gather", 0) > 0, got["comm_by_phase"]
+        # exact / ghost still ship the m = 8 survivors' factors (of N = 12 here); sketch ships their sketches
+        bound = 0.3 if gram.startswith(("sketch", "auto")) else 1.0
+        assert got["comm_bytes"] < bound * exact["comm_bytes"], (gram, got["comm_bytes"], exact["comm_bytes"])
+    _assert_same(r0["after"]["exact+direction"], exact, f"{engine_name} exact+direction vs exact factors")
+    m_elems = sum(math.prod(w.shape) for n, w in r0["state_after"]["weights"].items() if n in exact["covered"])
+    # the sketch+direction step moves M once (float64 here; FSDP2 pads uneven row chunks) and little else
+    assert 8 * m_elems <= r0["after"]["sketch+direction"]["comm_bytes"] < 8 * m_elems * 1.8, \
+        (m_elems, r0["after"]["sketch+direction"]["comm_by_phase"])
+
+    # the engine's own traffic per step that the Prometheus ratio divides by: 3 × the fp32 parameters' bytes
+    params = sum(math.prod(w.shape) for w in r0["state_after"]["weights"].values())
+    assert r0["after"]["exact"]["engine_bytes"] == 3 * 4 * params and ref["engine_bytes"] == 0
+    first, second = r0["cache"]
+    assert torch.equal(second["alignment"], first["alignment"])  # the same M, not gathered again
+    assert first["comm_by_phase"]["gather"] - second["comm_by_phase"]["gather"] >= 8 * m_elems, (first, second)
+    assert second["comm_by_phase"].get("target", 0) == 0 < first["comm_by_phase"]["target"]
+    full, half_ = r0["after"]["sketch+direction"], r0["bf16"]  # bfloat16 M: 6 bytes an element fewer, b rounded
+    assert full["comm_bytes"] - half_["comm_bytes"] >= 6 * m_elems, (full["comm_bytes"], half_["comm_bytes"])
+    err = float((half_["alignment"] - exact["alignment"]).abs().max() / exact["alignment"].abs().max())
+    assert 0 < err < 1e-2, err
 
     # no rank ever held more than its share of a moment; the two ranks' blocks tile every weight once
     per_rank: list[dict[str, list]] = []
@@ -311,14 +367,15 @@ def _check(results: list[dict], engine_name: str) -> None:
 def _check_bruteforce(results: list[dict]) -> None:
     """The exact backend (R = 1, float64 copy of the trained state) equals explicit per-sample gradients
     (1e-5: Llama's eager attention takes its softmax in float32, on padded vs unpadded rows)."""
-    sel, model, opt = _reference(results[0]["state_after"], "exact", torch.float64)
-    cfg = ftw_config("exact")
-    b, K, u = brute_force(model, opt, pool_batch(), target_batch(), sel["covered"], sel["rho"], sel["tau"],
-                          batch_share=cfg.budget if cfg.filter_curvature == "batch" else None)
-    torch.testing.assert_close(sel["alignment"], b, rtol=1e-5, atol=1e-7 * float(b.abs().max()))
-    torch.testing.assert_close(sel["utility"], u, rtol=1e-5, atol=1e-7 * float(u.abs().max()))
-    torch.testing.assert_close(sel["gram"], K[sel["filtered"]][:, sel["filtered"]], rtol=1e-5,
-                               atol=1e-7 * float(K.abs().max()))
+    for gram in ("exact", "exact+direction"):
+        sel, model, opt = _reference(results[0]["state_after"], gram, torch.float64)
+        cfg = ftw_config(gram)
+        b, K, u = brute_force(model, opt, pool_batch(), target_batch(), sel["covered"], sel["rho"], sel["tau"],
+                              batch_share=cfg.budget if cfg.filter_curvature == "batch" else None)
+        torch.testing.assert_close(sel["alignment"], b, rtol=1e-5, atol=1e-7 * float(b.abs().max()))
+        torch.testing.assert_close(sel["utility"], u, rtol=1e-5, atol=1e-7 * float(u.abs().max()))
+        torch.testing.assert_close(sel["gram"], K[sel["filtered"]][:, sel["filtered"]], rtol=1e-5,
+                                   atol=1e-7 * float(K.abs().max()))
 
 
 # -- tests --------------------------------------------------------------------------------------------
@@ -357,7 +414,7 @@ def test_make_state_reader_picks_plain_and_rejects_zero12():
 
 @pytest.mark.distributed
 def test_ftw_fsdp2_two_ranks_equals_one():
-    results = run_distributed(_body, 2, args=("fsdp2", ""), init="fsdp2", timeout_s=120)
+    results = run_distributed(_body, 2, args=("fsdp2", ""), init="fsdp2", timeout_s=300)
     _check(results, "fsdp2")
     _check_bruteforce(results)
 
@@ -368,7 +425,8 @@ def test_ftw_zero3_two_ranks_equals_one(tmp_path):
     raw["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # make the tiny model shard
     path = tmp_path / "zero3_ftw.json"
     path.write_text(json.dumps(raw))
-    results = run_distributed(_body, 2, args=("deepspeed", str(path)), init="deepspeed", timeout_s=140)
+    results = run_distributed(_body, 2, args=("deepspeed", str(path)), init="deepspeed", timeout_s=300)
     _check(results, "deepspeed")
+    _check_bruteforce(results)
     # the ZeRO-3 model really shards, unevenly, with padding (gate_proj: 45·27 = 1215 elements)
     assert any(rec["numel"] == 1215 for rec in results[0]["reads"])

@@ -1,0 +1,186 @@
+"""Cost model: FTW's selector bytes per step against ZeRO-3's and FSDP2's own, for Llama 1B / 8B / 70B shapes.
+
+    python -m benchmarks.cost_model [--out results/cost_model]
+
+Analytic (nothing is run): per covered layer, selection/cost_model.py's ``layer_cost`` with the backend
+``gram: auto`` would pick (``choose_backend``: the same code FTW runs), summed over the model's covered
+linear layers, plus the per-step terms that do not depend on a layer. Per rank, per optimizer step,
+payload convention of optsel.distributed.CommCounter (all-gather = the gathered output, reduce-scatter
+= the full input, all-reduce = the tensor); ring algorithms send payload × (R − 1)/R for both the
+engines' all-gathers / reduce-scatters and the selector's all-gathers, so the ratios hold on the wire too.
+
+Assumptions (stated in the output): bf16 parameters and gradients on the wire for the engines; ZeRO-3
+gathers every parameter in forward and again in backward and reduce-scatters the gradients (3 · P · 2 B);
+FSDP2 (``fully_shard`` per decoder layer + root) the same, except that the root (embeddings, final norm,
+lm_head) is not resharded after forward, so backward re-gathers only the decoder layers
+(2 · (3P − P_root) B); no gradient accumulation (one selection per micro-batch step). FTW: compute dtype
+fp32 (4 B), pool N global, m = N/2 survivors (filter_ratio 0.5), |V| = 32 target samples refreshed every
+step, 32 × 32 sketches, T tokens per sample; a tied lm_head is not covered (capture.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from optsel.selection.cost_model import choose_backend, layer_cost
+
+NUM_TARGET, K_SKETCH, ESZ, BF16 = 32, 32, 4, 2
+TS, NS, RS = (2048, 8192), (64, 256), (8, 16, 32, 64)
+
+
+@dataclass(frozen=True)
+class Llama:
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    kv_dim: int
+    vocab: int
+    tied: bool
+
+    def linears(self) -> list[tuple[int, int]]:
+        """(d_in, d_out) of every covered linear layer."""
+        h, i, kv = self.hidden, self.intermediate, self.kv_dim
+        block = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+        return block * self.layers + ([] if self.tied else [(h, self.vocab)])
+
+    @property
+    def root_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+
+    @property
+    def params(self) -> int:
+        per_layer = sum(a * b for a, b in self.linears()[:7]) + 2 * self.hidden
+        return per_layer * self.layers + self.root_params
+
+
+MODELS = (Llama("Llama 1B", 2048, 8192, 16, 512, 128256, tied=True),
+          Llama("Llama 8B", 4096, 14336, 32, 1024, 128256, tied=False),
+          Llama("Llama 70B", 8192, 28672, 80, 1024, 128256, tied=False))
+
+
+def engine_bytes(model: Llama) -> dict[str, float]:
+    P = model.params
+    return {"zero3": 3.0 * P * BF16, "fsdp2": (3.0 * P - model.root_params) * BF16}
+
+
+def selector_bytes(model: Llama, exchange: str, T: int, N: int, R: int, wire_esz: int = ESZ) -> dict:
+    """Selector payload per rank and step for one exchange, with auto's per-layer backends."""
+    m, k = N // 2, max(1, N // 4)
+    total, backends = 0.0, {}
+    for d_in, d_out in model.linears():
+        kw = dict(T=T, d_in=d_in, d_out=d_out, n=N, m=m, world=R, k_out=K_SKETCH, k_in=K_SKETCH, esz=ESZ,
+                  wire_esz=wire_esz)
+        backend = choose_backend(exchange, max_temp_elems=1 << 24, **kw)
+        backends[backend] = backends.get(backend, 0) + 1
+        total += layer_cost(exchange, backend, **kw).bytes
+        if exchange == "factors":  # the target's factors, all-gathered
+            total += NUM_TARGET * T * (d_in + d_out) * ESZ
+    if exchange == "direction":  # target token ids (input_ids, attention_mask, labels; int64) + N × (b, diag, tokens)
+        total += NUM_TARGET * T * 3 * 8 + N * 3 * 8
+    else:  # b and diag K partials all-reduced (factors) / gathered sizes; Gram m × m (factors, exact)
+        total += 2 * N * 8 + m * m * 8
+    total += 2 * k * 8 + R * 8  # rank 0's choice broadcast, the pool sizes
+    return {"bytes": total, "backends": backends}
+
+
+def table(models=MODELS) -> list[dict]:
+    rows = []
+    for model in models:
+        eng = engine_bytes(model)
+        for T in TS:
+            for N in NS:
+                for R in RS:
+                    row = {"model": model.name, "params": model.params, "T": T, "N": N, "R": R, **eng}
+                    for label, exchange, wire in (("factors", "factors", ESZ), ("sketches", "sketches", ESZ),
+                                                  ("direction", "direction", ESZ),
+                                                  ("direction_bf16", "direction", BF16)):
+                        sel = selector_bytes(model, exchange, T, N, R, wire)
+                        row[label] = sel["bytes"]
+                        row[label + "_backends"] = sel["backends"]
+                    rows.append(row)
+    return rows
+
+
+def _b(x: float) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if x >= scale:
+            return f"{x / scale:.3g} {unit}"
+    return f"{x:.0f} B"
+
+
+def _r(x: float) -> str:
+    return f"{x:.3g}×" if x >= 0.01 else f"{100 * x:.2g} %"
+
+
+def markdown(rows: list[dict]) -> str:
+    """One row per (model, T, N); ranks whose row reads the same are merged (payload ratios do not depend on R)."""
+    L = ["| model | T | N | R | ZeRO-3 | FSDP2 | factors | sketches | direction (default, exact b) | "
+         "direction, bf16 M | factors / ZeRO-3 | sketches / ZeRO-3 | direction / ZeRO-3 | direction / FSDP2 | "
+         "direction bf16 / ZeRO-3 |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    groups: dict[tuple, list[tuple[int, str]]] = {}
+    for r in rows:
+        z, f = r["zero3"], r["fsdp2"]
+        cells = (f"{_b(z)} | {_b(f)} | {_b(r['factors'])} | {_b(r['sketches'])} | {_b(r['direction'])} | "
+                 f"{_b(r['direction_bf16'])} | {_r(r['factors'] / z)} | {_r(r['sketches'] / z)} | "
+                 f"{_r(r['direction'] / z)} | {_r(r['direction'] / f)} | {_r(r['direction_bf16'] / z)}")
+        groups.setdefault((r["model"], r["T"], r["N"]), []).append((r["R"], cells))
+    for (model, T, N), items in groups.items():
+        by_cells: dict[str, list[int]] = {}
+        for R, cells in items:
+            by_cells.setdefault(cells, []).append(R)
+        for cells, ranks in by_cells.items():
+            span = f"{ranks[0]}–{ranks[-1]}" if len(ranks) > 1 else str(ranks[0])
+            L.append(f"| {model} | {T} | {N} | {span} | {cells} |")
+    return "\n".join(L)
+
+
+def verdict(rows: list[dict], model: str = "Llama 8B") -> list[str]:
+    """The issue's bars for the 8B shape (direction ≤ 0.5×, sketches ≤ 1 % of the engine's traffic)."""
+    sel = [r for r in rows if r["model"] == model]
+    out = []
+    for key, label, bar, bar_text in (("direction", "direction (default, exact b, fp32 M)", 0.5, "0.5×"),
+                                      ("direction_bf16", "direction with direction_dtype: bfloat16", 0.5, "0.5×"),
+                                      ("sketches", "sketches", 0.01, "1 %"), ("factors", "factors", 0.5, "0.5×")):
+        worst = max(max(r[key] / r["zero3"], r[key] / r["fsdp2"]) for r in sel)
+        best = min(min(r[key] / r["zero3"], r[key] / r["fsdp2"]) for r in sel)
+        out.append(f"- {model}, {label}: {_r(best)}–{_r(worst)} of the engine's traffic (ZeRO-3 and FSDP2, every T, "
+                   f"N, R above); bar ≤ {bar_text}: {'met' if worst <= bar else 'NOT met'}.")
+    out.append("- Why the exact default cannot reach 0.5×: b needs the whole M on the candidate's rank, one fp32 "
+               "value per covered parameter (4 B), while the engine moves 3 bf16 copies (6 B) per parameter; "
+               "with ≥ 75 % of the parameters covered that is ≥ 0.5×. Only a narrower M (bf16: b rounded, "
+               "≈ 2⁻⁹ relative per element) or gradient accumulation (the engine's traffic repeats per "
+               "micro-batch, the selector's does not) goes below.")
+    return out
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="results/cost_model")
+    args = parser.parse_args(argv)
+    rows = table()
+    doc = __doc__.split("\n\n")
+    md = ["# Selector bytes per step vs the engines' own (cost model)", "",
+          "Command: `python -m benchmarks.cost_model`. Per rank, per optimizer step, payload bytes. " + doc[2].strip(),
+          "", doc[3].strip(), "", "Parameters: " + ", ".join(f"{m.name} {m.params / 1e9:.2f} B" for m in MODELS)
+          + ". Backends auto picked (per layer): " + "; ".join(
+              sorted({f"{r['model']} direction → {r['direction_backends']}" for r in rows if r['R'] == 8})), "",
+          markdown(rows), "", *verdict(rows), ""]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cost_model.md").write_text("\n".join(md))
+    (out / "cost_model.json").write_text(json.dumps(rows, indent=1))
+    print("\n".join(md))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Typed options of Filter-then-Weight (``selection.options.ftw`` in a run config; docs/design.md)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from optsel.selection import gram as gram_ops
+
+
+@dataclass(kw_only=True)
+class FTWConfig:
+    """Options of Filter-then-Weight.
+
+    budget: k, the most samples with non-zero weight. filter_size: m survivors of the filter (takes
+    precedence over filter_ratio, a fraction of the global pool N); m is clipped to [k, N].
+    gram: "exact" | "ghost" | "sketch" | "auto" (per layer by cost). geometry: "adam" (P, m̂ from the
+    optimizer) | "sgd" (P = I, no momentum). momentum_coef ρ / curvature τ: None = docs/design.md §2's
+    defaults from the optimizer's β1 and step, scaled by curvature_scale γ. w_max: optional cap on
+    each weight (>= 1/budget). target_refresh: recompute g_V every this many selection steps.
+    sketch_dim_out/in: k_o, k_i of the sketch backend. exchange: what crosses ranks — "direction" (the
+    default: the parameter-shaped M = P ⊙ (G_V − ρ m̂) is gathered layer by layer like the weight, b is
+    exact and only N scalars, the target's token ids and the survivors' sketches or factors cross ranks;
+    selection/direction_exchange.py), "factors" (every candidate's and target's (A, Δ),
+    T·(d_in + d_out) floats per sample and layer: exact b) or "sketches" (needs gram="sketch": only
+    k_o·k_i floats per sample and layer; b is sketched too, with P ≈ r cᵀ on the target gradient;
+    selection/sketch_exchange.py). direction_dtype: "compute" (M crosses ranks in compute_dtype: exact)
+    | "bfloat16" (half the bytes, b rounded). direction_cache: keep the gathered M (a full copy of the
+    covered weights per rank) while target, optimizer step and ρ are unchanged. capture_chunk_size: samples per
+    forward/backward (None: whole pool). max_temp_elems: bound on temporaries of the Gram kernels
+    and on T² for auto's ghost choice. compute_dtype: "auto" = float64 for float64 models else float32.
+
+    Options studied by the quality benchmark (docs/design.md §5):
+    alignment: "dot" (b, K as defined) | "cosine" (every candidate's gradient scaled to unit P-norm:
+    b_i/‖g_i‖_P, K_ij/(‖g_i‖_P ‖g_j‖_P), as LESS does). filter_curvature: "batch" (default since the
+    grid: u = b − (τ/(2k)) K_ii, the sample's share of a k-sample step) | "sample" (u = b − (τ/2) K_ii,
+    the sample alone). ess_fraction:
+    minimum effective sample size 1/Σw² as a fraction of k, enforced exactly by the weight cap
+    w ≤ 1/(ess_fraction·k) (combined with w_max). weighting: "qp" (train on the QP's ≤ k weights) |
+    "proportional" (draw k samples with replacement from the survivors ∝ the QP weights, uniform loss
+    weights, duplicates merged: the hardware batch stays k). warmup_steps: the first this many steps
+    select k at random (uniform weights) before FTW takes over.
+
+    single_pass: keep every trainable leaf's (input, output gradient) from the capture so that the
+    training gradient needs no second forward/backward (selection/single_pass.py; the Selection
+    carries it as ``pool_pass``). Ignored, with the reason in the diagnostics, for a model with a
+    trainable module that is not Linear/Conv1D/Embedding/LayerNorm/*RMSNorm. target_pass: when the
+    target gradient is due, "joint" captures the target samples in the same forward/backward as the
+    pool (rows appended after the pool's, never selectable); "separate" runs its own pass.
+    """
+
+    budget: int
+    filter_size: int | None = None
+    filter_ratio: float = 0.5
+    gram: Literal["exact", "ghost", "sketch", "auto"] = "auto"
+    geometry: Literal["adam", "sgd"] = "adam"
+    momentum_coef: float | None = None
+    curvature: float | None = None
+    curvature_scale: float = 1.0
+    solver: Literal["active_set", "torch", "cvxpy"] = "active_set"
+    support: Literal["topk", "greedy"] = "topk"
+    w_max: float | None = None
+    target_refresh: int = 1
+    sketch_dim_out: int = 32
+    sketch_dim_in: int = 32
+    capture_chunk_size: int | None = None
+    max_temp_elems: int = 1 << 24
+    compute_dtype: Literal["auto", "float32", "float64"] = "auto"
+    exchange: Literal["direction", "factors", "sketches"] = "direction"
+    direction_dtype: Literal["compute", "bfloat16"] = "compute"
+    direction_cache: bool = False
+    alignment: Literal["dot", "cosine"] = "dot"
+    filter_curvature: Literal["sample", "batch"] = "batch"  # the quality grid's evidence (docs/design.md §5)
+    ess_fraction: float | None = None
+    weighting: Literal["qp", "proportional"] = "qp"
+    warmup_steps: int = 0
+    single_pass: bool = True
+    target_pass: Literal["joint", "separate"] = "joint"
+
+    def __post_init__(self) -> None:
+        def bad(field_name: str, message: str) -> ValueError:
+            return ValueError(f"{field_name}: {message}")
+
+        if self.budget < 1:
+            raise bad("budget", f"must be >= 1, got {self.budget}")
+        if self.filter_size is not None and self.filter_size < self.budget:
+            raise bad("filter_size", f"must be >= budget={self.budget}, got {self.filter_size}")
+        if not 0.0 < self.filter_ratio <= 1.0:
+            raise bad("filter_ratio", f"must be in (0, 1], got {self.filter_ratio}")
+        choices = {"gram": gram_ops.BACKENDS, "geometry": ("adam", "sgd"), "solver": ("active_set", "torch", "cvxpy"),
+                   "support": ("topk", "greedy"), "compute_dtype": ("auto", "float32", "float64"),
+                   "exchange": ("direction", "factors", "sketches"), "direction_dtype": ("compute", "bfloat16"),
+                   "alignment": ("dot", "cosine"),
+                   "filter_curvature": ("sample", "batch"), "weighting": ("qp", "proportional"),
+                   "target_pass": ("joint", "separate")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise bad(name, f"must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.momentum_coef is not None and not (0.0 <= self.momentum_coef and math.isfinite(self.momentum_coef)):
+            raise bad("momentum_coef", f"must be a finite number >= 0, got {self.momentum_coef}")
+        if self.curvature is not None and not (self.curvature > 0 and math.isfinite(self.curvature)):
+            raise bad("curvature", f"must be a finite number > 0, got {self.curvature}")
+        if not (self.curvature_scale > 0 and math.isfinite(self.curvature_scale)):
+            raise bad("curvature_scale", f"must be a finite number > 0, got {self.curvature_scale}")
+        if self.w_max is not None and not (1.0 / self.budget - 1e-12 <= self.w_max <= 1.0):
+            raise bad("w_max", f"must be in [1/budget, 1] = [{1.0 / self.budget:.4g}, 1], got {self.w_max}")
+        if self.exchange == "sketches" and self.gram != "sketch":
+            raise bad("exchange", f"'sketches' needs gram='sketch' (got gram={self.gram!r}): exact and ghost Grams "
+                                  f"need the candidates' factors on every rank")
+        if self.direction_dtype != "compute" and self.exchange != "direction":
+            raise bad("direction_dtype", f"{self.direction_dtype!r} applies to exchange='direction' only "
+                                         f"(got exchange={self.exchange!r})")
+        if not isinstance(self.direction_cache, bool):
+            raise bad("direction_cache", f"must be true or false, got {self.direction_cache!r}")
+        if self.ess_fraction is not None and not 0.0 < self.ess_fraction <= 1.0:
+            raise bad("ess_fraction", f"must be in (0, 1] or null, got {self.ess_fraction}")
+        if self.warmup_steps < 0:
+            raise bad("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        if self.target_refresh < 1:
+            raise bad("target_refresh", f"must be >= 1, got {self.target_refresh}")
+        for name in ("sketch_dim_out", "sketch_dim_in", "max_temp_elems"):
+            if getattr(self, name) < 1:
+                raise bad(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.capture_chunk_size is not None and self.capture_chunk_size < 1:
+            raise bad("capture_chunk_size", f"must be >= 1 or null, got {self.capture_chunk_size}")
+
+    def weight_cap(self, k: int) -> float | None:
+        """The cap on each weight: w_max and 1/(ess_fraction·k), whichever is tighter (None: no cap)."""
+        caps = [c for c in (self.w_max, None if self.ess_fraction is None else 1.0 / (self.ess_fraction * k))
+                if c is not None]
+        return min(caps) if caps else None
+
+    def num_filtered(self, pool_size: int) -> int:
+        m = self.filter_size if self.filter_size is not None else math.ceil(self.filter_ratio * pool_size)
+        return max(min(self.budget, pool_size), min(m, pool_size))
