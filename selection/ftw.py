@@ -84,12 +84,13 @@ class FilterThenWeight(Selector):
         if self.step < cfg.warmup_steps:
             return self._warmup_selection(sizes, timings)
 
-        with timed(timings, "capture"):
-            self._pool_pass = PoolPass() if self.leaves else None
-            due = (self.sketch_target if cfg.exchange == "sketches" else self.target_cache).due(self.step)
-            joint = target if due and cfg.target_pass == "joint" else None
-            if joint is not None and cfg.exchange == "direction":  # every rank captures the whole target
+        due = (self.sketch_target if cfg.exchange == "sketches" else self.target_cache).due(self.step)
+        joint = target if due and cfg.target_pass == "joint" else None
+        if joint is not None and cfg.exchange == "direction":  # every rank captures the whole target
+            with phase(timings, self.comm, "target"):
                 joint = gather_batch(joint, self.comm)
+        with phase(timings, self.comm, "capture"):
+            self._pool_pass = PoolPass() if self.leaves else None
             local, self._joint_target = self._capture(pool, joint)
         dtype = self._dtype(local)
         geoms = [layer_geometry(self.reader, layer, dtype, use_momentum=cfg.geometry == "adam") for layer in layers]

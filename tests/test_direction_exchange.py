@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_direction_is_the_default_and_its_keys_are_validated_by_name():
-    from optsel.launch.run_config import ConfigError, load_run_config
+    from optsel.pipeline.run_config import ConfigError, load_run_config
 
     assert FTWConfig(budget=2).exchange == "direction"
     config = load_run_config(REPO / "configs/demo.yaml", ["selection.options.ftw.direction_dtype=bfloat16",
