@@ -269,6 +269,8 @@ def test_a_run_with_the_switchable_callbacks_off_writes_none_of_their_files(prep
                                *switches], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         assert json.loads(done.stdout[done.stdout.index("{\n"): done.stdout.rindex("}") + 1])["num_steps"] == 2  # the summary is printed
+        (outputs,) = [line for line in done.stdout.splitlines() if line.startswith("outputs in")]
+        assert ("selections.jsonl" in outputs and "loss.png" in outputs) == (name == "on"), outputs
     on, off = tmp_path / "on" / "demo", tmp_path / "off" / "demo"
     for name in ("selections.jsonl", "summary.json", "loss.png"):
         assert (on / name).is_file() and not (off / name).exists(), name
