@@ -61,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         summary = trainer.train()
         if distributed.info().is_main:
             print(jsonio.dumps(summary, indent=2))
-            print(f"outputs in {summary['run_dir']} (config.yaml, metrics.jsonl, selections.jsonl, summary.json, loss.png)")
+            switches = config.training.callbacks
+            files = ["config.yaml", "metrics.jsonl"] + [name for name, on in (
+                ("selections.jsonl", switches.selections_log), ("summary.json", switches.summary),
+                ("loss.png", switches.plot)) if on]
+            print(f"outputs in {summary['run_dir']} ({', '.join(files)})")
             if summary.get("stopped"):
                 print(f"optsel: stopped early ({summary['stopped']}) at step {summary['num_steps']} of "
                       f"{summary['target_steps']}; continue with `optsel train --resume {args.config} ...`")

@@ -47,6 +47,7 @@ log = logging.getLogger("optsel.checkpoint")
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 #: config keys that may change between a checkpoint and the run that resumes from it
 RESUMABLE_CHANGES = ("run_name", "output_dir", "checkpoint.", "monitoring.", "training.progress_bar",
+                     "training.callbacks.",
                      "training.eval_every", "training.stop_at_step", "training.num_steps",
                      "data.local", "data.remote", "data.cache_dir", "data.num_workers", "data.predownload",
                      "data.download_timeout", "engine.collective_timeout_s")

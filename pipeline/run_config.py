@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from optsel.config_loader import ConfigError, from_mapping, load_config_data
 from optsel.monitoring.sinks import MonitoringConfig
+from optsel.pipeline.callbacks.base import CallbacksConfig
 from optsel.pipeline.checkpoint import CheckpointConfig
 from optsel.pipeline.data_config import DataConfig
 from optsel.pipeline.engines.base import EngineConfig, OptimizerConfig
@@ -32,6 +33,7 @@ class TrainingConfig:
     max_skipped_steps: int = 20  # abort the run after this many NaN/Inf steps
     progress_bar: bool = True
     stop_at_step: int = 0  # save a checkpoint and end the run after this step (0: run to num_steps)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)  # what the run writes besides metrics
 
     def __post_init__(self) -> None:
         if self.num_steps < 1:
