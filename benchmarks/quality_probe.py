@@ -29,7 +29,7 @@ from benchmarks.quality_runs import (_optimizer, _train_on, build_stream, new_mo
                                      take)
 from optsel.pipeline import jsonio
 from optsel.pipeline.engines.base import OptimizerConfig
-from optsel.pipeline.engines.common import per_sample_token_mean_ce
+from optsel.losses import per_sample_token_mean_ce
 from optsel.selection.capture import find_covered_layers
 
 

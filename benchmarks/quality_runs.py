@@ -21,7 +21,8 @@ import torch
 from optsel.pipeline import synthetic
 from optsel.pipeline.collate import collate
 from optsel.pipeline.engines.base import OptimizerConfig
-from optsel.pipeline.engines.common import greedy_generate, lr_factor, per_sample_token_mean_ce
+from optsel.losses import per_sample_token_mean_ce
+from optsel.pipeline.engines.common import greedy_generate, lr_factor
 from optsel.pipeline.evaluate import evaluate
 from optsel.pipeline.model import ModelConfig, build_model
 from optsel.pipeline.tokenizer import byte_tokenizer

@@ -18,14 +18,14 @@ import torch
 
 from benchmarks.speed import build_model, make_pool
 from optsel.selection import FilterThenWeight, FTWConfig
-from optsel.selection.capture import per_sample_loss
+from optsel.losses import per_sample_token_mean_ce
 
 
 def _two_pass_grads(model, pool, rows, weights) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
     sub = {k: v[rows] for k, v in pool.items()}
     logits = model(input_ids=sub["input_ids"], attention_mask=sub["attention_mask"]).logits
-    (per_sample_loss(logits, sub["labels"])[0] * weights.to(logits.device, torch.float32)).sum().backward()
+    (per_sample_token_mean_ce(logits, sub["labels"]).loss * weights.to(logits.device, torch.float32)).sum().backward()
     return {n: _full(p.grad).float().clone() for n, p in model.named_parameters()}
 
 

@@ -30,7 +30,7 @@ import torch
 
 from optsel.pipeline import jsonio
 from optsel.selection.base import get_selector_factory
-from optsel.selection.capture import per_sample_loss
+from optsel.losses import per_sample_token_mean_ce
 
 VOCAB = 259
 
@@ -69,7 +69,7 @@ def sync(device: torch.device) -> None:
 def train_step(model, opt, batch, weights) -> None:
     opt.zero_grad(set_to_none=True)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    loss = (per_sample_loss(logits, batch["labels"])[0] * weights.to(logits.dtype)).sum()
+    loss = (per_sample_token_mean_ce(logits, batch["labels"]).loss * weights.to(logits.dtype)).sum()
     loss.backward()
     opt.step()
 

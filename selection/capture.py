@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from optsel import distributed
+from optsel.losses import per_sample_token_mean_ce
 from optsel.selection.single_pass import Leaf, LeafCall, PoolPass
 
 try:  # GPT-2 style linear with transposed weight
@@ -129,18 +130,6 @@ def _reshard_fsdp2(model: nn.Module) -> None:
             module.reshard()
 
 
-def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-mean CE per sample over positions whose shifted label is not -100.
-
-    logits [n, T, V], labels [n, T] (unshifted). Returns (loss [n], tokens [n]); a sample without
-    target tokens has loss 0 (and zero gradient)."""
-    shift_logits = logits[:, :-1].float() if logits.dtype in (torch.float16, torch.bfloat16) else logits[:, :-1]
-    shift_labels = labels[:, 1:]
-    ce = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
-    tokens = (shift_labels != -100).sum(dim=1)
-    return ce.sum(dim=1) / tokens.clamp(min=1).to(ce.dtype), tokens
-
-
 class _Recorder:
     """Forward hooks that keep each covered module's (input, output) per call."""
 
@@ -205,7 +194,7 @@ def _capture_chunk(model: nn.Module, batch: Mapping[str, torch.Tensor], layers: 
     try:
         with torch.enable_grad():
             logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits
-            loss, tokens = per_sample_loss(logits, batch["labels"])
+            loss, tokens = per_sample_token_mean_ce(logits, batch["labels"])
             outputs = [out for calls in recorder.calls for _, out in calls]
             if not outputs:
                 raise RuntimeError("capture: no covered layer ran with grad enabled in the forward")

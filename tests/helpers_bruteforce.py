@@ -62,20 +62,20 @@ def make_batch(n: int, max_len: int, seed: int, prompt: int = 2, min_len: int = 
 
 
 def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, seed: int = 100) -> None:
-    from optsel.selection.capture import per_sample_loss
+    from optsel.losses import per_sample_token_mean_ce
 
     for s in range(steps):
         batch = make_batch(6, 8, seed + s)
         optimizer.zero_grad(set_to_none=True)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        per_sample_loss(logits, batch["labels"])[0].mean().backward()
+        per_sample_token_mean_ce(logits, batch["labels"]).loss.mean().backward()
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
 def per_sample_grads(model: nn.Module, batch: dict[str, torch.Tensor], names: list[str]) -> list[dict[str, torch.Tensor]]:
     """g_i for every sample i (run alone, unpadded): {param name: grad}, param layout."""
-    from optsel.selection.capture import per_sample_loss
+    from optsel.losses import per_sample_token_mean_ce
 
     params = dict(model.named_parameters())
     chosen = {k: params[k].detach() for k in names}
@@ -83,7 +83,7 @@ def per_sample_grads(model: nn.Module, batch: dict[str, torch.Tensor], names: li
 
     def loss_fn(p, ids, mask, labels):
         out = functional_call(model, {**frozen, **p}, args=(), kwargs={"input_ids": ids, "attention_mask": mask})
-        return per_sample_loss(out.logits, labels)[0].sum()
+        return per_sample_token_mean_ce(out.logits, labels).loss.sum()
 
     out = []
     for i in range(batch["input_ids"].shape[0]):

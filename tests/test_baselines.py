@@ -11,7 +11,8 @@ from optsel.selection.base import get_selector_factory
 from optsel.selection.baselines.greats import GreatsConfig, greedy_gain
 from optsel.selection.baselines.scores import ScoreConfig
 from optsel.selection.baselines.uds import UDSConfig
-from optsel.selection.capture import find_covered_layers, per_sample_loss
+from optsel.losses import per_sample_token_mean_ce
+from optsel.selection.capture import find_covered_layers
 from optsel.selection.ftw import FTWConfig
 
 K = 4
@@ -49,7 +50,7 @@ def direct_losses(model, pool):
     for i in range(pool["input_ids"].shape[0]):
         n = int(pool["attention_mask"][i].sum())
         logits = model(input_ids=pool["input_ids"][i:i + 1, :n]).logits
-        out.append(float(per_sample_loss(logits, pool["labels"][i:i + 1, :n])[0]))
+        out.append(float(per_sample_token_mean_ce(logits, pool["labels"][i:i + 1, :n]).loss))
     return torch.tensor(out, dtype=torch.float64)
 
 

@@ -16,6 +16,7 @@ import torch
 
 from _dist_utils import run_distributed
 from optsel import distributed
+from optsel.losses import per_sample_token_mean_ce
 from optsel.pipeline.engines import common
 from optsel.pipeline.engines.base import EngineConfig, OptimizerConfig, build_engine
 from optsel.pipeline.engines.deepspeed_engine import fill_ds_config, load_ds_config
@@ -58,7 +59,7 @@ def reference_step(batch, weights) -> tuple[torch.Tensor, dict[str, torch.Tensor
     """Single process, plain model: per-sample losses [8] and grads of Σ_i w_i ℓ_i by name."""
     model = tiny_model()
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    losses = common.per_sample_token_mean_ce(out.logits, batch["labels"]).loss
+    losses = per_sample_token_mean_ce(out.logits, batch["labels"]).loss
     common.weighted_objective(losses, weights, 1.0).backward()
     return losses.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
@@ -274,7 +275,7 @@ def test_per_sample_loss_matches_token_loop_and_flags_empty():
     torch.manual_seed(0)
     logits = torch.randn(3, 5, 7)
     labels = torch.tensor([[-100, 1, 2, 3, 4], [-100, -100, 6, -100, -100], [-100] * 5])
-    out = common.per_sample_token_mean_ce(logits, labels)
+    out = per_sample_token_mean_ce(logits, labels)
     for i in range(2):
         terms = [-torch.log_softmax(logits[i, t - 1], -1)[labels[i, t]] for t in range(1, 5) if labels[i, t] != -100]
         assert float(out.loss[i]) == pytest.approx(float(sum(terms) / len(terms)), rel=1e-6)

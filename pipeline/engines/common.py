@@ -9,52 +9,18 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Literal, NamedTuple
+from typing import Callable, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from optsel import distributed
+from optsel.losses import SampleLosses
 from optsel.pipeline.engines.base import Batch, OptimizerConfig
 
 log = logging.getLogger("optsel.engine")
 
-IGNORE_INDEX = -100
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask")
-
-
-class SampleLosses(NamedTuple):
-    """Per-sample token-mean cross-entropy.
-
-    loss: [n] float32 (nats); 0 for a sample without any valid (shifted) label.
-    num_tokens: [n] int64, the sample's valid label count; ``num_tokens == 0`` flags an empty sample.
-    """
-
-    loss: torch.Tensor
-    num_tokens: torch.Tensor
-
-    @property
-    def empty(self) -> torch.Tensor:
-        """[n] bool: samples that have no valid label (their loss is 0 and carries no gradient)."""
-        return self.num_tokens == 0
-
-
-def per_sample_token_mean_ce(logits: torch.Tensor, labels: torch.Tensor) -> SampleLosses:
-    """Token-mean CE of each sample: logits [n, T, V] predict labels [n, T] shifted by one
-    (position t predicts label t+1); positions whose label is -100 are ignored. Computed in float32."""
-    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(f"labels: expected shape {tuple(logits.shape[:2])} to match logits {tuple(logits.shape)}, "
-                         f"got {tuple(labels.shape)}")
-    n, t, v = logits.shape
-    shifted_logits = logits[:, :-1].float()
-    shifted_labels = labels[:, 1:].to(logits.device)
-    token_loss = F.cross_entropy(shifted_logits.reshape(-1, v), shifted_labels.reshape(-1),
-                                 ignore_index=IGNORE_INDEX, reduction="none").view(n, max(t - 1, 0))
-    valid = shifted_labels != IGNORE_INDEX
-    num_tokens = valid.sum(dim=1)
-    loss = token_loss.sum(dim=1) / num_tokens.clamp(min=1).to(token_loss.dtype)
-    return SampleLosses(loss=loss, num_tokens=num_tokens)
 
 
 def check_sample_weights(sample_weights: torch.Tensor, n: int) -> torch.Tensor:

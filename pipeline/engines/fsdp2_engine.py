@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from optsel import distributed
+from optsel.losses import SampleLosses, per_sample_token_mean_ce
 from optsel.pipeline.engines import common
 from optsel.pipeline.engines.base import Batch, Engine, EngineConfig, OptimizerConfig, register_engine
 
@@ -84,10 +85,10 @@ class FSDP2Engine(Engine):
     def unwrapped_model(self) -> nn.Module:
         return self.module
 
-    def _losses(self, batch: Batch) -> common.SampleLosses:
+    def _losses(self, batch: Batch) -> SampleLosses:
         inputs = common.model_inputs(batch, self.device)
         logits = self.module(**inputs, use_cache=False).logits
-        return common.per_sample_token_mean_ce(logits, batch["labels"].to(self.device))
+        return per_sample_token_mean_ce(logits, batch["labels"].to(self.device))
 
     def forward_backward(self, batch: Batch, sample_weights: torch.Tensor, loss_scale: float) -> torch.Tensor:
         weights = common.check_sample_weights(sample_weights, batch["input_ids"].shape[0])

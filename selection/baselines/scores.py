@@ -26,7 +26,8 @@ from optsel.selection import gram as gram_ops
 from optsel.selection.base import Batch, Selection, Selector, register_selector
 from optsel.selection.baselines.common import (agree, check_budget, check_chunk_size, compute_dtype, timed, topk,
                                                uniform_selection)
-from optsel.selection.capture import Factors, capture_factors, find_covered_layers, per_sample_loss
+from optsel.losses import per_sample_token_mean_ce
+from optsel.selection.capture import Factors, capture_factors, find_covered_layers
 from optsel.selection.preconditioner import LayerBlock
 
 
@@ -56,7 +57,7 @@ def pool_losses(model: nn.Module, pool: Batch, chunk_size: int | None = None) ->
     for s in range(0, n, step):
         ids, mask = pool["input_ids"][s:s + step].to(device), pool["attention_mask"][s:s + step].to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits
-        out.append(per_sample_loss(logits, pool["labels"][s:s + step].to(device))[0].double().cpu())
+        out.append(per_sample_token_mean_ce(logits, pool["labels"][s:s + step].to(device)).loss.double().cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
