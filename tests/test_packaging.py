@@ -73,6 +73,19 @@ def test_builtin_configs_by_name_write_under_the_current_directory(tmp_path, mon
         load_run_config("demo_typo")
 
 
+def test_every_python_folder_is_a_listed_package():
+    """A subpackage missing from pyproject's explicit list is left out of the wheel (and the container):
+    every folder holding an __init__.py under a mapped package directory must be listed."""
+    import tomllib
+    tool = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed, dirs = set(tool["packages"]), tool["package-dir"]
+    for package, folder in dirs.items():
+        for init in (REPO / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(REPO / folder)
+            name = ".".join([package, *rel.parts])
+            assert name in listed, f"{name} ({init.parent.relative_to(REPO)}) is not in pyproject's packages"
+
+
 def test_lock_is_the_tested_environment():
     """requirements/lock.txt (what the container image installs) pins what this environment runs."""
     done = subprocess.run([sys.executable, str(REPO / "scripts/make_lock.py"), "--check"], capture_output=True,
