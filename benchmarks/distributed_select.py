@@ -12,7 +12,7 @@ one intra-op thread per rank by default). Each builds the demo-sized tiny Llama 
 ``fully_shard`` per decoder layer + root, or DeepSpeed ZeRO-3 with configs/deepspeed/zero3.json),
 takes a few optimizer steps so AdamW state exists, then runs the loop the trainer runs: FTW
 ``select`` on the rank's N/R share of a global pool of N (the same global pools and target for every
-R) → ``reset_after_selection`` → weighted forward/backward on the rank's selected samples → step.
+R; the selector's model view re-shards afterwards) → weighted forward/backward on the rank's selected samples → step.
 
 Recorded, per rank:
 - time: wall time of ``select`` and its phases (``Selection.timings``), and of the training step
@@ -221,7 +221,6 @@ def _worker(rank: int, world: int, engine_name: str, grams: list[str], s: dict) 
             sel = ftw.select(pool, target)
         t_select = time.perf_counter() - t0
         sel_counts = counter.totals() if counter is not None else None
-        engine.reset_after_selection()
         rows, weights = sel.local_indices, sel.local_weights.to(torch.float32)
         if rows.numel() == 0:  # keep the engines' collectives in step (as the trainer does)
             rows, weights = torch.zeros(1, dtype=torch.long), torch.zeros(1)

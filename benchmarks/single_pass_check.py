@@ -63,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
                           micro_batch_size=32)
     ftw = FilterThenWeight(engine.unwrapped_model, engine.optimizer, FTWConfig(budget=8, filter_size=16, gram="exact"))
     sel = ftw.select(pool, target)
-    engine.reset_after_selection()
     engine.backward_from_pass(sel.pool_pass, sel.local_indices, sel.local_weights.float(), loss_scale=1.0)
     single = {n: _full(p.grad).float().clone() for n, p in engine.unwrapped_model.named_parameters()}
     engine.skip_step()

@@ -177,7 +177,6 @@ class Trainer:
         world = self.dist.world_size
         needs_target = getattr(self.selector, "needs_target", False)
         selection: Selection = self.selector.select(pool, self.target if needs_target else None)
-        self.engine.reset_after_selection()
         select_seconds = time.perf_counter() - start
 
         rows, weights = selection.local_indices, selection.local_weights.to(torch.float32)

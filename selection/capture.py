@@ -26,24 +26,14 @@ from torch import nn
 
 from optsel import distributed
 from optsel.losses import per_sample_token_mean_ce
+from optsel.selection.layers import CoveredLayer
+from optsel.selection.model_view import ModelView, model_view_for
 from optsel.selection.single_pass import Leaf, LeafCall, PoolPass
 
 try:  # GPT-2 style linear with transposed weight
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a hard dependency
     Conv1D = ()  # type: ignore[assignment]
-
-
-@dataclass
-class CoveredLayer:
-    """One covered weight. ``transposed``: the parameter is stored [d_in, d_out] (Conv1D)."""
-
-    name: str
-    module: nn.Module
-    param: nn.Parameter
-    d_in: int
-    d_out: int
-    transposed: bool = False
 
 
 @dataclass
@@ -82,13 +72,14 @@ class Coverage:
         return [layer.name for layer in self.layers]
 
 
-def find_covered_layers(model: nn.Module) -> Coverage:
+def find_covered_layers(model: nn.Module, view: ModelView | None = None) -> Coverage:
     """The trainable linear weights of ``model`` (see module docstring) and what was left out, why.
 
-    Sharded models: FSDP2 modules are resharded first, so that ``module.weight`` is the sharded
-    DTensor the optimizer holds (FSDP2 leaves the root unsharded after a forward without backward);
-    ZeRO-3 partitioned weights (local shape [0]) are measured by ``ds_shape``."""
-    _reshard_fsdp2(model)
+    view: the engine's model view (default: the one registered for ``model``, else the plain one). It
+    is prepared first, so that ``module.weight`` is the tensor the optimizer holds, and it gives each
+    weight's full shape (a sharded weight's local shape is only its part)."""
+    view = view or model_view_for(model)
+    view.prepare()
     owners: dict[int, list[str]] = {}
     for mod_name, module in model.named_modules(remove_duplicate=False):
         for p_name, param in module.named_parameters(recurse=False):
@@ -110,7 +101,7 @@ def find_covered_layers(model: nn.Module) -> Coverage:
         if len(uses) > 1:
             excluded[name] = f"tied weight shared by {uses}: excluded (only part of its gradient is linear-layer form)"
             continue
-        shape = tuple(getattr(weight, "ds_shape", None) or weight.shape)
+        shape = view.full_shape(weight)
         if len(shape) != 2:
             raise ValueError(f"model: linear weight {name} has shape {shape}, expected 2-D")
         d_in, d_out = shape if is_conv1d else shape[::-1]
@@ -118,16 +109,6 @@ def find_covered_layers(model: nn.Module) -> Coverage:
     if not layers:
         raise ValueError("model: no trainable nn.Linear / Conv1D / LoRA weight to cover")
     return Coverage(layers, excluded)
-
-
-def _reshard_fsdp2(model: nn.Module) -> None:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch >= 2.6 has it
-        return
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
 
 
 class _Recorder:

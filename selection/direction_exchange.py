@@ -2,9 +2,9 @@
 
 b_i = ⟨g_i, M⟩ with M = P ⊙ (G_V − ρ m̂) per covered layer (selection/alignment.py). M is parameter-shaped
 and, like P and m̂, sharded like the weight, so it is gathered the way the engine gathers the weight,
-layer by layer: FSDP2 — a DTensor redistribute Shard(0) → Replicate on the parameter's mesh; ZeRO-3 —
-an all-gather of each rank's flat partition (``partition_numel`` elements, the ZeRO-3 reader's
-mapping, padding dropped). Each rank then computes the exact b_i of its own candidates from its local
+layer by layer, by the engine's optimizer-state reader (``OptimizerStateReader.gather_full``, written
+beside each engine in pipeline/engines/: FSDP2 — a DTensor redistribute Shard(0) → Replicate on the
+parameter's mesh; ZeRO-3 — an all-gather of each rank's flat partition, padding dropped). Each rank then computes the exact b_i of its own candidates from its local
 factors; only the N scalars b_i (with diag K_ii and token counts) cross ranks.
 
 The target: each rank's target token ids are all-gathered (|V|·T integers) and every rank captures
@@ -35,7 +35,8 @@ from optsel import distributed
 from optsel.selection import gram as gram_ops
 from optsel.selection.alignment import alignment_partial, target_direction
 from optsel.selection.base import Batch, Selection, timed
-from optsel.selection.capture import CoveredLayer, Factors, gather_factors
+from optsel.selection.capture import Factors, gather_factors
+from optsel.selection.layers import CoveredLayer
 from optsel.selection.preconditioner import LayerBlock, LayerGeometry, OptimizerStateReader
 
 #: pad values of a batch's [n, T] tensors when ranks' T differ
@@ -86,40 +87,11 @@ def full_matrix(reader: OptimizerStateReader, layer: CoveredLayer, blocks: list[
                 values: list[torch.Tensor], dtype: torch.dtype, wire: torch.dtype,
                 comm: distributed.CommCounter | None = None) -> torch.Tensor:
     """The whole [d_out, d_in] matrix (layer convention) whose values on this rank's ``blocks`` are
-    ``values``, gathered the way the engine shards the weight; ``wire``: the dtype that crosses ranks."""
-    from optsel.selection import sharded_state
-
-    device = layer.param.device
-    d0, d1 = (layer.d_in, layer.d_out) if layer.transposed else (layer.d_out, layer.d_in)  # parameter layout
-    if reader.replicated:  # one block, the whole matrix, on every rank
-        full = torch.zeros(layer.d_out, layer.d_in, dtype=dtype, device=device)
-        for blk, value in zip(blocks, values):
-            full[blk.rows, blk.cols] = value.to(dtype)
-        return full
-    if isinstance(reader, sharded_state.FSDP2StateReader):
-        rows = sharded_state.dtensor_rows(layer.param)
-        local = torch.zeros(rows.stop - rows.start, d1, dtype=wire, device=device)
-        for blk, value in zip(blocks, values):
-            prow, pcol, pval = _param_layout(layer, blk, value)
-            local[prow.start - rows.start:prow.stop - rows.start, pcol] = pval.to(wire)
-        full = distributed.gather_shard0(local, layer.param, (d0, d1), comm)
-    elif isinstance(reader, sharded_state.ZeRO3StateReader):
-        import torch.distributed as dist
-
-        group = layer.param.ds_process_group
-        if dist.get_world_size(group=group) != dist.get_world_size():
-            raise TypeError("optimizer: ZeRO-3 parameter partitioned over a subgroup is not supported by "
-                            "exchange='direction' (the selector gathers over all ranks)")
-        part, rank = int(layer.param.partition_numel()), dist.get_rank(group=group)
-        flat = torch.zeros(part, dtype=wire, device=device)
-        for blk, value in zip(blocks, values):  # each block is a contiguous run of the flat slice
-            prow, pcol, pval = _param_layout(layer, blk, value)
-            start = prow.start * d1 + pcol.start - rank * part
-            flat[start:start + pval.numel()] = pval.reshape(-1).to(wire)
-        full = distributed.all_gather_equal(flat, comm)[: d0 * d1].view(d0, d1)
-    else:
-        raise TypeError(f"exchange='direction': no gather for the sharded reader {type(reader).__name__}")
-    full = full.to(dtype)
+    ``values``, gathered by the reader the way the engine shards the weight; ``wire``: the dtype that
+    crosses ranks (a replicated reader assembles it locally)."""
+    shape = (layer.d_in, layer.d_out) if layer.transposed else (layer.d_out, layer.d_in)  # parameter layout
+    pieces = [_param_layout(layer, blk, value) for blk, value in zip(blocks, values)]
+    full = reader.gather_full(layer.param, pieces, shape, dtype, wire, comm)
     return full.T.contiguous() if layer.transposed else full
 
 

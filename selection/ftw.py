@@ -30,8 +30,8 @@ from optsel.selection.direction_exchange import DirectionCache, gather_batch, ph
 from optsel.selection.direction_exchange import _empty as _empty_block
 from optsel.selection.filter import filter_candidates, utility
 from optsel.selection.ftw_config import FTWConfig
-from optsel.selection.preconditioner import (LayerGeometry, OptimizerStateReader, default_coefficients,
-                                             layer_geometry, make_state_reader)
+from optsel.selection.model_view import ModelView, cleans_up, make_state_reader, model_view_for
+from optsel.selection.preconditioner import LayerGeometry, OptimizerStateReader, default_coefficients, layer_geometry
 from optsel.selection.single_pass import PoolPass, single_pass_leaves
 from optsel.selection.sketch_exchange import SketchTarget, select_sketches
 from optsel.selection.solvers import select_weights
@@ -48,15 +48,16 @@ class FilterThenWeight(Selector):
         self.model = model
         self.optimizer = optimizer
         self.config = config
-        self.coverage: Coverage = find_covered_layers(model)
-        self.reader: OptimizerStateReader = make_state_reader(optimizer, config.geometry)
+        self.view: ModelView = model_view_for(model, optimizer)
+        self.coverage: Coverage = find_covered_layers(model, self.view)
+        self.reader: OptimizerStateReader = make_state_reader(optimizer, config.geometry, self.view)
         self.target_cache = TargetCache(config.target_refresh)
         self.generator = torch.Generator().manual_seed(int(seed))
         self.step = 0
         self.counters: dict[str, int] = {}
         self.comm = distributed.CommCounter()
         self.sketch_target = SketchTarget(config.target_refresh)  # exchange="sketches": local target factors
-        self.leaves, self.single_pass_problem = (single_pass_leaves(model) if config.single_pass
+        self.leaves, self.single_pass_problem = (single_pass_leaves(model, self.view) if config.single_pass
                                                  else ([], "single_pass: false"))
         self._pool_pass: PoolPass | None = None
         self._joint_target: Factors | None = None
@@ -73,6 +74,7 @@ class FilterThenWeight(Selector):
     def covered(self) -> list[str]:
         return self.coverage.names
 
+    @cleans_up
     def select(self, pool: Batch, target: Batch | None = None) -> Selection:
         cfg = self.config
         self.comm.reset()

@@ -4,8 +4,9 @@ All reads of optimizer state go through ONE seam, :class:`OptimizerStateReader`:
 parameter it returns :class:`ParamState` — the optimizer's own β1, β2, ε, step, bias-correction flag
 and a list of :class:`StateBlock` (rectangular blocks [rows, cols] of exp_avg / exp_avg_sq in the
 parameter's own layout). The plain reader returns one block covering the whole tensor; a sharded
-reader (FSDP2 ``Shard(0)``: a row block; ZeRO-3 flat slice: up to three blocks — a partial first row,
-whole rows, a partial last row) returns only this rank's blocks. Everything downstream (alignment,
+reader (each engine's own, in pipeline/engines/, handed out by the engine's model view:
+selection/model_view.py) returns only this rank's blocks — a row block for FSDP2's ``Shard(0)``, up
+to three blocks for ZeRO-3's flat slice (a partial first row, whole rows, a partial last row). Everything downstream (alignment,
 exact Gram, rank-one factors) works per block and sums partials, so a sharded run all-reduces
 small results and never gathers a whole moment tensor.
 
@@ -18,13 +19,23 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
-from optsel.selection.capture import CoveredLayer
+from optsel import distributed
+from optsel.selection.layers import CoveredLayer
 
-#: optimizer classes whose state is Adam's (exp_avg, exp_avg_sq, step; groups with betas, eps)
-ADAM_CLASS_NAMES = ("Adam", "AdamW", "DeepSpeedCPUAdam", "FusedAdam")
+#: optimizer classes whose state is Adam's (exp_avg, exp_avg_sq, step; groups with betas, eps); an
+#: engine adds its own fused / offloaded Adam classes with :func:`register_adam_like`
+ADAM_CLASS_NAMES: list[str] = ["Adam", "AdamW"]
+
+
+def register_adam_like(*class_names: str) -> None:
+    """Declare optimizer classes (by class name, anywhere in the MRO) whose state is Adam's."""
+    for name in class_names:
+        if name not in ADAM_CLASS_NAMES:
+            ADAM_CLASS_NAMES.append(name)
 
 
 @dataclass(frozen=True)
@@ -69,13 +80,29 @@ class OptimizerStateReader(abc.ABC):
     def read(self, param: torch.nn.Parameter) -> ParamState:
         """This rank's blocks of ``param``'s Adam moments and the hyper-parameters that apply."""
 
+    def gather_full(self, param: torch.nn.Parameter, pieces: Sequence[tuple[slice, slice, torch.Tensor]],
+                    shape: tuple[int, int], dtype: torch.dtype, wire: torch.dtype,
+                    comm: distributed.CommCounter | None = None) -> torch.Tensor:
+        """The whole [d0, d1] matrix in ``param``'s own 2-D layout whose values on this rank's blocks are
+        ``pieces`` ((rows, cols, value [r, c]) as :meth:`read` hands the blocks out), in ``dtype``.
+        A replicated reader holds the whole matrix already; a sharded one gathers it the way its engine
+        shards the weight, ``wire`` being the dtype that crosses ranks. Collective for sharded readers."""
+        if not self.replicated:
+            raise TypeError(f"{type(self).__name__}: no gather of a parameter-shaped matrix "
+                            f"(exchange='direction' needs one)")
+        full = torch.zeros(shape, dtype=dtype, device=param.device)
+        for rows, cols, value in pieces:
+            full[rows, cols] = value.to(dtype)
+        return full
+
 
 def _full(shape: tuple[int, ...]) -> tuple[slice, slice]:
     return slice(0, shape[0]), slice(0, shape[1])
 
 
 class TorchAdamStateReader(OptimizerStateReader):
-    """Unsharded torch.optim.Adam / AdamW (amsgrad: max_exp_avg_sq), DeepSpeedCPUAdam, FusedAdam."""
+    """Unsharded torch.optim.Adam / AdamW (amsgrad: max_exp_avg_sq) and the classes an engine
+    registered with :func:`register_adam_like`; refuses sharded parameters or moments."""
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         if not is_adam_like(optimizer):
@@ -92,12 +119,20 @@ class TorchAdamStateReader(OptimizerStateReader):
 
     def read(self, param: torch.nn.Parameter) -> ParamState:
         group = self._group(param)
+        if type(param.data) is not torch.Tensor or param.numel() == 0:
+            raise TypeError(f"optimizer: a parameter of shape {tuple(param.shape)} ({type(param.data).__name__}) "
+                            f"looks sharded; the plain reader needs whole tensors. Sharded engines register a model "
+                            f"view (optsel.selection.model_view.register_model_view) that reads their shards")
         state = self.optimizer.state.get(param, {})
         hyper = adam_hyper(group, state)
-        rows, cols = _full(shape_2d(param))
+        rows, cols = _full(shape_2d(param.shape))
         if hyper.step == 0 or "exp_avg" not in state:
             return ParamState(hyper, [StateBlock(rows, cols, None, None)])
-        return ParamState(hyper, [StateBlock(rows, cols, _as_2d(state["exp_avg"]), _as_2d(second_moment(group, state)))])
+        m, v = state["exp_avg"], second_moment(group, state)
+        if m.numel() != param.numel() or v.numel() != param.numel():
+            raise TypeError(f"optimizer: moments of {m.numel()} / {v.numel()} elements for a parameter of "
+                            f"{param.numel()}: the optimizer state is sharded; use the engine's model view")
+        return ParamState(hyper, [StateBlock(rows, cols, _as_2d(m), _as_2d(v))])
 
 
 def adam_hyper(group: dict, state: dict) -> AdamHyper:
@@ -119,10 +154,14 @@ def second_moment(group: dict, state: dict) -> torch.Tensor:
 
 
 class IdentityStateReader(OptimizerStateReader):
-    """geometry="sgd": P = I, no momentum, whatever the optimizer (one full block)."""
+    """geometry="sgd": P = I, no momentum, whatever the optimizer (one full block of the parameter's
+    full shape, which ``full_shape`` gives: a sharded engine's model view knows it)."""
+
+    def __init__(self, full_shape: Callable[[torch.Tensor], Sequence[int]] = lambda p: tuple(p.shape)):
+        self.full_shape = full_shape
 
     def read(self, param: torch.nn.Parameter) -> ParamState:
-        rows, cols = _full(shape_2d(param))
+        rows, cols = _full(shape_2d(self.full_shape(param)))
         return ParamState(AdamHyper(0, 0.0, 0.0, 0.0), [StateBlock(rows, cols, None, None)])
 
 
@@ -137,23 +176,8 @@ def unsupported_message(optimizer: object) -> str:
             f"geometry='adam' (supported: {', '.join(ADAM_CLASS_NAMES)}); use geometry='sgd' for P = I")
 
 
-def make_state_reader(optimizer: object, geometry: str) -> OptimizerStateReader:
-    """The reader for ``optimizer`` under ``geometry`` ("adam" | "sgd"), picked by the optimizer:
-    DeepSpeed's ZeRO-3 optimizer → :class:`~optsel.selection.sharded_state.ZeRO3StateReader`;
-    a torch optimizer over FSDP2 DTensor parameters → ``FSDP2StateReader``; else the plain reader.
-    Other sharded setups (ZeRO-1/2, FSDP1 flat parameters) raise TypeError naming them."""
-    if geometry == "sgd":
-        return IdentityStateReader()
-    if geometry != "adam":
-        raise ValueError(f"geometry: must be 'adam' or 'sgd', got {geometry!r}")
-    from optsel.selection import sharded_state
-
-    return sharded_state.reader_for(optimizer) or TorchAdamStateReader(optimizer)  # type: ignore[arg-type]
-
-
-def shape_2d(param: torch.Tensor) -> torch.Size:
-    """The parameter's full shape as 2-D [d0, rest] (ZeRO-3 partitioned params: from ``ds_shape``)."""
-    shape = tuple(getattr(param, "ds_shape", None) or param.shape)
+def shape_2d(shape: Sequence[int]) -> torch.Size:
+    """A parameter's full shape as 2-D [d0, rest]."""
     rest = 1
     for d in shape[1:]:
         rest *= int(d)

@@ -11,7 +11,7 @@ Which modules: every module that directly owns a trainable parameter must be a "
 affine in its parameters — ``nn.Linear``, transformers ``Conv1D``, ``nn.Embedding``, ``nn.LayerNorm``
 and ``*RMSNorm`` classes (peft's LoRA matrices are ``nn.Linear``). Their parameter gradients are then
 the vector-Jacobian product at the recorded input, whatever the parameter's value, so a sharded
-parameter (ZeRO-3 partition, FSDP2 shard) never needs to be gathered: :meth:`PoolPass.local_grads`
+parameter (an engine's shard of it) never needs to be gathered: :meth:`PoolPass.local_grads`
 computes full-shape gradients of this rank's samples with zero stand-ins for the parameters. A model
 with any other trainable module is not eligible (:func:`single_pass_leaves` says why) and the trainer
 keeps the two-pass step.
@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from optsel.selection.model_view import ModelView, model_view_for
 
 try:  # GPT-2 style linear with transposed weight
     from transformers.pytorch_utils import Conv1D
@@ -54,9 +56,11 @@ class Leaf:
     shapes: dict[str, tuple[int, ...]]
 
 
-def single_pass_leaves(model: nn.Module) -> tuple[list[Leaf], str]:
+def single_pass_leaves(model: nn.Module, view: ModelView | None = None) -> tuple[list[Leaf], str]:
     """(leaves, "") when every trainable parameter belongs to an affine-in-parameters leaf module,
-    else ([], the reason naming the first module that is not)."""
+    else ([], the reason naming the first module that is not). view: gives full (unsharded) shapes
+    (default: the view registered for ``model``)."""
+    view = view or model_view_for(model)
     leaves: list[Leaf] = []
     owned: set[int] = set()
     for name, module in model.named_modules():
@@ -69,7 +73,7 @@ def single_pass_leaves(model: nn.Module) -> tuple[list[Leaf], str]:
         if any(id(p) in owned for p in direct.values()):  # a tied weight: both users record calls
             pass
         owned.update(id(p) for p in direct.values())
-        shapes = {n: tuple(getattr(p, "ds_shape", None) or p.shape) for n, p in direct.items()}
+        shapes = {n: tuple(view.full_shape(p)) for n, p in direct.items()}
         leaves.append(Leaf(name, module, direct, shapes))
     if not leaves:
         return [], "the model has no trainable parameter"

@@ -22,6 +22,7 @@ from optsel.pipeline.engines.base import EngineConfig, OptimizerConfig, build_en
 from optsel.pipeline.engines.deepspeed_engine import fill_ds_config, load_ds_config
 from optsel.pipeline.model import LoraSettings, ModelConfig, build_model
 from optsel.selection.capture import capture_factors, find_covered_layers
+from optsel.selection.model_view import model_view_for
 from optsel.selection.single_pass import PoolPass, single_pass_leaves
 
 VOCAB, SEQ, N_GLOBAL = 32, 12, 8
@@ -113,7 +114,7 @@ def _engine_body(rank: int, world: int, engine_name: str, ds_config_path: str, n
     assert not problem, problem
     kept = PoolPass()
     capture_factors(engine.unwrapped_model, local, find_covered_layers(engine.unwrapped_model).layers, None, kept, leaves)
-    engine.reset_after_selection()
+    model_view_for(engine.unwrapped_model, engine.optimizer).after_selection()  # what FTW's select does
     result["single_pass_losses"] = engine.backward_from_pass(kept, torch.arange(len(weights)), weights, float(world))
     result["single_pass_grads"] = _full_grads(engine)
     engine.skip_step()

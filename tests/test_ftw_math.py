@@ -11,7 +11,8 @@ from optsel.selection import FilterThenWeight, FTWConfig
 from optsel.selection import gram as gram_ops
 from optsel.selection.alignment import alignment_partial
 from optsel.selection.capture import capture_factors, find_covered_layers
-from optsel.selection.preconditioner import LayerBlock, default_coefficients, layer_geometry, make_state_reader
+from optsel.selection.model_view import make_state_reader
+from optsel.selection.preconditioner import LayerBlock, default_coefficients, layer_geometry
 
 N_POOL = 8
 

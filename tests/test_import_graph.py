@@ -22,9 +22,9 @@ _spec.loader.exec_module(graph)
 #: package edges that break the rule and are tolerated for now: none (issue 12 moved the run config
 #: into pipeline/ and the config loader into the optsel core, so pipeline no longer imports launch).
 KNOWN_BROKEN: set[tuple[str, str]] = set()
-#: module import cycles still present: preconditioner ↔ sharded_state is being split by the change that
-#: moves the engines' optimizer-state readers into pipeline/engines/ (issue 12, "a model view for selection").
-KNOWN_MODULE_CYCLES = [["optsel.selection.preconditioner", "optsel.selection.sharded_state"]]
+#: module import cycles still present: none (issue 12 moved the engines' optimizer-state readers into
+#: pipeline/engines/, beside the engines, behind selection/model_view.py)
+KNOWN_MODULE_CYCLES: list[list[str]] = []
 
 #: (importer, imported) package pairs that must never appear again
 FORBIDDEN = [("pipeline", "launch"), ("pipeline.engines", "launch"), ("selection", "pipeline"),
@@ -71,8 +71,6 @@ def test_module_cycles_are_only_the_known_ones(edges):
     assert [c for c in found if c not in KNOWN_MODULE_CYCLES] == []
 
 
-@pytest.mark.xfail(reason="known broken: selection/ still names DeepSpeed/FSDP2 (capture, preconditioner, "
-                          "sharded_state); fixed by the model-view change of issue 12", strict=False)
 def test_selection_names_no_engine():
     assert graph.engine_names(REPO) == []
 

@@ -24,10 +24,11 @@ import torch
 
 from _dist_utils import run_distributed
 from helpers_bruteforce import VOCAB, brute_force, make_batch
-from optsel.selection import sharded_state
+from optsel.pipeline.engines import fsdp2_view, zero3_view
+from optsel.pipeline.engines.zero3_view import flat_range_blocks
 from optsel.selection.ftw import FilterThenWeight, FTWConfig
-from optsel.selection.preconditioner import TorchAdamStateReader, make_state_reader
-from optsel.selection.sharded_state import flat_range_blocks
+from optsel.selection.model_view import make_state_reader
+from optsel.selection.preconditioner import TorchAdamStateReader
 
 ZERO3_JSON = Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "zero3.json"
 BETAS, EPS, TRAIN_STEPS = (0.9, 0.95), 1e-8, 2
@@ -93,7 +94,7 @@ class _Probe:
         self.full_gathers = 0
         self.active = False
         probe = self
-        for cls in (sharded_state.FSDP2StateReader, sharded_state.ZeRO3StateReader):
+        for cls in (fsdp2_view.FSDP2StateReader, zero3_view.ZeRO3StateReader):
             original = cls.read
 
             def read(reader, param, _original=original):
@@ -101,7 +102,7 @@ class _Probe:
                 if probe.active:
                     from optsel.selection.preconditioner import shape_2d
 
-                    d0, d1 = shape_2d(param)
+                    d0, d1 = shape_2d(zero3_view.full_shape(param))
                     probe.reads.append({
                         "numel": d0 * d1, "rows": d0, "cols": d1, "id": id(param),
                         "moment_numels": [t.numel() for b in state.blocks for t in (b.exp_avg, b.exp_avg_sq)

@@ -145,11 +145,6 @@ class Engine(abc.ABC):
         """Drop the accumulated gradients without stepping (NaN/Inf loss or gradient)."""
         self.optimizer.zero_grad(set_to_none=True)
 
-    def reset_after_selection(self) -> None:
-        """Return to the between-steps state after the selector's own forward/backward over the pool
-        (drop any gradient it may have left; sharded engines re-shard parameters)."""
-        self.skip_step()
-
     @abc.abstractmethod
     def save_checkpoint(self, path: Path, client_state: dict[str, Any]) -> None:
         """Collective: write model, optimizer and LR-schedule state (sharded as it lives) into the

@@ -137,11 +137,6 @@ class FSDP2Engine(Engine):
         ones the optimizer holds. Backward reshards on its own."""
         self.module.reshard()
 
-    @torch.no_grad()
-    def reset_after_selection(self) -> None:
-        self.reshard()
-        self.skip_step()
-
     def per_sample_loss(self, batch: Batch) -> torch.Tensor:
         try:
             return self._losses(batch).loss.float().cpu()

@@ -39,6 +39,7 @@ from optsel.selection.base import Batch, Selection, Selector, register_selector
 from optsel.selection.baselines.common import (agree, check_budget, check_chunk_size, compute_dtype, gather_factors,
                                                timed, uniform_selection)
 from optsel.selection.capture import Factors, capture_factors, find_covered_layers
+from optsel.selection.model_view import cleans_up, model_view_for
 from optsel.selection.preconditioner import LayerBlock
 from optsel.selection.target import target_block
 
@@ -115,7 +116,8 @@ class Greats(Selector):
         self.model = model
         self.optimizer = optimizer
         self.config = config
-        self.coverage = find_covered_layers(model)
+        self.view = model_view_for(model, optimizer)
+        self.coverage = find_covered_layers(model, self.view)
         self.comm = distributed.CommCounter()
         self.step = 0
 
@@ -127,6 +129,7 @@ class Greats(Selector):
             raise ValueError("lr: the optimizer has no param_groups[0]['lr']; set selection.options.greats.lr")
         return float(groups[0]["lr"])
 
+    @cleans_up
     def select(self, pool: Batch, target: Batch | None = None) -> Selection:
         if target is None:
             raise ValueError("target: GREATS needs a target batch (input_ids, attention_mask, labels)")

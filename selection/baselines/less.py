@@ -25,7 +25,8 @@ from optsel.selection.base import Batch, Selection, Selector, register_selector
 from optsel.selection.baselines.common import (agree, check_budget, check_chunk_size, compute_dtype, gather_factors,
                                                timed, topk, uniform_selection)
 from optsel.selection.capture import capture_factors, find_covered_layers
-from optsel.selection.preconditioner import layer_geometry, make_state_reader
+from optsel.selection.model_view import cleans_up, make_state_reader, model_view_for
+from optsel.selection.preconditioner import layer_geometry
 from optsel.selection.target import TargetCache
 
 
@@ -52,12 +53,14 @@ class Less(Selector):
     def __init__(self, model: nn.Module, optimizer: Any, config: LessConfig):
         self.model = model
         self.config = config
-        self.coverage = find_covered_layers(model)
-        self.reader = make_state_reader(optimizer, "adam")
+        self.view = model_view_for(model, optimizer)
+        self.coverage = find_covered_layers(model, self.view)
+        self.reader = make_state_reader(optimizer, "adam", self.view)
         self.target_cache = TargetCache(config.target_refresh)
         self.comm = distributed.CommCounter()
         self.step = 0
 
+    @cleans_up
     def select(self, pool: Batch, target: Batch | None = None) -> Selection:
         cfg = self.config
         self.comm.reset()

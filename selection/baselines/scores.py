@@ -28,6 +28,7 @@ from optsel.selection.baselines.common import (agree, check_budget, check_chunk_
                                                uniform_selection)
 from optsel.losses import per_sample_token_mean_ce
 from optsel.selection.capture import Factors, capture_factors, find_covered_layers
+from optsel.selection.model_view import cleans_up, model_view_for
 from optsel.selection.preconditioner import LayerBlock
 
 
@@ -81,14 +82,16 @@ def grad_sq_norms(factors: Factors, dtype: torch.dtype, max_temp_elems: int = 1 
 class _TopScoreSelector(Selector):
     """Top k of a per-candidate score computed locally and all-gathered."""
 
-    def __init__(self, model: nn.Module, config: ScoreConfig):
+    def __init__(self, model: nn.Module, config: ScoreConfig, optimizer: Any = None):
         self.model = model
         self.config = config
+        self.view = model_view_for(model, optimizer)
         self.comm = distributed.CommCounter()
 
     def local_scores(self, pool: Batch, timings: dict[str, float]) -> torch.Tensor:
         raise NotImplementedError
 
+    @cleans_up
     def select(self, pool: Batch, target: Batch | None = None) -> Selection:
         self.comm.reset()
         timings: dict[str, float] = {}
@@ -115,9 +118,9 @@ class GradNormSelector(_TopScoreSelector):
 
     name = "gradnorm"
 
-    def __init__(self, model: nn.Module, config: ScoreConfig):
-        super().__init__(model, config)
-        self.coverage = find_covered_layers(model)
+    def __init__(self, model: nn.Module, config: ScoreConfig, optimizer: Any = None):
+        super().__init__(model, config, optimizer)
+        self.coverage = find_covered_layers(model, self.view)
 
     def local_scores(self, pool: Batch, timings: dict[str, float]) -> torch.Tensor:
         with timed(timings, "capture"):
@@ -134,13 +137,15 @@ def _check(config: ScoreConfig | None, budget: int) -> ScoreConfig:
 
 
 @register_selector("loss")
-def build_loss(*, model: nn.Module, budget: int, config: ScoreConfig | None = None, **_: Any) -> LossSelector:
-    return LossSelector(model, _check(config, budget))
+def build_loss(*, model: nn.Module, budget: int, config: ScoreConfig | None = None, optimizer: Any = None,
+               **_: Any) -> LossSelector:
+    return LossSelector(model, _check(config, budget), optimizer)
 
 
 @register_selector("gradnorm")
-def build_gradnorm(*, model: nn.Module, budget: int, config: ScoreConfig | None = None, **_: Any) -> GradNormSelector:
-    return GradNormSelector(model, _check(config, budget))
+def build_gradnorm(*, model: nn.Module, budget: int, config: ScoreConfig | None = None, optimizer: Any = None,
+                   **_: Any) -> GradNormSelector:
+    return GradNormSelector(model, _check(config, budget), optimizer)
 
 
 build_loss.config_class = ScoreConfig  # type: ignore[attr-defined]

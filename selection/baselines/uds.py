@@ -33,6 +33,7 @@ from torch import nn
 
 from optsel import distributed
 from optsel.selection.base import Batch, Selection, Selector, register_selector
+from optsel.selection.model_view import cleans_up, model_view_for
 from optsel.selection.baselines.common import agree, check_budget, check_chunk_size, timed, topk, uniform_selection
 
 
@@ -93,9 +94,10 @@ class UDS(Selector):
 
     name = "uds"
 
-    def __init__(self, model: nn.Module, config: UDSConfig, seed: int = 0):
+    def __init__(self, model: nn.Module, config: UDSConfig, seed: int = 0, optimizer: Any = None):
         self.model = model
         self.config = config
+        self.view = model_view_for(model, optimizer)
         self.seed = int(seed)
         self.projector: SRFTProjector | None = None  # built at the first pool (needs V)
         self.buffer = torch.zeros(0, config.proj_dim_time * config.proj_dim_vocab, dtype=torch.float32)
@@ -137,6 +139,7 @@ class UDS(Selector):
                 self.buffer[self.pointer] = row
             self.pointer = (self.pointer + 1) % size
 
+    @cleans_up
     def select(self, pool: Batch, target: Batch | None = None) -> Selection:
         self.comm.reset()
         timings: dict[str, float] = {}
@@ -165,11 +168,12 @@ class UDS(Selector):
 
 
 @register_selector("uds")
-def build_uds(*, model: nn.Module, budget: int, seed: int = 0, config: UDSConfig | None = None, **_: Any) -> UDS:
+def build_uds(*, model: nn.Module, budget: int, seed: int = 0, config: UDSConfig | None = None, optimizer: Any = None,
+              **_: Any) -> UDS:
     config = config if config is not None else UDSConfig(budget=budget)
     if config.budget != budget:
         raise ValueError(f"budget: UDSConfig.budget={config.budget} disagrees with the selection budget {budget}")
-    return UDS(model, config, seed=seed)
+    return UDS(model, config, seed=seed, optimizer=optimizer)
 
 
 build_uds.config_class = UDSConfig  # type: ignore[attr-defined]

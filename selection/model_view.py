@@ -1,0 +1,106 @@
+"""The model view: what selection needs from a training engine, and nothing else (docs/design.md §4).
+
+A selector runs the model and reads the optimizer. On one process (or under plain data parallelism)
+that needs nothing but the model and a torch Adam / AdamW. A sharded engine changes three things,
+and its :class:`ModelView` (written beside the engine, in pipeline/engines/) says how:
+
+- **full shapes**: a sharded weight's local tensor is only its part; ``full_shape`` gives the whole;
+- **optimizer state**: ``state_reader`` returns the :class:`OptimizerStateReader` that hands out this
+  rank's blocks of the moments (and gathers a parameter-shaped matrix the way the weight is sharded);
+- **the passes**: ``prepare`` runs before covered weights are looked up (so ``module.weight`` is the
+  tensor the optimizer holds); ``after_selection`` returns the model to the between-steps state
+  after a selector's own forward/backward over the pool (re-shard, drop any gradient left behind).
+
+Engines register a detector with :func:`register_model_view`; :func:`model_view_for` asks each in
+turn and falls back to the plain view. Selection code names no engine: a third engine brings its own
+view and nothing in selection/ changes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from optsel.selection.preconditioner import IdentityStateReader, OptimizerStateReader, TorchAdamStateReader
+
+
+class ModelView:
+    """The plain view: an unsharded ``model`` and a torch ``optimizer`` (either may be None when the
+    caller needs only the other). Engines subclass it."""
+
+    name = "plain"
+
+    def __init__(self, model: nn.Module | None = None, optimizer: Any = None):
+        self.model = model
+        self.optimizer = optimizer
+
+    def full_shape(self, param: torch.Tensor) -> Sequence[int]:
+        """The parameter's whole shape (a sharded engine's local tensor may hold only part of it)."""
+        return tuple(param.shape)
+
+    def prepare(self) -> None:
+        """Before covered weights are looked up: make each ``module.weight`` the tensor the optimizer holds."""
+
+    def state_reader(self) -> OptimizerStateReader:
+        """The reader of this rank's Adam moments (geometry 'adam'); TypeError for another optimizer."""
+        try:
+            return TorchAdamStateReader(self.optimizer)
+        except TypeError as err:
+            raise TypeError(f"{err} (a sharded engine's optimizer is read through its model view: importing "
+                            f"optsel.pipeline.engines registers the built-in engines' views)") from err
+
+    def after_selection(self) -> None:
+        """After a selector's own passes over the pool: back to the between-steps state. The plain
+        model needs nothing (capture never writes a parameter's ``.grad``)."""
+
+
+#: a detector looks at (model, optimizer) and returns its engine's view, None when it is not its
+#: engine, or raises TypeError for a setup of its engine that selection cannot read
+ViewDetector = Callable[[nn.Module | None, Any], ModelView | None]
+_DETECTORS: list[ViewDetector] = []
+
+
+def register_model_view(detector: ViewDetector) -> ViewDetector:
+    """Add an engine's view detector (engines do this when their module is imported)."""
+    if detector not in _DETECTORS:
+        _DETECTORS.append(detector)
+    return detector
+
+
+def model_view_for(model: nn.Module | None = None, optimizer: Any = None) -> ModelView:
+    """The view of the first registered engine that recognises ``model`` / ``optimizer``, else plain."""
+    for detect in _DETECTORS:
+        view = detect(model, optimizer)
+        if view is not None:
+            return view
+    return ModelView(model, optimizer)
+
+
+def make_state_reader(optimizer: Any, geometry: str, view: ModelView | None = None) -> OptimizerStateReader:
+    """The reader for ``optimizer`` under ``geometry`` ("adam": the view's reader; "sgd": P = I)."""
+    if geometry not in ("adam", "sgd"):
+        raise ValueError(f"geometry: must be 'adam' or 'sgd', got {geometry!r}")
+    view = view or model_view_for(None, optimizer)
+    if geometry == "sgd":
+        return IdentityStateReader(view.full_shape)
+    return view.state_reader()
+
+
+def cleans_up(select: Callable) -> Callable:
+    """Decorator for a selector's ``select`` that runs the model: ``self.view.after_selection()``
+    afterwards, however ``select`` ends, so the caller gets the model back between steps."""
+
+    @functools.wraps(select)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return select(self, *args, **kwargs)
+        finally:
+            self.view.after_selection()
+
+    return wrapper
+
+
+__all__ = ["ModelView", "ViewDetector", "cleans_up", "make_state_reader", "model_view_for", "register_model_view"]
