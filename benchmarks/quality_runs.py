@@ -27,10 +27,9 @@ from optsel.pipeline.evaluate import evaluate
 from optsel.pipeline.model import ModelConfig, build_model
 from optsel.pipeline.tokenizer import byte_tokenizer
 from optsel.pipeline.trainer import subset
-from optsel.selection.base import get_selector_factory
+from optsel.selection.base import Batch, get_selector_factory
 from optsel.selection.stats import selection_metrics
 
-Batch = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)

@@ -137,25 +137,24 @@ def _comm_device(t: torch.Tensor) -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_sum(t: torch.Tensor, counter: CommCounter | None = None) -> torch.Tensor:
-    """Sum ``t`` over ranks (returns a new tensor on t's device; t is left unchanged)."""
+def _all_reduce(t: torch.Tensor, op: "dist.ReduceOp", counter: CommCounter | None) -> torch.Tensor:
     if not is_distributed():
         return t.clone()
     buf = t.detach().to(_comm_device(t)).contiguous().clone()
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    dist.all_reduce(buf, op=op)
     if counter is not None:
         counter.add("all_reduce", _nbytes(buf))
     return buf.to(t.device)
+
+
+def all_reduce_sum(t: torch.Tensor, counter: CommCounter | None = None) -> torch.Tensor:
+    """Sum ``t`` over ranks (returns a new tensor on t's device; t is left unchanged)."""
+    return _all_reduce(t, dist.ReduceOp.SUM, counter)
 
 
 def all_reduce_max(t: torch.Tensor, counter: CommCounter | None = None) -> torch.Tensor:
-    if not is_distributed():
-        return t.clone()
-    buf = t.detach().to(_comm_device(t)).contiguous().clone()
-    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
-    if counter is not None:
-        counter.add("all_reduce", _nbytes(buf))
-    return buf.to(t.device)
+    """Elementwise max of ``t`` over ranks (a new tensor on t's device)."""
+    return _all_reduce(t, dist.ReduceOp.MAX, counter)
 
 
 def gather_sizes(n: int, counter: CommCounter | None = None) -> list[int]:

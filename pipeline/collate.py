@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-Batch = dict[str, torch.Tensor]
+from optsel.selection.base import Batch
 
 
 def collate(samples: Sequence[dict[str, Any]], pad_id: int, max_seq_len: int | None = None) -> Batch:

@@ -12,7 +12,7 @@ import functools
 import gc
 import json
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from optsel.distributed import DistInfo
 from optsel.distributed import info as dist_info
@@ -60,15 +60,33 @@ def build_train_loader(cfg: DataConfig, per_rank_pool_size: int, rank_info: Dist
                                drop_last=True, persistent_workers=False)
 
 
-def iterate_pools(loader: Iterable[Batch]) -> Iterator[Batch]:
-    """Pools forever: epoch after epoch (streaming advances the epoch on each new pass)."""
+def iterate_pools(loader: Iterable[Batch], on_epoch_end: Callable[[], None] | None = None, resumed: bool = False,
+                  where: str = "the train loader") -> Iterator[Batch]:
+    """Pools forever: epoch after epoch (streaming advances the epoch on each new pass), calling
+    ``on_epoch_end`` after each. An epoch without a full pool is an error, except right after a resume
+    (``resumed``: the loader may continue at the very end of the saved epoch), and never twice in a row."""
+    empty_in_a_row = 0
     while True:
         got = 0
         for pool in loader:
             got += 1
             yield pool
-        if got == 0:
-            raise RuntimeError("the train loader yields no full pool (too few samples per rank)")
+        empty_in_a_row = 0 if got else empty_in_a_row + 1
+        if empty_in_a_row > 1 or (got == 0 and not resumed):
+            raise RuntimeError(f"{where} yields no full pool (too few samples per rank)")
+        if on_epoch_end is not None:
+            on_epoch_end()
+
+
+def share_of(rows: list, rank: int, world: int) -> list:
+    """This rank's round-robin share of ``rows`` after trimming to a multiple of ``world``, so that every
+    rank gets the same number (collectives over the shares stay in step)."""
+    return rows[: len(rows) // world * world][rank::world]
+
+
+def batches_of(rows: list[dict[str, Any]], pad_id: int, max_seq_len: int | None, batch_size: int = 32) -> list[Batch]:
+    """``rows`` collated into batches of ``batch_size`` (the last one may be smaller)."""
+    return [collate(rows[i:i + batch_size], pad_id, max_seq_len) for i in range(0, len(rows), batch_size)]
 
 
 def load_split(cfg: DataConfig, split: str = "val", rank_info: DistInfo | None = None,
@@ -96,6 +114,5 @@ def build_val_batches(cfg: DataConfig, pad_id: int | None = None, batch_size: in
     """
     rank_info = rank_info or dist_info()
     pad_id = _pad_id(cfg) if pad_id is None else pad_id
-    rows = load_split(cfg, "val", rank_info)[:limit]
-    rows = rows[: len(rows) // rank_info.world_size * rank_info.world_size][rank_info.rank::rank_info.world_size]
-    return [collate(rows[i:i + batch_size], pad_id, cfg.max_seq_len) for i in range(0, len(rows), batch_size)]
+    rows = share_of(load_split(cfg, "val", rank_info)[:limit], rank_info.rank, rank_info.world_size)
+    return batches_of(rows, pad_id, cfg.max_seq_len, batch_size)

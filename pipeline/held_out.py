@@ -29,11 +29,9 @@ def held_out_batches(config: Any, dist: Any, pad_id: int, max_seq_len: int | Non
                           f"the val split has {len(val)} samples, fewer than num_target_samples + "
                           f"num_eval_samples = {needed}")
     target_rows = list(range(sel.num_target_samples))[rank::world]
-    eval_rows = list(range(sel.num_target_samples, needed))
-    eval_rows = eval_rows[: len(eval_rows) // world * world][rank::world]  # same count on every rank
+    eval_rows = data_lib.share_of(val[sel.num_target_samples:needed], rank, world)  # same count on every rank
     target = data_lib.collate([val[i] for i in target_rows], pad_id, max_seq_len)
-    eval_batches = [data_lib.collate([val[i] for i in eval_rows[j:j + 32]], pad_id, max_seq_len)
-                    for j in range(0, len(eval_rows), 32)]
+    eval_batches = data_lib.batches_of(eval_rows, pad_id, max_seq_len)
     empty_eval = check_loss_tokens(config, dist, target, eval_batches, max_seq_len)
     return target, eval_batches, empty_eval
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 
@@ -25,6 +26,21 @@ def strict(obj: Any) -> Any:
         except (TypeError, ValueError):
             return obj
     return obj
+
+
+def read_object(path: Path, error: type[Exception], missing: str, corrupt: str) -> dict[str, Any]:
+    """The JSON object stored in ``path``. ``error`` (message ``missing``) when the file is absent,
+    ``error`` (message ``corrupt`` plus the reason) when it is not JSON or not an object."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(missing)
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{corrupt}: {err}") from err
+    if not isinstance(data, dict):
+        raise error(f"{corrupt}: it must hold a JSON object, not {type(data).__name__}")
+    return data
 
 
 def dumps(obj: Any, **kwargs: Any) -> str:

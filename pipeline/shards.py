@@ -5,12 +5,13 @@ failure is a :class:`ShardError` naming the file (and the sample).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
 import numpy as np
+
+from optsel.pipeline import jsonio
 
 
 class ShardError(RuntimeError):
@@ -73,12 +74,11 @@ def verify_split(split_dir: str | Path, mode: Literal["hash", "size", "none"] = 
 
     split_dir = Path(split_dir)
     index_path = split_dir / "index.json"
-    if not index_path.is_file():
-        raise ShardError(f"no MDS index at {index_path}: run `optsel prepare` (or check data.local/remote)")
-    try:
-        index = json.loads(index_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ShardError(f"corrupt MDS index {index_path}: {err}") from err
+    index = jsonio.read_object(index_path, ShardError,
+                               f"no MDS index at {index_path}: run `optsel prepare` (or check data.local/remote)",
+                               f"corrupt MDS index {index_path}")
+    if not isinstance(index.get("shards"), list):
+        raise ShardError(f"corrupt MDS index {index_path}: no 'shards' list")
     check_index_basenames(index["shards"], index_path)
     total = 0
     for shard in index["shards"]:

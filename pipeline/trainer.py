@@ -37,9 +37,26 @@ from optsel.pipeline.trainer_state import TrainerState
 from optsel.selection.base import Selection, get_selector_factory
 from optsel.selection.stats import selection_metrics
 
-__all__ = ["NonFiniteLossError", "StepResult", "StopSignals", "Trainer", "build_selector", "subset"]
+__all__ = ["NonFiniteLossError", "StepResult", "StopSignals", "Trainer", "backward_on_selection", "build_selector",
+           "subset"]
 
 log = logging.getLogger("optsel.train")
+
+
+def backward_on_selection(engine, pool: Batch, selection: Selection, world: int
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training half of a step, before the optimizer step: the gradient of world · Σ_local w_i ℓ_i
+    over this rank's chosen rows, from the selector's single pass when the engine can take it, else a
+    forward/backward over the chosen rows. A rank with no chosen row backpropagates one zero-weight
+    sample, so the engines' collectives stay in step. Returns (rows [s], weights [s] float32, losses [s])."""
+    rows, weights = selection.local_indices, selection.local_weights.to(torch.float32)
+    if rows.numel() == 0:
+        rows, weights = torch.zeros(1, dtype=torch.long), torch.zeros(1)
+    if selection.pool_pass is not None and engine.supports_single_pass:  # no second forward
+        losses = engine.backward_from_pass(selection.pool_pass, rows, weights, loss_scale=float(world))
+    else:
+        losses = engine.forward_backward(subset(pool, rows), weights, loss_scale=float(world))
+    return rows, weights, losses
 
 
 class NonFiniteLossError(RuntimeError):
@@ -156,18 +173,13 @@ class Trainer:
     def pools(self) -> Iterator[Batch]:
         """Pools forever, epoch after epoch (every rank gets the same number per epoch). After a
         resume the loader continues inside the saved epoch (possibly at its very end)."""
-        empty_in_a_row = 0
-        while True:
-            got = 0
-            for pool in self.loader:
-                got += 1
-                yield pool
-            empty_in_a_row = 0 if got else empty_in_a_row + 1
-            if empty_in_a_row > 1 or (got == 0 and self.resumed_from is None):
-                raise RuntimeError(f"the train split under {self.config.data.local} yields no full pool of "
-                                   f"{self.per_rank_pool} samples per rank")
+        def next_epoch() -> None:
             self.state.epoch += 1
             log.info("starting epoch %d", self.state.epoch)
+
+        return data_lib.iterate_pools(self.loader, next_epoch, resumed=self.resumed_from is not None,
+                                      where=f"the train split under {self.config.data.local} (pools of "
+                                            f"{self.per_rank_pool} per rank)")
 
     # -- one step -------------------------------------------------------------------------------
     def train_step(self, pool: Batch, data_seconds: float) -> StepResult:
@@ -179,14 +191,8 @@ class Trainer:
         selection: Selection = self.selector.select(pool, self.target if needs_target else None)
         select_seconds = time.perf_counter() - start
 
-        rows, weights = selection.local_indices, selection.local_weights.to(torch.float32)
-        if rows.numel() == 0:  # keep the engines' collectives in step: one zero-weight sample
-            rows, weights = torch.zeros(1, dtype=torch.long), torch.zeros(1)
         t0 = time.perf_counter()
-        if selection.pool_pass is not None and self.engine.supports_single_pass:  # no second forward
-            losses = self.engine.backward_from_pass(selection.pool_pass, rows, weights, loss_scale=float(world))
-        else:
-            losses = self.engine.forward_backward(subset(pool, rows), weights, loss_scale=float(world))
+        rows, weights, losses = backward_on_selection(self.engine, pool, selection, world)
         train_seconds = time.perf_counter() - t0
 
         weighted_loss = float((weights.double() * losses.double()).sum())

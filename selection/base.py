@@ -17,6 +17,9 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
+from optsel import distributed
+
+#: the one batch type of optsel (selectors, engines, the collate step): see the module docstring
 Batch = Mapping[str, torch.Tensor]
 
 
@@ -84,6 +87,36 @@ def split_local(
     stop = start + pool_sizes[rank]
     mine = (indices >= start) & (indices < stop)
     return indices[mine] - start, weights[mine]
+
+
+def uniform_selection(indices: torch.Tensor, pool_sizes: list[int], timings: dict[str, float],
+                      diagnostics: dict[str, Any] | None = None, utility: torch.Tensor | None = None) -> Selection:
+    """The Selection of ``indices`` (global, any order) with weight 1/s each; indices sorted."""
+    indices = indices.to(torch.int64).cpu().sort().values
+    weights = torch.full((indices.numel(),), 1.0 / max(indices.numel(), 1), dtype=torch.float64)
+    local_idx, local_w = split_local(indices, weights, pool_sizes, distributed.info().rank)
+    return Selection(indices=indices, weights=weights, local_indices=local_idx, local_weights=local_w,
+                     pool_size=sum(pool_sizes), utility=None if utility is None else utility.detach().cpu(),
+                     timings=timings, diagnostics=diagnostics or {})
+
+
+def agree(indices: torch.Tensor, k: int, comm: distributed.CommCounter | None = None,
+          weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rank 0's (indices [s <= k], weights [s] or None) on every rank: selections are deterministic, but
+    reductions may differ in the last bit across ranks and devices, so rank 0 is authoritative and one
+    broadcast (padded to k) makes every rank's selection the same. A no-op on one process."""
+    if not distributed.is_distributed():
+        return indices, weights
+    packed = torch.full((2, k), -1.0, dtype=torch.float64)
+    packed[0, : indices.numel()] = indices.double()
+    packed[1] = 0.0
+    if weights is not None:
+        packed[1, : weights.numel()] = weights.double()
+    packed = distributed.broadcast(packed if weights is not None else packed[0].contiguous(), 0, comm)
+    if weights is None:
+        return packed[packed >= 0].to(torch.int64), None
+    keep = packed[0] >= 0
+    return packed[0, keep].to(torch.int64), packed[1, keep]
 
 
 SelectorFactory = Callable[..., Selector]

@@ -130,6 +130,15 @@ class _Recorder:
             handle.remove()
 
 
+def compute_dtype(factors_or_tensor: Factors | torch.Tensor, choice: str = "auto") -> torch.dtype:
+    """The dtype selection computes in: float64 for float64 factors, else float32; ``choice`` (a torch
+    dtype name) overrides "auto"."""
+    if choice != "auto":
+        return getattr(torch, choice)
+    ref = factors_or_tensor.A[0] if isinstance(factors_or_tensor, Factors) else factors_or_tensor
+    return torch.float64 if ref.dtype == torch.float64 else torch.float32
+
+
 def stack_batches(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rows of ``second`` after those of ``first`` (input_ids, attention_mask, labels), right-padded to
     the wider of the two (pad id 0, mask 0, label -100: padding adds nothing to any loss)."""

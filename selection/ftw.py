@@ -22,9 +22,9 @@ from torch import nn
 from optsel import distributed
 from optsel.selection import gram as gram_ops
 from optsel.selection.alignment import alignment_partial, target_direction
-from optsel.selection.base import Batch, Selection, Selector, register_selector, split_local, timed
-from optsel.selection.capture import (Coverage, Factors, capture_factors, find_covered_layers, gather_factors,
-                                     stack_batches)
+from optsel.selection.base import Batch, Selection, Selector, agree, register_selector, split_local, timed
+from optsel.selection.capture import (Coverage, Factors, capture_factors, compute_dtype, find_covered_layers,
+                                     gather_factors, stack_batches)
 from optsel.selection.cost_model import REFERENCE_WORLD
 from optsel.selection.direction_exchange import DirectionCache, gather_batch, phase, select_direction
 from optsel.selection.direction_exchange import _empty as _empty_block
@@ -179,7 +179,7 @@ class FilterThenWeight(Selector):
             support, chosen_w = result.support, result.weights.double()
             if proportional:
                 support, chosen_w = self._draw_proportional(support, chosen_w, k)
-            indices, weights = self._agree(filtered[support].to(torch.int64).cpu(), chosen_w.cpu(), k)
+            indices, weights = agree(filtered[support].to(torch.int64).cpu(), k, self.comm, chosen_w.cpu())
 
         for key, count in fallbacks.items():
             self.counters[key] = self.counters.get(key, 0) + count
@@ -274,9 +274,7 @@ class FilterThenWeight(Selector):
         return self.coverage.layers[0].param.device
 
     def _dtype(self, factors: Factors) -> torch.dtype:
-        if self.config.compute_dtype != "auto":
-            return getattr(torch, self.config.compute_dtype)
-        return torch.float64 if factors.A[0].dtype == torch.float64 else torch.float32
+        return compute_dtype(factors, self.config.compute_dtype)
 
     def _coefficients(self, geoms: list[LayerGeometry]) -> tuple[float, float, int]:
         cfg = self.config
@@ -319,19 +317,6 @@ class FilterThenWeight(Selector):
     def _sum_blocks(self, partial: torch.Tensor) -> torch.Tensor:
         """Sum of per-block partial results over ranks (only when the state is sharded)."""
         return partial if self.reader.replicated else distributed.all_reduce_sum(partial, self.comm)
-
-    def _agree(self, indices: torch.Tensor, weights: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rank 0's (indices, weights) on every rank. The solver is deterministic, but reductions may
-        differ in the last bit across devices, so rank 0 is authoritative; padded to k (-1 / 0)."""
-        if not distributed.is_distributed():
-            return indices, weights
-        packed = torch.full((2, k), -1.0, dtype=torch.float64)
-        packed[0, : indices.numel()] = indices.double()
-        packed[1] = 0.0
-        packed[1, : weights.numel()] = weights
-        packed = distributed.broadcast(packed, 0, self.comm)
-        keep = packed[0] >= 0
-        return packed[0, keep].to(torch.int64), packed[1, keep]
 
     def _projections(self, backends: list[str], dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """This step's (Π_o, Π_i) per sketch layer (one seed per step from the selector's RNG: the

@@ -14,15 +14,7 @@ from typing import Any, Mapping
 import torch
 
 from optsel import distributed
-from optsel.selection.base import Batch, Selection, Selector, register_selector, split_local
-
-
-def _uniform_selection(indices: torch.Tensor, pool_sizes: list[int], seconds: float) -> Selection:
-    indices = indices.sort().values.to(torch.int64)
-    weights = torch.full((indices.numel(),), 1.0 / max(indices.numel(), 1), dtype=torch.float64)
-    local_idx, local_w = split_local(indices, weights, pool_sizes, distributed.info().rank)
-    return Selection(indices=indices, weights=weights, local_indices=local_idx, local_weights=local_w,
-                     pool_size=sum(pool_sizes), timings={"select": seconds})
+from optsel.selection.base import Batch, Selection, Selector, register_selector, uniform_selection
 
 
 @register_selector("random")
@@ -42,7 +34,7 @@ class RandomSelector(Selector):
         sizes = distributed.gather_sizes(int(pool["input_ids"].shape[0]))
         total = sum(sizes)
         chosen = torch.randperm(total, generator=self.generator)[: min(self.budget, total)]
-        return _uniform_selection(chosen, sizes, time.perf_counter() - start)
+        return uniform_selection(chosen, sizes, {"select": time.perf_counter() - start})
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}
@@ -63,7 +55,7 @@ class FullSelector(Selector):
     def select(self, pool: Batch, target: Batch | None = None) -> Selection:
         start = time.perf_counter()
         sizes = distributed.gather_sizes(int(pool["input_ids"].shape[0]))
-        return _uniform_selection(torch.arange(sum(sizes)), sizes, time.perf_counter() - start)
+        return uniform_selection(torch.arange(sum(sizes)), sizes, {"select": time.perf_counter() - start})
 
 
 @register_selector("oracle")
@@ -105,7 +97,7 @@ class OracleSelector(Selector):
         clean = clean[torch.randperm(clean.numel(), generator=self.generator)]
         others = others[torch.randperm(others.numel(), generator=self.generator)]
         chosen = torch.cat([clean[:k], others[: max(0, k - clean.numel())]])
-        return _uniform_selection(chosen, sizes, time.perf_counter() - start)
+        return uniform_selection(chosen, sizes, {"select": time.perf_counter() - start})
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}

@@ -192,7 +192,7 @@ def _full_state(engine) -> dict:
 
 
 def _body(rank: int, world: int, engine_name: str, ds_config_path: str) -> dict:
-    from benchmarks.distributed_select import collective_counter
+    from benchmarks.ranks import collective_counter
     from optsel.pipeline.engines.base import EngineConfig, OptimizerConfig, build_engine
 
     probe = _Probe()

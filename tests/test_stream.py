@@ -127,6 +127,11 @@ def test_corrupt_truncated_and_missing_shards_are_named(dataset_dir, tmp_path):
         verify_split(bad / "train", "size")
     with pytest.raises(ShardError, match="no MDS index at"):
         load_split(DataConfig(local=str(tmp_path / "nowhere")), "val", SINGLE)
+    for text, why in (("[1, 2]", "must hold a JSON object"), ('{"version": 2}', "no 'shards' list"),
+                      ("{not json", "corrupt MDS index")):
+        (bad / "train" / "index.json").write_text(text)
+        with pytest.raises(ShardError, match=f"corrupt MDS index {bad / 'train' / 'index.json'}.*{why}|{why}"):
+            verify_split(bad / "train", "size")
     with pytest.raises(FileNotFoundError, match="kinds.json not found"):
         data_lib.kinds(tmp_path / "nowhere")
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
 
-Batch = Mapping[str, torch.Tensor]
+from optsel.selection.base import Batch  # noqa: F401  (the one batch type; re-exported)
 
 
 @dataclass(kw_only=True)

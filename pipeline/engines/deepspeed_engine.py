@@ -11,7 +11,6 @@ model's hidden size the way Hugging Face's integration does.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,10 @@ import torch
 from torch import nn
 
 from optsel import distributed
-from optsel.losses import SampleLosses, per_sample_token_mean_ce
+from optsel.pipeline import jsonio
 from optsel.pipeline.engines import common
-from optsel.pipeline.engines.base import Batch, Engine, EngineConfig, OptimizerConfig, register_engine
+from optsel.pipeline.engines.base import EngineConfig, OptimizerConfig, register_engine
+from optsel.pipeline.engines.causal_lm import CausalLMEngine
 
 log = logging.getLogger("optsel.engine")
 
@@ -33,16 +33,10 @@ OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_ac
 
 def load_ds_config(path: str | Path) -> dict[str, Any]:
     """Read a DeepSpeed JSON; errors name the file."""
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise FileNotFoundError(f"engine.deepspeed_config: {path} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"engine.deepspeed_config: {path} is not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"engine.deepspeed_config: {path} must hold a JSON object")
-    return data
+    return jsonio.read_object(path, ValueError, f"engine.deepspeed_config: {path} does not exist",
+                              f"engine.deepspeed_config: {path} is not valid")
 
 
 def _auto_sizes(hidden_size: int) -> dict[str, int]:
@@ -114,7 +108,7 @@ def build_client_optimizer(params: list[nn.Parameter], optim: OptimizerConfig, c
 
 
 @register_engine("deepspeed")
-class DeepSpeedEngine(Engine):
+class DeepSpeedEngine(CausalLMEngine):
     """ZeRO-3 data parallelism via ``deepspeed.initialize``.
 
     ``module`` is the DeepSpeedEngine (call it like the model); ``unwrapped_model`` is the HF /
@@ -157,18 +151,8 @@ class DeepSpeedEngine(Engine):
     def unwrapped_model(self) -> nn.Module:
         return self.module.module
 
-    def _losses(self, batch: Batch) -> SampleLosses:
-        inputs = common.model_inputs(batch, self.device)
-        logits = self.module(**inputs, use_cache=False).logits
-        return per_sample_token_mean_ce(logits, batch["labels"].to(self.device))
-
-    def forward_backward(self, batch: Batch, sample_weights: torch.Tensor, loss_scale: float) -> torch.Tensor:
-        weights = common.check_sample_weights(sample_weights, batch["input_ids"].shape[0])
-        self.module.train()
-        losses = self._losses(batch)
-        self.empty_samples.check(losses, weights)
-        self.module.backward(common.weighted_objective(losses.loss, weights, loss_scale))
-        return losses.loss.detach().float().cpu()
+    def _backward(self, objective: torch.Tensor) -> None:
+        self.module.backward(objective)
 
     supports_single_pass = True
 
@@ -192,21 +176,6 @@ class DeepSpeedEngine(Engine):
         # resets its micro-step counter so the next backward overwrites them instead of adding.
         self.optimizer.zero_grad(set_to_none=True)
         self.module.zero_grad()
-
-    @torch.no_grad()
-    def per_sample_loss(self, batch: Batch) -> torch.Tensor:
-        return self._losses(batch).loss.float().cpu()
-
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        was_training = self.module.training
-        self.module.eval()
-        try:
-            return common.greedy_generate(self.module, input_ids, attention_mask, max_new_tokens, self.device)
-        finally:
-            self.module.train(was_training)
-
-    def lr(self) -> float:
-        return float(self.scheduler.get_last_lr()[0])
 
     @torch.no_grad()
     def local_grads_finite(self) -> bool:

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from optsel import distributed
-from optsel.losses import SampleLosses, per_sample_token_mean_ce
 from optsel.pipeline.engines import common
-from optsel.pipeline.engines.base import Batch, Engine, EngineConfig, OptimizerConfig, register_engine
+from optsel.pipeline.engines.base import EngineConfig, OptimizerConfig, register_engine
+from optsel.pipeline.engines.causal_lm import CausalLMEngine
 
 log = logging.getLogger("optsel.engine")
 
@@ -52,7 +52,7 @@ def shard_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 @register_engine("fsdp2")
-class FSDP2Engine(Engine):
+class FSDP2Engine(CausalLMEngine):
     """FSDP2 data parallelism.
 
     ``module`` and ``unwrapped_model`` are the same sharded HF / peft model (FSDP2 shards in place;
@@ -84,19 +84,6 @@ class FSDP2Engine(Engine):
     @property
     def unwrapped_model(self) -> nn.Module:
         return self.module
-
-    def _losses(self, batch: Batch) -> SampleLosses:
-        inputs = common.model_inputs(batch, self.device)
-        logits = self.module(**inputs, use_cache=False).logits
-        return per_sample_token_mean_ce(logits, batch["labels"].to(self.device))
-
-    def forward_backward(self, batch: Batch, sample_weights: torch.Tensor, loss_scale: float) -> torch.Tensor:
-        weights = common.check_sample_weights(sample_weights, batch["input_ids"].shape[0])
-        self.module.train()
-        losses = self._losses(batch)
-        self.empty_samples.check(losses, weights)
-        common.weighted_objective(losses.loss, weights, loss_scale).backward()
-        return losses.loss.detach().float().cpu()
 
     supports_single_pass = True
 
@@ -137,23 +124,7 @@ class FSDP2Engine(Engine):
         ones the optimizer holds. Backward reshards on its own."""
         self.module.reshard()
 
-    def per_sample_loss(self, batch: Batch) -> torch.Tensor:
-        try:
-            return self._losses(batch).loss.float().cpu()
-        finally:
-            self.reshard()
-
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        was_training = self.module.training
-        self.module.eval()
-        try:
-            return common.greedy_generate(self.module, input_ids, attention_mask, max_new_tokens, self.device)
-        finally:
-            self.module.train(was_training)
-            self.reshard()
-
-    def lr(self) -> float:
-        return float(self.scheduler.get_last_lr()[0])
+    _after_forward = reshard
 
     @torch.no_grad()
     def local_grads_finite(self) -> bool:

@@ -1,46 +1,43 @@
-"""Plumbing shared by the baseline selectors: gather factors over ranks, agree on one selection,
-turn scores into a top-k Selection with uniform weights. No selection math lives here."""
+"""Plumbing shared by the baseline selectors: top-k of scores and option checks; the one ``agree``,
+``uniform_selection`` (selection/base.py) and ``compute_dtype`` (selection/capture.py) re-exported.
+No selection math lives here."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from torch import nn
 
 from optsel import distributed
-from optsel.selection.base import Selection, split_local, timed  # noqa: F401  (re-exported)
-from optsel.selection.capture import Factors, gather_factors  # noqa: F401  (re-exported for the baselines)
+from optsel.selection.base import Batch, Selector, agree, timed, uniform_selection  # noqa: F401  (re-exported)
+from optsel.selection.capture import (Factors, capture_factors, compute_dtype, find_covered_layers,  # noqa: F401
+                                      gather_factors)
+from optsel.selection.model_view import model_view_for
 from optsel.selection.solvers import uniform_topk
 
 
-def compute_dtype(factors_or_tensor: Factors | torch.Tensor, choice: str = "auto") -> torch.dtype:
-    """float64 for float64 models, else float32 (``choice`` overrides), as FTW does."""
-    if choice != "auto":
-        return getattr(torch, choice)
-    ref = factors_or_tensor.A[0] if isinstance(factors_or_tensor, Factors) else factors_or_tensor
-    return torch.float64 if ref.dtype == torch.float64 else torch.float32
+class CoveredLayerSelector(Selector):
+    """A baseline that captures per-sample gradients of the covered layers: it keeps the model, the
+    optimizer, its typed config, the engine's model view, the coverage, a CommCounter and a step count."""
 
+    def __init__(self, model: nn.Module, optimizer: Any, config: Any):
+        self.model = model
+        self.optimizer = optimizer
+        self.config = config
+        self.view = model_view_for(model, optimizer)
+        self.coverage = find_covered_layers(model, self.view)
+        self.comm = distributed.CommCounter()
+        self.step = 0
 
-def agree(indices: torch.Tensor, k: int, comm: distributed.CommCounter | None = None) -> torch.Tensor:
-    """Rank 0's indices [s <= k] on every rank (last-bit differences of reductions across ranks
-    must not split the selection); a no-op on one process."""
-    if not distributed.is_distributed():
-        return indices
-    packed = torch.full((k,), -1, dtype=torch.int64)
-    packed[: indices.numel()] = indices
-    packed = distributed.broadcast(packed, 0, comm)
-    return packed[packed >= 0]
-
-
-def uniform_selection(indices: torch.Tensor, pool_sizes: list[int], timings: dict[str, float],
-                      diagnostics: dict[str, Any] | None = None, utility: torch.Tensor | None = None) -> Selection:
-    """Selection of ``indices`` (global, any order) with weight 1/s each; indices sorted."""
-    indices = indices.to(torch.int64).cpu().sort().values
-    weights = torch.full((indices.numel(),), 1.0 / max(indices.numel(), 1), dtype=torch.float64)
-    local_idx, local_w = split_local(indices, weights, pool_sizes, distributed.info().rank)
-    return Selection(indices=indices, weights=weights, local_indices=local_idx, local_weights=local_w,
-                     pool_size=sum(pool_sizes), utility=None if utility is None else utility.detach().cpu(),
-                     timings=timings, diagnostics=diagnostics or {})
+    def capture_pool(self, pool: Batch, timings: dict[str, float]) -> tuple[list[int], Factors]:
+        """Start a step: reset the byte counter, gather the ranks' pool sizes, capture this rank's
+        pool's factors (timed as 'capture'). Returns (pool sizes, local factors)."""
+        self.comm.reset()
+        sizes = distributed.gather_sizes(int(pool["input_ids"].shape[0]))
+        with timed(timings, "capture"):
+            local = capture_factors(self.model, pool, self.coverage.layers, self.config.capture_chunk_size)
+        return sizes, local
 
 
 def topk(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -32,14 +32,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from optsel import distributed
 from optsel.selection import gram as gram_ops
 from optsel.selection.alignment import alignment_partial
-from optsel.selection.base import Batch, Selection, Selector, register_selector
-from optsel.selection.baselines.common import (agree, check_budget, check_chunk_size, compute_dtype, gather_factors,
+from optsel.selection.base import Batch, Selection, register_selector
+from optsel.selection.baselines.common import (CoveredLayerSelector, agree, check_budget, check_chunk_size, compute_dtype, gather_factors,
                                                timed, uniform_selection)
-from optsel.selection.capture import Factors, capture_factors, find_covered_layers
-from optsel.selection.model_view import cleans_up, model_view_for
+from optsel.selection.capture import Factors, capture_factors
+from optsel.selection.model_view import cleans_up
 from optsel.selection.preconditioner import LayerBlock
 from optsel.selection.target import target_block
 
@@ -106,20 +105,11 @@ def greedy_gain(b: torch.Tensor, K: torch.Tensor, k: int, lr: float) -> tuple[to
     return torch.tensor(chosen, dtype=torch.int64), torch.tensor(gains, dtype=torch.float64)
 
 
-class Greats(Selector):
+class Greats(CoveredLayerSelector):
     """GREATS (module docstring); ``Stateful`` (nothing to restore beyond the step counter)."""
 
     name = "greats"
     needs_target = True
-
-    def __init__(self, model: nn.Module, optimizer: Any, config: GreatsConfig):
-        self.model = model
-        self.optimizer = optimizer
-        self.config = config
-        self.view = model_view_for(model, optimizer)
-        self.coverage = find_covered_layers(model, self.view)
-        self.comm = distributed.CommCounter()
-        self.step = 0
 
     def learning_rate(self) -> float:
         if self.config.lr is not None:
@@ -134,13 +124,10 @@ class Greats(Selector):
         if target is None:
             raise ValueError("target: GREATS needs a target batch (input_ids, attention_mask, labels)")
         cfg = self.config
-        self.comm.reset()
         timings: dict[str, float] = {}
-        layers = self.coverage.layers
-        sizes = distributed.gather_sizes(int(pool["input_ids"].shape[0]))
+        sizes, local = self.capture_pool(pool, timings)
         with timed(timings, "capture"):
-            local = capture_factors(self.model, pool, layers, cfg.capture_chunk_size)
-            local_t = capture_factors(self.model, target, layers, cfg.capture_chunk_size)
+            local_t = capture_factors(self.model, target, self.coverage.layers, cfg.capture_chunk_size)
         dtype = compute_dtype(local)
         with timed(timings, "gather"):
             pool_f, target_f = gather_factors(local, dtype, self.comm), gather_factors(local_t, dtype, self.comm)
@@ -149,7 +136,7 @@ class Greats(Selector):
         with timed(timings, "solve"):
             lr = self.learning_rate()
             chosen, gains = greedy_gain(b, K, cfg.budget, lr)
-            chosen = agree(chosen, min(cfg.budget, sum(sizes)), self.comm)
+            chosen, _ = agree(chosen, min(cfg.budget, sum(sizes)), self.comm)
         self.step += 1
         diagnostics = {"lr": lr, "comm_bytes": self.comm.bytes, "gain_first": float(gains[0]) if gains.numel() else 0.0,
                        "gain_last": float(gains[-1]) if gains.numel() else 0.0, "excluded": dict(self.coverage.excluded)}

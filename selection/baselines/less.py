@@ -21,11 +21,11 @@ from torch import nn
 
 from optsel import distributed
 from optsel.selection.alignment import alignment_partial, target_direction
-from optsel.selection.base import Batch, Selection, Selector, register_selector
-from optsel.selection.baselines.common import (agree, check_budget, check_chunk_size, compute_dtype, gather_factors,
+from optsel.selection.base import Batch, Selection, register_selector
+from optsel.selection.baselines.common import (CoveredLayerSelector, agree, check_budget, check_chunk_size, compute_dtype, gather_factors,
                                                timed, topk, uniform_selection)
-from optsel.selection.capture import capture_factors, find_covered_layers
-from optsel.selection.model_view import cleans_up, make_state_reader, model_view_for
+from optsel.selection.capture import capture_factors
+from optsel.selection.model_view import cleans_up, make_state_reader
 from optsel.selection.preconditioner import layer_geometry
 from optsel.selection.target import TargetCache
 
@@ -46,29 +46,21 @@ class LessConfig:
         check_chunk_size("capture_chunk_size", self.capture_chunk_size)
 
 
-class Less(Selector):
+class Less(CoveredLayerSelector):
     name = "less"
     needs_target = True
 
     def __init__(self, model: nn.Module, optimizer: Any, config: LessConfig):
-        self.model = model
-        self.config = config
-        self.view = model_view_for(model, optimizer)
-        self.coverage = find_covered_layers(model, self.view)
+        super().__init__(model, optimizer, config)
         self.reader = make_state_reader(optimizer, "adam", self.view)
         self.target_cache = TargetCache(config.target_refresh)
-        self.comm = distributed.CommCounter()
-        self.step = 0
 
     @cleans_up
     def select(self, pool: Batch, target: Batch | None = None) -> Selection:
         cfg = self.config
-        self.comm.reset()
         timings: dict[str, float] = {}
         layers = self.coverage.layers
-        sizes = distributed.gather_sizes(int(pool["input_ids"].shape[0]))
-        with timed(timings, "capture"):
-            local = capture_factors(self.model, pool, layers, cfg.capture_chunk_size)
+        sizes, local = self.capture_pool(pool, timings)
         dtype = compute_dtype(local)
         geoms = [layer_geometry(self.reader, layer, dtype, use_momentum=False) for layer in layers]
         with timed(timings, "target"):
@@ -88,7 +80,7 @@ class Less(Selector):
             if not self.reader.replicated:
                 b = distributed.all_reduce_sum(b, self.comm)
         with timed(timings, "select"):
-            chosen = agree(topk(b, cfg.budget), min(cfg.budget, sum(sizes)), self.comm)
+            chosen, _ = agree(topk(b, cfg.budget), min(cfg.budget, sum(sizes)), self.comm)
         self.step += 1
         sel = uniform_selection(chosen, sizes, timings, {"comm_bytes": self.comm.bytes}, utility=b)
         sel.alignment, sel.covered = b.cpu(), list(self.coverage.names)

@@ -99,7 +99,7 @@ class _TopScoreSelector(Selector):
         local = self.local_scores(pool, timings)
         with timed(timings, "select"):
             scores = distributed.all_gather_cat(local.cpu(), self.comm)
-            chosen = agree(topk(scores, self.config.budget), min(self.config.budget, sum(sizes)), self.comm)
+            chosen, _ = agree(topk(scores, self.config.budget), min(self.config.budget, sum(sizes)), self.comm)
         return uniform_selection(chosen, sizes, timings, {"comm_bytes": self.comm.bytes}, utility=scores)
 
 

@@ -151,7 +151,7 @@ class UDS(Selector):
             embed = distributed.all_gather_cat(embed, self.comm)
             div = self.diversity(embed)
             score = nuclear + self.config.alpha * div
-            chosen = agree(topk(score, self.config.budget), min(self.config.budget, sum(sizes)), self.comm)
+            chosen, _ = agree(topk(score, self.config.budget), min(self.config.budget, sum(sizes)), self.comm)
             self.push(embed[chosen])
         diagnostics = {"comm_bytes": self.comm.bytes, "buffer_fill": int(self.buffer.shape[0]),
                        "nuclear_mean": float(nuclear.mean()), "diversity_mean": float(div.mean())}
