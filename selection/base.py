@@ -159,11 +159,22 @@ def _import_builtin_selectors() -> None:
                 raise
 
 
+def _wait_for_device() -> None:
+    """Wait for queued CUDA kernels (once CUDA is in use), so that a phase's time is its own work and not
+    the kernels an earlier phase queued; nothing on CPU-only runs."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 @contextmanager
 def timed(timings: dict[str, float], phase: str) -> Iterator[None]:
-    """Add the block's wall seconds to ``timings[phase]`` (``Selection.timings``: selectors report phases alike)."""
+    """Add the block's wall seconds to ``timings[phase]`` (``Selection.timings``: selectors report phases
+    alike). On CUDA the device is synchronised at both ends: kernels run asynchronously, and without it
+    a phase's time lands in whichever later phase first waits for a result."""
+    _wait_for_device()
     start = time.perf_counter()
     try:
         yield
     finally:
+        _wait_for_device()
         timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
