@@ -280,9 +280,7 @@ class Trainer:
             t0 = time.perf_counter()
             pool = next(pools)
             result = self.train_step(pool, time.perf_counter() - t0)
-            self.callbacks.on_step_end(self, result)  # eval, stop decision, checkpoint, logs, progress
-            self.sinks.log(result.metrics, step=self.state.step)
-            self.history.append(result.metrics)
+            self.callbacks.on_step_end(self, result)  # logs, eval, stop decision, metrics, checkpoint, progress
             stopped = result.stop
         if stopped:
             log.warning("stopping after step %d (%s); resume with `optsel train --resume ...`", self.state.step, stopped)

@@ -21,7 +21,7 @@ import torch
 
 from optsel.config_loader import ConfigError
 from optsel.monitoring.sinks import JsonlSink
-from optsel.pipeline.callbacks import (CallbackList, CheckpointCallback, EvalCallback, Heartbeat, LossPlot,
+from optsel.pipeline.callbacks import (CallbackList, CheckpointCallback, EvalCallback, Heartbeat, LossPlot, MetricsLog,
                                        ProgressBar, SelectionsLog, StepResult, StopCallback, SummaryFile,
                                        build_callbacks)
 from optsel.pipeline.callbacks.checkpoint import truncate_jsonl
@@ -95,6 +95,18 @@ def test_selections_log_writes_the_step_record(tmp_path):
 
 
 # -- checkpoints: when, and a save that a fresh start restores ----------------------------------------
+def test_metrics_log_writes_the_step_and_carries_the_last_save_time():
+    logged = []
+    trainer = SimpleNamespace(sinks=SimpleNamespace(log=lambda metrics, step: logged.append((step, dict(metrics)))),
+                              history=[], checkpoint_seconds={})
+    MetricsLog().on_step_end(trainer, first := _result(step=3))
+    assert logged == [(3, first.metrics)] and trainer.history == [first.metrics]
+    assert "checkpoint/save_seconds" not in first.metrics  # no save yet
+    trainer.checkpoint_seconds["save"] = 1.25  # the checkpoint after step 3 (MetricsLog runs before it)
+    MetricsLog().on_step_end(trainer, second := _result(step=4))
+    assert logged[-1] == (4, second.metrics) and second.metrics["checkpoint/save_seconds"] == 1.25
+
+
 def test_checkpoint_decides_periodic_final_and_stop_saves(tmp_path):
     every = CheckpointCallback(_config(tmp_path, "checkpoint.every_steps=4", "training.num_steps=10"), tmp_path)
     assert [s for s in range(1, 11) if every.due(s, "")] == [4, 8, 10]  # periodic, and the last step
@@ -114,9 +126,9 @@ def test_checkpoint_saves_at_a_stop_and_a_restart_restores_the_trainer_state(tmp
     trainer.state.initial_eval = EvalResult(loss=2.5, exact_match=0.25, num_samples=16)
     trainer.state.selector.select({"input_ids": torch.zeros(8, 2)})  # move the selector's RNG
     callback.on_step_end(trainer, result := _result(step=2))
-    assert "checkpoint/save_seconds" not in result.metrics and not callback.manager.complete()
+    assert "save" not in trainer.checkpoint_seconds and not callback.manager.complete()
     callback.on_step_end(trainer, result := _result(step=2, stop="SIGTERM"))
-    assert result.metrics["checkpoint/save_seconds"] == trainer.checkpoint_seconds["save"]
+    assert trainer.checkpoint_seconds["save"] > 0
     (saved,) = callback.manager.complete()
     meta = json.loads((saved / "meta.json").read_text())
     assert saved.name == "step_00000002" and meta["reason"] == "SIGTERM"
@@ -230,7 +242,7 @@ def test_build_callbacks_order_and_switches(tmp_path):
     config.run_dir.mkdir(parents=True)
     everything = build_callbacks(config, config.run_dir, True, checkpointing, 2)
     try:
-        assert _kinds(everything) == ["SelectionsLog", "EvalCallback", "Heartbeat", "StopCallback",
+        assert _kinds(everything) == ["SelectionsLog", "EvalCallback", "Heartbeat", "StopCallback", "MetricsLog",
                                       "CheckpointCallback", "ProgressBar", "SummaryFile", "LossPlot"]
     finally:
         everything.close()
@@ -239,7 +251,8 @@ def test_build_callbacks_order_and_switches(tmp_path):
     quiet = build_callbacks(off, off.run_dir, True, checkpointing, 2)
     other_rank = build_callbacks(config, config.run_dir, False, checkpointing, 2)  # rank > 0 writes no file
     try:
-        assert _kinds(quiet) == _kinds(other_rank) == ["EvalCallback", "Heartbeat", "StopCallback", "CheckpointCallback"]
+        assert _kinds(quiet) == _kinds(other_rank) == ["EvalCallback", "Heartbeat", "StopCallback", "MetricsLog",
+                                                       "CheckpointCallback"]
     finally:  # the reverse of building: each StopCallback restores the handler it found
         other_rank.close()
         quiet.close()

@@ -8,13 +8,14 @@ from typing import Any
 from optsel.pipeline.callbacks.base import Callback, CallbackList, CallbacksConfig, Heartbeat, StepResult
 from optsel.pipeline.callbacks.checkpoint import CheckpointCallback
 from optsel.pipeline.callbacks.eval import EvalCallback
+from optsel.pipeline.callbacks.metrics_log import MetricsLog
 from optsel.pipeline.callbacks.outputs import LossPlot, SummaryFile
 from optsel.pipeline.callbacks.progress import ProgressBar
 from optsel.pipeline.callbacks.selections_log import SelectionsLog
 from optsel.pipeline.callbacks.signals import StopCallback, StopSignals
 
 __all__ = ["Callback", "CallbackList", "CallbacksConfig", "CheckpointCallback", "EvalCallback", "Heartbeat",
-           "LossPlot", "ProgressBar", "SelectionsLog", "StepResult", "StopCallback", "StopSignals", "SummaryFile",
+           "LossPlot", "MetricsLog", "ProgressBar", "SelectionsLog", "StepResult", "StopCallback", "StopSignals", "SummaryFile",
            "build_callbacks"]
 
 
@@ -29,7 +30,7 @@ def build_callbacks(config: Any, run_dir: Path, is_main: bool, checkpointing: Ch
         callbacks.append(SelectionsLog(run_dir / "selections.jsonl"))
     callbacks += [EvalCallback(train.eval_every, train.num_steps), Heartbeat(),
                   StopCallback(config.checkpoint.save_on_signals, train.stop_at_step, train.num_steps),
-                  checkpointing]
+                  MetricsLog(), checkpointing]  # the step's metrics are written before its checkpoint exists
     if is_main and train.progress_bar:
         callbacks.append(ProgressBar(train.num_steps, f"train [{config.selection.method}]"))
     if is_main and switches.summary:

@@ -43,8 +43,7 @@ class CheckpointCallback(Callback):
     def on_step_end(self, trainer: Any, result: StepResult) -> None:
         reason = self.due(result.step, result.stop)
         if reason:
-            self.save(trainer, reason)
-            result.metrics["checkpoint/save_seconds"] = trainer.checkpoint_seconds["save"]
+            self.save(trainer, reason)  # its wall time: checkpoint/save_seconds with the next step (MetricsLog)
 
     def save(self, trainer: Any, reason: str) -> Path:
         """Collective: checkpoint the engine, the data position, the selector and the counters."""
