@@ -28,12 +28,13 @@ def strict(obj: Any) -> Any:
     return obj
 
 
-def read_object(path: Path, error: type[Exception], missing: str, corrupt: str) -> dict[str, Any]:
-    """The JSON object stored in ``path``. ``error`` (message ``missing``) when the file is absent,
-    ``error`` (message ``corrupt`` plus the reason) when it is not JSON or not an object."""
+def read_object(path: Path, error: type[Exception], missing: str, corrupt: str,
+                missing_error: type[Exception] | None = None) -> dict[str, Any]:
+    """The JSON object stored in ``path``. ``missing_error`` (default ``error``; message ``missing``) when
+    the file is absent, ``error`` (message ``corrupt`` plus the reason) when it is not JSON or not an object."""
     path = Path(path)
     if not path.is_file():
-        raise error(missing)
+        raise (missing_error or error)(missing)
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

@@ -107,16 +107,14 @@ def agree(indices: torch.Tensor, k: int, comm: distributed.CommCounter | None = 
     broadcast (padded to k) makes every rank's selection the same. A no-op on one process."""
     if not distributed.is_distributed():
         return indices, weights
-    packed = torch.full((2, k), -1.0, dtype=torch.float64)
-    packed[0, : indices.numel()] = indices.double()
-    packed[1] = 0.0
-    if weights is not None:
-        packed[1, : weights.numel()] = weights.double()
-    packed = distributed.broadcast(packed if weights is not None else packed[0].contiguous(), 0, comm)
-    if weights is None:
-        return packed[packed >= 0].to(torch.int64), None
+    rows = [indices] if weights is None else [indices, weights]
+    packed = torch.zeros(len(rows), k, dtype=torch.float64)
+    packed[0] = -1.0  # index padding; weight padding stays 0
+    for row, values in zip(packed, rows):
+        row[: values.numel()] = values.double()
+    packed = distributed.broadcast(packed, 0, comm)
     keep = packed[0] >= 0
-    return packed[0, keep].to(torch.int64), packed[1, keep]
+    return packed[0, keep].to(torch.int64), (None if weights is None else packed[1, keep])
 
 
 SelectorFactory = Callable[..., Selector]

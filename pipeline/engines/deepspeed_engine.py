@@ -33,10 +33,8 @@ OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_ac
 
 def load_ds_config(path: str | Path) -> dict[str, Any]:
     """Read a DeepSpeed JSON; errors name the file."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"engine.deepspeed_config: {path} does not exist")
     return jsonio.read_object(path, ValueError, f"engine.deepspeed_config: {path} does not exist",
-                              f"engine.deepspeed_config: {path} is not valid")
+                              f"engine.deepspeed_config: {path} is not valid", missing_error=FileNotFoundError)
 
 
 def _auto_sizes(hidden_size: int) -> dict[str, int]:
