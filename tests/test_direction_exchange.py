@@ -69,6 +69,29 @@ def test_layer_cost_counts_the_direction_gather_and_nothing_per_candidate():
     assert cost_model.layer_cost("direction", "sketch", n=64, **{**kw, "world": 1}).bytes == 0.0
 
 
+def test_cost_model_counts_the_engines_gradient_dtype_from_their_configs(monkeypatch, tmp_path):
+    """The engines' bytes follow the shipped configs (fp32 gradient reduce), and a bf16 DeepSpeed config halves
+    its gradient term; the 8B verdict is computed from the rows (nothing about the bar is written in)."""
+    import json
+
+    from benchmarks import cost_model as bench
+
+    assert bench.shipped_grad_wire_bytes() == {"zero3": 4, "fsdp2": 4}
+    llama8b = next(m for m in bench.MODELS if m.name == "Llama 8B")
+    P, root = llama8b.params, llama8b.root_params
+    assert bench.engine_bytes(llama8b, {"zero3": 4, "fsdp2": 4}) == {"zero3": 8 * P, "fsdp2": 6 * P + 2 * (P - root)}
+    bf16_cfg = tmp_path / "zero3_bf16.json"
+    bf16_cfg.write_text(json.dumps({"zero_optimization": {"stage": 3}, "communication_data_type": "bf16"}))
+    monkeypatch.setattr("optsel.resources.default_deepspeed_config", lambda: str(bf16_cfg))
+    assert bench.shipped_grad_wire_bytes()["zero3"] == 2
+    monkeypatch.undo()
+    rows = bench.table([llama8b])
+    lines = bench.verdict(rows)
+    worst_shipped = max(r["direction"] / r[e] for r in rows for e in ("zero3", "fsdp2"))
+    assert worst_shipped < max(r["direction"] / r[e] for r in rows for e in ("zero3_bf16_grad", "fsdp2_bf16_grad"))
+    assert ("met" if worst_shipped <= 0.5 else "NOT met") in lines[0].rsplit(":", 1)[1]
+
+
 @pytest.mark.parametrize("gram", ["exact", "ghost", "sketch"])
 def test_one_process_direction_equals_factors(gram):
     """R = 1: direction computes b with the whole M locally; b, diag, K equal the factors exchange's."""

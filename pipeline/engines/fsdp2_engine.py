@@ -35,13 +35,18 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(max(lists, key=len)) if lists else []
 
 
+#: FSDP2's gradient reduce-scatter dtype under bf16 compute (torchtitan's default too); benchmarks/cost_model.py
+#: counts the engine's bytes with it
+GRAD_REDUCE_DTYPE = torch.float32
+
+
 def shard_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Apply ``fully_shard`` per decoder layer and to the root (in place; returns ``model``)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     kwargs = {}
     if dtype != torch.float32:
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=GRAD_REDUCE_DTYPE)
     layers = decoder_layers(model)
     if not layers:
         log.warning("no decoder layers found to shard one by one; sharding only the root module")
