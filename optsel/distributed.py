@@ -226,19 +226,6 @@ def is_peer_failure(err: BaseException) -> bool:
     return isinstance(err, dist_errors) or (isinstance(err, RuntimeError) and any(h in text for h in _PEER_FAILURE_HINTS))
 
 
-def engine_param_bytes_per_step(model: torch.nn.Module) -> int:
-    """The engine's own parameter traffic per optimizer step, analytic, in the CommCounter's payload
-    convention: ZeRO-3 / FSDP2 (parameters sharded) all-gather every parameter in forward and again in
-    backward and reduce-scatter its gradient, 3 × the parameters' bytes; plain data parallel
-    all-reduces the gradients, 1 ×; 0 on one process. Parameter bytes at the parameters' own dtype."""
-    if not is_distributed():
-        return 0
-    params = list(model.parameters())
-    sharded = any(hasattr(p, "ds_id") or hasattr(p, "device_mesh") for p in params)
-    total = sum(int(getattr(p, "ds_numel", 0) or p.numel()) * p.element_size() for p in params)
-    return (3 if sharded else 1) * total
-
-
 def all_gather_equal(t: torch.Tensor, counter: CommCounter | None = None) -> torch.Tensor:
     """Concatenate every rank's ``t`` along dim 0 when every rank passes the same shape (no size
     exchange, unlike ``all_gather_cat``). Returns a tensor on t's device."""

@@ -62,7 +62,7 @@ class FilterThenWeight(Selector):
         self._pool_pass: PoolPass | None = None
         self._joint_target: Factors | None = None
         self.direction_cache = DirectionCache()  # exchange="direction": gathered M, P (direction_cache=True)
-        self.engine_bytes = distributed.engine_param_bytes_per_step(model)  # the engine's own, per step
+        self.engine_bytes = self.view.engine_bytes_per_step()  # the engine's own, per step
         for layer in self.coverage.layers:  # fail at construction, naming the parameter
             try:
                 self.reader.read(layer.param)

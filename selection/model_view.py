@@ -56,6 +56,16 @@ class ModelView:
         """After a selector's own passes over the pool: back to the between-steps state. The plain
         model needs nothing (capture never writes a parameter's ``.grad``)."""
 
+    def engine_bytes_per_step(self) -> int:
+        """The engine's own traffic per optimizer step, bytes, in the CommCounter's payload convention
+        (the denominator of ``select/engine_bytes_ratio``). Plain data parallelism all-reduces every
+        gradient once at the parameter's dtype; one process moves nothing."""
+        from optsel import distributed
+
+        if self.model is None or not distributed.is_distributed():
+            return 0
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
 
 #: a detector looks at (model, optimizer) and returns its engine's view, None when it is not its
 #: engine, or raises TypeError for a setup of its engine that selection cannot read

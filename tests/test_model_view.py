@@ -120,3 +120,27 @@ def test_plain_view_names_the_missing_engine_view():
         make_state_reader(NotAdam(model.parameters(), lr=0.1), "adam")
     with pytest.raises(ValueError, match="^geometry: "):
         make_state_reader(torch.optim.AdamW(model.parameters()), "newton")
+
+
+def test_fsdp2_view_counts_the_engines_bytes_at_its_mixed_precision_dtypes(monkeypatch, tmp_path):
+    """The Prometheus ratio's denominator: bf16 gathers (forward, backward) + fp32 gradient reduce-scatter
+    = 8 B per parameter under optsel's bf16 policy, 12 B in fp32; nothing on one process."""
+    import torch.distributed as dist
+
+    from optsel import distributed
+    from optsel.pipeline.engines.fsdp2_engine import shard_model
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        counts = {}
+        for dtype in (torch.bfloat16, torch.float32):
+            model = shard_model(tiny_llama(seed=8).float(), dtype)  # fp32 master weights, as the engine keeps
+            view = model_view_for(model, None)
+            assert view.name == "fsdp2" and view.engine_bytes_per_step() == 0  # one process moves nothing
+            with monkeypatch.context() as patch:
+                patch.setattr(distributed, "is_distributed", lambda: True)
+                counts[dtype] = view.engine_bytes_per_step()
+        params = sum(p.numel() for p in tiny_llama(seed=8).parameters())
+        assert counts == {torch.bfloat16: 8 * params, torch.float32: 12 * params}
+    finally:
+        dist.destroy_process_group()

@@ -118,6 +118,23 @@ class FSDP2View(ModelView):
         if self.model is not None:
             self.model.zero_grad(set_to_none=True)
 
+    def engine_bytes_per_step(self) -> int:
+        """Every parameter all-gathered in forward and in backward at the MixedPrecisionPolicy's
+        ``param_dtype`` and its gradient reduce-scattered at ``reduce_dtype`` (unset: the parameter's
+        dtype); the root's skipped backward re-gather is not subtracted (an upper bound by its size)."""
+        from optsel import distributed
+
+        modules = _fsdp_modules(self.model)
+        if not modules or not distributed.is_distributed():
+            return super().engine_bytes_per_step()
+        policy = modules[0]._get_fsdp_state()._mp_policy  # the root's; optsel shards every module alike
+        total = 0
+        for p in self.model.parameters():
+            gather = torch.empty(0, dtype=policy.param_dtype or p.dtype).element_size()
+            grad = torch.empty(0, dtype=policy.reduce_dtype or policy.param_dtype or p.dtype).element_size()
+            total += p.numel() * (2 * gather + grad)
+        return total
+
 
 @register_model_view
 def detect_fsdp2(model: nn.Module | None, optimizer: Any) -> FSDP2View | None:

@@ -154,6 +154,20 @@ class ZeRO3View(ModelView):
         if self.model is not None:
             self.model.zero_grad(set_to_none=True)
 
+    def engine_bytes_per_step(self) -> int:
+        """Every partitioned parameter all-gathered in forward and in backward at its own dtype and its
+        gradient reduce-scattered at the optimizer's ``communication_data_type``."""
+        from optsel import distributed
+
+        if self.model is None or not distributed.is_distributed():
+            return 0
+        comm = getattr(self.optimizer, "communication_data_type", None)
+        total = 0
+        for p in self.model.parameters():
+            grad = torch.empty(0, dtype=comm).element_size() if isinstance(comm, torch.dtype) else p.element_size()
+            total += int(getattr(p, "ds_numel", 0) or p.numel()) * (2 * p.element_size() + grad)
+        return total
+
 
 @register_model_view
 def detect_zero3(model: nn.Module | None, optimizer: Any) -> ZeRO3View | None:
