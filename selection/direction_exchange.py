@@ -156,14 +156,19 @@ def select_direction(ftw: Any, target: Batch | None, local: Factors, geoms: list
                 cache.M[i] = M
                 if P is not None:
                     cache.P[i] = P
+        sketches.append(None)
+        if backends[i] == "exact":  # each G_i formed once for b_i and K_ii
+            with phase(timings, comm, "alignment"):
+                whole = LayerBlock(slice(0, layer.d_out), slice(0, layer.d_in), P, None)
+                part_b, part_diag = gram_ops.exact_alignment_and_diag_partial(A, D, M, whole, cfg.max_temp_elems)
+                b += part_b.double()
+                diag += part_diag.double()
+            del M, P
+            continue
         with phase(timings, comm, "alignment"):
             b += alignment_partial(A, D, M, slice(0, layer.d_out), slice(0, layer.d_in)).double()
         with phase(timings, comm, "gram"):
-            sketches.append(None)
-            if backends[i] == "exact":
-                whole = LayerBlock(slice(0, layer.d_out), slice(0, layer.d_in), P, None)
-                diag += gram_ops.exact_diag_partial(A, D, whole, cfg.max_temp_elems).double()
-            elif backends[i] == "ghost":
+            if backends[i] == "ghost":
                 diag += gram_ops.ghost_diag(A, D, *factors_rc[i], cfg.max_temp_elems).double()
             else:
                 sketches[i] = gram_ops.sketch(A, D, *factors_rc[i], *projections[i])

@@ -122,20 +122,25 @@ class FilterThenWeight(Selector):
                           if backends[i] != "exact" else None for i, (layer, g) in enumerate(zip(layers, geoms))]
             sketches = self._sketches(local, dtype, backends, factors_rc, self._projections(backends, dtype))
 
-        with phase(timings, self.comm, "alignment"):
+        with phase(timings, self.comm, "alignment"):  # exact layers: b and diag K from each G_i formed once
             partial_b = torch.zeros(n_global, dtype=torch.float64, device=self._device())
+            partial_diag = torch.zeros_like(partial_b)
             for i, g in enumerate(geoms):
                 for blk, gv in zip(g.blocks, self.target_cache.blocks[i]):
                     M = target_direction(blk.precond, gv.to(self._device(), dtype), blk.momentum, rho)
-                    partial_b += alignment_partial(pool_f.A[i], pool_f.D[i], M, blk.rows, blk.cols).double()
+                    if backends[i] == "exact":
+                        part_b, part_diag = gram_ops.exact_alignment_and_diag_partial(
+                            pool_f.A[i], pool_f.D[i], M, blk, cfg.max_temp_elems)
+                        partial_b += part_b.double()
+                        partial_diag += part_diag.double()
+                    else:
+                        partial_b += alignment_partial(pool_f.A[i], pool_f.D[i], M, blk.rows, blk.cols).double()
 
         with phase(timings, self.comm, "gram"):
-            partial_diag = torch.zeros(n_global, dtype=torch.float64, device=self._device())
             shared_diag = torch.zeros_like(partial_diag)  # already global on every rank (ghost/sketch)
             for i, g in enumerate(geoms):
                 if backends[i] == "exact":
-                    for blk in g.blocks:
-                        partial_diag += gram_ops.exact_diag_partial(pool_f.A[i], pool_f.D[i], blk, cfg.max_temp_elems).double()
+                    continue  # with the alignment
                 elif backends[i] == "ghost":
                     r, c = factors_rc[i]
                     shared_diag += gram_ops.ghost_diag(pool_f.A[i], pool_f.D[i], r, c, cfg.max_temp_elems).double()

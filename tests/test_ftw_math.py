@@ -149,6 +149,10 @@ def test_block_partials_sum_to_the_whole(llama_state, how):
         torch.testing.assert_close(K_sum, gram_ops.exact_gram_partial(A, D, whole), rtol=1e-10, atol=1e-14)
         d_sum = sum(gram_ops.exact_diag_partial(A, D, p, max_elems=300) for p in parts)
         torch.testing.assert_close(d_sum, K_sum.diagonal(), rtol=1e-10, atol=1e-14)
+        # the fused form (each G_i formed once for b_i and K_ii), chunked, per block, equals both
+        fused = [gram_ops.exact_alignment_and_diag_partial(A, D, M[p.rows, p.cols], p, max_elems=300) for p in parts]
+        torch.testing.assert_close(sum(f[0] for f in fused), b_whole, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(sum(f[1] for f in fused), K_sum.diagonal(), rtol=1e-10, atol=1e-14)
         s_sum = sum(gram_ops.rank_one_partials([p], layer.d_out, layer.d_in) for p in parts)
         torch.testing.assert_close(s_sum, gram_ops.rank_one_partials([whole], layer.d_out, layer.d_in))
 
