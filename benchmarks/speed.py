@@ -166,22 +166,35 @@ def step_table(device, n, T, k, repeats, size: str = "small") -> dict:
     return rows
 
 
+#: select-vs-T variants: (label, gram, capture chunking). Memory is bounded by chunking in both: 4 samples
+#: per capture pass (as first committed), or a token budget of 4 × the sweep's longest T — the same bound at
+#: the longest T, whole-pool passes at short T (added 2026-11-27; both reported)
+def sweep_variants(max_T: int) -> list[tuple[str, str, dict]]:
+    tokens = 4 * max_T
+    return [("auto", "auto", {"capture_chunk_size": 4}), ("exact", "exact", {"capture_chunk_size": 4}),
+            (f"auto, ≤ {tokens} tokens/pass", "auto", {"capture_chunk_tokens": tokens}),
+            (f"exact, ≤ {tokens} tokens/pass", "exact", {"capture_chunk_tokens": tokens})]
+
+
 def seq_sweep(device, n, k, lengths, repeats, cap_s, size: str = "small") -> dict:
-    """FTW select seconds and the plain step over the same N at each T (backends: the default "auto"
-    and "exact"); a backend is dropped after a T whose select exceeds cap_s."""
-    out: dict[str, dict[int, dict[str, float]]] = {g: {} for g in ("auto", "exact")}
+    """FTW select seconds and the plain step over the same N at each T (:func:`sweep_variants`: the
+    default "auto" and "exact", chunked by samples and by tokens); a variant is dropped after a T whose
+    select exceeds cap_s."""
+    variants = sweep_variants(max(lengths))
+    out: dict[str, dict[int, dict[str, float]]] = {label: {} for label, _, _ in variants}
     model = build_model(device, max_pos=max(lengths), size=size)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     train_step(model, opt, make_pool(n, 64, 7, device), torch.full((n,), 1.0 / n, device=device))
     for T in lengths:
         pool, target = make_pool(n, T, 11, device), make_pool(4, T, 12, device)
         plain = time_plain(model, opt, [pool] * (repeats + 1), device, repeats)["step_s"]
-        for gram, res in out.items():
+        for label, gram, chunking in variants:
+            res = out[label]
             if res and max(r["select_s"] for r in res.values()) > cap_s:
                 continue
             factory = get_selector_factory("ftw")
             sel = factory(model=model, optimizer=opt, budget=k, seed=0,
-                          config=factory.config_class(budget=k, gram=gram, capture_chunk_size=4))
+                          config=factory.config_class(budget=k, gram=gram, **chunking))
             times = []
             for r in range(repeats + 1):
                 sync(device)
@@ -192,7 +205,7 @@ def seq_sweep(device, n, k, lengths, repeats, cap_s, size: str = "small") -> dic
                     times.append(time.perf_counter() - t0)
             res[T] = {"select_s": sum(times) / len(times), "plain_s": plain}
             res[T]["ratio"] = res[T]["select_s"] / plain
-            print(f"[speed] T={T:5d} {gram:6s} select {res[T]['select_s']:.3f} s, plain {plain:.3f} s, "
+            print(f"[speed] T={T:5d} {label:28s} select {res[T]['select_s']:.3f} s, plain {plain:.3f} s, "
                   f"ratio {res[T]['ratio']:.2f}", flush=True)
     return out
 

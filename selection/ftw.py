@@ -258,9 +258,11 @@ class FilterThenWeight(Selector):
         forward/backward when given: (pool factors, target factors or None)."""
         cfg, layers = self.config, self.coverage.layers
         if target is None:
-            return capture_factors(self.model, pool, layers, cfg.capture_chunk_size, self._pool_pass, self.leaves), None
+            return capture_factors(self.model, pool, layers, cfg.capture_chunk(pool["input_ids"].shape[1]),
+                                   self._pool_pass, self.leaves), None
         n = int(pool["input_ids"].shape[0])
-        both = capture_factors(self.model, stack_batches(pool, target), layers, cfg.capture_chunk_size,
+        joint = stack_batches(pool, target)
+        both = capture_factors(self.model, joint, layers, cfg.capture_chunk(joint["input_ids"].shape[1]),
                                self._pool_pass, self.leaves)
         return both.rows(0, n), both.rows(n, both.num_samples)
 
@@ -273,7 +275,8 @@ class FilterThenWeight(Selector):
         if joint is not None:
             return joint
         batch = gather_batch(target, self.comm) if whole else target
-        return capture_factors(self.model, batch, self.coverage.layers, self.config.capture_chunk_size)
+        return capture_factors(self.model, batch, self.coverage.layers,
+                               self.config.capture_chunk(batch["input_ids"].shape[1]))
 
     def _device(self) -> torch.device:
         return self.coverage.layers[0].param.device

@@ -28,7 +28,9 @@ class FTWConfig:
     selection/sketch_exchange.py). direction_dtype: "compute" (M crosses ranks in compute_dtype: exact)
     | "bfloat16" (half the bytes, b rounded). direction_cache: keep the gathered M (a full copy of the
     covered weights per rank) while target, optimizer step and ρ are unchanged. capture_chunk_size: samples per
-    forward/backward (None: whole pool). max_temp_elems: bound on temporaries of the Gram kernels
+    forward/backward (None: whole pool). capture_chunk_tokens: instead, at most this many token positions
+    (samples × padded T) per forward/backward, so memory stays bounded whatever T is and short
+    sequences are not split into needlessly small passes. max_temp_elems: bound on temporaries of the Gram kernels
     and on T² for auto's ghost choice. compute_dtype: "auto" = float64 for float64 models else float32.
 
     Options studied by the quality benchmark (docs/design.md §5):
@@ -65,6 +67,7 @@ class FTWConfig:
     sketch_dim_out: int = 32
     sketch_dim_in: int = 32
     capture_chunk_size: int | None = None
+    capture_chunk_tokens: int | None = None
     max_temp_elems: int = 1 << 24
     compute_dtype: Literal["auto", "float32", "float64"] = "auto"
     exchange: Literal["direction", "factors", "sketches"] = "direction"
@@ -122,8 +125,17 @@ class FTWConfig:
         for name in ("sketch_dim_out", "sketch_dim_in", "max_temp_elems"):
             if getattr(self, name) < 1:
                 raise bad(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.capture_chunk_size is not None and self.capture_chunk_size < 1:
-            raise bad("capture_chunk_size", f"must be >= 1 or null, got {self.capture_chunk_size}")
+        for name in ("capture_chunk_size", "capture_chunk_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise bad(name, f"must be >= 1 or null, got {getattr(self, name)}")
+        if self.capture_chunk_size is not None and self.capture_chunk_tokens is not None:
+            raise bad("capture_chunk_tokens", "set capture_chunk_size or capture_chunk_tokens, not both")
+
+    def capture_chunk(self, width: int) -> int | None:
+        """Samples per capture forward/backward for a batch padded to ``width`` tokens (None: all)."""
+        if self.capture_chunk_tokens is not None:
+            return max(1, self.capture_chunk_tokens // max(int(width), 1))
+        return self.capture_chunk_size
 
     def weight_cap(self, k: int) -> float | None:
         """The cap on each weight: w_max and 1/(ess_fraction·k), whichever is tighter (None: no cap)."""

@@ -29,6 +29,8 @@ def trained():
     (dict(budget=2, momentum_coef=-0.1), "momentum_coef"), (dict(budget=4, w_max=0.1), "w_max"),
     (dict(budget=2, target_refresh=0), "target_refresh"), (dict(budget=2, sketch_dim_in=0), "sketch_dim_in"),
     (dict(budget=2, solver="scs"), "solver"), (dict(budget=2, support="all"), "support"),
+    (dict(budget=2, capture_chunk_tokens=0), "capture_chunk_tokens"),
+    (dict(budget=2, capture_chunk_size=2, capture_chunk_tokens=64), "capture_chunk_tokens"),
 ])
 def test_config_validation_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}: "):
@@ -170,3 +172,26 @@ def test_two_ranks_select_what_one_rank_selects(tmp_path):
             torch.testing.assert_close(K, one.gram, rtol=1e-9, atol=1e-12)
             mine = one.indices[(one.indices >= 4 * r) & (one.indices < 4 * r + 4)] - 4 * r
             assert torch.equal(local_idx, mine) and comm > 0
+
+
+def test_capture_chunk_tokens_bounds_tokens_per_pass_and_selects_the_same(trained):
+    """capture_chunk_tokens t: ⌊t / padded T⌋ samples per capture pass (at least 1), and the selection
+    equals the unchunked one (the capture is per sample) — single pass, joint target."""
+    model, opt, pool, target = trained
+    assert FTWConfig(budget=2, capture_chunk_tokens=20).capture_chunk(9) == 2
+    assert FTWConfig(budget=2, capture_chunk_tokens=5).capture_chunk(9) == 1
+    assert FTWConfig(budget=2, capture_chunk_size=3).capture_chunk(4096) == 3
+    assert FTWConfig(budget=2).capture_chunk(9) is None
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[0]),
+                                             with_kwargs=True)
+    try:
+        chunked = FilterThenWeight(model, opt, FTWConfig(budget=3, gram="exact", capture_chunk_tokens=27)
+                                   ).select(pool, target)
+    finally:
+        handle.remove()
+    whole = FilterThenWeight(model, opt, FTWConfig(budget=3, gram="exact")).select(pool, target)
+    assert calls == [3, 3, 3, 3, 2], calls  # 10 pool + 4 target rows at padded T = 9: 27 // 9 = 3 per pass
+    assert torch.equal(chunked.indices, whole.indices)
+    torch.testing.assert_close(chunked.alignment, whole.alignment, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(chunked.weights, whole.weights, rtol=1e-6, atol=1e-9)
