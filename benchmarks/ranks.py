@@ -1,22 +1,13 @@
-"""Benchmark plumbing for multi-rank runs: spawn R gloo processes on this machine and count every
-collective they issue (bytes and calls by kind, as a TorchDispatchMode sees them), so that measured
-bytes do not depend on who called the collective."""
+"""Benchmark plumbing for multi-rank runs: spawn R gloo processes on this machine (optsel.launch.local_ranks,
+the tests' spawner too) and count every collective they issue (bytes and calls by kind, as a
+TorchDispatchMode sees them), so that measured bytes do not depend on who called the collective."""
 
 from __future__ import annotations
 
-import io
-import os
-import queue
-import socket
 import sys
-import time
-import traceback
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
-
-TORCH_EXTENSIONS_DIR = str(Path.home() / ".cache" / "optsel" / "torch_extensions")
 
 
 # -- counting every collective ----------------------------------------------------------------------
@@ -126,71 +117,13 @@ def logging_quiet() -> None:
 
 # -- spawning R ranks ---------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _child(rank, world, port, engine, threads, fn, args, env, results) -> None:
-    os.environ.update(env)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(threads)
-    try:
-        from optsel import distributed
-
-        distributed.init_distributed(engine, timeout_s=300.0, backend="gloo")
-        try:
-            value = fn(rank, world, *args)
-        finally:
-            distributed.destroy()
-        buf = io.BytesIO()
-        torch.save(value, buf)
-        results.put((rank, "ok", buf.getvalue()))
-    except BaseException:  # noqa: BLE001 - report everything to the parent
-        results.put((rank, "error", traceback.format_exc()))
-
-
 def run_ranks(fn: Callable[..., Any], world: int, engine: str, args: tuple, threads: int, timeout_s: float) -> list:
-    """``fn(rank, world, *args)`` on ``world`` spawned gloo processes; results in rank order."""
-    import torch.multiprocessing as mp
+    """``fn(rank, world, *args)`` on ``world`` spawned gloo processes joined by ``engine``; results in rank
+    order (optsel.launch.local_ranks; errors name the engine and R)."""
+    from optsel.launch.local_ranks import LocalRanksError, run_local_ranks
 
-    from optsel.launch.launchers import deepspeed_shm_files, remove_files
-
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    env = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", TORCH_EXTENSIONS_DIR),
-           "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-    procs = [ctx.Process(target=_child, args=(r, world, port, engine, threads, fn, args, env, results))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    got: dict[int, tuple[str, Any]] = {}
-    deadline = time.monotonic() + timeout_s
     try:
-        while len(got) < world:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{engine} R={world}: timed out after {timeout_s:.0f} s")
-            try:
-                rank, status, payload = results.get(timeout=1.0)
-            except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if r not in got and p.exitcode not in (None, 0)]
-                if dead:
-                    raise RuntimeError(f"{engine} R={world}: rank(s) {dead} died "
-                                       f"(exit codes {[procs[r].exitcode for r in dead]})")
-                continue
-            got[rank] = (status, payload)
-            if status == "error":
-                raise RuntimeError(f"{engine} R={world}: rank {rank} raised:\n{payload}")
-        for p in procs:
-            p.join(timeout=30)
-        return [torch.load(io.BytesIO(got[r][1]), weights_only=False) for r in range(world)]
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=10)
-        results.close()
-        remove_files(deepspeed_shm_files(port))
+        return run_local_ranks(fn, world, args=args, init=engine, threads=threads, timeout_s=timeout_s,
+                               init_timeout_s=300.0, env={"TOKENIZERS_PARALLELISM": "false"})
+    except LocalRanksError as err:
+        raise RuntimeError(f"{engine} R={world}: {err}") from err
