@@ -74,15 +74,13 @@ MODELS = (Llama("Llama 1B", 2048, 8192, 16, 512, 128256, tied=True),
 
 def shipped_grad_wire_bytes() -> dict[str, int]:
     """Bytes per gradient element that each engine, as optsel configures it, reduce-scatters."""
-    import torch
-
     from optsel.pipeline.engines.deepspeed_engine import load_ds_config
     from optsel.pipeline.engines.fsdp2_engine import GRAD_REDUCE_DTYPE
     from optsel.resources import default_deepspeed_config
 
     comm = str(load_ds_config(default_deepspeed_config()).get("communication_data_type", "bf16")).lower()
     ds = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bfloat16": 2}[comm]
-    return {"zero3": ds, "fsdp2": torch.empty(0, dtype=GRAD_REDUCE_DTYPE).element_size()}
+    return {"zero3": ds, "fsdp2": GRAD_REDUCE_DTYPE.itemsize}
 
 
 def engine_bytes(model: Llama, grad_wire: dict[str, int]) -> dict[str, float]:

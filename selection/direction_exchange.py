@@ -163,16 +163,15 @@ def select_direction(ftw: Any, target: Batch | None, local: Factors, geoms: list
                 part_b, part_diag = gram_ops.exact_alignment_and_diag_partial(A, D, M, whole, cfg.max_temp_elems)
                 b += part_b.double()
                 diag += part_diag.double()
-            del M, P
-            continue
-        with phase(timings, comm, "alignment"):
-            b += alignment_partial(A, D, M, slice(0, layer.d_out), slice(0, layer.d_in)).double()
-        with phase(timings, comm, "gram"):
-            if backends[i] == "ghost":
-                diag += gram_ops.ghost_diag(A, D, *factors_rc[i], cfg.max_temp_elems).double()
-            else:
-                sketches[i] = gram_ops.sketch(A, D, *factors_rc[i], *projections[i])
-                diag += sketches[i].reshape(n_local, -1).square().sum(1).double()
+        else:
+            with phase(timings, comm, "alignment"):
+                b += alignment_partial(A, D, M, slice(0, layer.d_out), slice(0, layer.d_in)).double()
+            with phase(timings, comm, "gram"):
+                if backends[i] == "ghost":
+                    diag += gram_ops.ghost_diag(A, D, *factors_rc[i], cfg.max_temp_elems).double()
+                else:
+                    sketches[i] = gram_ops.sketch(A, D, *factors_rc[i], *projections[i])
+                    diag += sketches[i].reshape(n_local, -1).square().sum(1).double()
         del M, P
 
     with phase(timings, comm, "gather"):  # the only per-candidate traffic: N × (b, diag K, tokens)

@@ -138,13 +138,11 @@ class FilterThenWeight(Selector):
 
         with phase(timings, self.comm, "gram"):
             shared_diag = torch.zeros_like(partial_diag)  # already global on every rank (ghost/sketch)
-            for i, g in enumerate(geoms):
-                if backends[i] == "exact":
-                    continue  # with the alignment
-                elif backends[i] == "ghost":
+            for i, g in enumerate(geoms):  # exact layers' diag came with the alignment
+                if backends[i] == "ghost":
                     r, c = factors_rc[i]
                     shared_diag += gram_ops.ghost_diag(pool_f.A[i], pool_f.D[i], r, c, cfg.max_temp_elems).double()
-                else:
+                elif backends[i] == "sketch":
                     shared_diag += sketches[i].reshape(n_global, -1).square().sum(1).double()
             reduced = self._sum_blocks(torch.stack([partial_b, partial_diag]))
             alignment, diag = reduced[0], reduced[1] + shared_diag

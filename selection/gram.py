@@ -44,15 +44,20 @@ def _chunk_for(elems_per_sample: int, max_elems: int) -> int:
     return max(1, max_elems // max(elems_per_sample, 1))
 
 
-def exact_diag_partial(A: torch.Tensor, D: torch.Tensor, blk: LayerBlock, max_elems: int = 1 << 24) -> torch.Tensor:
-    """Partial K_ii = Σ_block P ⊙ G_i² over one block, [n]."""
+def _flat_grad_chunks(A: torch.Tensor, D: torch.Tensor, blk: LayerBlock, max_elems: int):
+    """(sample slice, its gradient blocks [chunk, r·c]) over ``A``'s samples, chunk·r·c ≤ max_elems."""
     r, c = blk.precond.shape
     step = _chunk_for(r * c, max_elems)
+    for s in range(0, A.shape[0], step):
+        yield slice(s, s + step), _grads(A[s:s + step], D[s:s + step], blk.rows, blk.cols).reshape(-1, r * c)
+
+
+def exact_diag_partial(A: torch.Tensor, D: torch.Tensor, blk: LayerBlock, max_elems: int = 1 << 24) -> torch.Tensor:
+    """Partial K_ii = Σ_block P ⊙ G_i² over one block, [n]."""
     out = torch.empty(A.shape[0], dtype=blk.precond.dtype, device=blk.precond.device)
     p_flat = blk.precond.reshape(-1)
-    for s in range(0, A.shape[0], step):
-        g = _grads(A[s:s + step], D[s:s + step], blk.rows, blk.cols).reshape(-1, r * c)
-        out[s:s + step] = g.square_() @ p_flat
+    for rows, g in _flat_grad_chunks(A, D, blk, max_elems):
+        out[rows] = g.square_() @ p_flat
     return out
 
 
@@ -61,16 +66,12 @@ def exact_alignment_and_diag_partial(A: torch.Tensor, D: torch.Tensor, M: torch.
     """Partial (b_i = ⟨M, G_i⟩, K_ii = ⟨P, G_i²⟩) over one block, two [n]: each G_i is formed once
     and serves both, so the exact backend's alignment costs no GEMM of its own (n·T·r·c to form,
     2·n·r·c for the two dot products). M [r, c]: selection/alignment.py's target direction."""
-    r, c = blk.precond.shape
-    step = _chunk_for(r * c, max_elems)
-    n = A.shape[0]
-    b = torch.empty(n, dtype=blk.precond.dtype, device=blk.precond.device)
+    b = torch.empty(A.shape[0], dtype=blk.precond.dtype, device=blk.precond.device)
     diag = torch.empty_like(b)
     m_flat, p_flat = M.reshape(-1).to(blk.precond.dtype), blk.precond.reshape(-1)
-    for s in range(0, n, step):
-        g = _grads(A[s:s + step], D[s:s + step], blk.rows, blk.cols).reshape(-1, r * c)
-        b[s:s + step] = g @ m_flat
-        diag[s:s + step] = g.square_() @ p_flat
+    for rows, g in _flat_grad_chunks(A, D, blk, max_elems):
+        b[rows] = g @ m_flat
+        diag[rows] = g.square_() @ p_flat
     return b, diag
 
 

@@ -130,8 +130,8 @@ class FSDP2View(ModelView):
         policy = modules[0]._get_fsdp_state()._mp_policy  # the root's; optsel shards every module alike
         total = 0
         for p in self.model.parameters():
-            gather = torch.empty(0, dtype=policy.param_dtype or p.dtype).element_size()
-            grad = torch.empty(0, dtype=policy.reduce_dtype or policy.param_dtype or p.dtype).element_size()
+            gather = (policy.param_dtype or p.dtype).itemsize
+            grad = (policy.reduce_dtype or policy.param_dtype or p.dtype).itemsize
             total += p.numel() * (2 * gather + grad)
         return total
 

@@ -164,7 +164,7 @@ class ZeRO3View(ModelView):
         comm = getattr(self.optimizer, "communication_data_type", None)
         total = 0
         for p in self.model.parameters():
-            grad = torch.empty(0, dtype=comm).element_size() if isinstance(comm, torch.dtype) else p.element_size()
+            grad = comm.itemsize if isinstance(comm, torch.dtype) else p.element_size()
             total += int(getattr(p, "ds_numel", 0) or p.numel()) * (2 * p.element_size() + grad)
         return total
 
