@@ -1,5 +1,6 @@
 """Speed benchmark: wall time per step, by phase, of random / full / greats / uds / ftw (each Gram
-backend), as ratios to a plain training step over the whole pool; peak memory; FTW select time vs
+backend), as ratios to a plain training step over the whole pool; the same ratio in counted FLOPs; peak
+memory; FTW's FLOP ratio over a grid of pool size N, budget k and target size |V|; FTW select time vs
 sequence length T per Gram backend.
 
     python -m benchmarks.speed [--quick] [--out results/speed] [--device cpu|cuda]
@@ -8,10 +9,15 @@ The model is the demo's tiny Llama (hidden 64, 2 layers, byte vocabulary 259), t
 torch AdamW a few steps first so the optimizer state exists; pools are random token sequences with
 random lengths (right padding, first 4 tokens prompt). One step of a method = select + forward/
 backward on the chosen samples with their weights + optimizer step; the reference ("plain") step is
-forward/backward + optimizer step on all N. On CUDA every timed region is synchronized and each
-configuration is warmed up first (a whole warm-up pass over all configurations, then one
-warm-up step per configuration). Peak memory: CUDA max_memory_allocated per configuration; on CPU
-the process's peak RSS (ru_maxrss, monotone over the run, so only an upper bound).
+forward/backward + optimizer step on all N. Timing runs in interleaved rounds: each round times the
+plain step, then every method once (the order rotated by one each round), then the plain step again;
+a method's ratio is the median over rounds of its step / the mean of that round's two plain steps, so a
+shared machine's slow spells hit the method and its reference alike. FLOPs: matmul and attention
+FLOPs (torch.utils.flop_counter, with the CPU flash-attention kernels added) of one step per method
+after the timed rounds — deterministic, and what a compute-bound accelerator's ratio tends to. On CUDA
+every timed region is synchronized. Each configuration is warmed up first (a whole warm-up round).
+Peak memory: CUDA max_memory_allocated per configuration; on CPU the process's peak RSS (ru_maxrss,
+monotone over the run, so only an upper bound).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import platform
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -95,19 +102,33 @@ CONFIGS = [("random", "random", None), ("full", "full", None), ("greats", "great
            ("ftw[exact, refresh 8]", "ftw", {"gram": "exact", "target_refresh": 8}),
            ("ftw[exact, two-pass, fista]", "ftw", {"gram": "exact", "single_pass": False, "solver": "torch"}),
            ("ftw[ghost]", "ftw", {"gram": "ghost"}), ("ftw[sketch]", "ftw", {"gram": "sketch"}),
-           ("ftw[auto]", "ftw", {"gram": "auto"})]
+           ("ftw[auto]", "ftw", {"gram": "auto"}),
+           # added 2026-11-27 before its first run: b from sketches too (no exact-b GEMM)
+           ("ftw[sketches exchange]", "ftw", {"exchange": "sketches", "gram": "sketch"})]
 
 
-def time_method(method, options, model, opt, pools, target, k, device, repeats) -> dict:
-    selector = make_selector(method, model, opt, k, options)
-    phases: dict[str, float] = {}
-    totals = {"select": 0.0, "train": 0.0}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for r, pool in enumerate(pools):  # pools[0] is the warm-up
+class Method:
+    """One configuration under test: its selector and what its timed steps measured."""
+
+    def __init__(self, name: str, method: str, options: dict | None, model, opt, k: int):
+        self.name, self.model, self.opt = name, model, opt
+        self.selector = make_selector(method, model, opt, k, options)
+        self.steps: list[float] = []
+        self.selects: list[float] = []
+        self.trains: list[float] = []
+        self.ratios: list[float] = []
+        self.phases: dict[str, float] = {}
+        self.peak = 0.0
+        self.flops = 0
+
+    def step(self, pool, target, device, record: bool = True) -> float:
+        """One select + training step; returns its seconds (recorded unless ``record`` is False)."""
+        model, opt = self.model, self.opt
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         sync(device)
         t0 = time.perf_counter()
-        sel = selector.select(pool, target if selector.needs_target else None)
+        sel = self.selector.select(pool, target if self.selector.needs_target else None)
         sync(device)
         t1 = time.perf_counter()
         rows = sel.local_indices.to(device)
@@ -119,33 +140,79 @@ def time_method(method, options, model, opt, pools, target, k, device, repeats) 
             train_step(model, opt, {key: v[rows] for key, v in pool.items()}, sel.local_weights.to(device))
         sync(device)
         t2 = time.perf_counter()
-        if r == 0:
-            continue
-        totals["select"] += t1 - t0
-        totals["train"] += t2 - t1
-        for phase, sec in sel.timings.items():
-            phases[phase] = phases.get(phase, 0.0) + sec
-    return {"select_s": totals["select"] / repeats, "train_s": totals["train"] / repeats,
-            "step_s": (totals["select"] + totals["train"]) / repeats,
-            "phases_s": {p: s / repeats for p, s in phases.items()}, "peak_memory_bytes": peak_memory(device)}
+        self.peak = max(self.peak, peak_memory(device))
+        if record:
+            self.steps.append(t2 - t0)
+            self.selects.append(t1 - t0)
+            self.trains.append(t2 - t1)
+            for phase, sec in sel.timings.items():
+                self.phases[phase] = self.phases.get(phase, 0.0) + sec
+        return t2 - t0
+
+    def row(self) -> dict:
+        """Medians over the rounds (phases: means)."""
+        n = max(len(self.steps), 1)
+        return {"select_s": statistics.median(self.selects), "train_s": statistics.median(self.trains),
+                "step_s": statistics.median(self.steps), "ratio_to_plain": statistics.median(self.ratios),
+                "ratios": self.ratios, "phases_s": {p: s / n for p, s in self.phases.items()},
+                "flops": self.flops, "peak_memory_bytes": self.peak}
+
+
+def _attention_flops() -> dict:
+    """FLOP formulas for the CPU flash-attention kernels, which torch.utils.flop_counter leaves out."""
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    def forward(q, k, v, *args, out_val=None, **kwargs):
+        return sdpa_flop_count(q.shape, k.shape, v.shape)
+
+    def backward(grad, q, k, v, *args, out_val=None, **kwargs):
+        return sdpa_backward_flop_count(grad.shape, q.shape, k.shape, v.shape)
+
+    forward._get_raw = backward._get_raw = True  # they take tensors, not shapes
+    aten = torch.ops.aten
+    pairs = ((getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None), forward),
+             (getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None), backward))
+    return {op: fn for op, fn in pairs if op is not None}
+
+
+def count_flops(fn) -> int:
+    """Matmul + attention FLOPs of ``fn()`` (torch.utils.flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False, custom_mapping=_attention_flops()) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def plain_step(model, opt, pool, device) -> float:
+    """Seconds of one plain step (forward + backward + AdamW over the whole pool)."""
+    n = pool["input_ids"].shape[0]
+    sync(device)
+    t0 = time.perf_counter()
+    train_step(model, opt, pool, torch.full((n,), 1.0 / n, device=device))
+    sync(device)
+    return time.perf_counter() - t0
 
 
 def time_plain(model, opt, pools, device, repeats) -> dict:
+    """Mean seconds of plain steps on pools[1:] (pools[0] warms up)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    total = 0.0
-    for r, pool in enumerate(pools):
-        n = pool["input_ids"].shape[0]
-        sync(device)
-        t0 = time.perf_counter()
-        train_step(model, opt, pool, torch.full((n,), 1.0 / n, device=device))
-        sync(device)
-        if r:
-            total += time.perf_counter() - t0
-    return {"step_s": total / repeats, "peak_memory_bytes": peak_memory(device)}
+    times = [plain_step(model, opt, pool, device) for pool in pools]
+    return {"step_s": sum(times[1:]) / repeats, "peak_memory_bytes": peak_memory(device)}
+
+
+def floor_ratio(n: int, k: int, v: int) -> float:
+    """FTW's single-pass step / a plain step in covered-layer GEMM FLOPs, target every step. With F one
+    forward over the pool's linear layers: plain = F + F (input gradients) + F (weight gradients); FTW =
+    (1 + v/n)·2F (forward + input gradients of pool and target) + F (exact b: the pool's weight-gradient
+    GEMM against M instead) + (v/n)·F (the target's weight gradient) + (k/n)·F (the chosen rows')."""
+    return (3 + 3 * v / n + k / n) / 3
 
 
 def step_table(device, n, T, k, repeats, size: str = "small") -> dict:
+    """Per method (and "plain"): median step, select and train seconds over ``repeats`` interleaved rounds,
+    the median per-round ratio to the plain step, mean phase seconds, FLOPs of one step and their ratio."""
     model = build_model(device, max_pos=max(64, T), size=size)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     warm = [make_pool(n, T, 1000 + s, device) for s in range(3)]
@@ -153,17 +220,65 @@ def step_table(device, n, T, k, repeats, size: str = "small") -> dict:
         train_step(model, opt, p, torch.full((n,), 1.0 / n, device=device))
     pools = [make_pool(n, T, s, device) for s in range(repeats + 1)]
     target = make_pool(max(4, k), T, 999, device)
-    time_plain(model, opt, pools[:2], device, 1)  # global warm-up pass: first-call costs out of the table
-    for _, method, options in CONFIGS:
-        time_method(method, options, model, opt, pools[:2], target, k if method != "full" else n, device, 1)
-    rows = {"plain": time_plain(model, opt, pools, device, repeats)}
-    for name, method, options in CONFIGS:
-        rows[name] = time_method(method, options, model, opt, pools, target, k if method != "full" else n,
-                                 device, repeats)
-        rows[name]["ratio_to_plain"] = rows[name]["step_s"] / rows["plain"]["step_s"]
-        print(f"[speed] {name:12s} step {rows[name]['step_s'] * 1e3:8.1f} ms  "
-              f"x{rows[name]['ratio_to_plain']:.2f} of plain", flush=True)
+    methods = [Method(name, method, options, model, opt, k if method != "full" else n)
+               for name, method, options in CONFIGS]
+    plain_s: list[float] = []
+    plain_peak = 0.0
+    for r, pool in enumerate(pools):  # round 0 warms every configuration up
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        before = plain_step(model, opt, pool, device)
+        plain_peak = max(plain_peak, peak_memory(device))
+        shift = r % len(methods)
+        ran = {m.name: m.step(pool, target, device, record=r > 0) for m in methods[shift:] + methods[:shift]}
+        after = plain_step(model, opt, pool, device)
+        if r == 0:
+            continue
+        reference = (before + after) / 2
+        plain_s += [before, after]
+        for m in methods:
+            m.ratios.append(ran[m.name] / reference)
+        print(f"[speed] {size} round {r}: plain {reference * 1e3:.1f} ms, "
+              + ", ".join(f"{m.name} x{m.ratios[-1]:.2f}" for m in methods), flush=True)
+    plain_flops = count_flops(lambda: train_step(model, opt, pools[0], torch.full((n,), 1.0 / n, device=device)))
+    rows = {"plain": {"step_s": statistics.median(plain_s), "ratio_to_plain": 1.0, "flops": plain_flops,
+                      "flop_ratio": 1.0, "peak_memory_bytes": plain_peak}}
+    for m in methods:
+        m.flops = count_flops(lambda: m.step(pools[0], target, device, record=False))
+        rows[m.name] = m.row()
+        rows[m.name]["flop_ratio"] = m.flops / plain_flops
+        print(f"[speed] {m.name:28s} step {rows[m.name]['step_s'] * 1e3:8.1f} ms  "
+              f"x{rows[m.name]['ratio_to_plain']:.2f} of plain, x{rows[m.name]['flop_ratio']:.3f} in FLOPs",
+              flush=True)
     return rows
+
+
+#: (N, k, |V|) points of the FLOP-ratio grid: the step table's own point, then the target and the budget
+#: smaller against the pool; FTW's default and the sketches exchange (fixed 2026-11-27 before any run)
+FLOP_GRID = [(64, 16, 16), (64, 16, 4), (256, 16, 16), (256, 32, 8), (1024, 32, 16)]
+GRID_VARIANTS = {"default": None, "sketches exchange": {"exchange": "sketches", "gram": "sketch"}}
+
+
+def flop_grid(device, T: int, size: str, points: list[tuple[int, int, int]]) -> list[dict]:
+    """FTW's step (each of GRID_VARIANTS: single pass, target every step) / a plain step over the pool,
+    in counted FLOPs, at each (N, k, |V|), beside :func:`floor_ratio`."""
+    out = []
+    for n, k, v in points:
+        model = build_model(device, max_pos=max(64, T), size=size)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        pool, target = make_pool(n, T, 21, device), make_pool(v, T, 22, device)
+        train_step(model, opt, pool, torch.full((n,), 1.0 / n, device=device))
+        plain = count_flops(lambda: train_step(model, opt, pool, torch.full((n,), 1.0 / n, device=device)))
+        row = {"N": n, "k": k, "V": v, "floor": floor_ratio(n, k, v)}
+        for label, options in GRID_VARIANTS.items():
+            ftw = Method("ftw", "ftw", options, model, opt, k)
+            ftw.step(pool, target, device, record=False)
+            row[label] = count_flops(lambda: ftw.step(pool, target, device, record=False)) / plain
+        out.append(row)
+        print(f"[speed] FLOP grid N={n} k={k} |V|={v}: "
+              + ", ".join(f"{label} x{row[label]:.3f}" for label in GRID_VARIANTS)
+              + f" (floor x{row['floor']:.3f})", flush=True)
+    return out
 
 
 #: select-vs-T variants: (label, gram, capture chunking). Memory is bounded by chunking in both: 4 samples
@@ -237,13 +352,25 @@ def solver_table(repeats: int = 50) -> dict:
 def _step_lines(title: str, st: dict, meta: dict) -> list[str]:
     phases = sorted({p for r in st.values() for p in r.get("phases_s", {})})
     lines = [f"## {title}", "",
-             "| method | step | ratio | select | train | " + " | ".join(phases) + " | peak mem (MiB) |",
-             "|---|---|---|---|---|" + "---|" * len(phases) + "---|"]
+             "| method | step | ratio | FLOP ratio | select | train | " + " | ".join(phases) + " | peak mem (MiB) |",
+             "|---|---|---|---|---|---|" + "---|" * len(phases) + "---|"]
     for name, r in st.items():
         ph = " | ".join(f"{r.get('phases_s', {}).get(p, 0.0) * 1e3:.1f}" for p in phases)
         lines.append(f"| {name} | {r['step_s'] * 1e3:.1f} | {r.get('ratio_to_plain', 1.0):.2f} | "
+                     f"{r.get('flop_ratio', float('nan')):.3f} | "
                      f"{r.get('select_s', 0.0) * 1e3:.1f} | {r.get('train_s', r['step_s']) * 1e3:.1f} | {ph} | "
                      f"{r['peak_memory_bytes'] / 2**20:.0f} |")
+    return lines + [""]
+
+
+def _grid_lines(grid: list[dict], meta: dict) -> list[str]:
+    labels = [key for key in grid[0] if key not in ("N", "k", "V", "floor")]
+    lines = [f"## FTW step / plain step in FLOPs against N, k, |V| (model {meta['grid_model']}, T = {meta['grid_T']})",
+             "", "Single pass, target every step. Floor: the covered GEMMs of the default (exact b) alone, "
+             "(3 + 3|V|/N + k/N) / 3 (benchmarks/speed.py `floor_ratio`).", "",
+             "| N | k | \\|V\\| | " + " | ".join(labels) + " | floor |", "|---|---|---|" + "---|" * (len(labels) + 1)]
+    lines += [f"| {g['N']} | {g['k']} | {g['V']} | " + " | ".join(f"{g[lab]:.3f}" for lab in labels)
+              + f" | {g['floor']:.3f} |" for g in grid]
     return lines + [""]
 
 
@@ -254,12 +381,17 @@ def write(results: dict, out: Path) -> None:
     lines = [f"# Speed benchmark ({meta['mode']}, {meta['device_name']})", "",
              f"Command: `{meta.get('command', 'python -m benchmarks.speed')}` — {meta.get('date', '')}; torch "
              f"{meta.get('torch', '')}, {meta.get('threads', '?')} threads.", "",
-             f"Mean over {meta['repeats']} steps after warm-up. Times in ms; ratio = step / plain step (forward + "
-             f"backward + AdamW over all N). ftw[...] rows use the single pass and the active-set solver unless "
-             f"named otherwise; 'refresh 8' recomputes the target gradient every 8 steps.", ""]
+             f"{meta['repeats']} interleaved rounds after a warm-up round (each: plain, every method once in an "
+             f"order rotated per round, plain again). Times in ms, medians over rounds (phases: means); ratio = "
+             f"median over rounds of step / that round's mean plain step (forward + backward + AdamW over all N); "
+             f"FLOP ratio = counted matmul + attention FLOPs of one step / the plain step's. ftw[...] rows use "
+             f"the single pass and the active-set solver unless named otherwise; 'refresh 8' recomputes the "
+             f"target gradient every 8 steps (its FLOPs: a step without the refresh).", ""]
     for size, block in results["steps"].items():
         lines += _step_lines(f"{size}: N = {block['N']}, k = {block['k']}, T = {block['T']}, "
                              f"model {block['model']}", block["rows"], meta)
+    if results.get("flop_grid"):
+        lines += _grid_lines(results["flop_grid"], meta)
     sw = results["seq_sweep"]
     Ts = sorted({int(t) for res in sw.values() for t in res})
     lines += [f"## select / plain step against T (N = {meta['sweep_N']}, k = {meta['sweep_k']}, "
@@ -315,11 +447,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         sizes = [("small", 16, 32, 4)]
         repeats, lengths, sweep_n, cap, sweep_size = 2, [128, 256], 8, 30.0, "small"
+        grid_T, grid_points = 16, [(16, 4, 4), (64, 4, 4)]
     else:  # (model size, N, T, k): the demo-sized step and a compute-bound one
         sizes = [("small", 64, 32, 16), ("gpu-100m" if cuda else "cpu-compute", 64, 512 if cuda else 256, 16)]
         max_T = args.max_T or (8192 if cuda else 4096)
         lengths = [t for t in (128, 256, 512, 1024, 2048, 4096, 8192) if t <= max_T]
-        repeats, sweep_n, cap, sweep_size = 3, 16, 60.0, "gpu-100m" if cuda else "small"
+        repeats, sweep_n, cap, sweep_size = 5, 16, 60.0, "gpu-100m" if cuda else "small"
+        grid_T, grid_points = 64, FLOP_GRID
     results = {"meta": {"mode": "quick" if args.quick else "default", "device": str(device),
                         "device_name": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
                         "threads": torch.get_num_threads(), "repeats": repeats,
@@ -332,6 +466,9 @@ def main(argv: list[str] | None = None) -> dict:
     for size, n, T, k in sizes:
         results["steps"][size] = {"N": n, "T": T, "k": k, "model": f"hidden/layers/ffn {SIZES[size]}",
                                   "rows": step_table(device, n, T, k, repeats, size)}
+    grid_size = "small" if args.quick else ("gpu-100m" if cuda else "cpu-compute")
+    results["meta"].update(grid_model=f"{grid_size} {SIZES[grid_size]}", grid_T=grid_T)
+    results["flop_grid"] = flop_grid(device, grid_T, grid_size, grid_points)
     results["seq_sweep"] = seq_sweep(device, sweep_n, max(2, sweep_n // 4), lengths, 1, cap, sweep_size)
     results["solvers"] = solver_table()
     out = Path(args.out or ("results/speed_quick" if args.quick else "results/speed"))

@@ -61,6 +61,15 @@ def test_cost_benchmarks_quick(tmp_path, name, files):
         rows = data["steps"]["small"]["rows"]
         assert rows["plain"]["step_s"] > 0 and rows["ftw[exact]"]["select_s"] > 0
         assert rows["ftw[exact]"]["ratio_to_plain"] > 1  # selection costs something on top of the plain step
+        assert len(rows["ftw[auto]"]["ratios"]) == data["meta"]["repeats"]  # one ratio per interleaved round
+        n, k = data["steps"]["small"]["N"], data["steps"]["small"]["k"]
+        # counted FLOPs: random trains k of N rows, full all N, FTW's single pass beats its two-pass step
+        assert rows["random"]["flop_ratio"] == pytest.approx(k / n, rel=1e-6)
+        assert rows["full"]["flop_ratio"] == pytest.approx(1.0, rel=1e-6)
+        assert 1 < rows["ftw[exact]"]["flop_ratio"] < rows["ftw[exact, two-pass]"]["flop_ratio"]
+        grid = data["flop_grid"]  # a larger pool against the same k and |V|: a cheaper step, nearer its floor
+        assert grid[1]["N"] > grid[0]["N"] and grid[1]["default"] < grid[0]["default"]
+        assert all(g["default"] >= g["floor"] - 0.05 for g in grid)
     if name == "select_grid":
         errs = [r["rel_frob_err_mean"] for r in data["sketch"]]
         assert errs == sorted(errs, reverse=True)  # a bigger sketch, a smaller error
