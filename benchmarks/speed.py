@@ -194,14 +194,6 @@ def plain_step(model, opt, pool, device) -> float:
     return time.perf_counter() - t0
 
 
-def time_plain(model, opt, pools, device, repeats) -> dict:
-    """Mean seconds of plain steps on pools[1:] (pools[0] warms up)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = [plain_step(model, opt, pool, device) for pool in pools]
-    return {"step_s": sum(times[1:]) / repeats, "peak_memory_bytes": peak_memory(device)}
-
-
 def floor_ratio(n: int, k: int, v: int) -> float:
     """FTW's single-pass step / a plain step in covered-layer GEMM FLOPs, target every step. With F one
     forward over the pool's linear layers: plain = F + F (input gradients) + F (weight gradients); FTW =
@@ -293,35 +285,45 @@ def sweep_variants(max_T: int) -> list[tuple[str, str, dict]]:
 
 def seq_sweep(device, n, k, lengths, repeats, cap_s, size: str = "small") -> dict:
     """FTW select seconds and the plain step over the same N at each T (:func:`sweep_variants`: the
-    default "auto" and "exact", chunked by samples and by tokens); a variant is dropped after a T whose
-    select exceeds cap_s."""
+    default "auto" and "exact", chunked by samples and by tokens), in interleaved rounds after a warm-up
+    one (plain, every variant's select, plain); medians over rounds, the ratio per round against that
+    round's mean plain step. A variant is dropped after a T whose select exceeds cap_s."""
     variants = sweep_variants(max(lengths))
     out: dict[str, dict[int, dict[str, float]]] = {label: {} for label, _, _ in variants}
     model = build_model(device, max_pos=max(lengths), size=size)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     train_step(model, opt, make_pool(n, 64, 7, device), torch.full((n,), 1.0 / n, device=device))
+    factory = get_selector_factory("ftw")
     for T in lengths:
         pool, target = make_pool(n, T, 11, device), make_pool(4, T, 12, device)
-        plain = time_plain(model, opt, [pool] * (repeats + 1), device, repeats)["step_s"]
-        for label, gram, chunking in variants:
-            res = out[label]
-            if res and max(r["select_s"] for r in res.values()) > cap_s:
-                continue
-            factory = get_selector_factory("ftw")
-            sel = factory(model=model, optimizer=opt, budget=k, seed=0,
-                          config=factory.config_class(budget=k, gram=gram, **chunking))
-            times = []
-            for r in range(repeats + 1):
+        live = {label: factory(model=model, optimizer=opt, budget=k, seed=0,
+                               config=factory.config_class(budget=k, gram=gram, **chunking))
+                for label, gram, chunking in variants
+                if not out[label] or max(r["select_s"] for r in out[label].values()) <= cap_s}
+        plains: list[float] = []
+        selects: dict[str, list[float]] = {label: [] for label in live}
+        ratios: dict[str, list[float]] = {label: [] for label in live}
+        for r in range(repeats + 1):
+            before = plain_step(model, opt, pool, device)
+            took = {}
+            for label, sel in live.items():
                 sync(device)
                 t0 = time.perf_counter()
                 sel.select(pool, target)
                 sync(device)
-                if r:
-                    times.append(time.perf_counter() - t0)
-            res[T] = {"select_s": sum(times) / len(times), "plain_s": plain}
-            res[T]["ratio"] = res[T]["select_s"] / plain
-            print(f"[speed] T={T:5d} {label:28s} select {res[T]['select_s']:.3f} s, plain {plain:.3f} s, "
-                  f"ratio {res[T]['ratio']:.2f}", flush=True)
+                took[label] = time.perf_counter() - t0
+            after = plain_step(model, opt, pool, device)
+            if r == 0:
+                continue
+            plains += [before, after]
+            for label, sec in took.items():
+                selects[label].append(sec)
+                ratios[label].append(sec / ((before + after) / 2))
+        for label in live:
+            res = out[label][T] = {"select_s": statistics.median(selects[label]), "plain_s": statistics.median(plains),
+                                   "ratio": statistics.median(ratios[label])}
+            print(f"[speed] T={T:5d} {label:28s} select {res['select_s']:.3f} s, plain {res['plain_s']:.3f} s, "
+                  f"ratio {res['ratio']:.2f}", flush=True)
     return out
 
 
@@ -396,7 +398,9 @@ def write(results: dict, out: Path) -> None:
     Ts = sorted({int(t) for res in sw.values() for t in res})
     lines += [f"## select / plain step against T (N = {meta['sweep_N']}, k = {meta['sweep_k']}, "
               f"model {meta['sweep_model']})", "",
-              "'—': skipped after a select exceeded the time cap. Flat within 1.5x = linear in T like the step.", "",
+              f"Medians over {meta.get('sweep_repeats', 1)} interleaved round(s) (plain, each variant's select, plain) "
+              f"after a warm-up round; ratio = select / that round's mean plain step. '—': skipped after a select "
+              f"exceeded the time cap. Flat within 1.5x = linear in T like the step.", "",
               "| backend | " + " | ".join(str(t) for t in Ts) + " | max/min |", "|---|" + "---|" * (len(Ts) + 1)]
     for gram, res in sw.items():
         res = {int(t): v for t, v in res.items()}
@@ -447,17 +451,20 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         sizes = [("small", 16, 32, 4)]
         repeats, lengths, sweep_n, cap, sweep_size = 2, [128, 256], 8, 30.0, "small"
+        sweep_repeats = 1
         grid_T, grid_points = 16, [(16, 4, 4), (64, 4, 4)]
     else:  # (model size, N, T, k): the demo-sized step and a compute-bound one
         sizes = [("small", 64, 32, 16), ("gpu-100m" if cuda else "cpu-compute", 64, 512 if cuda else 256, 16)]
         max_T = args.max_T or (8192 if cuda else 4096)
         lengths = [t for t in (128, 256, 512, 1024, 2048, 4096, 8192) if t <= max_T]
         repeats, sweep_n, cap, sweep_size = 5, 16, 60.0, "gpu-100m" if cuda else "small"
+        sweep_repeats = 3
         grid_T, grid_points = 64, FLOP_GRID
     results = {"meta": {"mode": "quick" if args.quick else "default", "device": str(device),
                         "device_name": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
                         "threads": torch.get_num_threads(), "repeats": repeats,
                         "sweep_N": sweep_n, "sweep_k": max(2, sweep_n // 4), "sweep_model": sweep_size,
+                        "sweep_repeats": sweep_repeats,
                         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                         "command": "python -m benchmarks.speed " + " ".join(argv if argv is not None else sys.argv[1:])},
                "steps": {}}
@@ -469,7 +476,8 @@ def main(argv: list[str] | None = None) -> dict:
     grid_size = "small" if args.quick else ("gpu-100m" if cuda else "cpu-compute")
     results["meta"].update(grid_model=f"{grid_size} {SIZES[grid_size]}", grid_T=grid_T)
     results["flop_grid"] = flop_grid(device, grid_T, grid_size, grid_points)
-    results["seq_sweep"] = seq_sweep(device, sweep_n, max(2, sweep_n // 4), lengths, 1, cap, sweep_size)
+    results["seq_sweep"] = seq_sweep(device, sweep_n, max(2, sweep_n // 4), lengths, sweep_repeats, cap,
+                                     sweep_size)
     results["solvers"] = solver_table()
     out = Path(args.out or ("results/speed_quick" if args.quick else "results/speed"))
     write(results, out)
