@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,8 +79,32 @@ def test_cost_benchmarks_quick(tmp_path, name, files):
         assert two and all(r["ranks_agree"] for r in two) and all(r["selector_bytes"] > 0 for r in two)
 
 
+@pytest.mark.slow
+def test_sketch_alignment_quick(tmp_path):
+    done = _bench("sketch_alignment", tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads((tmp_path / "sketch_alignment.json").read_text())
+    assert [row["width"] for row in data["rows"]] == [32, 64]
+    for row in data["rows"]:
+        (stats,) = row["by_dim"].values()
+        assert -1 <= stats["spearman"]["mean"] <= 1
+        assert 0 <= stats["filter_share"]["min"] <= stats["filter_share"]["mean"] <= 1
+        assert 0 <= stats["chosen_share"]["mean"] <= 1
+    assert "| 64 |" in (tmp_path / "sketch_alignment.md").read_text()
+
+
+def test_sketch_alignment_measures():
+    from benchmarks.sketch_alignment import spearman, top_share
+
+    x = torch.tensor([0.3, -1.0, 2.0, 0.1, 5.0], dtype=torch.float64)
+    assert spearman(x, x) == pytest.approx(1.0) and spearman(x, -x) == pytest.approx(-1.0)
+    assert spearman(x, x ** 3) == pytest.approx(1.0)  # ranks only
+    assert top_share(x, x, 2) == 1.0 and top_share(x, -x, 2) == 0.0
+    assert top_share(x, torch.tensor([5.0, 0, 0, 0, 9.0], dtype=torch.float64), 2) == 0.5  # {4, 2} vs {4, 0}
+
+
 def test_bench_usage_and_unknown_name():
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     done = subprocess.run([sys.executable, "-m", "optsel.launch.cli", "bench", "nope"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "quality,speed,select_grid,distributed_select" in done.stderr
+    assert done.returncode == 2 and "quality,speed,select_grid,distributed_select,soak,sketch_alignment" in done.stderr
