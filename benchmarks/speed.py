@@ -414,6 +414,34 @@ def write(results: dict, out: Path) -> None:
         lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in row.values()) + " |")
     (out / "speed.md").write_text("\n".join(lines) + "\n")
     _plot_sweep(sw, out / "select_vs_T.png", meta)
+    if results["steps"]:
+        _plot_steps(results["steps"], out / "step_ratios.png", meta)
+
+
+def _plot_steps(steps: dict, path: Path, meta: dict) -> None:
+    """Per size, every method's time ratio and FLOP ratio to the plain step as paired bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(steps), figsize=(6.5 * len(steps), 4.8), squeeze=False)
+    for ax, (size, block) in zip(axes[0], steps.items()):
+        names = [n for n in block["rows"] if n != "plain"]
+        x = range(len(names))
+        ax.bar([i - 0.2 for i in x], [block["rows"][n]["ratio_to_plain"] for n in names], 0.4, label="time")
+        ax.bar([i + 0.2 for i in x], [block["rows"][n].get("flop_ratio", float("nan")) for n in names], 0.4,
+               label="FLOPs")
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.axhline(1.1, color="grey", lw=0.8, ls="--", label="1.10x")
+        ax.set_xticks(list(x), names, rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("step / plain step")
+        ax.set_title(f"{size}: N {block['N']}, k {block['k']}, T {block['T']} ({meta['device_name']})", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _plot_sweep(sw: dict, path: Path, meta: dict) -> None:
