@@ -86,12 +86,12 @@ def measure(settings: Settings, width: int, dims: tuple[int, ...], steps: int, s
         for step in range(steps):
             pool = take(stream.train, order[step * n:(step + 1) * n])
             sel = exact.select(pool, stream.target)
-            b = sel.alignment.double()
+            b, chosen = sel.alignment.double(), set(sel.indices.tolist())
             for d, selector in sketched.items():
                 other = selector.select(pool, stream.target)
-                rows[d]["spearman"].append(spearman(b, other.alignment.double()))
-                rows[d]["filter_share"].append(top_share(b, other.alignment.double(), m))
-                chosen = set(sel.indices.tolist())
+                b_sketched = other.alignment.double()
+                rows[d]["spearman"].append(spearman(b, b_sketched))
+                rows[d]["filter_share"].append(top_share(b, b_sketched, m))
                 rows[d]["chosen_share"].append(len(chosen & set(other.indices.tolist())) / max(len(chosen), 1))
             _train_on(model, optimizer, take(pool, sel.indices), sel.weights.float(), opt, step, settings.steps,
                       sel.pool_pass, sel.indices)

@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--max-T", type=int, default=None, help="longest T of the sweep (default 4096 CPU, 8192 CUDA)")
     parser.add_argument("--sizes", default=None, help="comma-separated step-table model sizes (default: both; "
-                        "none: only the T sweep and the solver table)")
+                        "none: only the FLOP grid, the T sweep and the solver table)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
