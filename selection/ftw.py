@@ -36,6 +36,7 @@ from optsel.selection.single_pass import PoolPass, single_pass_leaves
 from optsel.selection.sketch_exchange import SketchTarget, select_sketches
 from optsel.selection.solvers import select_weights
 from optsel.selection.target import TargetCache
+from optsel.selection.two_stage import HeadPrefilter, SurvivorPool
 
 
 class FilterThenWeight(Selector):
@@ -63,6 +64,9 @@ class FilterThenWeight(Selector):
         self._joint_target: Factors | None = None
         self.direction_cache = DirectionCache()  # exchange="direction": gathered M, P (direction_cache=True)
         self.engine_bytes = self.view.engine_bytes_per_step()  # the engine's own, per step
+        self.prefilter = (HeadPrefilter(model, self.view, self.reader, config, self.coverage.layers)
+                          if config.prefilter == "head" else None)
+        self._eligible: torch.Tensor | None = None  # stage 2: which of the survivors' pool rows may be chosen
         for layer in self.coverage.layers:  # fail at construction, naming the parameter
             try:
                 self.reader.read(layer.param)
@@ -76,16 +80,39 @@ class FilterThenWeight(Selector):
 
     @cleans_up
     def select(self, pool: Batch, target: Batch | None = None) -> Selection:
-        cfg = self.config
         self.comm.reset()
         timings: dict[str, float] = {}
-        fallbacks: dict[str, int] = {}
-        layers = self.coverage.layers
         sizes = distributed.gather_sizes(int(pool["input_ids"].shape[0]), self.comm)
-        n_global = sum(sizes)
-        if self.step < cfg.warmup_steps:
+        if self.step < self.config.warmup_steps:
             return self._warmup_selection(sizes, timings)
+        if self.prefilter is None:
+            return self._select_exact(pool, target, sizes, timings)
+        return self._select_two_stage(pool, target, sizes, timings)
 
+    def _select_two_stage(self, pool: Batch, target: Batch | None, sizes: list[int],
+                          timings: dict[str, float]) -> Selection:
+        """``prefilter: head`` (docs/design.md §10): stage 1 over the pool, the exact step on its m survivors."""
+        dtype = torch.float64 if self._dtype_name() == "float64" else torch.float32
+        index = self.prefilter.covered_index
+        reuse = (self.target_cache.blocks[index] if index is not None and self.target_cache.blocks is not None
+                 and self.config.exchange != "sketches" else None)
+        stage1 = self.prefilter.run(pool, target, sizes, dtype, self._coefficients, reuse, self.comm, timings)
+        rank = distributed.info().rank if distributed.is_distributed() else 0
+        survivors = SurvivorPool.build(pool, stage1.survivors, sizes, rank)
+        self._eligible = survivors.eligible
+        try:
+            sel = self._select_exact(survivors.batch, target, survivors.sizes, timings)
+        finally:
+            self._eligible = None
+        return survivors.remap(sel, sizes, stage1)
+
+    def _select_exact(self, pool: Batch, target: Batch | None, sizes: list[int], timings: dict[str, float]
+                      ) -> Selection:
+        """One exact FTW step over ``pool`` (every row gets the exact b and diag K)."""
+        cfg = self.config
+        layers = self.coverage.layers
+        n_global = sum(sizes)
+        fallbacks: dict[str, int] = {}
         due = (self.sketch_target if cfg.exchange == "sketches" else self.target_cache).due(self.step)
         joint = target if due and cfg.target_pass == "joint" else None
         if joint is not None and cfg.exchange == "direction":  # every rank captures the whole target
@@ -156,13 +183,17 @@ class FilterThenWeight(Selector):
         """Filter on u, Gram of the survivors (``gram_of(filtered)``), QP, agreement, bookkeeping."""
         cfg, layers = self.config, self.coverage.layers
         n_global = sum(sizes)
-        k = min(cfg.budget, n_global)
+        eligible = self._eligible
+        n_real = n_global if eligible is None else int(eligible.sum())
+        k = min(cfg.budget, n_real)
         with timed(timings, "filter"):
             norms = diag.clamp(min=1e-300).sqrt() if cfg.alignment == "cosine" else None
             if norms is not None:  # unit P-norm gradients: b_i/‖g_i‖, K_ii = 1
                 alignment, diag = alignment / norms, torch.ones_like(diag)
             u = utility(alignment, diag, tau / k if cfg.filter_curvature == "batch" else tau)
-            m = cfg.num_filtered(n_global)
+            if eligible is not None:  # stage 2: every survivor may stay (u > 0), padding rows never
+                u = torch.where(eligible.to(u.device), u, torch.full_like(u, -torch.inf))
+            m = n_real if eligible is not None else cfg.num_filtered(n_global)
             filt = filter_candidates(u, m, k)
             if filt.fallback:
                 fallbacks["filter_underflow"] = 1

@@ -50,6 +50,15 @@ class FTWConfig:
     trainable module that is not Linear/Conv1D/Embedding/LayerNorm/*RMSNorm. target_pass: when the
     target gradient is due, "joint" captures the target samples in the same forward/backward as the
     pool (rows appended after the pool's, never selectable); "separate" runs its own pass.
+
+    Two stages (docs/design.md §10). prefilter: "none" (every candidate gets the exact b and diag K from
+    a forward/backward over the whole pool) | "head" (stage 1: a forward-only pass over the pool scores
+    every candidate by the output layer's exact per-sample alignment, selection/prefilter.py; the top m
+    = filter_size / filter_ratio·N go to stage 2, which runs the exact machinery, the QP and the single
+    pass on those m rows only). prefilter_window: W tokens per sample scored in stage 1 (None: all).
+    prefilter_target: where stage 1's head target gradient comes from — "forward" (a forward over the
+    target rows, windowed like the pool) | "reuse" (the head block of the last stage-2 target gradient,
+    one step old; a forward when there is none yet or the head is tied and so not covered).
     """
 
     budget: int
@@ -80,6 +89,9 @@ class FTWConfig:
     warmup_steps: int = 0
     single_pass: bool = True
     target_pass: Literal["joint", "separate"] = "joint"
+    prefilter: Literal["none", "head"] = "none"
+    prefilter_window: int | None = None
+    prefilter_target: Literal["forward", "reuse"] = "forward"
 
     def __post_init__(self) -> None:
         def bad(field_name: str, message: str) -> ValueError:
@@ -96,7 +108,8 @@ class FTWConfig:
                    "exchange": ("direction", "factors", "sketches"), "direction_dtype": ("compute", "bfloat16"),
                    "alignment": ("dot", "cosine"),
                    "filter_curvature": ("sample", "batch"), "weighting": ("qp", "proportional"),
-                   "target_pass": ("joint", "separate")}
+                   "target_pass": ("joint", "separate"), "prefilter": ("none", "head"),
+                   "prefilter_target": ("forward", "reuse")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise bad(name, f"must be one of {allowed}, got {getattr(self, name)!r}")
@@ -125,6 +138,12 @@ class FTWConfig:
         for name in ("sketch_dim_out", "sketch_dim_in", "max_temp_elems"):
             if getattr(self, name) < 1:
                 raise bad(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.prefilter_window is not None and self.prefilter_window < 2:
+            raise bad("prefilter_window", f"must be >= 2 tokens or null, got {self.prefilter_window}")
+        if self.prefilter_window is not None and self.prefilter == "none":
+            raise bad("prefilter_window", "applies to prefilter='head' only (got prefilter='none')")
+        if self.prefilter != "none" and self.exchange == "sketches":
+            raise bad("prefilter", "'head' runs stage 2 with the exact b: use exchange 'direction' or 'factors'")
         for name in ("capture_chunk_size", "capture_chunk_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise bad(name, f"must be >= 1 or null, got {getattr(self, name)}")

@@ -95,11 +95,25 @@ class LeafCall:
 class PoolPass:
     """What the capture pass keeps for the training gradient: every leaf call of every chunk, the
     per-sample losses [n] (float32, the token-mean CE the training objective weights) and the
-    per-sample label counts [n] (0: an empty sample)."""
+    per-sample label counts [n] (0: an empty sample). row_map [n_pool]: when the pass covered only
+    some of the pool's rows (two-stage FTW's survivors), pool row → pass row (−1: not in the pass);
+    every method here takes pool rows."""
 
     calls: list[LeafCall] = field(default_factory=list)
     loss: torch.Tensor | None = None
     tokens: torch.Tensor | None = None
+    row_map: torch.Tensor | None = None
+
+    def pass_rows(self, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The pass rows of pool ``rows`` [s]. A row outside the pass may only carry weight 0 (the
+        trainer's keep-in-step row): it maps to pass row 0; with a non-zero weight it is an error."""
+        if self.row_map is None:
+            return rows
+        mapped = self.row_map[rows.cpu()]
+        outside = mapped < 0
+        if bool((outside & (weights.cpu() != 0)).any()):
+            raise ValueError(f"rows: pool rows {rows.cpu()[outside].tolist()} are not in this pass (not survivors)")
+        return mapped.clamp(min=0).to(rows.device)
 
     def _weighted(self, call: LeafCall, rows: torch.Tensor, weights: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -117,7 +131,8 @@ class PoolPass:
     def local_grads(self, rows: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype | None = None
                     ) -> dict[nn.Parameter, torch.Tensor]:
         """Σ_{i in rows} w_i ∇ℓ_i for every trainable parameter, full shape, in ``dtype`` (None: the
-        parameter's own). rows [s] int64 (indices into the captured batch), weights [s]."""
+        parameter's own). rows [s] int64 (pool rows), weights [s]."""
+        rows = self.pass_rows(rows, weights)
         out: dict[nn.Parameter, torch.Tensor] = {}
         for leaf in _unique_leaves(self.calls):
             for pname, p in leaf.params.items():
@@ -141,6 +156,7 @@ class PoolPass:
         """A scalar whose parameter gradient is ``scale · Σ w_i ∇ℓ_i`` (and whose value means nothing):
         Σ over leaf calls of ⟨scale · w ⊙ Δ, module(input)⟩ on the chosen rows, through the real
         module calls (an engine's hooks gather and reduce as in its own backward)."""
+        rows = self.pass_rows(rows, weights)
         total = None
         for call in self.calls:
             picked = self._weighted(call, rows, weights)

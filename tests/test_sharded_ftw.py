@@ -59,6 +59,10 @@ def ftw_config(gram: str) -> FTWConfig:
                      sketch_dim_out=6, sketch_dim_in=6, exchange=exchange)
 
 
+TWO_STAGE = FTWConfig(budget=4, filter_size=8, gram="exact", compute_dtype="float64", exchange="direction",
+                      prefilter="head", prefilter_window=6)
+
+
 def half(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
     per = batch["input_ids"].shape[0] // world
     return {k: v[rank * per:(rank + 1) * per] for k, v in batch.items()}
@@ -232,13 +236,24 @@ def _body(rank: int, world: int, engine_name: str, ds_config_path: str) -> dict:
     probe.active = False
     out["state_after"] = _full_state(engine)
     out["reads"], out["full_gathers"] = probe.reads, probe.full_gathers
+    # two-stage FTW (prefilter: head, a 6-token window): survivors split unevenly over the ranks, padded;
+    # the engine trains from the survivors' single pass in pool numbering
+    sel = FilterThenWeight(model, opt, TWO_STAGE).select(pool, target)
+    out["two_stage"] = _sel_fields(sel)
+    out["two_stage"]["survivors_here"] = int(sel.pool_pass.row_map.ge(0).sum()) if sel.pool_pass else -1
+    rows, weights = sel.local_indices, sel.local_weights.float()
+    if rows.numel() == 0:
+        rows, weights = torch.zeros(1, dtype=torch.long), torch.zeros(1)
+    losses = engine.backward_from_pass(sel.pool_pass, rows, weights, loss_scale=float(world))
+    out["two_stage"]["local"] = (sel.local_indices.clone(), losses[:sel.local_indices.numel()].clone())
     engine.close() if hasattr(engine, "close") else None
     return out
 
 
 # -- the R = 1 reference, in the parent -------------------------------------------------------------
 
-def _reference(state: dict, gram: str, dtype=torch.float32) -> tuple[dict, torch.nn.Module, torch.optim.Optimizer]:
+def _reference(state: dict, gram: str, dtype=torch.float32, config: FTWConfig | None = None
+               ) -> tuple[dict, torch.nn.Module, torch.optim.Optimizer]:
     model = tiny_model()
     model.load_state_dict(state["weights"])
     model = model.to(dtype)
@@ -247,8 +262,27 @@ def _reference(state: dict, gram: str, dtype=torch.float32) -> tuple[dict, torch
     for name, (m, v) in state["moments"].items():
         opt.state[params[name]] = {"step": torch.tensor(float(state["step"])),
                                    "exp_avg": m.to(dtype).clone(), "exp_avg_sq": v.to(dtype).clone()}
-    sel = FilterThenWeight(model, opt, ftw_config(gram)).select(pool_batch(), target_batch())
+    sel = FilterThenWeight(model, opt, config or ftw_config(gram)).select(pool_batch(), target_batch())
     return _sel_fields(sel), model, opt
+
+
+def _check_two_stage(results: list[dict]) -> None:
+    """Two-stage FTW on 2 ranks selects what it selects on one process, and each rank's single pass
+    (survivors only) gives the chosen rows' own losses."""
+    from optsel.losses import per_sample_token_mean_ce
+
+    ref, model, _ = _reference(results[0]["state_after"], "exact", config=TWO_STAGE)
+    for rank, res in enumerate(results):
+        _assert_same(res["two_stage"], ref, f"two-stage rank {rank}")
+    assert sum(r["two_stage"]["survivors_here"] for r in results) == TWO_STAGE.filter_size
+    pool = pool_batch()
+    with torch.no_grad():
+        own = per_sample_token_mean_ce(model(input_ids=pool["input_ids"], attention_mask=pool["attention_mask"]).logits,
+                                       pool["labels"]).loss
+    per = pool["input_ids"].shape[0] // len(results)
+    for rank, res in enumerate(results):
+        rows, losses = res["two_stage"]["local"]
+        torch.testing.assert_close(losses.double(), own[rows + rank * per].double(), rtol=1e-4, atol=1e-5)
 
 
 def _assert_same(got: dict, ref: dict, where: str) -> None:
@@ -418,6 +452,7 @@ def test_ftw_fsdp2_two_ranks_equals_one():
     results = run_distributed(_body, 2, args=("fsdp2", ""), init="fsdp2", timeout_s=300)
     _check(results, "fsdp2")
     _check_bruteforce(results)
+    _check_two_stage(results)
 
 
 @pytest.mark.distributed
@@ -429,5 +464,6 @@ def test_ftw_zero3_two_ranks_equals_one(tmp_path):
     results = run_distributed(_body, 2, args=("deepspeed", str(path)), init="deepspeed", timeout_s=300)
     _check(results, "deepspeed")
     _check_bruteforce(results)
+    _check_two_stage(results)
     # the ZeRO-3 model really shards, unevenly, with padding (gate_proj: 45·27 = 1215 elements)
     assert any(rec["numel"] == 1215 for rec in results[0]["reads"])

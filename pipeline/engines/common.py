@@ -179,6 +179,7 @@ def greedy_generate(module: nn.Module, input_ids: torch.Tensor, attention_mask: 
 
 def pass_losses(pool_pass, rows: torch.Tensor, weights: torch.Tensor, counter: "EmptySampleCounter") -> torch.Tensor:
     """The chosen rows' losses [s] (float32, cpu) from a single pass; counts weighted empty samples."""
+    rows = pool_pass.pass_rows(rows, weights)
     losses = SampleLosses(pool_pass.loss[rows.to(pool_pass.loss.device)].detach(),
                           pool_pass.tokens[rows.to(pool_pass.tokens.device)])
     counter.check(losses, weights)

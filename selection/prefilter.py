@@ -1,0 +1,142 @@
+"""Stage 1 of two-stage FTW (``prefilter: head``, docs/design.md §10): the output layer's exact alignment
+from a forward pass alone.
+
+For the output layer z_t = W h_t (W: [V, d], the LM head; tied to the input embedding or not) the
+gradient of sample i's token-mean loss is G_i = Δ_iᵀ H_i with H_i [T, d] the head's inputs and
+Δ_i [T, V] rows δ_t = (softmax(z_t) − e_{y_{t+1}}) / n_i at the n_i labelled positions (0 elsewhere):
+no backward is needed. With M = P ⊙ (G_V − ρ m̂) on the head (P and m̂ of the head's weight, or of the
+tied embedding's, whose optimizer state is the one that weight has) the stage-1 score is FTW's own
+utility restricted to that layer:
+
+    b_i = ⟨G_i, M⟩,  K_ii = ⟨P, G_i²⟩,  u_i = b_i − (τ/(2k)) K_ii
+
+formed exactly from one formation of each G_i per chunk (selection/gram.py). A scoring window of W
+tokens per sample (``prefilter_window``) cuts the forward further: see :func:`scoring_window` for which
+tokens and what that approximates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from optsel.selection.layers import CoveredLayer
+from optsel.selection.model_view import ModelView
+
+IGNORE = -100
+
+
+def output_layer(model: nn.Module, view: ModelView) -> CoveredLayer:
+    """The model's LM head as a layer [V, d] (``get_output_embeddings()``, an ``nn.Linear``; its
+    weight may be tied to the input embedding). A clear error when there is none or it is frozen."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if not isinstance(head, nn.Linear):
+        raise ValueError("prefilter: 'head' needs a model whose get_output_embeddings() is an nn.Linear "
+                         f"(got {type(head).__name__})")
+    if not head.weight.requires_grad:
+        raise ValueError("prefilter: 'head' scores with the output layer's gradient, but its weight is frozen "
+                         "(LoRA without a trainable head?): use prefilter: none")
+    name = next((f"{n}.weight" for n, mod in model.named_modules() if mod is head), "lm_head.weight")
+    d_out, d_in = (int(s) for s in view.full_shape(head.weight))
+    return CoveredLayer(name, head, head.weight, d_in, d_out)
+
+
+def scoring_window(batch: Mapping[str, torch.Tensor], window: int | None
+                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Each sample's scoring window of ``window`` tokens and its position ids ([n, W]; None: the whole
+    batch, unchanged).
+
+    The window starts ``window // 4`` tokens before the sample's first labelled token (clipped to the
+    sample), so in SFT it holds the start of the response with a little of the prompt before it, and
+    in plain LM data the first W tokens. Tokens before the window are dropped: the scored tokens see a
+    truncated context, exact only when the window starts at 0 (short prompts); position ids keep the
+    tokens' real positions. The label at the window's first position has no predecessor and is not
+    scored. Batches must be right-padded (attention mask a prefix of ones)."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    n, T = ids.shape
+    if window is None or window >= T:
+        return dict(batch), None
+    lengths = mask.sum(1)
+    steps = torch.arange(T, device=mask.device)
+    if not torch.equal(mask.bool(), steps[None] < lengths[:, None]):
+        raise ValueError("prefilter_window: needs right-padded batches (attention_mask a prefix of ones)")
+    labelled = labels != IGNORE
+    labelled[:, 0] = False  # never scored (no predecessor)
+    first = torch.where(labelled.any(1), labelled.float().argmax(1), torch.zeros_like(lengths))
+    start = (first - window // 4).clamp(min=0)
+    start = torch.minimum(start, (lengths - window).clamp(min=0))
+    pos = start[:, None] + torch.arange(window, device=mask.device)[None]
+    inside = pos < lengths[:, None]
+    idx = pos.clamp(max=T - 1)
+    out = {"input_ids": torch.where(inside, ids.gather(1, idx), 0),
+           "attention_mask": inside.to(mask.dtype),
+           "labels": torch.where(inside, labels.gather(1, idx), IGNORE)}
+    return out, pos
+
+
+@dataclass
+class HeadFactors:
+    """One chunk's head factors: H [c, W, d] inputs, D [c, W, V] output gradients δ (0 off labels),
+    tokens [c] labelled counts."""
+
+    H: torch.Tensor
+    D: torch.Tensor
+    tokens: torch.Tensor
+
+
+class HeadScorer:
+    """Forward-only output-layer factors of a batch (module docstring). ``window``: W tokens per
+    sample or None; ``chunk``: samples per forward given the padded width (None: all)."""
+
+    def __init__(self, model: nn.Module, head: CoveredLayer, window: int | None, chunk):
+        self.model, self.head, self.window, self.chunk = model, head, window, chunk
+
+    @torch.no_grad()
+    def chunks(self, batch: Mapping[str, torch.Tensor], dtype: torch.dtype) -> Iterator[HeadFactors]:
+        device = self.head.param.device
+        scored, pos = scoring_window(batch, self.window)
+        n, width = scored["input_ids"].shape
+        step = self.chunk(width) or n
+        for s in range(0, n, max(1, step)):
+            part = {k: v[s:s + step].to(device) for k, v in scored.items()}
+            yield self._factors(part, None if pos is None else pos[s:s + step].to(device), dtype)
+
+    def _factors(self, part: dict[str, torch.Tensor], pos: torch.Tensor | None, dtype: torch.dtype) -> HeadFactors:
+        seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+        handle = self.head.module.register_forward_hook(lambda mod, inp, out: seen.append((inp[0], out)))
+        try:
+            kwargs = {"position_ids": pos} if pos is not None else {}
+            logits = self.model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], **kwargs).logits
+        finally:
+            handle.remove()
+        if len(seen) != 1:
+            raise ValueError(f"prefilter: the output layer ran {len(seen)} times in one forward, expected once")
+        h, z = seen[0]
+        if z.shape != logits.shape or not torch.allclose(z.to(logits.dtype), logits):
+            raise ValueError("prefilter: the model's logits are not its output layer's output (softcapping or "
+                             "scaling after the head?): 'head' would score the wrong gradient; use prefilter: none")
+        labels = part["labels"][:, 1:]
+        valid = labels != IGNORE
+        tokens = valid.sum(1)
+        delta = torch.softmax(z[:, :-1].to(dtype), dim=-1)
+        delta.scatter_add_(-1, labels.clamp(min=0)[..., None],
+                           -valid[..., None].to(dtype))  # − e_y at labelled positions
+        delta = delta * (valid.to(dtype) / tokens.clamp(min=1).to(dtype)[:, None])[..., None]
+        D = torch.cat([delta, delta.new_zeros(delta.shape[0], 1, delta.shape[2])], dim=1)
+        return HeadFactors(h.to(dtype), D, tokens.cpu())
+
+    def target_gradient(self, batch: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """G_V of the head, [V, d]: the mean over the batch's samples of Δ_iᵀ H_i."""
+        total = torch.zeros(self.head.d_out, self.head.d_in, dtype=dtype, device=self.head.param.device)
+        n = 0
+        for f in self.chunks(batch, dtype):
+            total += f.D.reshape(-1, f.D.shape[-1]).T @ f.H.reshape(-1, f.H.shape[-1])
+            n += int(f.tokens.shape[0])
+        return total / max(n, 1)
+
+
+__all__ = ["HeadFactors", "HeadScorer", "output_layer", "scoring_window"]

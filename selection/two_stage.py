@@ -1,0 +1,163 @@
+"""Two-stage FTW's plumbing (``prefilter: head``, docs/design.md §10): stage 1's scores over the whole
+pool, the survivors' pool that stage 2 runs on, and the map of stage 2's selection back to the pool.
+
+Stage 1 (:class:`HeadPrefilter`) scores every candidate with the output layer's exact alignment from a
+forward pass (selection/prefilter.py) and keeps the global top m by u. Each rank then builds a pool of
+its own survivors, padded to the largest rank's count with rows that carry no label (zero loss, zero
+gradient, never eligible), so every rank runs the same number of stage-2 passes — ZeRO-3's gathers and
+FSDP2's collectives stay in step — and R ranks pick what one process picks. Stage 2 is the exact FTW
+step on those rows; :class:`SurvivorPool` maps its indices back to the pool's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from optsel import distributed
+from optsel.selection import gram as gram_ops
+from optsel.selection.alignment import target_direction
+from optsel.selection.base import Batch, Selection, split_local
+from optsel.selection.direction_exchange import full_matrix, gather_batch, phase
+from optsel.selection.filter import filter_candidates, utility
+from optsel.selection.ftw_config import FTWConfig
+from optsel.selection.layers import CoveredLayer
+from optsel.selection.model_view import ModelView
+from optsel.selection.preconditioner import LayerBlock, LayerGeometry, OptimizerStateReader, layer_geometry
+from optsel.selection.prefilter import IGNORE, HeadScorer, output_layer
+
+
+@dataclass
+class Stage1:
+    """Stage 1's result, identical on every rank: survivors [m] (global indices, ascending), b and u [N]
+    (the head's alignment and utility), whether the head target gradient was reused."""
+
+    survivors: torch.Tensor
+    alignment: torch.Tensor
+    utility: torch.Tensor
+    target_reused: bool
+
+
+class HeadPrefilter:
+    """Stage 1 over the whole pool: the output layer's exact b_i and K_ii, u_i = b_i − (τ/(2k)) K_ii,
+    top m. ``covered``: the coverage's layers (to find the head's stage-2 target block for
+    ``prefilter_target: reuse``)."""
+
+    def __init__(self, model, view: ModelView, reader: OptimizerStateReader, config: FTWConfig,
+                 covered: list[CoveredLayer]):
+        self.config, self.reader = config, reader
+        self.head = output_layer(model, view)
+        try:
+            reader.read(self.head.param)
+        except KeyError as err:
+            raise ValueError(f"optimizer: the output layer {self.head.name} is not in its param_groups") from err
+        self.scorer = HeadScorer(model, self.head, config.prefilter_window, config.capture_chunk)
+        self.covered_index = next((i for i, layer in enumerate(covered) if layer.param is self.head.param), None)
+
+    def geometry(self, dtype: torch.dtype) -> LayerGeometry:
+        return layer_geometry(self.reader, self.head, dtype, use_momentum=self.config.geometry == "adam")
+
+    def run(self, pool: Batch, target: Batch | None, sizes: list[int], dtype: torch.dtype,
+            coefficients: Callable[[list[LayerGeometry]], tuple[float, float, int]],
+            stage2_target: list[torch.Tensor] | None, comm: distributed.CommCounter,
+            timings: dict[str, float]) -> Stage1:
+        """Stage 1 (class docstring). ``stage2_target``: this rank's blocks of the head's last stage-2
+        target gradient (``prefilter_target: reuse``), or None."""
+        cfg = self.config
+        head, device = self.head, self.head.param.device
+        geom = self.geometry(dtype)
+        rho, tau, _ = coefficients([geom])
+        n_global, k = sum(sizes), min(cfg.budget, sum(sizes))
+        with phase(timings, comm, "stage1_target"):
+            reused = cfg.prefilter_target == "reuse" and stage2_target is not None
+            if reused:
+                gv_blocks = [gv.to(device, dtype) for gv in stage2_target]
+            else:
+                if target is None:
+                    raise ValueError("target: FilterThenWeight needs a target batch (input_ids, attention_mask, labels)")
+                gv = self.scorer.target_gradient(gather_batch(target, comm), dtype)  # every rank: whole target
+                gv_blocks = [gv[blk.rows, blk.cols] for blk in geom.blocks]
+            values = [target_direction(blk.precond, g, blk.momentum, rho) for blk, g in zip(geom.blocks, gv_blocks)]
+            M = full_matrix(self.reader, head, geom.blocks, values, dtype, dtype, comm)
+            P = full_matrix(self.reader, head, geom.blocks, [blk.precond for blk in geom.blocks], dtype, dtype, comm)
+        with phase(timings, comm, "stage1"):
+            whole = LayerBlock(slice(0, head.d_out), slice(0, head.d_in), P, None)
+            b_parts, diag_parts = [], []
+            for f in self.scorer.chunks(pool, dtype):
+                b, diag = gram_ops.exact_alignment_and_diag_partial(f.H, f.D, M, whole, cfg.max_temp_elems)
+                b_parts.append(b.double())
+                diag_parts.append(diag.double())
+            local = torch.stack([torch.cat(b_parts), torch.cat(diag_parts)], dim=1) if b_parts else \
+                torch.zeros(0, 2, dtype=torch.float64, device=device)
+            both = distributed.all_gather_cat(local, comm) if distributed.is_distributed() else local
+            b_all, diag_all = both[:, 0].cpu(), both[:, 1].cpu()
+            u = utility(b_all, diag_all, tau / k if cfg.filter_curvature == "batch" else tau)
+            m = cfg.num_filtered(n_global)
+            survivors = filter_candidates(u, m, m).filtered.sort().values.to(torch.int64)
+        return Stage1(survivors, b_all, u, reused)
+
+
+@dataclass
+class SurvivorPool:
+    """This rank's stage-2 pool: ``batch`` [c_max, T] (its survivors, then label-free padding rows),
+    ``local_rows`` [c_r] (their rows in this rank's pool), ``global_of`` [R·c_max] (stage-2 global
+    index → pool global index, −1 for padding), ``sizes`` (c_max per rank) and ``eligible`` [R·c_max]."""
+
+    batch: dict[str, torch.Tensor]
+    local_rows: torch.Tensor
+    global_of: torch.Tensor
+    sizes: list[int]
+    eligible: torch.Tensor
+
+    @classmethod
+    def build(cls, pool: Batch, survivors: torch.Tensor, sizes: list[int], rank: int) -> "SurvivorPool":
+        offsets = torch.tensor([0] + list(sizes)).cumsum(0)
+        per_rank = [survivors[(survivors >= offsets[r]) & (survivors < offsets[r + 1])] - offsets[r]
+                    for r in range(len(sizes))]
+        width = max(1, max(int(rows.numel()) for rows in per_rank))
+        global_of = torch.full((len(sizes) * width,), -1, dtype=torch.int64)
+        for r, rows in enumerate(per_rank):
+            global_of[r * width: r * width + rows.numel()] = rows + offsets[r]
+        mine = per_rank[rank]
+        pad = width - int(mine.numel())
+        if int(pool["input_ids"].shape[0]) > 0:
+            filler = torch.zeros(pad, dtype=torch.int64)  # copies of row 0, labels dropped: finite, no gradient
+            rows = torch.cat([mine, filler])
+            batch = {key: pool[key][rows.to(pool[key].device)] for key in ("input_ids", "attention_mask", "labels")}
+            if pad:
+                batch["labels"] = batch["labels"].clone()
+                batch["labels"][mine.numel():] = IGNORE
+        else:  # an empty local pool: padding rows of one attended token
+            T = int(pool["input_ids"].shape[1])
+            batch = {"input_ids": torch.zeros(width, T, dtype=torch.int64),
+                     "attention_mask": torch.zeros(width, T, dtype=torch.int64).index_fill_(1, torch.tensor([0]), 1),
+                     "labels": torch.full((width, T), IGNORE, dtype=torch.int64)}
+        return cls(batch, mine, global_of, [width] * len(sizes), global_of >= 0)
+
+    def row_map(self, n_local: int) -> torch.Tensor:
+        """[n_local]: this rank's pool row → its row in the stage-2 pass (−1: not a survivor)."""
+        out = torch.full((n_local,), -1, dtype=torch.int64)
+        out[self.local_rows] = torch.arange(self.local_rows.numel())
+        return out
+
+    def remap(self, sel: Selection, sizes: list[int], stage1: Stage1) -> Selection:
+        """Stage 2's Selection in the pool's numbering (indices, filtered, local part, pool pass)."""
+        indices = self.global_of[sel.indices]
+        if bool((indices < 0).any()):
+            raise RuntimeError("two-stage FTW: a padding row was selected (a bug: padding is never eligible)")
+        rank = distributed.info().rank if distributed.is_distributed() else 0
+        local_idx, local_w = split_local(indices, sel.weights, sizes, rank)
+        if sel.pool_pass is not None:
+            sel.pool_pass.row_map = self.row_map(sizes[rank])
+        sel.diagnostics.update({"prefilter": "head", "stage1_survivors": int(stage1.survivors.numel()),
+                                "stage1_target_reused": stage1.target_reused})
+        filtered = self.global_of[sel.filtered] if sel.filtered is not None else None
+        return Selection(indices=indices, weights=sel.weights, local_indices=local_idx, local_weights=local_w,
+                         pool_size=sum(sizes), alignment=stage1.alignment, utility=stage1.utility, filtered=filtered,
+                         gram=sel.gram, covered=sel.covered, timings=sel.timings, diagnostics=sel.diagnostics,
+                         pool_pass=sel.pool_pass)
+
+
+__all__ = ["HeadPrefilter", "Stage1", "SurvivorPool"]
