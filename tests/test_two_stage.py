@@ -160,5 +160,5 @@ def test_prefilter_config_errors_name_the_key():
     model, opt = _trained()
     for p in model.lm_head.parameters():
         p.requires_grad_(False)
-    with pytest.raises(ValueError, match="output layer's weight is frozen"):
+    with pytest.raises(ValueError, match="its weight is frozen"):
         FilterThenWeight(model, opt, FTWConfig(budget=2, prefilter="head"))
