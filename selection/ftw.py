@@ -96,7 +96,10 @@ class FilterThenWeight(Selector):
         index = self.prefilter.covered_index
         reuse = (self.target_cache.blocks[index] if index is not None and self.target_cache.blocks is not None
                  and self.config.exchange != "sketches" else None)
-        stage1 = self.prefilter.run(pool, target, sizes, dtype, self._coefficients, reuse, self.comm, timings)
+        stage1 = self.prefilter.run(pool, target, sizes, dtype, self._coefficients, reuse, self.comm, timings,
+                                    self.generator)
+        if self.config.prefilter_stage2 == "head":
+            return self._select_on_head(stage1, sizes, timings)
         rank = distributed.info().rank if distributed.is_distributed() else 0
         survivors = SurvivorPool.build(pool, stage1.survivors, sizes, rank)
         self._eligible = survivors.eligible
@@ -105,6 +108,20 @@ class FilterThenWeight(Selector):
         finally:
             self._eligible = None
         return survivors.remap(sel, sizes, stage1)
+
+    def _select_on_head(self, stage1, sizes: list[int], timings: dict[str, float]) -> Selection:
+        """``prefilter_stage2: head``: filter and QP on the head's b, diag K and survivors' K (no pool pass)."""
+        rho, tau, opt_step = stage1.coefficients
+        head = self.prefilter.head
+        sel = self._finish(stage1.alignment, stage1.diag, tau, rho, opt_step, sizes, [stage1.geometry], ["exact"],
+                           timings, {}, lambda filtered: self.prefilter.survivors_gram(stage1, filtered, sizes, self.comm),
+                           not stage1.target_reused, tokens=torch.zeros(sum(sizes), dtype=torch.int64),
+                           seq_len=int(stage1.factors.A[0].shape[1]) if stage1.factors is not None else 0)
+        sel.diagnostics.update({"prefilter": "head", "prefilter_stage2": "head", "gram_backends": {head.name: "exact"},
+                                "stage1_target_reused": stage1.target_reused})
+        sel.diagnostics.pop("empty_samples", None)
+        sel.covered = [head.name]
+        return sel
 
     def _select_exact(self, pool: Batch, target: Batch | None, sizes: list[int], timings: dict[str, float]
                       ) -> Selection:

@@ -59,6 +59,12 @@ class FTWConfig:
     prefilter_target: where stage 1's head target gradient comes from — "forward" (a forward over the
     target rows, windowed like the pool) | "reuse" (the head block of the last stage-2 target gradient,
     one step old; a forward when there is none yet or the head is tied and so not covered).
+    prefilter_stage2: "exact" (above) | "head" (no stage-2 pass: the QP runs on the head's own b and
+    exact K over the m survivors, from stage 1's factors, and the trainer trains the chosen rows with its
+    usual forward/backward; the cheapest FTW, scored by the output layer alone). prefilter_target_rows:
+    stage 1's target forward uses this many target rows per step, drawn without replacement by the
+    selector's seeded generator (the same rows on every rank): an unbiased, noisier G_V at s/|V| of the cost
+    (None: every row).
     """
 
     budget: int
@@ -92,6 +98,8 @@ class FTWConfig:
     prefilter: Literal["none", "head"] = "none"
     prefilter_window: int | None = None
     prefilter_target: Literal["forward", "reuse"] = "forward"
+    prefilter_stage2: Literal["exact", "head"] = "exact"
+    prefilter_target_rows: int | None = None
 
     def __post_init__(self) -> None:
         def bad(field_name: str, message: str) -> ValueError:
@@ -109,7 +117,7 @@ class FTWConfig:
                    "alignment": ("dot", "cosine"),
                    "filter_curvature": ("sample", "batch"), "weighting": ("qp", "proportional"),
                    "target_pass": ("joint", "separate"), "prefilter": ("none", "head"),
-                   "prefilter_target": ("forward", "reuse")}
+                   "prefilter_target": ("forward", "reuse"), "prefilter_stage2": ("exact", "head")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise bad(name, f"must be one of {allowed}, got {getattr(self, name)!r}")
@@ -142,6 +150,13 @@ class FTWConfig:
             raise bad("prefilter_window", f"must be >= 2 tokens or null, got {self.prefilter_window}")
         if self.prefilter_window is not None and self.prefilter == "none":
             raise bad("prefilter_window", "applies to prefilter='head' only (got prefilter='none')")
+        if self.prefilter_stage2 != "exact" and self.prefilter == "none":
+            raise bad("prefilter_stage2", "applies to prefilter='head' only (got prefilter='none')")
+        if self.prefilter_target != "forward" and self.prefilter == "none":
+            raise bad("prefilter_target", "applies to prefilter='head' only (got prefilter='none')")
+        if self.prefilter_target_rows is not None and (self.prefilter == "none" or self.prefilter_target_rows < 1):
+            raise bad("prefilter_target_rows", f"must be >= 1 with prefilter='head' (got {self.prefilter_target_rows} "
+                                               f"with prefilter={self.prefilter!r})")
         if self.prefilter != "none" and self.exchange == "sketches":
             raise bad("prefilter", "'head' runs stage 2 with the exact b: use exchange 'direction' or 'factors'")
         for name in ("capture_chunk_size", "capture_chunk_tokens"):

@@ -20,6 +20,7 @@ from optsel import distributed
 from optsel.selection import gram as gram_ops
 from optsel.selection.alignment import target_direction
 from optsel.selection.base import Batch, Selection, split_local
+from optsel.selection.capture import Factors, gather_factors
 from optsel.selection.direction_exchange import full_matrix, gather_batch, phase
 from optsel.selection.filter import filter_candidates, utility
 from optsel.selection.ftw_config import FTWConfig
@@ -31,13 +32,19 @@ from optsel.selection.prefilter import IGNORE, HeadScorer, output_layer
 
 @dataclass
 class Stage1:
-    """Stage 1's result, identical on every rank: survivors [m] (global indices, ascending), b and u [N]
-    (the head's alignment and utility), whether the head target gradient was reused."""
+    """Stage 1's result, identical on every rank: survivors [m] (global indices, ascending), b, u and
+    diag K [N] (the head's), whether the head target gradient was reused, (ρ, τ, optimizer step), and
+    for ``prefilter_stage2: head`` this rank's head factors (H [n, W, d], D [n, W, V]) and the gathered P."""
 
     survivors: torch.Tensor
     alignment: torch.Tensor
     utility: torch.Tensor
     target_reused: bool
+    diag: torch.Tensor | None = None
+    coefficients: tuple[float, float, int] = (0.0, 1.0, 0)
+    geometry: LayerGeometry | None = None
+    factors: Factors | None = None
+    precond: torch.Tensor | None = None
 
 
 class HeadPrefilter:
@@ -62,13 +69,15 @@ class HeadPrefilter:
     def run(self, pool: Batch, target: Batch | None, sizes: list[int], dtype: torch.dtype,
             coefficients: Callable[[list[LayerGeometry]], tuple[float, float, int]],
             stage2_target: list[torch.Tensor] | None, comm: distributed.CommCounter,
-            timings: dict[str, float]) -> Stage1:
+            timings: dict[str, float], generator: torch.Generator | None = None) -> Stage1:
         """Stage 1 (class docstring). ``stage2_target``: this rank's blocks of the head's last stage-2
-        target gradient (``prefilter_target: reuse``), or None."""
+        target gradient (``prefilter_target: reuse``), or None. ``generator``: draws the
+        ``prefilter_target_rows`` (the selector's: the same on every rank)."""
         cfg = self.config
         head, device = self.head, self.head.param.device
         geom = self.geometry(dtype)
-        rho, tau, _ = coefficients([geom])
+        rho, tau, opt_step = coefficients([geom])
+        keep = cfg.prefilter_stage2 == "head"
         n_global, k = sum(sizes), min(cfg.budget, sum(sizes))
         with phase(timings, comm, "stage1_target"):
             reused = cfg.prefilter_target == "reuse" and stage2_target is not None
@@ -77,18 +86,25 @@ class HeadPrefilter:
             else:
                 if target is None:
                     raise ValueError("target: FilterThenWeight needs a target batch (input_ids, attention_mask, labels)")
-                gv = self.scorer.target_gradient(gather_batch(target, comm), dtype)  # every rank: whole target
+                whole_target = gather_batch(target, comm)  # every rank: the whole target
+                rows = cfg.prefilter_target_rows
+                if rows is not None and rows < int(whole_target["input_ids"].shape[0]):
+                    pick = torch.randperm(int(whole_target["input_ids"].shape[0]), generator=generator)[:rows].sort().values
+                    whole_target = {key: v[pick.to(v.device)] for key, v in whole_target.items()}
+                gv = self.scorer.target_gradient(whole_target, dtype)
                 gv_blocks = [gv[blk.rows, blk.cols] for blk in geom.blocks]
             values = [target_direction(blk.precond, g, blk.momentum, rho) for blk, g in zip(geom.blocks, gv_blocks)]
             M = full_matrix(self.reader, head, geom.blocks, values, dtype, dtype, comm)
             P = full_matrix(self.reader, head, geom.blocks, [blk.precond for blk in geom.blocks], dtype, dtype, comm)
         with phase(timings, comm, "stage1"):
             whole = LayerBlock(slice(0, head.d_out), slice(0, head.d_in), P, None)
-            b_parts, diag_parts = [], []
+            b_parts, diag_parts, kept = [], [], []
             for f in self.scorer.chunks(pool, dtype):
                 b, diag = gram_ops.exact_alignment_and_diag_partial(f.H, f.D, M, whole, cfg.max_temp_elems)
                 b_parts.append(b.double())
                 diag_parts.append(diag.double())
+                if keep:
+                    kept.append(f)
             local = torch.stack([torch.cat(b_parts), torch.cat(diag_parts)], dim=1) if b_parts else \
                 torch.zeros(0, 2, dtype=torch.float64, device=device)
             both = distributed.all_gather_cat(local, comm) if distributed.is_distributed() else local
@@ -96,7 +112,29 @@ class HeadPrefilter:
             u = utility(b_all, diag_all, tau / k if cfg.filter_curvature == "batch" else tau)
             m = cfg.num_filtered(n_global)
             survivors = filter_candidates(u, m, m).filtered.sort().values.to(torch.int64)
-        return Stage1(survivors, b_all, u, reused)
+        factors = None
+        if keep and kept:
+            factors = Factors([torch.cat([f.H for f in kept])], [torch.cat([f.D for f in kept])],
+                              torch.zeros(sum(int(f.tokens.numel()) for f in kept), dtype=dtype),
+                              torch.cat([f.tokens for f in kept]))
+        return Stage1(survivors, b_all, u, reused, diag_all, (rho, tau, opt_step), geom, factors, P)
+
+    def survivors_gram(self, stage1: Stage1, filtered: torch.Tensor, sizes: list[int],
+                       comm: distributed.CommCounter) -> torch.Tensor:
+        """``prefilter_stage2: head``: the head's exact K on ``filtered`` (global, in that order) from the
+        survivors' head factors, all-gathered (m·W·(d + V) floats), and the gathered P: [m, m]."""
+        rank = distributed.info().rank if distributed.is_distributed() else 0
+        offsets = torch.tensor([0] + list(sizes)).cumsum(0)
+        filt = filtered.cpu().to(torch.int64)
+        owner = torch.searchsorted(offsets[1:], filt, right=True)
+        order = torch.argsort(owner, stable=True)  # gathered row j is filtered position order[j]
+        mine = (filt[order][owner[order] == rank] - offsets[rank]).to(stage1.factors.loss.device)
+        sub = gather_factors(stage1.factors.select(mine), stage1.precond.dtype, comm)
+        inverse = torch.argsort(order).to(sub.A[0].device)
+        H, D = sub.A[0][inverse], sub.D[0][inverse]
+        whole = LayerBlock(slice(0, self.head.d_out), slice(0, self.head.d_in), stage1.precond, None)
+        K = gram_ops.exact_gram_partial(H, D, whole, self.config.max_temp_elems).double()
+        return 0.5 * (K + K.T)
 
 
 @dataclass

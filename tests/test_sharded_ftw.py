@@ -246,6 +246,8 @@ def _body(rank: int, world: int, engine_name: str, ds_config_path: str) -> dict:
         rows, weights = torch.zeros(1, dtype=torch.long), torch.zeros(1)
     losses = engine.backward_from_pass(sel.pool_pass, rows, weights, loss_scale=float(world))
     out["two_stage"]["local"] = (sel.local_indices.clone(), losses[:sel.local_indices.numel()].clone())
+    head_only = dataclasses.replace(TWO_STAGE, prefilter_stage2="head")  # survivors' head factors all-gathered
+    out["two_stage_head"] = _sel_fields(FilterThenWeight(model, opt, head_only).select(pool, target))
     engine.close() if hasattr(engine, "close") else None
     return out
 
@@ -272,8 +274,11 @@ def _check_two_stage(results: list[dict]) -> None:
     from optsel.losses import per_sample_token_mean_ce
 
     ref, model, _ = _reference(results[0]["state_after"], "exact", config=TWO_STAGE)
+    head_ref, _, _ = _reference(results[0]["state_after"], "exact",
+                                config=dataclasses.replace(TWO_STAGE, prefilter_stage2="head"))
     for rank, res in enumerate(results):
         _assert_same(res["two_stage"], ref, f"two-stage rank {rank}")
+        _assert_same(res["two_stage_head"], head_ref, f"two-stage head-only rank {rank}")
     assert sum(r["two_stage"]["survivors_here"] for r in results) == TWO_STAGE.filter_size
     pool = pool_batch()
     with torch.no_grad():

@@ -27,8 +27,8 @@ def _trained(tie: bool = False):
     return model, opt
 
 
-def _head_bruteforce(model, opt, pool, target, rho, tau, k):
-    """(b, u) of the output layer's use of its weight, from torch.func per-sample gradients of an untied
+def _head_bruteforce(model, opt, pool, target, rho, tau, k, with_gram: bool = False):
+    """(b, u) (and K with ``with_gram``) of the output layer's use of its weight, from torch.func per-sample gradients of an untied
     copy (so a tied weight's embedding use is left out) with the tied parameter's own P, m̂."""
     untied = copy.deepcopy(model)
     untied.config.tie_word_embeddings = False
@@ -39,8 +39,9 @@ def _head_bruteforce(model, opt, pool, target, rho, tau, k):
     G = torch.stack([g["lm_head.weight"] for g in gp]).reshape(len(gp), -1)
     gv = sum(g["lm_head.weight"] for g in gt) / len(gt)
     b = G @ (P * (gv - rho * mhat)).reshape(-1)
-    diag = (G * G) @ P.reshape(-1)
-    return b, b - 0.5 * (tau / k) * diag
+    K = (G * P.reshape(-1)) @ G.T
+    u = b - 0.5 * (tau / k) * K.diagonal()
+    return (b, u, K) if with_gram else (b, u)
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -90,6 +91,22 @@ def test_stage2_is_exact_ftw_on_the_survivors_and_the_single_pass_trains_the_cho
     with pytest.raises(ValueError, match="not in this pass"):
         sel.pool_pass.local_grads(torch.tensor([outside]), torch.tensor([0.5], dtype=torch.float64))
     sel.pool_pass.local_grads(torch.tensor([outside]), torch.tensor([0.0], dtype=torch.float64))  # keep-in-step row
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_head_only_stage2_solves_the_qp_on_the_heads_exact_b_and_gram(tie):
+    model, opt = _trained(tie)
+    pool, target = make_batch(N, 9, 8), make_batch(4, 9, 9)
+    sel = FilterThenWeight(model, opt, FTWConfig(budget=K, filter_size=M, prefilter="head", gram="exact",
+                                                 prefilter_stage2="head")).select(pool, target)
+    b, u, Kh = _head_bruteforce(model, opt, pool, target, sel.diagnostics["momentum_coef"],
+                                sel.diagnostics["curvature"], K, with_gram=True)
+    positive = [int(i) for i in torch.sort(u, descending=True, stable=True).indices if u[i] > 0][:M]
+    assert sel.filtered.tolist() == (positive if len(positive) >= K else sel.filtered.tolist())
+    f = sel.filtered
+    torch.testing.assert_close(sel.gram, Kh[f][:, f], rtol=1e-9, atol=1e-10 * float(Kh.abs().max()))
+    assert sel.pool_pass is None and sel.covered == ["lm_head.weight"]  # the trainer's own forward/backward
+    assert set(sel.indices.tolist()) <= set(f.tolist()) and abs(float(sel.weights.sum()) - 1) < 1e-9
 
 
 def test_survivor_pool_pads_uneven_ranks_with_label_free_rows_and_maps_back():

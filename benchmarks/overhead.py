@@ -1,0 +1,192 @@
+"""Overhead benchmark: each method's step / a plain training step on the k samples it trains on.
+
+    python -m benchmarks.overhead [--quick] [--sizes cpu-compute,small] [--ratios 2,4,8] [--out results/overhead]
+
+The reference a user feels is the step they run anyway: forward + backward + AdamW on k samples (what
+random selection costs). For each model size and N/k in ``--ratios`` (k fixed, N = ratio·k, |V| = k
+target rows, the speed benchmark's pools: random tokens, lengths T/2..T, the first 4 tokens prompt), every
+method's step (select + train on its chosen rows + AdamW) is timed in interleaved rounds (plain-k,
+every method in an order rotated per round, plain-k again; a method's ratio is the median over rounds of
+its step / that round's mean plain-k step) and counted in FLOPs (matmul + attention,
+torch.utils.flop_counter, one step after the rounds). The old reference, a plain step over all N, is
+printed beside it. The methods and the two-stage FTW variants are fixed below (written before any run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from benchmarks.speed import Method, build_model, count_flops, make_pool, sync, train_step
+from optsel.pipeline import jsonio
+
+#: (label, method, FTW options or a callable of (k, T) giving them); written 2026-12-02 before any run
+VARIANTS = [
+    ("random", "random", None),
+    ("greats", "greats", None),
+    ("less", "less", None),
+    ("ftw (one stage, exact b)", "ftw", {}),
+    ("ftw[head, m=2k]", "ftw", lambda k, T: {"prefilter": "head", "filter_size": 2 * k}),
+    ("ftw[head, m=k]", "ftw", lambda k, T: {"prefilter": "head", "filter_size": k}),
+    ("ftw[head, m=2k, W=T/4]", "ftw", lambda k, T: {"prefilter": "head", "filter_size": 2 * k,
+                                                     "prefilter_window": T // 4}),
+    ("ftw[head, m=k, W=T/4]", "ftw", lambda k, T: {"prefilter": "head", "filter_size": k,
+                                                    "prefilter_window": T // 4}),
+    ("ftw[head, m=k, W=T/4, reuse]", "ftw", lambda k, T: {"prefilter": "head", "filter_size": k,
+                                                           "prefilter_window": T // 4, "prefilter_target": "reuse"}),
+    ("ftw[head, m=k, W=T/4, reuse, refresh 4]", "ftw",
+     lambda k, T: {"prefilter": "head", "filter_size": k, "prefilter_window": T // 4, "prefilter_target": "reuse",
+                   "target_refresh": 4}),
+    # stage 2 on the head alone: the QP on the head's b and K, the trainer's own step on the chosen k
+    ("ftw[head only]", "ftw", lambda k, T: {"prefilter": "head", "prefilter_stage2": "head"}),
+    ("ftw[head only, W=T/4]", "ftw", lambda k, T: {"prefilter": "head", "prefilter_stage2": "head",
+                                                    "prefilter_window": T // 4}),
+    ("ftw[head only, W=T/8]", "ftw", lambda k, T: {"prefilter": "head", "prefilter_stage2": "head",
+                                                    "prefilter_window": T // 8}),
+    ("ftw[head only, W=T/8, |V|/4 rows]", "ftw",
+     lambda k, T: {"prefilter": "head", "prefilter_stage2": "head", "prefilter_window": T // 8,
+                   "prefilter_target_rows": max(1, k // 4)}),
+]
+
+#: size: (T, k); "cpu-compute" is the speed benchmark's compute-bound CPU size (hidden 256, 4 layers)
+POINTS = {"cpu-compute": (256, 16), "small": (32, 16), "gpu-100m": (1024, 16)}
+
+
+def plain_k(model, opt, pool, k: int, device) -> float:
+    """Seconds of a plain step on the pool's first k rows (the rows random would train on are as long)."""
+    sync(device)
+    t0 = time.perf_counter()
+    train_step(model, opt, {key: v[:k] for key, v in pool.items()}, torch.full((k,), 1.0 / k, device=device))
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def table(device, size: str, ratio: int, repeats: int, only: list[str] | None) -> dict:
+    T, k = POINTS[size]
+    n = ratio * k
+    model = build_model(device, max_pos=max(64, T), size=size)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for s in range(3):  # optimizer state exists
+        train_step(model, opt, make_pool(n, T, 1000 + s, device), torch.full((n,), 1.0 / n, device=device))
+    pools = [make_pool(n, T, s, device) for s in range(repeats + 1)]
+    target = make_pool(k, T, 999, device)
+    methods = []
+    for label, method, options in VARIANTS:
+        if only and label not in only:
+            continue
+        opts = options(k, T) if callable(options) else options
+        methods.append(Method(label, method, opts if method == "ftw" else None, model, opt, k))
+    plain: list[float] = []
+    for r, pool in enumerate(pools):  # round 0 warms up
+        before = plain_k(model, opt, pool, k, device)
+        shift = r % len(methods)
+        ran = {m.name: m.step(pool, target, device, record=r > 0) for m in methods[shift:] + methods[:shift]}
+        after = plain_k(model, opt, pool, k, device)
+        if r == 0:
+            continue
+        ref = (before + after) / 2
+        plain += [before, after]
+        for m in methods:
+            m.ratios.append(ran[m.name] / ref)
+        print(f"[overhead] {size} N/k={ratio} round {r}: plain-k {ref * 1e3:.0f} ms, "
+              + ", ".join(f"{m.name} x{m.ratios[-1]:.2f}" for m in methods), flush=True)
+    one = {key: v[:k] for key, v in pools[0].items()}
+    flops_k = count_flops(lambda: train_step(model, opt, one, torch.full((k,), 1.0 / k, device=device)))
+    flops_n = count_flops(lambda: train_step(model, opt, pools[0], torch.full((n,), 1.0 / n, device=device)))
+    rows = {}
+    for m in methods:
+        m.flops = count_flops(lambda: m.step(pools[0], target, device, record=False))
+        row = m.row()
+        rows[m.name] = {"time_ratio": row["ratio_to_plain"], "flop_ratio": m.flops / flops_k,
+                        "flop_ratio_to_plain_N": m.flops / flops_n, "step_s": row["step_s"],
+                        "phases_s": row["phases_s"], "ratios": row["ratios"]}
+    return {"size": size, "T": T, "k": k, "N": n, "V": k, "plain_k_s": statistics.median(plain),
+            "plain_k_flops": flops_k, "plain_N_flops": flops_n, "rows": rows}
+
+
+def write(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "overhead.json").write_text(jsonio.dumps(results, indent=2))
+    meta = results["meta"]
+    lines = ["# Step overhead: step / a plain step on the k samples it trains on", "",
+             f"Command: `{meta['command']}` — {meta['date']}, {meta['device_name']}, {meta['repeats']} interleaved "
+             f"rounds after a warm-up round. time = median over rounds of step / that round's mean plain-k step; "
+             f"FLOPs = counted matmul + attention FLOPs of one step / the plain-k step's; 'vs plain-N' = the old "
+             f"reference, FLOPs / a plain step over the whole pool. |V| = k target rows.", ""]
+    for block in results["tables"]:
+        lines += [f"## {block['size']} (T {block['T']}), k {block['k']}, N {block['N']} (N/k = {block['N'] // block['k']})",
+                  "", f"plain-k step {block['plain_k_s'] * 1e3:.0f} ms", "",
+                  "| method | time / plain-k | FLOPs / plain-k | FLOPs / plain-N | step ms |", "|---|---|---|---|---|"]
+        for name, r in block["rows"].items():
+            lines.append(f"| {name} | {r['time_ratio']:.2f} | {r['flop_ratio']:.2f} | {r['flop_ratio_to_plain_N']:.3f} | "
+                         f"{r['step_s'] * 1e3:.0f} |")
+        lines.append("")
+    (out / "overhead.md").write_text("\n".join(lines) + "\n")
+    _plot(results, out / "overhead.png")
+
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({b["size"] for b in results["tables"]})
+    fig, axes = plt.subplots(1, len(sizes), figsize=(7 * len(sizes), 4.5), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        blocks = [b for b in results["tables"] if b["size"] == size]
+        names = list(blocks[0]["rows"])
+        for name in names:
+            xs = [b["N"] // b["k"] for b in blocks]
+            ax.plot(xs, [b["rows"][name]["flop_ratio"] for b in blocks], marker="o", label=name)
+        ax.axhline(1.25, color="k", ls="--", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("N / k")
+        ax.set_ylabel("step FLOPs / plain step on k")
+        ax.set_title(f"{size}: overhead in counted FLOPs (dashed: 1.25x)")
+    axes[0][-1].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small size, N/k 2 and 4, 1 round (CI)")
+    parser.add_argument("--sizes", default="cpu-compute,small")
+    parser.add_argument("--ratios", default="2,4,8")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--methods", default=None, help="comma-separated labels (default: all)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None, help="default: results/overhead (quick: results/overhead_quick)")
+    args = parser.parse_args(argv)
+    sizes = ["small"] if args.quick else args.sizes.split(",")
+    ratios = [2, 4] if args.quick else [int(r) for r in args.ratios.split(",")]
+    repeats = 1 if args.quick else args.repeats
+    only = args.methods.split(",") if args.methods else None
+    device = torch.device(args.device)
+    torch.set_num_threads(torch.get_num_threads())
+    tables = [table(device, size, ratio, repeats, only) for size in sizes for ratio in ratios]
+    results = {"meta": {"command": "python -m benchmarks.overhead " + " ".join(argv if argv is not None else sys.argv[1:]),
+                        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "repeats": repeats,
+                        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else
+                        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"},
+               "tables": tables}
+    out = Path(args.out or ("results/overhead_quick" if args.quick else "results/overhead"))
+    write(results, out)
+    print((out / "overhead.md").read_text())
+    return results
+
+
+if __name__ == "__main__":
+    main()
