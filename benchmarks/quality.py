@@ -46,7 +46,7 @@ PROBED = ("ftw",)  # methods whose per-kind alignment is recorded along training
 def load_grid(path: Path, quick: bool) -> dict[str, Any]:
     grid = yaml.safe_load(path.read_text())
     unknown = set(grid) - {"settings", "methods", "factors", "default_cells", "variants", "quick", "study_variants",
-                           "study_cells"}
+                           "study_cells", "equal_compute"}
     if unknown:
         raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)}")
     settings = dict(grid["settings"])
@@ -54,6 +54,8 @@ def load_grid(path: Path, quick: bool) -> dict[str, Any]:
         q = grid["quick"]
         settings.update({k: v for k, v in q["settings"].items()})
         grid = {**grid, "default_cells": q["cells"], "methods": q["methods"]}
+        if "equal_compute" in q:
+            grid["equal_compute"] = {**grid.get("equal_compute", {}), **q["equal_compute"]}
     names = {f.name for f in fields(Settings)}
     bad = set(settings) - names
     if bad:
@@ -169,6 +171,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=2, help="parallel (cell, seed) jobs, one thread each")
     parser.add_argument("--out", default=None, help="default: results/quality (quick: results/quality_quick)")
     parser.add_argument("--fresh", action="store_true", help="rerun even where a finished run is stored")
+    parser.add_argument("--equal-compute", action="store_true",
+                        help="the equal-compute view (benchmarks/quality_compute.py): every method on the FLOP budget "
+                             "of the grid file's equal_compute.budget_method run")
     parser.add_argument("--report-only", action="store_true",
                         help="no new runs: the report over the stored runs of these cells, methods and variants")
     args = parser.parse_args(argv)
@@ -176,10 +181,16 @@ def main(argv: list[str] | None = None) -> dict:
     grid = load_grid(Path(args.grid), args.quick)
     settings: Settings = grid["settings_obj"]
     cells = pick_cells(grid, args.cells, args.quick)
-    todo = methods_to_run(grid, args.methods, args.variants)
-    if not {"random", "oracle"} <= {m for _, m, _ in todo}:
+    spec = grid.get("equal_compute", {})
+    todo = methods_to_run(grid, args.methods or (",".join(spec["methods"]) if args.equal_compute else None),
+                          args.variants)
+    if args.equal_compute:
+        if spec.get("budget_method") not in {label for label, _, _ in todo} or "random" not in {m for _, m, _ in todo}:
+            raise SystemExit("--equal-compute: the methods must include random and equal_compute.budget_method")
+    elif not {"random", "oracle"} <= {m for _, m, _ in todo}:
         raise SystemExit("--methods: random and oracle are needed for the gap closed")
-    out = Path(args.out or ("results/quality_quick" if args.quick else "results/quality"))
+    default_out = "results/quality_compute" if args.equal_compute else "results/quality"
+    out = Path(args.out or (default_out + "_quick" if args.quick else default_out))
     out.mkdir(parents=True, exist_ok=True)
     run_dir = out / "runs"
     if args.fresh:
@@ -201,6 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
         tmp = base_path.with_suffix(".tmp")
         torch.save({"key": base_key, "state": base}, tmp)
         tmp.replace(base_path)
+    if args.equal_compute:
+        return _equal_compute(args, argv, grid, settings, cells, todo, base, out, run_dir, started)
     jobs = [(settings, base, cell, seed, todo, str(run_dir), args.report_only) for cell in cells
             for seed in settings.seeds]
     if args.workers > 1:
@@ -234,6 +247,34 @@ def main(argv: list[str] | None = None) -> dict:
     report.plots(runs, summaries, main_cell, out)
     print((out / "summary.md").read_text().split("## Per cell")[0])
     return {"overall": report.overall(summaries), "cells": summaries}
+
+
+def _equal_compute(args, argv, grid, settings: Settings, cells: list[Cell], todo, base, out: Path, run_dir: Path,
+                   started: float) -> dict:
+    from benchmarks import quality_compute as compute
+
+    spec = grid["equal_compute"]
+    jobs = [(settings, base, cell, seed, todo, spec["budget_method"], spec, str(run_dir)) for cell in cells
+            for seed in settings.seeds]
+    if args.workers > 1:
+        with mp.get_context("spawn").Pool(args.workers) as pool:
+            records = [r for batch in pool.imap_unordered(compute.job, jobs) for r in batch]
+    else:
+        records = [r for job in jobs for r in compute.job(job)]
+    names = [c.name for c in cells]
+    summaries = compute.summarize(records, names, spec["budget_method"])
+    meta = {"command": "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_seconds": time.perf_counter() - started,
+            "grid_file": "benchmarks/quality_grid.yaml", "equal_compute": spec,
+            "description": (f"Budget: the counted FLOPs of `{spec['budget_method']}`'s {settings.steps}-step run per cell "
+                            f"and seed; every other method runs round(budget / its FLOPs per step) steps (calibrated "
+                            f"on {spec['calibration_steps']} counted steps) on a stream {spec['stream_factor']}× the "
+                            f"equal-samples one; N = {settings.pool}, seeds {settings.seeds}.")}
+    (out / "summary.json").write_text(jsonio.dumps({"meta": meta, "cells": summaries}, indent=2))
+    (out / "summary.md").write_text(compute.markdown(summaries, meta))
+    compute.plot(records, names, out / "loss_vs_flops.png")
+    print((out / "summary.md").read_text())
+    return {"cells": summaries}
 
 
 if __name__ == "__main__":

@@ -158,7 +158,7 @@ def _train_on(model, optimizer, batch: Batch, weights: torch.Tensor, opt: Optimi
     optimizer.zero_grad(set_to_none=True)
     if pool_pass is not None:
         pool_pass.accumulate_into_grads(rows, weights)
-        loss = (weights.to(pool_pass.loss.dtype) * pool_pass.loss[rows]).sum()
+        loss = (weights.to(pool_pass.loss.dtype) * pool_pass.loss[pool_pass.pass_rows(rows, weights)]).sum()
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         losses = per_sample_token_mean_ce(logits, batch["labels"]).loss
@@ -207,6 +207,8 @@ class RunResult:
     fallbacks: dict[str, float] = field(default_factory=dict)
     alignment_by_kind: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> kind -> mean b/‖b‖
     wall_seconds: float = 0.0
+    flops: dict[int, float] = field(default_factory=dict)  # step -> cumulative counted FLOPs (count_flops runs)
+    steps: int = 0
 
     @property
     def final_loss(self) -> float:
@@ -232,9 +234,24 @@ def build_selector(method: str, options: dict[str, Any], model, optimizer, budge
     return factory(**kwargs)
 
 
+def _step_flops(fn) -> tuple[Any, int]:
+    """(fn(), its counted matmul + attention FLOPs): benchmarks/speed.py's counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.speed import _attention_flops
+
+    with FlopCounterMode(display=False, custom_mapping=_attention_flops()) as counter:
+        out = fn()
+    return out, int(counter.get_total_flops())
+
+
 def run(settings: Settings, stream: Stream, base: dict[str, torch.Tensor], method: str, options: dict[str, Any],
-        label: str, cell: Cell, seed: int, probe_alignment: bool = False) -> RunResult:
-    """Fine-tune the base on ``stream`` with one selector; ``seed`` fixes the stream order and RNGs (paired)."""
+        label: str, cell: Cell, seed: int, probe_alignment: bool = False, steps: int | None = None,
+        count_flops: bool = False) -> RunResult:
+    """Fine-tune the base on ``stream`` with one selector; ``seed`` fixes the stream order and RNGs (paired).
+    ``steps``: instead of ``settings.steps`` (the learning-rate schedule spans them; the equal-compute
+    view); ``count_flops``: count every step's select + train FLOPs into ``RunResult.flops``."""
+    total = int(steps or settings.steps)
     started = time.perf_counter()
     torch.manual_seed(seed)
     model = new_model(settings)
@@ -251,22 +268,32 @@ def run(settings: Settings, stream: Stream, base: dict[str, torch.Tensor], metho
     result = RunResult(method=label, cell=cell.name, seed=seed)
     sums: dict[str, float] = {}
     fallbacks: dict[str, float] = {}
-    ess = selected = elapsed = 0.0
+    ess = selected = elapsed = flops = 0.0
 
     def record_eval(step: int) -> None:
         ev = evaluate(engine, stream.eval_batches, settings.max_new_tokens, 0, 2)
         result.curve[step], result.em_curve[step], result.seconds[step] = ev.loss, ev.exact_match, elapsed
+        if count_flops:
+            result.flops[step] = flops
         model.train()
+
+    def one_step(pool: Batch, step: int):
+        sel = selector.select(pool, stream.target if needs_target else None)
+        _train_on(model, optimizer, take(pool, sel.indices), sel.weights.float(), opt, step, total,
+                  sel.pool_pass, sel.indices)
+        return sel
 
     record_eval(0)
     model.train()
-    for step in range(settings.steps):
+    for step in range(total):
         rows = order[torch.arange(step * n, (step + 1) * n) % num]
         pool = take(stream.train, rows)
         t0 = time.perf_counter()
-        sel = selector.select(pool, stream.target if needs_target else None)
-        _train_on(model, optimizer, take(pool, sel.indices), sel.weights.float(), opt, step, settings.steps,
-                  sel.pool_pass, sel.indices)
+        if count_flops:
+            sel, counted = _step_flops(lambda: one_step(pool, step))
+            flops += counted
+        else:
+            sel = one_step(pool, step)
         elapsed += time.perf_counter() - t0
         m = selection_metrics(sel, pool["kind_id"], stream.kind_names)
         for key, value in m.items():
@@ -282,10 +309,11 @@ def run(settings: Settings, stream: Stream, base: dict[str, torch.Tensor], metho
             scale = float(b.abs().mean()) or 1.0
             result.alignment_by_kind[step] = {stream.kind_names[int(c)]: float(b[pool["kind_id"] == c].mean() / scale)
                                               for c in pool["kind_id"].unique()}
-        if (step + 1) % settings.eval_every == 0 or step + 1 == settings.steps:
+        if (step + 1) % settings.eval_every == 0 or step + 1 == total:
             record_eval(step + 1)
-    steps = max(settings.steps, 1)
-    result.precision = {k: v / steps for k, v in sums.items()}
-    result.ess, result.selected, result.fallbacks = ess / steps, selected / steps, fallbacks
+    result.steps = total
+    done = max(total, 1)
+    result.precision = {k: v / done for k, v in sums.items()}
+    result.ess, result.selected, result.fallbacks = ess / done, selected / done, fallbacks
     result.wall_seconds = time.perf_counter() - started
     return result

@@ -1,4 +1,4 @@
-"""``optsel bench {quality,speed,select_grid,distributed_select,soak,sketch_alignment} [args]``: run a benchmark script of the
+"""``optsel bench {quality,speed,overhead,select_grid,distributed_select,soak,sketch_alignment} [args]``: run a benchmark script of the
 source checkout (benchmarks/, next to this package's folders; see benchmarks/README.md)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import importlib
 import sys
 from pathlib import Path
 
-BENCHMARKS = ("quality", "speed", "select_grid", "distributed_select", "soak", "sketch_alignment")
+BENCHMARKS = ("quality", "speed", "overhead", "select_grid", "distributed_select", "soak", "sketch_alignment")
 
 
 def main(argv: list[str]) -> int:

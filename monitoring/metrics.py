@@ -102,6 +102,12 @@ KEYS: dict[str, MetricSpec] = {
                                         "Condition number of the last step's Gram matrix."),
     "select/comm_bytes": MetricSpec("optsel_selection_comm_bytes_total", "counter", "rank",
                                     "Bytes this rank handed to the selector's collectives."),
+    "time/overhead_ratio": MetricSpec(
+        "optsel_step_overhead_ratio", "gauge", "rank",
+        "(select + train + optimizer seconds) / (train + optimizer seconds) of the last step: the step against a plain "
+        "step on the rows it trained on. Exact where the training half is the engine's own forward/backward "
+        "(random, FTW with prefilter_stage2 head, two-pass FTW); an upper bound under FTW's single pass, whose "
+        "training half is only the weight gradients."),
     "select/engine_bytes_ratio": MetricSpec(
         "optsel_selection_engine_bytes_ratio", "gauge", "rank",
         "Selector bytes of the last step / the engine's own parameter traffic per step (analytic: ZeRO-3 / FSDP2 "

@@ -232,6 +232,8 @@ class Trainer:
             "time/step_seconds": step_seconds, "time/phase/data": data_seconds,
             "time/phase/select": select_seconds, "time/phase/train": train_seconds,
             "time/phase/optimizer": optimizer_seconds,
+            "time/overhead_ratio": (select_seconds + train_seconds + optimizer_seconds)
+            / max(train_seconds + optimizer_seconds, 1e-12),
         }
         metrics.update(selection_metrics(selection, kind_ids, self.kind_names))
         metrics.update(_memory_metrics())

@@ -47,6 +47,43 @@ def test_quality_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_quality_equal_compute_quick(tmp_path):
+    """Every method spends about the budget method's counted FLOPs: a cheaper one runs more steps."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, "-m", "optsel.launch.cli", "bench", "quality", "--quick", "--equal-compute",
+                           f"--out={tmp_path}", "--workers=1"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (cell,) = json.loads((tmp_path / "summary.json").read_text())["cells"]
+    rows = cell["methods"]
+    assert cell["budget_method"] == "ftw" and rows["ftw"]["steps"][0] == 4  # the quick grid's steps
+    assert rows["random"]["steps"][0] > rows["ftw"]["steps"][0]  # random's step is cheaper
+    for name, r in rows.items():  # within one step's FLOPs of the budget (or capped by the stream)
+        assert r["capped"] or abs(r["flops_over_budget"][0] - 1) < 1.0 / r["steps"][0] + 0.05, (name, r)
+    assert (tmp_path / "loss_vs_flops.png").stat().st_size > 1000
+    assert "| random |" in (tmp_path / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_overhead_quick(tmp_path):
+    done = _bench("overhead", tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads((tmp_path / "overhead.json").read_text())
+    assert [b["N"] // b["k"] for b in data["tables"]] == [2, 4]
+    for block in data["tables"]:
+        rows = block["rows"]
+        # the reference is random's own step: a plain step on k (its FLOPs exactly; its time about)
+        assert rows["random"]["flop_ratio"] == pytest.approx(1.0, rel=1e-6)
+        assert rows["random"]["flop_ratio_to_plain_N"] == pytest.approx(block["k"] / block["N"], rel=1e-6)
+        # stage 1 scores by a forward pass: the head-only two-stage step is cheaper than the one-stage step,
+        # and a scoring window cheaper again
+        assert rows["ftw[head only, W=T/4]"]["flop_ratio"] < rows["ftw[head only]"]["flop_ratio"] \
+            < rows["ftw (one stage, exact b)"]["flop_ratio"]
+    assert "| ftw[head only] |" in (tmp_path / "overhead.md").read_text()
+    assert (tmp_path / "overhead.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name, files", [("speed", ["speed.json", "speed.md"]),
                                          ("select_grid", ["select_grid.json", "select_grid.md"]),
                                          ("distributed_select", ["distributed_select.json", "distributed_select.md"])])
@@ -107,4 +144,4 @@ def test_bench_usage_and_unknown_name():
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     done = subprocess.run([sys.executable, "-m", "optsel.launch.cli", "bench", "nope"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "quality,speed,select_grid,distributed_select,soak,sketch_alignment" in done.stderr
+    assert done.returncode == 2 and "quality,speed,overhead,select_grid,distributed_select,soak,sketch_alignment" in done.stderr

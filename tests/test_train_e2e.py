@@ -87,6 +87,26 @@ def test_two_rank_training_learns_and_respects_the_budget(data_dir, tmp_path, en
 
 
 @pytest.mark.slow
+def test_two_stage_ftw_trains_under_zero3_from_the_survivors_single_pass(data_dir, tmp_path):
+    """prefilter: head on 2 ranks of DeepSpeed ZeRO-3: the single pass over the survivors only (pool rows mapped to
+    pass rows inside the engine's surrogate backward); both stages' times and the overhead ratio are reported."""
+    done = _run(["launch", "--nproc", "2", "--launcher", "torchrun",
+                 *_train_args(data_dir, tmp_path, "engine.name=deepspeed", "selection.method=ftw",
+                              "selection.options.ftw.prefilter=head", "selection.options.ftw.filter_size=24",
+                              "training.num_steps=20", "training.eval_every=0", "run_name=two")])
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    summary = _summary(tmp_path, "two")
+    assert summary["last_train_loss"] < 0.8 * summary["first_train_loss"]
+    assert summary["final_eval_loss"] < summary["initial_eval_loss"]
+    for record in _selected(tmp_path, "two"):
+        assert 1 <= len(record["sample_ids"]) <= 16 and set(record["sample_ids"]) <= set(record["pool_sample_ids"])
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "time/phase/stage1" in r]
+    assert len(steps) >= 20 and all(r["time/phase/stage1"] > 0 and r["time/overhead_ratio"] > 1 for r in steps)
+    assert all(r["select/filtered"] <= 24 for r in steps if "select/filtered" in r)
+
+
+@pytest.mark.slow
 def test_live_metrics_endpoint_moves_while_training(data_dir, tmp_path):
     from optsel.distributed import free_port
 
