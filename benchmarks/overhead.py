@@ -15,6 +15,7 @@ printed beside it. The methods and the two-stage FTW variants are fixed below (w
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import sys
@@ -141,23 +142,30 @@ def _plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sizes = sorted({b["size"] for b in results["tables"]})
-    fig, axes = plt.subplots(1, len(sizes), figsize=(7 * len(sizes), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes) + 3, 4.5), squeeze=False)
     for ax, size in zip(axes[0], sizes):
         blocks = [b for b in results["tables"] if b["size"] == size]
         names = list(blocks[0]["rows"])
-        for name in names:
+        colors = plt.get_cmap("tab20")
+        for i, name in enumerate(names):
             xs = [b["N"] // b["k"] for b in blocks]
-            ax.plot(xs, [b["rows"][name]["flop_ratio"] for b in blocks], marker="o", label=name)
+            ax.plot(xs, [b["rows"][name]["flop_ratio"] for b in blocks], marker="osD^v<>"[i % 7], color=colors(i % 20),
+                    ls="-" if "head only" in name or name == "random" else "--", label=name)
         ax.axhline(1.25, color="k", ls="--", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("N / k")
         ax.set_ylabel("step FLOPs / plain step on k")
         ax.set_title(f"{size}: overhead in counted FLOPs (dashed: 1.25x)")
-    axes[0][-1].legend(fontsize=7, loc="upper left")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def replot(out: Path) -> None:
+    """Redraw overhead.png from a stored overhead.json (the tables are not touched)."""
+    _plot(json.loads((out / "overhead.json").read_text()), out / "overhead.png")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -7,8 +7,9 @@ new samples):
 1. the budget method runs its steps, every step's select + train FLOPs counted
    (torch.utils.flop_counter, matmul + attention, as benchmarks/speed.py) — the budget B;
 2. every other method is calibrated on ``calibration_steps`` counted steps, then runs
-   round(B / its FLOPs per step) steps (capped by the stream), counted too; its learning-rate schedule
-   spans its own steps, as a user with that budget would set it.
+   round(B / its FLOPs per step) steps (capped by the stream); its FLOPs are that count × its calibrated
+   FLOPs per step (counting every step would cost 1.7× the run); its learning-rate schedule spans its own
+   steps, as a user with that budget would set it.
 Reported per cell: steps, FLOPs / B, final target loss and exact match, the paired Δ to random with its
 95 % CI, and loss against FLOPs (a PNG).
 """
@@ -64,16 +65,17 @@ def job(args: tuple) -> list[dict]:
     by_label = {label: (method, options) for label, method, options in todo}
     folder = Path(run_dir) / cell.name
 
-    def one(label: str, steps: int) -> dict:
+    def one(label: str, steps: int, count: bool = True) -> dict:
         method, options = by_label[label]
-        path = folder / f"{label}_s{seed}_n{steps}_{_key(long, cell, method, options, seed, steps, factor)}.json"
+        tag = "" if count else "u"
+        path = folder / f"{label}_s{seed}_n{steps}{tag}_{_key(long, cell, method, options, seed, steps, factor)}.json"
         record = _stored_or_run(path, lambda: run(long, stream, base, method, options, label, cell, seed,
-                                                  steps=steps, count_flops=True))
+                                                  steps=steps, count_flops=count))
         return record
 
     budget_run = one(budget_label, settings.steps)
     budget = float(budget_run["flops"][str(settings.steps)])
-    out = [dict(budget_run, budget_flops=budget, capped=False)]
+    out = [dict(budget_run, budget_flops=budget, capped=False, flops_per_step=budget / settings.steps)]
     for label in by_label:
         if label == budget_label:
             continue
@@ -81,8 +83,9 @@ def job(args: tuple) -> list[dict]:
         per_step = float(max(float(v) for v in probe["flops"].values())) / calib
         steps = max(1, round(budget / per_step))
         capped = steps > max_steps
-        record = one(label, min(steps, max_steps))
-        out.append(dict(record, budget_flops=budget, capped=capped))
+        record = one(label, min(steps, max_steps), count=False)  # counted on the calibration steps only
+        record["flops"] = {step: float(step) * per_step for step in record["curve"]}
+        out.append(dict(record, budget_flops=budget, capped=capped, flops_per_step=per_step))
         print(f"[quality/compute] {cell.name} {label:14s} seed {seed}: {record['steps']} steps "
               f"({per_step / 1e6:.1f} MFLOP/step, budget {budget / 1e9:.2f} GFLOP{', capped by the stream' if capped else ''})"
               f": loss {RunResult(**_fields(record)).final_loss:.4f}", flush=True)
