@@ -37,7 +37,8 @@ import yaml
 
 from benchmarks import quality_report as report
 from optsel.pipeline import jsonio
-from benchmarks.quality_runs import Cell, RunResult, Settings, build_stream, pretrain, run, synthetic_config
+from benchmarks.quality_runs import (Cell, RunResult, Settings, build_stream, pretrain, resolved_options, run,
+                                     synthetic_config)
 
 GRID_FILE = Path(__file__).with_name("quality_grid.yaml")
 PROBED = ("ftw",)  # methods whose per-kind alignment is recorded along training
@@ -99,17 +100,6 @@ def methods_to_run(grid: dict[str, Any], methods: str | None, variants: str | No
             raise SystemExit(f"--variants: unknown {missing}; known: {', '.join(table)}")
         out += [(n, table[n]["method"], dict(table[n].get("options") or {})) for n in names]
     return out
-
-
-def resolved_options(method: str, options: dict, budget: int) -> dict:
-    """The selector's typed config as it will run (defaults filled in), so a changed default is a new run."""
-    from optsel.config_loader import from_mapping, to_plain
-    from optsel.selection.base import get_selector_factory
-
-    config_class = getattr(get_selector_factory(method), "config_class", None)
-    if config_class is None:
-        return dict(options)
-    return to_plain(from_mapping(config_class, {"budget": budget, **options}, f"options.{method}"))
 
 
 def _key(settings: Settings, cell: Cell, label: str, method: str, options: dict, seed: int) -> str:

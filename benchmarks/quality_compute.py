@@ -25,13 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import quality_report as report
-from benchmarks.quality_runs import Cell, RunResult, Settings, build_stream, run, synthetic_config
+from benchmarks.quality_runs import Cell, RunResult, Settings, build_stream, resolved_options, run, synthetic_config
 from optsel.pipeline import jsonio
 
 
 def _key(settings: Settings, cell: Cell, method: str, options: dict, seed: int, steps: int, factor: int) -> str:
-    from benchmarks.quality import resolved_options
-
     budget = settings.pool if method == "full" else cell.budget
     blob = json.dumps(["equal-compute", dataclasses.asdict(settings), dataclasses.asdict(cell), method,
                        resolved_options(method, options, budget), seed, steps, factor], sort_keys=True, default=str)

@@ -219,6 +219,17 @@ class RunResult:
         return self.em_curve[max(self.em_curve)]
 
 
+def resolved_options(method: str, options: dict, budget: int) -> dict:
+    """The selector's typed config as it will run (defaults filled in), so a changed default is a new run."""
+    from optsel.config_loader import from_mapping, to_plain
+    from optsel.selection.base import get_selector_factory
+
+    config_class = getattr(get_selector_factory(method), "config_class", None)
+    if config_class is None:
+        return dict(options)
+    return to_plain(from_mapping(config_class, {"budget": budget, **options}, f"options.{method}"))
+
+
 def build_selector(method: str, options: dict[str, Any], model, optimizer, budget: int, seed: int,
                    kind_names: dict[int, str]):
     """The selector as the Trainer builds it: registry factory + typed options (validated, key named)."""
