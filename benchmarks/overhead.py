@@ -183,7 +183,6 @@ def main(argv: list[str] | None = None) -> dict:
     repeats = 1 if args.quick else args.repeats
     only = args.methods.split(",") if args.methods else None
     device = torch.device(args.device)
-    torch.set_num_threads(torch.get_num_threads())
     tables = [table(device, size, ratio, repeats, only) for size in sizes for ratio in ratios]
     results = {"meta": {"command": "python -m benchmarks.overhead " + " ".join(argv if argv is not None else sys.argv[1:]),
                         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "repeats": repeats,

@@ -215,6 +215,8 @@ class FilterThenWeight(Selector):
             if filt.fallback:
                 fallbacks["filter_underflow"] = 1
             filtered = filt.filtered
+            if eligible is not None:  # a non-finite survivor ranks with the padding: never hand padding on
+                filtered = filtered[eligible.to(filtered.device)[filtered]]
 
         with phase(timings, self.comm, "gram"):
             K = gram_of(filtered)

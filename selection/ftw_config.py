@@ -154,6 +154,9 @@ class FTWConfig:
             raise bad("prefilter_stage2", "applies to prefilter='head' only (got prefilter='none')")
         if self.prefilter_target != "forward" and self.prefilter == "none":
             raise bad("prefilter_target", "applies to prefilter='head' only (got prefilter='none')")
+        if self.prefilter_target == "reuse" and self.prefilter_stage2 == "head":
+            raise bad("prefilter_target", "'reuse' takes the head block of stage 2's target gradient, which "
+                                          "prefilter_stage2='head' never computes: use 'forward'")
         if self.prefilter_target_rows is not None and (self.prefilter == "none" or self.prefilter_target_rows < 1):
             raise bad("prefilter_target_rows", f"must be >= 1 with prefilter='head' (got {self.prefilter_target_rows} "
                                                f"with prefilter={self.prefilter!r})")

@@ -172,6 +172,10 @@ def test_prefilter_config_errors_name_the_key():
         load_run_config(REPO / "configs/demo.yaml", ["selection.options.ftw.prefilter_window=64"])
     with pytest.raises(ValueError, match="prefilter_window: must be >= 2"):
         FTWConfig(budget=2, prefilter="head", prefilter_window=1)
+    with pytest.raises(ValueError, match="prefilter_target: 'reuse' takes the head block"):
+        FTWConfig(budget=2, prefilter="head", prefilter_stage2="head", prefilter_target="reuse")
+    with pytest.raises(ValueError, match="prefilter_target_rows: must be >= 1 with prefilter='head'"):
+        FTWConfig(budget=2, prefilter_target_rows=4)
     with pytest.raises(ValueError, match="prefilter: 'head' runs stage 2 with the exact b"):
         FTWConfig(budget=2, prefilter="head", gram="sketch", exchange="sketches")
     model, opt = _trained()
