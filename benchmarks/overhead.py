@@ -27,7 +27,7 @@ if __package__ in (None, ""):
 
 import torch
 
-from benchmarks.speed import Method, build_model, count_flops, make_pool, sync, train_step
+from benchmarks.speed import Method, build_model, count_flops, interleaved_rounds, make_pool, sync, train_step
 from optsel.pipeline import jsonio
 
 #: (label, method, FTW options or a callable of (k, T) giving them); written 2026-12-02 before any run
@@ -86,20 +86,8 @@ def table(device, size: str, ratio: int, repeats: int, only: list[str] | None) -
             continue
         opts = options(k, T) if callable(options) else options
         methods.append(Method(label, method, opts if method == "ftw" else None, model, opt, k))
-    plain: list[float] = []
-    for r, pool in enumerate(pools):  # round 0 warms up
-        before = plain_k(model, opt, pool, k, device)
-        shift = r % len(methods)
-        ran = {m.name: m.step(pool, target, device, record=r > 0) for m in methods[shift:] + methods[:shift]}
-        after = plain_k(model, opt, pool, k, device)
-        if r == 0:
-            continue
-        ref = (before + after) / 2
-        plain += [before, after]
-        for m in methods:
-            m.ratios.append(ran[m.name] / ref)
-        print(f"[overhead] {size} N/k={ratio} round {r}: plain-k {ref * 1e3:.0f} ms, "
-              + ", ".join(f"{m.name} x{m.ratios[-1]:.2f}" for m in methods), flush=True)
+    plain = interleaved_rounds(methods, pools, target, device, lambda pool: plain_k(model, opt, pool, k, device),
+                               f"[overhead] {size} N/k={ratio}", "plain-k")
     one = {key: v[:k] for key, v in pools[0].items()}
     flops_k = count_flops(lambda: train_step(model, opt, one, torch.full((k,), 1.0 / k, device=device)))
     flops_n = count_flops(lambda: train_step(model, opt, pools[0], torch.full((n,), 1.0 / n, device=device)))

@@ -202,6 +202,28 @@ def floor_ratio(n: int, k: int, v: int) -> float:
     return (3 + 3 * v / n + k / n) / 3
 
 
+def interleaved_rounds(methods: list[Method], pools: list, target, device, reference, tag: str, ref_name: str
+                       ) -> list[float]:
+    """The timing rounds (module docstring): per pool, ``reference(pool)``, every method's step once in an
+    order rotated by one per round, ``reference(pool)`` again; round 0 warms up. Appends to each method's
+    ``ratios`` its step / that round's mean reference; returns the reference seconds of the timed rounds."""
+    seconds: list[float] = []
+    for r, pool in enumerate(pools):
+        before = reference(pool)
+        shift = r % len(methods)
+        ran = {m.name: m.step(pool, target, device, record=r > 0) for m in methods[shift:] + methods[:shift]}
+        after = reference(pool)
+        if r == 0:
+            continue
+        mean = (before + after) / 2
+        seconds += [before, after]
+        for m in methods:
+            m.ratios.append(ran[m.name] / mean)
+        print(f"{tag} round {r}: {ref_name} {mean * 1e3:.1f} ms, "
+              + ", ".join(f"{m.name} x{m.ratios[-1]:.2f}" for m in methods), flush=True)
+    return seconds
+
+
 def step_table(device, n, T, k, repeats, size: str = "small") -> dict:
     """Per method (and "plain"): median step, select and train seconds over ``repeats`` interleaved rounds,
     the median per-round ratio to the plain step, mean phase seconds, FLOPs of one step and their ratio."""
@@ -214,24 +236,20 @@ def step_table(device, n, T, k, repeats, size: str = "small") -> dict:
     target = make_pool(max(4, k), T, 999, device)
     methods = [Method(name, method, options, model, opt, k if method != "full" else n)
                for name, method, options in CONFIGS]
-    plain_s: list[float] = []
     plain_peak = 0.0
-    for r, pool in enumerate(pools):  # round 0 warms every configuration up
-        if device.type == "cuda":
+    calls = 0
+
+    def reference(pool) -> float:  # the peak memory of the first plain step of each round
+        nonlocal plain_peak, calls
+        first, calls = calls % 2 == 0, calls + 1
+        if first and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        before = plain_step(model, opt, pool, device)
-        plain_peak = max(plain_peak, peak_memory(device))
-        shift = r % len(methods)
-        ran = {m.name: m.step(pool, target, device, record=r > 0) for m in methods[shift:] + methods[:shift]}
-        after = plain_step(model, opt, pool, device)
-        if r == 0:
-            continue
-        reference = (before + after) / 2
-        plain_s += [before, after]
-        for m in methods:
-            m.ratios.append(ran[m.name] / reference)
-        print(f"[speed] {size} round {r}: plain {reference * 1e3:.1f} ms, "
-              + ", ".join(f"{m.name} x{m.ratios[-1]:.2f}" for m in methods), flush=True)
+        seconds = plain_step(model, opt, pool, device)
+        if first:
+            plain_peak = max(plain_peak, peak_memory(device))
+        return seconds
+
+    plain_s = interleaved_rounds(methods, pools, target, device, reference, f"[speed] {size}", "plain")
     plain_flops = count_flops(lambda: train_step(model, opt, pools[0], torch.full((n,), 1.0 / n, device=device)))
     rows = {"plain": {"step_s": statistics.median(plain_s), "ratio_to_plain": 1.0, "flops": plain_flops,
                       "flop_ratio": 1.0, "peak_memory_bytes": plain_peak}}
