@@ -13,7 +13,7 @@ def _prepare(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     import json
 
-    from optsel.config_loader import ConfigError
+    from optsel.config_loader import ConfigError, mask_secrets
     from optsel.pipeline.run_config import load_prepare_config
     from optsel.pipeline.prepare import prepare
 
@@ -21,7 +21,7 @@ def _prepare(argv: list[str]) -> int:
         config = load_prepare_config(args.config, args.overrides)
         report = prepare(config)
     except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as err:
-        print(f"optsel prepare: {err}", file=sys.stderr)
+        print(f"optsel prepare: {mask_secrets(str(err))}", file=sys.stderr)
         return 2
     print(json.dumps(report.to_dict() if hasattr(report, "to_dict") else report, indent=2, default=str))
     return 0

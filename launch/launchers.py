@@ -100,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume-from", default=None, metavar="CHECKPOINT", help="pass --resume-from to every rank")
     parser.add_argument("--overwrite", action="store_true",
                         help="pass --overwrite to every rank (move an earlier run's checkpoints aside)")
+    parser.add_argument("--allow-unsigned", action="store_true",
+                        help="pass --allow-unsigned to every rank (resume a signed checkpoint without the key)")
+    parser.add_argument("--allow-other-data", action="store_true",
+                        help="pass --allow-other-data to every rank (resume a checkpoint made from other data)")
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
@@ -107,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, f"checkpoint.resume={args.resume_from or 'auto'}"]
     if args.overwrite:
         args.overrides = [*args.overrides, "checkpoint.overwrite=true"]
+    if args.allow_unsigned:
+        args.overrides = [*args.overrides, "checkpoint.allow_unsigned=true"]
+    if args.allow_other_data:
+        args.overrides = [*args.overrides, "checkpoint.allow_other_data=true"]
     hostfile, written = args.hostfile, None
     if args.launcher == "deepspeed" and args.nnodes > 1 and hostfile is None:
         hostfile = written = write_hostfile(args.nnodes, args.nproc)

@@ -27,6 +27,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true",
                         help="start fresh even if the run folder holds checkpoints: move them (and the run's logs) "
                              "aside, deleting nothing (same as checkpoint.overwrite=true)")
+    parser.add_argument("--allow-unsigned", action="store_true",
+                        help="resume an HMAC-signed checkpoint although no key is set: file hashes are still checked, "
+                             "later saves are unsigned (same as checkpoint.allow_unsigned=true)")
+    parser.add_argument("--allow-other-data", action="store_true",
+                        help="resume a checkpoint made from another dataset (same as checkpoint.allow_other_data=true)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the deepspeed launcher; the LOCAL_RANK env var is used instead")
     return parser.parse_intermixed_args(argv)
@@ -38,15 +43,19 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from optsel import distributed
-    from optsel.config_loader import ConfigError
+    from optsel.config_loader import ConfigError, mask_log_handlers, mask_secrets
     from optsel.pipeline.run_config import load_run_config
+
+    mask_log_handlers()  # no log line shows a credential (a data.remote URL's password or signature, an api key)
 
     try:
         overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else []) \
-            + (["checkpoint.overwrite=true"] if args.overwrite else [])
+            + (["checkpoint.overwrite=true"] if args.overwrite else []) \
+            + (["checkpoint.allow_unsigned=true"] if args.allow_unsigned else []) \
+            + (["checkpoint.allow_other_data=true"] if args.allow_other_data else [])
         config = load_run_config(args.config, overrides)
     except ConfigError as err:
-        print(f"optsel: {err}", file=sys.stderr)
+        print(f"optsel: {mask_secrets(str(err))}", file=sys.stderr)
         return 2
     from optsel.pipeline import jsonio
     from optsel.pipeline.trainer import Trainer
@@ -54,9 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     from optsel.pipeline.checkpoint import CheckpointError
     from optsel.pipeline.shards import ShardError
     from optsel.pipeline.run_lock import RunDirBusyError
+    from optsel.monitoring.exposition import PortInUseError
 
     trainer = None
     try:
+        if config.engine.name == "deepspeed":  # DeepSpeed logs its config (engine.extra too) on its own handler
+            from deepspeed.utils import logger as deepspeed_logger
+
+            mask_log_handlers(deepspeed_logger)
         trainer = Trainer(config)
         summary = trainer.train()
         if distributed.info().is_main:
@@ -70,14 +84,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"optsel: stopped early ({summary['stopped']}) at step {summary['num_steps']} of "
                       f"{summary['target_steps']}; continue with `optsel train --resume {args.config} ...`")
         return 0
-    except (CheckpointError, ConfigError, ShardError, RunDirBusyError) as err:
-        print(f"optsel: {err}", file=sys.stderr)
+    except (CheckpointError, ConfigError, ShardError, RunDirBusyError, PortInUseError) as err:
+        print(f"optsel: {mask_secrets(str(err))}", file=sys.stderr)
         return 2
     except Exception as err:
         if distributed.is_peer_failure(err):
             rank = distributed.info().rank
+            first = mask_secrets(str(err).splitlines()[0][:300])
             print(f"optsel: rank {rank}: lost contact with another rank during a collective ({type(err).__name__}: "
-                  f"{str(err).splitlines()[0][:300]}); a rank probably died or its node went away. Ending this rank; "
+                  f"{first}); a rank probably died or its node went away. Ending this rank; "
                   f"restart the job with --resume to continue from the last checkpoint.", file=sys.stderr, flush=True)
             os._exit(1)  # the process group is broken: skip teardown that could wait on the dead peer
         raise

@@ -22,6 +22,7 @@ any float, NaN included (e.g. ``optsel_grad_norm`` on a skipped step).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -29,6 +30,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from optsel.config_loader import mask_secrets
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,9 @@ Kind = Literal["gauge", "counter", "cumulative", "histogram"]
 Scope = Literal["job", "rank"]
 
 MAX_LABEL_VALUES = 64
+#: longest label value exported; a longer one (a 5,000-character kind name) is cut to this length with a
+#: short hash of the whole value appended, so two long values stay apart
+MAX_LABEL_LENGTH = 120
 BASE_LABELS = ("engine", "method")
 # Step times range from milliseconds (tiny CPU tests) to minutes (large models): seconds.
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0,
@@ -187,7 +193,7 @@ class OptselMetrics:
         if unknown:
             raise ValueError(f"labels: only {BASE_LABELS} are allowed as constant labels, got {sorted(unknown)}")
         self.rank, self.job_level = int(rank), job_level
-        self._base = {k: str(labels.get(k, "")) for k in BASE_LABELS}
+        self._base = {k: bounded_label(mask_secrets(str(labels.get(k, "")))) for k in BASE_LABELS}  # no credential
         self._families: dict[str, Gauge | Counter | Histogram] = {}
         self._seen_values: dict[str, set[str]] = {}
         self._last_cumulative: dict[str, float] = {}
@@ -228,7 +234,7 @@ class OptselMetrics:
         bad = [k for k in info if not k.replace("_", "a").isalnum() or k[:1].isdigit() or k == "rank"]
         if bad:
             raise ValueError(f"info: keys {bad} are not usable as Prometheus label names")
-        self._info.labels(rank=str(self.rank)).info({k: str(v) for k, v in info.items()})
+        self._info.labels(rank=str(self.rank)).info({k: bounded_label(mask_secrets(str(v))) for k, v in info.items()})
 
     # -- internals ------------------------------------------------------------------------------
     def _apply(self, spec: MetricSpec, key: str, extra: str | None, raw: float) -> None:
@@ -263,6 +269,7 @@ class OptselMetrics:
         return self._families[spec.name].labels(**values)
 
     def _bounded(self, spec: MetricSpec, value: str) -> str:
+        value = bounded_label(mask_secrets(value))
         seen = self._seen_values.setdefault(spec.name, set())
         if value in seen:
             return value
@@ -284,6 +291,15 @@ class OptselMetrics:
             log.warning(message)
 
 
+def bounded_label(value: str) -> str:
+    """``value`` if it has at most ``MAX_LABEL_LENGTH`` characters, else its head and "…" and the first
+    8 hex digits of its SHA-256 (``MAX_LABEL_LENGTH`` characters in all)."""
+    if len(value) <= MAX_LABEL_LENGTH:
+        return value
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{value[:MAX_LABEL_LENGTH - 9]}…{digest}"
+
+
 def _lookup(key: str) -> tuple[MetricSpec | None, str | None]:
     spec = KEYS.get(key)
     if spec is not None:
@@ -303,5 +319,5 @@ def _make(spec: MetricSpec, registry: CollectorRegistry) -> Gauge | Counter | Hi
     return Counter(spec.name, spec.help, names, registry=registry)
 
 
-__all__ = ["ALL_SPECS", "KEYS", "MAX_LABEL_VALUES", "MetricSpec", "OptselMetrics", "PREFIXES", "REDUNDANT",
+__all__ = ["ALL_SPECS", "KEYS", "MAX_LABEL_LENGTH", "MAX_LABEL_VALUES", "bounded_label", "MetricSpec", "OptselMetrics", "PREFIXES", "REDUNDANT",
            "exported_names"]

@@ -45,6 +45,8 @@ class MonitoringConfig:
     per_rank_endpoints: every rank exports its own per-rank metrics (endpoint and textfile), not only rank 0.
     port_in_use: "error" fails at start naming address:port; "next" takes the next free port.
     max_port_tries: ports tried with port_in_use="next".
+    idle_timeout_s: seconds a scrape connection may stay silent before the server drops it.
+    max_connections: scrape connections served at once (more are closed on accept).
     textfile: path of a node-exporter textfile (*.prom), rewritten atomically each step; ranks > 0
         (with per_rank_endpoints) write <stem>.rank<r>.prom next to it. None: no textfile.
     jsonl: rank 0 appends every step to <run_dir>/metrics.jsonl.
@@ -56,6 +58,8 @@ class MonitoringConfig:
     per_rank_endpoints: bool = False
     port_in_use: Literal["error", "next"] = "error"
     max_port_tries: int = 10
+    idle_timeout_s: float = 10.0
+    max_connections: int = 16
     textfile: str | None = None
     jsonl: bool = True
 
@@ -66,6 +70,10 @@ class MonitoringConfig:
             raise ValueError(f"port_in_use: expected 'error' or 'next', got {self.port_in_use!r}")
         if self.max_port_tries < 1:
             raise ValueError(f"max_port_tries: must be >= 1, got {self.max_port_tries}")
+        if not (math.isfinite(self.idle_timeout_s) and self.idle_timeout_s > 0):
+            raise ValueError(f"idle_timeout_s: must be a finite number of seconds > 0, got {self.idle_timeout_s}")
+        if not 1 <= self.max_connections <= 1024:
+            raise ValueError(f"max_connections: must be in 1..1024, got {self.max_connections}")
         if not self.bind_address:
             raise ValueError("bind_address: must not be empty (use 127.0.0.1, 0.0.0.0 or a host address)")
         if self.textfile is not None and not str(self.textfile).endswith(".prom"):
@@ -132,7 +140,8 @@ class PrometheusSink(MetricsSink):
         if port > 65535:
             raise PortInUseError(f"monitoring.port: {config.port} + local rank {rank_info.local_rank} exceeds 65535")
         self.server = MetricsServer(self.registry, addr=config.bind_address, port=port,
-                                    on_in_use=config.port_in_use, max_tries=config.max_port_tries)
+                                    on_in_use=config.port_in_use, max_tries=config.max_port_tries,
+                                    idle_timeout_s=config.idle_timeout_s, max_connections=config.max_connections)
         self.port = self.server.port
         if targets_dir is not None:
             write_file_sd(Path(targets_dir) / f"rank{rank_info.rank}.json", config.bind_address, self.port,

@@ -8,6 +8,7 @@ any (nested) dataclass from a mapping, apply ``key.sub=value`` overrides and dum
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import types
@@ -25,6 +26,7 @@ class ConfigError(ValueError):
 
     def __init__(self, path: str, message: str):
         self.path = path
+        message = mask_secrets(message)  # values quoted in a message may hold credentials (e.g. data.remote)
         super().__init__(f"config key '{path}': {message}" if path else f"config: {message}")
 
 
@@ -46,10 +48,30 @@ def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _accepts_null(tp: Any) -> bool:
+    origin = get_origin(tp)
+    if tp is Any or tp is type(None):
+        return True
+    if origin is Literal:
+        return None in get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts_null(a) for a in get_args(tp))
+    return False
+
+
+#: why a value is null when the user did not write ``null`` (``output_dir: ~``, ``output_dir=~``, ``output_dir=``)
+NULL_HINT = ("the value is null: in YAML (in the config file and in key.sub=value overrides alike) ~, null and "
+             "an empty value mean null, not the home folder or an empty string; give an explicit value, or quote "
+             "it for a string (e.g. output_dir='~/runs' or an absolute path; a path starting with ~/ is expanded "
+             "to the home folder)")
+
+
 def _convert(value: Any, tp: Any, path: str) -> Any:
     origin = get_origin(tp)
     if tp is Any:
         return value
+    if value is None and not _accepts_null(tp):
+        raise ConfigError(path, f"expected {_describe(tp)}, got null; {NULL_HINT}")
     if origin is Literal:
         if value not in get_args(tp):
             raise ConfigError(path, f"expected {_describe(tp)}, got {value!r}")
@@ -146,12 +168,50 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
         raise ConfigError(path, str(err)) from err
 
 
+class YAMLAliasError(yaml.MarkedYAMLError):
+    """An anchor (``&name``) or alias (``*name``) in a config: refused (see :class:`StrictLoader`)."""
+
+
+class StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses anchors and aliases (``&a``, ``*a``, ``<<: *a``).
+
+    A config never needs them, and aliases are how a 1 KB file expands into gigabytes ("billion
+    laughs": 5 levels of 10 aliases each took 48 s and wrote a 2 MB config.yaml). The check runs on
+    the parser's events, before any node is built, so such a file is refused at its first anchor, at
+    once, naming the line."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        anchor = getattr(event, "anchor", None)
+        if anchor is not None:
+            what = f"alias *{anchor}" if isinstance(event, yaml.AliasEvent) else f"anchor &{anchor}"
+            raise YAMLAliasError(problem=f"YAML {what}: anchors and aliases are not allowed in optsel configs "
+                                         f"(write the value out in full)", problem_mark=event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def strict_yaml_load(text: str) -> Any:
+    """``text`` parsed like ``yaml.safe_load`` but without anchors/aliases (:class:`StrictLoader`)."""
+    loader = StrictLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` → (["a", "b", "c"], yaml-parsed value)."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(key.strip(), f"override must look like key.sub=value, got {text!r}")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = strict_yaml_load(raw) if raw.strip() else None
+    except YAMLAliasError as err:
+        raise ConfigError(key.strip(), f"{err.problem} (in the override {key.strip()}=...)") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(key.strip(), f"the override's value is not valid YAML ({str(err).splitlines()[0]}); "
+                                       f"quote it, e.g. {key.strip()}='...'") from None
+    return key.strip().split("."), value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str],
@@ -180,7 +240,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError("", f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = strict_yaml_load(path.read_text()) or {}
+    except YAMLAliasError as err:
+        mark = err.problem_mark
+        raise ConfigError("", f"{path}, line {mark.line + 1}, column {mark.column + 1}: {err.problem}") from None
     except yaml.YAMLError as err:
         raise ConfigError("", f"{path} is not valid YAML: {err}") from err
     if not isinstance(data, dict):
@@ -285,35 +348,124 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
-_SECRET_KEY = re.compile(r"(?i)(password|passwd|passphrase|pwd|secret|secret_?key|private_?key|api_?key|access_?key"
-                         r"|authorization|auth_?header|credentials?|signature|_token|^token|^sig)$")
+# ---- secrets ------------------------------------------------------------------------------------
+# ONE rule decides what is a secret, for mapping keys (config.yaml, checkpoint meta.json) and for URL
+# query/fragment parameter names alike (data.remote in config.yaml, log lines, error messages, metric
+# labels). A name is normalised first: camelCase split (apiKey → api_key), lower case, "-", ".", spaces
+# → "_". It is a secret when
+#   - it equals one of SECRET_NAMES or ends with "_" + one of them (hf_token, wandb_api_key,
+#     aws_secret_access_key, x_amz_signature, basic_auth, x_api_key), or
+#   - it equals one of SECRET_NAMES_EXACT (words that are ordinary as the end of a longer name:
+#     single_pass, target_pass, sort_key, exit_code),
+# unless it is one of NOT_SECRET (names that end like a secret but hold none: tokenizer special tokens).
+# Whole "_"-separated words only: author, tokenizer, max_tokens, num_target_tokens, passes, keys,
+# capture_chunk_tokens are not secrets.
+SECRET_NAMES: tuple[str, ...] = (
+    "password", "passwd", "passphrase", "pwd", "passcode", "pin_code",
+    "secret", "client_secret", "secret_key", "secretkey", "private_key", "privatekey", "api_key", "apikey",
+    "access_key", "accesskey",
+    "token", "access_token", "refresh_token", "id_token", "auth_token", "session_token", "security_token",
+    "bearer", "auth", "authorization", "auth_header", "authheader", "authorization_header", "jwt",
+    "credential", "credentials", "sig", "signature",
+    "cookie", "session_id", "otp",
+)
+SECRET_NAMES_EXACT: tuple[str, ...] = ("key", "code", "pass", "session")
+NOT_SECRET: tuple[str, ...] = ("pad_token", "eos_token", "bos_token", "unk_token", "sep_token", "cls_token",
+                               "mask_token", "max_token", "min_token", "num_token")
+MASK = "***"
+
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+_SEPARATORS = re.compile(r"[-.\s]+")
+
+
+def normalise_name(name: str) -> str:
+    """``X-Amz-Signature`` → ``x_amz_signature``, ``clientSecret`` → ``client_secret``, ``api-key`` →
+    ``api_key``."""
+    return _SEPARATORS.sub("_", _CAMEL.sub("_", str(name))).lower().strip("_")
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a mapping key or URL parameter named ``name`` holds a secret (the rule above)."""
+    norm = normalise_name(name)
+    if not norm or norm in NOT_SECRET:
+        return False
+    if norm in SECRET_NAMES_EXACT or norm in SECRET_NAMES:
+        return True
+    return any(norm.endswith("_" + word) for word in SECRET_NAMES)
+
+
 #: ``scheme://<userinfo>@``: everything up to the last ``@`` before whitespace (a password may hold ``/``)
 _URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^@\s]+@")
-#: query-string credentials: presigned-URL signatures and tokens
-_QUERY_SECRET = re.compile(r"(?i)(?P<name>[?&;](?:sig|signature|x-amz-signature|x-amz-credential|x-amz-security-token"
-                           r"|x-goog-signature|x-goog-credential|token|access_token|api_?key|key|password|pwd"
-                           r"|secret)=)[^&#\s]*")
+#: a URL query or fragment parameter ``?name=value`` / ``&name=`` / ``;name=`` / ``#name=``
+_URL_PARAM = re.compile(r"(?P<lead>[?&;#])(?P<name>[^=&;#?\s/]+)=(?P<value>[^&;#\s'\"]*)")
+#: ``name=value`` in free text (an override echoed in a message: ``engine.extra.api-key=...``)
+_TEXT_PARAM = re.compile(r"(?P<lead>^|[\s'\"(\[{,])(?P<name>[A-Za-z_][\w.\-]*)=(?P<value>[^\s&;#'\",)\]}]*)")
 
 
-def mask_url(text: str) -> str:
-    """``text`` with URL credentials masked: the ``user:password@`` part (a password may contain
-    ``/``) and query-string signatures/tokens (``sig=``, ``X-Amz-Signature=``, ``token=`` ...)."""
-    text = _URL_USERINFO.sub(lambda m: m.group("scheme") + "***@", text)
-    return _QUERY_SECRET.sub(lambda m: m.group("name") + "***", text)
+def _mask_param(match: re.Match) -> str:
+    name = match.group("name").rsplit(".", 1)[-1]
+    if match.group("value") and is_secret_name(name):
+        return f"{match.group('lead')}{match.group('name')}={MASK}"
+    return match.group(0)
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` (a URL, a log line, an error message, a label value) with its credentials masked:
+    a URL's ``user:password@`` part (a password may contain ``/``), and the value of every URL
+    query/fragment parameter and every ``name=value`` whose name is a secret by :func:`is_secret_name`
+    (``?sig=``, ``X-Amz-Signature=``, ``?client_secret=``, ``#access_token=``, ``api-key=``...)."""
+    if not isinstance(text, str) or not text:
+        return text
+    text = _URL_USERINFO.sub(lambda m: m.group("scheme") + MASK + "@", text)
+    text = _URL_PARAM.sub(_mask_param, text)
+    return _TEXT_PARAM.sub(_mask_param, text)
+
+
+mask_url = mask_secrets  # the earlier name (callers that mask one URL)
+
+
+def _mask_all(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _mask_all(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_mask_all(v) for v in obj]
+    if obj is None or isinstance(obj, bool) or obj == "":
+        return obj  # nothing to hide (use_auth_token: true)
+    return MASK
 
 
 def redact(obj: Any, key: str = "") -> Any:
-    """A plain config with secrets masked: values of keys named like passwords/tokens/keys, and the
-    credentials in URLs (``user:password@``, query-string signatures; e.g. data.remote), become ``***``."""
+    """A plain config with secrets masked: the value of every key that is a secret by
+    :func:`is_secret_name` (all of it: a nested mapping or list too; booleans and nulls stay), and
+    credentials inside any other string (:func:`mask_secrets`; e.g. data.remote), become ``***``."""
+    if key and is_secret_name(key):
+        return _mask_all(obj)
     if isinstance(obj, dict):
         return {k: redact(v, str(k)) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact(v, key) for v in obj]
+    if isinstance(obj, (list, tuple)):
+        return [redact(v) for v in obj]
     if isinstance(obj, str):
-        if key and _SECRET_KEY.search(key) and obj:
-            return "***"
-        return mask_url(obj)
+        return mask_secrets(obj)
     return obj
+
+
+class MaskingFormatter(logging.Formatter):
+    """Wraps a log formatter: every line it makes (message, arguments, traceback) goes through
+    :func:`mask_secrets`."""
+
+    def __init__(self, inner: logging.Formatter | None = None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return mask_secrets(self.inner.format(record))
+
+
+def mask_log_handlers(logger: logging.Logger | None = None) -> None:
+    """Make every handler of ``logger`` (default: the root logger) mask secrets, keeping its format."""
+    for handler in (logger or logging.getLogger()).handlers:
+        if not isinstance(handler.formatter, MaskingFormatter):
+            handler.setFormatter(MaskingFormatter(handler.formatter))
 
 
 def dump_yaml(obj: Any, path: str | Path) -> None:

@@ -39,12 +39,14 @@ from typing import Any, Callable
 import torch
 
 from optsel import distributed
+from optsel.config_loader import redact
 from optsel.pipeline import jsonio
-from optsel.pipeline.safe_load import CheckpointError, torch_load
+from optsel.pipeline.safe_load import CheckpointError, CheckpointKeyError, torch_load
 
 log = logging.getLogger("optsel.checkpoint")
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 #: config keys that may change between a checkpoint and the run that resumes from it
 RESUMABLE_CHANGES = ("run_name", "output_dir", "checkpoint.", "monitoring.", "training.progress_bar",
                      "training.callbacks.",
@@ -60,18 +62,27 @@ MANIFEST_CHUNK = 1 << 20
 def checkpoint_key() -> bytes | None:
     """The HMAC key for checkpoint manifests: ``$OPTSEL_CHECKPOINT_KEY`` (the key itself) or the
     contents of the file ``$OPTSEL_CHECKPOINT_KEY_FILE``; None when neither is set. Never from the
-    run config (it is copied into every run folder)."""
-    value = os.environ.get(KEY_ENV)
-    if value:
+    run config (it is copied into every run folder). A variable that is set but empty (or blank), a
+    key file that cannot be read or holds only white space, or both variables at once are errors: a
+    run that meant to sign must never save unsigned. :class:`CheckpointManager` reads it once, when
+    the run starts, so a bad key stops the run before step 1."""
+    value, file = os.environ.get(KEY_ENV), os.environ.get(KEY_FILE_ENV)
+    if value is not None and file is not None:
+        raise CheckpointError(f"{KEY_ENV} and {KEY_FILE_ENV} are both set; set one")
+    if value is not None:
+        if not value.strip():
+            raise CheckpointError(f"{KEY_ENV} is set but empty; give it the key, or unset it to save unsigned "
+                                  f"checkpoints")
         return value.encode()
-    file = os.environ.get(KEY_FILE_ENV)
-    if file:
+    if file is not None:
+        if not file.strip():
+            raise CheckpointError(f"{KEY_FILE_ENV} is set but empty; give it the key file's path, or unset it")
         try:
             key = Path(file).read_bytes().strip()
         except OSError as err:
             raise CheckpointError(f"{KEY_FILE_ENV}={file}: cannot read the checkpoint key ({err})") from err
         if not key:
-            raise CheckpointError(f"{KEY_FILE_ENV}={file}: the key file is empty")
+            raise CheckpointError(f"{KEY_FILE_ENV}={file}: the key file is empty or holds only white space")
         return key
     return None
 
@@ -110,7 +121,10 @@ class CheckpointConfig:
     boundary and end the run (SIGINT, Ctrl-C, always does); resume: "" (start fresh), "auto" (the
     newest complete checkpoint in ``dir`` that verifies, if there is one) or the path of one checkpoint
     folder; overwrite: a fresh start into a ``dir`` holding checkpoints moves them aside (without it,
-    such a start is refused)."""
+    such a start is refused); allow_unsigned: resume an HMAC-signed checkpoint although no key is
+    configured (file hashes are still checked; later saves are unsigned) instead of refusing it;
+    allow_other_data: resume a checkpoint made from another dataset (its index hashes differ from this
+    run's) instead of refusing it."""
 
     dir: str = ""
     every_steps: int = 0
@@ -118,6 +132,8 @@ class CheckpointConfig:
     save_on_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     resume: str = ""
     overwrite: bool = False
+    allow_unsigned: bool = False
+    allow_other_data: bool = False
 
     def __post_init__(self) -> None:
         import signal
@@ -171,6 +187,7 @@ class CheckpointManager:
         self.config = config
         self.root = Path(config.dir) if config.dir else Path(run_dir) / "checkpoints"
         self.dist = distributed.info()
+        self.key = checkpoint_key()  # decided when the run starts: a bad key is an error before step 1
 
     # -- finding ---------------------------------------------------------------------------------
     def complete(self) -> list[Path]:
@@ -200,6 +217,8 @@ class CheckpointManager:
             for path in reversed(candidates):
                 try:
                     self.verify(path)
+                except CheckpointKeyError:
+                    raise  # a key problem is the run's, not the checkpoint's: no fallback to an older one
                 except CheckpointError as err:
                     problems.append(str(err))
                     log.warning("checkpoint.resume=auto: skipping %s: %s", path.name, err)
@@ -232,34 +251,39 @@ class CheckpointManager:
         if not isinstance(meta, dict) or not isinstance(meta.get("manifest"), dict):
             raise CheckpointError(f"checkpoint.resume: {meta_file} has no file manifest (made by an older optsel, "
                                   f"or edited); it cannot be verified, so it is not loaded")
-        key = checkpoint_key()
-        if key is not None:
+        if self.key is not None:
             if "hmac" not in meta:
-                raise CheckpointError(f"checkpoint.resume: {meta_file} is not signed, but a checkpoint key is "
-                                      f"configured ({KEY_ENV} / {KEY_FILE_ENV}); refusing an unsigned checkpoint")
-            if not hmac.compare_digest(str(meta["hmac"]), sign(meta, key)):
+                raise CheckpointKeyError(f"checkpoint.resume: {meta_file} is not signed, but a checkpoint key is "
+                                         f"configured ({KEY_ENV} / {KEY_FILE_ENV}); refusing an unsigned checkpoint")
+            if not hmac.compare_digest(str(meta["hmac"]), sign(meta, self.key)):
                 raise CheckpointError(f"checkpoint.resume: {meta_file}: the manifest's HMAC does not match (the "
                                       f"checkpoint was changed after it was saved, or signed with another key)")
         elif "hmac" in meta:
-            log.warning("%s is HMAC-signed but no key is configured (%s / %s): checking file hashes only",
-                        meta_file, KEY_ENV, KEY_FILE_ENV)
-        manifest: dict[str, Any] = meta["manifest"]
+            if not self.config.allow_unsigned:
+                raise CheckpointKeyError(
+                    f"checkpoint.resume: {meta_file} is HMAC-signed but no key is configured ({KEY_ENV} / "
+                    f"{KEY_FILE_ENV}); set the key, or pass --allow-unsigned (checkpoint.allow_unsigned=true) to "
+                    f"resume checking file hashes only and save unsigned checkpoints from now on")
+            log.warning("%s is HMAC-signed but no key is configured; checkpoint.allow_unsigned: checking file "
+                        "hashes only, and this run saves unsigned checkpoints", meta_file)
+        manifest = _manifest_entries(meta["manifest"], meta_file)
         present = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() or p.is_symlink()}
         extra = sorted(present - set(manifest) - {"meta.json"})
         if extra:
             raise CheckpointError(f"checkpoint.resume: {path / extra[0]} is not in the checkpoint's manifest "
                                   f"({len(extra)} unexpected file(s)); refusing to load a folder with added files")
-        for rel, info in sorted(manifest.items()):
+        for rel, (expected_bytes, expected_sha) in sorted(manifest.items()):
             file = path / rel
-            if ".." in Path(rel).parts or Path(rel).is_absolute():
-                raise CheckpointError(f"checkpoint.resume: {meta_file} lists {rel!r}, outside the checkpoint")
-            if file.is_symlink() or not file.is_file():
+            if file.is_symlink():
+                raise CheckpointError(f"checkpoint.resume: {file} is a symbolic link (to {os.readlink(file)}); a "
+                                      f"checkpoint holds plain files only, so it is not followed")
+            if not file.is_file():
                 raise CheckpointError(f"checkpoint.resume: {file} is missing (listed in the manifest)")
             size = file.stat().st_size
-            if size != int(info["bytes"]):
-                raise CheckpointError(f"checkpoint.resume: {file} has {size} bytes, the manifest says {info['bytes']} "
+            if size != expected_bytes:
+                raise CheckpointError(f"checkpoint.resume: {file} has {size} bytes, the manifest says {expected_bytes} "
                                       f"(truncated or replaced)")
-            if file_digest(file) != info["sha256"]:
+            if file_digest(file) != expected_sha:
                 raise CheckpointError(f"checkpoint.resume: {file} fails its SHA-256 check (corrupt or replaced)")
         return meta
 
@@ -285,9 +309,8 @@ class CheckpointManager:
                       "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             record = json.loads(jsonio.dumps(record, default=str))  # what meta.json will hold (signed as read back)
             record["manifest"] = build_manifest(partial)
-            key = checkpoint_key()
-            if key is not None:
-                record["hmac"] = sign(record, key)
+            if self.key is not None:
+                record["hmac"] = sign(record, self.key)
             _atomic_write_text(partial / "meta.json", jsonio.dumps(record, indent=2, default=str))
             if final.exists():
                 shutil.rmtree(final)
@@ -306,17 +329,49 @@ class CheckpointManager:
             shutil.rmtree(stale, ignore_errors=True)
 
     # -- loading ---------------------------------------------------------------------------------
-    def check_compatible(self, path: Path, config: dict[str, Any], world_size: int) -> dict[str, Any]:
-        """meta.json of ``path``, after checking it was made by this config and world size."""
-        meta = json.loads((path / "meta.json").read_text())
-        if int(meta["world_size"]) != world_size:
-            raise CheckpointError(f"checkpoint.resume: {path} was saved by {meta['world_size']} ranks, this run has "
+    def check_compatible(self, path: Path, config: dict[str, Any], world_size: int,
+                         data: dict[str, str] | None = None) -> dict[str, Any]:
+        """meta.json of ``path``, after checking it was made by this config, world size and (when
+        ``data``, this run's :func:`dataset_identity`, is given) dataset."""
+        meta_file = path / "meta.json"
+        meta = json.loads(meta_file.read_text())
+        saved_world = meta.get("world_size")
+        if isinstance(saved_world, bool) or not isinstance(saved_world, int) or saved_world < 1:
+            raise CheckpointError(f"checkpoint.resume: {meta_file}: 'world_size' is missing or not a positive "
+                                  f"integer ({saved_world!r}); the checkpoint cannot be matched to this run")
+        if saved_world != world_size:
+            raise CheckpointError(f"checkpoint.resume: {path} was saved by {saved_world} ranks, this run has "
                                   f"{world_size}; resume with the same number of ranks")
-        diffs = config_differences(meta.get("config", {}), config)
+        saved_config = meta.get("config", {})
+        if not isinstance(saved_config, dict):
+            raise CheckpointError(f"checkpoint.resume: {meta_file}: 'config' is not a mapping")
+        diffs = config_differences(redact(saved_config), config)  # older checkpoints kept some secrets unmasked
         if diffs:
             raise CheckpointError(f"checkpoint.resume: {path} was made with another config; these keys differ:\n  "
                                   + "\n  ".join(diffs))
+        if data is not None:
+            self._check_same_data(meta_file, meta.get("data"), data)
         return meta
+
+    def _check_same_data(self, meta_file: Path, saved: Any, current: dict[str, str]) -> None:
+        if saved is None:
+            log.warning("%s records no dataset identity (saved by an older optsel): cannot check that this run "
+                        "streams the same data", meta_file)
+            return
+        if saved == current:
+            return
+        splits = sorted(set(saved) | set(current)) if isinstance(saved, dict) else sorted(current)
+        lines = [f"{split}: checkpoint {_short(saved.get(split) if isinstance(saved, dict) else saved)}, "
+                 f"this run {_short(current.get(split))}" for split in splits
+                 if not isinstance(saved, dict) or saved.get(split) != current.get(split)]
+        if self.config.allow_other_data:
+            log.warning("checkpoint.allow_other_data: resuming %s onto other data (index.json differs: %s)",
+                        meta_file.parent, "; ".join(lines))
+            return
+        raise CheckpointError(f"checkpoint.resume: {meta_file.parent} was made from other data (the SHA-256 of the "
+                              f"splits' index.json differ):\n  " + "\n  ".join(lines)
+                              + "\nresume with the data it was made from, or pass --allow-other-data "
+                                "(checkpoint.allow_other_data=true) to continue on this data")
 
     def load_rank_state(self, path: Path) -> dict[str, Any]:
         file = path / f"trainer_rank{self.dist.rank:05d}.pt"
@@ -329,6 +384,47 @@ class CheckpointManager:
         except Exception as err:  # truncated / corrupt file
             raise CheckpointError(f"checkpoint.resume: {file} cannot be read ({type(err).__name__}: "
                                   f"{str(err).splitlines()[0][:200]})") from err
+
+
+def _manifest_entries(manifest: dict[str, Any], meta_file: Path) -> dict[str, tuple[int, str]]:
+    """{relative path: (bytes, sha256)} of a manifest read from ``meta_file``, each entry checked (a
+    mapping with an integer ``bytes`` >= 0 and a 64-hex-digit ``sha256``); CheckpointError otherwise."""
+    out: dict[str, tuple[int, str]] = {}
+    for rel, info in manifest.items():
+        if ".." in Path(rel).parts or Path(rel).is_absolute() or not rel:
+            raise CheckpointError(f"checkpoint.resume: {meta_file} lists {rel!r}, outside the checkpoint")
+        if not isinstance(info, dict):
+            raise CheckpointError(f"checkpoint.resume: {meta_file}: manifest entry {rel!r} is a "
+                                  f"{type(info).__name__}, expected a mapping with 'bytes' and 'sha256'")
+        size, digest = info.get("bytes"), info.get("sha256")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise CheckpointError(f"checkpoint.resume: {meta_file}: manifest entry {rel!r} has bytes={size!r}, "
+                                  f"expected an integer >= 0")
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise CheckpointError(f"checkpoint.resume: {meta_file}: manifest entry {rel!r} has no valid 'sha256' "
+                                  f"(got {digest!r:.80})")
+        out[rel] = (size, digest)
+    return out
+
+
+def dataset_identity(cfg: Any) -> dict[str, str]:
+    """{split: SHA-256 of its index.json} of the data a run streams (``cfg``: the DataConfig): the
+    source's index for local data, streaming's downloaded copy for a remote. The index lists every
+    shard with its size and hashes, so equal identities mean equal data. A split without an index
+    (not yet downloaded) is left out."""
+    from optsel.pipeline.data_config import SPLITS, cache_root, is_local, source_of
+
+    out: dict[str, str] = {}
+    for split in SPLITS:
+        source = source_of(cfg, split)
+        index = Path(source) / "index.json" if is_local(source) else cache_root(cfg) / split / "index.json"
+        if index.is_file():
+            out[split] = file_digest(index)
+    return out
+
+
+def _short(digest: Any) -> str:
+    return f"{digest[:12]}…" if isinstance(digest, str) else "<absent>"
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:

@@ -10,24 +10,42 @@ from __future__ import annotations
 
 import functools
 import gc
-import json
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from optsel.config_loader import ConfigError
 from optsel.distributed import DistInfo
 from optsel.distributed import info as dist_info
+from optsel.pipeline import jsonio
 from optsel.pipeline.collate import Batch, collate
 from optsel.pipeline.data_config import SPLITS, DataConfig, source_of
-from optsel.pipeline.shards import ShardError  # noqa: F401  (the trainer raises data_lib.ShardError)
+from optsel.pipeline.shards import ShardError  # (the trainer raises data_lib.ShardError)
 from optsel.pipeline.streaming_dataset import open_dataset
 
 
+def check_local(cfg: DataConfig) -> None:
+    """``data.local`` is a folder (the prepared directory: tokenizer/, kinds.json); a ConfigError naming
+    the key otherwise."""
+    local = Path(cfg.local)
+    if not local.is_dir():
+        raise ConfigError("data.local", f"{local} {'is not a folder' if local.exists() else 'does not exist'}; it must "
+                                        f"be the directory written by `optsel prepare`")
+
+
 def kinds(data_dir: str | Path) -> dict[str, int]:
-    """kind name → kind_id, from ``<data_dir>/kinds.json``."""
+    """kind name → kind_id, from ``<data_dir>/kinds.json`` (a JSON object of names to distinct
+    non-negative integers; a ShardError naming the file and the key otherwise)."""
     path = Path(data_dir) / "kinds.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {data_dir} a directory written by `optsel prepare`?")
-    return {str(k): int(v) for k, v in json.loads(path.read_text()).items()}
+    table = jsonio.read_object(path, ShardError, f"{path} not found", f"corrupt {path}")
+    for name, kind_id in table.items():
+        if not isinstance(kind_id, int) or isinstance(kind_id, bool) or not 0 <= kind_id < 2**31:
+            raise ShardError(f"corrupt {path}: kind {name!r} has id {kind_id!r:.60}, expected an integer in "
+                             f"[0, 2**31)")
+    if len(set(table.values())) != len(table):
+        raise ShardError(f"corrupt {path}: two kinds share an id ({table})")
+    return dict(table)
 
 
 def _pad_id(cfg: DataConfig) -> int:
@@ -53,8 +71,11 @@ def build_train_loader(cfg: DataConfig, per_rank_pool_size: int, rank_info: Dist
     pad_id = _pad_id(cfg) if pad_id is None else pad_id
     dataset = open_dataset(cfg, "train", rank_info, per_rank_pool_size, cfg.shuffle, vocab_size)
     if len(dataset) < per_rank_pool_size:
-        raise ValueError(f"the train split under {source_of(cfg, 'train')} gives {len(dataset)} samples per rank, "
-                         f"fewer than one pool of {per_rank_pool_size}")
+        world = rank_info.world_size
+        raise ConfigError("selection.pool_size",
+                          f"a pool takes {per_rank_pool_size} samples per rank ({per_rank_pool_size * world} on {world} "
+                          f"rank(s)), but the train split under {source_of(cfg, 'train')} gives {len(dataset)} samples "
+                          f"per rank ({dataset.num_samples} in all); lower selection.pool_size or prepare more samples")
     return StreamingDataLoader(dataset, batch_size=per_rank_pool_size, num_workers=cfg.num_workers,
                                collate_fn=functools.partial(collate, pad_id=pad_id, max_seq_len=cfg.max_seq_len),
                                drop_last=True, persistent_workers=False)

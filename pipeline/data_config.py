@@ -3,25 +3,43 @@ implies (the split's source, streaming's cache folder).
 
 The prepared directory (``DataConfig.local``) is never modified: StreamingDataset reads the shards
 from it as its ``remote`` (a plain path) and keeps its decompressed working copy in a cache directory
-(``cache_dir``, default ``<tmp>/optsel-streaming-<uid>/<hash of the index>/``). Passing the prepared
-dir as streaming's ``local`` with ``remote=None`` would make streaming decompress the shards next to
-their ``.zstd`` files and delete the compressed originals, and later runs would then read the raw files
-without any hash check. With a ``remote`` (e.g. ``s3://bucket/ds``) shards are downloaded into the
-cache; ``local`` still holds ``tokenizer/`` and ``kinds.json``.
+(``cache_dir``, default ``$XDG_CACHE_HOME/optsel/streaming/<host>/<hash of the source and its index>/``, with
+``~/.cache`` for an unset XDG_CACHE_HOME). Passing the prepared dir as streaming's ``local`` with
+``remote=None`` would make streaming decompress the shards next to their ``.zstd`` files and delete the
+compressed originals, and later runs would then read the raw files without any hash check. With a
+``remote`` (e.g. ``s3://bucket/ds``) shards are downloaded into the cache; ``local`` still holds
+``tokenizer/`` and ``kinds.json``.
+
+Streaming reads what is in its cache without checking it again, so the cache is inside the trust
+boundary: :func:`split_cache` creates its folders with mode 0700 and refuses one that is a symlink,
+another user's, or group/world-writable; the data layer checks every cached file against the source's
+index before streaming uses it (:mod:`optsel.pipeline.streaming_dataset`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
-import tempfile
+import re
+import socket
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from optsel.config_loader import ConfigError, mask_url
+
 SPLITS = ("train", "val")
 #: URL schemes mosaicml-streaming can download from (``streaming.base.storage.download``)
 REMOTE_SCHEMES = ("s3", "gs", "oci", "azure", "azure-dl", "hf", "sftp", "dbfs", "alipan")
+#: streaming's shuffle algorithms (``streaming.base.shuffle.algos``) and hashes it can validate with
+SHUFFLE_ALGOS = ("py1br", "py1e", "py1s", "py2s", "naive")
+HASHES = ("blake2b", "blake2s", "md5", "sha1", "sha224", "sha256", "sha384", "sha512", "sha3_224", "sha3_256",
+          "sha3_384", "sha3_512", "xxh32", "xxh64", "xxh128", "xxh3_64", "xxh3_128")
+#: a path component that is a URL scheme whose "//" was lost (``s3:/bucket``: a local folder "s3:")
+_BROKEN_URL = re.compile(r"(?:^|/)((?:" + "|".join(re.escape(s) for s in (*REMOTE_SCHEMES, "file", "http", "https",
+                                                                        "ftp")) + r"):)(?:/|$)", re.IGNORECASE)
 
 
 @dataclass(kw_only=True)
@@ -30,7 +48,7 @@ class DataConfig:
 
     local: str  # the prepare out_dir: tokenizer/, kinds.json (and train/, val/ unless remote is set)
     remote: str | None = None  # a remote copy of the prepare out_dir (s3://…, or a plain path)
-    cache_dir: str | None = None  # streaming's working copy; default: <tmp>/optsel-streaming-<uid>/<key>
+    cache_dir: str | None = None  # streaming's working copy; default: $XDG_CACHE_HOME/optsel/streaming/<key>
     shuffle: bool = True
     shuffle_seed: int = 0
     shuffle_algo: str = "py1e"
@@ -54,13 +72,30 @@ class DataConfig:
             raise ValueError(f"max_seq_len: must be >= 2, got {self.max_seq_len}")
         if self.predownload is not None and self.predownload < 1:
             raise ValueError(f"predownload: must be >= 1, got {self.predownload}")
+        if self.shuffle_seed < 0:
+            raise ValueError(f"shuffle_seed: must be >= 0 (streaming takes no negative seed), got {self.shuffle_seed}")
+        if self.shuffle_algo not in SHUFFLE_ALGOS:
+            raise ValueError(f"shuffle_algo: must be one of {', '.join(SHUFFLE_ALGOS)}, got {self.shuffle_algo!r}")
+        for name in ("shuffle_block_size", "num_canonical_nodes"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1 (or unset), got {getattr(self, name)}")
+        if not (math.isfinite(self.download_timeout) and self.download_timeout > 0):
+            raise ValueError(f"download_timeout: must be a finite number of seconds > 0, got {self.download_timeout}")
+        if self.validate_hash is not None and self.validate_hash not in HASHES:
+            raise ValueError(f"validate_hash: must be one of {', '.join(HASHES)} (or null), got {self.validate_hash!r}")
+        for name in ("local", "remote", "cache_dir"):
+            broken = _BROKEN_URL.search(getattr(self, name) or "")
+            if broken and "://" not in (getattr(self, name) or ""):
+                raise ValueError(f"{name}: {getattr(self, name)!r} has the path component {broken.group(1)!r}: a "
+                                 f"URL missing a slash ({broken.group(1)}/bucket/ds is a local folder named "
+                                 f"{broken.group(1)!r}); write {broken.group(1)}//bucket/ds")
+        if self.cache_dir is not None and "://" in self.cache_dir:
+            raise ValueError("cache_dir: must be a local folder, got a URL")
         if self.remote is not None and self.remote.startswith("file://"):
             raise ValueError("remote: give a plain path, not a file:// URL (streaming needs that)")
         if self.remote is not None and "://" in self.remote:
             scheme = self.remote.split("://", 1)[0].lower()
             if scheme not in REMOTE_SCHEMES:
-                from optsel.config_loader import mask_url
-
                 raise ValueError(f"remote: unsupported URL scheme {scheme!r} in {mask_url(self.remote)}; streaming "
                                  f"reads {', '.join(REMOTE_SCHEMES)} URLs or a plain path")
 
@@ -75,7 +110,8 @@ def source_of(cfg: DataConfig, split: str) -> str:
 
 
 def cache_root(cfg: DataConfig) -> Path:
-    """Streaming's working directory for this dataset (split subdirectories below it)."""
+    """Streaming's working directory for this dataset (split subdirectories below it); nothing is
+    created (see :func:`split_cache`)."""
     if cfg.cache_dir is not None:
         return Path(cfg.cache_dir)
     base = cfg.remote if cfg.remote is not None else cfg.local
@@ -85,4 +121,55 @@ def cache_root(cfg: DataConfig) -> Path:
             index = Path(base) / split / "index.json"
             if index.is_file():
                 key.update(index.read_bytes())
-    return Path(tempfile.gettempdir()) / f"optsel-streaming-{os.getuid()}" / key.hexdigest()[:16]
+    return default_cache_base() / key.hexdigest()[:16]
+
+
+def default_cache_base() -> Path:
+    """``$XDG_CACHE_HOME/optsel/streaming/<host>`` (``~/.cache/…`` when unset or relative). The host
+    name keeps nodes apart where the home folder is one shared filesystem: each node's streaming leader
+    writes its own working copy."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()).strip(".") or "host"
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "optsel" / "streaming" / host
+
+
+def check_private(path: Path) -> None:
+    """``path`` is a real folder (not a symlink) of this user that no one else may write; otherwise a
+    ConfigError on data.cache_dir naming the folder and what is wrong."""
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode):
+        problem = f"is a symlink (to {os.readlink(path)})"
+    elif not stat.S_ISDIR(info.st_mode):
+        problem = "is not a folder"
+    elif info.st_uid != os.getuid():
+        problem = f"is owned by uid {info.st_uid}, not by this user (uid {os.getuid()})"
+    elif info.st_mode & 0o022:
+        problem = f"is group- or world-writable (mode {stat.S_IMODE(info.st_mode):04o}; chmod go-w it)"
+    else:
+        return
+    raise ConfigError("data.cache_dir", f"the streaming cache folder {path} {problem}; streaming reads the shards "
+                                        f"in its cache without checking them again, so the cache must be a private "
+                                        f"folder of this user (set data.cache_dir to one)")
+
+
+def split_cache(cfg: DataConfig, split: str) -> Path:
+    """The split's cache folder, made top down: every folder optsel owns on the way (the cache folder,
+    or ``optsel/streaming/<host>/<key>`` of the default, and any missing parent) is created with mode 0700 and
+    must pass :func:`check_private` before anything is created inside it."""
+    root = cache_root(cfg)
+    first = root if cfg.cache_dir is not None else default_cache_base().parent.parent  # .../optsel
+    folder = root / split
+    chain = [p for p in reversed(first.parents) if not (p.exists() or p.is_symlink())]  # missing parents
+    chain += [first] + [first.joinpath(*folder.relative_to(first).parts[:n])
+                        for n in range(1, len(folder.relative_to(first).parts) + 1)]
+    for path in chain:
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:  # there already (or another local rank made it)
+            pass
+        except OSError as err:
+            raise ConfigError("data.cache_dir", f"cannot create the streaming cache folder {path} ({err.strerror}); "
+                                                f"set data.cache_dir, or XDG_CACHE_HOME, to a folder this user can "
+                                                f"write") from err
+        check_private(path)
+    return folder

@@ -1,10 +1,13 @@
 """Strict JSON for everything optsel writes: NaN and ±Inf become ``null`` (``json.dumps`` would write the
-bare tokens ``NaN`` / ``Infinity``, which other JSON readers reject)."""
+bare tokens ``NaN`` / ``Infinity``, which other JSON readers reject), and :func:`loads_strict` for untrusted
+input: it refuses what ``json.loads`` lets through (``NaN`` / ``Infinity``, numbers that overflow a float,
+duplicate keys, lone surrogates) with a :class:`StrictJSONError` that names the problem."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,80 @@ def strict(obj: Any) -> Any:
         except (TypeError, ValueError):
             return obj
     return obj
+
+
+class StrictJSONError(ValueError):
+    """Text that is JSON to Python's lenient parser but not strict JSON (the message says what)."""
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def short(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to about ``limit`` characters (for messages about untrusted values)."""
+    text = repr(value) if not isinstance(value, str) or len(value) <= limit else repr(value[:limit]) + "..."
+    return text if len(text) <= limit + 10 else text[: limit + 10] + "..."
+
+
+def _no_constant(name: str) -> Any:
+    raise StrictJSONError(f"{name} is not valid JSON (JSON has no NaN or Infinity)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise StrictJSONError(f"number {text[:32]}{'...' if len(text) > 32 else ''} overflows a float")
+    return value
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise StrictJSONError(f"duplicate key {short(key)}")
+        obj[key] = value
+    return obj
+
+
+def lone_surrogate(value: Any) -> str | None:
+    """Where ``value`` (decoded JSON) holds a lone surrogate (a ``\\udXXX`` escape that is not half of a
+    pair, not encodable as UTF-8): e.g. ``"field 'prompt' (\\ud800)"``; None when every string is valid."""
+    stack: list[tuple[str, Any]] = [("the value", value)]
+    while stack:  # iterative: decoded JSON may nest deeply
+        where, item = stack.pop()
+        if isinstance(item, str):
+            found = _SURROGATE.search(item)
+            if found:
+                return f"{where} (\\u{ord(found.group()):04x})"
+        elif isinstance(item, dict):
+            for key, sub in item.items():
+                if isinstance(key, str) and _SURROGATE.search(key):
+                    return f"a key (\\u{ord(_SURROGATE.search(key).group()):04x})"
+                stack.append((f"field {short(key)}" if item is value else where, sub))
+        elif isinstance(item, list):
+            stack.extend((where, sub) for sub in item)
+    return None
+
+
+def loads_strict(text: str) -> Any:
+    """``json.loads`` that raises :class:`StrictJSONError` on ``NaN`` / ``Infinity`` / ``-Infinity``, a number
+    that overflows a float (``1e400``), a duplicate key in any object, a lone surrogate in any string or key,
+    an integer over Python's digit limit and nesting too deep to parse; ``json.JSONDecodeError`` (also a
+    ValueError) on text that is not JSON at all."""
+    try:
+        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float,
+                           object_pairs_hook=_unique_pairs)
+    except (json.JSONDecodeError, StrictJSONError):
+        raise
+    except RecursionError as err:
+        raise StrictJSONError("nested too deeply") from err
+    except ValueError as err:  # int(...) over sys.get_int_max_str_digits()
+        raise StrictJSONError(f"bad number: {err}") from err
+    if "\\u" in text or _SURROGATE.search(text):  # from a \uXXXX escape, or already in the text
+        where = lone_surrogate(value)
+        if where is not None:
+            raise StrictJSONError(f"invalid Unicode: lone surrogate in {where}")
+    return value
 
 
 def read_object(path: Path, error: type[Exception], missing: str, corrupt: str,

@@ -2,7 +2,8 @@
 checkpoint folder, optionally wrapped with LoRA adapters. Distributed-free: the engine shards it.
 
 Weights are built in float32 (the engines keep fp32 master weights and pick the compute dtype).
-Nothing is ever downloaded: a local model loads with ``local_files_only=True``.
+Nothing is ever downloaded: a local model loads with ``local_files_only=True``, and never runs code from
+its folder (``trust_remote_code=False``; a config with ``auto_map`` is refused naming the file).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Literal
 
 import torch
 from torch import nn
+
+from optsel.pipeline.tokenizer import refuse_remote_code
 
 
 @dataclass(kw_only=True)
@@ -98,8 +101,9 @@ def _from_local(cfg: ModelConfig, vocab_size: int, pad_id: int | None) -> nn.Mod
     path = Path(cfg.path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model.path: {path} is not a Hugging Face model folder (no config.json)")
+    refuse_remote_code(path, "model.path")
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32,
-                                                 attn_implementation=cfg.attn_implementation)
+                                                 attn_implementation=cfg.attn_implementation, trust_remote_code=False)
     rows = model.get_input_embeddings().weight.shape[0]
     if rows < vocab_size:
         raise ValueError(f"model.path: {path} has {rows} embedding rows, fewer than the tokenizer's "

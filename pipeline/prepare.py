@@ -4,6 +4,13 @@ Output layout under ``out_dir`` (see docs/architecture.md): ``train/`` and ``val
 the columns of :data:`COLUMNS`, ``tokenizer/``, ``kinds.json`` and ``prepare_report.json`` (written
 last: its presence marks a complete prepare).
 
+Everything is written into a fresh sibling folder ``<out_dir>.partial-<pid>[-N]`` and moved into
+``out_dir`` only once complete, so a failed or interrupted prepare leaves ``out_dir`` as it was (no
+partial shards; a fresh run's ``out_dir`` is never created) and the partial folder is removed. With
+``overwrite: true`` the previous outputs are moved aside to ``<out_dir>.replaced-<time>`` (never
+deleted: a run does not delete what an earlier run saved) just before the new ones move in; the report
+names that folder (``replaced``), and other files in ``out_dir`` stay where they are.
+
 Sources: ``synthetic`` (:mod:`optsel.pipeline.synthetic`), ``jsonl`` and ``parquet`` files, ``hf`` (a
 ``datasets`` dataset saved with ``save_to_disk`` or loadable with ``load_dataset(path)``; a hub name only
 with ``hf.local_files_only: false`` on a machine with network). For file sources ``template`` renders
@@ -15,7 +22,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,11 +44,28 @@ COLUMNS = {"tokens": "ndarray:int32", "prompt_len": "int32", "sample_id": "int64
            "kind_id": "int32", "prompt": "str", "answer": "str"}
 OUTPUTS = ("train", "val", "tokenizer", "kinds.json", "prepare_report.json")
 MAX_BAD_EXAMPLES = 20
+MAX_NOTE_CHARS = 500
+#: default ``max_record_bytes``: max(1 MiB, RECORD_BYTES_PER_TOKEN * max_seq_len)
+MIN_RECORD_BYTES = 1 << 20
+RECORD_BYTES_PER_TOKEN = 64
 
 
 @dataclass(kw_only=True)
 class PrepareConfig:
-    """Everything ``prepare`` needs; strict (unknown keys are errors, see optsel/config_loader.py)."""
+    """Everything ``prepare`` needs; strict (unknown keys are errors, see optsel/config_loader.py).
+
+    ``max_record_bytes``: the largest input record accepted, in bytes. A JSONL line longer than this is
+    skipped unread (never held in memory whole, parsed or tokenized), and so is a record of any source
+    whose rendered prompt + response is longer (UTF-8 bytes); each is counted in the report's
+    ``rejected_oversize`` with its file:line in ``bad_examples``, whatever ``on_bad_record`` and
+    ``overlong`` say (it cannot be truncated without being parsed). Default (null):
+    ``max(1 MiB, 64 * max_seq_len)``: 64 bytes per token is over 10x what BPE tokenizers average and 3x
+    the worst JSON escaping under the byte tokenizer (a ``\\uXXXX\\uXXXX`` pair is 12 bytes for 4
+    tokens), so a record under the cap that fits the window is never refused, and the 1 MiB floor leaves
+    room for fields the template does not use. What it bounds: one record at the 1 MiB cap costs ~2 s and
+    ~200 MB to tokenize (byte tokenizer), where an uncapped 20 MB one cost 47 s and 4.1 GB only to be
+    rejected as overlong.
+    """
 
     out_dir: str
     source: Literal["synthetic", "jsonl", "parquet", "hf"] = "synthetic"
@@ -58,10 +84,13 @@ class PrepareConfig:
     size_limit: int = 1 << 26  # bytes per shard (before compression)
     seed: int = 0
     overwrite: bool = False
+    max_record_bytes: int | None = None  # cap on one input record's bytes; None: max(1 MiB, 64 * max_seq_len)
 
     def __post_init__(self) -> None:
         if self.max_seq_len < 2:
             raise ValueError(f"max_seq_len: must be >= 2, got {self.max_seq_len}")
+        if self.max_record_bytes is not None and self.max_record_bytes < 1:
+            raise ValueError(f"max_record_bytes: must be >= 1 (or null for the default), got {self.max_record_bytes}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction: must be in [0, 1), got {self.val_fraction}")
         if self.size_limit < 1024:
@@ -74,6 +103,13 @@ class PrepareConfig:
             raise ValueError("hf: path is required for source 'hf'")
         if list(self.hashes) != sorted(set(self.hashes)):
             raise ValueError(f"hashes: must be unique and sorted, got {self.hashes}")
+
+
+def record_byte_cap(cfg: PrepareConfig) -> int:
+    """``cfg.max_record_bytes``, or its default from ``max_seq_len`` (see :class:`PrepareConfig`)."""
+    if cfg.max_record_bytes is not None:
+        return cfg.max_record_bytes
+    return max(MIN_RECORD_BYTES, RECORD_BYTES_PER_TOKEN * cfg.max_seq_len)
 
 
 def _check_codecs(cfg: PrepareConfig) -> None:
@@ -101,6 +137,8 @@ class PrepareReport:
     kind_counts: dict[str, dict[str, int]] = field(default_factory=lambda: {"train": {}, "val": {}})
     truncated: int = 0  # longer than max_seq_len, cut to it
     rejected_overlong: int = 0  # longer than max_seq_len with overlong=reject, or prompt fills the window
+    rejected_oversize: int = 0  # longer than max_record_bytes: rejected unread (not parsed, not tokenized)
+    max_record_bytes: int = 0  # the cap in force
     skipped_empty: int = 0  # empty response text
     skipped_bad: int = 0  # undecodable / missing field / wrong type, with on_bad_record=skip
     blank_lines: int = 0  # blank JSONL lines (ignored)
@@ -110,6 +148,7 @@ class PrepareReport:
     mean_tokens: float = 0.0  # train split
     max_seq_len: int = 0
     tokenizer: dict[str, Any] = field(default_factory=dict)
+    replaced: str | None = None  # overwrite: where the previous outputs of out_dir were moved (kept)
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -117,7 +156,10 @@ class PrepareReport:
 
     def note(self, message: str) -> None:
         if len(self.bad_examples) < MAX_BAD_EXAMPLES:
-            self.bad_examples.append(message)
+            if len(message) > MAX_NOTE_CHARS:
+                message = message[:MAX_NOTE_CHARS] + "..."
+            # valid UTF-8 whatever the input held (e.g. an undecodable file name): the report is strict JSON
+            self.bad_examples.append(message.encode("utf-8", "backslashreplace").decode("utf-8"))
 
 
 # -- sources -> (split, ordinal, origin, prompt, answer, kind) ------------------------------------------
@@ -142,21 +184,33 @@ def _file_records(cfg: PrepareConfig) -> Iterator[tuple[str | None, Record]]:
             for rec in hf_records(cfg.hf.path, cfg.hf.name, cfg.hf.val_split, cfg.hf.local_files_only):
                 yield "val", rec
         return
-    reader = jsonl_records if cfg.source == "jsonl" else parquet_records
+    cap = record_byte_cap(cfg)
     for split, paths in (("train" if cfg.val_files else None, cfg.files), ("val", cfg.val_files)):
         for path in paths:
-            for rec in reader(path):
+            records = jsonl_records(path, max_bytes=cap) if cfg.source == "jsonl" else parquet_records(path)
+            for rec in records:
                 yield split, rec
+
+
+def _oversize(report: PrepareReport, origin: str, what: str, cap: int, before: str) -> None:
+    report.rejected_oversize += 1
+    message = f"{origin}: {what} > max_record_bytes={cap} (rejected before {before})"
+    report.note(message)
+    log.warning("rejecting record: %s", message)
 
 
 def _file_items(cfg: PrepareConfig, report: PrepareReport, skip_bad: bool = False) -> Iterator[Item]:
     offset = random.Random(cfg.seed).random()  # val held out evenly: exactly ~val_fraction of the targets
     targets_seen = 0
+    cap = record_byte_cap(cfg)
     for ordinal, (split, rec) in enumerate(_file_records(cfg)):
         if rec.blank:
             report.blank_lines += 1
             continue
         report.records_read += 1
+        if rec.oversize is not None:
+            _oversize(report, rec.origin, f"{rec.oversize} bytes", cap, "parsing and tokenizing")
+            continue
         try:
             prompt, answer, kind = render(rec, cfg.template)
             if split == "val" and kind != "target":
@@ -167,6 +221,10 @@ def _file_items(cfg: PrepareConfig, report: PrepareReport, skip_bad: bool = Fals
             report.skipped_bad += 1
             report.note(str(err))
             log.warning("skipping bad record: %s", err)
+            continue
+        # chars <= UTF-8 bytes <= 4 * chars: the cheap test first, the exact one only on bounded text
+        if len(prompt) + len(answer) > cap or len(prompt.encode()) + len(answer.encode()) > cap:
+            _oversize(report, rec.origin, "its rendered prompt + response", cap, "tokenizing")
             continue
         if split is None:
             split = "train"
@@ -188,38 +246,130 @@ def _check_inputs(cfg: PrepareConfig) -> None:
                                 f"hf.local_files_only: false and a network)")
 
 
-def _prepare_out_dir(cfg: PrepareConfig) -> Path:
+def _check_out_dir(cfg: PrepareConfig) -> Path:
     out = Path(cfg.out_dir)
+    if out.is_symlink() and not out.exists():
+        raise FileExistsError(f"out_dir {out} is a broken symlink")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"out_dir {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not cfg.overwrite:
-            raise FileExistsError(f"out_dir {out} is not empty; set overwrite: true to replace its shards")
-        import shutil
-
-        for name in OUTPUTS:  # only what prepare writes; anything else in out_dir is left alone
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+        raise FileExistsError(f"out_dir {out} is not empty; set overwrite: true to replace its shards")
+    if not out.resolve().name:
+        raise ValueError(f"out_dir: {out} is a filesystem root; name a folder to prepare into")
     return out
+
+
+def _old_outputs(out: Path) -> list[str]:
+    """The names of :data:`OUTPUTS` present in ``out``, ``prepare_report.json`` first (its absence marks an
+    incomplete dataset, so it goes first when moving a dataset away and last when moving one in)."""
+    names = [n for n in OUTPUTS if (out / n).exists() or (out / n).is_symlink()]
+    return sorted(names, key=lambda n: n != "prepare_report.json")
+
+
+def _reserve_aside(out: Path) -> Path:
+    """A new empty folder ``<out_dir>.replaced-<time>[-N]`` next to ``out`` for its previous outputs."""
+    real = out.resolve()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1000):
+        aside = real.with_name(f"{real.name}.replaced-{stamp}" + (f"-{n}" if n else ""))
+        try:
+            aside.mkdir()
+            return aside
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free name for the previous outputs of {out} ({aside.name} and 999 more exist)")
+
+
+def _created_parents(path: Path) -> list[Path]:
+    """The ancestors of ``path`` that do not exist yet, innermost first (made now, removed on failure)."""
+    missing = [p for p in path.parents if not p.exists()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _install(work: Path, out: Path, aside: Path | None) -> None:
+    """Move the complete dataset in ``work`` to ``out`` (``out``'s previous outputs to ``aside`` first)."""
+    if not out.exists() and not out.is_symlink():
+        os.rename(work, out)
+        return
+    old = _old_outputs(out)
+    if old and aside is None:
+        raise FileExistsError(f"out_dir {out}: prepare outputs appeared there while preparing ({', '.join(old)}); "
+                              f"nothing was replaced, the new dataset is discarded")
+    moved: list[tuple[Path, Path]] = []
+    try:
+        for name in old:
+            os.replace(out / name, aside / name)  # type: ignore[operator]
+            moved.append((out / name, aside / name))  # type: ignore[operator]
+        for name in reversed(_old_outputs(work)):  # prepare_report.json last: it marks the dataset complete
+            os.replace(work / name, out / name)
+            moved.append((work / name, out / name))
+    except BaseException:
+        for src, dst in reversed(moved):  # put everything back: out_dir as it was, the new dataset in work
+            os.replace(dst, src)
+        raise
+    work.rmdir()
+
+
+def _work_dir(out: Path) -> Path:
+    """A new empty sibling ``<out_dir>.partial-<pid>[-N]`` of ``out`` (made with the usual permissions)."""
+    real = out.resolve()
+    for n in range(1000):
+        work = real.with_name(f"{real.name}.partial-{os.getpid()}" + (f"-{n}" if n else ""))
+        try:
+            work.mkdir()
+            return work
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free name for a partial folder next to {out}")
 
 
 def prepare(cfg: PrepareConfig) -> PrepareReport:
     """Write ``cfg.out_dir`` (train/val shards, tokenizer, kinds.json, report) and return the report.
 
+    Everything is written to a sibling ``<out_dir>.partial-*`` folder and moved into ``out_dir`` at the
+    end; on any failure that folder is removed and ``out_dir`` is left exactly as it was (see the module
+    docstring; with overwrite the previous outputs go to ``<out_dir>.replaced-<time>``, named in the report).
+
     Raises FileExistsError (non-empty out_dir without overwrite), FileNotFoundError (a missing input,
     named), ValueError / BadRecord (a bad record with on_bad_record=error, named by file:line).
     """
-    from optsel.pipeline.streaming_compat import MDSWriter
-
     started = time.perf_counter()
     _check_codecs(cfg)
     _check_inputs(cfg)
-    out = _prepare_out_dir(cfg)
-    report = PrepareReport(out_dir=str(out), source=cfg.source, max_seq_len=cfg.max_seq_len)
+    out = _check_out_dir(cfg)
+    made = _created_parents(out.resolve())
+    work: Path | None = None
+    aside: Path | None = None
+    try:
+        work = _work_dir(out)
+        aside = _reserve_aside(out) if out.is_dir() and _old_outputs(out) else None
+        report = _write(cfg, out, work, started, aside)
+        _install(work, out, aside)
+    except BaseException:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)  # this run's own partial output, nothing else
+        for folder in ([aside] if aside is not None else []) + made:
+            try:
+                folder.rmdir()  # only when empty: nothing anybody saved is removed
+            except OSError:
+                break
+        raise
+    if aside is not None:
+        log.warning("overwrite: the previous outputs of %s were moved to %s (kept; delete it when no longer "
+                    "needed)", out, aside)
+    log.info("prepared %s: %d train / %d val samples, %d truncated, %d rejected, %d oversize, %d empty, %d bad",
+             out, report.num_train, report.num_val, report.truncated, report.rejected_overlong,
+             report.rejected_oversize, report.skipped_empty, report.skipped_bad)
+    return report
+
+
+def _write(cfg: PrepareConfig, out: Path, work: Path, started: float, aside: Path | None) -> PrepareReport:
+    """The dataset of ``cfg``, written into the empty folder ``work``; its report names ``out``."""
+    from optsel.pipeline.streaming_compat import MDSWriter
+
+    report = PrepareReport(out_dir=str(out), source=cfg.source, max_seq_len=cfg.max_seq_len,
+                           max_record_bytes=record_byte_cap(cfg), replaced=None if aside is None else str(aside))
 
     def items() -> Iterator[Item]:
         return _synthetic_items(cfg, report) if cfg.source == "synthetic" else _file_items(cfg, report)
@@ -234,7 +384,7 @@ def prepare(cfg: PrepareConfig) -> PrepareReport:
             # bad records are reported (or raised) by the writing pass below
             corpus = [p + a for _, _, _, p, a, _ in _file_items(cfg, scratch, skip_bad=True)]
     tok = build_tokenizer(cfg.tokenizer, corpus)
-    save_tokenizer(tok, out / "tokenizer")
+    save_tokenizer(tok, work / "tokenizer")
     eos, bos = int(tok.eos_token_id), tok.bos_token_id
     if cfg.tokenizer.add_bos and bos is None:
         raise ValueError("tokenizer.add_bos: the tokenizer has no BOS token")
@@ -244,7 +394,7 @@ def prepare(cfg: PrepareConfig) -> PrepareReport:
         kinds = {name: i for i, name in enumerate(cfg.synthetic.kind_names())}
     counts: dict[str, dict[str, int]] = {"train": {}, "val": {}}
     lengths: dict[str, list[int]] = {"train": [], "val": []}
-    writers = {split: MDSWriter(out=str(out / split), columns=COLUMNS, compression=cfg.compression,
+    writers = {split: MDSWriter(out=str(work / split), columns=COLUMNS, compression=cfg.compression,
                                 hashes=list(cfg.hashes), size_limit=cfg.size_limit)
                for split in ("train", "val")}
     try:
@@ -271,9 +421,12 @@ def prepare(cfg: PrepareConfig) -> PrepareReport:
                                   "prompt": prompt, "answer": answer})
             counts[split][kind] = counts[split].get(kind, 0) + 1
             lengths[split].append(len(tokens))
-    finally:
+    except BaseException:
         for writer in writers.values():
-            writer.finish()
+            writer.cancel_future_jobs()  # no index for a partial split; the caller removes `work`
+        raise
+    for writer in writers.values():
+        writer.finish()
 
     report.kinds = kinds
     report.kind_counts = counts
@@ -282,20 +435,18 @@ def prepare(cfg: PrepareConfig) -> PrepareReport:
     report.max_tokens = max(all_lengths, default=0)
     report.mean_tokens = float(np.mean(lengths["train"])) if lengths["train"] else 0.0
     for split in ("train", "val"):
-        index = json.loads((out / split / "index.json").read_text())
+        index = json.loads((work / split / "index.json").read_text())
         report.num_shards[split] = len(index["shards"])
     report.tokenizer = {"kind": cfg.tokenizer.kind, "vocab_size": len(tok), "pad_id": tok.pad_token_id,
                         "eos_id": eos, "bos_id": bos, "add_bos": cfg.tokenizer.add_bos}
     if report.num_train == 0:
         raise ValueError(f"no train samples were written to {out / 'train'} (see counts: "
                          f"skipped_bad={report.skipped_bad}, skipped_empty={report.skipped_empty}, "
-                         f"rejected_overlong={report.rejected_overlong})")
+                         f"rejected_overlong={report.rejected_overlong}, "
+                         f"rejected_oversize={report.rejected_oversize})")
     if report.num_val == 0:
         log.warning("the val split under %s is empty: training needs target samples there", out)
-    (out / "kinds.json").write_text(json.dumps(kinds, indent=2))
+    (work / "kinds.json").write_text(jsonio.dumps(kinds, indent=2))
     report.seconds = time.perf_counter() - started
-    (out / "prepare_report.json").write_text(jsonio.dumps(report.to_dict(), indent=2))
-    log.info("prepared %s: %d train / %d val samples, %d truncated, %d rejected, %d empty, %d bad",
-             out, report.num_train, report.num_val, report.truncated, report.rejected_overlong,
-             report.skipped_empty, report.skipped_bad)
+    (work / "prepare_report.json").write_text(jsonio.dumps(report.to_dict(), indent=2))
     return report

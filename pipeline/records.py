@@ -1,16 +1,24 @@
 """Input records for ``optsel prepare``: the file readers (JSONL, Parquet, a ``datasets`` dataset),
 each record carrying its origin (file:line) for error messages, and the template that renders a record
 into prompt, response and kind.
+
+Input is untrusted: the JSONL reader streams line by line and never reads more than ``max_bytes`` (+1) of
+one line into memory (a longer line is skipped unread and flagged ``oversize``), and parses with
+:func:`optsel.pipeline.jsonio.loads_strict` (no NaN / Infinity, no duplicate keys, no lone surrogates);
+:func:`render` refuses non-finite numbers and text that is not valid Unicode, whatever the source.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
+
+from optsel.pipeline.jsonio import StrictJSONError, loads_strict, short
 
 KIND_PATTERN = re.compile(r"^(target|corrupted|distractor/[A-Za-z0-9_.\-]+)$")
 
@@ -62,13 +70,39 @@ class Record:
     values: dict[str, Any] | None = None
     error: str | None = None
     blank: bool = False
+    oversize: int | None = None  # bytes of a line longer than the reader's max_bytes (skipped unread)
 
 
-def jsonl_records(path: str) -> Iterator[Record]:
-    """Records of a JSONL file, one per line (blank lines flagged, bad lines carry an error)."""
+_SKIP_CHUNK = 1 << 16
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def jsonl_records(path: str, max_bytes: int | None = None) -> Iterator[Record]:
+    """Records of a JSONL file, one per line (blank lines flagged, bad lines carry an error).
+
+    Streams: at most ``max_bytes + 1`` bytes of a line are held in memory. A line longer than
+    ``max_bytes`` (not counting its newline) is skipped in chunks, unparsed, and yielded as a Record
+    with ``oversize`` = its length in bytes."""
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
+        lineno = 0
+        while True:
+            raw = f.readline() if max_bytes is None else f.readline(max_bytes + 1)
+            if not raw:
+                break
+            lineno += 1
             origin = f"{path}:{lineno}"
+            if max_bytes is not None and len(raw) > max_bytes and not raw.endswith(b"\n"):
+                size = len(raw)
+                while True:  # skip the rest of the line without keeping it
+                    chunk = f.readline(_SKIP_CHUNK)
+                    if chunk.endswith(b"\n"):
+                        size += len(chunk) - 1
+                        break
+                    size += len(chunk)
+                    if not chunk:
+                        break
+                yield Record(origin, oversize=size)
+                continue
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
@@ -78,9 +112,12 @@ def jsonl_records(path: str) -> Iterator[Record]:
                 yield Record(origin, blank=True)
                 continue
             try:
-                value = json.loads(line)
+                value = loads_strict(line)
             except json.JSONDecodeError as err:
                 yield Record(origin, error=f"invalid JSON: {err.msg} (column {err.colno})")
+                continue
+            except StrictJSONError as err:
+                yield Record(origin, error=f"refused JSON: {err}")
                 continue
             if not isinstance(value, dict):
                 yield Record(origin, error=f"expected a JSON object, got {type(value).__name__}")
@@ -139,12 +176,23 @@ def render(record: Record, template: TemplateConfig) -> tuple[str, str, str]:
             if isinstance(value, bool) or not isinstance(value, (str, int, float)):
                 raise BadRecord(f"{record.origin}: field {name!r} has type {type(value).__name__}, "
                                 f"expected a string or number")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise BadRecord(f"{record.origin}: field {name!r} is {value}, expected a finite number")
     kind = "target"
     if template.kind_field is not None:
         if template.kind_field not in values:
             raise BadRecord(f"{record.origin}: missing kind field {template.kind_field!r}")
         kind = values[template.kind_field]
         if not isinstance(kind, str) or not KIND_PATTERN.match(kind):
-            raise BadRecord(f"{record.origin}: kind field {template.kind_field!r} is {kind!r}; expected "
+            raise BadRecord(f"{record.origin}: kind field {template.kind_field!r} is {short(kind)}; expected "
                             f"'target', 'corrupted' or 'distractor/<name>'")
-    return template.prompt.format_map(values), template.response.format_map(values), kind
+    try:
+        prompt, response = template.prompt.format_map(values), template.response.format_map(values)
+    except (ValueError, TypeError, KeyError, IndexError) as err:  # e.g. a format spec that does not fit the value
+        raise BadRecord(f"{record.origin}: the template cannot render this record: {err}") from err
+    for name, text in (("prompt", prompt), ("response", response)):
+        found = _SURROGATE.search(text)
+        if found:  # not encodable as UTF-8: the tokenizer and the MDS writer would fail on it
+            raise BadRecord(f"{record.origin}: invalid Unicode: the rendered {name} holds a lone surrogate "
+                            f"(\\u{ord(found.group()):04x})")
+    return prompt, response, kind

@@ -7,6 +7,8 @@ because the trainer consumes it; launch/ loads it (``load_run_config``) and neve
 
 from __future__ import annotations
 
+import errno
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +46,12 @@ class TrainingConfig:
             raise ValueError(f"eval_every: must be >= 0, got {self.eval_every}")
         if self.num_eval_samples < 0:
             raise ValueError(f"num_eval_samples: must be >= 0, got {self.num_eval_samples}")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: must be >= 0 (0: exact match is scored on no token), "
+                             f"got {self.max_new_tokens}")
+        if self.max_skipped_steps < 0:
+            raise ValueError(f"max_skipped_steps: must be >= 0, got {self.max_skipped_steps}")
+        _check_seed(self.seed)
 
 
 @dataclass(kw_only=True)
@@ -71,6 +79,32 @@ class SelectionConfig:
             raise ValueError(f"budget: must be in [1, pool_size={self.pool_size}], got {self.budget}")
         if self.num_target_samples < 1:
             raise ValueError(f"num_target_samples: must be >= 1, got {self.num_target_samples}")
+        _check_seed(self.seed)
+
+
+def _check_seed(seed: int) -> None:
+    """torch's generators take a seed in [-2**63, 2**64); a larger one fails only when the run starts."""
+    if not -(2 ** 63) <= seed < 2 ** 64:
+        raise ValueError(f"seed: must be in [-2**63, 2**64) (torch's seed range), got {seed}")
+
+
+def check_run_name(run_name: str) -> None:
+    """``run_name`` is one folder below ``output_dir``: a single plain path component."""
+    problem = None
+    if not run_name or not run_name.strip():
+        problem = "is empty"
+    elif run_name in (".", ".."):
+        problem = "names output_dir itself" if run_name == "." else "names the folder above output_dir"
+    elif run_name.startswith(("/", "\\")):
+        problem = "is an absolute path"
+    elif any(c in run_name for c in "/\\"):
+        problem = "contains a path separator (/ or \\)"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in run_name):
+        problem = "contains a control character (NUL, newline, ...)"
+    if problem:
+        raise ConfigError("run_name", f"{run_name!r} {problem}; it names the run's folder below output_dir and must "
+                                      f"be a single plain folder name (no /, \\, '..', '.', control characters); "
+                                      f"put the parent folders in output_dir instead")
 
 
 @dataclass(kw_only=True)
@@ -86,6 +120,13 @@ class RunConfig:
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
+    def __post_init__(self) -> None:
+        check_run_name(self.run_name)
+        if self.engine.extra and self.engine.name != "deepspeed":
+            raise ConfigError("engine.extra", f"is DeepSpeed-only (top-level keys merged into the DeepSpeed JSON) and "
+                                              f"engine.name is {self.engine.name!r}; remove engine.extra "
+                                              f"(got keys {sorted(self.engine.extra)}) or use engine.name=deepspeed")
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.run_name
@@ -100,7 +141,9 @@ class RunConfig:
 
     def check_paths(self) -> None:
         """Paths that cannot work, checked on the resolved values: the DeepSpeed JSON must exist (for
-        the deepspeed engine); output_dir, the run folder and checkpoint.dir must not be files."""
+        the deepspeed engine); output_dir, the run folder and checkpoint.dir must not be files, and
+        must be creatable (their first existing folder writable: tried, not guessed from the mode
+        bits, which root ignores and /proc or a read-only mount do not honour)."""
         if self.engine.name == "deepspeed":
             ds = Path(self.engine.deepspeed_config)
             if not ds.is_file():
@@ -115,6 +158,31 @@ class RunConfig:
                     if not at.is_dir():
                         raise ConfigError(key, f"{path} cannot be a folder: {at} is a file")
                     break
+        for key, path in (("run_name" if self.run_dir.exists() else "output_dir", self.run_dir),
+                          ("checkpoint.dir", Path(self.checkpoint.dir) if self.checkpoint.dir else None)):
+            if path is not None:
+                _check_writable(key, path)
+
+
+def _check_writable(key: str, path: Path) -> None:
+    """``path`` can be created or written into. A folder still to be made is tried (a new folder in its
+    first existing ancestor, removed at once: root ignores the mode bits, and /proc or a read-only
+    mount refuse what os.access allows); an existing one is only asked (nothing is made inside a run's
+    folder, which other ranks may be reading)."""
+    import tempfile
+
+    at = next((p for p in (path, *path.parents) if p.exists()), None)
+    if at is None or not at.is_dir():
+        return  # a file in the way is reported by check_paths
+    try:
+        if not os.access(at, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        if at != path:
+            os.rmdir(tempfile.mkdtemp(prefix=".optsel-write-check-", dir=at))
+    except OSError as err:
+        where = "" if at == path else f" ({at}, its first existing folder, takes no new folder)"
+        raise ConfigError(key, f"{path} is not writable{where}: {err.strerror or err}; choose a folder this "
+                               f"user can write to") from None
 
 
 # The path keys of a run config and of a prepare config (see config_loader.resolve_paths): relative

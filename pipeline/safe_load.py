@@ -27,6 +27,11 @@ class CheckpointError(RuntimeError):
     here), so that the two modules do not import each other."""
 
 
+class CheckpointKeyError(CheckpointError):
+    """The checkpoint key does not fit the checkpoint: a signed one without a key, or an unsigned one
+    with a key. ``resume=auto`` does not fall back to an older checkpoint on it."""
+
+
 class UnsafeCheckpointError(CheckpointError):
     """A checkpoint file holds pickled objects outside the allowlist (loading them could run code)."""
 

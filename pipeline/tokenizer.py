@@ -9,10 +9,15 @@ Kinds (``TokenizerConfig.kind``):
 
 Whatever the kind, :func:`build_tokenizer` returns a ``PreTrainedTokenizerFast``-compatible object with
 pad/eos (and bos) set, and :func:`load_tokenizer` loads the saved directory with ``AutoTokenizer``.
+
+A tokenizer comes with the data (``<data>/tokenizer/``), so it is untrusted: it is loaded with
+``trust_remote_code=False``, and a folder whose config has an ``auto_map`` (transformers would import a
+``.py`` file from it) is refused up front (:func:`refuse_remote_code`, also used for model folders).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,18 +79,46 @@ def bpe_tokenizer(corpus: Iterable[str], vocab_size: int):
     return _wrap(tok)
 
 
-def load_tokenizer(path: str | Path, local_files_only: bool = True):
-    """Load a saved HF tokenizer directory (no network by default); pad falls back to EOS.
+#: the files of a tokenizer or model folder in which transformers looks for ``auto_map`` (custom code)
+CODE_CONFIGS = ("tokenizer_config.json", "config.json", "processor_config.json", "preprocessor_config.json")
 
-    Raises FileNotFoundError naming ``path`` when it is not a tokenizer directory, ValueError when
-    the tokenizer has no EOS token (prepare appends EOS to every sample).
+
+def refuse_remote_code(folder: str | Path, key: str) -> None:
+    """Refuse a tokenizer or model folder whose config has an ``auto_map`` entry (it points transformers
+    at Python code, e.g. a ``.py`` file beside it): a ConfigError on ``key`` naming the file. optsel
+    never runs code from a dataset or a model folder."""
+    from optsel.config_loader import ConfigError
+
+    for name in CODE_CONFIGS:
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        try:
+            config = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ConfigError(key, f"{path} is not valid JSON ({err})") from err
+        if isinstance(config, dict) and "auto_map" in config:
+            raise ConfigError(key, f"{path} has an 'auto_map' entry, which would make transformers import Python "
+                                   f"code from {path.parent}; optsel never runs code from a dataset or model folder "
+                                   f"(trust_remote_code is off). Remove 'auto_map' or use a tokenizer/model class "
+                                   f"that transformers ships")
+
+
+def load_tokenizer(path: str | Path, local_files_only: bool = True, key: str = "data.local"):
+    """Load a saved HF tokenizer directory (no network by default, never custom code); pad falls back to EOS.
+
+    Raises FileNotFoundError naming ``path`` when it is not a tokenizer directory, ConfigError on
+    ``key`` when its config asks for custom code (``auto_map``), ValueError when the tokenizer has no
+    EOS token (prepare appends EOS to every sample).
     """
     from transformers import AutoTokenizer
 
     p = Path(path)
     if local_files_only and not (p / "tokenizer_config.json").is_file() and not (p / "tokenizer.json").is_file():
         raise FileNotFoundError(f"no tokenizer at {p} (expected tokenizer.json / tokenizer_config.json)")
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=local_files_only)
+    if p.is_dir():
+        refuse_remote_code(p, key)
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=local_files_only, trust_remote_code=False)
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer at {path} has no EOS token")
     if tok.pad_token_id is None:
@@ -104,8 +137,8 @@ def build_tokenizer(cfg: TokenizerConfig, corpus: Iterable[str] | None = None):
         return bpe_tokenizer(corpus, cfg.vocab_size)
     assert cfg.path is not None
     if Path(cfg.path).exists() or cfg.local_files_only:
-        return load_tokenizer(cfg.path, local_files_only=True)
-    return load_tokenizer(cfg.path, local_files_only=False)  # hub name: needs network
+        return load_tokenizer(cfg.path, local_files_only=True, key="tokenizer.path")
+    return load_tokenizer(cfg.path, local_files_only=False, key="tokenizer.path")  # hub name: needs network
 
 
 def save_tokenizer(tok, out_dir: str | Path) -> Path:

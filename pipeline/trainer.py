@@ -111,6 +111,7 @@ class Trainer:
         self._lock_run_dir()
 
         data_dir = Path(config.data.local)
+        data_lib.check_local(config.data)
         self.tokenizer = load_tokenizer(data_dir / "tokenizer")
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.eos_id = int(self.tokenizer.eos_token_id)

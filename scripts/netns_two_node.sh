@@ -24,10 +24,10 @@
 #     share /dev/shm both pick 000000 and the second fails creating it (FileExistsError). There is no
 #     setting in streaming that namespaces these names, so each node needs its own /dev/shm, as real
 #     hosts have (OPTSEL_SHARED_SHM=1 keeps the shared one, to see that failure);
-#   * its own TMPDIR (<workdir>/node<R>/tmp): streaming's file locks (<tmp>/NNNNNN_*_filelock) and
-#     optsel's default streaming cache (<tmp>/optsel-streaming-<uid>/..., i.e. data.cache_dir) live
-#     there, so each node has its own working copy of the shards. Do not point data.cache_dir at one
-#     directory shared by both nodes.
+#   * its own TMPDIR (<workdir>/node<R>/tmp) and XDG_CACHE_HOME (<workdir>/node<R>/cache): streaming's
+#     file locks (<tmp>/NNNNNN_*_filelock) live in the first, optsel's default streaming cache
+#     ($XDG_CACHE_HOME/optsel/streaming/<host>/..., i.e. data.cache_dir) in the second, so each node has
+#     its own working copy of the shards. Do not point data.cache_dir at one directory shared by both nodes.
 # Shared by both, like a shared filesystem: the repository, the prepared shards (data.local) and the
 # run directory (output_dir/run_name; only global rank 0 writes into it).
 #
@@ -173,7 +173,7 @@ cmd_node() {
     mount -t tmpfs -o mode=1777,size=50% "optsel-shm-node$rank" /dev/shm
   fi
   mkdir -p "$dir/tmp"
-  export TMPDIR="$dir/tmp" GLOO_SOCKET_IFNAME="$veth" TP_SOCKET_IFNAME="$veth" NCCL_SOCKET_IFNAME="$veth"
+  export TMPDIR="$dir/tmp" XDG_CACHE_HOME="$dir/cache" GLOO_SOCKET_IFNAME="$veth" TP_SOCKET_IFNAME="$veth" NCCL_SOCKET_IFNAME="$veth"
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/optsel/torch_extensions}
   echo "node $rank: host $(hostname), $veth $(ip -br -4 addr show "$veth" | awk '{print $3}'), TMPDIR=$TMPDIR," \

@@ -13,7 +13,7 @@ from typing import Any
 from optsel import __version__, distributed
 from optsel.config_loader import redact, to_plain
 from optsel.pipeline.callbacks.base import Callback, StepResult
-from optsel.pipeline.checkpoint import CheckpointError, CheckpointManager
+from optsel.pipeline.checkpoint import CheckpointError, CheckpointManager, dataset_identity
 
 log = logging.getLogger("optsel.train")
 
@@ -49,7 +49,8 @@ class CheckpointCallback(Callback):
         """Collective: checkpoint the engine, the data position, the selector and the counters."""
         step = trainer.state.step
         meta = {"reason": reason, "engine": self.config.engine.name, "method": self.config.selection.method,
-                "optsel_version": __version__, "config": redact(to_plain(self.config))}
+                "optsel_version": __version__, "config": redact(to_plain(self.config)),
+                "data": dataset_identity(self.config.data)}
         path, seconds = self.manager.save(
             step, lambda where: trainer.engine.save_checkpoint(where, {"step": step}), trainer.state.state_dict(), meta)
         trainer.checkpoint_seconds["save"] = seconds
@@ -105,7 +106,8 @@ class CheckpointCallback(Callback):
     def resume(self, trainer: Any, path: Path) -> None:
         """Restore every stateful piece from checkpoint ``path`` (collective)."""
         start = time.perf_counter()
-        self.manager.check_compatible(path, redact(to_plain(self.config)), trainer.dist.world_size)
+        self.manager.check_compatible(path, redact(to_plain(self.config)), trainer.dist.world_size,
+                                      data=dataset_identity(self.config.data))
         client = trainer.engine.load_checkpoint(path / "engine")
         state = self.manager.load_rank_state(path)
         if int(client.get("step", state["step"])) != int(state["step"]):
