@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import logging
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -21,6 +22,8 @@ from optsel.pipeline.collate import Batch, collate
 from optsel.pipeline.data_config import SPLITS, DataConfig, source_of
 from optsel.pipeline.shards import ShardError  # (the trainer raises data_lib.ShardError)
 from optsel.pipeline.streaming_dataset import open_dataset
+
+log = logging.getLogger("optsel.data")
 
 
 def check_local(cfg: DataConfig) -> None:
@@ -46,6 +49,82 @@ def kinds(data_dir: str | Path) -> dict[str, int]:
     if len(set(table.values())) != len(table):
         raise ShardError(f"corrupt {path}: two kinds share an id ({table})")
     return dict(table)
+
+
+def _special_ids(value: Any) -> set[int]:
+    """A config's special id (an int, a list of ints for several EOS tokens, or None) as a set."""
+    if value is None:
+        return set()
+    return {int(v) for v in value} if isinstance(value, (list, tuple)) else {int(value)}
+
+
+def check_identity(data_dir: str | Path, tokenizer, model, model_cfg: Any = None) -> None:
+    """Refuse, before step 1, a tokenizer or model that does not match the prepared data (a ConfigError
+    naming both sides). ``tokenizer``: the one loaded from ``<data_dir>/tokenizer``; ``model``: the built
+    model (its ``config``); ``model_cfg``: the run's ModelConfig (a ``local`` model folder with its own
+    tokenizer is compared with the data's).
+
+    Checks: ``<data_dir>/tokenizer/tokenizer.json`` is the one prepare recorded (its sha256) with the
+    recorded vocab size and special ids; the model's vocabulary covers the tokenizer's and the largest id
+    in the data; the model config's pad/bos/eos ids (where set) are the tokenizer's; a tokenizer saved in
+    ``model.path`` has the data tokenizer's vocabulary and special ids. Data prepared before the identity
+    was recorded (no ``tokenizer_json_sha256`` in prepare_report.json) is checked against the loaded
+    tokenizer only, with a warning."""
+    from optsel.pipeline.tokenizer import file_sha256, load_tokenizer, vocab_sha256
+
+    data_dir = Path(data_dir)
+    tok_dir = data_dir / "tokenizer"
+    report_path = data_dir / "prepare_report.json"
+    report = jsonio.read_object(report_path, ShardError, f"{report_path} not found",
+                                f"corrupt {report_path}") if report_path.is_file() else {}
+    recorded = report.get("tokenizer") if isinstance(report.get("tokenizer"), dict) else {}
+    here = {"vocab_size": len(tokenizer), "pad_id": tokenizer.pad_token_id, "bos_id": tokenizer.bos_token_id,
+            "eos_id": tokenizer.eos_token_id}
+    if recorded.get("tokenizer_json_sha256"):
+        sha = file_sha256(tok_dir / "tokenizer.json")
+        if sha != recorded["tokenizer_json_sha256"]:
+            raise ConfigError("data.local", f"{tok_dir}/tokenizer.json (sha256 {sha}) is not the tokenizer the data "
+                                            f"was prepared with ({report_path}: sha256 "
+                                            f"{recorded['tokenizer_json_sha256']}); re-prepare the data")
+        for key, value in here.items():
+            if recorded.get(key) != value:
+                raise ConfigError("data.local", f"the tokenizer in {tok_dir} has {key} {value}, but the data was "
+                                                f"prepared with {key} {recorded.get(key)} ({report_path})")
+    else:
+        log.warning("%s records no tokenizer identity (prepared before optsel recorded it); checking the model "
+                    "against %s only. Re-prepare to get the full check", report_path, tok_dir)
+    config = getattr(model, "config", None)
+    rows = int(model.get_input_embeddings().weight.shape[0])
+    model_vocab = min(rows, int(getattr(config, "vocab_size", None) or rows))
+    max_id = report.get("max_token_id")
+    where = (f"model.path {model_cfg.path}" if model_cfg is not None and getattr(model_cfg, "source", "") == "local"
+             else "the model")
+    if model_vocab < len(tokenizer):
+        raise ConfigError("model", f"{where} has a vocabulary of {model_vocab}, smaller than the data tokenizer's "
+                                   f"{len(tokenizer)} ({tok_dir}); use the model the data was tokenized for")
+    if isinstance(max_id, int) and max_id >= model_vocab:
+        raise ConfigError("model", f"{where} has a vocabulary of {model_vocab}, but the data under {data_dir} holds "
+                                   f"token id {max_id}")
+    for name, attr in (("pad_id", "pad_token_id"), ("bos_id", "bos_token_id"), ("eos_id", "eos_token_id")):
+        ours, theirs = here[name], _special_ids(getattr(config, attr, None))
+        if ours is not None and theirs and int(ours) not in theirs:
+            raise ConfigError("model", f"{where} has {attr} {sorted(theirs) if len(theirs) > 1 else min(theirs)}, but "
+                                       f"the data's tokenizer ({tok_dir}) has {name} {ours}; the data was prepared "
+                                       f"with another tokenizer than the model's")
+    folder = Path(model_cfg.path) if model_cfg is not None and getattr(model_cfg, "source", "") == "local" else None
+    if folder is not None and ((folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()):
+        theirs_tok = load_tokenizer(folder, key="model.path")
+        mine, other = vocab_sha256(tokenizer), vocab_sha256(theirs_tok)
+        if mine != other or len(theirs_tok) != len(tokenizer):
+            raise ConfigError("model.path", f"the tokenizer saved with the model ({folder}: vocab size "
+                                            f"{len(theirs_tok)}, vocab sha256 {other[:12]}) is not the one the data "
+                                            f"was prepared with ({tok_dir}: vocab size {len(tokenizer)}, vocab sha256 "
+                                            f"{mine[:12]}); prepare the data with tokenizer.kind: pretrained, "
+                                            f"tokenizer.path: {folder}")
+        for name, attr in (("pad_id", "pad_token_id"), ("bos_id", "bos_token_id"), ("eos_id", "eos_token_id")):
+            if getattr(theirs_tok, attr) != here[name]:
+                raise ConfigError("model.path", f"the tokenizer saved with the model ({folder}) has {name} "
+                                                f"{getattr(theirs_tok, attr)}, the data's ({tok_dir}) {here[name]}")
 
 
 def _pad_id(cfg: DataConfig) -> int:

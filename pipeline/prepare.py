@@ -1,8 +1,10 @@
 """``optsel prepare``: turn the synthetic stream or local files into MDS shards for training.
 
 Output layout under ``out_dir`` (see docs/architecture.md): ``train/`` and ``val/`` MDS datasets with
-the columns of :data:`COLUMNS`, ``tokenizer/``, ``kinds.json`` and ``prepare_report.json`` (written
-last: its presence marks a complete prepare).
+the columns of :data:`COLUMNS` (chat data: :data:`CHAT_COLUMNS`, with a per-token ``loss_mask``),
+``tokenizer/``, ``kinds.json``, ``sample_origins.jsonl`` (sample_id → split and file:line) and
+``prepare_report.json`` (written last: its presence marks a complete prepare; it records the
+tokenizer's identity, which training checks). Record formats and loss masks: docs/data.md.
 
 Everything is written into a fresh sibling folder ``<out_dir>.partial-<pid>[-N]`` and moved into
 ``out_dir`` only once complete, so a failed or interrupted prepare leaves ``out_dir`` as it was (no
@@ -33,16 +35,20 @@ from typing import Any, Iterator, Literal
 import numpy as np
 
 from optsel.pipeline import jsonio
-from optsel.pipeline.records import (BadRecord, HFSourceConfig, Record, TemplateConfig, hf_records, jsonl_records,
-                                     parquet_records, render)
+from optsel.pipeline.records import (BadRecord, HFSourceConfig, Record, Rendered, TemplateConfig, chat_text_bytes,
+                                     chat_tokens, hf_records, jsonl_records, parquet_records, render_record)
 from optsel.pipeline.synthetic import SyntheticConfig, generate
-from optsel.pipeline.tokenizer import TokenizerConfig, build_tokenizer, save_tokenizer
+from optsel.pipeline.tokenizer import TokenizerConfig, build_tokenizer, save_tokenizer, tokenizer_identity
 
 log = logging.getLogger("optsel.prepare")
 
 COLUMNS = {"tokens": "ndarray:int32", "prompt_len": "int32", "sample_id": "int64", "kind": "str",
            "kind_id": "int32", "prompt": "str", "answer": "str"}
-OUTPUTS = ("train", "val", "tokenizer", "kinds.json", "prepare_report.json")
+#: template.format messages / prompt_completion: a per-token loss mask too (1: the token is trained on)
+CHAT_COLUMNS = {**COLUMNS, "loss_mask": "ndarray:uint8"}
+#: one JSON line per written sample: {"sample_id", "split", "origin"} (origin: file:line, row or synthetic #)
+ORIGINS = "sample_origins.jsonl"
+OUTPUTS = ("train", "val", "tokenizer", "kinds.json", ORIGINS, "prepare_report.json")
 MAX_BAD_EXAMPLES = 20
 MAX_NOTE_CHARS = 500
 #: default ``max_record_bytes``: max(1 MiB, RECORD_BYTES_PER_TOKEN * max_seq_len)
@@ -67,24 +73,26 @@ class PrepareConfig:
     rejected as overlong.
     """
 
-    out_dir: str
-    source: Literal["synthetic", "jsonl", "parquet", "hf"] = "synthetic"
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    files: list[str] = field(default_factory=list)  # jsonl/parquet: train input files
-    val_files: list[str] = field(default_factory=list)  # jsonl/parquet: val input files (else val_fraction)
-    val_fraction: float = 0.1  # file/hf sources without val files: share of target records held out
-    hf: HFSourceConfig = field(default_factory=HFSourceConfig)
+    out_dir: str  #: folder the shards, tokenizer/ and kinds.json are written to
+    source: Literal["synthetic", "jsonl", "parquet", "hf"] = "synthetic"  #: where the records come from
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  #: source synthetic: the bundled stream's mix
+    files: list[str] = field(default_factory=list)  #: jsonl/parquet: train input files
+    val_files: list[str] = field(default_factory=list)  #: jsonl/parquet: val input files (else val_fraction)
+    val_fraction: float = 0.1  #: file/hf sources without val files: share of target records held out
+    hf: HFSourceConfig = field(default_factory=HFSourceConfig)  #: source hf: a datasets dataset
+    #: how a record's fields become prompt and response text
     template: TemplateConfig = field(default_factory=TemplateConfig)
-    on_bad_record: Literal["error", "skip"] = "error"  # undecodable / missing field / wrong type
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    max_seq_len: int = 64  # tokens incl. EOS (and BOS)
-    overlong: Literal["truncate", "reject"] = "truncate"
-    compression: str | None = "zstd"
-    hashes: list[str] = field(default_factory=lambda: ["sha1", "xxh64"])
-    size_limit: int = 1 << 26  # bytes per shard (before compression)
-    seed: int = 0
-    overwrite: bool = False
-    max_record_bytes: int | None = None  # cap on one input record's bytes; None: max(1 MiB, 64 * max_seq_len)
+    #: undecodable / missing field / wrong type: fail, or skip and count it
+    on_bad_record: Literal["error", "skip"] = "error"
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  #: the tokenizer (saved to <out_dir>/tokenizer)
+    max_seq_len: int = 64  #: tokens incl. EOS (and BOS)
+    overlong: Literal["truncate", "reject"] = "truncate"  #: a record over max_seq_len: cut it to fit, or reject it
+    compression: str | None = "zstd"  #: shard compression codec (e.g. zstd, gz, br; null: none)
+    hashes: list[str] = field(default_factory=lambda: ["sha1", "xxh64"])  #: hashes recorded per shard (unique, sorted)
+    size_limit: int = 1 << 26  #: bytes per shard (before compression)
+    seed: int = 0  #: seed of the val split and the synthetic stream
+    overwrite: bool = False  #: replace an existing out_dir
+    max_record_bytes: int | None = None  #: cap on one input record's bytes; None: max(1 MiB, 64 * max_seq_len)
 
     def __post_init__(self) -> None:
         if self.max_seq_len < 2:
@@ -101,6 +109,16 @@ class PrepareConfig:
             raise ValueError(f"files: only used with source 'jsonl' or 'parquet' (source is {self.source!r})")
         if self.source == "hf" and not self.hf.path:
             raise ValueError("hf: path is required for source 'hf'")
+        if self.template.format != "fields" and self.source == "synthetic":
+            raise ValueError(f"template: format {self.template.format!r} needs a file or hf source (source is "
+                             f"'synthetic')")
+        if self.template.format == "messages" and self.tokenizer.kind != "pretrained":
+            raise ValueError(f"tokenizer: chat records (template.format 'messages') are rendered with the tokenizer's "
+                             f"chat template; kind {self.tokenizer.kind!r} has none. Use kind 'pretrained' with a "
+                             f"tokenizer folder whose tokenizer_config.json has a chat_template")
+        if self.template.format != "fields" and self.tokenizer.add_bos:
+            raise ValueError(f"tokenizer.add_bos: not used with template.format {self.template.format!r} (the chat "
+                             f"template places BOS); set it false")
         if list(self.hashes) != sorted(set(self.hashes)):
             raise ValueError(f"hashes: must be unique and sorted, got {self.hashes}")
 
@@ -145,6 +163,7 @@ class PrepareReport:
     bad_examples: list[str] = field(default_factory=list)  # first few reasons for skipped/rejected records
     num_shards: dict[str, int] = field(default_factory=dict)
     max_tokens: int = 0
+    max_token_id: int = -1  # the largest token id written (the model's vocabulary must exceed it)
     mean_tokens: float = 0.0  # train split
     max_seq_len: int = 0
     tokenizer: dict[str, Any] = field(default_factory=dict)
@@ -162,8 +181,8 @@ class PrepareReport:
             self.bad_examples.append(message.encode("utf-8", "backslashreplace").decode("utf-8"))
 
 
-# -- sources -> (split, ordinal, origin, prompt, answer, kind) ------------------------------------------
-Item = tuple[str, int, str, str, str, str]
+# -- sources -> (split, ordinal, origin, rendered record); the ordinal becomes the sample_id -------------
+Item = tuple[str, int, str, Rendered]
 
 
 def _synthetic_items(cfg: PrepareConfig, report: PrepareReport) -> Iterator[Item]:
@@ -171,7 +190,7 @@ def _synthetic_items(cfg: PrepareConfig, report: PrepareReport) -> Iterator[Item
     for split, samples, offset in (("train", train, 0), ("val", val, len(train))):
         for i, s in enumerate(samples):
             report.records_read += 1
-            yield split, offset + i, f"synthetic {split} #{i}", s["prompt"], s["answer"], s["kind"]
+            yield split, offset + i, f"synthetic {split} #{i}", Rendered(s["prompt"], s["answer"], s["kind"])
 
 
 def _file_records(cfg: PrepareConfig) -> Iterator[tuple[str | None, Record]]:
@@ -212,7 +231,8 @@ def _file_items(cfg: PrepareConfig, report: PrepareReport, skip_bad: bool = Fals
             _oversize(report, rec.origin, f"{rec.oversize} bytes", cap, "parsing and tokenizing")
             continue
         try:
-            prompt, answer, kind = render(rec, cfg.template)
+            rendered = render_record(rec, cfg.template)
+            kind = rendered.kind
             if split == "val" and kind != "target":
                 raise BadRecord(f"{rec.origin}: val records must be 'target', got kind {kind!r}")
         except BadRecord as err:
@@ -222,8 +242,13 @@ def _file_items(cfg: PrepareConfig, report: PrepareReport, skip_bad: bool = Fals
             report.note(str(err))
             log.warning("skipping bad record: %s", err)
             continue
+        prompt, answer = rendered.prompt, rendered.response
         # chars <= UTF-8 bytes <= 4 * chars: the cheap test first, the exact one only on bounded text
-        if len(prompt) + len(answer) > cap or len(prompt.encode()) + len(answer.encode()) > cap:
+        if rendered.chat is not None:
+            if chat_text_bytes(rendered.chat) > cap:
+                _oversize(report, rec.origin, "its messages' contents", cap, "tokenizing")
+                continue
+        elif len(prompt) + len(answer) > cap or len(prompt.encode()) + len(answer.encode()) > cap:
             _oversize(report, rec.origin, "its rendered prompt + response", cap, "tokenizing")
             continue
         if split is None:
@@ -233,7 +258,7 @@ def _file_items(cfg: PrepareConfig, report: PrepareReport, skip_bad: bool = Fals
                 if int((targets_seen + 1) * f + offset) > int(targets_seen * f + offset):
                     split = "val"
                 targets_seen += 1
-        yield split, ordinal, rec.origin, prompt, answer, kind
+        yield split, ordinal, rec.origin, rendered
 
 
 def _check_inputs(cfg: PrepareConfig) -> None:
@@ -382,49 +407,88 @@ def _write(cfg: PrepareConfig, out: Path, work: Path, started: float, aside: Pat
             corpus = [s["prompt"] + s["answer"] for s in gen]
         else:
             # bad records are reported (or raised) by the writing pass below
-            corpus = [p + a for _, _, _, p, a, _ in _file_items(cfg, scratch, skip_bad=True)]
+            corpus = [r.prompt + r.response for _, _, _, r in _file_items(cfg, scratch, skip_bad=True)]
     tok = build_tokenizer(cfg.tokenizer, corpus)
     save_tokenizer(tok, work / "tokenizer")
     eos, bos = int(tok.eos_token_id), tok.bos_token_id
     if cfg.tokenizer.add_bos and bos is None:
         raise ValueError("tokenizer.add_bos: the tokenizer has no BOS token")
+    chat_columns = cfg.template.format != "fields"
+    if chat_columns and tok.chat_template is None and cfg.template.format == "messages":
+        raise ValueError(f"tokenizer.path: the tokenizer at {cfg.tokenizer.path} has no chat template "
+                         f"(chat_template in its tokenizer_config.json), which chat records need")
 
     kinds: dict[str, int] = {"target": 0, "corrupted": 1}
     if cfg.source == "synthetic":
         kinds = {name: i for i, name in enumerate(cfg.synthetic.kind_names())}
     counts: dict[str, dict[str, int]] = {"train": {}, "val": {}}
     lengths: dict[str, list[int]] = {"train": [], "val": []}
-    writers = {split: MDSWriter(out=str(work / split), columns=COLUMNS, compression=cfg.compression,
+    max_id = -1
+    origins = open(work / ORIGINS, "w", encoding="utf-8")
+    writers = {split: MDSWriter(out=str(work / split), columns=CHAT_COLUMNS if chat_columns else COLUMNS,
+                                compression=cfg.compression,
                                 hashes=list(cfg.hashes), size_limit=cfg.size_limit)
                for split in ("train", "val")}
     try:
-        for split, ordinal, origin, prompt, answer, kind in items():
-            if not answer.strip():
-                report.skipped_empty += 1
-                report.note(f"{origin}: empty response")
-                continue
-            head = tok.encode(prompt, add_special_tokens=False)
-            if cfg.tokenizer.add_bos:
-                head = [int(bos)] + head
-            tokens = head + tok.encode(answer, add_special_tokens=False) + [eos]
-            if len(tokens) > cfg.max_seq_len:
-                if cfg.overlong == "reject" or len(head) >= cfg.max_seq_len:
-                    report.rejected_overlong += 1
-                    report.note(f"{origin}: {len(tokens)} tokens > max_seq_len={cfg.max_seq_len}"
-                                + ("" if cfg.overlong == "reject" else " (prompt alone fills the window)"))
+        for split, ordinal, origin, rendered in items():
+            kind, prompt, answer = rendered.kind, rendered.prompt, rendered.response
+            if rendered.chat is not None:
+                if tok.chat_template is None:
+                    raise ValueError(f"tokenizer: {origin} is a chat record, but the tokenizer has no chat template "
+                                     f"(use kind 'pretrained' with a tokenizer folder that has one)")
+                try:
+                    tokens, mask = chat_tokens(tok, rendered.chat, origin)
+                except BadRecord as err:
+                    if cfg.on_bad_record == "error":
+                        raise
+                    report.skipped_bad += 1
+                    report.note(str(err))
+                    log.warning("skipping bad record: %s", err)
                     continue
-                tokens = tokens[: cfg.max_seq_len]
+            else:
+                if not answer.strip():
+                    report.skipped_empty += 1
+                    report.note(f"{origin}: empty response")
+                    continue
+                head = tok.encode(prompt, add_special_tokens=False)
+                if cfg.tokenizer.add_bos:
+                    head = [int(bos)] + head
+                tokens = head + tok.encode(answer, add_special_tokens=False) + [eos]
+                mask = [0] * len(head) + [1] * (len(tokens) - len(head))
+            if 1 not in mask:
+                report.skipped_empty += 1
+                report.note(f"{origin}: no token to train on (empty assistant turns)")
+                continue
+            prompt_len = mask.index(1)
+            if len(tokens) > cfg.max_seq_len:
+                if cfg.overlong == "reject" or prompt_len >= cfg.max_seq_len:
+                    report.rejected_overlong += 1
+                    why = ("no assistant token within the window" if rendered.chat is not None
+                           else "prompt alone fills the window")
+                    report.note(f"{origin}: {len(tokens)} tokens > max_seq_len={cfg.max_seq_len}"
+                                + ("" if cfg.overlong == "reject" else f" ({why})"))
+                    continue
+                tokens, mask = tokens[: cfg.max_seq_len], mask[: cfg.max_seq_len]
                 report.truncated += 1
+            if rendered.chat is not None:
+                prompt, answer = tok.decode(tokens[:prompt_len]), tok.decode(tokens[prompt_len:])
             kind_id = kinds.setdefault(kind, len(kinds))
-            writers[split].write({"tokens": np.asarray(tokens, dtype=np.int32), "prompt_len": len(head),
-                                  "sample_id": ordinal, "kind": kind, "kind_id": kind_id,
-                                  "prompt": prompt, "answer": answer})
+            row = {"tokens": np.asarray(tokens, dtype=np.int32), "prompt_len": prompt_len,
+                   "sample_id": ordinal, "kind": kind, "kind_id": kind_id, "prompt": prompt, "answer": answer}
+            if chat_columns:
+                row["loss_mask"] = np.asarray(mask, dtype=np.uint8)
+            writers[split].write(row)
+            origins.write(jsonio.dumps({"sample_id": ordinal, "split": split,
+                                        "origin": origin.encode("utf-8", "backslashreplace").decode("utf-8")}) + "\n")
             counts[split][kind] = counts[split].get(kind, 0) + 1
             lengths[split].append(len(tokens))
+            max_id = max(max_id, max(tokens))
     except BaseException:
         for writer in writers.values():
             writer.cancel_future_jobs()  # no index for a partial split; the caller removes `work`
         raise
+    finally:
+        origins.close()
     for writer in writers.values():
         writer.finish()
 
@@ -437,8 +501,9 @@ def _write(cfg: PrepareConfig, out: Path, work: Path, started: float, aside: Pat
     for split in ("train", "val"):
         index = json.loads((work / split / "index.json").read_text())
         report.num_shards[split] = len(index["shards"])
-    report.tokenizer = {"kind": cfg.tokenizer.kind, "vocab_size": len(tok), "pad_id": tok.pad_token_id,
-                        "eos_id": eos, "bos_id": bos, "add_bos": cfg.tokenizer.add_bos}
+    report.max_token_id = max_id
+    report.tokenizer = {**tokenizer_identity(tok, cfg.tokenizer.kind, work / "tokenizer"),
+                        "add_bos": cfg.tokenizer.add_bos}
     if report.num_train == 0:
         raise ValueError(f"no train samples were written to {out / 'train'} (see counts: "
                          f"skipped_bad={report.skipped_bad}, skipped_empty={report.skipped_empty}, "

@@ -32,11 +32,12 @@ PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 class TokenizerConfig:
     """How prepare gets its tokenizer (saved to ``<out_dir>/tokenizer``)."""
 
+    #: byte: fixed byte-level; bpe: trained on the train records; pretrained: a saved HF tokenizer
     kind: Literal["byte", "bpe", "pretrained"] = "byte"
-    path: str | None = None  # kind=pretrained: a local HF tokenizer dir (or a hub name, see local_files_only)
-    vocab_size: int = 512  # kind=bpe: target vocabulary size incl. the 256 bytes and the special tokens
-    add_bos: bool = False  # prepend BOS to every sample's tokens
-    local_files_only: bool = True  # kind=pretrained: never reach a hub unless set to false
+    path: str | None = None  #: kind=pretrained: a local HF tokenizer dir (or a hub name, see local_files_only)
+    vocab_size: int = 512  #: kind=bpe: target vocabulary size incl. the 256 bytes and the special tokens
+    add_bos: bool = False  #: prepend BOS to every sample's tokens
+    local_files_only: bool = True  #: kind=pretrained: never reach a hub unless set to false
 
     def __post_init__(self) -> None:
         if self.kind == "pretrained" and not self.path:
@@ -147,3 +148,35 @@ def save_tokenizer(tok, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(str(out))
     return out
+
+
+def vocab_sha256(tok) -> str:
+    """sha256 of the tokenizer's vocabulary (every token → id, added tokens included, as sorted JSON):
+    the same for two saves of one tokenizer, whatever their file layout."""
+    import hashlib
+
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str | None:
+    """sha256 of a file's bytes (None when it is not there)."""
+    import hashlib
+
+    p = Path(path)
+    if not p.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tokenizer_identity(tok, kind: str, folder: str | Path) -> dict[str, object]:
+    """What prepare records of its tokenizer (``prepare_report.json`` → ``tokenizer``): the kind, the sha256
+    of the saved ``<folder>/tokenizer.json``, the vocabulary's sha256 (:func:`vocab_sha256`), the vocab size
+    (``len(tok)``, added tokens included) and the special ids (None where the tokenizer has none)."""
+    return {"kind": kind, "tokenizer_json_sha256": file_sha256(Path(folder) / "tokenizer.json"),
+            "vocab_sha256": vocab_sha256(tok), "vocab_size": len(tok), "pad_id": tok.pad_token_id,
+            "bos_id": tok.bos_token_id, "eos_id": tok.eos_token_id}
