@@ -43,11 +43,12 @@ FOLDERS = {"optsel": "optsel", "launch": "optsel.launch", "pipeline": "optsel.pi
 PACKAGES = {"optsel": "optsel", "optsel.launch": "launch", "optsel.pipeline": "pipeline",
             "optsel.pipeline.engines": "pipeline.engines", "optsel.selection": "selection",
             "optsel.selection.baselines": "selection.baselines", "optsel.monitoring": "monitoring",
-            "benchmarks": "benchmarks"}
+            "optsel.integrations": "integrations", "benchmarks": "benchmarks"}
 #: layer → the layers it may import (besides itself)
 ALLOWED = {
     "benchmarks": {"launch", "pipeline", "selection", "monitoring", "optsel"},
     "launch": {"pipeline", "selection", "monitoring", "optsel"},
+    "integrations": {"pipeline", "selection", "monitoring", "optsel"},  # optsel inside other trainers (HF)
     "pipeline": {"selection", "monitoring", "optsel"},
     "monitoring": {"optsel"},
     "selection": {"optsel"},
