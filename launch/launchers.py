@@ -15,13 +15,21 @@ import argparse
 import glob
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
-from optsel.distributed import free_port
-
 SHM_PATTERN = "/dev/shm/deepspeed_allreduce_buffer*"
 MULTI_NODE_PORT = 29500
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (as ``optsel.distributed.free_port``, which this process does not
+    import: that module imports torch, ~3 s before the launcher could start the ranks, which import it
+    themselves)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def build_command(launcher: str, nproc: int, config: str, overrides: list[str], *, nnodes: int = 1,
@@ -104,9 +112,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="pass --allow-unsigned to every rank (resume a signed checkpoint without the key)")
     parser.add_argument("--allow-other-data", action="store_true",
                         help="pass --allow-other-data to every rank (resume a checkpoint made from other data)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="pass --verbose to every rank (all warnings, DEBUG logs)")
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
+    if args.verbose:
+        args.overrides = [*args.overrides, "--verbose"]
     if args.resume or args.resume_from:
         args.overrides = [*args.overrides, f"checkpoint.resume={args.resume_from or 'auto'}"]
     if args.overwrite:

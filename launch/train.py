@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "later saves are unsigned (same as checkpoint.allow_unsigned=true)")
     parser.add_argument("--allow-other-data", action="store_true",
                         help="resume a checkpoint made from another dataset (same as checkpoint.allow_other_data=true)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show every warning (the known third-party deprecations optsel hides too) and DEBUG logs")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the deepspeed launcher; the LOCAL_RANK env var is used instead")
     return parser.parse_intermixed_args(argv)
@@ -39,9 +41,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # DeepSpeed 0.19 calls torch's deprecated all_gather_into_tensor alias on every step.
-    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.verbose:  # the engines then leave the known third-party warnings alone (common.quiet_known_warning)
+        os.environ["OPTSEL_VERBOSE"] = "1"
+        warnings.simplefilter("default")  # DeprecationWarnings from libraries too, once per location
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("filelock", "matplotlib") if args.verbose else ("streaming",):
+        # verbose: not filelock's thousands of acquire/release lines; quiet: not streaming's defaults at INFO
+        logging.getLogger(name).setLevel(logging.INFO if args.verbose else logging.WARNING)
     from optsel import distributed
     from optsel.config_loader import ConfigError, mask_log_handlers, mask_secrets
     from optsel.pipeline.run_config import load_run_config

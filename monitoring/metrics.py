@@ -4,7 +4,8 @@ them from one per-step dict.
 
 Conventions (https://prometheus.io/docs/practices/naming/): prefix ``optsel_``, base units (seconds,
 bytes, ratios in [0, 1]), counters end in ``_total``, run metadata in ``optsel_run_info``. Labels are
-bounded: ``engine`` and ``method`` on every family, ``rank`` on per-rank families, and one of
+bounded: ``run`` (the run_name: two runs on one Prometheus stay apart), ``engine`` and ``method`` on
+every family (one value each per process), ``rank`` on per-rank families, and one of
 ``phase`` / ``kind`` / ``reason`` / ``status`` where the key carries it; each of those takes at most
 ``MAX_LABEL_VALUES`` distinct values per family (more fold into ``"other"``, logged once). Never a
 sample id.
@@ -44,7 +45,7 @@ MAX_LABEL_VALUES = 64
 #: longest label value exported; a longer one (a 5,000-character kind name) is cut to this length with a
 #: short hash of the whole value appended, so two long values stay apart
 MAX_LABEL_LENGTH = 120
-BASE_LABELS = ("engine", "method")
+BASE_LABELS = ("run", "engine", "method")
 # Step times range from milliseconds (tiny CPU tests) to minutes (large models): seconds.
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0,
                 float("inf"))
@@ -183,7 +184,7 @@ class OptselMetrics:
 
     rank: this process's global rank (value of the ``rank`` label).
     job_level: also create and update the job-scope families (rank 0 only, by convention).
-    labels: values of ``engine`` and ``method`` (missing ones are ``""``).
+    labels: values of ``run`` (the run_name), ``engine`` and ``method`` (missing ones are ``""``).
     """
 
     def __init__(self, registry: CollectorRegistry, *, rank: int, job_level: bool,
@@ -205,7 +206,7 @@ class OptselMetrics:
                 if spec.kind in ("counter", "cumulative") and spec.label is None:
                     self._child(spec)  # exported as 0 from the start, so rate()/increase() see the first step
         self._info = Info(RUN_INFO_NAME, "optsel run metadata (version, engine, method, world size).",
-                          labelnames=("rank",), registry=registry)
+                          labelnames=("run", "rank"), registry=registry)
 
     # -- public ---------------------------------------------------------------------------------
     def update(self, metrics: dict[str, float], step: int) -> None:
@@ -229,12 +230,18 @@ class OptselMetrics:
             self._last_step = step
 
     def set_info(self, info: dict[str, str]) -> None:
-        """Run metadata as ``optsel_run_info{rank, version, engine, method, world_size, ...} 1``;
+        """Run metadata as ``optsel_run_info{run, rank, version, engine, method, world_size, ...} 1``;
         keys must be valid label names (letters, digits, underscores)."""
-        bad = [k for k in info if not k.replace("_", "a").isalnum() or k[:1].isdigit() or k == "rank"]
+        bad = [k for k in info if not k.replace("_", "a").isalnum() or k[:1].isdigit() or k in ("run", "rank")]
         if bad:
             raise ValueError(f"info: keys {bad} are not usable as Prometheus label names")
-        self._info.labels(rank=str(self.rank)).info({k: bounded_label(mask_secrets(str(v))) for k, v in info.items()})
+        self._info.labels(run=self._base["run"], rank=str(self.rank)).info(
+            {k: bounded_label(mask_secrets(str(v))) for k, v in info.items()})
+
+    @property
+    def base_labels(self) -> dict[str, str]:
+        """The constant label values every family carries (bounded, credentials masked)."""
+        return dict(self._base)
 
     # -- internals ------------------------------------------------------------------------------
     def _apply(self, spec: MetricSpec, key: str, extra: str | None, raw: float) -> None:

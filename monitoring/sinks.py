@@ -52,16 +52,17 @@ class MonitoringConfig:
     jsonl: rank 0 appends every step to <run_dir>/metrics.jsonl.
     """
 
-    enabled: bool = True
-    bind_address: str = "127.0.0.1"
-    port: int = DEFAULT_PORT
-    per_rank_endpoints: bool = False
+    enabled: bool = True  #: serve Prometheus metrics over HTTP (rank 0: job-level + its own per-rank metrics)
+    bind_address: str = "127.0.0.1"  #: address the HTTP server binds (0.0.0.0 to be scraped from other hosts)
+    port: int = DEFAULT_PORT  #: base port (rank r serves on port + local_rank with per_rank_endpoints; 0: the OS picks)
+    per_rank_endpoints: bool = False  #: every rank exports its own per-rank metrics, not only rank 0
+    #: error: fail at start naming address:port; next: take the next free port
     port_in_use: Literal["error", "next"] = "error"
-    max_port_tries: int = 10
-    idle_timeout_s: float = 10.0
-    max_connections: int = 16
-    textfile: str | None = None
-    jsonl: bool = True
+    max_port_tries: int = 10  #: ports tried with port_in_use next
+    idle_timeout_s: float = 10.0  #: seconds a scrape connection may stay silent before the server drops it
+    max_connections: int = 16  #: scrape connections served at once (more are closed on accept)
+    textfile: str | None = None  #: a node-exporter textfile (*.prom) rewritten each step (null: none)
+    jsonl: bool = True  #: rank 0 appends every step to <run_dir>/metrics.jsonl
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -124,8 +125,9 @@ class PrometheusSink(MetricsSink):
 
     port = config.port (+ rank_info.local_rank when config.per_rank_endpoints). Rank 0 also exports
     the job-level families. Raises ``PortInUseError`` at construction if the port is taken.
-    labels: constant ``engine`` / ``method`` label values. targets_dir: where to write this
-    endpoint's file_sd target file (``rank<r>.json``), or None.
+    labels: constant ``run`` / ``engine`` / ``method`` label values. targets_dir: where to write this
+    endpoint's file_sd target file (``rank<r>.json``, with the target labels ``optsel_endpoint`` and,
+    given a run, ``optsel_run``: on every series of the target, process_* too), or None.
     """
 
     def __init__(self, config: MonitoringConfig, rank_info: DistInfo, labels: dict[str, str] | None = None,
@@ -144,8 +146,11 @@ class PrometheusSink(MetricsSink):
                                     idle_timeout_s=config.idle_timeout_s, max_connections=config.max_connections)
         self.port = self.server.port
         if targets_dir is not None:
+            target_labels = {"optsel_endpoint": "job" if rank_info.rank == 0 else "rank"}
+            if (labels or {}).get("run"):
+                target_labels["optsel_run"] = self.metrics.base_labels["run"]  # bounded and masked
             write_file_sd(Path(targets_dir) / f"rank{rank_info.rank}.json", config.bind_address, self.port,
-                          {"optsel_endpoint": "job" if rank_info.rank == 0 else "rank"})
+                          target_labels)
 
     @property
     def url(self) -> str:
@@ -216,13 +221,14 @@ class MultiSink(MetricsSink):
 
 
 def build_sinks(cfg: MonitoringConfig, run_dir: str | Path, rank: int, local_rank: int, world_size: int,
-                engine: str, method: str) -> list[MetricsSink]:
+                engine: str, method: str, run: str = "") -> list[MetricsSink]:
     """The sinks this rank needs: JSONL on rank 0; Prometheus endpoint and textfile on rank 0, and on
-    every rank with ``cfg.per_rank_endpoints``. Raises ``PortInUseError`` (before training) when the
-    port is taken and ``cfg.port_in_use == "error"``."""
+    every rank with ``cfg.per_rank_endpoints``. ``run`` (the run_name) is the ``run`` label of every
+    family. Raises ``PortInUseError`` (before training) when the port is taken and
+    ``cfg.port_in_use == "error"``."""
     run_dir = Path(run_dir)
     info = DistInfo(rank=rank, world_size=world_size, local_rank=local_rank)
-    labels = {"engine": engine, "method": method}
+    labels = {"run": run, "engine": engine, "method": method}
     exports = rank == 0 or cfg.per_rank_endpoints
     sinks: list[MetricsSink] = []
     try:

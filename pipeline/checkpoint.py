@@ -126,14 +126,16 @@ class CheckpointConfig:
     allow_other_data: resume a checkpoint made from another dataset (its index hashes differ from this
     run's) instead of refusing it."""
 
-    dir: str = ""
-    every_steps: int = 0
-    keep_last: int = 2
+    dir: str = ""  #: checkpoint folder ('': <run_dir>/checkpoints)
+    every_steps: int = 0  #: save every this many steps (0: none; a run that checkpoints also saves at its end)
+    keep_last: int = 2  #: newest complete checkpoints kept
+    #: signals that make every rank save at the next step and end the run (SIGINT always does)
     save_on_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
-    resume: str = ""
-    overwrite: bool = False
+    resume: str = ""  #: '': start fresh; auto: the newest complete checkpoint in dir, if any; or a checkpoint folder
+    overwrite: bool = False  #: a fresh start into a dir holding checkpoints moves them aside (else it is refused)
+    #: resume an HMAC-signed checkpoint without the key (hashes still checked) instead of refusing
     allow_unsigned: bool = False
-    allow_other_data: bool = False
+    allow_other_data: bool = False  #: resume a checkpoint made from another dataset instead of refusing it
 
     def __post_init__(self) -> None:
         import signal

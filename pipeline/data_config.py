@@ -46,22 +46,22 @@ _BROKEN_URL = re.compile(r"(?:^|/)((?:" + "|".join(re.escape(s) for s in (*REMOT
 class DataConfig:
     """Where the prepared shards are and how they are streamed."""
 
-    local: str  # the prepare out_dir: tokenizer/, kinds.json (and train/, val/ unless remote is set)
-    remote: str | None = None  # a remote copy of the prepare out_dir (s3://…, or a plain path)
-    cache_dir: str | None = None  # streaming's working copy; default: $XDG_CACHE_HOME/optsel/streaming/<key>
-    shuffle: bool = True
-    shuffle_seed: int = 0
-    shuffle_algo: str = "py1e"
-    shuffle_block_size: int | None = None
-    num_canonical_nodes: int | None = None  # fix it to keep the sample order when the world size changes
-    num_workers: int = 0  # DataLoader worker processes per rank
-    predownload: int | None = None  # samples to fetch ahead per worker (streaming default when None)
-    validate_hash: str | None = "xxh64"  # streaming checks every shard it copies into the cache
-    verify_shards: Literal["hash", "size", "none"] = "hash"  # up-front check of local shards (names the file)
-    max_seq_len: int | None = None  # cut samples to this many tokens in collate (None: as prepared)
-    download_timeout: float = 60.0  # seconds per shard
-    clean_stale_shm: bool = True  # remove shared memory / file locks of crashed runs before starting
-    allow_pickle: bool = False  # shards with pickle-encoded columns (code runs on load) are refused unless true
+    local: str  #: the prepare out_dir: tokenizer/, kinds.json (and train/, val/ unless remote is set)
+    remote: str | None = None  #: a remote copy of the prepare out_dir (s3://…, or a plain path)
+    cache_dir: str | None = None  #: streaming's working copy; default: $XDG_CACHE_HOME/optsel/streaming/<key>
+    shuffle: bool = True  #: shuffle the train stream
+    shuffle_seed: int = 0  #: seed of streaming's shuffle
+    shuffle_algo: str = "py1e"  #: streaming's shuffle algorithm
+    shuffle_block_size: int | None = None  #: streaming's shuffle block size in samples (null: streaming's default)
+    num_canonical_nodes: int | None = None  #: fix it to keep the sample order when the world size changes
+    num_workers: int = 0  #: DataLoader worker processes per rank
+    predownload: int | None = None  #: samples to fetch ahead per worker (streaming default when None)
+    validate_hash: str | None = "xxh64"  #: streaming checks every shard it copies into the cache
+    verify_shards: Literal["hash", "size", "none"] = "hash"  #: up-front check of local shards (names the file)
+    max_seq_len: int | None = None  #: cut samples to this many tokens in collate (None: as prepared)
+    download_timeout: float = 60.0  #: seconds per shard
+    clean_stale_shm: bool = True  #: remove shared memory / file locks of crashed runs before starting
+    allow_pickle: bool = False  #: shards with pickle-encoded columns (code runs on load) are refused unless true
 
     def __post_init__(self) -> None:
         if not self.local:

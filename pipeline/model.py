@@ -23,9 +23,10 @@ class LoraSettings:
     """LoRA adapters (peft): rank ``r``, scaling ``alpha / r``, dropout on the adapter input, and the
     names of the linear modules that get adapters (matched by peft against module-name suffixes)."""
 
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    r: int = 8  #: rank of the adapters
+    alpha: float = 16.0  #: scaling numerator: adapters are scaled by alpha / r
+    dropout: float = 0.0  #: dropout on the adapter input
+    #: linear modules that get adapters (matched by peft against module-name suffixes)
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
     def __post_init__(self) -> None:
@@ -48,19 +49,20 @@ class ModelConfig:
     folder at ``path`` (config.json + weights); the size fields are then ignored.
     """
 
+    #: config: a fresh arch model from the sizes below; local: a Hugging Face model folder at path
     source: Literal["config", "local"] = "config"
-    arch: Literal["llama"] = "llama"
-    path: str = ""
-    hidden_size: int = 64
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    intermediate_size: int = 128
-    max_position_embeddings: int = 128
-    tie_word_embeddings: bool = False
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
-    lora: LoraSettings | None = None
-    init_seed: int = 0
+    arch: Literal["llama"] = "llama"  #: architecture built with source config
+    path: str = ""  #: source local: the model folder (config.json + weights); never downloaded, no remote code
+    hidden_size: int = 64  #: source config: width of the model
+    num_hidden_layers: int = 2  #: source config: transformer blocks
+    num_attention_heads: int = 4  #: source config: attention heads (divides hidden_size)
+    num_key_value_heads: int = 2  #: source config: key/value heads (divides num_attention_heads)
+    intermediate_size: int = 128  #: source config: width of the MLP
+    max_position_embeddings: int = 128  #: source config: longest sequence the positions cover
+    tie_word_embeddings: bool = False  #: source config: share the input embedding and output head weights
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"  #: attention kernel passed to transformers
+    lora: LoraSettings | None = None  #: LoRA adapters (peft): only they train; null: the whole model trains
+    init_seed: int = 0  #: seed of the fresh weights (and, +1, of the LoRA adapters)
 
     def __post_init__(self) -> None:
         if self.source == "local" and not self.path:

@@ -97,15 +97,16 @@ def look_alike(target_task: str) -> str:
 class SyntheticConfig:
     """Mix of the synthetic train stream; the rest after target and corrupted is spread over distractors."""
 
-    num_train: int = 4096
-    num_val: int = 256
-    target_task: str = "addition"  # addition | reverse | copy | sort (see the module docstring)
-    target_fraction: float = 0.4  # share of clean target samples in train
-    corrupted_fraction: float = 0.2  # share of target-form samples with a wrong answer in train
+    num_train: int = 4096  #: train samples
+    num_val: int = 256  #: val samples (target task only)
+    target_task: str = "addition"  #: addition | reverse | copy | sort (see pipeline/synthetic.py)
+    target_fraction: float = 0.4  #: share of clean target samples in train
+    corrupted_fraction: float = 0.2  #: share of target-form samples with a wrong answer in train
+    #: the other tasks mixed into train
     distractors: list[str] = field(default_factory=lambda: ["reverse", "sort", "copy", "count"])
-    distractor_weights: list[float] | None = None  # relative weights, one per distractor; None: uniform
-    min_digits: int = 1  # addition's operand digits
-    max_digits: int = 3
+    distractor_weights: list[float] | None = None  #: relative weights, one per distractor; None: uniform
+    min_digits: int = 1  #: addition's operand digits, at least
+    max_digits: int = 3  #: addition's operand digits, at most
 
     def __post_init__(self) -> None:
         if self.num_train < 1:

@@ -120,6 +120,7 @@ class Trainer:
         self.per_rank_pool = config.selection.pool_size // self.dist.world_size
         model = build_model(config.model, vocab_size=len(self.tokenizer), pad_id=self.pad_id,
                             bos_id=self.tokenizer.bos_token_id, eos_id=self.eos_id)
+        data_lib.check_identity(data_dir, self.tokenizer, model, config.model)  # before the engine and step 1
         self.engine = build_engine(config.engine, model, config.optimizer, total_steps=config.training.num_steps,
                                    micro_batch_size=self.per_rank_pool)
         self.selector = build_selector(config, self.engine.unwrapped_model, self.engine.optimizer, self.kind_names)
@@ -147,7 +148,8 @@ class Trainer:
         self.resumed_from = checkpointing.start(self)  # before the sinks open metrics.jsonl (a resume cuts it)
         self.sinks = MultiSink(build_sinks(config.monitoring, run_dir=self.run_dir, rank=self.dist.rank,
                                            local_rank=self.dist.local_rank, world_size=self.dist.world_size,
-                                           engine=config.engine.name, method=config.selection.method))
+                                           engine=config.engine.name, method=config.selection.method,
+                                           run=config.run_name))
         self.sinks.log_info({"version": __version__, "engine": config.engine.name,
                              "method": config.selection.method, "world_size": str(self.dist.world_size)})
         self.callbacks = build_callbacks(config, self.run_dir, self.dist.is_main, checkpointing, self.dist.world_size)

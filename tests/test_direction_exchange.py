@@ -127,7 +127,7 @@ def test_selector_engine_bytes_ratio_and_phase_bytes_reach_prometheus():
     assert flat["select/comm_phase_bytes/gather"] == 200 and flat["select/comm_phase_bytes/survivors"] == 100
     registry = CollectorRegistry()
     OptselMetrics(registry, rank=0, job_level=True, labels={"engine": "fsdp2", "method": "ftw"}).update(flat, step=1)
-    labels = {"engine": "fsdp2", "method": "ftw", "rank": "0"}
+    labels = {"run": "", "engine": "fsdp2", "method": "ftw", "rank": "0"}
     assert registry.get_sample_value("optsel_selection_engine_bytes_ratio", labels) == 0.25
     assert registry.get_sample_value("optsel_selection_phase_comm_bytes_total", {**labels, "phase": "gather"}) == 200
     assert "engine_bytes_ratio" not in " ".join(selection_metrics(

@@ -28,7 +28,7 @@ from optsel.monitoring.sinks import (JsonlSink, MetricsSink, MonitoringConfig, M
                                      PrometheusSink, TextfileSink, build_sinks)
 
 MONITORING = Path(__file__).resolve().parents[1] / "monitoring"
-LABELS = {"engine": "fsdp2", "method": "ftw"}
+LABELS = {"run": "demo", "engine": "fsdp2", "method": "ftw"}
 
 
 def require_tool(name: str) -> str:
@@ -132,8 +132,10 @@ def test_step_dict_maps_to_families_and_accumulates(caplog):
     assert value(got, "optsel_last_step", rank="0") == 2.0
     assert value(got, "optsel_steps_total", rank="0") == 2.0  # step 0 (initial eval) is not a step
     assert value(got, "optsel_monitoring_unknown_keys_total") == 1.0  # custom/thing; samples_seen is known
-    assert value(got, "optsel_run_info", version="0.1.0", world_size="2", rank="0") == 1.0
+    assert value(got, "optsel_run_info", version="0.1.0", world_size="2", rank="0", run="demo") == 1.0
     assert "custom/thing" in caplog.text
+    unlabelled = {name for name, lab in got if name.startswith("optsel_") and dict(lab).get("run") != "demo"}
+    assert not unlabelled, f"families without the run label: {unlabelled}"  # every family, the info metric too
     names = {name for name, _ in got}
     assert names <= exported_names(), names - exported_names()
     assert not [n for n in names if not n.startswith("optsel_")]
@@ -158,6 +160,25 @@ def test_label_values_are_bounded():
     assert value(got, "optsel_selection_fallbacks_total", reason="other") == 10.0
     with pytest.raises(ValueError, match="labels"):
         OptselMetrics(CollectorRegistry(), rank=0, job_level=True, labels={"sample_id": "7"})
+
+
+def test_run_label_is_bounded_and_masked():
+    """The run label is the run_name: any string a user writes, so cut to MAX_LABEL_LENGTH and masked."""
+    from optsel.monitoring.metrics import MAX_LABEL_LENGTH
+
+    registry = CollectorRegistry()
+    long_run = "r" * 500 + "-token=hunter2"
+    metrics = OptselMetrics(registry, rank=0, job_level=True, labels={**LABELS, "run": long_run})
+    metrics.update(step_dict(1), step=1)
+    metrics.set_info({"version": "0.1.0"})
+    runs = {dict(lab)["run"] for n, lab in samples(generate_latest(registry).decode()) if n.startswith("optsel_")}
+    assert len(runs) == 1
+    (run,) = runs
+    assert len(run) == MAX_LABEL_LENGTH and run.startswith("rrr") and "hunter2" not in run
+    other = OptselMetrics(CollectorRegistry(), rank=0, job_level=True, labels={**LABELS, "run": "r" * 500 + "-b"})
+    assert other.base_labels["run"] != run  # two long names that share a head stay apart (hash suffix)
+    with pytest.raises(ValueError, match="run"):
+        metrics.set_info({"run": "x"})
 
 
 # -- HTTP exposition -----------------------------------------------------------------------------------
@@ -204,13 +225,17 @@ def test_port_in_use_is_a_clear_error_or_the_next_port(tmp_path):
 
 
 def test_two_sinks_in_one_process_have_separate_registries():
-    first, second = (PrometheusSink(MonitoringConfig(port=0), DistInfo(), {"method": m}) for m in ("ftw", "random"))
+    """Two runs of the same engine and method: only the run label tells their series apart."""
+    first, second = (PrometheusSink(MonitoringConfig(port=0), DistInfo(), {**LABELS, "run": r}) for r in ("a", "b"))
     try:
         first.log({"train/loss": 1.0}, step=1)
         second.log({"train/loss": 2.0}, step=1)
-        assert value(samples(scrape(first.url)), "optsel_train_loss", method="ftw") == 1.0
-        assert not [k for k in samples(scrape(first.url)) if ("method", "random") in k[1]]
-        assert value(samples(scrape(second.url)), "optsel_train_loss", method="random") == 2.0
+        a, b = samples(scrape(first.url)), samples(scrape(second.url))
+        assert value(a, "optsel_train_loss", run="a") == 1.0
+        assert not [k for k in a if ("run", "b") in k[1]]
+        assert value(b, "optsel_train_loss", run="b") == 2.0
+        optsel_series = [k for k in (*a, *b) if k[0].startswith("optsel_")]
+        assert len(optsel_series) == len(set(optsel_series))  # both in one Prometheus: no series collides
     finally:
         first.close()
         second.close()
@@ -260,6 +285,7 @@ def test_build_sinks_by_rank(tmp_path):
         assert rank1_per[0].path.name == "optsel.rank1.prom"
         target = json.loads((tmp_path / "run" / "prometheus" / "rank0.json").read_text())
         assert target[0]["targets"] == [f"127.0.0.1:{rank0[2].port}"]
+        assert target[0]["labels"] == {"optsel_endpoint": "job"}  # no run given: no optsel_run target label
         MultiSink(rank0).log(step_dict(1), step=1)
         assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["select/ess"] == 3.2
     finally:
@@ -357,7 +383,7 @@ def _rank_body(rank: int, world_size: int, base_port: int, run_dir: str) -> dict
     cfg = MonitoringConfig(port=base_port, per_rank_endpoints=True, jsonl=False)
     info = distributed.info()
     sinks = MultiSink(build_sinks(cfg, run_dir, rank=info.rank, local_rank=info.local_rank,
-                                  world_size=info.world_size, engine="fsdp2", method="ftw"))
+                                  world_size=info.world_size, engine="fsdp2", method="ftw", run="demo"))
     try:
         for step in (1, 2, 3):
             local_loss = torch.tensor([float(rank + step)])
@@ -385,12 +411,14 @@ def test_two_gloo_ranks_serve_per_rank_endpoints_and_rank0_job_level(tmp_path):
     assert [r["failures"] for r in results] == [{}, {}]
     targets = [json.loads((tmp_path / "prometheus" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [t[0]["targets"] for t in targets] == [[f"127.0.0.1:{base}"], [f"127.0.0.1:{base + 1}"]]
+    assert [t[0]["labels"] for t in targets] == [{"optsel_endpoint": "job", "optsel_run": "demo"},
+                                                 {"optsel_endpoint": "rank", "optsel_run": "demo"}]
     rank0, rank1 = (samples(results[0]["scraped"][r]) for r in (0, 1))
     # job level on rank 0's endpoint only: mean over ranks of (rank + 3) at step 3 = 3.5
     assert value(rank0, "optsel_train_loss", **LABELS) == 3.5
     assert not [n for n, _ in rank1 if n == "optsel_train_loss"]
     # per-rank metrics on each endpoint, with its own rank label
     assert value(rank0, "optsel_step_duration_seconds_sum", rank="0") == pytest.approx(0.3)
-    assert value(rank1, "optsel_step_duration_seconds_sum", rank="1") == pytest.approx(0.6)
+    assert value(rank1, "optsel_step_duration_seconds_sum", rank="1", run="demo") == pytest.approx(0.6)
     assert value(rank1, "optsel_last_step", rank="1") == 3.0
     assert not [lab for n, lab in rank1 if n.startswith("optsel_") and ("rank", "0") in lab]

@@ -36,9 +36,9 @@ class CallbacksConfig:
     progress bar is ``training.progress_bar``; evaluation, checkpoints and preemption signals are
     always on (``training.eval_every``, ``checkpoint.*`` say when)."""
 
-    selections_log: bool = True  # <run_dir>/selections.jsonl: the selected sample ids and weights per step
-    plot: bool = True  # <run_dir>/loss.png: training loss per step, target validation loss per evaluation
-    summary: bool = True  # <run_dir>/summary.json (the summary is still returned and printed)
+    selections_log: bool = True  #: <run_dir>/selections.jsonl: the selected sample ids and weights per step
+    plot: bool = True  #: <run_dir>/loss.png: training loss per step, target validation loss per evaluation
+    summary: bool = True  #: <run_dir>/summary.json (the summary is still returned and printed)
 
 
 @dataclass

@@ -21,6 +21,19 @@ from optsel.pipeline.engines.base import Batch, OptimizerConfig
 log = logging.getLogger("optsel.engine")
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask")
+#: set (by ``optsel train --verbose``) to keep every warning, the known third-party ones included
+VERBOSE_ENV = "OPTSEL_VERBOSE"
+
+
+def quiet_known_warning(message: str, category: type[Warning], module: str) -> None:
+    """Hide one known third-party warning (``message``: a regex on its start, ``module``: the module it
+    is attributed to), process-wide, unless $OPTSEL_VERBOSE is set. Called where optsel calls the API
+    that emits it; never a blanket filter."""
+    import os
+    import warnings
+
+    if not os.environ.get(VERBOSE_ENV):
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
 
 
 def check_sample_weights(sample_weights: torch.Tensor, n: int) -> torch.Tensor:
@@ -161,12 +174,15 @@ def greedy_generate(module: nn.Module, input_ids: torch.Tensor, attention_mask: 
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out: list[torch.Tensor] = []
-    past = None
+    past, cache_key = None, "past_key_values"
     step_ids = ids
     for _ in range(max_new_tokens):
-        result = module(input_ids=step_ids, attention_mask=mask, position_ids=positions,
-                        past_key_values=past, use_cache=True)
-        past = result.past_key_values
+        result = module(input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                        **({} if past is None else {cache_key: past}))
+        # transformers 5.24 renamed the KV cache `cache` (argument and output field; `past_key_values` warns on
+        # every call): pass it back under the name the model's output uses (older models: past_key_values)
+        cache_key = "cache" if "cache" in getattr(type(result), "__dataclass_fields__", {}) else "past_key_values"
+        past = getattr(result, cache_key)
         nxt = result.logits[:, -1].argmax(-1)
         out.append(nxt)
         step_ids = nxt[:, None]

@@ -121,6 +121,10 @@ class DeepSpeedEngine(CausalLMEngine):
                  micro_batch_size: int):
         import deepspeed
 
+        if getattr(optim, "name", "adamw") == "muon":
+            from optsel.pipeline.engines.muon import MUON_REFUSAL
+
+            raise ValueError(MUON_REFUSAL)
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size: must be >= 1, got {micro_batch_size}")
         dist_info = distributed.init_distributed("deepspeed", timeout_s=config.collective_timeout_s)
@@ -137,6 +141,10 @@ class DeepSpeedEngine(CausalLMEngine):
         if not params:
             raise ValueError("model: no parameter requires grad")
         client_optimizer = build_client_optimizer(params, optim, offloads_optimizer(self.ds_config))
+        # DeepSpeed 0.19's ZeRO collectives call torch's deprecated aliases on every step (one warning each)
+        for alias in ("reduce_scatter_tensor", "all_gather_into_tensor"):
+            common.quiet_known_warning(rf"`?torch\.distributed\.{alias}`? is deprecated", FutureWarning,
+                                       r"torch\.distributed\.c10d_logger")
         engine, ds_optimizer, _, scheduler = deepspeed.initialize(
             model=model, optimizer=client_optimizer, lr_scheduler=common.lr_scheduler_factory(optim, total_steps),
             config=self.ds_config)

@@ -31,7 +31,7 @@ from optsel.selection.ftw import FilterThenWeight, FTWConfig
 
 @dataclass(kw_only=True)
 class FTWSGDConfig(FTWConfig):
-    geometry: Literal["adam", "sgd"] = "sgd"
+    geometry: Literal["adam", "sgd"] = "sgd"  #: fixed to sgd
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -51,7 +51,7 @@ class FTWFilterOnlyConfig(FTWConfig):
 
 @dataclass(kw_only=True)
 class FTWWeightOnlyConfig(FTWConfig):
-    filter_ratio: float = 1.0
+    filter_ratio: float = 1.0  #: fixed to 1 (no filter)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -62,8 +62,8 @@ class FTWWeightOnlyConfig(FTWConfig):
 
 @dataclass(kw_only=True)
 class FTWSketchExchangeConfig(FTWConfig):
-    gram: Literal["exact", "ghost", "sketch", "auto"] = "sketch"
-    exchange: Literal["factors", "sketches"] = "sketches"
+    gram: Literal["exact", "ghost", "sketch", "auto"] = "sketch"  #: fixed to sketch
+    exchange: Literal["factors", "sketches"] = "sketches"  #: fixed to sketches
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -50,10 +50,11 @@ class GreatsConfig:
     plain gradients. capture_chunk_size: samples per forward/backward. max_temp_elems: Gram temps."""
 
     budget: int
-    lr: float | None = None
+    lr: float | None = None  #: η (null: the optimizer's current lr of its first param group)
+    #: exact | ghost | auto (per layer, the fewer flops over all N² pairs)
     gram: Literal["exact", "ghost", "auto"] = "auto"
-    capture_chunk_size: int | None = None
-    max_temp_elems: int = 1 << 24
+    capture_chunk_size: int | None = None  #: samples per forward/backward (null: the whole pool)
+    max_temp_elems: int = 1 << 24  #: bound on the Gram kernels' temporaries
 
     def __post_init__(self) -> None:
         check_budget(self.budget)

@@ -8,7 +8,9 @@ target_direction / alignment_partial (target-side trick), block partials all-red
 is sharded. Deviations from the paper: online (the current model and optimizer state, not an offline
 warm-up checkpoint series), the exact gradient on the covered linear weights instead of LoRA
 gradients with a random projection, the raw inner product instead of cosine similarity, and one
-target set (no max over target subtasks). Before the optimizer's first step P = I.
+target set (no max over target subtasks). Before the optimizer's first step P = I. Under Muon + AdamW
+(``optimizer.name: muon``) Adam's P on the AdamW layers and P = I on the Muon matrices, which keep no
+second moment (selection/muon_geometry.py's hybrid reader).
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ class LessConfig:
     samples per forward/backward (None: the whole pool)."""
 
     budget: int
-    target_refresh: int = 1
-    capture_chunk_size: int | None = None
+    target_refresh: int = 1  #: recompute g_V every this many steps
+    capture_chunk_size: int | None = None  #: samples per forward/backward (null: the whole pool)
 
     def __post_init__(self) -> None:
         check_budget(self.budget)
@@ -52,7 +54,10 @@ class Less(CoveredLayerSelector):
 
     def __init__(self, model: nn.Module, optimizer: Any, config: LessConfig):
         super().__init__(model, optimizer, config)
-        self.reader = make_state_reader(optimizer, "adam", self.view)
+        from optsel.selection.muon_geometry import is_muon, optimizers_of
+
+        hybrid = any(is_muon(opt) for opt in optimizers_of(optimizer))  # Muon layers: P = I (module docstring)
+        self.reader = make_state_reader(optimizer, "auto" if hybrid else "adam", self.view)
         self.target_cache = TargetCache(config.target_refresh)
 
     @cleans_up

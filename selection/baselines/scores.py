@@ -38,8 +38,8 @@ class ScoreConfig:
     max_temp_elems: bound on the Gram kernels' temporaries (gradnorm)."""
 
     budget: int
-    chunk_size: int | None = None
-    max_temp_elems: int = 1 << 24
+    chunk_size: int | None = None  #: samples per forward (/backward for gradnorm; null: the whole pool)
+    max_temp_elems: int = 1 << 24  #: bound on the Gram kernels' temporaries (gradnorm)
 
     def __post_init__(self) -> None:
         check_budget(self.budget)

@@ -45,12 +45,12 @@ class UDSConfig:
     error). chunk_size: samples per forward (None: the whole pool)."""
 
     budget: int
-    alpha: float = 2.5e-3
-    buffer_size: int = 1024
-    proj_dim_vocab: int = 128
-    proj_dim_time: int = 8
-    max_seq_len: int = 512
-    chunk_size: int | None = None
+    alpha: float = 2.5e-3  #: α, the weight of the diversity score
+    buffer_size: int = 1024  #: FIFO memory of past selections (embeddings)
+    proj_dim_vocab: int = 128  #: r_v of the SRFT embedding
+    proj_dim_time: int = 8  #: r_t of the SRFT embedding
+    max_seq_len: int = 512  #: rows the logits are padded to before the time-axis SRFT (a longer pool is an error)
+    chunk_size: int | None = None  #: samples per forward (null: the whole pool)
 
     def __post_init__(self) -> None:
         check_budget(self.budget)
