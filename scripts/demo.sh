@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
-# The demo: set up, write the bundled synthetic stream as MDS shards, train a tiny Llama for a few
-# minutes on 2 CPU ranks (DeepSpeed ZeRO-3 by default) with Filter-then-Weight selection, print the summary.
-#   ENGINE=fsdp2 METHOD=random LAUNCHER=deepspeed bash scripts/demo.sh   # variations
+# The demo: set up, write the demo stream as MDS shards (the quality grid's cell t40-c25-lh: copy is the target,
+# 25 % corrupted copies, the look-alike reverse heavy) and the grid's pre-trained base model, then train it on
+# 2 CPU ranks (DeepSpeed ZeRO-3 by default) once with random selection and once with Filter-then-Weight, same
+# stream, seed and steps, and print both side by side (runs/demo-compare.png: both target-loss curves).
+#   ENGINE=fsdp2 METHODS="random ftw" LAUNCHER=deepspeed bash scripts/demo.sh   # variations; METHOD=ftw: one run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/optsel/torch_extensions}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 ENGINE=${ENGINE:-deepspeed}
-METHOD=${METHOD:-ftw}
+METHODS=${METHOD:-${METHODS:-random ftw}}
 LAUNCHER=${LAUNCHER:-torchrun}
 NPROC=${NPROC:-2}
-.venv/bin/optsel prepare configs/prepare_synthetic.yaml overwrite=true
-# --overwrite: a rerun of the demo moves the previous demo's checkpoints aside (nothing is deleted)
-.venv/bin/optsel launch --nproc "$NPROC" --launcher "$LAUNCHER" --overwrite configs/demo.yaml \
-  engine.name="$ENGINE" selection.method="$METHOD" run_name="demo-$ENGINE-$METHOD" "$@"
+.venv/bin/optsel prepare configs/demo_stream.yaml overwrite=true
+.venv/bin/python -m benchmarks.demo_base data/demo-base   # kept when it is already this grid's base
+runs=()
+for method in $METHODS; do
+  # --overwrite: a rerun of the demo moves the previous demo's checkpoints aside (nothing is deleted)
+  .venv/bin/optsel launch --nproc "$NPROC" --launcher "$LAUNCHER" --overwrite configs/demo_compare.yaml \
+    engine.name="$ENGINE" selection.method="$method" run_name="demo-$ENGINE-$method" "$@"
+  runs+=("runs/demo-$ENGINE-$method")
+done
+.venv/bin/optsel compare "${runs[@]}" --plot runs/demo-compare.png
