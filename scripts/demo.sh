@@ -13,7 +13,16 @@ ENGINE=${ENGINE:-deepspeed}
 METHODS=${METHOD:-${METHODS:-random ftw}}
 LAUNCHER=${LAUNCHER:-torchrun}
 NPROC=${NPROC:-2}
-.venv/bin/optsel prepare configs/demo_stream.yaml overwrite=true
+# The stream is rewritten only when its config or the code that writes it changed (a rewrite moves the old one
+# aside to data/demo.replaced-<time>, never deleting it), so reruns do not pile up copies.
+stamp=$(cat configs/demo_stream.yaml pipeline/prepare.py pipeline/records.py pipeline/synthetic.py pipeline/tokenizer.py \
+  | sha256sum | cut -d' ' -f1)
+if [ -f data/demo/prepare_report.json ] && [ "$(cat data/demo/.demo_stream.sha256 2>/dev/null)" = "$stamp" ]; then
+  echo "kept data/demo: written by this config and code"
+else
+  .venv/bin/optsel prepare configs/demo_stream.yaml overwrite=true
+  echo "$stamp" > data/demo/.demo_stream.sha256
+fi
 .venv/bin/python -m benchmarks.demo_base data/demo-base   # kept when it is already this grid's base
 runs=()
 for method in $METHODS; do
