@@ -19,7 +19,7 @@ pipeline, launch and benchmarks may import it, and it imports only the optsel co
 pipeline.engines, selection ↔ selection.baselines) imports are allowed; cycles there are listed but not
 an error. ``--allow SRC:DST`` tolerates one known-broken package edge (it is still printed).
 
-It also lists module-level import cycles and, for issue 12's "selection/ names no engine", the places
+It also lists module-level import cycles and, for the rule "selection/ names no engine", the places
 in selection/ that name an engine in code (identifiers, attributes and string constants; comments and
 docstrings do not count). Neither fails ``--check``.
 """
@@ -264,7 +264,7 @@ def report(edges: list[Import], allow: set[tuple[str, str]], out=sys.stdout, roo
             print(f"    {e.file}:{e.line}: {e.text}" + ("  [in function]" if e.in_function else ""), file=out)
 
     names = engine_names(root)
-    print(f"\nengine names in selection/ code (issue 12: selection names no engine; informational): {len(names)}",
+    print(f"\nengine names in selection/ code (the rule: selection names no engine; informational): {len(names)}",
           file=out)
     per_file: dict[str, list[str]] = defaultdict(list)
     for file, line, name in names:

@@ -1,4 +1,4 @@
-"""Hostile and careless input (issue 14; rows of the bad-input table in docs/reliability.md): a crafted
+"""Hostile and careless input (rows of the bad-input table in docs/reliability.md): a crafted
 dataset that would write outside the cache, checkpoint files that would run code, two runs in one
 run folder, a forgotten --resume, a corrupt newest checkpoint, Ctrl-C, splits without loss tokens,
 values the config must refuse, samples that crash inside torch, secrets in URLs, the exit cleanup.

@@ -1,6 +1,6 @@
 """The package layering (scripts/import_graph.py): launch → pipeline → selection → optsel core, one way.
 
-Edges fixed by issue 12 must stay fixed; the ones still known to be broken are listed in KNOWN_BROKEN
+Edges once fixed must stay fixed; the ones still known to be broken are listed in KNOWN_BROKEN
 (and in the xfail tests below), so the day they are fixed the lists shrink.
 """
 
@@ -19,10 +19,10 @@ graph = importlib.util.module_from_spec(_spec)
 sys.modules.setdefault("import_graph", graph)  # dataclasses look their module up there
 _spec.loader.exec_module(graph)
 
-#: package edges that break the rule and are tolerated for now: none (issue 12 moved the run config
+#: package edges that break the rule and are tolerated for now: none (the run config moved
 #: into pipeline/ and the config loader into the optsel core, so pipeline no longer imports launch).
 KNOWN_BROKEN: set[tuple[str, str]] = set()
-#: module import cycles still present: none (issue 12 moved the engines' optimizer-state readers into
+#: module import cycles still present: none (the engines' optimizer-state readers moved into
 #: pipeline/engines/, beside the engines, behind selection/model_view.py)
 KNOWN_MODULE_CYCLES: list[list[str]] = []
 

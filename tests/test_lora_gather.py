@@ -1,4 +1,4 @@
-"""LoRA's step cost (issue 26): what the capture covers, and the packed all-gather of the factors.
+"""LoRA's step cost: what the capture covers, and the packed all-gather of the factors.
 
 Under ZeRO-3 a LoRA step paid one all-gather pair per covered layer and factor (A and Δ): 4 collectives a
 layer, and LoRA has twice as many (thin) covered layers as the weights it adapts. ``gather_factors`` now

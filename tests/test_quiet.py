@@ -1,4 +1,4 @@
-"""Quiet by default (issue 26 item 6): a run prints no third-party deprecation warnings; ``--verbose``
+"""Quiet by default: a run prints no third-party deprecation warnings; ``--verbose``
 shows them (and DEBUG logs). The DeepSpeed ZeRO-3 run is where torch's collective aliases warned on
 every step; greedy decoding is where transformers' ``past_key_values`` rename warned."""
 
