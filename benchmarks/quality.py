@@ -2,6 +2,7 @@
 
     python -m benchmarks.quality [--cells default|all|NAME,...] [--methods a,b] [--variants all|a,b]
                                  [--workers 2] [--out results/quality] [--quick]
+    python -m benchmarks.quality --section muon --variants all --workers 1 --out results/quality_muon
 
 Every setting, the full grid, the default subset of cells and the named FTW variants are in
 ``benchmarks/quality_grid.yaml`` (written before the results were seen). Per cell (target fraction,
@@ -44,17 +45,34 @@ GRID_FILE = Path(__file__).with_name("quality_grid.yaml")
 PROBED = ("ftw",)  # methods whose per-kind alignment is recorded along training
 
 
-def load_grid(path: Path, quick: bool) -> dict[str, Any]:
+#: grid-file sections that replace the settings' overrides, cells, methods and variants (``--section``)
+SECTIONS = ("muon",)
+SECTION_KEYS = {"settings", "cells", "methods", "variants", "seed_blocks"}
+
+
+def load_grid(path: Path, quick: bool, section: str | None = None) -> dict[str, Any]:
     grid = yaml.safe_load(path.read_text())
     unknown = set(grid) - {"settings", "methods", "factors", "default_cells", "variants", "quick", "study_variants",
-                           "study_cells", "equal_compute"}
+                           "study_cells", "equal_compute", *SECTIONS}
     if unknown:
         raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)}")
     settings = dict(grid["settings"])
+    if section is not None:
+        if section not in SECTIONS or section not in grid:
+            raise ValueError(f"--section: {section!r} is not a section of {path} (known: {', '.join(SECTIONS)})")
+        sec = grid[section]
+        bad_keys = set(sec) - SECTION_KEYS
+        if bad_keys:
+            raise ValueError(f"{path}: {section}: unknown keys {sorted(bad_keys)}")
+        for key, value in (sec.get("settings") or {}).items():  # one level deep: optimizer: {name: muon, ...}
+            settings[key] = {**settings[key], **value} if isinstance(value, dict) and key in settings else value
+        grid = {**grid, "default_cells": sec["cells"], "methods": sec["methods"], "variants": sec.get("variants", {}),
+                "seed_blocks": sec.get("seed_blocks")}
     if quick:
         q = grid["quick"]
         settings.update({k: v for k, v in q["settings"].items()})
-        grid = {**grid, "default_cells": q["cells"], "methods": q["methods"]}
+        grid = {**grid, "default_cells": q["cells"], "methods": q["methods"] if section is None else grid["methods"],
+                "seed_blocks": None}
         if "equal_compute" in q:
             grid["equal_compute"] = {**grid.get("equal_compute", {}), **q["equal_compute"]}
     names = {f.name for f in fields(Settings)}
@@ -100,6 +118,17 @@ def methods_to_run(grid: dict[str, Any], methods: str | None, variants: str | No
             raise SystemExit(f"--variants: unknown {missing}; known: {', '.join(table)}")
         out += [(n, table[n]["method"], dict(table[n].get("options") or {})) for n in names]
     return out
+
+
+def seed_blocks(grid: dict[str, Any], settings: Settings) -> list[list[int]]:
+    """The run order's seed blocks: every cell runs block 1's seeds (cell by cell), then block 2's, ... (a
+    section's ``seed_blocks``, e.g. [[0, 1], [2, 3, 4]]: what fits first when a grid cannot finish);
+    default one block, all seeds."""
+    blocks = grid.get("seed_blocks") or [list(settings.seeds)]
+    flat = [s for b in blocks for s in b]
+    if sorted(flat) != sorted(settings.seeds):
+        raise ValueError(f"seed_blocks: {blocks} must hold every seed of settings.seeds {settings.seeds} once")
+    return [list(b) for b in blocks]
 
 
 def _key(settings: Settings, cell: Cell, label: str, method: str, options: dict, seed: int) -> str:
@@ -155,6 +184,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI-sized smoke run (the grid file's quick block)")
     parser.add_argument("--grid", default=str(GRID_FILE), help="grid file (default: benchmarks/quality_grid.yaml)")
+    parser.add_argument("--section", default=None, choices=SECTIONS,
+                        help="a grid-file section (muon: the Muon grid) replacing settings overrides, cells, methods, "
+                             "variants and the run order")
     parser.add_argument("--cells", default="default", help="default | all | study | comma-separated cell names")
     parser.add_argument("--methods", default=None, help="comma-separated methods (default: the grid's)")
     parser.add_argument("--variants", default=None, help="FTW variants from the grid file: all | study | a,b")
@@ -168,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="no new runs: the report over the stored runs of these cells, methods and variants")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    grid = load_grid(Path(args.grid), args.quick)
+    grid = load_grid(Path(args.grid), args.quick, args.section)
     settings: Settings = grid["settings_obj"]
     cells = pick_cells(grid, args.cells, args.quick)
     spec = grid.get("equal_compute", {})
@@ -204,8 +236,8 @@ def main(argv: list[str] | None = None) -> dict:
         tmp.replace(base_path)
     if args.equal_compute:
         return _equal_compute(args, argv, grid, settings, cells, todo, base, out, run_dir, started)
-    jobs = [(settings, base, cell, seed, todo, str(run_dir), args.report_only) for cell in cells
-            for seed in settings.seeds]
+    jobs = [(settings, base, cell, seed, todo, str(run_dir), args.report_only)
+            for block in seed_blocks(grid, settings) for cell in cells for seed in block]
     if args.workers > 1:
         with mp.get_context("spawn").Pool(args.workers) as pool:
             records = [r for batch in pool.imap_unordered(_job, jobs) for r in batch]
@@ -215,7 +247,8 @@ def main(argv: list[str] | None = None) -> dict:
     summaries = [report.cell_summary(c.name, [r for r in runs if r.cell == c.name]) for c in cells]
     from optsel.pipeline.synthetic import look_alike
 
-    meta = {"mode": "quick" if args.quick else "default", "wall_seconds": time.perf_counter() - started,
+    meta = {"mode": ("quick" if args.quick else "default") + (f", section {args.section}" if args.section else ""),
+            "wall_seconds": time.perf_counter() - started,
             "run_seconds": sum(r.wall_seconds for r in runs), "workers": args.workers,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "command": "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -225,13 +258,21 @@ def main(argv: list[str] | None = None) -> dict:
             "methods": [{"label": label, "method": m, "options": o} for label, m, o in todo],
             "lookalike_kind": f"distractor/{look_alike(settings.target_task)}",
             "description": (f"Target task `{settings.target_task}`; N = {settings.pool}, {settings.steps} steps, "
-                            f"seeds {settings.seeds}; base pre-trained {settings.pretrain_steps} steps.")}
+                            f"seeds {settings.seeds}; base pre-trained {settings.pretrain_steps} steps (AdamW); "
+                            f"fine-tuned with optimizer {settings.optimizer.get('name', 'adamw')}.")}
     report.write_csv(runs, out / "runs.csv")
     report.write_json(runs, summaries, meta, out / "summary.json")
     table = report.alignment_by_kind(runs)
     extra = ("\n## FTW's alignment b by kind along training\n\nMean b of each kind's pool samples in units of "
              "the step's mean |b|, mean ± 95 % CI over FTW's runs in these cells:\n\n"
              + report.alignment_markdown(table)) if table else ""
+    if args.section == "muon":  # the grid file's decision rule and exactly which runs the summary holds
+        decision = report.muon_decision(summaries)
+        extra = ("\n## Decision rule (benchmarks/quality_grid.yaml, `muon`)\n\n" + report.muon_decision_markdown(decision)
+                 + "\n## Runs held (seeds per cell and method)\n\n" + report.coverage_markdown(runs, meta["cells"])
+                 + extra)
+        summary = json.loads((out / "summary.json").read_text())
+        (out / "summary.json").write_text(json.dumps({**summary, "decision": decision}, indent=1, allow_nan=False))
     (out / "summary.md").write_text(report.markdown(summaries, meta) + extra)
     main_cell = "t15-c25-lh-k8" if "t15-c25-lh-k8" in meta["cells"] else meta["cells"][0]
     report.plots(runs, summaries, main_cell, out)

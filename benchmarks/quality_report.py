@@ -226,3 +226,41 @@ def alignment_markdown(table: dict[int, dict[str, tuple[float, float]]]) -> str:
     for step, row in table.items():
         lines.append(f"| {step} | " + " | ".join(_pm(row[k], 2) if k in row else "—" for k in kinds) + " |")
     return "\n".join(lines) + "\n"
+
+
+def coverage_markdown(runs: list[RunResult], cells: list[str]) -> str:
+    """Which seeds ran, per cell and method (a grid cut short shows exactly what it holds)."""
+    methods = list(dict.fromkeys(r.method for r in runs))
+    seeds = {(r.cell, r.method): sorted({x.seed for x in runs if x.cell == r.cell and x.method == r.method})
+             for r in runs}
+    lines = ["| cell | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for cell in cells:
+        lines.append(f"| {cell} | " + " | ".join(",".join(map(str, seeds.get((cell, m), []))) or "—" for m in methods)
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
+def muon_decision(summaries: list[dict[str, Any]], method: str = "ftw_muon",
+                  controls: tuple[str, ...] = ("ftw_muon_adam", "ftw_muon_identity", "ftw_muon_lowrank")
+                  ) -> dict[str, Any]:
+    """The Muon grid's decision rule (benchmarks/quality_grid.yaml, ``muon``): over the valid cells, ``method``'s
+    mean gap closed above each control's, and beating random (paired CI) in more than half of the valid cells."""
+    ov = overall(summaries)
+    mine = ov.get(method, {})
+    gap = mine.get("mean_gap_closed")
+    valid = mine.get("valid_cells", 0)
+    above = {c: (gap is not None and ov.get(c, {}).get("mean_gap_closed") is not None
+                 and gap > ov[c]["mean_gap_closed"]) for c in controls}
+    wins = mine.get("beats_random_cells", 0)
+    return {"valid_cells": valid, "mean_gap_closed": gap,
+            "controls": {c: ov.get(c, {}).get("mean_gap_closed") for c in controls}, "above_controls": above,
+            "beats_random_cells": wins, "holds": bool(valid and all(above.values()) and wins > valid / 2)}
+
+
+def muon_decision_markdown(d: dict[str, Any], method: str = "ftw_muon") -> str:
+    lines = [f"Over {d['valid_cells']} valid cell(s): {method} mean gap closed {_fmt(d['mean_gap_closed'], 2)}; "
+             + "; ".join(f"{c} {_fmt(v, 2)} ({method} {'above' if d['above_controls'][c] else 'NOT above'})"
+                         for c, v in d["controls"].items())
+             + f"; beats random (CI) in {d['beats_random_cells']} of {d['valid_cells']}.",
+             "", f"**The rule {'holds' if d['holds'] else 'does not hold'}.**"]
+    return "\n".join(lines) + "\n"

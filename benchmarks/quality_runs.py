@@ -2,7 +2,8 @@
 a fine-tuning loop that drives a selector through the public Selector API.
 
 The loop is the "in your own loop" use of the README: a plain single-process model with
-``torch.optim.AdamW``, the selector built from the registry exactly as the Trainer builds it, the
+``torch.optim.AdamW`` (or Muon + AdamW: ``optimizer.name: muon``, the Muon grid), the selector built from
+the registry exactly as the Trainer builds it, the
 loss ``Σ_i w_i ℓ_i`` over the chosen samples with the per-sample token-mean CE the engines use, the
 engines' LR schedule and gradient clipping, and ``pipeline.evaluate.evaluate`` for target loss and
 exact match. It skips MDS, streaming and the engines so that a grid of hundreds of runs fits 2 CPU
@@ -144,17 +145,24 @@ class _PlainEngine:
         return greedy_generate(self.module, ids, mask, max_new_tokens, torch.device("cpu"))
 
 
-def _optimizer(model: torch.nn.Module, opt: OptimizerConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=opt.lr,
-                             betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay)
+def _optimizer(model: torch.nn.Module, opt: OptimizerConfig) -> torch.optim.Optimizer:
+    """AdamW, or Muon + AdamW for ``name: muon`` (pipeline/engines/muon.py, the engines' own builder); each
+    group keeps its peak lr as ``base_lr`` for the schedule."""
+    from optsel.pipeline.engines.muon import build_optimizer
+
+    optimizer = build_optimizer(model, [p for p in model.parameters() if p.requires_grad], opt)
+    for group in optimizer.param_groups:
+        group["base_lr"] = float(group["lr"])
+    return optimizer
 
 
 def _train_on(model, optimizer, batch: Batch, weights: torch.Tensor, opt: OptimizerConfig, step: int,
               total: int, pool_pass=None, rows: torch.Tensor | None = None) -> float:
-    """One AdamW step on Σ w_i ℓ_i: from FTW's single pass (``pool_pass`` and the pool ``rows``) when
-    given, as the trainer does, else a forward/backward over ``batch``."""
+    """One optimizer step on Σ w_i ℓ_i: from FTW's single pass (``pool_pass`` and the pool ``rows``) when
+    given, as the trainer does, else a forward/backward over ``batch``. The schedule scales each group's
+    peak lr (AdamW's lr, Muon's muon_lr)."""
     for group in optimizer.param_groups:
-        group["lr"] = opt.lr * lr_factor(step, opt, total)
+        group["lr"] = group.get("base_lr", opt.lr) * lr_factor(step, opt, total)
     optimizer.zero_grad(set_to_none=True)
     if pool_pass is not None:
         pool_pass.accumulate_into_grads(rows, weights)
@@ -182,7 +190,8 @@ def pretrain(settings: Settings) -> dict[str, torch.Tensor]:
     stream = build_stream(dataclasses.replace(settings, num_eval=0, num_target=0), cfg, 1000 + settings.stream_seed)
     torch.manual_seed(settings.stream_seed)
     model = new_model(settings)
-    opt = OptimizerConfig(**{**settings.optimizer, "warmup_steps": 10, "schedule": "cosine"})
+    # AdamW whatever the fine-tuning optimizer: the Muon grid starts from the default grid's base model
+    opt = OptimizerConfig(**{**settings.optimizer, "warmup_steps": 10, "schedule": "cosine", "name": "adamw"})
     optimizer = _optimizer(model, opt)
     b = settings.pretrain_batch
     model.train()

@@ -4,6 +4,8 @@ memory; FTW's FLOP ratio over a grid of pool size N, budget k and target size |V
 sequence length T per Gram backend.
 
     python -m benchmarks.speed [--quick] [--out results/speed] [--device cpu|cuda]
+    python -m benchmarks.speed --lora-only [--repeats 5] [--out results/speed_lora]   # the LoRA rows
+    python -m benchmarks.speed --muon-only [--repeats 3] [--out results/speed_muon]   # the Muon rows
 
 The model is the demo's tiny Llama (hidden 64, 2 layers, byte vocabulary 259), trained with
 torch AdamW a few steps first so the optimizer state exists; pools are random token sequences with
@@ -263,6 +265,123 @@ def step_table(device, n, T, k, repeats, size: str = "small") -> dict:
     return rows
 
 
+#: LoRA rows (issue 26, written 2026-12-02 before their first run): peft adapters r = 8, alpha 16 on the
+#: attention projections (optsel's LoraSettings defaults); the reference is the plain LoRA step on the k rows
+#: (the random selector's step), and the full fine-tuning rows of the same model size are timed beside them
+LORA_CONFIGS = [("lora random (the reference)", "random", None, True), ("lora ftw[auto]", "ftw", {"gram": "auto"}, True),
+                ("lora ftw[exact]", "ftw", {"gram": "exact"}, True),
+                ("full-FT random", "random", None, False), ("full-FT ftw[auto]", "ftw", {"gram": "auto"}, False)]
+LORA = {"r": 8, "alpha": 16.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+
+
+def build_lora_model(device: torch.device, max_pos: int, seed: int = 0, size: str = "small"):
+    """:func:`build_model` with peft LoRA adapters (:data:`LORA`); only the adapters require grad."""
+    from peft import LoraConfig, get_peft_model
+
+    model = build_model(device, max_pos, seed, size)
+    torch.manual_seed(seed + 1)
+    return get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
+                                            target_modules=list(LORA["target_modules"]), task_type="CAUSAL_LM"))
+
+
+def lora_table(device, n, T, k, repeats, size: str = "small") -> dict:
+    """The LoRA rows (:data:`LORA_CONFIGS`): median step seconds over ``repeats`` interleaved rounds and the
+    median per-round ratio to the plain LoRA step on k (the first row, timed as the round's reference),
+    FLOPs of one step and their ratio to that reference's."""
+    warm = [make_pool(n, T, 1000 + s, device) for s in range(3)]
+    models = {}
+    for lora in (True, False):
+        model = (build_lora_model if lora else build_model)(device, max_pos=max(64, T), size=size)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        for p in warm:
+            train_step(model, opt, p, torch.full((n,), 1.0 / n, device=device))
+        models[lora] = (model, opt)
+    pools = [make_pool(n, T, s, device) for s in range(repeats + 1)]
+    target = make_pool(max(4, k), T, 999, device)
+    ref, *methods = [Method(name, method, options, *models[lora], k) for name, method, options, lora in LORA_CONFIGS]
+    plain_s = interleaved_rounds(methods, pools, target, device, lambda pool: ref.step(pool, target, device),
+                                 f"[speed] {size} lora", "lora random")
+    ref.flops = count_flops(lambda: ref.step(pools[0], target, device, record=False))
+    rows = {ref.name: {"step_s": statistics.median(plain_s), "select_s": statistics.median(ref.selects),
+                       "train_s": statistics.median(ref.trains), "ratio_to_plain": 1.0, "flops": ref.flops,
+                       "flop_ratio": 1.0, "phases_s": {p: t / len(ref.steps) for p, t in ref.phases.items()},
+                       "peak_memory_bytes": ref.peak}}
+    for m in methods:
+        m.flops = count_flops(lambda: m.step(pools[0], target, device, record=False))
+        rows[m.name] = {**m.row(), "flop_ratio": m.flops / ref.flops}
+        print(f"[speed] {m.name:28s} step {rows[m.name]['step_s'] * 1e3:8.1f} ms  "
+              f"x{rows[m.name]['ratio_to_plain']:.2f} of the LoRA random step, x{rows[m.name]['flop_ratio']:.3f} "
+              f"in FLOPs", flush=True)
+    return rows
+
+
+#: Muon rows (issue 23, written 2026-12-02 15:15 UTC before their first run): optimizer.name muon (Muon + AdamW,
+#: the usual hybrid split, pipeline/engines/muon.py; the project's Muon defaults) on the step table's model; the
+#: reference is the plain Muon step on the k rows (the random selector's step); FTW with geometry auto (the exact
+#: NS Jacobian on the Muon matrices) and the Muon grid's control models; the AdamW rows of the same model beside
+MUON_CONFIGS = [("muon random (the reference)", "random", None, "muon"),
+                ("muon ftw[auto] (NS Jacobian)", "ftw", {"geometry": "auto"}, "muon"),
+                ("muon ftw[lowrank S]", "ftw", {"geometry": "auto", "muon_model": "lowrank"}, "muon"),
+                ("muon ftw[adam model]", "ftw", {"geometry": "auto", "muon_model": "adam"}, "muon"),
+                ("muon ftw[identity]", "ftw", {"geometry": "auto", "muon_model": "identity"}, "muon"),
+                ("adamw random", "random", None, "adamw"), ("adamw ftw[auto]", "ftw", {"gram": "auto"}, "adamw")]
+MUON = {"lr": 1e-3, "muon_lr": 0.02, "muon_momentum": 0.95, "muon_nesterov": True, "muon_adjust_lr_fn": "original"}
+
+
+def muon_optimizer(model, name: str):
+    """Muon + AdamW (``name`` muon, :data:`MUON`) or AdamW, from the engines' own builder."""
+    from optsel.pipeline.engines.base import OptimizerConfig
+    from optsel.pipeline.engines.muon import build_optimizer
+
+    return build_optimizer(model, [p for p in model.parameters() if p.requires_grad],
+                           OptimizerConfig(name=name, **MUON))
+
+
+def ns_jvp_flops(model, n: int, m: int, ns_steps: int = 5) -> int:
+    """FTW's Newton–Schulz Jacobian FLOPs per step (selection/muon_geometry.py): ns_steps·(6p²q + 4p³) per
+    Muon matrix p×q (p ≤ q) for each of the n candidates (diag K) and the m survivors (K)."""
+    from optsel.pipeline.engines.muon import split_muon_params
+
+    muon, _ = split_muon_params(model)
+    per = sum(ns_steps * (6 * min(p.shape) ** 2 * max(p.shape) + 4 * min(p.shape) ** 3) for p in muon)
+    return (n + m) * per
+
+
+def muon_table(device, n, T, k, repeats, size: str = "small") -> dict:
+    """The Muon rows (:data:`MUON_CONFIGS`): median step seconds over ``repeats`` interleaved rounds, the median
+    per-round ratio to the plain Muon step on k (the first row), FLOPs of one step and their ratio, and FTW's
+    NS-Jacobian FLOPs by formula (:func:`ns_jvp_flops`) beside the counted ones."""
+    warm = [make_pool(n, T, 1000 + s, device) for s in range(3)]
+    models = {}
+    for name in ("muon", "adamw"):
+        model = build_model(device, max_pos=max(64, T), size=size)
+        opt = muon_optimizer(model, name)
+        for p in warm:
+            train_step(model, opt, p, torch.full((n,), 1.0 / n, device=device))
+        models[name] = (model, opt)
+    pools = [make_pool(n, T, s, device) for s in range(repeats + 1)]
+    target = make_pool(max(4, k), T, 999, device)
+    ref, *methods = [Method(label, method, options, *models[name], k) for label, method, options, name in MUON_CONFIGS]
+    plain_s = interleaved_rounds(methods, pools, target, device, lambda pool: ref.step(pool, target, device),
+                                 f"[speed] {size} muon", "muon random")
+    ref.flops = count_flops(lambda: ref.step(pools[0], target, device, record=False))
+    rows = {ref.name: {"step_s": statistics.median(plain_s), "select_s": statistics.median(ref.selects),
+                       "train_s": statistics.median(ref.trains), "ratio_to_plain": 1.0, "flops": ref.flops,
+                       "flop_ratio": 1.0, "phases_s": {p: t / len(ref.steps) for p, t in ref.phases.items()},
+                       "peak_memory_bytes": ref.peak}}
+    m_survivors = max(k, int(0.5 * n))  # FTWConfig's default filter_ratio 0.5
+    for m in methods:
+        m.flops = count_flops(lambda: m.step(pools[0], target, device, record=False))
+        rows[m.name] = {**m.row(), "flop_ratio": m.flops / ref.flops}
+        if m.name == "muon ftw[auto] (NS Jacobian)":
+            jvp = ns_jvp_flops(models["muon"][0], n, m_survivors)
+            rows[m.name].update(ns_jvp_flops=jvp, ns_jvp_share=jvp / m.flops)
+        print(f"[speed] {m.name:30s} step {rows[m.name]['step_s'] * 1e3:8.1f} ms  "
+              f"x{rows[m.name]['ratio_to_plain']:.2f} of the Muon random step, x{rows[m.name]['flop_ratio']:.3f} "
+              f"in FLOPs", flush=True)
+    return rows
+
+
 #: (N, k, |V|) points of the FLOP-ratio grid: the step table's own point, then the target and the budget
 #: smaller against the pool; FTW's default and the sketches exchange (fixed 2026-11-27 before any run)
 FLOP_GRID = [(64, 16, 16), (64, 16, 4), (256, 16, 16), (256, 32, 8), (1024, 32, 16)]
@@ -436,6 +555,55 @@ def write(results: dict, out: Path) -> None:
         _plot_steps(results["steps"], out / "step_ratios.png", meta)
 
 
+def write_lora(results: dict, out: Path) -> None:
+    """speed_lora.json and speed_lora.md: the LoRA step tables (``--lora-only``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed_lora.json").write_text(jsonio.dumps(results, indent=2))
+    meta = results["meta"]
+    lines = [f"# LoRA step cost ({meta['mode']}, {meta['device_name']})", "",
+             f"Command: `{meta.get('command', 'python -m benchmarks.speed --lora-only')}` — {meta.get('date', '')}; "
+             f"torch {meta.get('torch', '')}, {meta.get('threads', '?')} threads.", "",
+             f"peft LoRA r = {LORA['r']}, alpha {LORA['alpha']:g} on {', '.join(LORA['target_modules'])}. "
+             f"{meta['repeats']} interleaved rounds after a warm-up round (each: the LoRA random step, every other "
+             f"row once in an order rotated per round, the LoRA random step again). Times in ms, medians over "
+             f"rounds (phases: means); ratio = median over rounds of step / that round's mean LoRA random step "
+             f"(the plain LoRA step on the k chosen rows); FLOP ratio = counted matmul + attention FLOPs of one "
+             f"step / the LoRA random step's. The full-FT rows train the same model without adapters. One process: "
+             f"no collectives, so the ZeRO-3 cost of many thin LoRA layers' factor gathers (fixed by packing them "
+             f"into one all-gather, selection/capture.py) does not show here; results/speed_lora/zero3_ab.md has "
+             f"the 2-rank before/after.", ""]
+    for size, block in results["lora"].items():
+        lines += _step_lines(f"{size}: N = {block['N']}, k = {block['k']}, T = {block['T']}, "
+                             f"model {block['model']}", block["rows"], meta)
+    (out / "speed_lora.md").write_text("\n".join(lines) + "\n")
+
+
+def write_muon(results: dict, out: Path) -> None:
+    """speed_muon.json and speed_muon.md: the Muon step tables (``--muon-only``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed_muon.json").write_text(jsonio.dumps(results, indent=2))
+    meta = results["meta"]
+    lines = [f"# Muon step cost ({meta['mode']}, {meta['device_name']})", "",
+             f"Command: `{meta.get('command', 'python -m benchmarks.speed --muon-only')}` — {meta.get('date', '')}; "
+             f"torch {meta.get('torch', '')}, {meta.get('threads', '?')} threads.", "",
+             f"optimizer.name muon (torch.optim.Muon on the hidden 2-D matrices, AdamW on embeddings, head and norms; "
+             f"{', '.join(f'{k} {v}' for k, v in MUON.items())}). {meta['repeats']} interleaved rounds after a warm-up "
+             f"round (each: the Muon random step, every other row once in an order rotated per round, the Muon random "
+             f"step again). Times in ms, medians over rounds (phases: means); ratio = median over rounds of step / that "
+             f"round's mean Muon random step (the plain Muon step on the k chosen rows); FLOP ratio = counted matmul + "
+             f"attention FLOPs of one step (torch.utils.flop_counter: the NS JVP's and VJP's GEMMs included) / the Muon "
+             f"random step's. NS JVP (formula) = ns_steps·(6p²q + 4p³) per Muon matrix for the N candidates and the "
+             f"m survivors; share = of FTW's counted step FLOPs. The adamw rows train the same model with AdamW.", ""]
+    for size, block in results["muon"].items():
+        lines += _step_lines(f"{size}: N = {block['N']}, k = {block['k']}, T = {block['T']}, "
+                             f"model {block['model']}", block["rows"], meta)
+        for name, r in block["rows"].items():
+            if "ns_jvp_flops" in r:
+                lines += [f"{name}: NS JVP (formula) {r['ns_jvp_flops'] / 1e9:.2f} GFLOP of {r['flops'] / 1e9:.2f} "
+                          f"GFLOP counted ({100 * r['ns_jvp_share']:.0f} %).", ""]
+    (out / "speed_muon.md").write_text("\n".join(lines) + "\n")
+
+
 def _plot_steps(steps: dict, path: Path, meta: dict) -> None:
     """Per size, every method's time ratio and FLOP ratio to the plain step as paired bars."""
     import matplotlib
@@ -491,6 +659,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-T", type=int, default=None, help="longest T of the sweep (default 4096 CPU, 8192 CUDA)")
     parser.add_argument("--sizes", default=None, help="comma-separated step-table model sizes (default: both; "
                         "none: only the FLOP grid, the T sweep and the solver table)")
+    parser.add_argument("--lora-only", action="store_true", help="only the LoRA step tables (both sizes unless "
+                        "--sizes), written as speed_lora.md / speed_lora.json")
+    parser.add_argument("--muon-only", action="store_true", help="only the Muon step tables (the small size on CPU "
+                        "unless --sizes), written as speed_muon.md / speed_muon.json")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per table (default 5; quick 2)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -516,6 +689,23 @@ def main(argv: list[str] | None = None) -> dict:
                "steps": {}}
     if args.sizes:
         sizes = [row for row in sizes if row[0] in args.sizes.split(",")]
+    if args.repeats is not None:
+        repeats = results["meta"]["repeats"] = max(1, args.repeats)
+    if args.muon_only:  # the exact NS Jacobian per candidate: the compute-bound size costs minutes a step on CPU
+        sizes = [row for row in sizes if cuda or args.sizes or row[0] == "small"]
+        results["muon"] = {size: {"N": n, "T": T, "k": k, "model": f"hidden/layers/ffn {SIZES[size]}",
+                                  "rows": muon_table(device, n, T, k, repeats, size)} for size, n, T, k in sizes}
+        out = Path(args.out or ("results/speed_muon_quick" if args.quick else "results/speed_muon"))
+        write_muon(results, out)
+        print((out / "speed_muon.md").read_text())
+        return results
+    if args.lora_only:
+        results["lora"] = {size: {"N": n, "T": T, "k": k, "model": f"hidden/layers/ffn {SIZES[size]}",
+                                  "rows": lora_table(device, n, T, k, repeats, size)} for size, n, T, k in sizes}
+        out = Path(args.out or ("results/speed_lora_quick" if args.quick else "results/speed_lora"))
+        write_lora(results, out)
+        print((out / "speed_lora.md").read_text())
+        return results
     for size, n, T, k in sizes:
         results["steps"][size] = {"N": n, "T": T, "k": k, "model": f"hidden/layers/ffn {SIZES[size]}",
                                   "rows": step_table(device, n, T, k, repeats, size)}

@@ -26,16 +26,16 @@ from optsel.pipeline.model import ModelConfig
 class TrainingConfig:
     """The loop. Steps are optimizer steps; each consumes ``selection.pool_size`` stream samples."""
 
-    num_steps: int
-    eval_every: int = 0  # 0: only at the end
-    num_eval_samples: int = 64  # held-out target prompts for loss and exact match
-    max_new_tokens: int = 8  # greedy decoding length for exact match
-    seed: int = 0
-    nan_policy: Literal["skip", "raise"] = "skip"
-    max_skipped_steps: int = 20  # abort the run after this many NaN/Inf steps
-    progress_bar: bool = True
-    stop_at_step: int = 0  # save a checkpoint and end the run after this step (0: run to num_steps)
-    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)  # what the run writes besides metrics
+    num_steps: int  #: optimizer steps to run; each consumes selection.pool_size stream samples
+    eval_every: int = 0  #: evaluate on the held-out target every this many steps (0: only at the end)
+    num_eval_samples: int = 64  #: held-out target prompts for loss and exact match
+    max_new_tokens: int = 8  #: greedy decoding length for exact match
+    seed: int = 0  #: torch's global seed for the run (dropout, ...; the data order has data.shuffle_seed)
+    nan_policy: Literal["skip", "raise"] = "skip"  #: a NaN/Inf loss or gradient: skip the optimizer step, or raise
+    max_skipped_steps: int = 20  #: abort the run after this many NaN/Inf steps
+    progress_bar: bool = True  #: rank 0 shows a tqdm progress bar
+    stop_at_step: int = 0  #: save a checkpoint and end the run after this step (0: run to num_steps)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)  #: what the run writes besides metrics
 
     def __post_init__(self) -> None:
         if self.num_steps < 1:
@@ -65,11 +65,12 @@ class SelectionConfig:
     ``selection.method`` by override keeps one config file valid for every method.
     """
 
-    method: str = "random"
-    pool_size: int = 32
-    budget: int = 8
-    seed: int = 0
-    num_target_samples: int = 16
+    method: str = "random"  #: the selector (a registered name; its options in selection.options.<method>)
+    pool_size: int = 32  #: N: global candidates drawn from the stream per step (divisible by the world size)
+    budget: int = 8  #: k: samples trained on per step (the same for every method)
+    seed: int = 0  #: seed of the selector's own random generator
+    num_target_samples: int = 16  #: target samples taken from the front of the val split for target-aware selectors
+    #: method name → that selector's options (the keys below); only the block of method is used
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -109,23 +110,39 @@ def check_run_name(run_name: str) -> None:
 
 @dataclass(kw_only=True)
 class RunConfig:
-    run_name: str = "run"
-    output_dir: str = "runs"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig
-    training: TrainingConfig
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    selection: SelectionConfig = field(default_factory=SelectionConfig)
-    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run_name: str = "run"  #: the run's folder below output_dir, and the run label of its metrics
+    output_dir: str = "runs"  #: folder that holds the run folders
+    model: ModelConfig = field(default_factory=ModelConfig)  #: which model to train
+    data: DataConfig  #: where the prepared shards are and how they are streamed
+    training: TrainingConfig  #: the training loop
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  #: AdamW (or Muon + AdamW) and its schedule
+    engine: EngineConfig = field(default_factory=EngineConfig)  #: the distributed backend
+    selection: SelectionConfig = field(default_factory=SelectionConfig)  #: which samples each step trains on
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)  #: where metrics go
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  #: checkpoints and resuming
 
     def __post_init__(self) -> None:
         check_run_name(self.run_name)
+        self._check_muon()
         if self.engine.extra and self.engine.name != "deepspeed":
             raise ConfigError("engine.extra", f"is DeepSpeed-only (top-level keys merged into the DeepSpeed JSON) and "
                                               f"engine.name is {self.engine.name!r}; remove engine.extra "
                                               f"(got keys {sorted(self.engine.extra)}) or use engine.name=deepspeed")
+
+    def _check_muon(self) -> None:
+        """optimizer.name muon against the engine and FTW's geometry (docs/design.md §11)."""
+        geometry = (self.selection.options.get("ftw") or {}).get("geometry", "adam")
+        if self.optimizer.name == "muon" and self.engine.name == "deepspeed":
+            from optsel.pipeline.engines.muon import MUON_REFUSAL
+
+            raise ConfigError("optimizer.name", MUON_REFUSAL.split(": ", 1)[1])
+        if self.selection.method == "ftw" and self.optimizer.name == "muon" and geometry == "adam":
+            raise ConfigError("selection.options.ftw.geometry", "'adam' reads Adam moments, which Muon's layers do "
+                                                                "not have (optimizer.name is 'muon'); use 'auto' "
+                                                                "(Muon layers Muon, AdamW layers Adam) or 'muon'")
+        if geometry == "muon" and self.optimizer.name != "muon":
+            raise ConfigError("selection.options.ftw.geometry", f"'muon' needs optimizer.name=muon (got "
+                                                                f"{self.optimizer.name!r}); use 'adam' or 'auto'")
 
     @property
     def run_dir(self) -> Path:

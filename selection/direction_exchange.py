@@ -132,7 +132,8 @@ def select_direction(ftw: Any, target: Batch | None, local: Factors, geoms: list
         backends = [ftw._backend(layer, int(widths[i]), n_global, m) for i, layer in enumerate(layers)]
         T = int(widths[0]) if len(widths) else 1
         factors_rc = [gram_ops.rank_one_factors(g.blocks or [_empty(dtype, device)], layer.d_out, layer.d_in,
-                                                not reader.replicated, comm) if backends[i] != "exact" else None
+                                                not reader.replicated, comm)
+                      if backends[i] not in ("exact", "muon") else None
                       for i, (layer, g) in enumerate(zip(layers, geoms))]
         projections = ftw._projections(backends, dtype)
     cache: DirectionCache = ftw.direction_cache
@@ -145,6 +146,10 @@ def select_direction(ftw: Any, target: Batch | None, local: Factors, geoms: list
         A, D = local.A[i].to(dtype), local.D[i].to(dtype)
         with phase(timings, comm, "gather"):
             M = cache.M.get(i)
+            if M is None and g.muon is not None:  # docs/design.md §11: one vjp through Newton–Schulz
+                from optsel.selection.muon_geometry import rho_scale
+
+                M = g.muon.direction(ftw.target_cache.blocks[i][0].to(device, dtype), rho_scale(cfg))
             if M is None:
                 values = [target_direction(blk.precond, gv.to(device, dtype), blk.momentum, rho)
                           for blk, gv in zip(g.blocks, ftw.target_cache.blocks[i])]
@@ -157,7 +162,14 @@ def select_direction(ftw: Any, target: Batch | None, local: Factors, geoms: list
                 if P is not None:
                     cache.P[i] = P
         sketches.append(None)
-        if backends[i] == "exact":  # each G_i formed once for b_i and K_ii
+        if backends[i] == "muon":  # b_i = ⟨G_i, M⟩ and K_ii = ‖Ĵ G_i‖², each G_i formed once
+            from optsel.selection.muon_geometry import muon_alignment_and_diag
+
+            with phase(timings, comm, "alignment"):
+                part_b, part_diag = muon_alignment_and_diag(A, D, M, g.muon, cfg.max_temp_elems)
+                b += part_b.double()
+                diag += part_diag.double()
+        elif backends[i] == "exact":  # each G_i formed once for b_i and K_ii
             with phase(timings, comm, "alignment"):
                 whole = LayerBlock(slice(0, layer.d_out), slice(0, layer.d_in), P, None)
                 part_b, part_diag = gram_ops.exact_alignment_and_diag_partial(A, D, M, whole, cfg.max_temp_elems)
@@ -218,7 +230,11 @@ def _survivors_gram(ftw: Any, local: Factors, geoms: list[LayerGeometry], backen
         sub = gather_factors(sub, dtype, ftw.comm)
         for j, i in enumerate(factor_layers):
             A, D = sub.A[j][inverse.to(sub.A[j].device)], sub.D[j][inverse.to(sub.D[j].device)]
-            if backends[i] == "exact":
+            if backends[i] == "muon":  # replicated: the whole layer on every rank
+                from optsel.selection.muon_geometry import muon_gram
+
+                shared += muon_gram(A, D, geoms[i].muon, A.dtype, cfg.max_temp_elems).double()
+            elif backends[i] == "exact":
                 for blk in geoms[i].blocks:
                     partial += gram_ops.exact_gram_partial(A, D, blk, cfg.max_temp_elems).double()
             else:

@@ -31,6 +31,8 @@ from optsel.selection.direction_exchange import _empty as _empty_block
 from optsel.selection.filter import filter_candidates, utility
 from optsel.selection.ftw_config import FTWConfig
 from optsel.selection.model_view import ModelView, cleans_up, make_state_reader, model_view_for
+from optsel.selection import muon_geometry
+from optsel.selection.muon_geometry import muon_alignment_and_diag, muon_gram
 from optsel.selection.preconditioner import LayerGeometry, OptimizerStateReader, default_coefficients, layer_geometry
 from optsel.selection.single_pass import PoolPass, single_pass_leaves
 from optsel.selection.sketch_exchange import SketchTarget, select_sketches
@@ -72,6 +74,7 @@ class FilterThenWeight(Selector):
                 self.reader.read(layer.param)
             except KeyError as err:
                 raise ValueError(f"optimizer: covered parameter {layer.name} is not in its param_groups") from err
+        self.muon_layers = muon_geometry.check_config(self.reader, self.coverage.layers, config)
 
     # ------------------------------------------------------------------ public
     @property
@@ -139,8 +142,10 @@ class FilterThenWeight(Selector):
             self._pool_pass = PoolPass() if self.leaves else None
             local, self._joint_target = self._capture(pool, joint)
         dtype = self._dtype(local)
-        geoms = [layer_geometry(self.reader, layer, dtype, use_momentum=cfg.geometry == "adam") for layer in layers]
+        geoms = [layer_geometry(self.reader, layer, dtype, use_momentum=cfg.geometry in ("adam", "auto"))
+                 for layer in layers]
         rho, tau, opt_step = self._coefficients(geoms)
+        muon_geometry.attach(self.reader, geoms, layers, self.muon_layers, dtype, tau, cfg)
 
         if cfg.exchange == "sketches":
             return select_sketches(self, target, local, geoms, rho, tau, opt_step, sizes, timings)
@@ -163,7 +168,8 @@ class FilterThenWeight(Selector):
                         for i, layer in enumerate(layers)]
             factors_rc = [gram_ops.rank_one_factors(g.blocks or [_empty_block(dtype, self._device())],
                                                      layer.d_out, layer.d_in, not self.reader.replicated, self.comm)
-                          if backends[i] != "exact" else None for i, (layer, g) in enumerate(zip(layers, geoms))]
+                          if backends[i] not in ("exact", "muon") else None
+                          for i, (layer, g) in enumerate(zip(layers, geoms))]
             sketches = self._sketches(local, dtype, backends, factors_rc, self._projections(backends, dtype))
 
         with phase(timings, self.comm, "alignment"):  # exact layers: b and diag K from each G_i formed once
@@ -171,6 +177,13 @@ class FilterThenWeight(Selector):
             partial_diag = torch.zeros_like(partial_b)
             for i, g in enumerate(geoms):
                 for blk, gv in zip(g.blocks, self.target_cache.blocks[i]):
+                    if g.muon is not None:  # docs/design.md §11: M = Jᵀ(g_V − ρ_μ u₀)/c', Ĵ g_i per sample
+                        M = g.muon.direction(gv.to(self._device(), dtype), muon_geometry.rho_scale(cfg))
+                        part_b, part_diag = muon_alignment_and_diag(pool_f.A[i], pool_f.D[i], M, g.muon,
+                                                                    cfg.max_temp_elems)
+                        partial_b += part_b.double()
+                        partial_diag += part_diag.double()
+                        continue
                     M = target_direction(blk.precond, gv.to(self._device(), dtype), blk.momentum, rho)
                     if backends[i] == "exact":
                         part_b, part_diag = gram_ops.exact_alignment_and_diag_partial(
@@ -203,6 +216,9 @@ class FilterThenWeight(Selector):
         eligible = self._eligible
         n_real = n_global if eligible is None else int(eligible.sum())
         k = min(cfg.budget, n_real)
+        for g in geoms:  # docs/design.md §11: a Muon layer with no momentum direction yet runs as P = I
+            if getattr(g.muon, "degenerate", False):
+                fallbacks["muon_degenerate"] = fallbacks.get("muon_degenerate", 0) + 1
         with timed(timings, "filter"):
             norms = diag.clamp(min=1e-300).sqrt() if cfg.alignment == "cosine" else None
             if norms is not None:  # unit P-norm gradients: b_i/‖g_i‖, K_ii = 1
@@ -336,7 +352,8 @@ class FilterThenWeight(Selector):
         cfg = self.config
         if cfg.geometry == "sgd":
             return 0.0, cfg.curvature if cfg.curvature is not None else cfg.curvature_scale, 0
-        hyper = max((g.hyper for g in geoms), key=lambda h: h.step)
+        hyper = max((g.hyper for g in geoms if g.muon is None), key=lambda h: h.step,
+                    default=geoms[0].hyper if geoms else None)
         rho, tau = default_coefficients(hyper.step, hyper.beta1, cfg.curvature_scale)
         rho = cfg.momentum_coef if cfg.momentum_coef is not None else rho
         tau = cfg.curvature if cfg.curvature is not None else tau
@@ -345,6 +362,8 @@ class FilterThenWeight(Selector):
     def _precond_note(self, geoms: list[LayerGeometry]) -> str:
         if self.config.geometry == "sgd":
             return "identity (geometry=sgd)"
+        if self.muon_layers:
+            return muon_geometry.note(geoms, self.config.geometry)
         if all(g.identity for g in geoms):
             return "identity (before the optimizer's first step: no Adam state yet; momentum 0)"
         if any(g.identity for g in geoms):
@@ -356,6 +375,8 @@ class FilterThenWeight(Selector):
         (at cost_model.REFERENCE_WORLD ranks whatever R ≥ 2 is: the same choice, so the same selection, on any
         R ≥ 2; at R = 1 on one process, where no byte crosses ranks)."""
         cfg = self.config
+        if layer.name in self.muon_layers:  # the exact Muon Gram (docs/design.md §11)
+            return "muon"
         if cfg.gram != "auto":
             return cfg.gram
         esz = 8 if self._dtype_name() == "float64" else 4
@@ -406,7 +427,9 @@ class FilterThenWeight(Selector):
                 shared += gram_ops.sketch_gram(sketches[i][filtered]).double()
                 continue
             A, D = pool_f.A[i][filtered], pool_f.D[i][filtered]
-            if backends[i] == "exact":
+            if backends[i] == "muon":
+                partial += muon_gram(A, D, g.muon, A.dtype, self.config.max_temp_elems).double()
+            elif backends[i] == "exact":
                 for blk in g.blocks:
                     partial += gram_ops.exact_gram_partial(A, D, blk, self.config.max_temp_elems).double()
             else:

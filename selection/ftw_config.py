@@ -16,9 +16,11 @@ class FTWConfig:
     budget: k, the most samples with non-zero weight. filter_size: m survivors of the filter (takes
     precedence over filter_ratio, a fraction of the global pool N); m is clipped to [k, N].
     gram: "exact" | "ghost" | "sketch" | "auto" (per layer by cost). geometry: "adam" (P, m̂ from the
-    optimizer) | "sgd" (P = I, no momentum). momentum_coef ρ / curvature τ: None = docs/design.md §2's
-    defaults from the optimizer's β1 and step, scaled by curvature_scale γ. w_max: optional cap on
-    each weight (>= 1/budget). target_refresh: recompute g_V every this many selection steps.
+    optimizer) | "sgd" (P = I, no momentum) | "muon" / "auto" (torch.optim.Muon's layers: docs/design.md
+    §11). muon_model: under muon / auto, the Muon layers' model — "jacobian" (exact) or the quality grid's
+    controls "lowrank" / "adam" / "identity" (selection/muon_geometry.py). momentum_coef ρ / curvature τ: None = docs/design.md §2's defaults from the optimizer's β1 and
+    step, scaled by curvature_scale γ. w_max: optional cap on each weight (>= 1/budget). target_refresh:
+    recompute g_V every this many selection steps.
     sketch_dim_out/in: k_o, k_i of the sketch backend. exchange: what crosses ranks — "direction" (the
     default: the parameter-shaped M = P ⊙ (G_V − ρ m̂) is gathered layer by layer like the weight, b is
     exact and only N scalars, the target's token ids and the survivors' sketches or factors cross ranks;
@@ -68,38 +70,53 @@ class FTWConfig:
     """
 
     budget: int
-    filter_size: int | None = None
-    filter_ratio: float = 0.5
+    filter_size: int | None = None  #: m, survivors of the filter (overrides filter_ratio); clipped to [budget, N]
+    filter_ratio: float = 0.5  #: m as a fraction of the global pool N
+    #: how the Gram matrix is computed (auto: per layer by cost)
     gram: Literal["exact", "ghost", "sketch", "auto"] = "auto"
-    geometry: Literal["adam", "sgd"] = "adam"
-    momentum_coef: float | None = None
-    curvature: float | None = None
-    curvature_scale: float = 1.0
-    solver: Literal["active_set", "torch", "cvxpy"] = "active_set"
-    support: Literal["topk", "greedy"] = "topk"
-    w_max: float | None = None
-    target_refresh: int = 1
-    sketch_dim_out: int = 32
-    sketch_dim_in: int = 32
-    capture_chunk_size: int | None = None
+    #: adam: P and m̂ from the optimizer; sgd: P = I, no momentum; muon: torch.optim.Muon's Newton–Schulz
+    #: Jacobian on its layers, P = I elsewhere; auto: Muon layers muon, Adam layers adam (docs/design.md §11)
+    geometry: Literal["adam", "sgd", "muon", "auto"] = "adam"
+    #: geometry muon / auto: how the Muon layers' update map is modelled — jacobian (the exact NS Jacobian) |
+    #: lowrank (OPUS-style S = aI + bA + cA² of the momentum) | adam (Adam's P from a second-moment EMA the
+    #: selector keeps: the wrong geometry) | identity (P = I); the last three are the quality grid's controls
+    muon_model: Literal["jacobian", "lowrank", "adam", "identity"] = "jacobian"
+    momentum_coef: float | None = None  #: ρ (null: docs/design.md §2's default from the optimizer's β1 and step)
+    curvature: float | None = None  #: τ (null: docs/design.md §2's default), scaled by curvature_scale
+    curvature_scale: float = 1.0  #: γ, the factor on the curvature τ
+    solver: Literal["active_set", "torch", "cvxpy"] = "active_set"  #: the QP solver
+    support: Literal["topk", "greedy"] = "topk"  #: how the QP's support of at most budget samples is chosen
+    w_max: float | None = None  #: cap on each weight (>= 1/budget; null: none)
+    target_refresh: int = 1  #: recompute the target gradient g_V every this many selection steps
+    sketch_dim_out: int = 32  #: k_o of the sketch backend
+    sketch_dim_in: int = 32  #: k_i of the sketch backend
+    capture_chunk_size: int | None = None  #: samples per capture forward/backward (null: the whole pool)
+    #: instead, at most this many token positions (samples × padded T) per forward/backward
     capture_chunk_tokens: int | None = None
-    max_temp_elems: int = 1 << 24
-    compute_dtype: Literal["auto", "float32", "float64"] = "auto"
+    max_temp_elems: int = 1 << 24  #: bound on the Gram kernels' temporaries and on T² for auto's ghost choice
+    compute_dtype: Literal["auto", "float32", "float64"] = "auto"  #: auto: float64 for float64 models, else float32
+    #: what crosses ranks: the direction M, the factors (A, Δ) or sketches (needs gram sketch)
     exchange: Literal["direction", "factors", "sketches"] = "direction"
+    #: dtype M crosses ranks in: compute (exact) or bfloat16 (half the bytes)
     direction_dtype: Literal["compute", "bfloat16"] = "compute"
-    direction_cache: bool = False
-    alignment: Literal["dot", "cosine"] = "dot"
-    filter_curvature: Literal["sample", "batch"] = "batch"  # the quality grid's evidence (docs/design.md §5)
-    ess_fraction: float | None = None
+    direction_cache: bool = False  #: keep the gathered M while target, optimizer step and ρ are unchanged
+    alignment: Literal["dot", "cosine"] = "dot"  #: dot: b, K as defined; cosine: every gradient scaled to unit P-norm
+    filter_curvature: Literal["sample", "batch"] = "batch"  #: batch: u = b − (τ/(2k)) K_ii; sample: u = b − (τ/2) K_ii
+    ess_fraction: float | None = None  #: minimum effective sample size 1/Σw² as a fraction of budget (null: none)
+    #: qp: train on the QP's weights; proportional: draw budget samples ∝ the weights
     weighting: Literal["qp", "proportional"] = "qp"
-    warmup_steps: int = 0
-    single_pass: bool = True
+    warmup_steps: int = 0  #: the first this many steps select at random before FTW takes over
+    single_pass: bool = True  #: reuse the capture's (input, output gradient) for the training gradient: no second pass
+    #: joint: target rows in the pool's capture pass; separate: their own pass
     target_pass: Literal["joint", "separate"] = "joint"
+    #: none: exact scores for the whole pool; head: stage 1 scores by the output layer first
     prefilter: Literal["none", "head"] = "none"
-    prefilter_window: int | None = None
+    prefilter_window: int | None = None  #: tokens per sample scored in stage 1 (null: all)
+    #: stage 1's head target gradient: forward over the target rows, or reuse the last one
     prefilter_target: Literal["forward", "reuse"] = "forward"
+    #: exact: stage 2 on the survivors; head: the QP on the head's own scores
     prefilter_stage2: Literal["exact", "head"] = "exact"
-    prefilter_target_rows: int | None = None
+    prefilter_target_rows: int | None = None  #: target rows stage 1's target forward uses per step (null: every row)
 
     def __post_init__(self) -> None:
         def bad(field_name: str, message: str) -> ValueError:
@@ -111,7 +128,8 @@ class FTWConfig:
             raise bad("filter_size", f"must be >= budget={self.budget}, got {self.filter_size}")
         if not 0.0 < self.filter_ratio <= 1.0:
             raise bad("filter_ratio", f"must be in (0, 1], got {self.filter_ratio}")
-        choices = {"gram": gram_ops.BACKENDS, "geometry": ("adam", "sgd"), "solver": ("active_set", "torch", "cvxpy"),
+        choices = {"gram": gram_ops.BACKENDS, "geometry": ("adam", "sgd", "muon", "auto"),
+                   "muon_model": ("jacobian", "lowrank", "adam", "identity"), "solver": ("active_set", "torch", "cvxpy"),
                    "support": ("topk", "greedy"), "compute_dtype": ("auto", "float32", "float64"),
                    "exchange": ("direction", "factors", "sketches"), "direction_dtype": ("compute", "bfloat16"),
                    "alignment": ("dot", "cosine"),
@@ -121,6 +139,9 @@ class FTWConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise bad(name, f"must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.muon_model != "jacobian" and self.geometry not in ("muon", "auto"):
+            raise bad("muon_model", f"{self.muon_model!r} applies to geometry 'muon' or 'auto' only "
+                                    f"(got geometry={self.geometry!r})")
         if self.momentum_coef is not None and not (0.0 <= self.momentum_coef and math.isfinite(self.momentum_coef)):
             raise bad("momentum_coef", f"must be a finite number >= 0, got {self.momentum_coef}")
         if self.curvature is not None and not (self.curvature > 0 and math.isfinite(self.curvature)):

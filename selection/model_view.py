@@ -90,12 +90,21 @@ def model_view_for(model: nn.Module | None = None, optimizer: Any = None) -> Mod
 
 
 def make_state_reader(optimizer: Any, geometry: str, view: ModelView | None = None) -> OptimizerStateReader:
-    """The reader for ``optimizer`` under ``geometry`` ("adam": the view's reader; "sgd": P = I)."""
-    if geometry not in ("adam", "sgd"):
-        raise ValueError(f"geometry: must be 'adam' or 'sgd', got {geometry!r}")
+    """The reader for ``optimizer`` under ``geometry`` ("adam": the view's reader; "sgd": P = I; "muon" /
+    "auto": selection/muon_geometry.py's hybrid reader when a torch.optim.Muon is among the optimizers)."""
+    if geometry not in ("adam", "sgd", "muon", "auto"):
+        raise ValueError(f"geometry: must be 'adam', 'sgd', 'muon' or 'auto', got {geometry!r}")
+    from optsel.selection.muon_geometry import HybridStateReader, is_muon, optimizers_of
+
     view = view or model_view_for(None, optimizer)
     if geometry == "sgd":
         return IdentityStateReader(view.full_shape)
+    has_muon = any(is_muon(opt) for opt in optimizers_of(optimizer))
+    if geometry == "muon" and not has_muon:
+        raise ValueError(f"geometry: 'muon' needs a torch.optim.Muon among the optimizers, got "
+                         f"{type(optimizer).__name__}; use 'adam' or 'auto'")
+    if geometry in ("muon", "auto") and has_muon:  # the engine's own Adam reader for the AdamW half
+        return HybridStateReader(optimizer, geometry, lambda opt: type(view)(view.model, opt).state_reader())
     return view.state_reader()
 
 

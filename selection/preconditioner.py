@@ -203,6 +203,7 @@ class LayerGeometry:
     blocks: list[LayerBlock]
     hyper: AdamHyper
     identity: bool  # True when P = I (sgd geometry or no optimizer state yet)
+    muon: object | None = None  # a Muon parameter's MuonLayerGeometry (selection/muon_geometry.py), set per step
 
 
 def layer_geometry(reader: OptimizerStateReader, layer: CoveredLayer, dtype: torch.dtype,

@@ -20,16 +20,28 @@ from optsel.selection.base import Batch  # noqa: F401  (the one batch type; re-e
 
 @dataclass(kw_only=True)
 class OptimizerConfig:
-    """AdamW and its schedule. lr in units of the parameter, warmup/decay in optimizer steps."""
+    """AdamW (or Muon + AdamW: ``name: muon``, pipeline/engines/muon.py) and its schedule. lr in units of
+    the parameter, warmup/decay in optimizer steps; the schedule scales muon_lr like lr."""
 
-    lr: float = 3e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    schedule: Literal["constant", "cosine", "linear"] = "cosine"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1
+    #: adamw: AdamW on every parameter; muon: torch.optim.Muon on the hidden 2-D weights, AdamW on the rest
+    name: Literal["adamw", "muon"] = "adamw"
+
+    lr: float = 3e-4  #: peak learning rate
+    betas: tuple[float, float] = (0.9, 0.95)  #: AdamW's β1, β2
+    eps: float = 1e-8  #: AdamW's ε
+    weight_decay: float = 0.0  #: AdamW's decoupled weight decay
+    grad_clip: float = 1.0  #: clip the global gradient norm to this (0: no clipping)
+    schedule: Literal["constant", "cosine", "linear"] = "cosine"  #: learning-rate decay after warmup
+    warmup_steps: int = 0  #: linear warmup from 0 over this many optimizer steps
+    min_lr_ratio: float = 0.1  #: the decay ends at lr * min_lr_ratio
+    muon_lr: float = 0.02  #: name muon: Muon's peak learning rate
+    muon_momentum: float = 0.95  #: name muon: Muon's momentum μ
+    muon_nesterov: bool = True  #: name muon: Nesterov momentum (Newton–Schulz sees μ²B + (1−μ²)g)
+    muon_weight_decay: float | None = None  #: name muon: Muon's decoupled weight decay (null: weight_decay)
+    #: name muon: Muon's lr scaling by shape: original √max(1, rows/cols), match_rms_adamw 0.2·√max(rows, cols)
+    muon_adjust_lr_fn: Literal["original", "match_rms_adamw"] = "original"
+    #: name muon: fnmatch patterns of the parameter names Muon takes (null: every 2-D weight but embeddings and head)
+    muon_params: list[str] | None = None
 
     def __post_init__(self) -> None:
         import math
@@ -54,6 +66,19 @@ class OptimizerConfig:
             raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if self.name not in ("adamw", "muon"):
+            raise ValueError(f"name: must be 'adamw' or 'muon', got {self.name!r}")
+        if not (math.isfinite(self.muon_lr) and self.muon_lr > 0):
+            raise ValueError(f"muon_lr: must be a finite number > 0, got {self.muon_lr}")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            raise ValueError(f"muon_momentum: must be in [0, 1), got {self.muon_momentum}")
+        if self.muon_weight_decay is not None and not (math.isfinite(self.muon_weight_decay)
+                                                       and self.muon_weight_decay >= 0):
+            raise ValueError(f"muon_weight_decay: must be a finite number >= 0 or null, got {self.muon_weight_decay}")
+        if self.muon_adjust_lr_fn not in ("original", "match_rms_adamw"):
+            raise ValueError(f"muon_adjust_lr_fn: must be 'original' or 'match_rms_adamw', got {self.muon_adjust_lr_fn!r}")
+        if self.muon_params is not None and (not isinstance(self.muon_params, list) or not self.muon_params):
+            raise ValueError(f"muon_params: must be a non-empty list of name patterns or null, got {self.muon_params!r}")
 
 
 def _default_deepspeed_config() -> str:
@@ -71,10 +96,12 @@ class EngineConfig:
     precision "auto" = bf16 on CUDA, fp32 on CPU.
     """
 
-    name: Literal["deepspeed", "fsdp2"] = "deepspeed"
+    name: Literal["deepspeed", "fsdp2"] = "deepspeed"  #: the distributed backend
+    #: engine deepspeed: a DeepSpeed JSON (batch sizes, optimizer, scheduler filled by optsel)
     deepspeed_config: str = field(default_factory=_default_deepspeed_config)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    collective_timeout_s: float = 600.0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  #: auto: bf16 on CUDA, fp32 on CPU
+    collective_timeout_s: float = 600.0  #: seconds a collective may wait for the other ranks before the run fails
+    #: engine deepspeed: top-level keys merged into the DeepSpeed JSON
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -81,8 +81,9 @@ class FSDP2Engine(CausalLMEngine):
         if not self.params:
             raise ValueError("model: no parameter requires grad")
         self.grad_clip = float(optim.grad_clip)
-        self.optimizer = torch.optim.AdamW(self.params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-                                           weight_decay=optim.weight_decay)
+        from optsel.pipeline.engines.muon import build_optimizer
+
+        self.optimizer = build_optimizer(self.module, self.params, optim)  # AdamW, or Muon + AdamW (name: muon)
         self.scheduler = common.lr_scheduler_factory(optim, total_steps)(self.optimizer)
         self.empty_samples = common.EmptySampleCounter()
 
