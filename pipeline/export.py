@@ -48,6 +48,7 @@ from torch import nn
 
 from optsel.pipeline.checkpoint import (STEP_DIR, CheckpointConfig, CheckpointError, CheckpointManager, flatten,
                                         is_complete)
+from optsel.pipeline.folders import new_sibling
 
 log = logging.getLogger("optsel.export")
 
@@ -301,13 +302,10 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 def _move_aside(out: Path) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for n in range(1000):
-        aside = out.with_name(f"{out.name}.replaced-{stamp}" + (f"-{n}" if n else ""))
-        if not aside.exists():
-            os.rename(out, aside)
-            return aside
-    raise FileExistsError(f"no free name to move {out} aside ({out.name}.replaced-{stamp} and 999 more exist)")
+    """Rename ``out`` to a new ``OUT.replaced-<time>[-N]`` beside it (reserved by mkdir, then replaced)."""
+    aside = new_sibling(out, f".replaced-{time.strftime('%Y%m%d-%H%M%S')}", f"moving {out} aside")
+    os.rename(out, aside)  # a directory may replace an empty one
+    return aside
 
 
 def _write_model(model: nn.Module, work: Path, final: Path, lora: str, model_section: dict[str, Any]) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from typing import Any, Iterator, Literal
 import numpy as np
 
 from optsel.pipeline import jsonio
+from optsel.pipeline.folders import new_sibling
 from optsel.pipeline.records import (BadRecord, HFSourceConfig, Record, Rendered, TemplateConfig, chat_text_bytes,
                                      chat_tokens, hf_records, jsonl_records, parquet_records, render_record)
 from optsel.pipeline.synthetic import SyntheticConfig, generate
@@ -293,16 +294,7 @@ def _old_outputs(out: Path) -> list[str]:
 
 def _reserve_aside(out: Path) -> Path:
     """A new empty folder ``<out_dir>.replaced-<time>[-N]`` next to ``out`` for its previous outputs."""
-    real = out.resolve()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for n in range(1000):
-        aside = real.with_name(f"{real.name}.replaced-{stamp}" + (f"-{n}" if n else ""))
-        try:
-            aside.mkdir()
-            return aside
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free name for the previous outputs of {out} ({aside.name} and 999 more exist)")
+    return new_sibling(out, f".replaced-{time.strftime('%Y%m%d-%H%M%S')}", f"the previous outputs of {out}")
 
 
 def _created_parents(path: Path) -> list[Path]:
@@ -338,15 +330,7 @@ def _install(work: Path, out: Path, aside: Path | None) -> None:
 
 def _work_dir(out: Path) -> Path:
     """A new empty sibling ``<out_dir>.partial-<pid>[-N]`` of ``out`` (made with the usual permissions)."""
-    real = out.resolve()
-    for n in range(1000):
-        work = real.with_name(f"{real.name}.partial-{os.getpid()}" + (f"-{n}" if n else ""))
-        try:
-            work.mkdir()
-            return work
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free name for a partial folder next to {out}")
+    return new_sibling(out, f".partial-{os.getpid()}", "a partial folder")
 
 
 def prepare(cfg: PrepareConfig) -> PrepareReport:

@@ -186,14 +186,7 @@ def render(record: Record, template: TemplateConfig) -> tuple[str, str, str]:
                                 f"expected a string or number")
             if isinstance(value, float) and not math.isfinite(value):
                 raise BadRecord(f"{record.origin}: field {name!r} is {value}, expected a finite number")
-    kind = "target"
-    if template.kind_field is not None:
-        if template.kind_field not in values:
-            raise BadRecord(f"{record.origin}: missing kind field {template.kind_field!r}")
-        kind = values[template.kind_field]
-        if not isinstance(kind, str) or not KIND_PATTERN.match(kind):
-            raise BadRecord(f"{record.origin}: kind field {template.kind_field!r} is {short(kind)}; expected "
-                            f"'target', 'corrupted' or 'distractor/<name>'")
+    kind = _kind_of(record, template)
     try:
         prompt, response = template.prompt.format_map(values), template.response.format_map(values)
     except (ValueError, TypeError, KeyError, IndexError) as err:  # e.g. a format spec that does not fit the value
