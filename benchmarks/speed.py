@@ -265,6 +265,28 @@ def step_table(device, n, T, k, repeats, size: str = "small") -> dict:
     return rows
 
 
+def rows_against_reference(methods: list["Method"], pools, target, device, tag: str, what: str,
+                           width: int) -> tuple[dict[str, dict], list["Method"]]:
+    """Time ``methods[1:]`` in interleaved rounds against ``methods[0]`` (the reference: the plain step on the
+    k rows, i.e. random with the same model and optimizer) and count each one's FLOPs; rows keyed by name
+    with ``ratio_to_plain`` (time) and ``flop_ratio`` against the reference. Returns (rows, the methods)."""
+    ref, *rest = methods
+    plain_s = interleaved_rounds(rest, pools, target, device, lambda pool: ref.step(pool, target, device),
+                                 f"[speed] {tag}", f"{what.lower()} random")
+    ref.flops = count_flops(lambda: ref.step(pools[0], target, device, record=False))
+    rows = {ref.name: {"step_s": statistics.median(plain_s), "select_s": statistics.median(ref.selects),
+                       "train_s": statistics.median(ref.trains), "ratio_to_plain": 1.0, "flops": ref.flops,
+                       "flop_ratio": 1.0, "phases_s": {p: t / len(ref.steps) for p, t in ref.phases.items()},
+                       "peak_memory_bytes": ref.peak}}
+    for m in rest:
+        m.flops = count_flops(lambda: m.step(pools[0], target, device, record=False))
+        rows[m.name] = {**m.row(), "flop_ratio": m.flops / ref.flops}
+        print(f"[speed] {m.name:{width}s} step {rows[m.name]['step_s'] * 1e3:8.1f} ms  "
+              f"x{rows[m.name]['ratio_to_plain']:.2f} of the {what} random step, x{rows[m.name]['flop_ratio']:.3f} "
+              f"in FLOPs", flush=True)
+    return rows, rest
+
+
 #: LoRA rows (issue 26, written 2026-12-02 before their first run): peft adapters r = 8, alpha 16 on the
 #: attention projections (optsel's LoraSettings defaults); the reference is the plain LoRA step on the k rows
 #: (the random selector's step), and the full fine-tuning rows of the same model size are timed beside them
@@ -298,21 +320,8 @@ def lora_table(device, n, T, k, repeats, size: str = "small") -> dict:
         models[lora] = (model, opt)
     pools = [make_pool(n, T, s, device) for s in range(repeats + 1)]
     target = make_pool(max(4, k), T, 999, device)
-    ref, *methods = [Method(name, method, options, *models[lora], k) for name, method, options, lora in LORA_CONFIGS]
-    plain_s = interleaved_rounds(methods, pools, target, device, lambda pool: ref.step(pool, target, device),
-                                 f"[speed] {size} lora", "lora random")
-    ref.flops = count_flops(lambda: ref.step(pools[0], target, device, record=False))
-    rows = {ref.name: {"step_s": statistics.median(plain_s), "select_s": statistics.median(ref.selects),
-                       "train_s": statistics.median(ref.trains), "ratio_to_plain": 1.0, "flops": ref.flops,
-                       "flop_ratio": 1.0, "phases_s": {p: t / len(ref.steps) for p, t in ref.phases.items()},
-                       "peak_memory_bytes": ref.peak}}
-    for m in methods:
-        m.flops = count_flops(lambda: m.step(pools[0], target, device, record=False))
-        rows[m.name] = {**m.row(), "flop_ratio": m.flops / ref.flops}
-        print(f"[speed] {m.name:28s} step {rows[m.name]['step_s'] * 1e3:8.1f} ms  "
-              f"x{rows[m.name]['ratio_to_plain']:.2f} of the LoRA random step, x{rows[m.name]['flop_ratio']:.3f} "
-              f"in FLOPs", flush=True)
-    return rows
+    methods = [Method(name, method, options, *models[lora], k) for name, method, options, lora in LORA_CONFIGS]
+    return rows_against_reference(methods, pools, target, device, f"{size} lora", "LoRA", width=28)[0]
 
 
 #: Muon rows (issue 23, written 2026-12-02 15:15 UTC before their first run): optimizer.name muon (Muon + AdamW,
@@ -361,24 +370,13 @@ def muon_table(device, n, T, k, repeats, size: str = "small") -> dict:
         models[name] = (model, opt)
     pools = [make_pool(n, T, s, device) for s in range(repeats + 1)]
     target = make_pool(max(4, k), T, 999, device)
-    ref, *methods = [Method(label, method, options, *models[name], k) for label, method, options, name in MUON_CONFIGS]
-    plain_s = interleaved_rounds(methods, pools, target, device, lambda pool: ref.step(pool, target, device),
-                                 f"[speed] {size} muon", "muon random")
-    ref.flops = count_flops(lambda: ref.step(pools[0], target, device, record=False))
-    rows = {ref.name: {"step_s": statistics.median(plain_s), "select_s": statistics.median(ref.selects),
-                       "train_s": statistics.median(ref.trains), "ratio_to_plain": 1.0, "flops": ref.flops,
-                       "flop_ratio": 1.0, "phases_s": {p: t / len(ref.steps) for p, t in ref.phases.items()},
-                       "peak_memory_bytes": ref.peak}}
+    methods = [Method(label, method, options, *models[name], k) for label, method, options, name in MUON_CONFIGS]
+    rows, measured = rows_against_reference(methods, pools, target, device, f"{size} muon", "Muon", width=30)
     m_survivors = max(k, int(0.5 * n))  # FTWConfig's default filter_ratio 0.5
-    for m in methods:
-        m.flops = count_flops(lambda: m.step(pools[0], target, device, record=False))
-        rows[m.name] = {**m.row(), "flop_ratio": m.flops / ref.flops}
+    for m in measured:
         if m.name == "muon ftw[auto] (NS Jacobian)":
             jvp = ns_jvp_flops(models["muon"][0], n, m_survivors)
             rows[m.name].update(ns_jvp_flops=jvp, ns_jvp_share=jvp / m.flops)
-        print(f"[speed] {m.name:30s} step {rows[m.name]['step_s'] * 1e3:8.1f} ms  "
-              f"x{rows[m.name]['ratio_to_plain']:.2f} of the Muon random step, x{rows[m.name]['flop_ratio']:.3f} "
-              f"in FLOPs", flush=True)
     return rows
 
 
