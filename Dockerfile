@@ -63,7 +63,7 @@ RUN set -eu; cd /tmp/optsel-src; \
     pip wheel -q --no-deps --no-build-isolation --wheel-dir /tmp/optsel-dist . && \
     pip install -q --no-deps /tmp/optsel-dist/optsel-*.whl && \
     rm -rf /tmp/optsel-src /tmp/optsel-dist && \
-    cd / && python -c "import optsel.launch.cli, optsel.pipeline.streaming_compat; from optsel import resources; \
+    cd / && python -c "import optsel.launch.cli, optsel.pipeline.data.streaming_compat; from optsel import resources; \
       assert resources.dashboard_path().is_file(); print('optsel', optsel.__version__, 'from', optsel.__file__)"
 
 USER optsel

@@ -67,9 +67,11 @@ class Llama:
         return per_layer * self.layers + self.root_params
 
 
-MODELS = (Llama("Llama 1B", 2048, 8192, 16, 512, 128256, tied=True),
-          Llama("Llama 8B", 4096, 14336, 32, 1024, 128256, tied=False),
-          Llama("Llama 70B", 8192, 28672, 80, 1024, 128256, tied=False))
+MODELS = (
+    Llama("Llama 1B", 2048, 8192, 16, 512, 128256, tied=True),
+    Llama("Llama 8B", 4096, 14336, 32, 1024, 128256, tied=False),
+    Llama("Llama 70B", 8192, 28672, 80, 1024, 128256, tied=False),
+)
 
 
 def shipped_grad_wire_bytes() -> dict[str, int]:
@@ -86,8 +88,7 @@ def shipped_grad_wire_bytes() -> dict[str, int]:
 def engine_bytes(model: Llama, grad_wire: dict[str, int]) -> dict[str, float]:
     """Payload per rank and step: bf16 gathers in forward and backward, gradients at ``grad_wire`` B each."""
     P, root = model.params, model.root_params
-    return {"zero3": (2 * BF16 + grad_wire["zero3"]) * P,
-            "fsdp2": (BF16 + grad_wire["fsdp2"]) * P + BF16 * (P - root)}
+    return {"zero3": (2 * BF16 + grad_wire["zero3"]) * P, "fsdp2": (BF16 + grad_wire["fsdp2"]) * P + BF16 * (P - root)}
 
 
 def selector_bytes(model: Llama, exchange: str, T: int, N: int, R: int, wire_esz: int = ESZ) -> dict:
@@ -95,8 +96,9 @@ def selector_bytes(model: Llama, exchange: str, T: int, N: int, R: int, wire_esz
     m, k = N // 2, max(1, N // 4)
     total, backends = 0.0, {}
     for d_in, d_out in model.linears():
-        kw = dict(T=T, d_in=d_in, d_out=d_out, n=N, m=m, world=R, k_out=K_SKETCH, k_in=K_SKETCH, esz=ESZ,
-                  wire_esz=wire_esz)
+        kw = dict(
+            T=T, d_in=d_in, d_out=d_out, n=N, m=m, world=R, k_out=K_SKETCH, k_in=K_SKETCH, esz=ESZ, wire_esz=wire_esz
+        )
         backend = choose_backend(exchange, max_temp_elems=1 << 24, **kw)
         backends[backend] = backends.get(backend, 0) + 1
         total += layer_cost(exchange, backend, **kw).bytes
@@ -119,11 +121,22 @@ def table(models=MODELS) -> list[dict]:
         for T in TS:
             for N in NS:
                 for R in RS:
-                    row = {"model": model.name, "params": model.params, "T": T, "N": N, "R": R, **eng, **eng_bf16,
-                           "grad_wire_bytes": shipped}
-                    for label, exchange, wire in (("factors", "factors", ESZ), ("sketches", "sketches", ESZ),
-                                                  ("direction", "direction", ESZ),
-                                                  ("direction_bf16", "direction", BF16)):
+                    row = {
+                        "model": model.name,
+                        "params": model.params,
+                        "T": T,
+                        "N": N,
+                        "R": R,
+                        **eng,
+                        **eng_bf16,
+                        "grad_wire_bytes": shipped,
+                    }
+                    for label, exchange, wire in (
+                        ("factors", "factors", ESZ),
+                        ("sketches", "sketches", ESZ),
+                        ("direction", "direction", ESZ),
+                        ("direction_bf16", "direction", BF16),
+                    ):
                         sel = selector_bytes(model, exchange, T, N, R, wire)
                         row[label] = sel["bytes"]
                         row[label + "_backends"] = sel["backends"]
@@ -144,17 +157,21 @@ def _r(x: float) -> str:
 
 def markdown(rows: list[dict]) -> str:
     """One row per (model, T, N); ranks whose row reads the same are merged (payload ratios do not depend on R)."""
-    L = ["| model | T | N | R | ZeRO-3 | FSDP2 | factors | sketches | direction (default, exact b) | "
-         "direction, bf16 M | factors / ZeRO-3 | sketches / ZeRO-3 | direction / ZeRO-3 | direction / FSDP2 | "
-         "direction / ZeRO-3, bf16 grads | direction / FSDP2, bf16 grads | direction bf16 M / ZeRO-3 |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    L = [
+        "| model | T | N | R | ZeRO-3 | FSDP2 | factors | sketches | direction (default, exact b) | "
+        "direction, bf16 M | factors / ZeRO-3 | sketches / ZeRO-3 | direction / ZeRO-3 | direction / FSDP2 | "
+        "direction / ZeRO-3, bf16 grads | direction / FSDP2, bf16 grads | direction bf16 M / ZeRO-3 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     groups: dict[tuple, list[tuple[int, str]]] = {}
     for r in rows:
         z, f = r["zero3"], r["fsdp2"]
-        cells = (f"{_b(z)} | {_b(f)} | {_b(r['factors'])} | {_b(r['sketches'])} | {_b(r['direction'])} | "
-                 f"{_b(r['direction_bf16'])} | {_r(r['factors'] / z)} | {_r(r['sketches'] / z)} | "
-                 f"{_r(r['direction'] / z)} | {_r(r['direction'] / f)} | {_r(r['direction'] / r['zero3_bf16_grad'])} | "
-                 f"{_r(r['direction'] / r['fsdp2_bf16_grad'])} | {_r(r['direction_bf16'] / z)}")
+        cells = (
+            f"{_b(z)} | {_b(f)} | {_b(r['factors'])} | {_b(r['sketches'])} | {_b(r['direction'])} | "
+            f"{_b(r['direction_bf16'])} | {_r(r['factors'] / z)} | {_r(r['sketches'] / z)} | "
+            f"{_r(r['direction'] / z)} | {_r(r['direction'] / f)} | {_r(r['direction'] / r['zero3_bf16_grad'])} | "
+            f"{_r(r['direction'] / r['fsdp2_bf16_grad'])} | {_r(r['direction_bf16'] / z)}"
+        )
         groups.setdefault((r["model"], r["T"], r["N"]), []).append((r["R"], cells))
     for (model, T, N), items in groups.items():
         by_cells: dict[str, list[int]] = {}
@@ -177,28 +194,36 @@ def verdict(rows: list[dict], model: str = "Llama 8B") -> list[str]:
     g = sel[0]["grad_wire_bytes"]
     shipped = ("zero3", "fsdp2")
     bf16 = ("zero3_bf16_grad", "fsdp2_bf16_grad")
-    engines_text = {shipped: f"ZeRO-3 and FSDP2 as optsel configures them (gradients reduced in "
-                             f"{'fp32' if g['zero3'] == 4 else 'bf16'} / {'fp32' if g['fsdp2'] == 4 else 'bf16'})",
-                    bf16: "ZeRO-3 and FSDP2 with gradients reduced in bf16"}
+    engines_text = {
+        shipped: f"ZeRO-3 and FSDP2 as optsel configures them (gradients reduced in "
+        f"{'fp32' if g['zero3'] == 4 else 'bf16'} / {'fp32' if g['fsdp2'] == 4 else 'bf16'})",
+        bf16: "ZeRO-3 and FSDP2 with gradients reduced in bf16",
+    }
     out = []
     for key, label, engines, bar, bar_text in (
-            ("direction", "direction (default, exact b, fp32 M)", shipped, 0.5, "0.5×"),
-            ("direction", "direction (default, exact b, fp32 M)", bf16, 0.5, "0.5×"),
-            ("direction_bf16", "direction with direction_dtype: bfloat16", bf16, 0.5, "0.5×"),
-            ("sketches", "sketches", bf16, 0.01, "1 %"), ("factors", "factors", shipped, 0.5, "0.5×")):
+        ("direction", "direction (default, exact b, fp32 M)", shipped, 0.5, "0.5×"),
+        ("direction", "direction (default, exact b, fp32 M)", bf16, 0.5, "0.5×"),
+        ("direction_bf16", "direction with direction_dtype: bfloat16", bf16, 0.5, "0.5×"),
+        ("sketches", "sketches", bf16, 0.01, "1 %"),
+        ("factors", "factors", shipped, 0.5, "0.5×"),
+    ):
         best, worst = _span(sel, key, engines)
-        out.append(f"- {model}, {label}: {_r(best)}–{_r(worst)} of the traffic of {engines_text[engines]}, every T, "
-                   f"N, R above; bar ≤ {bar_text}: {'met' if worst <= bar else 'NOT met'}.")
+        out.append(
+            f"- {model}, {label}: {_r(best)}–{_r(worst)} of the traffic of {engines_text[engines]}, every T, "
+            f"N, R above; bar ≤ {bar_text}: {'met' if worst <= bar else 'NOT met'}."
+        )
     covered = next(m for m in MODELS if m.name == model)
     share = sum(d_in * d_out for d_in, d_out in covered.linears()) / covered.params
     fp32_span, bf16_span = _span(sel, "direction", shipped), _span(sel, "direction", bf16)
-    out.append(f"- Why the margin is thin and depends on the gradient dtype: b needs the whole M on the candidate's "
-               f"rank, one fp32 value per covered parameter (4 B), while the engine moves two bf16 gathers and one "
-               f"gradient reduce-scatter per parameter (2 + 2 + 4 = 8 B with fp32 gradients, 6 B with bf16). With "
-               f"{100 * share:.0f} % of the {model}'s parameters covered that is {_r(fp32_span[0])}–{_r(fp32_span[1])} "
-               f"with fp32 gradients and {_r(bf16_span[0])}–{_r(bf16_span[1])} with bf16 ones. A narrower M (bf16: b "
-               f"rounded, ≈ 2⁻⁹ relative per element) or gradient accumulation (the engine's traffic repeats per "
-               f"micro-batch, the selector's does not) goes lower.")
+    out.append(
+        f"- Why the margin is thin and depends on the gradient dtype: b needs the whole M on the candidate's "
+        f"rank, one fp32 value per covered parameter (4 B), while the engine moves two bf16 gathers and one "
+        f"gradient reduce-scatter per parameter (2 + 2 + 4 = 8 B with fp32 gradients, 6 B with bf16). With "
+        f"{100 * share:.0f} % of the {model}'s parameters covered that is {_r(fp32_span[0])}–{_r(fp32_span[1])} "
+        f"with fp32 gradients and {_r(bf16_span[0])}–{_r(bf16_span[1])} with bf16 ones. A narrower M (bf16: b "
+        f"rounded, ≈ 2⁻⁹ relative per element) or gradient accumulation (the engine's traffic repeats per "
+        f"micro-batch, the selector's does not) goes lower."
+    )
     return out
 
 
@@ -208,12 +233,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     rows = table()
     doc = __doc__.split("\n\n")
-    md = ["# Selector bytes per step vs the engines' own (cost model)", "",
-          "Command: `python -m benchmarks.cost_model`. Per rank, per optimizer step, payload bytes. " + doc[2].strip(),
-          "", doc[3].strip(), "", "Parameters: " + ", ".join(f"{m.name} {m.params / 1e9:.2f} B" for m in MODELS)
-          + ". Backends auto picked (per layer): " + "; ".join(
-              sorted({f"{r['model']} direction → {r['direction_backends']}" for r in rows if r['R'] == 8})), "",
-          markdown(rows), "", *verdict(rows), ""]
+    md = [
+        "# Selector bytes per step vs the engines' own (cost model)",
+        "",
+        "Command: `python -m benchmarks.cost_model`. Per rank, per optimizer step, payload bytes. " + doc[2].strip(),
+        "",
+        doc[3].strip(),
+        "",
+        "Parameters: "
+        + ", ".join(f"{m.name} {m.params / 1e9:.2f} B" for m in MODELS)
+        + ". Backends auto picked (per layer): "
+        + "; ".join(sorted({f"{r['model']} direction → {r['direction_backends']}" for r in rows if r["R"] == 8})),
+        "",
+        markdown(rows),
+        "",
+        *verdict(rows),
+        "",
+    ]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cost_model.md").write_text("\n".join(md))

@@ -68,9 +68,10 @@ ZERO3_JSON = REPO / "configs" / "deepspeed" / "zero3.json"
 
 # -- one rank ---------------------------------------------------------------------------------------
 
+
 def _share(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
     per = batch["input_ids"].shape[0] // world
-    return {k: v[rank * per:(rank + 1) * per] for k, v in batch.items()}
+    return {k: v[rank * per : (rank + 1) * per] for k, v in batch.items()}
 
 
 def _worker(rank: int, world: int, engine_name: str, grams: list[str], s: dict) -> dict:
@@ -78,8 +79,8 @@ def _worker(rank: int, world: int, engine_name: str, grams: list[str], s: dict) 
 
     from benchmarks.speed import build_model, make_pool
     from optsel import distributed
-    from optsel.pipeline.engines.base import EngineConfig, OptimizerConfig, build_engine
-    from optsel.pipeline.trainer import backward_on_selection
+    from optsel.pipeline.engines.shared import EngineConfig, OptimizerConfig, build_engine
+    from optsel.pipeline.train.trainer import backward_on_selection
     from optsel.selection.ftw import FilterThenWeight, FTWConfig
 
     logging_quiet()
@@ -88,9 +89,13 @@ def _worker(rank: int, world: int, engine_name: str, grams: list[str], s: dict) 
     model = build_model(device, max_pos=T, seed=0)
     num_params = sum(p.numel() for p in model.parameters())
     steps_total = s["warm_steps"] + len(grams) * (1 + s["repeats"] + 1) + 1
-    engine = build_engine(EngineConfig(name=engine_name, deepspeed_config=str(ZERO3_JSON), precision="fp32"), model,
-                          OptimizerConfig(lr=3e-3, betas=(0.9, 0.95), schedule="constant", grad_clip=1.0),
-                          total_steps=steps_total, micro_batch_size=max(1, k // world))
+    engine = build_engine(
+        EngineConfig(name=engine_name, deepspeed_config=str(ZERO3_JSON), precision="fp32"),
+        model,
+        OptimizerConfig(lr=3e-3, betas=(0.9, 0.95), schedule="constant", grad_clip=1.0),
+        total_steps=steps_total,
+        micro_batch_size=max(1, k // world),
+    )
     per_rank_params = _local_param_numel(engine)
 
     def train_step(batch, weights) -> float:
@@ -105,8 +110,15 @@ def _worker(rank: int, world: int, engine_name: str, grams: list[str], s: dict) 
         train_step(_share(pool, rank, world), torch.full((n // world,), 1.0 / n))
 
     target = _share(make_pool(s["num_target"], T, 999, device), rank, world)
-    out: dict[str, Any] = {"rank": rank, "world": world, "engine": engine_name, "num_params": num_params,
-                           "local_param_numel": per_rank_params, "threads": torch.get_num_threads(), "grams": {}}
+    out: dict[str, Any] = {
+        "rank": rank,
+        "world": world,
+        "engine": engine_name,
+        "num_params": num_params,
+        "local_param_numel": per_rank_params,
+        "threads": torch.get_num_threads(),
+        "grams": {},
+    }
 
     def one_step(ftw, pool, counted: bool):
         """The trainer's step: select, then the trainer's own backward on the selection, then step."""
@@ -128,13 +140,33 @@ def _worker(rank: int, world: int, engine_name: str, grams: list[str], s: dict) 
 
     for gram in grams:
         backend, exchange = split_label(gram)
-        ftw = FilterThenWeight(engine.unwrapped_model, engine.optimizer,
-                               FTWConfig(budget=k, filter_ratio=0.5, gram=backend, exchange=exchange,
-                                         geometry="adam", sketch_dim_out=s["sketch_dim"],
-                                         sketch_dim_in=s["sketch_dim"]), seed=0)
-        rec: dict[str, Any] = {"select_s": [], "train_s": [], "phases_s": [], "comm_bytes": [], "comm_by_op": [],
-                               "comm_by_phase": [],
-                               "comm_calls": [], "indices": [], "weights": [], "optimizer_step": [], "backends": None}
+        ftw = FilterThenWeight(
+            engine.unwrapped_model,
+            engine.optimizer,
+            FTWConfig(
+                budget=k,
+                filter_ratio=0.5,
+                gram=backend,
+                exchange=exchange,
+                geometry="adam",
+                sketch_dim_out=s["sketch_dim"],
+                sketch_dim_in=s["sketch_dim"],
+            ),
+            seed=0,
+        )
+        rec: dict[str, Any] = {
+            "select_s": [],
+            "train_s": [],
+            "phases_s": [],
+            "comm_bytes": [],
+            "comm_by_op": [],
+            "comm_by_phase": [],
+            "comm_calls": [],
+            "indices": [],
+            "weights": [],
+            "optimizer_step": [],
+            "backends": None,
+        }
         for r in range(1 + s["repeats"]):  # r = 0: warm-up, not recorded
             pool = _share(make_pool(n, T, r, device), rank, world)
             sel, t_select, t_train, _, _ = one_step(ftw, pool, counted=False)
@@ -194,12 +226,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None, help="default: results/distributed_select (quick: ..._quick)")
     parser.add_argument("--engines", default="fsdp2,deepspeed")
     parser.add_argument("--ranks", default="1,2")
-    parser.add_argument("--grams", default=None, help="comma list of <gram backend>+<exchange> (default: "
-                        "exact+direction,sketch+sketches,auto+factors,auto+direction; a bare backend: +factors)")
+    parser.add_argument(
+        "--grams",
+        default=None,
+        help="comma list of <gram backend>+<exchange> (default: "
+        "exact+direction,sketch+sketches,auto+factors,auto+direction; a bare backend: +factors)",
+    )
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--sketch-dim", type=int, default=16,
-                        help="k_o = k_i of every sketch (default 16: 1/4 of this 64-wide model's layers; FTWConfig's "
-                             "default 32 is 1/128 of a 4096-wide layer)")
+    parser.add_argument(
+        "--sketch-dim",
+        type=int,
+        default=16,
+        help="k_o = k_i of every sketch (default 16: 1/4 of this 64-wide model's layers; FTWConfig's "
+        "default 32 is 1/128 of a 4096-wide layer)",
+    )
     parser.add_argument("--threads-per-rank", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per (engine, R) run")
     args = parser.parse_args(argv)
@@ -234,25 +274,43 @@ def main(argv: list[str] | None = None) -> dict:
             for gram in grams:
                 rows.append(summarize(res, gram, s))
                 r = rows[-1]
-                print(f"[distributed_select] {engine:9s} R={R} {gram:6s} select {r['select_s'] * 1e3:7.1f} ms  "
-                      f"selector {fmt_bytes(r['selector_bytes'])}  engine/train step "
-                      f"{fmt_bytes(r['engine_bytes_train_step'])}  engine during select "
-                      f"{fmt_bytes(r['engine_bytes_during_select'])}  ({time.time() - t0:.0f} s)", flush=True)
+                print(
+                    f"[distributed_select] {engine:9s} R={R} {gram:6s} select {r['select_s'] * 1e3:7.1f} ms  "
+                    f"selector {fmt_bytes(r['selector_bytes'])}  engine/train step "
+                    f"{fmt_bytes(r['engine_bytes_train_step'])}  engine during select "
+                    f"{fmt_bytes(r['engine_bytes_during_select'])}  ({time.time() - t0:.0f} s)",
+                    flush=True,
+                )
     import deepspeed
     import transformers
 
-    meta = {"mode": "quick" if args.quick else "default",
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": " ".join(["python -m benchmarks.distributed_select",
-                                 *(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))]),
-            "machine": " ".join(x for x in (platform.machine(), platform.processor(), platform.system(),
-                                            platform.release()) if x),
-            "cpu_count": os.cpu_count(), "loadavg_start": load_start,
-            "loadavg_end": ", ".join(f"{x:.2f}" for x in os.getloadavg()),
-            "threads_per_rank": args.threads_per_rank, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(),
-            "num_params": rows[0]["num_params"] if rows else 0, "engines": engines, "ranks": ranks, "grams": grams,
-            "wall_s": time.time() - start, **s}
+    meta = {
+        "mode": "quick" if args.quick else "default",
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join(
+            [
+                "python -m benchmarks.distributed_select",
+                *(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+            ]
+        ),
+        "machine": " ".join(
+            x for x in (platform.machine(), platform.processor(), platform.system(), platform.release()) if x
+        ),
+        "cpu_count": os.cpu_count(),
+        "loadavg_start": load_start,
+        "loadavg_end": ", ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "threads_per_rank": args.threads_per_rank,
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "num_params": rows[0]["num_params"] if rows else 0,
+        "engines": engines,
+        "ranks": ranks,
+        "grams": grams,
+        "wall_s": time.time() - start,
+        **s,
+    }
     results = {"meta": meta, "rows": rows}
     results["notes"] = notes(rows, meta)
     out = Path(args.out or ("results/distributed_select_quick" if args.quick else "results/distributed_select"))

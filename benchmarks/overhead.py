@@ -28,7 +28,7 @@ if __package__ in (None, ""):
 import torch
 
 from benchmarks.speed import Method, build_model, count_flops, interleaved_rounds, make_pool, sync, train_step
-from optsel.pipeline import jsonio
+from optsel.pipeline.files import jsonio
 
 #: (label, method, FTW options or a callable of (k, T) giving them); written 2026-12-02 before any run
 VARIANTS = [
@@ -38,24 +38,50 @@ VARIANTS = [
     ("ftw (one stage, exact b)", "ftw", {}),
     ("ftw[head, m=2k]", "ftw", lambda k, T: {"prefilter": "head", "filter_size": 2 * k}),
     ("ftw[head, m=k]", "ftw", lambda k, T: {"prefilter": "head", "filter_size": k}),
-    ("ftw[head, m=2k, W=T/4]", "ftw", lambda k, T: {"prefilter": "head", "filter_size": 2 * k,
-                                                     "prefilter_window": T // 4}),
-    ("ftw[head, m=k, W=T/4]", "ftw", lambda k, T: {"prefilter": "head", "filter_size": k,
-                                                    "prefilter_window": T // 4}),
-    ("ftw[head, m=k, W=T/4, reuse]", "ftw", lambda k, T: {"prefilter": "head", "filter_size": k,
-                                                           "prefilter_window": T // 4, "prefilter_target": "reuse"}),
-    ("ftw[head, m=k, W=T/4, reuse, refresh 4]", "ftw",
-     lambda k, T: {"prefilter": "head", "filter_size": k, "prefilter_window": T // 4, "prefilter_target": "reuse",
-                   "target_refresh": 4}),
+    (
+        "ftw[head, m=2k, W=T/4]",
+        "ftw",
+        lambda k, T: {"prefilter": "head", "filter_size": 2 * k, "prefilter_window": T // 4},
+    ),
+    ("ftw[head, m=k, W=T/4]", "ftw", lambda k, T: {"prefilter": "head", "filter_size": k, "prefilter_window": T // 4}),
+    (
+        "ftw[head, m=k, W=T/4, reuse]",
+        "ftw",
+        lambda k, T: {"prefilter": "head", "filter_size": k, "prefilter_window": T // 4, "prefilter_target": "reuse"},
+    ),
+    (
+        "ftw[head, m=k, W=T/4, reuse, refresh 4]",
+        "ftw",
+        lambda k, T: {
+            "prefilter": "head",
+            "filter_size": k,
+            "prefilter_window": T // 4,
+            "prefilter_target": "reuse",
+            "target_refresh": 4,
+        },
+    ),
     # stage 2 on the head alone: the QP on the head's b and K, the trainer's own step on the chosen k
     ("ftw[head only]", "ftw", lambda k, T: {"prefilter": "head", "prefilter_stage2": "head"}),
-    ("ftw[head only, W=T/4]", "ftw", lambda k, T: {"prefilter": "head", "prefilter_stage2": "head",
-                                                    "prefilter_window": T // 4}),
-    ("ftw[head only, W=T/8]", "ftw", lambda k, T: {"prefilter": "head", "prefilter_stage2": "head",
-                                                    "prefilter_window": T // 8}),
-    ("ftw[head only, W=T/8, |V|/4 rows]", "ftw",
-     lambda k, T: {"prefilter": "head", "prefilter_stage2": "head", "prefilter_window": T // 8,
-                   "prefilter_target_rows": max(1, k // 4)}),
+    (
+        "ftw[head only, W=T/4]",
+        "ftw",
+        lambda k, T: {"prefilter": "head", "prefilter_stage2": "head", "prefilter_window": T // 4},
+    ),
+    (
+        "ftw[head only, W=T/8]",
+        "ftw",
+        lambda k, T: {"prefilter": "head", "prefilter_stage2": "head", "prefilter_window": T // 8},
+    ),
+    (
+        "ftw[head only, W=T/8, |V|/4 rows]",
+        "ftw",
+        lambda k, T: {
+            "prefilter": "head",
+            "prefilter_stage2": "head",
+            "prefilter_window": T // 8,
+            "prefilter_target_rows": max(1, k // 4),
+        },
+    ),
 ]
 
 #: size: (T, k); "cpu-compute" is the speed benchmark's compute-bound CPU size (hidden 256, 4 layers)
@@ -86,8 +112,15 @@ def table(device, size: str, ratio: int, repeats: int, only: list[str] | None) -
             continue
         opts = options(k, T) if callable(options) else options
         methods.append(Method(label, method, opts if method == "ftw" else None, model, opt, k))
-    plain = interleaved_rounds(methods, pools, target, device, lambda pool: plain_k(model, opt, pool, k, device),
-                               f"[overhead] {size} N/k={ratio}", "plain-k")
+    plain = interleaved_rounds(
+        methods,
+        pools,
+        target,
+        device,
+        lambda pool: plain_k(model, opt, pool, k, device),
+        f"[overhead] {size} N/k={ratio}",
+        "plain-k",
+    )
     one = {key: v[:k] for key, v in pools[0].items()}
     flops_k = count_flops(lambda: train_step(model, opt, one, torch.full((k,), 1.0 / k, device=device)))
     flops_n = count_flops(lambda: train_step(model, opt, pools[0], torch.full((n,), 1.0 / n, device=device)))
@@ -95,29 +128,54 @@ def table(device, size: str, ratio: int, repeats: int, only: list[str] | None) -
     for m in methods:
         m.flops = count_flops(lambda: m.step(pools[0], target, device, record=False))
         row = m.row()
-        rows[m.name] = {"time_ratio": row["ratio_to_plain"], "flop_ratio": m.flops / flops_k,
-                        "flop_ratio_to_plain_N": m.flops / flops_n, "step_s": row["step_s"],
-                        "phases_s": row["phases_s"], "ratios": row["ratios"]}
-    return {"size": size, "T": T, "k": k, "N": n, "V": k, "plain_k_s": statistics.median(plain),
-            "plain_k_flops": flops_k, "plain_N_flops": flops_n, "rows": rows}
+        rows[m.name] = {
+            "time_ratio": row["ratio_to_plain"],
+            "flop_ratio": m.flops / flops_k,
+            "flop_ratio_to_plain_N": m.flops / flops_n,
+            "step_s": row["step_s"],
+            "phases_s": row["phases_s"],
+            "ratios": row["ratios"],
+        }
+    return {
+        "size": size,
+        "T": T,
+        "k": k,
+        "N": n,
+        "V": k,
+        "plain_k_s": statistics.median(plain),
+        "plain_k_flops": flops_k,
+        "plain_N_flops": flops_n,
+        "rows": rows,
+    }
 
 
 def write(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "overhead.json").write_text(jsonio.dumps(results, indent=2))
     meta = results["meta"]
-    lines = ["# Step overhead: step / a plain step on the k samples it trains on", "",
-             f"Command: `{meta['command']}` — {meta['date']}, {meta['device_name']}, {meta['repeats']} interleaved "
-             f"rounds after a warm-up round. time = median over rounds of step / that round's mean plain-k step; "
-             f"FLOPs = counted matmul + attention FLOPs of one step / the plain-k step's; 'vs plain-N' = the old "
-             f"reference, FLOPs / a plain step over the whole pool. |V| = k target rows.", ""]
+    lines = [
+        "# Step overhead: step / a plain step on the k samples it trains on",
+        "",
+        f"Command: `{meta['command']}` — {meta['date']}, {meta['device_name']}, {meta['repeats']} interleaved "
+        f"rounds after a warm-up round. time = median over rounds of step / that round's mean plain-k step; "
+        f"FLOPs = counted matmul + attention FLOPs of one step / the plain-k step's; 'vs plain-N' = the old "
+        f"reference, FLOPs / a plain step over the whole pool. |V| = k target rows.",
+        "",
+    ]
     for block in results["tables"]:
-        lines += [f"## {block['size']} (T {block['T']}), k {block['k']}, N {block['N']} (N/k = {block['N'] // block['k']})",
-                  "", f"plain-k step {block['plain_k_s'] * 1e3:.0f} ms", "",
-                  "| method | time / plain-k | FLOPs / plain-k | FLOPs / plain-N | step ms |", "|---|---|---|---|---|"]
+        lines += [
+            f"## {block['size']} (T {block['T']}), k {block['k']}, N {block['N']} (N/k = {block['N'] // block['k']})",
+            "",
+            f"plain-k step {block['plain_k_s'] * 1e3:.0f} ms",
+            "",
+            "| method | time / plain-k | FLOPs / plain-k | FLOPs / plain-N | step ms |",
+            "|---|---|---|---|---|",
+        ]
         for name, r in block["rows"].items():
-            lines.append(f"| {name} | {r['time_ratio']:.2f} | {r['flop_ratio']:.2f} | {r['flop_ratio_to_plain_N']:.3f} | "
-                         f"{r['step_s'] * 1e3:.0f} |")
+            lines.append(
+                f"| {name} | {r['time_ratio']:.2f} | {r['flop_ratio']:.2f} | {r['flop_ratio_to_plain_N']:.3f} | "
+                f"{r['step_s'] * 1e3:.0f} |"
+            )
         lines.append("")
     (out / "overhead.md").write_text("\n".join(lines) + "\n")
     _plot(results, out / "overhead.png")
@@ -137,8 +195,14 @@ def _plot(results: dict, path: Path) -> None:
         colors = plt.get_cmap("tab20")
         for i, name in enumerate(names):
             xs = [b["N"] // b["k"] for b in blocks]
-            ax.plot(xs, [b["rows"][name]["flop_ratio"] for b in blocks], marker="osD^v<>"[i % 7], color=colors(i % 20),
-                    ls="-" if "head only" in name or name == "random" else "--", label=name)
+            ax.plot(
+                xs,
+                [b["rows"][name]["flop_ratio"] for b in blocks],
+                marker="osD^v<>"[i % 7],
+                color=colors(i % 20),
+                ls="-" if "head only" in name or name == "random" else "--",
+                label=name,
+            )
         ax.axhline(1.25, color="k", ls="--", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -172,11 +236,17 @@ def main(argv: list[str] | None = None) -> dict:
     only = args.methods.split(",") if args.methods else None
     device = torch.device(args.device)
     tables = [table(device, size, ratio, repeats, only) for size in sizes for ratio in ratios]
-    results = {"meta": {"command": "python -m benchmarks.overhead " + " ".join(argv if argv is not None else sys.argv[1:]),
-                        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "repeats": repeats,
-                        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else
-                        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"},
-               "tables": tables}
+    results = {
+        "meta": {
+            "command": "python -m benchmarks.overhead " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "repeats": repeats,
+            "device_name": torch.cuda.get_device_name()
+            if device.type == "cuda"
+            else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        },
+        "tables": tables,
+    }
     out = Path(args.out or ("results/overhead_quick" if args.quick else "results/overhead"))
     write(results, out)
     print((out / "overhead.md").read_text())

@@ -37,9 +37,17 @@ if __package__ in (None, ""):  # run as a script
 import yaml
 
 from benchmarks import quality_report as report
-from optsel.pipeline import jsonio
-from benchmarks.quality_runs import (Cell, RunResult, Settings, build_stream, pretrain, resolved_options, run,
-                                     synthetic_config)
+from benchmarks.quality_runs import (
+    Cell,
+    RunResult,
+    Settings,
+    build_stream,
+    pretrain,
+    resolved_options,
+    run,
+    synthetic_config,
+)
+from optsel.pipeline.files import jsonio
 
 GRID_FILE = Path(__file__).with_name("quality_grid.yaml")
 PROBED = ("ftw",)  # methods whose per-kind alignment is recorded along training
@@ -52,8 +60,18 @@ SECTION_KEYS = {"settings", "cells", "methods", "variants", "seed_blocks"}
 
 def load_grid(path: Path, quick: bool, section: str | None = None) -> dict[str, Any]:
     grid = yaml.safe_load(path.read_text())
-    unknown = set(grid) - {"settings", "methods", "factors", "default_cells", "variants", "quick", "study_variants",
-                           "study_cells", "equal_compute", *SECTIONS}
+    unknown = set(grid) - {
+        "settings",
+        "methods",
+        "factors",
+        "default_cells",
+        "variants",
+        "quick",
+        "study_variants",
+        "study_cells",
+        "equal_compute",
+        *SECTIONS,
+    }
     if unknown:
         raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)}")
     settings = dict(grid["settings"])
@@ -66,13 +84,22 @@ def load_grid(path: Path, quick: bool, section: str | None = None) -> dict[str, 
             raise ValueError(f"{path}: {section}: unknown keys {sorted(bad_keys)}")
         for key, value in (sec.get("settings") or {}).items():  # one level deep: optimizer: {name: muon, ...}
             settings[key] = {**settings[key], **value} if isinstance(value, dict) and key in settings else value
-        grid = {**grid, "default_cells": sec["cells"], "methods": sec["methods"], "variants": sec.get("variants", {}),
-                "seed_blocks": sec.get("seed_blocks")}
+        grid = {
+            **grid,
+            "default_cells": sec["cells"],
+            "methods": sec["methods"],
+            "variants": sec.get("variants", {}),
+            "seed_blocks": sec.get("seed_blocks"),
+        }
     if quick:
         q = grid["quick"]
         settings.update({k: v for k, v in q["settings"].items()})
-        grid = {**grid, "default_cells": q["cells"], "methods": q["methods"] if section is None else grid["methods"],
-                "seed_blocks": None}
+        grid = {
+            **grid,
+            "default_cells": q["cells"],
+            "methods": q["methods"] if section is None else grid["methods"],
+            "seed_blocks": None,
+        }
         if "equal_compute" in q:
             grid["equal_compute"] = {**grid.get("equal_compute", {}), **q["equal_compute"]}
     names = {f.name for f in fields(Settings)}
@@ -85,8 +112,10 @@ def load_grid(path: Path, quick: bool, section: str | None = None) -> dict[str, 
 
 def all_cells(grid: dict[str, Any]) -> dict[str, Cell]:
     f = grid["factors"]
-    cells = [Cell(t, c, like, k) for t, c, like, k in
-             product(f["target_fraction"], f["corrupted_fraction"], f["lookalike"], f["budget"])]
+    cells = [
+        Cell(t, c, like, k)
+        for t, c, like, k in product(f["target_fraction"], f["corrupted_fraction"], f["lookalike"], f["budget"])
+    ]
     return {c.name: c for c in cells}
 
 
@@ -95,7 +124,8 @@ def pick_cells(grid: dict[str, Any], spec: str, quick: bool) -> list[Cell]:
     if quick:  # the quick cell need not be in the factors
         return [_parse_cell(n) for n in grid["default_cells"]]
     names = {"default": grid["default_cells"], "all": list(known), "study": grid.get("study_cells", [])}.get(
-        spec, spec.split(","))
+        spec, spec.split(",")
+    )
     missing = [n for n in names if n not in known]
     if missing:
         raise SystemExit(f"--cells: unknown cells {missing}; known: {', '.join(known)}")
@@ -133,8 +163,11 @@ def seed_blocks(grid: dict[str, Any], settings: Settings) -> list[list[int]]:
 
 def _key(settings: Settings, cell: Cell, label: str, method: str, options: dict, seed: int) -> str:
     budget = settings.pool if method == "full" else cell.budget
-    blob = json.dumps([asdict(settings), asdict(cell), method, resolved_options(method, options, budget), seed],
-                      sort_keys=True, default=str)
+    blob = json.dumps(
+        [asdict(settings), asdict(cell), method, resolved_options(method, options, budget), seed],
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -155,17 +188,25 @@ def _job(args: tuple) -> list[dict]:
         if report_only:
             continue
         if stream is None:
-            stream = build_stream(settings, synthetic_config(settings, cell.target_fraction, cell.corrupted_fraction,
-                                                             cell.lookalike, settings.num_train), settings.stream_seed)
+            stream = build_stream(
+                settings,
+                synthetic_config(
+                    settings, cell.target_fraction, cell.corrupted_fraction, cell.lookalike, settings.num_train
+                ),
+                settings.stream_seed,
+            )
         r = run(settings, stream, base, method, options, label, cell, seed, probe_alignment=method in PROBED)
         record = vars(r)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(jsonio.dumps(record))  # strict JSON: null, never NaN
         tmp.replace(path)
-        print(f"[quality] {cell.name} {label:18s} seed {seed}: loss {r.final_loss:.4f} EM {r.final_em:.3f} "
-              f"target w {r.precision.get('target', 0):.2f} corrupted w {r.precision.get('corrupted', 0):.2f} "
-              f"ESS {r.ess:.1f} ({r.wall_seconds:.1f}s)", flush=True)
+        print(
+            f"[quality] {cell.name} {label:18s} seed {seed}: loss {r.final_loss:.4f} EM {r.final_em:.3f} "
+            f"target w {r.precision.get('target', 0):.2f} corrupted w {r.precision.get('corrupted', 0):.2f} "
+            f"ESS {r.ess:.1f} ({r.wall_seconds:.1f}s)",
+            flush=True,
+        )
         out.append(record)
     return out
 
@@ -184,28 +225,39 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI-sized smoke run (the grid file's quick block)")
     parser.add_argument("--grid", default=str(GRID_FILE), help="grid file (default: benchmarks/quality_grid.yaml)")
-    parser.add_argument("--section", default=None, choices=SECTIONS,
-                        help="a grid-file section (muon: the Muon grid) replacing settings overrides, cells, methods, "
-                             "variants and the run order")
+    parser.add_argument(
+        "--section",
+        default=None,
+        choices=SECTIONS,
+        help="a grid-file section (muon: the Muon grid) replacing settings overrides, cells, methods, "
+        "variants and the run order",
+    )
     parser.add_argument("--cells", default="default", help="default | all | study | comma-separated cell names")
     parser.add_argument("--methods", default=None, help="comma-separated methods (default: the grid's)")
     parser.add_argument("--variants", default=None, help="FTW variants from the grid file: all | study | a,b")
     parser.add_argument("--workers", type=int, default=2, help="parallel (cell, seed) jobs, one thread each")
     parser.add_argument("--out", default=None, help="default: results/quality (quick: results/quality_quick)")
     parser.add_argument("--fresh", action="store_true", help="rerun even where a finished run is stored")
-    parser.add_argument("--equal-compute", action="store_true",
-                        help="the equal-compute view (benchmarks/quality_compute.py): every method on the FLOP budget "
-                             "of the grid file's equal_compute.budget_method run")
-    parser.add_argument("--report-only", action="store_true",
-                        help="no new runs: the report over the stored runs of these cells, methods and variants")
+    parser.add_argument(
+        "--equal-compute",
+        action="store_true",
+        help="the equal-compute view (benchmarks/quality_compute.py): every method on the FLOP budget "
+        "of the grid file's equal_compute.budget_method run",
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="no new runs: the report over the stored runs of these cells, methods and variants",
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
     grid = load_grid(Path(args.grid), args.quick, args.section)
     settings: Settings = grid["settings_obj"]
     cells = pick_cells(grid, args.cells, args.quick)
     spec = grid.get("equal_compute", {})
-    todo = methods_to_run(grid, args.methods or (",".join(spec["methods"]) if args.equal_compute else None),
-                          args.variants)
+    todo = methods_to_run(
+        grid, args.methods or (",".join(spec["methods"]) if args.equal_compute else None), args.variants
+    )
     if args.equal_compute:
         if spec.get("budget_method") not in {label for label, _, _ in todo} or "random" not in {m for _, m, _ in todo}:
             raise SystemExit("--equal-compute: the methods must include random and equal_compute.budget_method")
@@ -236,8 +288,12 @@ def main(argv: list[str] | None = None) -> dict:
         tmp.replace(base_path)
     if args.equal_compute:
         return _equal_compute(args, argv, grid, settings, cells, todo, base, out, run_dir, started)
-    jobs = [(settings, base, cell, seed, todo, str(run_dir), args.report_only)
-            for block in seed_blocks(grid, settings) for cell in cells for seed in block]
+    jobs = [
+        (settings, base, cell, seed, todo, str(run_dir), args.report_only)
+        for block in seed_blocks(grid, settings)
+        for cell in cells
+        for seed in block
+    ]
     if args.workers > 1:
         with mp.get_context("spawn").Pool(args.workers) as pool:
             records = [r for batch in pool.imap_unordered(_job, jobs) for r in batch]
@@ -245,32 +301,48 @@ def main(argv: list[str] | None = None) -> dict:
         records = [r for job in jobs for r in _job(job)]
     runs = [_from_record(d) for d in records]
     summaries = [report.cell_summary(c.name, [r for r in runs if r.cell == c.name]) for c in cells]
-    from optsel.pipeline.synthetic import look_alike
+    from optsel.pipeline.data.synthetic import look_alike
 
-    meta = {"mode": ("quick" if args.quick else "default") + (f", section {args.section}" if args.section else ""),
-            "wall_seconds": time.perf_counter() - started,
-            "run_seconds": sum(r.wall_seconds for r in runs), "workers": args.workers,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "command": "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "grid_file": str(Path(args.grid).resolve().relative_to(Path(__file__).resolve().parents[1]))
-            if Path(args.grid).resolve().is_relative_to(Path(__file__).resolve().parents[1]) else args.grid,
-            "settings": asdict(settings), "cells": [c.name for c in cells],
-            "methods": [{"label": label, "method": m, "options": o} for label, m, o in todo],
-            "lookalike_kind": f"distractor/{look_alike(settings.target_task)}",
-            "description": (f"Target task `{settings.target_task}`; N = {settings.pool}, {settings.steps} steps, "
-                            f"seeds {settings.seeds}; base pre-trained {settings.pretrain_steps} steps (AdamW); "
-                            f"fine-tuned with optimizer {settings.optimizer.get('name', 'adamw')}.")}
+    meta = {
+        "mode": ("quick" if args.quick else "default") + (f", section {args.section}" if args.section else ""),
+        "wall_seconds": time.perf_counter() - started,
+        "run_seconds": sum(r.wall_seconds for r in runs),
+        "workers": args.workers,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "grid_file": str(Path(args.grid).resolve().relative_to(Path(__file__).resolve().parents[1]))
+        if Path(args.grid).resolve().is_relative_to(Path(__file__).resolve().parents[1])
+        else args.grid,
+        "settings": asdict(settings),
+        "cells": [c.name for c in cells],
+        "methods": [{"label": label, "method": m, "options": o} for label, m, o in todo],
+        "lookalike_kind": f"distractor/{look_alike(settings.target_task)}",
+        "description": (
+            f"Target task `{settings.target_task}`; N = {settings.pool}, {settings.steps} steps, "
+            f"seeds {settings.seeds}; base pre-trained {settings.pretrain_steps} steps (AdamW); "
+            f"fine-tuned with optimizer {settings.optimizer.get('name', 'adamw')}."
+        ),
+    }
     report.write_csv(runs, out / "runs.csv")
     report.write_json(runs, summaries, meta, out / "summary.json")
     table = report.alignment_by_kind(runs)
-    extra = ("\n## FTW's alignment b by kind along training\n\nMean b of each kind's pool samples in units of "
-             "the step's mean |b|, mean ± 95 % CI over FTW's runs in these cells:\n\n"
-             + report.alignment_markdown(table)) if table else ""
+    extra = (
+        (
+            "\n## FTW's alignment b by kind along training\n\nMean b of each kind's pool samples in units of "
+            "the step's mean |b|, mean ± 95 % CI over FTW's runs in these cells:\n\n" + report.alignment_markdown(table)
+        )
+        if table
+        else ""
+    )
     if args.section == "muon":  # the grid file's decision rule and exactly which runs the summary holds
         decision = report.muon_decision(summaries)
-        extra = ("\n## Decision rule (benchmarks/quality_grid.yaml, `muon`)\n\n" + report.muon_decision_markdown(decision)
-                 + "\n## Runs held (seeds per cell and method)\n\n" + report.coverage_markdown(runs, meta["cells"])
-                 + extra)
+        extra = (
+            "\n## Decision rule (benchmarks/quality_grid.yaml, `muon`)\n\n"
+            + report.muon_decision_markdown(decision)
+            + "\n## Runs held (seeds per cell and method)\n\n"
+            + report.coverage_markdown(runs, meta["cells"])
+            + extra
+        )
         summary = json.loads((out / "summary.json").read_text())
         (out / "summary.json").write_text(json.dumps({**summary, "decision": decision}, indent=1, allow_nan=False))
     (out / "summary.md").write_text(report.markdown(summaries, meta) + extra)
@@ -280,13 +352,17 @@ def main(argv: list[str] | None = None) -> dict:
     return {"overall": report.overall(summaries), "cells": summaries}
 
 
-def _equal_compute(args, argv, grid, settings: Settings, cells: list[Cell], todo, base, out: Path, run_dir: Path,
-                   started: float) -> dict:
+def _equal_compute(
+    args, argv, grid, settings: Settings, cells: list[Cell], todo, base, out: Path, run_dir: Path, started: float
+) -> dict:
     from benchmarks import quality_compute as compute
 
     spec = grid["equal_compute"]
-    jobs = [(settings, base, cell, seed, todo, spec["budget_method"], spec, str(run_dir)) for cell in cells
-            for seed in settings.seeds]
+    jobs = [
+        (settings, base, cell, seed, todo, spec["budget_method"], spec, str(run_dir))
+        for cell in cells
+        for seed in settings.seeds
+    ]
     if args.workers > 1:
         with mp.get_context("spawn").Pool(args.workers) as pool:
             records = [r for batch in pool.imap_unordered(compute.job, jobs) for r in batch]
@@ -294,13 +370,19 @@ def _equal_compute(args, argv, grid, settings: Settings, cells: list[Cell], todo
         records = [r for job in jobs for r in compute.job(job)]
     names = [c.name for c in cells]
     summaries = compute.summarize(records, names, spec["budget_method"])
-    meta = {"command": "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_seconds": time.perf_counter() - started,
-            "grid_file": "benchmarks/quality_grid.yaml", "equal_compute": spec,
-            "description": (f"Budget: the counted FLOPs of `{spec['budget_method']}`'s {settings.steps}-step run per cell "
-                            f"and seed; every other method runs round(budget / its FLOPs per step) steps (calibrated "
-                            f"on {spec['calibration_steps']} counted steps) on a stream {spec['stream_factor']}× the "
-                            f"equal-samples one; N = {settings.pool}, seeds {settings.seeds}.")}
+    meta = {
+        "command": "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "wall_seconds": time.perf_counter() - started,
+        "grid_file": "benchmarks/quality_grid.yaml",
+        "equal_compute": spec,
+        "description": (
+            f"Budget: the counted FLOPs of `{spec['budget_method']}`'s {settings.steps}-step run per cell "
+            f"and seed; every other method runs round(budget / its FLOPs per step) steps (calibrated "
+            f"on {spec['calibration_steps']} counted steps) on a stream {spec['stream_factor']}× the "
+            f"equal-samples one; N = {settings.pool}, seeds {settings.seeds}."
+        ),
+    }
     (out / "summary.json").write_text(jsonio.dumps({"meta": meta, "cells": summaries}, indent=2))
     (out / "summary.md").write_text(compute.markdown(summaries, meta))
     compute.plot(records, names, out / "loss_vs_flops.png")

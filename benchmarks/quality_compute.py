@@ -26,13 +26,25 @@ from typing import Any
 
 from benchmarks import quality_report as report
 from benchmarks.quality_runs import Cell, RunResult, Settings, build_stream, resolved_options, run, synthetic_config
-from optsel.pipeline import jsonio
+from optsel.pipeline.files import jsonio
 
 
 def _key(settings: Settings, cell: Cell, method: str, options: dict, seed: int, steps: int, factor: int) -> str:
     budget = settings.pool if method == "full" else cell.budget
-    blob = json.dumps(["equal-compute", dataclasses.asdict(settings), dataclasses.asdict(cell), method,
-                       resolved_options(method, options, budget), seed, steps, factor], sort_keys=True, default=str)
+    blob = json.dumps(
+        [
+            "equal-compute",
+            dataclasses.asdict(settings),
+            dataclasses.asdict(cell),
+            method,
+            resolved_options(method, options, budget),
+            seed,
+            steps,
+            factor,
+        ],
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -57,8 +69,11 @@ def job(args: tuple) -> list[dict]:
     logging.getLogger("optsel").setLevel(logging.WARNING)
     factor, calib = int(spec["stream_factor"]), int(spec["calibration_steps"])
     long = dataclasses.replace(settings, num_train=settings.num_train * factor)
-    stream = build_stream(long, synthetic_config(long, cell.target_fraction, cell.corrupted_fraction, cell.lookalike,
-                                                 long.num_train), long.stream_seed)
+    stream = build_stream(
+        long,
+        synthetic_config(long, cell.target_fraction, cell.corrupted_fraction, cell.lookalike, long.num_train),
+        long.stream_seed,
+    )
     max_steps = long.num_train // long.pool
     by_label = {label: (method, options) for label, method, options in todo}
     folder = Path(run_dir) / cell.name
@@ -67,8 +82,9 @@ def job(args: tuple) -> list[dict]:
         method, options = by_label[label]
         tag = "" if count else "u"
         path = folder / f"{label}_s{seed}_n{steps}{tag}_{_key(long, cell, method, options, seed, steps, factor)}.json"
-        record = _stored_or_run(path, lambda: run(long, stream, base, method, options, label, cell, seed,
-                                                  steps=steps, count_flops=count))
+        record = _stored_or_run(
+            path, lambda: run(long, stream, base, method, options, label, cell, seed, steps=steps, count_flops=count)
+        )
         return record
 
     budget_run = one(budget_label, settings.steps)
@@ -84,9 +100,12 @@ def job(args: tuple) -> list[dict]:
         record = one(label, min(steps, max_steps), count=False)  # counted on the calibration steps only
         record["flops"] = {step: float(step) * per_step for step in record["curve"]}
         out.append(dict(record, budget_flops=budget, capped=capped, flops_per_step=per_step))
-        print(f"[quality/compute] {cell.name} {label:14s} seed {seed}: {record['steps']} steps "
-              f"({per_step / 1e6:.1f} MFLOP/step, budget {budget / 1e9:.2f} GFLOP{', capped by the stream' if capped else ''})"
-              f": loss {RunResult(**_fields(record)).final_loss:.4f}", flush=True)
+        print(
+            f"[quality/compute] {cell.name} {label:14s} seed {seed}: {record['steps']} steps "
+            f"({per_step / 1e6:.1f} MFLOP/step, budget {budget / 1e9:.2f} GFLOP{', capped by the stream' if capped else ''})"
+            f": loss {RunResult(**_fields(record)).final_loss:.4f}",
+            flush=True,
+        )
     return out
 
 
@@ -111,38 +130,62 @@ def summarize(records: list[dict], cells: list[str], budget_label: str) -> list[
             mine = [r for r in recs if r["method"] == m]
             diff = report.mean_ci(report._paired(runs, m, "random", seeds, "final_loss"))
             em_diff = report.mean_ci(report._paired(runs, m, "random", seeds, "final_em"))
-            rows[m] = {"steps": report.mean_ci([r["steps"] for r in mine]),
-                       "flops_over_budget": report.mean_ci([float(max(float(v) for v in r["flops"].values()))
-                                                            / r["budget_flops"] for r in mine]),
-                       "final_loss": report.mean_ci([runs[(m, s)].final_loss for s in seeds if (m, s) in runs]),
-                       "final_em": report.mean_ci([runs[(m, s)].final_em for s in seeds if (m, s) in runs]),
-                       "delta_vs_random": diff, "em_delta_vs_random": em_diff,
-                       "beats_random": m != "random" and math.isfinite(diff[1]) and diff[0] + diff[1] < 0,
-                       "capped": any(r.get("capped") for r in mine)}
+            rows[m] = {
+                "steps": report.mean_ci([r["steps"] for r in mine]),
+                "flops_over_budget": report.mean_ci(
+                    [float(max(float(v) for v in r["flops"].values())) / r["budget_flops"] for r in mine]
+                ),
+                "final_loss": report.mean_ci([runs[(m, s)].final_loss for s in seeds if (m, s) in runs]),
+                "final_em": report.mean_ci([runs[(m, s)].final_em for s in seeds if (m, s) in runs]),
+                "delta_vs_random": diff,
+                "em_delta_vs_random": em_diff,
+                "beats_random": m != "random" and math.isfinite(diff[1]) and diff[0] + diff[1] < 0,
+                "capped": any(r.get("capped") for r in mine),
+            }
         summaries.append({"cell": cell, "seeds": seeds, "budget_method": budget_label, "methods": rows})
     return summaries
 
 
 def markdown(summaries: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    fmt = lambda p, d=3: "—" if not math.isfinite(p[0]) else (  # noqa: E731
-        f"{p[0]:.{d}f}" if not math.isfinite(p[1]) else f"{p[0]:.{d}f} ± {p[1]:.{d}f}")
+    fmt = lambda p, d=3: (  # noqa: E731
+        "—"
+        if not math.isfinite(p[0])
+        # noqa: E731
+        else (f"{p[0]:.{d}f}" if not math.isfinite(p[1]) else f"{p[0]:.{d}f} ± {p[1]:.{d}f}")
+    )
     methods = list(dict.fromkeys(m for s in summaries for m in s["methods"]))
-    lines = ["# Quality grid at equal compute", "", f"Command: `{meta['command']}` — {meta['date']}, "
-             f"{meta['wall_seconds'] / 60:.1f} min wall. Grid file: `{meta['grid_file']}`.", "", meta["description"], "",
-             "## Over the cells", "", "| method | cells where it beats random (paired 95 % CI) | mean Δ loss vs random |",
-             "|---|---|---|"]
+    lines = [
+        "# Quality grid at equal compute",
+        "",
+        f"Command: `{meta['command']}` — {meta['date']}, "
+        f"{meta['wall_seconds'] / 60:.1f} min wall. Grid file: `{meta['grid_file']}`.",
+        "",
+        meta["description"],
+        "",
+        "## Over the cells",
+        "",
+        "| method | cells where it beats random (paired 95 % CI) | mean Δ loss vs random |",
+        "|---|---|---|",
+    ]
     for m in methods:
         wins = sum(1 for s in summaries if s["methods"].get(m, {}).get("beats_random"))
         deltas = [s["methods"][m]["delta_vs_random"][0] for s in summaries if m in s["methods"]]
         lines.append(f"| {m} | {wins} / {len(summaries)} | {sum(deltas) / max(len(deltas), 1):+.3f} |")
     for s in summaries:
-        lines += ["", f"## {s['cell']}", "", "| method | steps | FLOPs / budget | final loss | Δ vs random (95 % CI) "
-                  "| final EM | ΔEM vs random |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## {s['cell']}",
+            "",
+            "| method | steps | FLOPs / budget | final loss | Δ vs random (95 % CI) | final EM | ΔEM vs random |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for m, r in s["methods"].items():
             mark = " ✓" if r["beats_random"] else ""
             cap = " (stream cap)" if r["capped"] else ""
-            lines.append(f"| {m} | {r['steps'][0]:.0f}{cap} | {fmt(r['flops_over_budget'], 2)} | {fmt(r['final_loss'])} | "
-                         f"{fmt(r['delta_vs_random'])}{mark} | {fmt(r['final_em'], 2)} | {fmt(r['em_delta_vs_random'], 2)} |")
+            lines.append(
+                f"| {m} | {r['steps'][0]:.0f}{cap} | {fmt(r['flops_over_budget'], 2)} | {fmt(r['final_loss'])} | "
+                f"{fmt(r['delta_vs_random'])}{mark} | {fmt(r['final_em'], 2)} | {fmt(r['em_delta_vs_random'], 2)} |"
+            )
     return "\n".join(lines) + "\n"
 
 

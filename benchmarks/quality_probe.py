@@ -25,11 +25,10 @@ if __package__ in (None, ""):
 import torch
 
 from benchmarks.quality import GRID_FILE, _parse_cell, load_grid
-from benchmarks.quality_runs import (_optimizer, _train_on, build_stream, new_model, pretrain, synthetic_config,
-                                     take)
-from optsel.pipeline import jsonio
-from optsel.pipeline.engines.base import OptimizerConfig
+from benchmarks.quality_runs import _optimizer, _train_on, build_stream, new_model, pretrain, synthetic_config, take
 from optsel.losses import per_sample_token_mean_ce
+from optsel.pipeline.engines.shared import OptimizerConfig
+from optsel.pipeline.files import jsonio
 from optsel.selection.capture import find_covered_layers
 
 
@@ -83,8 +82,11 @@ def main(argv: list[str] | None = None) -> dict:
     grid = load_grid(GRID_FILE, quick=False)
     settings = grid["settings_obj"]
     cell = _parse_cell(args.cell)
-    stream = build_stream(settings, synthetic_config(settings, cell.target_fraction, cell.corrupted_fraction,
-                                                     cell.lookalike, settings.num_train), settings.stream_seed)
+    stream = build_stream(
+        settings,
+        synthetic_config(settings, cell.target_fraction, cell.corrupted_fraction, cell.lookalike, settings.num_train),
+        settings.stream_seed,
+    )
     model = new_model(settings)
     model.load_state_dict(pretrain(settings))
     opt = OptimizerConfig(**settings.optimizer)
@@ -95,15 +97,17 @@ def main(argv: list[str] | None = None) -> dict:
     offsets = torch.tensor([0] + sizes).cumsum(0)
     head_mask = torch.ones(int(offsets[-1]), dtype=torch.bool)
     for i in head:
-        head_mask[offsets[i]:offsets[i + 1]] = False
+        head_mask[offsets[i] : offsets[i + 1]] = False
     kinds = {v: k for k, v in stream.kind_names.items()}
     like = grid["settings"]["target_task"]
-    from optsel.pipeline.synthetic import look_alike
+    from optsel.pipeline.data.synthetic import look_alike
 
     probe_kinds = ["target", "corrupted", f"distractor/{look_alike(like)}"]
     tail = stream.train["kind_id"][-2000:]
-    rows = {k: (tail == kinds[k]).nonzero().flatten()[: args.per_kind] + (stream.train["kind_id"].numel() - 2000)
-            for k in probe_kinds}
+    rows = {
+        k: (tail == kinds[k]).nonzero().flatten()[: args.per_kind] + (stream.train["kind_id"].numel() - 2000)
+        for k in probe_kinds
+    }
     probe = take(stream.train, torch.cat([rows[k] for k in probe_kinds]))
     labels = sum(([k] * rows[k].numel() for k in probe_kinds), [])
     order = torch.randperm(stream.train["input_ids"].shape[0], generator=torch.Generator().manual_seed(args.seed))
@@ -121,32 +125,47 @@ def main(argv: list[str] | None = None) -> dict:
                     b = b.sum(1)
                     by = {k: b[[i for i, lab in enumerate(labels) if lab == k]] for k in probe_kinds}
                     ref = float(by["target"].mean()) or 1.0
-                    results.append({"step": step, "geometry": geo, "scope": scope,
-                                    "auc_clean_vs_corrupted": auc(by["target"], by["corrupted"]),
-                                    "auc_clean_vs_lookalike": auc(by["target"], by[probe_kinds[2]]),
-                                    **{f"mean_b/{k}": float(by[k].mean()) / ref for k in probe_kinds}})
+                    results.append(
+                        {
+                            "step": step,
+                            "geometry": geo,
+                            "scope": scope,
+                            "auc_clean_vs_corrupted": auc(by["target"], by["corrupted"]),
+                            "auc_clean_vs_lookalike": auc(by["target"], by[probe_kinds[2]]),
+                            **{f"mean_b/{k}": float(by[k].mean()) / ref for k in probe_kinds},
+                        }
+                    )
             print(f"[probe] step {step} done ({time.perf_counter() - started:.0f}s)", flush=True)
         if step == max(wanted):
             break
         rows_step = order[torch.arange(step * settings.pool, (step + 1) * settings.pool) % order.numel()]
         pool = take(stream.train, rows_step)
         pick = torch.randperm(settings.pool, generator=gen)[: cell.budget]
-        _train_on(model, optimizer, take(pool, pick), torch.full((cell.budget,), 1.0 / cell.budget), opt, step,
-                  settings.steps)
+        _train_on(
+            model, optimizer, take(pool, pick), torch.full((cell.budget,), 1.0 / cell.budget), opt, step, settings.steps
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "probe.json").write_text(jsonio.dumps({"cell": args.cell, "seed": args.seed, "rows": results}))
-    lines = [f"# Alignment probe — {args.cell}, seed {args.seed}", "",
-             f"Command: `python -m benchmarks.quality_probe {' '.join(argv if argv is not None else sys.argv[1:])}` — "
-             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {(time.perf_counter() - started) / 60:.1f} min.", "",
-             f"Random-selection trajectory; {args.per_kind} pool samples per kind; b_i = ⟨P g_i, g_V⟩ from explicit "
-             "per-sample gradients (no momentum term). AUC: share of (clean, corrupted) pairs ordered correctly.", "",
-             "| step | geometry | scope | AUC clean vs corrupted | AUC clean vs look-alike | mean b corrupted / clean | "
-             "mean b look-alike / clean |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Alignment probe — {args.cell}, seed {args.seed}",
+        "",
+        f"Command: `python -m benchmarks.quality_probe {' '.join(argv if argv is not None else sys.argv[1:])}` — "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {(time.perf_counter() - started) / 60:.1f} min.",
+        "",
+        f"Random-selection trajectory; {args.per_kind} pool samples per kind; b_i = ⟨P g_i, g_V⟩ from explicit "
+        "per-sample gradients (no momentum term). AUC: share of (clean, corrupted) pairs ordered correctly.",
+        "",
+        "| step | geometry | scope | AUC clean vs corrupted | AUC clean vs look-alike | mean b corrupted / clean | "
+        "mean b look-alike / clean |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        lines.append(f"| {r['step']} | {r['geometry']} | {r['scope']} | {r['auc_clean_vs_corrupted']:.2f} | "
-                     f"{r['auc_clean_vs_lookalike']:.2f} | {r['mean_b/corrupted']:.2f} | "
-                     f"{r[f'mean_b/{probe_kinds[2]}']:.2f} |")
+        lines.append(
+            f"| {r['step']} | {r['geometry']} | {r['scope']} | {r['auc_clean_vs_corrupted']:.2f} | "
+            f"{r['auc_clean_vs_lookalike']:.2f} | {r['mean_b/corrupted']:.2f} | "
+            f"{r[f'mean_b/{probe_kinds[2]}']:.2f} |"
+        )
     (out / "probe.md").write_text("\n".join(lines) + "\n")
     print((out / "probe.md").read_text())
     return {"rows": results}

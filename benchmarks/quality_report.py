@@ -33,8 +33,11 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
 
 
 def _paired(runs: dict[tuple[str, int], RunResult], method: str, base: str, seeds: list[int], attr: str) -> list[float]:
-    return [getattr(runs[(method, s)], attr) - getattr(runs[(base, s)], attr) for s in seeds
-            if (method, s) in runs and (base, s) in runs]
+    return [
+        getattr(runs[(method, s)], attr) - getattr(runs[(base, s)], attr)
+        for s in seeds
+        if (method, s) in runs and (base, s) in runs
+    ]
 
 
 def cell_summary(cell: str, runs: list[RunResult]) -> dict[str, Any]:
@@ -43,8 +46,11 @@ def cell_summary(cell: str, runs: list[RunResult]) -> dict[str, Any]:
     methods = list(dict.fromkeys(r.method for r in runs))
     seeds = sorted({r.seed for r in runs})
     out: dict[str, Any] = {"cell": cell, "seeds": seeds, "methods": {}}
-    oracle_diff = mean_ci(_paired(by, "oracle", "random", seeds, "final_loss")) if "oracle" in methods else (
-        float("nan"), float("nan"))
+    oracle_diff = (
+        mean_ci(_paired(by, "oracle", "random", seeds, "final_loss"))
+        if "oracle" in methods
+        else (float("nan"), float("nan"))
+    )
     valid = math.isfinite(oracle_diff[1]) and oracle_diff[0] + oracle_diff[1] < 0
     out["valid"] = valid
     out["oracle_minus_random"] = oracle_diff
@@ -57,15 +63,20 @@ def cell_summary(cell: str, runs: list[RunResult]) -> dict[str, Any]:
         em_diff = mean_ci(_paired(by, method, "random", seeds, "final_em"))
         kinds = sorted({k for r in rs for k in r.precision})
         out["methods"][method] = {
-            "final_loss": loss, "final_em": mean_ci([r.final_em for r in rs]),
-            "diff_to_random": diff, "em_diff_to_random": em_diff,
+            "final_loss": loss,
+            "final_em": mean_ci([r.final_em for r in rs]),
+            "diff_to_random": diff,
+            "em_diff_to_random": em_diff,
             "beats_random": bool(math.isfinite(diff[1]) and diff[0] + diff[1] < 0),
             "gap_closed": (rand - loss[0]) / (rand - orac) if valid else None,
             "precision": {k: sum(r.precision.get(k, 0.0) for r in rs) / len(rs) for k in kinds},
-            "ess": sum(r.ess for r in rs) / len(rs), "selected": sum(r.selected for r in rs) / len(rs),
+            "ess": sum(r.ess for r in rs) / len(rs),
+            "selected": sum(r.selected for r in rs) / len(rs),
             "seconds": sum(r.seconds[max(r.seconds)] for r in rs) / len(rs),
-            "fallbacks": {k: sum(r.fallbacks.get(k, 0.0) for r in rs) / len(rs)
-                          for k in sorted({k for r in rs for k in r.fallbacks})},
+            "fallbacks": {
+                k: sum(r.fallbacks.get(k, 0.0) for r in rs) / len(rs)
+                for k in sorted({k for r in rs for k in r.fallbacks})
+            },
         }
     return out
 
@@ -78,8 +89,11 @@ def overall(summaries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     for method in methods:
         gaps = [s["methods"][method]["gap_closed"] for s in valid if method in s["methods"]]
         wins = sum(bool(s["methods"][method]["beats_random"]) for s in valid if method in s["methods"])
-        out[method] = {"mean_gap_closed": sum(gaps) / len(gaps) if gaps else None, "valid_cells": len(gaps),
-                       "beats_random_cells": wins}
+        out[method] = {
+            "mean_gap_closed": sum(gaps) / len(gaps) if gaps else None,
+            "valid_cells": len(gaps),
+            "beats_random_cells": wins,
+        }
     return out
 
 
@@ -93,35 +107,48 @@ def _pm(pair: tuple[float, float], digits: int = 3) -> str:
 
 def markdown(summaries: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     ov = overall(summaries)
-    lines = [f"# Quality grid ({meta['mode']})", "",
-             f"Command: `{meta['command']}` — {meta['date']}, {meta['wall_seconds'] / 60:.1f} min wall for this "
-             f"invocation on 2 CPU cores; the {len(meta['cells'])} cells' runs took {meta['run_seconds'] / 60:.1f} "
-             f"core-minutes in all (≈ {meta['run_seconds'] / 60 / max(meta['workers'], 1):.1f} min with "
-             f"{meta['workers']} workers; stored runs are reused).",
-             f"Grid file: `{meta['grid_file']}` (settings and cells fixed before results were seen).", "",
-             meta.get("description", ""), "",
-             "Gap closed = (L_random − L_method) / (L_random − L_oracle) of the final target validation loss, "
-             "per cell; a cell is valid when the oracle beats random with a 95 % CI excluding zero. "
-             "'beats random': the paired 95 % CI of L_method − L_random lies below zero.", "",
-             "## Over the valid cells", "",
-             "| method | mean gap closed | cells where it beats random (CI) | valid cells |", "|---|---|---|---|"]
+    lines = [
+        f"# Quality grid ({meta['mode']})",
+        "",
+        f"Command: `{meta['command']}` — {meta['date']}, {meta['wall_seconds'] / 60:.1f} min wall for this "
+        f"invocation on 2 CPU cores; the {len(meta['cells'])} cells' runs took {meta['run_seconds'] / 60:.1f} "
+        f"core-minutes in all (≈ {meta['run_seconds'] / 60 / max(meta['workers'], 1):.1f} min with "
+        f"{meta['workers']} workers; stored runs are reused).",
+        f"Grid file: `{meta['grid_file']}` (settings and cells fixed before results were seen).",
+        "",
+        meta.get("description", ""),
+        "",
+        "Gap closed = (L_random − L_method) / (L_random − L_oracle) of the final target validation loss, "
+        "per cell; a cell is valid when the oracle beats random with a 95 % CI excluding zero. "
+        "'beats random': the paired 95 % CI of L_method − L_random lies below zero.",
+        "",
+        "## Over the valid cells",
+        "",
+        "| method | mean gap closed | cells where it beats random (CI) | valid cells |",
+        "|---|---|---|---|",
+    ]
     for method, o in sorted(ov.items(), key=lambda kv: -(kv[1]["mean_gap_closed"] or -1e9)):
         lines.append(f"| {method} | {_fmt(o['mean_gap_closed'], 2)} | {o['beats_random_cells']} | {o['valid_cells']} |")
     lines += ["", "## Per cell", ""]
     for s in summaries:
-        lines += [f"### {s['cell']} — {'valid' if s['valid'] else 'INVALID (oracle does not beat random)'}; "
-                  f"oracle − random {_pm(s['oracle_minus_random'])}", "",
-                  "| method | final loss | Δ vs random (95 % CI) | gap closed | final EM | ΔEM vs random | "
-                  "w on target | w on corrupted | w on look-alike | ESS | s (select+train) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"### {s['cell']} — {'valid' if s['valid'] else 'INVALID (oracle does not beat random)'}; "
+            f"oracle − random {_pm(s['oracle_minus_random'])}",
+            "",
+            "| method | final loss | Δ vs random (95 % CI) | gap closed | final EM | ΔEM vs random | "
+            "w on target | w on corrupted | w on look-alike | ESS | s (select+train) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for method, m in s["methods"].items():
             p = m["precision"]
             like = sum(v for k, v in p.items() if k == meta.get("lookalike_kind"))
-            lines.append(f"| {method} | {_pm(m['final_loss'])} | {_pm(m['diff_to_random'])}"
-                         f"{' ✓' if m['beats_random'] else ''} | {_fmt(m['gap_closed'], 2)} | {_pm(m['final_em'], 2)} | "
-                         f"{_pm(m['em_diff_to_random'], 2)} | {_fmt(p.get('target', 0.0), 2)} | "
-                         f"{_fmt(p.get('corrupted', 0.0), 2)} | {_fmt(like, 2)} | {_fmt(m['ess'], 1)} | "
-                         f"{_fmt(m['seconds'], 1)} |")
+            lines.append(
+                f"| {method} | {_pm(m['final_loss'])} | {_pm(m['diff_to_random'])}"
+                f"{' ✓' if m['beats_random'] else ''} | {_fmt(m['gap_closed'], 2)} | {_pm(m['final_em'], 2)} | "
+                f"{_pm(m['em_diff_to_random'], 2)} | {_fmt(p.get('target', 0.0), 2)} | "
+                f"{_fmt(p.get('corrupted', 0.0), 2)} | {_fmt(like, 2)} | {_fmt(m['ess'], 1)} | "
+                f"{_fmt(m['seconds'], 1)} |"
+            )
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -145,8 +172,7 @@ def write_json(runs: list[RunResult], summaries: list[dict[str, Any]], meta: dic
             return [clean(v) for v in x]
         return x
 
-    payload = {"meta": meta, "overall": overall(summaries), "cells": summaries,
-               "runs": [vars(r) for r in runs]}
+    payload = {"meta": meta, "overall": overall(summaries), "cells": summaries, "runs": [vars(r) for r in runs]}
     path.write_text(json.dumps(clean(payload), indent=1, allow_nan=False))
 
 
@@ -172,8 +198,11 @@ def plots(runs: list[RunResult], summaries: list[dict[str, Any]], cell: str, out
         axes[2].plot(secs, loss, label=method, **style)
     axes[0].set(xlabel="step (equal samples)", ylabel="target validation loss", title=f"{cell}: loss vs step")
     axes[1].set(xlabel="step", ylabel="exact match", title="exact match vs step")
-    axes[2].set(xlabel="seconds of select + train (equal wall-clock)", ylabel="target validation loss",
-                title="loss vs wall-clock")
+    axes[2].set(
+        xlabel="seconds of select + train (equal wall-clock)",
+        ylabel="target validation loss",
+        title="loss vs wall-clock",
+    )
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, ncol=2)
@@ -193,8 +222,13 @@ def plots(runs: list[RunResult], summaries: list[dict[str, Any]], cell: str, out
                 grid[i, j] = g
     fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(cells), 1.2 + 0.42 * len(methods)))
     im = ax.imshow(np.clip(grid, -1.5, 1.5), cmap="RdBu", vmin=-1.5, vmax=1.5, aspect="auto")
-    ax.set_xticks(range(len(cells)), [c + ("" if s["valid"] else "\n(invalid)") for c, s in zip(cells, summaries)],
-                  rotation=60, fontsize=7, ha="right")
+    ax.set_xticks(
+        range(len(cells)),
+        [c + ("" if s["valid"] else "\n(invalid)") for c, s in zip(cells, summaries)],
+        rotation=60,
+        fontsize=7,
+        ha="right",
+    )
     ax.set_yticks(range(len(methods)), methods, fontsize=8)
     for i in range(len(methods)):
         for j in range(len(cells)):
@@ -231,36 +265,52 @@ def alignment_markdown(table: dict[int, dict[str, tuple[float, float]]]) -> str:
 def coverage_markdown(runs: list[RunResult], cells: list[str]) -> str:
     """Which seeds ran, per cell and method (a grid cut short shows exactly what it holds)."""
     methods = list(dict.fromkeys(r.method for r in runs))
-    seeds = {(r.cell, r.method): sorted({x.seed for x in runs if x.cell == r.cell and x.method == r.method})
-             for r in runs}
+    seeds = {
+        (r.cell, r.method): sorted({x.seed for x in runs if x.cell == r.cell and x.method == r.method}) for r in runs
+    }
     lines = ["| cell | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
     for cell in cells:
-        lines.append(f"| {cell} | " + " | ".join(",".join(map(str, seeds.get((cell, m), []))) or "—" for m in methods)
-                     + " |")
+        lines.append(
+            f"| {cell} | " + " | ".join(",".join(map(str, seeds.get((cell, m), []))) or "—" for m in methods) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def muon_decision(summaries: list[dict[str, Any]], method: str = "ftw_muon",
-                  controls: tuple[str, ...] = ("ftw_muon_adam", "ftw_muon_identity", "ftw_muon_lowrank")
-                  ) -> dict[str, Any]:
+def muon_decision(
+    summaries: list[dict[str, Any]],
+    method: str = "ftw_muon",
+    controls: tuple[str, ...] = ("ftw_muon_adam", "ftw_muon_identity", "ftw_muon_lowrank"),
+) -> dict[str, Any]:
     """The Muon grid's decision rule (benchmarks/quality_grid.yaml, ``muon``): over the valid cells, ``method``'s
     mean gap closed above each control's, and beating random (paired CI) in more than half of the valid cells."""
     ov = overall(summaries)
     mine = ov.get(method, {})
     gap = mine.get("mean_gap_closed")
     valid = mine.get("valid_cells", 0)
-    above = {c: (gap is not None and ov.get(c, {}).get("mean_gap_closed") is not None
-                 and gap > ov[c]["mean_gap_closed"]) for c in controls}
+    above = {
+        c: (gap is not None and ov.get(c, {}).get("mean_gap_closed") is not None and gap > ov[c]["mean_gap_closed"])
+        for c in controls
+    }
     wins = mine.get("beats_random_cells", 0)
-    return {"valid_cells": valid, "mean_gap_closed": gap,
-            "controls": {c: ov.get(c, {}).get("mean_gap_closed") for c in controls}, "above_controls": above,
-            "beats_random_cells": wins, "holds": bool(valid and all(above.values()) and wins > valid / 2)}
+    return {
+        "valid_cells": valid,
+        "mean_gap_closed": gap,
+        "controls": {c: ov.get(c, {}).get("mean_gap_closed") for c in controls},
+        "above_controls": above,
+        "beats_random_cells": wins,
+        "holds": bool(valid and all(above.values()) and wins > valid / 2),
+    }
 
 
 def muon_decision_markdown(d: dict[str, Any], method: str = "ftw_muon") -> str:
-    lines = [f"Over {d['valid_cells']} valid cell(s): {method} mean gap closed {_fmt(d['mean_gap_closed'], 2)}; "
-             + "; ".join(f"{c} {_fmt(v, 2)} ({method} {'above' if d['above_controls'][c] else 'NOT above'})"
-                         for c, v in d["controls"].items())
-             + f"; beats random (CI) in {d['beats_random_cells']} of {d['valid_cells']}.",
-             "", f"**The rule {'holds' if d['holds'] else 'does not hold'}.**"]
+    lines = [
+        f"Over {d['valid_cells']} valid cell(s): {method} mean gap closed {_fmt(d['mean_gap_closed'], 2)}; "
+        + "; ".join(
+            f"{c} {_fmt(v, 2)} ({method} {'above' if d['above_controls'][c] else 'NOT above'})"
+            for c, v in d["controls"].items()
+        )
+        + f"; beats random (CI) in {d['beats_random_cells']} of {d['valid_cells']}.",
+        "",
+        f"**The rule {'holds' if d['holds'] else 'does not hold'}.**",
+    ]
     return "\n".join(lines) + "\n"

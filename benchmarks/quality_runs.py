@@ -19,18 +19,16 @@ from typing import Any
 
 import torch
 
-from optsel.pipeline import synthetic
-from optsel.pipeline.collate import collate
-from optsel.pipeline.engines.base import OptimizerConfig
 from optsel.losses import per_sample_token_mean_ce
-from optsel.pipeline.engines.common import greedy_generate, lr_factor
-from optsel.pipeline.evaluate import evaluate
-from optsel.pipeline.model import ModelConfig, build_model
-from optsel.pipeline.tokenizer import byte_tokenizer
-from optsel.pipeline.trainer import subset
+from optsel.pipeline.data import synthetic
+from optsel.pipeline.data.collate import collate
+from optsel.pipeline.data.tokenizer import byte_tokenizer
+from optsel.pipeline.engines.shared import OptimizerConfig, greedy_generate, lr_factor
+from optsel.pipeline.train.evaluate import evaluate
+from optsel.pipeline.train.model import ModelConfig, build_model
+from optsel.pipeline.train.trainer import subset
 from optsel.selection.base import Batch, get_selector_factory
 from optsel.selection.stats import selection_metrics
-
 
 
 @dataclass(frozen=True)
@@ -44,8 +42,10 @@ class Cell:
 
     @property
     def name(self) -> str:
-        return (f"t{round(100 * self.target_fraction):02d}-c{round(100 * self.corrupted_fraction):02d}-"
-                f"l{self.lookalike[0]}-k{self.budget}")
+        return (
+            f"t{round(100 * self.target_fraction):02d}-c{round(100 * self.corrupted_fraction):02d}-"
+            f"l{self.lookalike[0]}-k{self.budget}"
+        )
 
 
 @dataclass(kw_only=True)
@@ -97,8 +97,9 @@ def take(batch: Batch, rows: torch.Tensor) -> Batch:
     return subset(batch, rows)
 
 
-def synthetic_config(settings: Settings, target_fraction: float, corrupted_fraction: float, lookalike: str,
-                     num_train: int) -> synthetic.SyntheticConfig:
+def synthetic_config(
+    settings: Settings, target_fraction: float, corrupted_fraction: float, lookalike: str, num_train: int
+) -> synthetic.SyntheticConfig:
     like = synthetic.look_alike(settings.target_task)
     others = [d for d in settings.distractors if d != like]
     if lookalike == "heavy":
@@ -108,10 +109,15 @@ def synthetic_config(settings: Settings, target_fraction: float, corrupted_fract
         names, weights = others, None
     else:
         raise ValueError(f"lookalike: must be 'heavy' or 'absent', got {lookalike!r}")
-    return synthetic.SyntheticConfig(num_train=num_train, num_val=settings.num_target + settings.num_eval,
-                                     target_task=settings.target_task, target_fraction=target_fraction,
-                                     corrupted_fraction=corrupted_fraction, distractors=names,
-                                     distractor_weights=weights)
+    return synthetic.SyntheticConfig(
+        num_train=num_train,
+        num_val=settings.num_target + settings.num_eval,
+        target_task=settings.target_task,
+        target_fraction=target_fraction,
+        corrupted_fraction=corrupted_fraction,
+        distractors=names,
+        distractor_weights=weights,
+    )
 
 
 def build_stream(settings: Settings, cfg: synthetic.SyntheticConfig, seed: int) -> Stream:
@@ -120,14 +126,19 @@ def build_stream(settings: Settings, cfg: synthetic.SyntheticConfig, seed: int) 
     kind_ids = {name: i for i, name in enumerate(cfg.kind_names())}
     t = settings.num_target
     target = _encode(tok, val[:t], kind_ids) if t else {}
-    evals = [_encode(tok, val[t + j:t + j + 48], kind_ids) for j in range(0, len(val) - t, 48)]
+    evals = [_encode(tok, val[t + j : t + j + 48], kind_ids) for j in range(0, len(val) - t, 48)]
     return Stream(_encode(tok, train, kind_ids), target, evals, {v: k for k, v in kind_ids.items()})
 
 
 def new_model(settings: Settings) -> torch.nn.Module:
     tok = byte_tokenizer()
-    return build_model(ModelConfig(**settings.model), vocab_size=len(tok), pad_id=int(tok.pad_token_id),
-                       bos_id=tok.bos_token_id, eos_id=int(tok.eos_token_id))
+    return build_model(
+        ModelConfig(**settings.model),
+        vocab_size=len(tok),
+        pad_id=int(tok.pad_token_id),
+        bos_id=tok.bos_token_id,
+        eos_id=int(tok.eos_token_id),
+    )
 
 
 class _PlainEngine:
@@ -156,8 +167,17 @@ def _optimizer(model: torch.nn.Module, opt: OptimizerConfig) -> torch.optim.Opti
     return optimizer
 
 
-def _train_on(model, optimizer, batch: Batch, weights: torch.Tensor, opt: OptimizerConfig, step: int,
-              total: int, pool_pass=None, rows: torch.Tensor | None = None) -> float:
+def _train_on(
+    model,
+    optimizer,
+    batch: Batch,
+    weights: torch.Tensor,
+    opt: OptimizerConfig,
+    step: int,
+    total: int,
+    pool_pass=None,
+    rows: torch.Tensor | None = None,
+) -> float:
     """One optimizer step on Σ w_i ℓ_i: from FTW's single pass (``pool_pass`` and the pool ``rows``) when
     given, as the trainer does, else a forward/backward over ``batch``. The schedule scales each group's
     peak lr (AdamW's lr, Muon's muon_lr)."""
@@ -183,10 +203,14 @@ def pretrain(settings: Settings) -> dict[str, torch.Tensor]:
     look-alike included, plus ``pretrain_target_fraction`` clean target samples), seeded by stream_seed."""
     like = synthetic.look_alike(settings.target_task)
     names = [like] + [d for d in settings.distractors if d != like]
-    cfg = synthetic.SyntheticConfig(num_train=settings.pretrain_steps * settings.pretrain_batch, num_val=0,
-                                    target_task=settings.target_task,
-                                    target_fraction=settings.pretrain_target_fraction, corrupted_fraction=0.0,
-                                    distractors=names)
+    cfg = synthetic.SyntheticConfig(
+        num_train=settings.pretrain_steps * settings.pretrain_batch,
+        num_val=0,
+        target_task=settings.target_task,
+        target_fraction=settings.pretrain_target_fraction,
+        corrupted_fraction=0.0,
+        distractors=names,
+    )
     stream = build_stream(dataclasses.replace(settings, num_eval=0, num_target=0), cfg, 1000 + settings.stream_seed)
     torch.manual_seed(settings.stream_seed)
     model = new_model(settings)
@@ -197,8 +221,9 @@ def pretrain(settings: Settings) -> dict[str, torch.Tensor]:
     model.train()
     for step in range(settings.pretrain_steps):
         rows = torch.arange(step * b, (step + 1) * b)
-        _train_on(model, optimizer, take(stream.train, rows), torch.full((b,), 1.0 / b), opt, step,
-                  settings.pretrain_steps)
+        _train_on(
+            model, optimizer, take(stream.train, rows), torch.full((b,), 1.0 / b), opt, step, settings.pretrain_steps
+        )
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -239,8 +264,9 @@ def resolved_options(method: str, options: dict, budget: int) -> dict:
     return to_plain(from_mapping(config_class, {"budget": budget, **options}, f"options.{method}"))
 
 
-def build_selector(method: str, options: dict[str, Any], model, optimizer, budget: int, seed: int,
-                   kind_names: dict[int, str]):
+def build_selector(
+    method: str, options: dict[str, Any], model, optimizer, budget: int, seed: int, kind_names: dict[int, str]
+):
     """The selector as the Trainer builds it: registry factory + typed options (validated, key named)."""
     from optsel.config_loader import from_mapping
 
@@ -265,9 +291,19 @@ def _step_flops(fn) -> tuple[Any, int]:
     return out, int(counter.get_total_flops())
 
 
-def run(settings: Settings, stream: Stream, base: dict[str, torch.Tensor], method: str, options: dict[str, Any],
-        label: str, cell: Cell, seed: int, probe_alignment: bool = False, steps: int | None = None,
-        count_flops: bool = False) -> RunResult:
+def run(
+    settings: Settings,
+    stream: Stream,
+    base: dict[str, torch.Tensor],
+    method: str,
+    options: dict[str, Any],
+    label: str,
+    cell: Cell,
+    seed: int,
+    probe_alignment: bool = False,
+    steps: int | None = None,
+    count_flops: bool = False,
+) -> RunResult:
     """Fine-tune the base on ``stream`` with one selector; ``seed`` fixes the stream order and RNGs (paired).
     ``steps``: instead of ``settings.steps`` (the learning-rate schedule spans them; the equal-compute
     view); ``count_flops``: count every step's select + train FLOPs into ``RunResult.flops``."""
@@ -299,8 +335,9 @@ def run(settings: Settings, stream: Stream, base: dict[str, torch.Tensor], metho
 
     def one_step(pool: Batch, step: int):
         sel = selector.select(pool, stream.target if needs_target else None)
-        _train_on(model, optimizer, take(pool, sel.indices), sel.weights.float(), opt, step, total,
-                  sel.pool_pass, sel.indices)
+        _train_on(
+            model, optimizer, take(pool, sel.indices), sel.weights.float(), opt, step, total, sel.pool_pass, sel.indices
+        )
         return sel
 
     record_eval(0)
@@ -327,8 +364,10 @@ def run(settings: Settings, stream: Stream, base: dict[str, torch.Tensor], metho
         if probe_alignment and sel.alignment is not None and (step % settings.eval_every == 0):
             b = sel.alignment.double()
             scale = float(b.abs().mean()) or 1.0
-            result.alignment_by_kind[step] = {stream.kind_names[int(c)]: float(b[pool["kind_id"] == c].mean() / scale)
-                                              for c in pool["kind_id"].unique()}
+            result.alignment_by_kind[step] = {
+                stream.kind_names[int(c)]: float(b[pool["kind_id"] == c].mean() / scale)
+                for c in pool["kind_id"].unique()
+            }
         if (step + 1) % settings.eval_every == 0 or step + 1 == total:
             record_eval(step + 1)
     result.steps = total

@@ -5,12 +5,13 @@ TorchDispatchMode sees them), so that measured bytes do not depend on who called
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-
 # -- counting every collective ----------------------------------------------------------------------
+
 
 def _collective_kind(name: str) -> str | None:
     """'all_gather' | 'reduce_scatter' | 'all_reduce' | 'broadcast' | 'other' for a collective op
@@ -20,12 +21,25 @@ def _collective_kind(name: str) -> str | None:
     op = name.split("::", 1)[1].split(".")[0].replace("_", "")
     if op.startswith("wait") or op in ("barrier", "monitoredbarrier"):
         return "other" if op.startswith("barrier") or op.startswith("monitored") else None
-    for key, kind in (("allgather", "all_gather"), ("reducescatter", "reduce_scatter"), ("allreduce", "all_reduce"),
-                      ("broadcast", "broadcast")):
+    for key, kind in (
+        ("allgather", "all_gather"),
+        ("reducescatter", "reduce_scatter"),
+        ("allreduce", "all_reduce"),
+        ("broadcast", "broadcast"),
+    ):
         if key in op:
             return kind
-    if op in ("send", "recv", "recvanysource", "gather", "scatter", "reduce", "alltoall", "alltoallbase",
-              "alltoallsingle"):
+    if op in (
+        "send",
+        "recv",
+        "recvanysource",
+        "gather",
+        "scatter",
+        "reduce",
+        "alltoall",
+        "alltoallbase",
+        "alltoallsingle",
+    ):
         return "other"
     return None
 
@@ -88,7 +102,8 @@ def collective_counter(world: int):
                 else:
                     payload = _nbytes(args[0])
                 rec = self.by["selector" if _from_selector() else "engine"].setdefault(
-                    kind, {"calls": 0, "bytes": 0, "ring_wire_bytes": 0.0})
+                    kind, {"calls": 0, "bytes": 0, "ring_wire_bytes": 0.0}
+                )
                 rec["calls"] += 1
                 rec["bytes"] += payload
                 rec["ring_wire_bytes"] += payload * wire_factor(kind, world)
@@ -97,10 +112,12 @@ def collective_counter(world: int):
         def totals(self) -> dict[str, Any]:
             out: dict[str, Any] = {}
             for source, kinds in self.by.items():
-                out[source] = {"bytes": int(sum(r["bytes"] for r in kinds.values())),
-                               "ring_wire_bytes": float(sum(r["ring_wire_bytes"] for r in kinds.values())),
-                               "calls": int(sum(r["calls"] for r in kinds.values())),
-                               "by_kind": {k: dict(v) for k, v in kinds.items()}}
+                out[source] = {
+                    "bytes": int(sum(r["bytes"] for r in kinds.values())),
+                    "ring_wire_bytes": float(sum(r["ring_wire_bytes"] for r in kinds.values())),
+                    "calls": int(sum(r["calls"] for r in kinds.values())),
+                    "by_kind": {k: dict(v) for k, v in kinds.items()},
+                }
             return out
 
     return CollectiveBytes()
@@ -117,13 +134,22 @@ def logging_quiet() -> None:
 
 # -- spawning R ranks ---------------------------------------------------------------------------------
 
+
 def run_ranks(fn: Callable[..., Any], world: int, engine: str, args: tuple, threads: int, timeout_s: float) -> list:
     """``fn(rank, world, *args)`` on ``world`` spawned gloo processes joined by ``engine``; results in rank
     order (optsel.launch.local_ranks; errors name the engine and R)."""
     from optsel.launch.local_ranks import LocalRanksError, run_local_ranks
 
     try:
-        return run_local_ranks(fn, world, args=args, init=engine, threads=threads, timeout_s=timeout_s,
-                               init_timeout_s=300.0, env={"TOKENIZERS_PARALLELISM": "false"})
+        return run_local_ranks(
+            fn,
+            world,
+            args=args,
+            init=engine,
+            threads=threads,
+            timeout_s=timeout_s,
+            init_timeout_s=300.0,
+            env={"TOKENIZERS_PARALLELISM": "false"},
+        )
     except LocalRanksError as err:
         raise RuntimeError(f"{engine} R={world}: {err}") from err

@@ -30,7 +30,7 @@ if __package__ in (None, ""):
 import torch
 
 from benchmarks.speed import build_model, make_pool, sync, train_step
-from optsel.pipeline import jsonio
+from optsel.pipeline.files import jsonio
 from optsel.selection.ftw import FilterThenWeight, FTWConfig
 
 PHASES = ("capture", "target", "alignment", "filter", "gather", "gram", "solve")
@@ -66,11 +66,21 @@ def grid(device, sizes, lengths, repeats) -> list[dict]:
                         totals.append(time.perf_counter() - t0)
                         for p in PHASES:
                             phases[p].append(out.timings.get(p, 0.0))
-                row = {"N": n, "T": T, "gram": gram, "m": int(out.filtered.numel()), "k": cfg.budget,
-                       "total_s": statistics.mean(totals), "phases_s": {p: statistics.mean(v) for p, v in phases.items()}}
+                row = {
+                    "N": n,
+                    "T": T,
+                    "gram": gram,
+                    "m": int(out.filtered.numel()),
+                    "k": cfg.budget,
+                    "total_s": statistics.mean(totals),
+                    "phases_s": {p: statistics.mean(v) for p, v in phases.items()},
+                }
                 rows.append(row)
-                print(f"[grid] N={n:4d} T={T:4d} {gram:6s} select {row['total_s']:.3f} s "
-                      + " ".join(f"{p}={row['phases_s'][p]:.3f}" for p in PHASES), flush=True)
+                print(
+                    f"[grid] N={n:4d} T={T:4d} {gram:6s} select {row['total_s']:.3f} s "
+                    + " ".join(f"{p}={row['phases_s'][p]:.3f}" for p in PHASES),
+                    flush=True,
+                )
     return rows
 
 
@@ -93,7 +103,9 @@ def sketch_errors(device, n, T, dims, seeds) -> list[dict]:
         order = sel.filtered.argsort()
         return sel.gram[order][:, order], sel.filtered[order]
 
-    exact = FilterThenWeight(model, opt, FTWConfig(budget=k, gram="exact", compute_dtype="float64")).select(pool, target)
+    exact = FilterThenWeight(model, opt, FTWConfig(budget=k, gram="exact", compute_dtype="float64")).select(
+        pool, target
+    )
     K_exact, _ = in_pool_order(exact)
     w_exact = torch.zeros(n, dtype=torch.float64)
     w_exact[exact.local_indices.cpu()] = exact.local_weights.cpu().double()
@@ -108,11 +120,18 @@ def sketch_errors(device, n, T, dims, seeds) -> list[dict]:
             w = torch.zeros(n, dtype=torch.float64)
             w[s.local_indices.cpu()] = s.local_weights.cpu().double()
             rho_w.append(_spearman(w, w_exact))
-        row = {"sketch_dim": dim, "rel_frob_err_mean": statistics.mean(errs), "rel_frob_err_std": statistics.pstdev(errs),
-               "spearman_weights": statistics.mean(rho_w)}
+        row = {
+            "sketch_dim": dim,
+            "rel_frob_err_mean": statistics.mean(errs),
+            "rel_frob_err_std": statistics.pstdev(errs),
+            "spearman_weights": statistics.mean(rho_w),
+        }
         rows.append(row)
-        print(f"[sketch] k_o=k_i={dim:4d} rel err {row['rel_frob_err_mean']:.4f} ± {row['rel_frob_err_std']:.4f} "
-              f"Spearman(w, w_exact) {row['spearman_weights']:.3f}", flush=True)
+        print(
+            f"[sketch] k_o=k_i={dim:4d} rel err {row['rel_frob_err_mean']:.4f} ± {row['rel_frob_err_std']:.4f} "
+            f"Spearman(w, w_exact) {row['spearman_weights']:.3f}",
+            flush=True,
+        )
     return rows
 
 
@@ -120,17 +139,32 @@ def write(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "select_grid.json").write_text(jsonio.dumps(results, indent=2))
     m = results["meta"]
-    lines = [f"# FTW select per-phase time ({m['device_name']}, torch {m['torch']}, {m['threads']} threads, {m['date']})", "",
-             f"Command: `{m['command']}`. k = N/4, m = N/2 survivors, mean of {m['repeats']} selects after a warm-up; seconds.", "",
-             "| N | T | gram | total | " + " | ".join(PHASES) + " |", "|---|---|---|---|" + "---|" * len(PHASES)]
+    lines = [
+        f"# FTW select per-phase time ({m['device_name']}, torch {m['torch']}, {m['threads']} threads, {m['date']})",
+        "",
+        f"Command: `{m['command']}`. k = N/4, m = N/2 survivors, mean of {m['repeats']} selects after a warm-up; seconds.",
+        "",
+        "| N | T | gram | total | " + " | ".join(PHASES) + " |",
+        "|---|---|---|---|" + "---|" * len(PHASES),
+    ]
     for r in results["grid"]:
-        lines.append(f"| {r['N']} | {r['T']} | {r['gram']} | {r['total_s']:.3f} | "
-                     + " | ".join(f"{r['phases_s'][p]:.3f}" for p in PHASES) + " |")
+        lines.append(
+            f"| {r['N']} | {r['T']} | {r['gram']} | {r['total_s']:.3f} | "
+            + " | ".join(f"{r['phases_s'][p]:.3f}" for p in PHASES)
+            + " |"
+        )
     se = results["sketch"]
-    lines += ["", f"Sketch error vs exact Gram (N = {m['sketch_N']}, T = {m['sketch_T']}, {m['sketch_seeds']} seeds, float64):", "",
-              "| k_o = k_i | rel. Frobenius error of K (mean ± std) | Spearman(weights, exact weights) |", "|---|---|---|"]
+    lines += [
+        "",
+        f"Sketch error vs exact Gram (N = {m['sketch_N']}, T = {m['sketch_T']}, {m['sketch_seeds']} seeds, float64):",
+        "",
+        "| k_o = k_i | rel. Frobenius error of K (mean ± std) | Spearman(weights, exact weights) |",
+        "|---|---|---|",
+    ]
     for r in se:
-        lines.append(f"| {r['sketch_dim']} | {r['rel_frob_err_mean']:.4f} ± {r['rel_frob_err_std']:.4f} | {r['spearman_weights']:.3f} |")
+        lines.append(
+            f"| {r['sketch_dim']} | {r['rel_frob_err_mean']:.4f} ± {r['rel_frob_err_std']:.4f} | {r['spearman_weights']:.3f} |"
+        )
     (out / "select_grid.md").write_text("\n".join(lines) + "\n")
 
 
@@ -145,12 +179,23 @@ def main(argv: list[str] | None = None) -> dict:
         sizes, lengths, repeats, dims, seeds, sk_n, sk_t = [16], [32], 1, [8, 32], 2, 16, 32
     else:
         sizes, lengths, repeats, dims, seeds, sk_n, sk_t = [64, 256], [128, 512], 2, [4, 8, 16, 32, 64, 128], 3, 64, 128
-    meta = {"device": str(device), "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": repeats, "date": date.today().isoformat(),
-            "command": "python -m benchmarks.select_grid " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "sketch_N": sk_n, "sketch_T": sk_t, "sketch_seeds": seeds}
-    results = {"meta": meta, "grid": grid(device, sizes, lengths, repeats),
-               "sketch": sketch_errors(device, sk_n, sk_t, dims, seeds)}
+    meta = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "repeats": repeats,
+        "date": date.today().isoformat(),
+        "command": "python -m benchmarks.select_grid " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "sketch_N": sk_n,
+        "sketch_T": sk_t,
+        "sketch_seeds": seeds,
+    }
+    results = {
+        "meta": meta,
+        "grid": grid(device, sizes, lengths, repeats),
+        "sketch": sketch_errors(device, sk_n, sk_t, dims, seeds),
+    }
     out = Path(args.out or ("results/select_grid_quick" if args.quick else "results/select_grid"))
     write(results, out)
     print((out / "select_grid.md").read_text())

@@ -17,8 +17,8 @@ import sys
 import torch
 
 from benchmarks.speed import build_model, make_pool
-from optsel.selection import FilterThenWeight, FTWConfig
 from optsel.losses import per_sample_token_mean_ce
+from optsel.selection import FilterThenWeight, FTWConfig
 
 
 def _two_pass_grads(model, pool, rows, weights) -> dict[str, torch.Tensor]:
@@ -56,18 +56,23 @@ def main(argv: list[str] | None = None) -> int:
     plain = _worst(single, _two_pass_grads(model, pool, rows, weights))
     print(f"plain {device} {args.dtype}: max relative gradient difference single vs two-pass {plain:.2e}")
 
-    from optsel.pipeline.engines.base import EngineConfig, OptimizerConfig, build_engine
+    from optsel.pipeline.engines.shared import EngineConfig, OptimizerConfig, build_engine
 
-    engine = build_engine(EngineConfig(name="fsdp2", deepspeed_config="", precision="fp32" if dtype == torch.float32 else "bf16"),
-                          build_model(device, max_pos=64), OptimizerConfig(lr=1e-3), total_steps=2,
-                          micro_batch_size=32)
+    engine = build_engine(
+        EngineConfig(name="fsdp2", deepspeed_config="", precision="fp32" if dtype == torch.float32 else "bf16"),
+        build_model(device, max_pos=64),
+        OptimizerConfig(lr=1e-3),
+        total_steps=2,
+        micro_batch_size=32,
+    )
     ftw = FilterThenWeight(engine.unwrapped_model, engine.optimizer, FTWConfig(budget=8, filter_size=16, gram="exact"))
     sel = ftw.select(pool, target)
     engine.backward_from_pass(sel.pool_pass, sel.local_indices, sel.local_weights.float(), loss_scale=1.0)
     single = {n: _full(p.grad).float().clone() for n, p in engine.unwrapped_model.named_parameters()}
     engine.skip_step()
-    engine.forward_backward({k: v[sel.local_indices.to(device)].cpu() for k, v in pool.items()},
-                            sel.local_weights.float(), loss_scale=1.0)
+    engine.forward_backward(
+        {k: v[sel.local_indices.to(device)].cpu() for k, v in pool.items()}, sel.local_weights.float(), loss_scale=1.0
+    )
     two = {n: _full(p.grad).float().clone() for n, p in engine.unwrapped_model.named_parameters()}
     fsdp = _worst(single, two)
     print(f"fsdp2 {device} {args.dtype}: max relative gradient difference single vs two-pass {fsdp:.2e}")

@@ -30,10 +30,20 @@ if __package__ in (None, ""):
 import torch
 
 from benchmarks.quality import GRID_FILE, load_grid
-from benchmarks.quality_runs import (Cell, Settings, _optimizer, _train_on, build_selector, build_stream, new_model,
-                                     pretrain, synthetic_config, take)
-from optsel.pipeline import jsonio
-from optsel.pipeline.engines.base import OptimizerConfig
+from benchmarks.quality_runs import (
+    Cell,
+    Settings,
+    _optimizer,
+    _train_on,
+    build_selector,
+    build_stream,
+    new_model,
+    pretrain,
+    synthetic_config,
+    take,
+)
+from optsel.pipeline.engines.shared import OptimizerConfig
+from optsel.pipeline.files import jsonio
 
 #: fixed 2026-11-27 before any run
 WIDTHS = (128, 512, 1024)
@@ -45,8 +55,13 @@ CELL = Cell(target_fraction=0.15, corrupted_fraction=0.25, lookalike="heavy", bu
 
 def widened(settings: Settings, width: int) -> Settings:
     heads = max(2, width // 32)
-    model = {**settings.model, "hidden_size": width, "num_attention_heads": heads,
-             "num_key_value_heads": max(1, heads // 2), "intermediate_size": 2 * width}
+    model = {
+        **settings.model,
+        "hidden_size": width,
+        "num_attention_heads": heads,
+        "num_key_value_heads": max(1, heads // 2),
+        "intermediate_size": 2 * width,
+    }
     return dataclasses.replace(settings, model=model)
 
 
@@ -65,10 +80,11 @@ def measure(settings: Settings, width: int, dims: tuple[int, ...], steps: int, s
     settings = widened(settings, width)
     t0 = time.perf_counter()
     base = pretrain(settings)
-    cfg = synthetic_config(settings, CELL.target_fraction, CELL.corrupted_fraction, CELL.lookalike,
-                           settings.num_train)
+    cfg = synthetic_config(settings, CELL.target_fraction, CELL.corrupted_fraction, CELL.lookalike, settings.num_train)
     stream = build_stream(settings, cfg, settings.stream_seed)
-    rows: dict[int, dict[str, list[float]]] = {d: {"spearman": [], "filter_share": [], "chosen_share": []} for d in dims}
+    rows: dict[int, dict[str, list[float]]] = {
+        d: {"spearman": [], "filter_share": [], "chosen_share": []} for d in dims
+    }
     n = settings.pool
     for seed in seeds:
         torch.manual_seed(seed)
@@ -78,13 +94,22 @@ def measure(settings: Settings, width: int, dims: tuple[int, ...], steps: int, s
         opt = OptimizerConfig(**settings.optimizer)
         optimizer = _optimizer(model, opt)
         exact = build_selector("ftw", {}, model, optimizer, CELL.budget, seed, stream.kind_names)
-        sketched = {d: build_selector("ftw", {"exchange": "sketches", "gram": "sketch", "sketch_dim_out": d,
-                                              "sketch_dim_in": d}, model, optimizer, CELL.budget, seed,
-                                      stream.kind_names) for d in dims}
+        sketched = {
+            d: build_selector(
+                "ftw",
+                {"exchange": "sketches", "gram": "sketch", "sketch_dim_out": d, "sketch_dim_in": d},
+                model,
+                optimizer,
+                CELL.budget,
+                seed,
+                stream.kind_names,
+            )
+            for d in dims
+        }
         order = torch.randperm(stream.train["input_ids"].shape[0], generator=torch.Generator().manual_seed(seed))
         m = exact.config.num_filtered(n)
         for step in range(steps):
-            pool = take(stream.train, order[step * n:(step + 1) * n])
+            pool = take(stream.train, order[step * n : (step + 1) * n])
             sel = exact.select(pool, stream.target)
             b, chosen = sel.alignment.double(), set(sel.indices.tolist())
             for d, selector in sketched.items():
@@ -93,14 +118,32 @@ def measure(settings: Settings, width: int, dims: tuple[int, ...], steps: int, s
                 rows[d]["spearman"].append(spearman(b, b_sketched))
                 rows[d]["filter_share"].append(top_share(b, b_sketched, m))
                 rows[d]["chosen_share"].append(len(chosen & set(other.indices.tolist())) / max(len(chosen), 1))
-            _train_on(model, optimizer, take(pool, sel.indices), sel.weights.float(), opt, step, settings.steps,
-                      sel.pool_pass, sel.indices)
-    out = {"width": width, "params": sum(p.numel() for p in model.parameters()), "m": m, "k": CELL.budget,
-           "seconds": time.perf_counter() - t0, "by_dim": {}}
+            _train_on(
+                model,
+                optimizer,
+                take(pool, sel.indices),
+                sel.weights.float(),
+                opt,
+                step,
+                settings.steps,
+                sel.pool_pass,
+                sel.indices,
+            )
+    out = {
+        "width": width,
+        "params": sum(p.numel() for p in model.parameters()),
+        "m": m,
+        "k": CELL.budget,
+        "seconds": time.perf_counter() - t0,
+        "by_dim": {},
+    }
     for d, r in rows.items():
         out["by_dim"][d] = {key: {"mean": statistics.fmean(v), "min": min(v)} for key, v in r.items()}
-        print(f"[sketch_alignment] width {width} k_o=k_i={d}: " + ", ".join(
-            f"{key} {statistics.fmean(v):.3f}" for key, v in r.items()), flush=True)
+        print(
+            f"[sketch_alignment] width {width} k_o=k_i={d}: "
+            + ", ".join(f"{key} {statistics.fmean(v):.3f}" for key, v in r.items()),
+            flush=True,
+        )
     return out
 
 
@@ -108,20 +151,31 @@ def write(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "sketch_alignment.json").write_text(jsonio.dumps(results, indent=2))
     meta = results["meta"]
-    lines = ["# Sketched b against exact b, by model width", "",
-             f"Command: `{meta['command']}` — {meta['date']}; torch {meta['torch']}, {meta['threads']} threads; "
-             f"cell {meta['cell']}, {meta['steps']} fine-tuning steps × seeds {meta['seeds']} (every step measured), "
-             f"N = {meta['N']}.", "",
-             "Spearman: rank correlation of the sketched b with the exact b over the pool. Filter share: the "
-             "share of the exact b's top m that the sketched b's top m keeps (m = the filter's survivors). "
-             "Chosen share: the share of exact FTW's chosen k that sketched FTW also chooses. Means over steps "
-             "(min in brackets).", "",
-             "| width | parameters | k_o = k_i | Spearman | filter share | chosen share |", "|---|---|---|---|---|---|"]
+    lines = [
+        "# Sketched b against exact b, by model width",
+        "",
+        f"Command: `{meta['command']}` — {meta['date']}; torch {meta['torch']}, {meta['threads']} threads; "
+        f"cell {meta['cell']}, {meta['steps']} fine-tuning steps × seeds {meta['seeds']} (every step measured), "
+        f"N = {meta['N']}.",
+        "",
+        "Spearman: rank correlation of the sketched b with the exact b over the pool. Filter share: the "
+        "share of the exact b's top m that the sketched b's top m keeps (m = the filter's survivors). "
+        "Chosen share: the share of exact FTW's chosen k that sketched FTW also chooses. Means over steps "
+        "(min in brackets).",
+        "",
+        "| width | parameters | k_o = k_i | Spearman | filter share | chosen share |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in results["rows"]:
         for d, r in row["by_dim"].items():
-            lines.append(f"| {row['width']} | {row['params'] / 1e6:.1f} M | {d} | "
-                         + " | ".join(f"{r[key]['mean']:.3f} ({r[key]['min']:.2f})"
-                                      for key in ("spearman", "filter_share", "chosen_share")) + " |")
+            lines.append(
+                f"| {row['width']} | {row['params'] / 1e6:.1f} M | {d} | "
+                + " | ".join(
+                    f"{r[key]['mean']:.3f} ({r[key]['min']:.2f})"
+                    for key in ("spearman", "filter_share", "chosen_share")
+                )
+                + " |"
+            )
     (out / "sketch_alignment.md").write_text("\n".join(lines) + "\n")
 
 
@@ -135,12 +189,19 @@ def main(argv: list[str] | None = None) -> dict:
     settings: Settings = grid["settings_obj"]
     widths = tuple(int(w) for w in args.widths.split(",")) if args.widths else ((32, 64) if args.quick else WIDTHS)
     steps, seeds, dims = (3, (0,), (8,)) if args.quick else (STEPS, SEEDS, SKETCH_DIMS)
-    results = {"meta": {"command": "python -m benchmarks.sketch_alignment " + " ".join(argv if argv is not None
-                                                                                        else sys.argv[1:]),
-                        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
-                        "threads": torch.get_num_threads(), "cell": CELL.name, "steps": steps, "seeds": list(seeds),
-                        "N": settings.pool},
-               "rows": [measure(settings, w, dims, steps, seeds) for w in widths]}
+    results = {
+        "meta": {
+            "command": "python -m benchmarks.sketch_alignment " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cell": CELL.name,
+            "steps": steps,
+            "seeds": list(seeds),
+            "N": settings.pool,
+        },
+        "rows": [measure(settings, w, dims, steps, seeds) for w in widths],
+    }
     out = Path(args.out or ("results/sketch_alignment_quick" if args.quick else "results/sketch_alignment"))
     write(results, out)
     print((out / "sketch_alignment.md").read_text())

@@ -40,7 +40,7 @@ if __package__ in (None, ""):
 import psutil
 
 from optsel.launch.launchers import build_command, deepspeed_shm_files, remove_files
-from optsel.pipeline import jsonio
+from optsel.pipeline.files import jsonio
 
 REPO = Path(__file__).resolve().parents[1]
 POOL, BUDGET = 16, 4
@@ -58,27 +58,55 @@ def _env() -> dict[str, str]:
 def prepare(work: Path, num_train: int) -> Path:
     out = work / "data"
     if not (out / "train" / "index.json").is_file():
-        done = subprocess.run([sys.executable, "-m", "optsel.launch.cli", "prepare", "configs/prepare_synthetic.yaml",
-                               f"out_dir={out}", f"synthetic.num_train={num_train}", "synthetic.num_val=64"],
-                              cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "optsel.launch.cli",
+                "prepare",
+                "configs/prepare_synthetic.yaml",
+                f"out_dir={out}",
+                f"synthetic.num_train={num_train}",
+                "synthetic.num_val=64",
+            ],
+            cwd=REPO,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         if done.returncode != 0:
             raise RuntimeError(f"prepare failed:\n{done.stderr[-3000:]}")
     return out
 
 
 def overrides(data: Path, out: Path, engine: str, steps: int, method: str) -> list[str]:
-    return [f"data.local={data}", f"output_dir={out}", "run_name=r", "training.progress_bar=false",
-            "training.num_eval_samples=16", "monitoring.port=0", "training.eval_every=4", f"engine.name={engine}",
-            f"selection.method={method}", f"training.num_steps={steps}", f"selection.pool_size={POOL}",
-            f"selection.budget={BUDGET}", "selection.num_target_samples=8", "checkpoint.every_steps=1",
-            "checkpoint.keep_last=2", "engine.collective_timeout_s=60"]
+    return [
+        f"data.local={data}",
+        f"output_dir={out}",
+        "run_name=r",
+        "training.progress_bar=false",
+        "training.num_eval_samples=16",
+        "monitoring.port=0",
+        "training.eval_every=4",
+        f"engine.name={engine}",
+        f"selection.method={method}",
+        f"training.num_steps={steps}",
+        f"selection.pool_size={POOL}",
+        f"selection.budget={BUDGET}",
+        "selection.num_target_samples=8",
+        "checkpoint.every_steps=1",
+        "checkpoint.keep_last=2",
+        "engine.collective_timeout_s=60",
+    ]
 
 
 def launch(args: list[str], log: Path) -> subprocess.Popen:
     cmd = build_command("torchrun", 2, "configs/demo.yaml", args)
     cmd.insert(cmd.index("-m", 2), "--monitor_interval=0.2")
-    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=_env(), stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> int:
@@ -110,8 +138,11 @@ def worker(proc: subprocess.Popen, rank: int) -> psutil.Process | None:
 
 
 def newest_checkpoint(run_dir: Path) -> int:
-    ckpts = [int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*")
-             if p.is_dir() and not p.name.endswith(".partial") and (p / "meta.json").is_file()]
+    ckpts = [
+        int(p.name.split("_")[1])
+        for p in (run_dir / "checkpoints").glob("step_*")
+        if p.is_dir() and not p.name.endswith(".partial") and (p / "meta.json").is_file()
+    ]
     return max(ckpts, default=0)
 
 
@@ -133,10 +164,14 @@ def logged_steps_since(metrics: Path, since: float) -> int:
 def records(run_dir: Path) -> dict[str, list]:
     sel = [json.loads(line) for line in (run_dir / "selections.jsonl").read_text().splitlines()]
     met = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"steps": [r["step"] for r in sel], "selected": [r["sample_ids"] for r in sel],
-            "weights": [r["weights"] for r in sel], "drawn": [r["pool_sample_ids"] for r in sel],
-            "train_loss": [(m["step"], m["train/loss"]) for m in met if "train/loss" in m],
-            "eval_loss": [(m["step"], m["eval/loss"]) for m in met if "eval/loss" in m]}
+    return {
+        "steps": [r["step"] for r in sel],
+        "selected": [r["sample_ids"] for r in sel],
+        "weights": [r["weights"] for r in sel],
+        "drawn": [r["pool_sample_ids"] for r in sel],
+        "train_loss": [(m["step"], m["train/loss"]) for m in met if "train/loss" in m],
+        "eval_loss": [(m["step"], m["eval/loss"]) for m in met if "eval/loss" in m],
+    }
 
 
 def compare(straight: Path, faulted: Path, steps: int) -> list[str]:
@@ -148,9 +183,11 @@ def compare(straight: Path, faulted: Path, steps: int) -> list[str]:
     for key in ("selected", "weights", "drawn", "train_loss", "eval_loss"):
         if a[key] != b[key]:
             first = next((i for i, (x, y) in enumerate(zip(a[key], b[key])) if x != y), min(len(a[key]), len(b[key])))
-            problems.append(f"{key} differs (first at entry {first}: straight "
-                            f"{a[key][first] if first < len(a[key]) else '<none>'}, faulted "
-                            f"{b[key][first] if first < len(b[key]) else '<none>'})")
+            problems.append(
+                f"{key} differs (first at entry {first}: straight "
+                f"{a[key][first] if first < len(a[key]) else '<none>'}, faulted "
+                f"{b[key][first] if first < len(b[key]) else '<none>'})"
+            )
     drawn = [sid for step in b["drawn"] for sid in step]
     if len(drawn) != len(set(drawn)):
         problems.append(f"{len(drawn) - len(set(drawn))} sample(s) drawn twice")
@@ -160,8 +197,18 @@ def compare(straight: Path, faulted: Path, steps: int) -> list[str]:
     return problems
 
 
-def soak_engine(engine: str, kills: int, steps: int, method: str, work: Path, data: Path, rng: random.Random,
-                max_delay: float, signals: list[str] | None, launch_timeout: float) -> dict:
+def soak_engine(
+    engine: str,
+    kills: int,
+    steps: int,
+    method: str,
+    work: Path,
+    data: Path,
+    rng: random.Random,
+    max_delay: float,
+    signals: list[str] | None,
+    launch_timeout: float,
+) -> dict:
     started = time.perf_counter()
     base = work / engine
     straight_out, faulted_out = base / "straight", base / "faulted"
@@ -174,13 +221,15 @@ def soak_engine(engine: str, kills: int, steps: int, method: str, work: Path, da
     before_shm = deepspeed_shm_files()
     t0 = time.perf_counter()
     # the straight run saves no periodic checkpoints (checkpoint.* may differ between runs; it saves at its end)
-    proc = launch(overrides(data, straight_out, engine, steps, method) + ["checkpoint.every_steps=0"],
-                  straight_out / "log.txt")
+    proc = launch(
+        overrides(data, straight_out, engine, steps, method) + ["checkpoint.every_steps=0"], straight_out / "log.txt"
+    )
     code = finish(proc, launch_timeout)
     straight_s = time.perf_counter() - t0
     if code != 0:
-        raise RuntimeError(f"{engine}: the straight run failed ({code}):\n"
-                           f"{(straight_out / 'log.txt').read_text()[-3000:]}")
+        raise RuntimeError(
+            f"{engine}: the straight run failed ({code}):\n{(straight_out / 'log.txt').read_text()[-3000:]}"
+        )
     run_dir = faulted_out / "r"
     args = overrides(data, faulted_out, engine, steps, method) + ["checkpoint.resume=auto"]
     events: list[dict] = []
@@ -201,13 +250,16 @@ def soak_engine(engine: str, kills: int, steps: int, method: str, work: Path, da
         while proc.poll() is None and logged_steps_since(run_dir / "metrics.jsonl", launch_time) < target:
             if time.monotonic() > deadline:
                 os.killpg(proc.pid, signal.SIGKILL)
-                raise RuntimeError(f"{engine}: launch {launches} did not reach step {target}:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"{engine}: launch {launches} did not reach step {target}:\n{log.read_text()[-3000:]}"
+                )
             time.sleep(0.02)
         if proc.poll() is not None:  # it finished (or failed) before the kill landed
             code = proc.returncode
             if code != 0:
-                raise RuntimeError(f"{engine}: launch {launches} ended with {code} before any signal:\n"
-                                   f"{log.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"{engine}: launch {launches} ended with {code} before any signal:\n{log.read_text()[-3000:]}"
+                )
             events.append({"launch": launches, "note": "finished before the signal", "resumed_from": resumed})
             break
         time.sleep(rng.uniform(0.0, max_delay))
@@ -218,10 +270,14 @@ def soak_engine(engine: str, kills: int, steps: int, method: str, work: Path, da
         at_step = logged_steps_since(run_dir / "metrics.jsonl", launch_time)
         if victim is None or proc.poll() is not None:
             code = finish(proc, launch_timeout)
-            events.append({"launch": launches, "note": "finished before the signal", "resumed_from": resumed,
-                           "exit_code": code})
-            if code == 0 and (run_dir / "summary.json").is_file() and \
-                    json.loads((run_dir / "summary.json").read_text())["num_steps"] == steps:
+            events.append(
+                {"launch": launches, "note": "finished before the signal", "resumed_from": resumed, "exit_code": code}
+            )
+            if (
+                code == 0
+                and (run_dir / "summary.json").is_file()
+                and json.loads((run_dir / "summary.json").read_text())["num_steps"] == steps
+            ):
                 break
             continue
         try:
@@ -229,44 +285,84 @@ def soak_engine(engine: str, kills: int, steps: int, method: str, work: Path, da
         except psutil.NoSuchProcess:
             pass
         code = finish(proc, launch_timeout)
-        events.append({"launch": launches, "resumed_from": resumed, "target_step": target,
-                       "logged_step_at_signal": at_step, "rank": rank, "signal": sig_name, "exit_code": code,
-                       "newest_checkpoint_after": newest_checkpoint(run_dir)})
-        print(f"[{engine}] kill {len([e for e in events if 'signal' in e])}/{kills}: launch {launches} resumed from "
-              f"step {resumed}, {sig_name} to rank {rank} at logged step {at_step}; exit {code}, newest checkpoint "
-              f"now step {events[-1]['newest_checkpoint_after']}", flush=True)
+        events.append(
+            {
+                "launch": launches,
+                "resumed_from": resumed,
+                "target_step": target,
+                "logged_step_at_signal": at_step,
+                "rank": rank,
+                "signal": sig_name,
+                "exit_code": code,
+                "newest_checkpoint_after": newest_checkpoint(run_dir),
+            }
+        )
+        print(
+            f"[{engine}] kill {len([e for e in events if 'signal' in e])}/{kills}: launch {launches} resumed from "
+            f"step {resumed}, {sig_name} to rank {rank} at logged step {at_step}; exit {code}, newest checkpoint "
+            f"now step {events[-1]['newest_checkpoint_after']}",
+            flush=True,
+        )
     remove_files(deepspeed_shm_files() - before_shm)
     done_kills = [e for e in events if "signal" in e]
     summary = json.loads((run_dir / "summary.json").read_text())
     problems = compare(straight_out / "r", run_dir, steps)
     if summary["num_steps"] != steps:
         problems.append(f"the faulted run ended at step {summary['num_steps']}, not {steps}")
-    return {"engine": engine, "method": method, "steps": steps, "kills_requested": kills, "kills": len(done_kills),
-            "sigkill": sum(e["signal"] == "SIGKILL" for e in done_kills),
-            "sigterm": sum(e["signal"] == "SIGTERM" for e in done_kills),
-            "rank0": sum(e["rank"] == 0 for e in done_kills), "rank1": sum(e["rank"] == 1 for e in done_kills),
-            "launches": launches, "passed": not problems and len(done_kills) == kills, "problems": problems,
-            "straight_seconds": straight_s, "wall_seconds": time.perf_counter() - started, "events": events}
+    return {
+        "engine": engine,
+        "method": method,
+        "steps": steps,
+        "kills_requested": kills,
+        "kills": len(done_kills),
+        "sigkill": sum(e["signal"] == "SIGKILL" for e in done_kills),
+        "sigterm": sum(e["signal"] == "SIGTERM" for e in done_kills),
+        "rank0": sum(e["rank"] == 0 for e in done_kills),
+        "rank1": sum(e["rank"] == 1 for e in done_kills),
+        "launches": launches,
+        "passed": not problems and len(done_kills) == kills,
+        "problems": problems,
+        "straight_seconds": straight_s,
+        "wall_seconds": time.perf_counter() - started,
+        "events": events,
+    }
 
 
 def write_report(results: list[dict], out: Path, command: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"command": command, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}"}
+    meta = {
+        "command": command,
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}",
+    }
     (out / "soak.json").write_text(jsonio.dumps({"meta": meta, "engines": results}, indent=2) + "\n")
-    lines = ["# Fault-injection soak", "", f"Command: `{command}`  ", f"Date: {meta['date']}  ",
-             f"Machine: {meta['machine']} (2 gloo ranks under torchrun, CPU)", "",
-             "| engine | method | steps | M (kills) | SIGKILL / SIGTERM | rank 0 / rank 1 | launches | result | wall |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Fault-injection soak",
+        "",
+        f"Command: `{command}`  ",
+        f"Date: {meta['date']}  ",
+        f"Machine: {meta['machine']} (2 gloo ranks under torchrun, CPU)",
+        "",
+        "| engine | method | steps | M (kills) | SIGKILL / SIGTERM | rank 0 / rank 1 | launches | result | wall |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        verdict = "**pass**: losses, drawn and selected ids, weights, eval loss equal the straight run; " \
-                  "no sample lost or repeated" if r["passed"] else "**FAIL**: " + "; ".join(r["problems"] or
-                                                                                        ["fewer kills than asked"])
-        lines.append(f"| {r['engine']} | {r['method']} | {r['steps']} | {r['kills']} of {r['kills_requested']} | "
-                     f"{r['sigkill']} / {r['sigterm']} | {r['rank0']} / {r['rank1']} | {r['launches']} | {verdict} | "
-                     f"{r['wall_seconds'] / 60:.1f} min |")
-    lines += ["", "Every kill (launch, the checkpoint step it resumed from, the step logged when the signal was sent, "
-              "rank, signal, torchrun's exit code) is in soak.json."]
+        verdict = (
+            "**pass**: losses, drawn and selected ids, weights, eval loss equal the straight run; "
+            "no sample lost or repeated"
+            if r["passed"]
+            else "**FAIL**: " + "; ".join(r["problems"] or ["fewer kills than asked"])
+        )
+        lines.append(
+            f"| {r['engine']} | {r['method']} | {r['steps']} | {r['kills']} of {r['kills_requested']} | "
+            f"{r['sigkill']} / {r['sigterm']} | {r['rank0']} / {r['rank1']} | {r['launches']} | {verdict} | "
+            f"{r['wall_seconds'] / 60:.1f} min |"
+        )
+    lines += [
+        "",
+        "Every kill (launch, the checkpoint step it resumed from, the step logged when the signal was sent, "
+        "rank, signal, torchrun's exit code) is in soak.json.",
+    ]
     (out / "soak.md").write_text("\n".join(lines) + "\n")
 
 
@@ -294,13 +390,20 @@ def main(argv: list[str] | None = None) -> None:
     rng = random.Random(args.seed)
     results = []
     for engine in [e.strip() for e in args.engines.split(",") if e.strip()]:
-        results.append(soak_engine(engine, args.kills, steps, args.method, work, data, rng, args.max_delay, signals,
-                                   args.launch_timeout))
-        print(f"[{engine}] {'PASS' if results[-1]['passed'] else 'FAIL'}: {results[-1]['kills']} kills, "
-              f"{results[-1]['launches']} launches, {results[-1]['wall_seconds']:.0f} s; "
-              f"{results[-1]['problems']}", flush=True)
-        command = "python -m benchmarks.soak " + " ".join(shlex.quote(a) for a in (argv if argv is not None
-                                                                                   else sys.argv[1:]))
+        results.append(
+            soak_engine(
+                engine, args.kills, steps, args.method, work, data, rng, args.max_delay, signals, args.launch_timeout
+            )
+        )
+        print(
+            f"[{engine}] {'PASS' if results[-1]['passed'] else 'FAIL'}: {results[-1]['kills']} kills, "
+            f"{results[-1]['launches']} launches, {results[-1]['wall_seconds']:.0f} s; "
+            f"{results[-1]['problems']}",
+            flush=True,
+        )
+        command = "python -m benchmarks.soak " + " ".join(
+            shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+        )
         write_report(results, out, command.strip())
     if not args.work:
         import shutil

@@ -37,15 +37,18 @@ if __package__ in (None, ""):
 
 import torch
 
-from optsel.pipeline import jsonio
-from optsel.selection.base import get_selector_factory
 from optsel.losses import per_sample_token_mean_ce
+from optsel.pipeline.files import jsonio
+from optsel.selection.base import get_selector_factory
 
 VOCAB = 259
 
 
 SIZES = {  # name: (hidden, layers, intermediate); "small" is the demo's model, the others compute-bound
-    "small": (64, 2, 128), "cpu-compute": (256, 4, 512), "gpu-100m": (1024, 8, 2816)}
+    "small": (64, 2, 128),
+    "cpu-compute": (256, 4, 512),
+    "gpu-100m": (1024, 8, 2816),
+}
 
 
 def build_model(device: torch.device, max_pos: int, seed: int = 0, size: str = "small"):
@@ -53,9 +56,16 @@ def build_model(device: torch.device, max_pos: int, seed: int = 0, size: str = "
 
     hidden, layers, inter = SIZES[size]
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=max(4, hidden // 64), num_key_value_heads=max(2, hidden // 128),
-                      max_position_embeddings=max_pos, attn_implementation="sdpa")
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=max(4, hidden // 64),
+        num_key_value_heads=max(2, hidden // 128),
+        max_position_embeddings=max_pos,
+        attn_implementation="sdpa",
+    )
     return LlamaForCausalLM(cfg).to(device)
 
 
@@ -98,15 +108,21 @@ def make_selector(method: str, model, opt, k: int, options: dict | None):
 
 
 # (label, method, FTW options): ftw's default is the single pass with the active-set solver
-CONFIGS = [("random", "random", None), ("full", "full", None), ("greats", "greats", None), ("uds", "uds", None),
-           ("ftw[exact]", "ftw", {"gram": "exact"}),
-           ("ftw[exact, two-pass]", "ftw", {"gram": "exact", "single_pass": False}),
-           ("ftw[exact, refresh 8]", "ftw", {"gram": "exact", "target_refresh": 8}),
-           ("ftw[exact, two-pass, fista]", "ftw", {"gram": "exact", "single_pass": False, "solver": "torch"}),
-           ("ftw[ghost]", "ftw", {"gram": "ghost"}), ("ftw[sketch]", "ftw", {"gram": "sketch"}),
-           ("ftw[auto]", "ftw", {"gram": "auto"}),
-           # added 2026-11-27 before its first run: b from sketches too (no exact-b GEMM)
-           ("ftw[sketches exchange]", "ftw", {"exchange": "sketches", "gram": "sketch"})]
+CONFIGS = [
+    ("random", "random", None),
+    ("full", "full", None),
+    ("greats", "greats", None),
+    ("uds", "uds", None),
+    ("ftw[exact]", "ftw", {"gram": "exact"}),
+    ("ftw[exact, two-pass]", "ftw", {"gram": "exact", "single_pass": False}),
+    ("ftw[exact, refresh 8]", "ftw", {"gram": "exact", "target_refresh": 8}),
+    ("ftw[exact, two-pass, fista]", "ftw", {"gram": "exact", "single_pass": False, "solver": "torch"}),
+    ("ftw[ghost]", "ftw", {"gram": "ghost"}),
+    ("ftw[sketch]", "ftw", {"gram": "sketch"}),
+    ("ftw[auto]", "ftw", {"gram": "auto"}),
+    # added 2026-11-27 before its first run: b from sketches too (no exact-b GEMM)
+    ("ftw[sketches exchange]", "ftw", {"exchange": "sketches", "gram": "sketch"}),
+]
 
 
 class Method:
@@ -154,10 +170,16 @@ class Method:
     def row(self) -> dict:
         """Medians over the rounds (phases: means)."""
         n = max(len(self.steps), 1)
-        return {"select_s": statistics.median(self.selects), "train_s": statistics.median(self.trains),
-                "step_s": statistics.median(self.steps), "ratio_to_plain": statistics.median(self.ratios),
-                "ratios": self.ratios, "phases_s": {p: s / n for p, s in self.phases.items()},
-                "flops": self.flops, "peak_memory_bytes": self.peak}
+        return {
+            "select_s": statistics.median(self.selects),
+            "train_s": statistics.median(self.trains),
+            "step_s": statistics.median(self.steps),
+            "ratio_to_plain": statistics.median(self.ratios),
+            "ratios": self.ratios,
+            "phases_s": {p: s / n for p, s in self.phases.items()},
+            "flops": self.flops,
+            "peak_memory_bytes": self.peak,
+        }
 
 
 def _attention_flops() -> dict:
@@ -172,8 +194,10 @@ def _attention_flops() -> dict:
 
     forward._get_raw = backward._get_raw = True  # they take tensors, not shapes
     aten = torch.ops.aten
-    pairs = ((getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None), forward),
-             (getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None), backward))
+    pairs = (
+        (getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None), forward),
+        (getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None), backward),
+    )
     return {op: fn for op, fn in pairs if op is not None}
 
 
@@ -204,8 +228,9 @@ def floor_ratio(n: int, k: int, v: int) -> float:
     return (3 + 3 * v / n + k / n) / 3
 
 
-def interleaved_rounds(methods: list[Method], pools: list, target, device, reference, tag: str, ref_name: str
-                       ) -> list[float]:
+def interleaved_rounds(
+    methods: list[Method], pools: list, target, device, reference, tag: str, ref_name: str
+) -> list[float]:
     """The timing rounds (module docstring): per pool, ``reference(pool)``, every method's step once in an
     order rotated by one per round, ``reference(pool)`` again; round 0 warms up. Appends to each method's
     ``ratios`` its step / that round's mean reference; returns the reference seconds of the timed rounds."""
@@ -221,8 +246,11 @@ def interleaved_rounds(methods: list[Method], pools: list, target, device, refer
         seconds += [before, after]
         for m in methods:
             m.ratios.append(ran[m.name] / mean)
-        print(f"{tag} round {r}: {ref_name} {mean * 1e3:.1f} ms, "
-              + ", ".join(f"{m.name} x{m.ratios[-1]:.2f}" for m in methods), flush=True)
+        print(
+            f"{tag} round {r}: {ref_name} {mean * 1e3:.1f} ms, "
+            + ", ".join(f"{m.name} x{m.ratios[-1]:.2f}" for m in methods),
+            flush=True,
+        )
     return seconds
 
 
@@ -236,8 +264,9 @@ def step_table(device, n, T, k, repeats, size: str = "small") -> dict:
         train_step(model, opt, p, torch.full((n,), 1.0 / n, device=device))
     pools = [make_pool(n, T, s, device) for s in range(repeats + 1)]
     target = make_pool(max(4, k), T, 999, device)
-    methods = [Method(name, method, options, model, opt, k if method != "full" else n)
-               for name, method, options in CONFIGS]
+    methods = [
+        Method(name, method, options, model, opt, k if method != "full" else n) for name, method, options in CONFIGS
+    ]
     plain_peak = 0.0
     calls = 0
 
@@ -253,46 +282,78 @@ def step_table(device, n, T, k, repeats, size: str = "small") -> dict:
 
     plain_s = interleaved_rounds(methods, pools, target, device, reference, f"[speed] {size}", "plain")
     plain_flops = count_flops(lambda: train_step(model, opt, pools[0], torch.full((n,), 1.0 / n, device=device)))
-    rows = {"plain": {"step_s": statistics.median(plain_s), "ratio_to_plain": 1.0, "flops": plain_flops,
-                      "flop_ratio": 1.0, "peak_memory_bytes": plain_peak}}
+    rows = {
+        "plain": {
+            "step_s": statistics.median(plain_s),
+            "ratio_to_plain": 1.0,
+            "flops": plain_flops,
+            "flop_ratio": 1.0,
+            "peak_memory_bytes": plain_peak,
+        }
+    }
     for m in methods:
         m.flops = count_flops(lambda: m.step(pools[0], target, device, record=False))
         rows[m.name] = m.row()
         rows[m.name]["flop_ratio"] = m.flops / plain_flops
-        print(f"[speed] {m.name:28s} step {rows[m.name]['step_s'] * 1e3:8.1f} ms  "
-              f"x{rows[m.name]['ratio_to_plain']:.2f} of plain, x{rows[m.name]['flop_ratio']:.3f} in FLOPs",
-              flush=True)
+        print(
+            f"[speed] {m.name:28s} step {rows[m.name]['step_s'] * 1e3:8.1f} ms  "
+            f"x{rows[m.name]['ratio_to_plain']:.2f} of plain, x{rows[m.name]['flop_ratio']:.3f} in FLOPs",
+            flush=True,
+        )
     return rows
 
 
-def rows_against_reference(methods: list["Method"], pools, target, device, tag: str, what: str,
-                           width: int) -> tuple[dict[str, dict], list["Method"]]:
+def rows_against_reference(
+    methods: list[Method], pools, target, device, tag: str, what: str, width: int
+) -> tuple[dict[str, dict], list[Method]]:
     """Time ``methods[1:]`` in interleaved rounds against ``methods[0]`` (the reference: the plain step on the
     k rows, i.e. random with the same model and optimizer) and count each one's FLOPs; rows keyed by name
     with ``ratio_to_plain`` (time) and ``flop_ratio`` against the reference. Returns (rows, the methods)."""
     ref, *rest = methods
-    plain_s = interleaved_rounds(rest, pools, target, device, lambda pool: ref.step(pool, target, device),
-                                 f"[speed] {tag}", f"{what.lower()} random")
+    plain_s = interleaved_rounds(
+        rest,
+        pools,
+        target,
+        device,
+        lambda pool: ref.step(pool, target, device),
+        f"[speed] {tag}",
+        f"{what.lower()} random",
+    )
     ref.flops = count_flops(lambda: ref.step(pools[0], target, device, record=False))
-    rows = {ref.name: {"step_s": statistics.median(plain_s), "select_s": statistics.median(ref.selects),
-                       "train_s": statistics.median(ref.trains), "ratio_to_plain": 1.0, "flops": ref.flops,
-                       "flop_ratio": 1.0, "phases_s": {p: t / len(ref.steps) for p, t in ref.phases.items()},
-                       "peak_memory_bytes": ref.peak}}
+    rows = {
+        ref.name: {
+            "step_s": statistics.median(plain_s),
+            "select_s": statistics.median(ref.selects),
+            "train_s": statistics.median(ref.trains),
+            "ratio_to_plain": 1.0,
+            "flops": ref.flops,
+            "flop_ratio": 1.0,
+            "phases_s": {p: t / len(ref.steps) for p, t in ref.phases.items()},
+            "peak_memory_bytes": ref.peak,
+        }
+    }
     for m in rest:
         m.flops = count_flops(lambda: m.step(pools[0], target, device, record=False))
         rows[m.name] = {**m.row(), "flop_ratio": m.flops / ref.flops}
-        print(f"[speed] {m.name:{width}s} step {rows[m.name]['step_s'] * 1e3:8.1f} ms  "
-              f"x{rows[m.name]['ratio_to_plain']:.2f} of the {what} random step, x{rows[m.name]['flop_ratio']:.3f} "
-              f"in FLOPs", flush=True)
+        print(
+            f"[speed] {m.name:{width}s} step {rows[m.name]['step_s'] * 1e3:8.1f} ms  "
+            f"x{rows[m.name]['ratio_to_plain']:.2f} of the {what} random step, x{rows[m.name]['flop_ratio']:.3f} "
+            f"in FLOPs",
+            flush=True,
+        )
     return rows, rest
 
 
 #: LoRA rows (issue 26, written 2026-12-02 before their first run): peft adapters r = 8, alpha 16 on the
 #: attention projections (optsel's LoraSettings defaults); the reference is the plain LoRA step on the k rows
 #: (the random selector's step), and the full fine-tuning rows of the same model size are timed beside them
-LORA_CONFIGS = [("lora random (the reference)", "random", None, True), ("lora ftw[auto]", "ftw", {"gram": "auto"}, True),
-                ("lora ftw[exact]", "ftw", {"gram": "exact"}, True),
-                ("full-FT random", "random", None, False), ("full-FT ftw[auto]", "ftw", {"gram": "auto"}, False)]
+LORA_CONFIGS = [
+    ("lora random (the reference)", "random", None, True),
+    ("lora ftw[auto]", "ftw", {"gram": "auto"}, True),
+    ("lora ftw[exact]", "ftw", {"gram": "exact"}, True),
+    ("full-FT random", "random", None, False),
+    ("full-FT ftw[auto]", "ftw", {"gram": "auto"}, False),
+]
 LORA = {"r": 8, "alpha": 16.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
 
@@ -302,8 +363,16 @@ def build_lora_model(device: torch.device, max_pos: int, seed: int = 0, size: st
 
     model = build_model(device, max_pos, seed, size)
     torch.manual_seed(seed + 1)
-    return get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
-                                            target_modules=list(LORA["target_modules"]), task_type="CAUSAL_LM"))
+    return get_peft_model(
+        model,
+        LoraConfig(
+            r=LORA["r"],
+            lora_alpha=LORA["alpha"],
+            lora_dropout=0.0,
+            target_modules=list(LORA["target_modules"]),
+            task_type="CAUSAL_LM",
+        ),
+    )
 
 
 def lora_table(device, n, T, k, repeats, size: str = "small") -> dict:
@@ -328,22 +397,26 @@ def lora_table(device, n, T, k, repeats, size: str = "small") -> dict:
 #: the usual hybrid split, pipeline/engines/muon.py; the project's Muon defaults) on the step table's model; the
 #: reference is the plain Muon step on the k rows (the random selector's step); FTW with geometry auto (the exact
 #: NS Jacobian on the Muon matrices) and the Muon grid's control models; the AdamW rows of the same model beside
-MUON_CONFIGS = [("muon random (the reference)", "random", None, "muon"),
-                ("muon ftw[auto] (NS Jacobian)", "ftw", {"geometry": "auto"}, "muon"),
-                ("muon ftw[lowrank S]", "ftw", {"geometry": "auto", "muon_model": "lowrank"}, "muon"),
-                ("muon ftw[adam model]", "ftw", {"geometry": "auto", "muon_model": "adam"}, "muon"),
-                ("muon ftw[identity]", "ftw", {"geometry": "auto", "muon_model": "identity"}, "muon"),
-                ("adamw random", "random", None, "adamw"), ("adamw ftw[auto]", "ftw", {"gram": "auto"}, "adamw")]
+MUON_CONFIGS = [
+    ("muon random (the reference)", "random", None, "muon"),
+    ("muon ftw[auto] (NS Jacobian)", "ftw", {"geometry": "auto"}, "muon"),
+    ("muon ftw[lowrank S]", "ftw", {"geometry": "auto", "muon_model": "lowrank"}, "muon"),
+    ("muon ftw[adam model]", "ftw", {"geometry": "auto", "muon_model": "adam"}, "muon"),
+    ("muon ftw[identity]", "ftw", {"geometry": "auto", "muon_model": "identity"}, "muon"),
+    ("adamw random", "random", None, "adamw"),
+    ("adamw ftw[auto]", "ftw", {"gram": "auto"}, "adamw"),
+]
 MUON = {"lr": 1e-3, "muon_lr": 0.02, "muon_momentum": 0.95, "muon_nesterov": True, "muon_adjust_lr_fn": "original"}
 
 
 def muon_optimizer(model, name: str):
     """Muon + AdamW (``name`` muon, :data:`MUON`) or AdamW, from the engines' own builder."""
-    from optsel.pipeline.engines.base import OptimizerConfig
     from optsel.pipeline.engines.muon import build_optimizer
+    from optsel.pipeline.engines.shared import OptimizerConfig
 
-    return build_optimizer(model, [p for p in model.parameters() if p.requires_grad],
-                           OptimizerConfig(name=name, **MUON))
+    return build_optimizer(
+        model, [p for p in model.parameters() if p.requires_grad], OptimizerConfig(name=name, **MUON)
+    )
 
 
 def ns_jvp_flops(model, n: int, m: int, ns_steps: int = 5) -> int:
@@ -402,9 +475,12 @@ def flop_grid(device, T: int, size: str, points: list[tuple[int, int, int]]) -> 
             ftw.step(pool, target, device, record=False)
             row[label] = count_flops(lambda: ftw.step(pool, target, device, record=False)) / plain
         out.append(row)
-        print(f"[speed] FLOP grid N={n} k={k} |V|={v}: "
-              + ", ".join(f"{label} x{row[label]:.3f}" for label in GRID_VARIANTS)
-              + f" (floor x{row['floor']:.3f})", flush=True)
+        print(
+            f"[speed] FLOP grid N={n} k={k} |V|={v}: "
+            + ", ".join(f"{label} x{row[label]:.3f}" for label in GRID_VARIANTS)
+            + f" (floor x{row['floor']:.3f})",
+            flush=True,
+        )
     return out
 
 
@@ -413,9 +489,12 @@ def flop_grid(device, T: int, size: str, points: list[tuple[int, int, int]]) -> 
 #: the longest T, whole-pool passes at short T (added 2026-11-27; both reported)
 def sweep_variants(max_T: int) -> list[tuple[str, str, dict]]:
     tokens = 4 * max_T
-    return [("auto", "auto", {"capture_chunk_size": 4}), ("exact", "exact", {"capture_chunk_size": 4}),
-            (f"auto, ≤ {tokens} tokens/pass", "auto", {"capture_chunk_tokens": tokens}),
-            (f"exact, ≤ {tokens} tokens/pass", "exact", {"capture_chunk_tokens": tokens})]
+    return [
+        ("auto", "auto", {"capture_chunk_size": 4}),
+        ("exact", "exact", {"capture_chunk_size": 4}),
+        (f"auto, ≤ {tokens} tokens/pass", "auto", {"capture_chunk_tokens": tokens}),
+        (f"exact, ≤ {tokens} tokens/pass", "exact", {"capture_chunk_tokens": tokens}),
+    ]
 
 
 def seq_sweep(device, n, k, lengths, repeats, cap_s, size: str = "small") -> dict:
@@ -431,10 +510,17 @@ def seq_sweep(device, n, k, lengths, repeats, cap_s, size: str = "small") -> dic
     factory = get_selector_factory("ftw")
     for T in lengths:
         pool, target = make_pool(n, T, 11, device), make_pool(4, T, 12, device)
-        live = {label: factory(model=model, optimizer=opt, budget=k, seed=0,
-                               config=factory.config_class(budget=k, gram=gram, **chunking))
-                for label, gram, chunking in variants
-                if not out[label] or max(r["select_s"] for r in out[label].values()) <= cap_s}
+        live = {
+            label: factory(
+                model=model,
+                optimizer=opt,
+                budget=k,
+                seed=0,
+                config=factory.config_class(budget=k, gram=gram, **chunking),
+            )
+            for label, gram, chunking in variants
+            if not out[label] or max(r["select_s"] for r in out[label].values()) <= cap_s
+        }
         plains: list[float] = []
         selects: dict[str, list[float]] = {label: [] for label in live}
         ratios: dict[str, list[float]] = {label: [] for label in live}
@@ -455,10 +541,16 @@ def seq_sweep(device, n, k, lengths, repeats, cap_s, size: str = "small") -> dic
                 selects[label].append(sec)
                 ratios[label].append(sec / ((before + after) / 2))
         for label in live:
-            res = out[label][T] = {"select_s": statistics.median(selects[label]), "plain_s": statistics.median(plains),
-                                   "ratio": statistics.median(ratios[label])}
-            print(f"[speed] T={T:5d} {label:28s} select {res['select_s']:.3f} s, plain {res['plain_s']:.3f} s, "
-                  f"ratio {res['ratio']:.2f}", flush=True)
+            res = out[label][T] = {
+                "select_s": statistics.median(selects[label]),
+                "plain_s": statistics.median(plains),
+                "ratio": statistics.median(ratios[label]),
+            }
+            print(
+                f"[speed] T={T:5d} {label:28s} select {res['select_s']:.3f} s, plain {res['plain_s']:.3f} s, "
+                f"ratio {res['ratio']:.2f}",
+                flush=True,
+            )
     return out
 
 
@@ -469,10 +561,15 @@ def solver_table(repeats: int = 50) -> dict:
     out: dict[str, dict[str, float]] = {}
     for m in (32, 256):
         gen = torch.Generator().manual_seed(m)
-        G = torch.randn(m, 200, generator=gen, dtype=torch.float64) * torch.rand(m, 1, generator=gen, dtype=torch.float64)
-        b, K = G @ torch.randn(200, generator=gen, dtype=torch.float64) / 200 ** 0.5, G @ G.T / 200
-        for name, fn, reps in (("active_set", active_set_qp, repeats), ("torch (FISTA + polish)", torch_qp, 3),
-                               ("cvxpy (OSQP)", cvxpy_qp, 3)):
+        G = torch.randn(m, 200, generator=gen, dtype=torch.float64) * torch.rand(
+            m, 1, generator=gen, dtype=torch.float64
+        )
+        b, K = G @ torch.randn(200, generator=gen, dtype=torch.float64) / 200**0.5, G @ G.T / 200
+        for name, fn, reps in (
+            ("active_set", active_set_qp, repeats),
+            ("torch (FISTA + polish)", torch_qp, 3),
+            ("cvxpy (OSQP)", cvxpy_qp, 3),
+        ):
             try:
                 fn(b, K, 2.0)
             except ImportError:  # cvxpy not installed (e.g. a GPU image): no row
@@ -488,26 +585,40 @@ def solver_table(repeats: int = 50) -> dict:
 
 def _step_lines(title: str, st: dict, meta: dict) -> list[str]:
     phases = sorted({p for r in st.values() for p in r.get("phases_s", {})})
-    lines = [f"## {title}", "",
-             "| method | step | ratio | FLOP ratio | select | train | " + " | ".join(phases) + " | peak mem (MiB) |",
-             "|---|---|---|---|---|---|" + "---|" * len(phases) + "---|"]
+    lines = [
+        f"## {title}",
+        "",
+        "| method | step | ratio | FLOP ratio | select | train | " + " | ".join(phases) + " | peak mem (MiB) |",
+        "|---|---|---|---|---|---|" + "---|" * len(phases) + "---|",
+    ]
     for name, r in st.items():
         ph = " | ".join(f"{r.get('phases_s', {}).get(p, 0.0) * 1e3:.1f}" for p in phases)
-        lines.append(f"| {name} | {r['step_s'] * 1e3:.1f} | {r.get('ratio_to_plain', 1.0):.2f} | "
-                     f"{r.get('flop_ratio', float('nan')):.3f} | "
-                     f"{r.get('select_s', 0.0) * 1e3:.1f} | {r.get('train_s', r['step_s']) * 1e3:.1f} | {ph} | "
-                     f"{r['peak_memory_bytes'] / 2**20:.0f} |")
+        lines.append(
+            f"| {name} | {r['step_s'] * 1e3:.1f} | {r.get('ratio_to_plain', 1.0):.2f} | "
+            f"{r.get('flop_ratio', float('nan')):.3f} | "
+            f"{r.get('select_s', 0.0) * 1e3:.1f} | {r.get('train_s', r['step_s']) * 1e3:.1f} | {ph} | "
+            f"{r['peak_memory_bytes'] / 2**20:.0f} |"
+        )
     return lines + [""]
 
 
 def _grid_lines(grid: list[dict], meta: dict) -> list[str]:
     labels = [key for key in grid[0] if key not in ("N", "k", "V", "floor")]
-    lines = [f"## FTW step / plain step in FLOPs against N, k, |V| (model {meta['grid_model']}, T = {meta['grid_T']})",
-             "", "Single pass, target every step. Floor: the covered GEMMs of the default (exact b) alone, "
-             "(3 + 3|V|/N + k/N) / 3 (benchmarks/speed.py `floor_ratio`).", "",
-             "| N | k | \\|V\\| | " + " | ".join(labels) + " | floor |", "|---|---|---|" + "---|" * (len(labels) + 1)]
-    lines += [f"| {g['N']} | {g['k']} | {g['V']} | " + " | ".join(f"{g[lab]:.3f}" for lab in labels)
-              + f" | {g['floor']:.3f} |" for g in grid]
+    lines = [
+        f"## FTW step / plain step in FLOPs against N, k, |V| (model {meta['grid_model']}, T = {meta['grid_T']})",
+        "",
+        "Single pass, target every step. Floor: the covered GEMMs of the default (exact b) alone, "
+        "(3 + 3|V|/N + k/N) / 3 (benchmarks/speed.py `floor_ratio`).",
+        "",
+        "| N | k | \\|V\\| | " + " | ".join(labels) + " | floor |",
+        "|---|---|---|" + "---|" * (len(labels) + 1),
+    ]
+    lines += [
+        f"| {g['N']} | {g['k']} | {g['V']} | "
+        + " | ".join(f"{g[lab]:.3f}" for lab in labels)
+        + f" | {g['floor']:.3f} |"
+        for g in grid
+    ]
     return lines + [""]
 
 
@@ -515,36 +626,54 @@ def write(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "speed.json").write_text(jsonio.dumps(results, indent=2))
     meta = results["meta"]
-    lines = [f"# Speed benchmark ({meta['mode']}, {meta['device_name']})", "",
-             f"Command: `{meta.get('command', 'python -m benchmarks.speed')}` — {meta.get('date', '')}; torch "
-             f"{meta.get('torch', '')}, {meta.get('threads', '?')} threads.", "",
-             f"{meta['repeats']} interleaved rounds after a warm-up round (each: plain, every method once in an "
-             f"order rotated per round, plain again). Times in ms, medians over rounds (phases: means); ratio = "
-             f"median over rounds of step / that round's mean plain step (forward + backward + AdamW over all N); "
-             f"FLOP ratio = counted matmul + attention FLOPs of one step / the plain step's. ftw[...] rows use "
-             f"the single pass and the active-set solver unless named otherwise; 'refresh 8' recomputes the "
-             f"target gradient every 8 steps (its FLOPs: a step without the refresh).", ""]
+    lines = [
+        f"# Speed benchmark ({meta['mode']}, {meta['device_name']})",
+        "",
+        f"Command: `{meta.get('command', 'python -m benchmarks.speed')}` — {meta.get('date', '')}; torch "
+        f"{meta.get('torch', '')}, {meta.get('threads', '?')} threads.",
+        "",
+        f"{meta['repeats']} interleaved rounds after a warm-up round (each: plain, every method once in an "
+        f"order rotated per round, plain again). Times in ms, medians over rounds (phases: means); ratio = "
+        f"median over rounds of step / that round's mean plain step (forward + backward + AdamW over all N); "
+        f"FLOP ratio = counted matmul + attention FLOPs of one step / the plain step's. ftw[...] rows use "
+        f"the single pass and the active-set solver unless named otherwise; 'refresh 8' recomputes the "
+        f"target gradient every 8 steps (its FLOPs: a step without the refresh).",
+        "",
+    ]
     for size, block in results["steps"].items():
-        lines += _step_lines(f"{size}: N = {block['N']}, k = {block['k']}, T = {block['T']}, "
-                             f"model {block['model']}", block["rows"], meta)
+        lines += _step_lines(
+            f"{size}: N = {block['N']}, k = {block['k']}, T = {block['T']}, model {block['model']}", block["rows"], meta
+        )
     if results.get("flop_grid"):
         lines += _grid_lines(results["flop_grid"], meta)
     sw = results["seq_sweep"]
     Ts = sorted({int(t) for res in sw.values() for t in res})
-    lines += [f"## select / plain step against T (N = {meta['sweep_N']}, k = {meta['sweep_k']}, "
-              f"model {meta['sweep_model']})", "",
-              f"Medians over {meta.get('sweep_repeats', 1)} interleaved round(s) (plain, each variant's select, plain) "
-              f"after a warm-up round; ratio = select / that round's mean plain step. '—': skipped after a select "
-              f"exceeded the time cap. Flat within 1.5x = linear in T like the step.", "",
-              "| backend | " + " | ".join(str(t) for t in Ts) + " | max/min |", "|---|" + "---|" * (len(Ts) + 1)]
+    lines += [
+        f"## select / plain step against T (N = {meta['sweep_N']}, k = {meta['sweep_k']}, model {meta['sweep_model']})",
+        "",
+        f"Medians over {meta.get('sweep_repeats', 1)} interleaved round(s) (plain, each variant's select, plain) "
+        f"after a warm-up round; ratio = select / that round's mean plain step. '—': skipped after a select "
+        f"exceeded the time cap. Flat within 1.5x = linear in T like the step.",
+        "",
+        "| backend | " + " | ".join(str(t) for t in Ts) + " | max/min |",
+        "|---|" + "---|" * (len(Ts) + 1),
+    ]
     for gram, res in sw.items():
         res = {int(t): v for t, v in res.items()}
         ratios = [res[t]["ratio"] for t in Ts if t in res]
         spread = max(ratios) / min(ratios) if ratios else float("nan")
-        lines.append(f"| {gram} | " + " | ".join(f"{res[t]['ratio']:.2f} ({res[t]['select_s']:.2f} s)" if t in res
-                                                 else "—" for t in Ts) + f" | {spread:.2f} |")
-    lines += ["", "## Weight QP solve time (ms)", "", "| solver | " + " | ".join(next(iter(results['solvers'].values()))) + " |",
-              "|---|" + "---|" * len(next(iter(results['solvers'].values())))]
+        lines.append(
+            f"| {gram} | "
+            + " | ".join(f"{res[t]['ratio']:.2f} ({res[t]['select_s']:.2f} s)" if t in res else "—" for t in Ts)
+            + f" | {spread:.2f} |"
+        )
+    lines += [
+        "",
+        "## Weight QP solve time (ms)",
+        "",
+        "| solver | " + " | ".join(next(iter(results["solvers"].values()))) + " |",
+        "|---|" + "---|" * len(next(iter(results["solvers"].values()))),
+    ]
     for name, row in results["solvers"].items():
         lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in row.values()) + " |")
     (out / "speed.md").write_text("\n".join(lines) + "\n")
@@ -558,21 +687,27 @@ def write_lora(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "speed_lora.json").write_text(jsonio.dumps(results, indent=2))
     meta = results["meta"]
-    lines = [f"# LoRA step cost ({meta['mode']}, {meta['device_name']})", "",
-             f"Command: `{meta.get('command', 'python -m benchmarks.speed --lora-only')}` — {meta.get('date', '')}; "
-             f"torch {meta.get('torch', '')}, {meta.get('threads', '?')} threads.", "",
-             f"peft LoRA r = {LORA['r']}, alpha {LORA['alpha']:g} on {', '.join(LORA['target_modules'])}. "
-             f"{meta['repeats']} interleaved rounds after a warm-up round (each: the LoRA random step, every other "
-             f"row once in an order rotated per round, the LoRA random step again). Times in ms, medians over "
-             f"rounds (phases: means); ratio = median over rounds of step / that round's mean LoRA random step "
-             f"(the plain LoRA step on the k chosen rows); FLOP ratio = counted matmul + attention FLOPs of one "
-             f"step / the LoRA random step's. The full-FT rows train the same model without adapters. One process: "
-             f"no collectives, so the ZeRO-3 cost of many thin LoRA layers' factor gathers (fixed by packing them "
-             f"into one all-gather, selection/capture.py) does not show here; results/speed_lora/zero3_ab.md has "
-             f"the 2-rank before/after.", ""]
+    lines = [
+        f"# LoRA step cost ({meta['mode']}, {meta['device_name']})",
+        "",
+        f"Command: `{meta.get('command', 'python -m benchmarks.speed --lora-only')}` — {meta.get('date', '')}; "
+        f"torch {meta.get('torch', '')}, {meta.get('threads', '?')} threads.",
+        "",
+        f"peft LoRA r = {LORA['r']}, alpha {LORA['alpha']:g} on {', '.join(LORA['target_modules'])}. "
+        f"{meta['repeats']} interleaved rounds after a warm-up round (each: the LoRA random step, every other "
+        f"row once in an order rotated per round, the LoRA random step again). Times in ms, medians over "
+        f"rounds (phases: means); ratio = median over rounds of step / that round's mean LoRA random step "
+        f"(the plain LoRA step on the k chosen rows); FLOP ratio = counted matmul + attention FLOPs of one "
+        f"step / the LoRA random step's. The full-FT rows train the same model without adapters. One process: "
+        f"no collectives, so the ZeRO-3 cost of many thin LoRA layers' factor gathers (fixed by packing them "
+        f"into one all-gather, selection/capture.py) does not show here; results/speed_lora/zero3_ab.md has "
+        f"the 2-rank before/after.",
+        "",
+    ]
     for size, block in results["lora"].items():
-        lines += _step_lines(f"{size}: N = {block['N']}, k = {block['k']}, T = {block['T']}, "
-                             f"model {block['model']}", block["rows"], meta)
+        lines += _step_lines(
+            f"{size}: N = {block['N']}, k = {block['k']}, T = {block['T']}, model {block['model']}", block["rows"], meta
+        )
     (out / "speed_lora.md").write_text("\n".join(lines) + "\n")
 
 
@@ -581,24 +716,33 @@ def write_muon(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "speed_muon.json").write_text(jsonio.dumps(results, indent=2))
     meta = results["meta"]
-    lines = [f"# Muon step cost ({meta['mode']}, {meta['device_name']})", "",
-             f"Command: `{meta.get('command', 'python -m benchmarks.speed --muon-only')}` — {meta.get('date', '')}; "
-             f"torch {meta.get('torch', '')}, {meta.get('threads', '?')} threads.", "",
-             f"optimizer.name muon (torch.optim.Muon on the hidden 2-D matrices, AdamW on embeddings, head and norms; "
-             f"{', '.join(f'{k} {v}' for k, v in MUON.items())}). {meta['repeats']} interleaved rounds after a warm-up "
-             f"round (each: the Muon random step, every other row once in an order rotated per round, the Muon random "
-             f"step again). Times in ms, medians over rounds (phases: means); ratio = median over rounds of step / that "
-             f"round's mean Muon random step (the plain Muon step on the k chosen rows); FLOP ratio = counted matmul + "
-             f"attention FLOPs of one step (torch.utils.flop_counter: the NS JVP's and VJP's GEMMs included) / the Muon "
-             f"random step's. NS JVP (formula) = ns_steps·(6p²q + 4p³) per Muon matrix for the N candidates and the "
-             f"m survivors; share = of FTW's counted step FLOPs. The adamw rows train the same model with AdamW.", ""]
+    lines = [
+        f"# Muon step cost ({meta['mode']}, {meta['device_name']})",
+        "",
+        f"Command: `{meta.get('command', 'python -m benchmarks.speed --muon-only')}` — {meta.get('date', '')}; "
+        f"torch {meta.get('torch', '')}, {meta.get('threads', '?')} threads.",
+        "",
+        f"optimizer.name muon (torch.optim.Muon on the hidden 2-D matrices, AdamW on embeddings, head and norms; "
+        f"{', '.join(f'{k} {v}' for k, v in MUON.items())}). {meta['repeats']} interleaved rounds after a warm-up "
+        f"round (each: the Muon random step, every other row once in an order rotated per round, the Muon random "
+        f"step again). Times in ms, medians over rounds (phases: means); ratio = median over rounds of step / that "
+        f"round's mean Muon random step (the plain Muon step on the k chosen rows); FLOP ratio = counted matmul + "
+        f"attention FLOPs of one step (torch.utils.flop_counter: the NS JVP's and VJP's GEMMs included) / the Muon "
+        f"random step's. NS JVP (formula) = ns_steps·(6p²q + 4p³) per Muon matrix for the N candidates and the "
+        f"m survivors; share = of FTW's counted step FLOPs. The adamw rows train the same model with AdamW.",
+        "",
+    ]
     for size, block in results["muon"].items():
-        lines += _step_lines(f"{size}: N = {block['N']}, k = {block['k']}, T = {block['T']}, "
-                             f"model {block['model']}", block["rows"], meta)
+        lines += _step_lines(
+            f"{size}: N = {block['N']}, k = {block['k']}, T = {block['T']}, model {block['model']}", block["rows"], meta
+        )
         for name, r in block["rows"].items():
             if "ns_jvp_flops" in r:
-                lines += [f"{name}: NS JVP (formula) {r['ns_jvp_flops'] / 1e9:.2f} GFLOP of {r['flops'] / 1e9:.2f} "
-                          f"GFLOP counted ({100 * r['ns_jvp_share']:.0f} %).", ""]
+                lines += [
+                    f"{name}: NS JVP (formula) {r['ns_jvp_flops'] / 1e9:.2f} GFLOP of {r['flops'] / 1e9:.2f} "
+                    f"GFLOP counted ({100 * r['ns_jvp_share']:.0f} %).",
+                    "",
+                ]
     (out / "speed_muon.md").write_text("\n".join(lines) + "\n")
 
 
@@ -614,8 +758,9 @@ def _plot_steps(steps: dict, path: Path, meta: dict) -> None:
         names = [n for n in block["rows"] if n != "plain"]
         x = range(len(names))
         ax.bar([i - 0.2 for i in x], [block["rows"][n]["ratio_to_plain"] for n in names], 0.4, label="time")
-        ax.bar([i + 0.2 for i in x], [block["rows"][n].get("flop_ratio", float("nan")) for n in names], 0.4,
-               label="FLOPs")
+        ax.bar(
+            [i + 0.2 for i in x], [block["rows"][n].get("flop_ratio", float("nan")) for n in names], 0.4, label="FLOPs"
+        )
         ax.axhline(1.0, color="black", lw=0.8)
         ax.axhline(1.1, color="grey", lw=0.8, ls="--", label="1.10x")
         ax.set_xticks(list(x), names, rotation=60, ha="right", fontsize=7)
@@ -655,12 +800,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None, help="default: results/speed (quick: results/speed_quick)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--max-T", type=int, default=None, help="longest T of the sweep (default 4096 CPU, 8192 CUDA)")
-    parser.add_argument("--sizes", default=None, help="comma-separated step-table model sizes (default: both; "
-                        "none: only the FLOP grid, the T sweep and the solver table)")
-    parser.add_argument("--lora-only", action="store_true", help="only the LoRA step tables (both sizes unless "
-                        "--sizes), written as speed_lora.md / speed_lora.json")
-    parser.add_argument("--muon-only", action="store_true", help="only the Muon step tables (the small size on CPU "
-                        "unless --sizes), written as speed_muon.md / speed_muon.json")
+    parser.add_argument(
+        "--sizes",
+        default=None,
+        help="comma-separated step-table model sizes (default: both; "
+        "none: only the FLOP grid, the T sweep and the solver table)",
+    )
+    parser.add_argument(
+        "--lora-only",
+        action="store_true",
+        help="only the LoRA step tables (both sizes unless --sizes), written as speed_lora.md / speed_lora.json",
+    )
+    parser.add_argument(
+        "--muon-only",
+        action="store_true",
+        help="only the Muon step tables (the small size on CPU "
+        "unless --sizes), written as speed_muon.md / speed_muon.json",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per table (default 5; quick 2)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -677,41 +833,70 @@ def main(argv: list[str] | None = None) -> dict:
         repeats, sweep_n, cap, sweep_size = 5, 16, 60.0, "gpu-100m" if cuda else "small"
         sweep_repeats = 3
         grid_T, grid_points = 64, FLOP_GRID
-    results = {"meta": {"mode": "quick" if args.quick else "default", "device": str(device),
-                        "device_name": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-                        "threads": torch.get_num_threads(), "repeats": repeats,
-                        "sweep_N": sweep_n, "sweep_k": max(2, sweep_n // 4), "sweep_model": sweep_size,
-                        "sweep_repeats": sweep_repeats,
-                        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                        "command": "python -m benchmarks.speed " + " ".join(argv if argv is not None else sys.argv[1:])},
-               "steps": {}}
+    results = {
+        "meta": {
+            "mode": "quick" if args.quick else "default",
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+            "threads": torch.get_num_threads(),
+            "repeats": repeats,
+            "sweep_N": sweep_n,
+            "sweep_k": max(2, sweep_n // 4),
+            "sweep_model": sweep_size,
+            "sweep_repeats": sweep_repeats,
+            "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "command": "python -m benchmarks.speed " + " ".join(argv if argv is not None else sys.argv[1:]),
+        },
+        "steps": {},
+    }
     if args.sizes:
         sizes = [row for row in sizes if row[0] in args.sizes.split(",")]
     if args.repeats is not None:
         repeats = results["meta"]["repeats"] = max(1, args.repeats)
     if args.muon_only:  # the exact NS Jacobian per candidate: the compute-bound size costs minutes a step on CPU
         sizes = [row for row in sizes if cuda or args.sizes or row[0] == "small"]
-        results["muon"] = {size: {"N": n, "T": T, "k": k, "model": f"hidden/layers/ffn {SIZES[size]}",
-                                  "rows": muon_table(device, n, T, k, repeats, size)} for size, n, T, k in sizes}
+        results["muon"] = {
+            size: {
+                "N": n,
+                "T": T,
+                "k": k,
+                "model": f"hidden/layers/ffn {SIZES[size]}",
+                "rows": muon_table(device, n, T, k, repeats, size),
+            }
+            for size, n, T, k in sizes
+        }
         out = Path(args.out or ("results/speed_muon_quick" if args.quick else "results/speed_muon"))
         write_muon(results, out)
         print((out / "speed_muon.md").read_text())
         return results
     if args.lora_only:
-        results["lora"] = {size: {"N": n, "T": T, "k": k, "model": f"hidden/layers/ffn {SIZES[size]}",
-                                  "rows": lora_table(device, n, T, k, repeats, size)} for size, n, T, k in sizes}
+        results["lora"] = {
+            size: {
+                "N": n,
+                "T": T,
+                "k": k,
+                "model": f"hidden/layers/ffn {SIZES[size]}",
+                "rows": lora_table(device, n, T, k, repeats, size),
+            }
+            for size, n, T, k in sizes
+        }
         out = Path(args.out or ("results/speed_lora_quick" if args.quick else "results/speed_lora"))
         write_lora(results, out)
         print((out / "speed_lora.md").read_text())
         return results
     for size, n, T, k in sizes:
-        results["steps"][size] = {"N": n, "T": T, "k": k, "model": f"hidden/layers/ffn {SIZES[size]}",
-                                  "rows": step_table(device, n, T, k, repeats, size)}
+        results["steps"][size] = {
+            "N": n,
+            "T": T,
+            "k": k,
+            "model": f"hidden/layers/ffn {SIZES[size]}",
+            "rows": step_table(device, n, T, k, repeats, size),
+        }
     grid_size = "small" if args.quick else ("gpu-100m" if cuda else "cpu-compute")
     results["meta"].update(grid_model=f"{grid_size} {SIZES[grid_size]}", grid_T=grid_T)
     results["flop_grid"] = flop_grid(device, grid_T, grid_size, grid_points)
-    results["seq_sweep"] = seq_sweep(device, sweep_n, max(2, sweep_n // 4), lengths, sweep_repeats, cap,
-                                     sweep_size)
+    results["seq_sweep"] = seq_sweep(device, sweep_n, max(2, sweep_n // 4), lengths, sweep_repeats, cap, sweep_size)
     results["solvers"] = solver_table()
     out = Path(args.out or ("results/speed_quick" if args.quick else "results/speed"))
     write(results, out)

@@ -16,8 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-_SUMMARY_KEYS = ("method", "num_steps", "pool_size", "budget", "initial_eval_loss", "final_eval_loss",
-                 "initial_exact_match", "final_exact_match", "mean_step_seconds")
+_SUMMARY_KEYS = (
+    "method",
+    "num_steps",
+    "pool_size",
+    "budget",
+    "initial_eval_loss",
+    "final_eval_loss",
+    "initial_exact_match",
+    "final_exact_match",
+    "mean_step_seconds",
+)
 
 
 @dataclass(frozen=True)
@@ -68,25 +77,36 @@ def read_run(run_dir: Path) -> RunOutcome:
                 raise ValueError(f"{metrics}:{lineno}: not JSON ({err.msg})") from None
             if isinstance(record, dict) and "eval/loss" in record and "step" in record:
                 curve.append((int(record["step"]), _number(record["eval/loss"])))
-    return RunOutcome(name=run_dir.name, method=str(summary["method"]), num_steps=int(summary["num_steps"]),
-                      pool_size=int(summary["pool_size"]), budget=int(summary["budget"]),
-                      initial_loss=_number(summary["initial_eval_loss"]),
-                      final_loss=_number(summary["final_eval_loss"]),
-                      initial_exact_match=_number(summary["initial_exact_match"]),
-                      final_exact_match=_number(summary["final_exact_match"]),
-                      mean_step_seconds=_number(summary["mean_step_seconds"]), curve=tuple(curve))
+    return RunOutcome(
+        name=run_dir.name,
+        method=str(summary["method"]),
+        num_steps=int(summary["num_steps"]),
+        pool_size=int(summary["pool_size"]),
+        budget=int(summary["budget"]),
+        initial_loss=_number(summary["initial_eval_loss"]),
+        final_loss=_number(summary["final_eval_loss"]),
+        initial_exact_match=_number(summary["initial_exact_match"]),
+        final_exact_match=_number(summary["final_exact_match"]),
+        mean_step_seconds=_number(summary["mean_step_seconds"]),
+        curve=tuple(curve),
+    )
 
 
 def table(runs: list[RunOutcome]) -> str:
     """A markdown table, one row per run; Δ is the final target loss minus the first run's."""
-    lines = ["| run | method | steps | N → k | target loss (start → final) | Δ final loss vs first run "
-             "| exact match (start → final) | s/step |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | method | steps | N → k | target loss (start → final) | Δ final loss vs first run "
+        "| exact match (start → final) | s/step |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     base = runs[0].final_loss
     for r in runs:
         delta = "—" if r is runs[0] else f"{r.final_loss - base:+.3f}"
-        lines.append(f"| {r.name} | {r.method} | {r.num_steps} | {r.pool_size} → {r.budget} "
-                     f"| {r.initial_loss:.3f} → **{r.final_loss:.3f}** | {delta} "
-                     f"| {r.initial_exact_match:.2f} → **{r.final_exact_match:.2f}** | {r.mean_step_seconds:.2f} |")
+        lines.append(
+            f"| {r.name} | {r.method} | {r.num_steps} | {r.pool_size} → {r.budget} "
+            f"| {r.initial_loss:.3f} → **{r.final_loss:.3f}** | {delta} "
+            f"| {r.initial_exact_match:.2f} → **{r.final_exact_match:.2f}** | {r.mean_step_seconds:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -110,8 +130,13 @@ def plot(runs: list[RunOutcome], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     for r in runs:
         points = [(s, v) for s, v in r.curve if not math.isnan(v)]
-        ax.plot([s for s, _ in points], [v for _, v in points], "o-", lw=1.5,
-                label=f"{r.method} ({r.name}): final {r.final_loss:.3f}, EM {r.final_exact_match:.2f}")
+        ax.plot(
+            [s for s, _ in points],
+            [v for _, v in points],
+            "o-",
+            lw=1.5,
+            label=f"{r.method} ({r.name}): final {r.final_loss:.3f}, EM {r.final_exact_match:.2f}",
+        )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("target validation loss (nats/token)")
     ax.set_title("target validation loss, same stream and seed")
@@ -125,8 +150,11 @@ def plot(runs: list[RunOutcome], path: Path) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="optsel compare", description="Finished runs side by side: final target "
-                                     "validation loss and exact match (from summary.json and metrics.jsonl).")
+    parser = argparse.ArgumentParser(
+        prog="optsel compare",
+        description="Finished runs side by side: final target "
+        "validation loss and exact match (from summary.json and metrics.jsonl).",
+    )
     parser.add_argument("run_dirs", nargs="+", type=Path, help="run folders (e.g. runs/demo-deepspeed-random)")
     parser.add_argument("--plot", type=Path, help="write every run's target-loss curve to this PNG")
     args = parser.parse_args(argv)

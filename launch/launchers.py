@@ -32,18 +32,38 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def build_command(launcher: str, nproc: int, config: str, overrides: list[str], *, nnodes: int = 1,
-                  node_rank: int = 0, master_addr: str = "127.0.0.1", master_port: int | None = None,
-                  hostfile: str | None = None) -> list[str]:
+def build_command(
+    launcher: str,
+    nproc: int,
+    config: str,
+    overrides: list[str],
+    *,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    master_addr: str = "127.0.0.1",
+    master_port: int | None = None,
+    hostfile: str | None = None,
+) -> list[str]:
     """The argv that starts ``nproc`` local ranks of training with ``launcher``.
 
     ``hostfile`` (deepspeed, ``nnodes`` > 1): required by the deepspeed launcher, one ``NAME slots=N``
     line per node (see ``write_hostfile``)."""
     port = str(master_port or (MULTI_NODE_PORT if nnodes > 1 else free_port()))
     if launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--nnodes={nnodes}",
-                f"--node_rank={node_rank}", f"--master_addr={master_addr}", f"--master_port={port}",
-                "-m", "optsel.launch.train", config, *overrides]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--nnodes={nnodes}",
+            f"--node_rank={node_rank}",
+            f"--master_addr={master_addr}",
+            f"--master_port={port}",
+            "-m",
+            "optsel.launch.train",
+            config,
+            *overrides,
+        ]
     if launcher == "deepspeed":
         deepspeed = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or shutil.which("deepspeed")
         if deepspeed is None:
@@ -99,21 +119,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nnodes", type=int, default=1)
     parser.add_argument("--node-rank", type=int, default=0)
     parser.add_argument("--master-addr", default="127.0.0.1")
-    parser.add_argument("--master-port", type=int, default=None,
-                        help=f"default: a free port on one node, {MULTI_NODE_PORT} with --nnodes > 1")
-    parser.add_argument("--hostfile", default=None,
-                        help="deepspeed with --nnodes > 1: its hostfile (default: one written for the run)")
-    parser.add_argument("--resume", action="store_true",
-                        help="pass --resume to every rank (newest complete checkpoint, or start fresh)")
+    parser.add_argument(
+        "--master-port",
+        type=int,
+        default=None,
+        help=f"default: a free port on one node, {MULTI_NODE_PORT} with --nnodes > 1",
+    )
+    parser.add_argument(
+        "--hostfile", default=None, help="deepspeed with --nnodes > 1: its hostfile (default: one written for the run)"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="pass --resume to every rank (newest complete checkpoint, or start fresh)"
+    )
     parser.add_argument("--resume-from", default=None, metavar="CHECKPOINT", help="pass --resume-from to every rank")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="pass --overwrite to every rank (move an earlier run's checkpoints aside)")
-    parser.add_argument("--allow-unsigned", action="store_true",
-                        help="pass --allow-unsigned to every rank (resume a signed checkpoint without the key)")
-    parser.add_argument("--allow-other-data", action="store_true",
-                        help="pass --allow-other-data to every rank (resume a checkpoint made from other data)")
-    parser.add_argument("--verbose", action="store_true",
-                        help="pass --verbose to every rank (all warnings, DEBUG logs)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="pass --overwrite to every rank (move an earlier run's checkpoints aside)",
+    )
+    parser.add_argument(
+        "--allow-unsigned",
+        action="store_true",
+        help="pass --allow-unsigned to every rank (resume a signed checkpoint without the key)",
+    )
+    parser.add_argument(
+        "--allow-other-data",
+        action="store_true",
+        help="pass --allow-other-data to every rank (resume a checkpoint made from other data)",
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="pass --verbose to every rank (all warnings, DEBUG logs)"
+    )
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
@@ -131,9 +167,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.launcher == "deepspeed" and args.nnodes > 1 and hostfile is None:
         hostfile = written = write_hostfile(args.nnodes, args.nproc)
     try:
-        cmd = build_command(args.launcher, args.nproc, args.config, args.overrides, nnodes=args.nnodes,
-                            node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
-                            hostfile=hostfile)
+        cmd = build_command(
+            args.launcher,
+            args.nproc,
+            args.config,
+            args.overrides,
+            nnodes=args.nnodes,
+            node_rank=args.node_rank,
+            master_addr=args.master_addr,
+            master_port=args.master_port,
+            hostfile=hostfile,
+        )
         print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
         return run(cmd)
     finally:

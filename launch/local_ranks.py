@@ -26,8 +26,9 @@ import os
 import queue
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.multiprocessing as mp
@@ -49,11 +50,28 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _child(rank: int, world_size: int, port: int, init: str | None, backend: str, threads: int,
-           init_timeout_s: float, fn: Callable[..., Any], args: tuple, env: dict[str, str], results: Any) -> None:
+def _child(
+    rank: int,
+    world_size: int,
+    port: int,
+    init: str | None,
+    backend: str,
+    threads: int,
+    init_timeout_s: float,
+    fn: Callable[..., Any],
+    args: tuple,
+    env: dict[str, str],
+    results: Any,
+) -> None:
     os.environ.update(env)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
     torch.set_num_threads(threads)
     try:
         from optsel import distributed
@@ -72,9 +90,18 @@ def _child(rank: int, world_size: int, port: int, init: str | None, backend: str
         results.put((rank, "error", traceback.format_exc()))
 
 
-def run_local_ranks(fn: Callable[..., Any], world_size: int = 2, *, args: tuple = (), init: str | None = "torch",
-                    backend: str = "gloo", timeout_s: float = 120.0, env: dict[str, str] | None = None,
-                    threads: int = 1, init_timeout_s: float = 120.0) -> list[Any]:
+def run_local_ranks(
+    fn: Callable[..., Any],
+    world_size: int = 2,
+    *,
+    args: tuple = (),
+    init: str | None = "torch",
+    backend: str = "gloo",
+    timeout_s: float = 120.0,
+    env: dict[str, str] | None = None,
+    threads: int = 1,
+    init_timeout_s: float = 120.0,
+) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes; return the results in
     rank order. ``fn`` and ``args`` must be picklable (``fn`` defined at module level).
 
@@ -89,11 +116,19 @@ def run_local_ranks(fn: Callable[..., Any], world_size: int = 2, *, args: tuple 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
-    child_env = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", TORCH_EXTENSIONS_DIR),
-                 "OMP_NUM_THREADS": str(threads), **(env or {})}
-    procs = [ctx.Process(target=_child, args=(rank, world_size, port, init, backend, threads, init_timeout_s, fn, args,
-                                                     child_env, results),
-                         daemon=False) for rank in range(world_size)]
+    child_env = {
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", TORCH_EXTENSIONS_DIR),
+        "OMP_NUM_THREADS": str(threads),
+        **(env or {}),
+    }
+    procs = [
+        ctx.Process(
+            target=_child,
+            args=(rank, world_size, port, init, backend, threads, init_timeout_s, fn, args, child_env, results),
+            daemon=False,
+        )
+        for rank in range(world_size)
+    ]
     for proc in procs:
         proc.start()
     got: dict[int, tuple[str, bytes | str]] = {}
@@ -101,8 +136,10 @@ def run_local_ranks(fn: Callable[..., Any], world_size: int = 2, *, args: tuple 
     try:
         while len(got) < world_size:
             if time.monotonic() > deadline:
-                raise LocalRanksError(f"timed out after {timeout_s:.0f} s; ranks {sorted(got)} finished, "
-                                           f"{_errors(got) or 'no errors reported'}")
+                raise LocalRanksError(
+                    f"timed out after {timeout_s:.0f} s; ranks {sorted(got)} finished, "
+                    f"{_errors(got) or 'no errors reported'}"
+                )
             try:
                 rank, status, payload = results.get(timeout=0.5)
                 got[rank] = (status, payload)
@@ -123,7 +160,8 @@ def run_local_ranks(fn: Callable[..., Any], world_size: int = 2, *, args: tuple 
                     if missing:
                         raise LocalRanksError(
                             f"rank(s) {missing} died with exit code(s) {[procs[r].exitcode for r in missing]}; "
-                            f"{_errors(got) or 'no errors reported'}")
+                            f"{_errors(got) or 'no errors reported'}"
+                        ) from None
         errors = _errors(got)
         if errors:
             raise LocalRanksError(errors)
@@ -152,8 +190,9 @@ def _drain(results: Any, got: dict[int, tuple[str, Any]], world_size: int, grace
 
 
 def _errors(got: dict[int, tuple[str, Any]]) -> str:
-    return "\n".join(f"--- rank {r} raised ---\n{payload}" for r, (status, payload) in sorted(got.items())
-                     if status == "error")
+    return "\n".join(
+        f"--- rank {r} raised ---\n{payload}" for r, (status, payload) in sorted(got.items()) if status == "error"
+    )
 
 
 __all__ = ["LocalRanksError", "TORCH_EXTENSIONS_DIR", "run_local_ranks"]

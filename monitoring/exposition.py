@@ -18,7 +18,6 @@ import os
 import socket
 import threading
 from pathlib import Path
-
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -69,13 +68,13 @@ class _BoundedServer(ThreadingMixIn, WSGIServer):
             self._slots.release()
 
 
-def _start_server(registry: CollectorRegistry, addr: str, port: int, idle_timeout_s: float,
-                  max_connections: int) -> tuple[_BoundedServer, threading.Thread]:
+def _start_server(
+    registry: CollectorRegistry, addr: str, port: int, idle_timeout_s: float, max_connections: int
+) -> tuple[_BoundedServer, threading.Thread]:
     """prometheus-client's WSGI app for ``registry`` served on ``addr:port`` in a daemon thread."""
     family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     handler = type("_Handler", (_QuietHandler,), {"timeout": idle_timeout_s})
-    server_class = type("_Server", (_BoundedServer,), {"address_family": family[0],
-                                                       "max_connections": max_connections})
+    server_class = type("_Server", (_BoundedServer,), {"address_family": family[0], "max_connections": max_connections})
     server = make_server(family[4][0], port, make_wsgi_app(registry), server_class, handler_class=handler)
     thread = threading.Thread(target=server.serve_forever, name=f"optsel-metrics-{port}", daemon=True)
     thread.start()
@@ -93,14 +92,24 @@ class MetricsServer:
     ``self.port`` is the bound port; ``close()`` stops the thread and releases the socket.
     """
 
-    def __init__(self, registry: CollectorRegistry, *, addr: str, port: int, on_in_use: str = "error",
-                 max_tries: int = 10, config_key: str = "monitoring.port", idle_timeout_s: float = 10.0,
-                 max_connections: int = 16):
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        addr: str,
+        port: int,
+        on_in_use: str = "error",
+        max_tries: int = 10,
+        config_key: str = "monitoring.port",
+        idle_timeout_s: float = 10.0,
+        max_connections: int = 16,
+    ):
         if on_in_use not in ("error", "next"):
             raise ValueError(f"on_in_use: expected 'error' or 'next', got {on_in_use!r}")
         if not idle_timeout_s > 0 or max_connections < 1:
-            raise ValueError(f"idle_timeout_s must be > 0 and max_connections >= 1, got {idle_timeout_s}, "
-                             f"{max_connections}")
+            raise ValueError(
+                f"idle_timeout_s must be > 0 and max_connections >= 1, got {idle_timeout_s}, {max_connections}"
+            )
         tries = 1 if on_in_use == "error" or port == 0 else max(1, max_tries)
         last_error: OSError | None = None
         for candidate in range(port, port + tries):
@@ -108,8 +117,10 @@ class MetricsServer:
                 self._server, self._thread = _start_server(registry, addr, candidate, idle_timeout_s, max_connections)
             except OSError as err:
                 if err.errno != errno.EADDRINUSE:
-                    raise PortInUseError(f"cannot serve metrics on {_hostport(addr, candidate)}: {err} "
-                                         f"(set {config_key.rsplit('.', 1)[0]}.bind_address / {config_key})") from err
+                    raise PortInUseError(
+                        f"cannot serve metrics on {_hostport(addr, candidate)}: {err} "
+                        f"(set {config_key.rsplit('.', 1)[0]}.bind_address / {config_key})"
+                    ) from err
                 last_error = err
                 continue
             self.addr = addr
@@ -121,10 +132,12 @@ class MetricsServer:
         if tries == 1:
             raise PortInUseError(
                 f"metrics port {_hostport(addr, port)} is already in use ({last_error}); choose another with "
-                f"{config_key}=<port>, or set monitoring.port_in_use=next to take the next free port")
+                f"{config_key}=<port>, or set monitoring.port_in_use=next to take the next free port"
+            )
         raise PortInUseError(
             f"metrics ports {_hostport(addr, port)}..{port + tries - 1} are all in use ({config_key}={port}, "
-            f"monitoring.max_port_tries={tries}); choose another {config_key}")
+            f"monitoring.max_port_tries={tries}); choose another {config_key}"
+        )
 
     @property
     def refused(self) -> int:

@@ -47,8 +47,7 @@ MAX_LABEL_VALUES = 64
 MAX_LABEL_LENGTH = 120
 BASE_LABELS = ("run", "engine", "method")
 # Step times range from milliseconds (tiny CPU tests) to minutes (large models): seconds.
-STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0,
-                float("inf"))
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0, float("inf"))
 
 
 @dataclass(frozen=True)
@@ -64,88 +63,173 @@ class MetricSpec:
 
 # Exact keys of the per-step dict (docs/architecture.md, "Metrics") → metric family.
 KEYS: dict[str, MetricSpec] = {
-    "train/loss": MetricSpec("optsel_train_loss", "gauge", "job",
-                             "Training loss of the last step: sum of w_i * loss_i over the global selection (nats/token)."),
+    "train/loss": MetricSpec(
+        "optsel_train_loss",
+        "gauge",
+        "job",
+        "Training loss of the last step: sum of w_i * loss_i over the global selection (nats/token).",
+    ),
     "train/lr": MetricSpec("optsel_learning_rate", "gauge", "job", "Learning rate of the last step."),
-    "train/grad_norm": MetricSpec("optsel_grad_norm", "gauge", "job",
-                                  "Global gradient norm of the last step (NaN on a skipped step)."),
-    "train/tokens": MetricSpec("optsel_trained_tokens_total", "counter", "job",
-                               "Loss-bearing tokens trained on, summed over ranks."),
-    "train/samples": MetricSpec("optsel_trained_samples_total", "counter", "job",
-                                "Selected samples trained on, summed over ranks."),
-    "train/tokens_per_second": MetricSpec("optsel_tokens_per_second", "gauge", "job",
-                                          "Trained tokens per second of wall time in the last step."),
-    "train/samples_per_second": MetricSpec("optsel_samples_per_second", "gauge", "job",
-                                           "Trained (selected) samples per second in the last step."),
-    "train/pool_samples_per_second": MetricSpec("optsel_candidates_per_second", "gauge", "job",
-                                                "Candidate (pool) samples consumed per second in the last step."),
-    "train/skipped_steps": MetricSpec("optsel_skipped_steps_total", "cumulative", "job",
-                                      "Steps skipped because the loss or the gradient was NaN/Inf."),
-    "data/truncated_samples": MetricSpec("optsel_truncated_samples_total", "cumulative", "rank",
-                                         "Pool samples on this rank cut to data.max_seq_len / the model's positions."),
-    "data/empty_samples": MetricSpec("optsel_empty_samples_total", "cumulative", "rank",
-                                     "Pool samples on this rank without any loss token (all labels -100)."),
-    "checkpoint/save_seconds": MetricSpec("optsel_checkpoint_save_seconds", "gauge", "job",
-                                          "Wall time of the last checkpoint save (all ranks, atomic rename included)."),
-    "time/step_seconds": MetricSpec("optsel_step_duration_seconds", "histogram", "rank",
-                                    "Wall time of one optimizer step on this rank, data loading included."),
-    "select/pool_size": MetricSpec("optsel_candidates_seen_total", "counter", "job",
-                                   "Candidate samples drawn into the global selection pool."),
-    "select/filtered": MetricSpec("optsel_candidates_filtered_total", "counter", "job",
-                                  "Candidates kept by the filter stage (passed on to weighting)."),
-    "select/selected": MetricSpec("optsel_candidates_selected_total", "counter", "job",
-                                  "Candidates selected for training (nonzero weight)."),
-    "select/ess": MetricSpec("optsel_selection_effective_sample_size", "gauge", "job",
-                             "Effective sample size 1/sum(w^2) of the last step's weights."),
-    "select/weight_entropy": MetricSpec("optsel_selection_weight_entropy_nats", "gauge", "job",
-                                        "Entropy -sum(w log w) of the last step's weights (nats)."),
-    "select/utility_mean": MetricSpec("optsel_selection_utility_mean", "gauge", "job",
-                                      "Mean finite utility score over the last step's pool."),
-    "select/utility_min": MetricSpec("optsel_selection_utility_min", "gauge", "job",
-                                     "Minimum finite utility score over the last step's pool."),
-    "select/utility_max": MetricSpec("optsel_selection_utility_max", "gauge", "job",
-                                     "Maximum finite utility score over the last step's pool."),
-    "select/gram_condition": MetricSpec("optsel_selection_gram_condition_number", "gauge", "job",
-                                        "Condition number of the last step's Gram matrix."),
-    "select/comm_bytes": MetricSpec("optsel_selection_comm_bytes_total", "counter", "rank",
-                                    "Bytes this rank handed to the selector's collectives."),
+    "train/grad_norm": MetricSpec(
+        "optsel_grad_norm", "gauge", "job", "Global gradient norm of the last step (NaN on a skipped step)."
+    ),
+    "train/tokens": MetricSpec(
+        "optsel_trained_tokens_total", "counter", "job", "Loss-bearing tokens trained on, summed over ranks."
+    ),
+    "train/samples": MetricSpec(
+        "optsel_trained_samples_total", "counter", "job", "Selected samples trained on, summed over ranks."
+    ),
+    "train/tokens_per_second": MetricSpec(
+        "optsel_tokens_per_second", "gauge", "job", "Trained tokens per second of wall time in the last step."
+    ),
+    "train/samples_per_second": MetricSpec(
+        "optsel_samples_per_second", "gauge", "job", "Trained (selected) samples per second in the last step."
+    ),
+    "train/pool_samples_per_second": MetricSpec(
+        "optsel_candidates_per_second", "gauge", "job", "Candidate (pool) samples consumed per second in the last step."
+    ),
+    "train/skipped_steps": MetricSpec(
+        "optsel_skipped_steps_total", "cumulative", "job", "Steps skipped because the loss or the gradient was NaN/Inf."
+    ),
+    "data/truncated_samples": MetricSpec(
+        "optsel_truncated_samples_total",
+        "cumulative",
+        "rank",
+        "Pool samples on this rank cut to data.max_seq_len / the model's positions.",
+    ),
+    "data/empty_samples": MetricSpec(
+        "optsel_empty_samples_total",
+        "cumulative",
+        "rank",
+        "Pool samples on this rank without any loss token (all labels -100).",
+    ),
+    "checkpoint/save_seconds": MetricSpec(
+        "optsel_checkpoint_save_seconds",
+        "gauge",
+        "job",
+        "Wall time of the last checkpoint save (all ranks, atomic rename included).",
+    ),
+    "time/step_seconds": MetricSpec(
+        "optsel_step_duration_seconds",
+        "histogram",
+        "rank",
+        "Wall time of one optimizer step on this rank, data loading included.",
+    ),
+    "select/pool_size": MetricSpec(
+        "optsel_candidates_seen_total", "counter", "job", "Candidate samples drawn into the global selection pool."
+    ),
+    "select/filtered": MetricSpec(
+        "optsel_candidates_filtered_total",
+        "counter",
+        "job",
+        "Candidates kept by the filter stage (passed on to weighting).",
+    ),
+    "select/selected": MetricSpec(
+        "optsel_candidates_selected_total", "counter", "job", "Candidates selected for training (nonzero weight)."
+    ),
+    "select/ess": MetricSpec(
+        "optsel_selection_effective_sample_size",
+        "gauge",
+        "job",
+        "Effective sample size 1/sum(w^2) of the last step's weights.",
+    ),
+    "select/weight_entropy": MetricSpec(
+        "optsel_selection_weight_entropy_nats",
+        "gauge",
+        "job",
+        "Entropy -sum(w log w) of the last step's weights (nats).",
+    ),
+    "select/utility_mean": MetricSpec(
+        "optsel_selection_utility_mean", "gauge", "job", "Mean finite utility score over the last step's pool."
+    ),
+    "select/utility_min": MetricSpec(
+        "optsel_selection_utility_min", "gauge", "job", "Minimum finite utility score over the last step's pool."
+    ),
+    "select/utility_max": MetricSpec(
+        "optsel_selection_utility_max", "gauge", "job", "Maximum finite utility score over the last step's pool."
+    ),
+    "select/gram_condition": MetricSpec(
+        "optsel_selection_gram_condition_number", "gauge", "job", "Condition number of the last step's Gram matrix."
+    ),
+    "select/comm_bytes": MetricSpec(
+        "optsel_selection_comm_bytes_total", "counter", "rank", "Bytes this rank handed to the selector's collectives."
+    ),
     "time/overhead_ratio": MetricSpec(
-        "optsel_step_overhead_ratio", "gauge", "rank",
+        "optsel_step_overhead_ratio",
+        "gauge",
+        "rank",
         "(select + train + optimizer seconds) / (train + optimizer seconds) of the last step: the step against a plain "
         "step on the rows it trained on. Exact where the training half is the engine's own forward/backward "
         "(random, FTW with prefilter_stage2 head, two-pass FTW); an upper bound under FTW's single pass, whose "
-        "training half is only the weight gradients."),
+        "training half is only the weight gradients.",
+    ),
     "select/engine_bytes_ratio": MetricSpec(
-        "optsel_selection_engine_bytes_ratio", "gauge", "rank",
+        "optsel_selection_engine_bytes_ratio",
+        "gauge",
+        "rank",
         "Selector bytes of the last step / the engine's own parameter traffic per step (analytic: ZeRO-3 / FSDP2 "
-        "3 x parameter bytes, all-gather forward and backward + gradient reduce-scatter; DDP 1 x)."),
-    "eval/loss": MetricSpec("optsel_eval_loss", "gauge", "job",
-                            "Loss on the held-out target validation samples at the last evaluation (nats/token)."),
-    "eval/exact_match": MetricSpec("optsel_eval_exact_match_ratio", "gauge", "job",
-                                   "Exact-match rate on the held-out samples at the last evaluation."),
-    "sys/rss_bytes": MetricSpec("optsel_process_resident_memory_bytes", "gauge", "rank",
-                                "Resident memory of this rank's process."),
-    "sys/cuda_peak_bytes": MetricSpec("optsel_cuda_peak_allocated_bytes", "gauge", "rank",
-                                      "Peak CUDA memory allocated by this rank's process."),
+        "3 x parameter bytes, all-gather forward and backward + gradient reduce-scatter; DDP 1 x).",
+    ),
+    "eval/loss": MetricSpec(
+        "optsel_eval_loss",
+        "gauge",
+        "job",
+        "Loss on the held-out target validation samples at the last evaluation (nats/token).",
+    ),
+    "eval/exact_match": MetricSpec(
+        "optsel_eval_exact_match_ratio",
+        "gauge",
+        "job",
+        "Exact-match rate on the held-out samples at the last evaluation.",
+    ),
+    "sys/rss_bytes": MetricSpec(
+        "optsel_process_resident_memory_bytes", "gauge", "rank", "Resident memory of this rank's process."
+    ),
+    "sys/cuda_peak_bytes": MetricSpec(
+        "optsel_cuda_peak_allocated_bytes", "gauge", "rank", "Peak CUDA memory allocated by this rank's process."
+    ),
     "train/last_step_timestamp_seconds": MetricSpec(
-        "optsel_last_step_timestamp_seconds", "gauge", "rank",
-        "Unix time at which this rank completed its last step (stuck-job alerts)."),
+        "optsel_last_step_timestamp_seconds",
+        "gauge",
+        "rank",
+        "Unix time at which this rank completed its last step (stuck-job alerts).",
+    ),
 }
 
 # Key prefixes: the remainder of the key is the value of the family's label.
 PREFIXES: dict[str, MetricSpec] = {
-    "time/phase/": MetricSpec("optsel_step_phase_duration_seconds", "histogram", "rank",
-                              "Wall time of one phase of a step on this rank (nested: select contains the "
-                              "selector's capture, gather, alignment, gram, solve).", label="phase"),
-    "select/fallback/": MetricSpec("optsel_selection_fallbacks_total", "counter", "job",
-                                   "Fallbacks taken by the selector, by reason.", label="reason"),
-    "select/solver_status/": MetricSpec("optsel_selection_solver_status_total", "counter", "job",
-                                        "Weight-solver outcomes, by status.", label="status"),
-    "select/comm_phase_bytes/": MetricSpec("optsel_selection_phase_comm_bytes_total", "counter", "rank",
-                                           "Bytes this rank handed to the selector's collectives, by FTW phase.",
-                                           label="phase"),
-    "select/precision/": MetricSpec("optsel_selection_precision_ratio", "gauge", "job",
-                                    "Share of the last step's weight on each ground-truth kind.", label="kind"),
+    "time/phase/": MetricSpec(
+        "optsel_step_phase_duration_seconds",
+        "histogram",
+        "rank",
+        "Wall time of one phase of a step on this rank (nested: select contains the "
+        "selector's capture, gather, alignment, gram, solve).",
+        label="phase",
+    ),
+    "select/fallback/": MetricSpec(
+        "optsel_selection_fallbacks_total",
+        "counter",
+        "job",
+        "Fallbacks taken by the selector, by reason.",
+        label="reason",
+    ),
+    "select/solver_status/": MetricSpec(
+        "optsel_selection_solver_status_total", "counter", "job", "Weight-solver outcomes, by status.", label="status"
+    ),
+    "select/comm_phase_bytes/": MetricSpec(
+        "optsel_selection_phase_comm_bytes_total",
+        "counter",
+        "rank",
+        "Bytes this rank handed to the selector's collectives, by FTW phase.",
+        label="phase",
+    ),
+    "select/precision/": MetricSpec(
+        "optsel_selection_precision_ratio",
+        "gauge",
+        "job",
+        "Share of the last step's weight on each ground-truth kind.",
+        label="kind",
+    ),
 }
 
 # Keys the trainer sends that are deliberately not exported (redundant with an exported family).
@@ -156,10 +240,18 @@ REDUNDANT: dict[str, str] = {
 # Families the sink maintains itself (not fed from a key).
 STEP = MetricSpec("optsel_last_step", "gauge", "rank", "Number of the last step this rank logged.")
 STEPS = MetricSpec("optsel_steps_total", "counter", "rank", "Steps this rank logged (step numbers that advanced).")
-UNKNOWN = MetricSpec("optsel_monitoring_unknown_keys_total", "counter", "rank",
-                     "Metric values whose key has no Prometheus family (not exported; see JSONL).")
-INVALID = MetricSpec("optsel_monitoring_invalid_values_total", "counter", "rank",
-                     "NaN, Inf or negative values dropped from a counter or histogram.")
+UNKNOWN = MetricSpec(
+    "optsel_monitoring_unknown_keys_total",
+    "counter",
+    "rank",
+    "Metric values whose key has no Prometheus family (not exported; see JSONL).",
+)
+INVALID = MetricSpec(
+    "optsel_monitoring_invalid_values_total",
+    "counter",
+    "rank",
+    "NaN, Inf or negative values dropped from a counter or histogram.",
+)
 RUN_INFO_NAME = "optsel_run"  # prometheus_client's Info appends _info → optsel_run_info
 
 ALL_SPECS: tuple[MetricSpec, ...] = (*KEYS.values(), *PREFIXES.values(), STEP, STEPS, UNKNOWN, INVALID)
@@ -187,8 +279,9 @@ class OptselMetrics:
     labels: values of ``run`` (the run_name), ``engine`` and ``method`` (missing ones are ``""``).
     """
 
-    def __init__(self, registry: CollectorRegistry, *, rank: int, job_level: bool,
-                 labels: dict[str, str] | None = None):
+    def __init__(
+        self, registry: CollectorRegistry, *, rank: int, job_level: bool, labels: dict[str, str] | None = None
+    ):
         labels = labels or {}
         unknown = set(labels) - set(BASE_LABELS)
         if unknown:
@@ -205,8 +298,12 @@ class OptselMetrics:
                 self._families[spec.name] = _make(spec, registry)
                 if spec.kind in ("counter", "cumulative") and spec.label is None:
                     self._child(spec)  # exported as 0 from the start, so rate()/increase() see the first step
-        self._info = Info(RUN_INFO_NAME, "optsel run metadata (version, engine, method, world size).",
-                          labelnames=("run", "rank"), registry=registry)
+        self._info = Info(
+            RUN_INFO_NAME,
+            "optsel run metadata (version, engine, method, world size).",
+            labelnames=("run", "rank"),
+            registry=registry,
+        )
 
     # -- public ---------------------------------------------------------------------------------
     def update(self, metrics: dict[str, float], step: int) -> None:
@@ -236,7 +333,8 @@ class OptselMetrics:
         if bad:
             raise ValueError(f"info: keys {bad} are not usable as Prometheus label names")
         self._info.labels(run=self._base["run"], rank=str(self.rank)).info(
-            {k: bounded_label(mask_secrets(str(v))) for k, v in info.items()})
+            {k: bounded_label(mask_secrets(str(v))) for k, v in info.items()}
+        )
 
     @property
     def base_labels(self) -> dict[str, str]:
@@ -281,9 +379,11 @@ class OptselMetrics:
         if value in seen:
             return value
         if len(seen) >= MAX_LABEL_VALUES:
-            self._warn_once(f"{spec.name}:{spec.label}",
-                            f"{spec.name}: more than {MAX_LABEL_VALUES} values of label {spec.label!r}; "
-                            f"{value!r} and later ones are exported as 'other'")
+            self._warn_once(
+                f"{spec.name}:{spec.label}",
+                f"{spec.name}: more than {MAX_LABEL_VALUES} values of label {spec.label!r}; "
+                f"{value!r} and later ones are exported as 'other'",
+            )
             return "other"
         seen.add(value)
         return value
@@ -304,7 +404,7 @@ def bounded_label(value: str) -> str:
     if len(value) <= MAX_LABEL_LENGTH:
         return value
     digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:8]
-    return f"{value[:MAX_LABEL_LENGTH - 9]}…{digest}"
+    return f"{value[: MAX_LABEL_LENGTH - 9]}…{digest}"
 
 
 def _lookup(key: str) -> tuple[MetricSpec | None, str | None]:
@@ -313,7 +413,7 @@ def _lookup(key: str) -> tuple[MetricSpec | None, str | None]:
         return spec, None
     for prefix, spec in PREFIXES.items():
         if key.startswith(prefix) and len(key) > len(prefix):
-            return spec, key[len(prefix):]
+            return spec, key[len(prefix) :]
     return None, None
 
 
@@ -326,5 +426,15 @@ def _make(spec: MetricSpec, registry: CollectorRegistry) -> Gauge | Counter | Hi
     return Counter(spec.name, spec.help, names, registry=registry)
 
 
-__all__ = ["ALL_SPECS", "KEYS", "MAX_LABEL_LENGTH", "MAX_LABEL_VALUES", "bounded_label", "MetricSpec", "OptselMetrics", "PREFIXES", "REDUNDANT",
-           "exported_names"]
+__all__ = [
+    "ALL_SPECS",
+    "KEYS",
+    "MAX_LABEL_LENGTH",
+    "MAX_LABEL_VALUES",
+    "bounded_label",
+    "MetricSpec",
+    "OptselMetrics",
+    "PREFIXES",
+    "REDUNDANT",
+    "exported_names",
+]

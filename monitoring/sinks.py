@@ -88,10 +88,10 @@ class MetricsSink(ABC):
     def log(self, metrics: dict[str, float], step: int) -> None:
         """One step's metrics (slash keys, base units); step is the optimizer step (0 = before training)."""
 
-    def log_info(self, info: dict[str, str]) -> None:
+    def log_info(self, info: dict[str, str]) -> None:  # noqa: B027  (optional hook: a sink may ignore it)
         """Run metadata (version, engine, method, world_size, ...), once at start."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (optional hook)
         """Flush and release files, sockets, threads (idempotent)."""
 
 
@@ -130,27 +130,38 @@ class PrometheusSink(MetricsSink):
     given a run, ``optsel_run``: on every series of the target, process_* too), or None.
     """
 
-    def __init__(self, config: MonitoringConfig, rank_info: DistInfo, labels: dict[str, str] | None = None,
-                 targets_dir: str | Path | None = None):
+    def __init__(
+        self,
+        config: MonitoringConfig,
+        rank_info: DistInfo,
+        labels: dict[str, str] | None = None,
+        targets_dir: str | Path | None = None,
+    ):
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
-        self.metrics = OptselMetrics(self.registry, rank=rank_info.rank, job_level=rank_info.rank == 0,
-                                     labels=labels)
+        self.metrics = OptselMetrics(self.registry, rank=rank_info.rank, job_level=rank_info.rank == 0, labels=labels)
         port = config.port + (rank_info.local_rank if config.per_rank_endpoints and config.port else 0)
         if port > 65535:
             raise PortInUseError(f"monitoring.port: {config.port} + local rank {rank_info.local_rank} exceeds 65535")
-        self.server = MetricsServer(self.registry, addr=config.bind_address, port=port,
-                                    on_in_use=config.port_in_use, max_tries=config.max_port_tries,
-                                    idle_timeout_s=config.idle_timeout_s, max_connections=config.max_connections)
+        self.server = MetricsServer(
+            self.registry,
+            addr=config.bind_address,
+            port=port,
+            on_in_use=config.port_in_use,
+            max_tries=config.max_port_tries,
+            idle_timeout_s=config.idle_timeout_s,
+            max_connections=config.max_connections,
+        )
         self.port = self.server.port
         if targets_dir is not None:
             target_labels = {"optsel_endpoint": "job" if rank_info.rank == 0 else "rank"}
             if (labels or {}).get("run"):
                 target_labels["optsel_run"] = self.metrics.base_labels["run"]  # bounded and masked
-            write_file_sd(Path(targets_dir) / f"rank{rank_info.rank}.json", config.bind_address, self.port,
-                          target_labels)
+            write_file_sd(
+                Path(targets_dir) / f"rank{rank_info.rank}.json", config.bind_address, self.port, target_labels
+            )
 
     @property
     def url(self) -> str:
@@ -174,8 +185,7 @@ class TextfileSink(MetricsSink):
     def __init__(self, path: str | Path, rank_info: DistInfo, labels: dict[str, str] | None = None):
         self.path = Path(path)
         self.registry = CollectorRegistry()
-        self.metrics = OptselMetrics(self.registry, rank=rank_info.rank, job_level=rank_info.rank == 0,
-                                     labels=labels)
+        self.metrics = OptselMetrics(self.registry, rank=rank_info.rank, job_level=rank_info.rank == 0, labels=labels)
         write_textfile(self.path, self.registry)  # fail at start on a bad path, not mid-run
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -214,14 +224,23 @@ class MultiSink(MetricsSink):
             name = type(sink).__name__
             self.failures[name] = self.failures.get(name, 0) + 1
             if self.failures[name] == 1:
-                log.exception("metrics sink %s failed (counted in MultiSink.failures; further failures "
-                              "are logged at DEBUG)", name)
+                log.exception(
+                    "metrics sink %s failed (counted in MultiSink.failures; further failures are logged at DEBUG)", name
+                )
             else:
                 log.debug("metrics sink %s failed again", name, exc_info=True)
 
 
-def build_sinks(cfg: MonitoringConfig, run_dir: str | Path, rank: int, local_rank: int, world_size: int,
-                engine: str, method: str, run: str = "") -> list[MetricsSink]:
+def build_sinks(
+    cfg: MonitoringConfig,
+    run_dir: str | Path,
+    rank: int,
+    local_rank: int,
+    world_size: int,
+    engine: str,
+    method: str,
+    run: str = "",
+) -> list[MetricsSink]:
     """The sinks this rank needs: JSONL on rank 0; Prometheus endpoint and textfile on rank 0, and on
     every rank with ``cfg.per_rank_endpoints``. ``run`` (the run_name) is the ``run`` label of every
     family. Raises ``PortInUseError`` (before training) when the port is taken and
@@ -253,5 +272,14 @@ def _json_number(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-__all__ = ["DEFAULT_PORT", "JsonlSink", "MetricsSink", "MonitoringConfig", "MultiSink", "PortInUseError",
-           "PrometheusSink", "TextfileSink", "build_sinks"]
+__all__ = [
+    "DEFAULT_PORT",
+    "JsonlSink",
+    "MetricsSink",
+    "MonitoringConfig",
+    "MultiSink",
+    "PortInUseError",
+    "PrometheusSink",
+    "TextfileSink",
+    "build_sinks",
+]

@@ -80,14 +80,19 @@ def _expand_hostlist(nodelist: str) -> list[str]:
     return hosts
 
 
-def build_targets(hosts: list[tuple[str, int]], port: int, per_rank_endpoints: bool,
-                  labels: dict[str, str]) -> list[dict]:
+def build_targets(
+    hosts: list[tuple[str, int]], port: int, per_rank_endpoints: bool, labels: dict[str, str]
+) -> list[dict]:
     """file_sd groups: rank 0's job endpoint, then (optionally) every other rank's endpoint."""
     first_host = hosts[0][0]
     groups = [{"targets": [_hostport(first_host, port)], "labels": {**labels, "optsel_endpoint": "job"}}]
     if per_rank_endpoints:
-        others = [_hostport(host, port + local) for node, (host, slots) in enumerate(hosts)
-                  for local in range(slots) if (node, local) != (0, 0)]
+        others = [
+            _hostport(host, port + local)
+            for node, (host, slots) in enumerate(hosts)
+            for local in range(slots)
+            if (node, local) != (0, 0)
+        ]
         if others:
             groups.append({"targets": others, "labels": {**labels, "optsel_endpoint": "rank"}})
     return groups
@@ -111,8 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         nodelist = args.nodelist or os.environ.get("SLURM_JOB_NODELIST")
         if not nodelist:
             parser.error("no hosts: pass --hostfile or --nodelist, or run inside a SLURM job (SLURM_JOB_NODELIST)")
-        per_node = args.ranks_per_node or int(re.match(r"\d+", os.environ.get("SLURM_NTASKS_PER_NODE", "")
-                                                       or os.environ.get("SLURM_GPUS_ON_NODE", "") or "1").group())
+        per_node = args.ranks_per_node or int(
+            re.match(
+                r"\d+", os.environ.get("SLURM_NTASKS_PER_NODE", "") or os.environ.get("SLURM_GPUS_ON_NODE", "") or "1"
+            ).group()
+        )
         hosts = [(host, per_node) for host in expand_nodelist(nodelist)]
     labels = {"optsel_job": args.job} if args.job else {}
     for item in args.label:

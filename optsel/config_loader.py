@@ -13,8 +13,9 @@ import os
 import re
 import types
 import typing
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, TypeVar, get_args, get_origin, get_type_hints
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -60,10 +61,12 @@ def _accepts_null(tp: Any) -> bool:
 
 
 #: why a value is null when the user did not write ``null`` (``output_dir: ~``, ``output_dir=~``, ``output_dir=``)
-NULL_HINT = ("the value is null: in YAML (in the config file and in key.sub=value overrides alike) ~, null and "
-             "an empty value mean null, not the home folder or an empty string; give an explicit value, or quote "
-             "it for a string (e.g. output_dir='~/runs' or an absolute path; a path starting with ~/ is expanded "
-             "to the home folder)")
+NULL_HINT = (
+    "the value is null: in YAML (in the config file and in key.sub=value overrides alike) ~, null and "
+    "an empty value mean null, not the home folder or an empty string; give an explicit value, or quote "
+    "it for a string (e.g. output_dir='~/runs' or an absolute path; a path starting with ~/ is expanded "
+    "to the home folder)"
+)
 
 
 def _convert(value: Any, tp: Any, path: str) -> Any:
@@ -185,8 +188,11 @@ class StrictLoader(yaml.SafeLoader):
         anchor = getattr(event, "anchor", None)
         if anchor is not None:
             what = f"alias *{anchor}" if isinstance(event, yaml.AliasEvent) else f"anchor &{anchor}"
-            raise YAMLAliasError(problem=f"YAML {what}: anchors and aliases are not allowed in optsel configs "
-                                         f"(write the value out in full)", problem_mark=event.start_mark)
+            raise YAMLAliasError(
+                problem=f"YAML {what}: anchors and aliases are not allowed in optsel configs "
+                f"(write the value out in full)",
+                problem_mark=event.start_mark,
+            )
         return super().compose_node(parent, index)
 
 
@@ -209,13 +215,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except YAMLAliasError as err:
         raise ConfigError(key.strip(), f"{err.problem} (in the override {key.strip()}=...)") from None
     except yaml.YAMLError as err:
-        raise ConfigError(key.strip(), f"the override's value is not valid YAML ({str(err).splitlines()[0]}); "
-                                       f"quote it, e.g. {key.strip()}='...'") from None
+        raise ConfigError(
+            key.strip(),
+            f"the override's value is not valid YAML ({str(err).splitlines()[0]}); quote it, e.g. {key.strip()}='...'",
+        ) from None
     return key.strip().split("."), value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str],
-                    transform: Callable[[list[str], Any], Any] | None = None) -> dict[str, Any]:
+def apply_overrides(
+    data: dict[str, Any], overrides: list[str], transform: Callable[[list[str], Any], Any] | None = None
+) -> dict[str, Any]:
     """Set each ``key.sub=value`` in the raw mapping (creating sub-mappings) before validation.
 
     ``transform(keys, value)``, if given, maps each parsed value first (e.g. path resolution)."""
@@ -263,6 +272,7 @@ _VAR = re.compile(r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)\}|(?P<plain>[A-Za-
 def expand_vars(value: str, key: str) -> str:
     """``$NAME``/``${NAME}`` from the environment and a leading ``~``. ``$PWD`` is always the current
     directory (set or not by a shell). An unset variable is an error naming ``key``."""
+
     def sub(match: re.Match) -> str:
         name = match.group("braced") or match.group("plain")
         if name == "PWD":
@@ -288,8 +298,9 @@ def resolve_path(value: Any, key: str, base: Path, kind: str = "path", keep: tup
     return resolved
 
 
-def resolve_paths(data: dict[str, Any], keys: PathKeys, base: Path,
-                  keep: Mapping[str, tuple[str, ...]] | None = None) -> dict[str, Any]:
+def resolve_paths(
+    data: dict[str, Any], keys: PathKeys, base: Path, keep: Mapping[str, tuple[str, ...]] | None = None
+) -> dict[str, Any]:
     """Resolve every path key present in the raw mapping ``data`` (in place) against ``base``."""
     for dotted, kind in keys.items():
         is_list = dotted.endswith("[]")
@@ -307,8 +318,9 @@ def resolve_paths(data: dict[str, Any], keys: PathKeys, base: Path,
     return data
 
 
-def load_config_data(path: str | Path, overrides: list[str], keys: PathKeys,
-                     keep: Mapping[str, tuple[str, ...]] | None = None) -> dict[str, Any]:
+def load_config_data(
+    path: str | Path, overrides: list[str], keys: PathKeys, keep: Mapping[str, tuple[str, ...]] | None = None
+) -> dict[str, Any]:
     """A config file (a path, or the name of a built-in config such as ``demo``) plus overrides, as a
     raw mapping with its paths resolved: relative paths written in the file against the file's folder,
     relative paths given as ``key=value`` overrides against the current directory."""
@@ -361,17 +373,57 @@ def to_plain(obj: Any) -> Any:
 # Whole "_"-separated words only: author, tokenizer, max_tokens, num_target_tokens, passes, keys,
 # capture_chunk_tokens are not secrets.
 SECRET_NAMES: tuple[str, ...] = (
-    "password", "passwd", "passphrase", "pwd", "passcode", "pin_code",
-    "secret", "client_secret", "secret_key", "secretkey", "private_key", "privatekey", "api_key", "apikey",
-    "access_key", "accesskey",
-    "token", "access_token", "refresh_token", "id_token", "auth_token", "session_token", "security_token",
-    "bearer", "auth", "authorization", "auth_header", "authheader", "authorization_header", "jwt",
-    "credential", "credentials", "sig", "signature",
-    "cookie", "session_id", "otp",
+    "password",
+    "passwd",
+    "passphrase",
+    "pwd",
+    "passcode",
+    "pin_code",
+    "secret",
+    "client_secret",
+    "secret_key",
+    "secretkey",
+    "private_key",
+    "privatekey",
+    "api_key",
+    "apikey",
+    "access_key",
+    "accesskey",
+    "token",
+    "access_token",
+    "refresh_token",
+    "id_token",
+    "auth_token",
+    "session_token",
+    "security_token",
+    "bearer",
+    "auth",
+    "authorization",
+    "auth_header",
+    "authheader",
+    "authorization_header",
+    "jwt",
+    "credential",
+    "credentials",
+    "sig",
+    "signature",
+    "cookie",
+    "session_id",
+    "otp",
 )
 SECRET_NAMES_EXACT: tuple[str, ...] = ("key", "code", "pass", "session")
-NOT_SECRET: tuple[str, ...] = ("pad_token", "eos_token", "bos_token", "unk_token", "sep_token", "cls_token",
-                               "mask_token", "max_token", "min_token", "num_token")
+NOT_SECRET: tuple[str, ...] = (
+    "pad_token",
+    "eos_token",
+    "bos_token",
+    "unk_token",
+    "sep_token",
+    "cls_token",
+    "mask_token",
+    "max_token",
+    "min_token",
+    "num_token",
+)
 MASK = "***"
 
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")

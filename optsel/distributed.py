@@ -137,7 +137,7 @@ def _comm_device(t: torch.Tensor) -> torch.device:
     return torch.device("cpu")
 
 
-def _all_reduce(t: torch.Tensor, op: "dist.ReduceOp", counter: CommCounter | None) -> torch.Tensor:
+def _all_reduce(t: torch.Tensor, op: dist.ReduceOp, counter: CommCounter | None) -> torch.Tensor:
     if not is_distributed():
         return t.clone()
     buf = t.detach().to(_comm_device(t)).contiguous().clone()
@@ -211,8 +211,16 @@ def barrier() -> None:
         dist.barrier()
 
 
-_PEER_FAILURE_HINTS = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out",
-                       "timeout", "nccl communicator was aborted", "connection refused", "socket closed")
+_PEER_FAILURE_HINTS = (
+    "connection closed by peer",
+    "connection reset by peer",
+    "broken pipe",
+    "timed out",
+    "timeout",
+    "nccl communicator was aborted",
+    "connection refused",
+    "socket closed",
+)
 
 
 def is_peer_failure(err: BaseException) -> bool:
@@ -220,10 +228,13 @@ def is_peer_failure(err: BaseException) -> bool:
     "Connection closed by peer", NCCL abort, a collective timeout) rather than a bug in this rank."""
     if not is_distributed():
         return False
-    dist_errors = tuple(getattr(dist, name) for name in ("DistError", "DistBackendError", "DistNetworkError")
-                        if hasattr(dist, name))
+    dist_errors = tuple(
+        getattr(dist, name) for name in ("DistError", "DistBackendError", "DistNetworkError") if hasattr(dist, name)
+    )
     text = str(err).lower()
-    return isinstance(err, dist_errors) or (isinstance(err, RuntimeError) and any(h in text for h in _PEER_FAILURE_HINTS))
+    return isinstance(err, dist_errors) or (
+        isinstance(err, RuntimeError) and any(h in text for h in _PEER_FAILURE_HINTS)
+    )
 
 
 def all_gather_equal(t: torch.Tensor, counter: CommCounter | None = None) -> torch.Tensor:
@@ -239,8 +250,9 @@ def all_gather_equal(t: torch.Tensor, counter: CommCounter | None = None) -> tor
     return torch.cat(out).to(t.device)
 
 
-def gather_shard0(local: torch.Tensor, like: torch.Tensor, shape: tuple[int, int],
-                  counter: CommCounter | None = None) -> torch.Tensor:
+def gather_shard0(
+    local: torch.Tensor, like: torch.Tensor, shape: tuple[int, int], counter: CommCounter | None = None
+) -> torch.Tensor:
     """The whole [d0, d1] tensor from every rank's ``Shard(0)`` row block ``local``, sharded like the
     FSDP2 DTensor parameter ``like`` (its 1-D mesh; torch's chunk rule): a DTensor redistribute
     Shard(0) → Replicate, the engine's own parameter all-gather. Counted as the gathered output,
@@ -251,8 +263,9 @@ def gather_shard0(local: torch.Tensor, like: torch.Tensor, shape: tuple[int, int
     d0, d1 = int(shape[0]), int(shape[1])
     if mesh.size() == 1:  # nothing to gather (and nothing counted, like the other collectives on one rank)
         return local.reshape(d0, d1).clone()
-    dt = DTensor.from_local(local.contiguous(), mesh, [Shard(0)], run_check=False, shape=torch.Size((d0, d1)),
-                            stride=(d1, 1))
+    dt = DTensor.from_local(
+        local.contiguous(), mesh, [Shard(0)], run_check=False, shape=torch.Size((d0, d1)), stride=(d1, 1)
+    )
     full = dt.redistribute(mesh, [Replicate()]).to_local()
     if counter is not None:
         world = mesh.size()

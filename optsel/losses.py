@@ -33,14 +33,17 @@ def per_sample_token_mean_ce(logits: torch.Tensor, labels: torch.Tensor) -> Samp
     """Token-mean CE of each sample (see the module docstring). bf16/fp16 logits are upcast to
     float32; float32 and float64 logits keep their dtype (the brute-force tests run in float64)."""
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(f"labels: expected shape {tuple(logits.shape[:2])} to match logits {tuple(logits.shape)}, "
-                         f"got {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels: expected shape {tuple(logits.shape[:2])} to match logits {tuple(logits.shape)}, "
+            f"got {tuple(labels.shape)}"
+        )
     n, t, v = logits.shape
     shifted = logits[:, :-1]
     if shifted.dtype in (torch.float16, torch.bfloat16):
         shifted = shifted.float()
     shifted_labels = labels[:, 1:].to(logits.device)
-    token_loss = F.cross_entropy(shifted.reshape(-1, v), shifted_labels.reshape(-1), ignore_index=IGNORE_INDEX,
-                                 reduction="none").view(n, max(t - 1, 0))
+    token_loss = F.cross_entropy(
+        shifted.reshape(-1, v), shifted_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(n, max(t - 1, 0))
     num_tokens = (shifted_labels != IGNORE_INDEX).sum(dim=1)
     return SampleLosses(token_loss.sum(dim=1) / num_tokens.clamp(min=1).to(token_loss.dtype), num_tokens)

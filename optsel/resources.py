@@ -86,5 +86,7 @@ def find_config(arg: str | Path) -> Path:
         if candidate.is_file():
             return candidate
     names = [n for n in builtin_files() if "/" not in n]
-    raise FileNotFoundError(f"config file not found: {arg} (and no built-in config of that name; "
-                            f"built-in: {', '.join(names)}; see `optsel configs list`)")
+    raise FileNotFoundError(
+        f"config file not found: {arg} (and no built-in config of that name; "
+        f"built-in: {', '.join(names)}; see `optsel configs list`)"
+    )

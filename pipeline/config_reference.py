@@ -49,6 +49,7 @@ class KeyDoc:
 
 # ---- meanings from the source --------------------------------------------------------------------
 
+
 @functools.cache
 def _own_meanings(cls: type) -> dict[str, str]:
     """The ``#:`` meaning of each field declared in ``cls``'s own body (not its bases')."""
@@ -59,7 +60,7 @@ def _own_meanings(cls: type) -> dict[str, str]:
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type == tokenize.COMMENT:
             if tok.string.startswith("#:"):
-                comments[tok.start[0]] = (tok.string[2:].strip(), tok.line[:tok.start[1]].strip() == "")
+                comments[tok.start[0]] = (tok.string[2:].strip(), tok.line[: tok.start[1]].strip() == "")
         elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER):
             code_lines.add(tok.start[0])
     out = {}
@@ -90,15 +91,18 @@ def field_meanings(cls: type) -> dict[str, str]:
 
 # ---- types, allowed values, defaults ---------------------------------------------------------------
 
+
 def _choices() -> dict[tuple[type, str], tuple[Any, ...]]:
     """Allowed values the loader checks in ``__post_init__`` rather than with a ``Literal``."""
-    from optsel.pipeline import data_config
-    from optsel.pipeline.run_config import SelectionConfig
+    from optsel.pipeline.data import config as data_config
+    from optsel.pipeline.train.run_config import SelectionConfig
     from optsel.selection.base import selector_names
 
-    return {(data_config.DataConfig, "shuffle_algo"): data_config.SHUFFLE_ALGOS,
-            (data_config.DataConfig, "validate_hash"): (*data_config.HASHES, None),
-            (SelectionConfig, "method"): tuple(selector_names())}
+    return {
+        (data_config.DataConfig, "shuffle_algo"): data_config.SHUFFLE_ALGOS,
+        (data_config.DataConfig, "validate_hash"): (*data_config.HASHES, None),
+        (SelectionConfig, "method"): tuple(selector_names()),
+    }
 
 
 def _block(tp: Any) -> type | None:
@@ -181,6 +185,7 @@ def bundled_name(value: Any) -> str | None:
 
 # ---- the key tree -----------------------------------------------------------------------------------
 
+
 def keys(cls: type, prefix: str = "", path_keys: typing.Mapping[str, str] | None = None) -> list[KeyDoc]:
     """Every key of dataclass ``cls`` (nested blocks expanded) under ``prefix``, in declaration order."""
     hints = get_type_hints(cls)
@@ -202,9 +207,16 @@ def keys(cls: type, prefix: str = "", path_keys: typing.Mapping[str, str] | None
         if tname == "path" and (tp is not str and type(None) in get_args(tp)):
             tname = "path or null"
         allowed = choices.get((cls, f.name)) or allowed_values(tp)
-        out.append(KeyDoc(key=key, type=tname, default=show_value(value),
-                          allowed=", ".join(show_value(a) for a in allowed), meaning=meanings.get(f.name, ""),
-                          value=value))
+        out.append(
+            KeyDoc(
+                key=key,
+                type=tname,
+                default=show_value(value),
+                allowed=", ".join(show_value(a) for a in allowed),
+                meaning=meanings.get(f.name, ""),
+                value=value,
+            )
+        )
         if block is not None:
             out.extend(keys(block, f"{key}.", path_keys))
     return out
@@ -229,15 +241,18 @@ def _selector_options(prefix: str) -> list[KeyDoc]:
             meaning += f"; every other key as {prefix}{parent}"
         out.append(KeyDoc(key=block, type="mapping", default="{}", allowed="", meaning=meaning, value={}))
         own = set(config_class.__dict__.get("__annotations__", {})) if parent is not None else None
-        out.extend(d for d in keys(config_class, f"{block}.")
-                   if d.key != f"{block}.budget" and (own is None or d.key.rsplit(".", 1)[1] in own))
+        out.extend(
+            d
+            for d in keys(config_class, f"{block}.")
+            if d.key != f"{block}.budget" and (own is None or d.key.rsplit(".", 1)[1] in own)
+        )
         listed.setdefault(config_class, method)
     return out
 
 
 def run_keys() -> list[KeyDoc]:
     """Every key of the run config (``optsel train CONFIG``), selector options included."""
-    from optsel.pipeline.run_config import RUN_PATH_KEYS, RunConfig
+    from optsel.pipeline.train.run_config import RUN_PATH_KEYS, RunConfig
 
     out = []
     for doc in keys(RunConfig, "", RUN_PATH_KEYS):
@@ -249,13 +264,14 @@ def run_keys() -> list[KeyDoc]:
 
 def prepare_keys() -> list[KeyDoc]:
     """Every key of the prepare config (``optsel prepare CONFIG``)."""
-    from optsel.pipeline.prepare import PrepareConfig
-    from optsel.pipeline.run_config import PREPARE_PATH_KEYS
+    from optsel.pipeline.data.prepare import PrepareConfig
+    from optsel.pipeline.train.run_config import PREPARE_PATH_KEYS
 
     return keys(PrepareConfig, "", PREPARE_PATH_KEYS)
 
 
 # ---- output -----------------------------------------------------------------------------------------
+
 
 def render_text(docs: list[KeyDoc]) -> str:
     """One key a line: ``key  type  default  [allowed]  meaning``."""
@@ -288,7 +304,9 @@ def render_table(docs: list[KeyDoc]) -> str:
         rows += ["| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
         for d in group:
             allowed = ", ".join(f"`{_cell(a, True)}`" for a in d.allowed.split(", ")) if d.allowed else ""
-            rows.append(f"| `{d.key}` | {_cell(d.type)} | `{_cell(d.default, True)}` | {allowed} | {_cell(d.meaning)} |")
+            rows.append(
+                f"| `{d.key}` | {_cell(d.type)} | `{_cell(d.default, True)}` | {allowed} | {_cell(d.meaning)} |"
+            )
     return "\n".join(rows).strip("\n") + "\n"
 
 

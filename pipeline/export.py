@@ -13,8 +13,8 @@ What is written (``DIR``)::
 
 The checkpoint is untrusted input and goes through the same gate as a resume: every file is checked
 against the manifest of ``meta.json`` (and its HMAC when a key is configured, see
-:func:`optsel.pipeline.checkpoint.checkpoint_key`) before anything is read, everything is unpickled
-weights-only with the engines' allowlists (``optsel.pipeline.safe_load``), and no file outside the
+:func:`optsel.pipeline.checkpoint.manager.checkpoint_key`) before anything is read, everything is unpickled
+weights-only with the engines' allowlists (``optsel.pipeline.checkpoint.safe_load``), and no file outside the
 checkpoint folder is read on its word (the tokenizer and a ``local`` base model are read where the run's
 config says, ``data.local`` / ``model.path``, as training read them). The weights are consolidated by
 the libraries themselves: DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` (our tag folder is
@@ -46,9 +46,15 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from optsel.pipeline.checkpoint import (STEP_DIR, CheckpointConfig, CheckpointError, CheckpointManager, flatten,
-                                        is_complete)
-from optsel.pipeline.folders import new_sibling
+from optsel.pipeline.checkpoint.manager import (
+    STEP_DIR,
+    CheckpointConfig,
+    CheckpointError,
+    CheckpointManager,
+    flatten,
+    is_complete,
+)
+from optsel.pipeline.files.folders import new_sibling
 
 log = logging.getLogger("optsel.export")
 
@@ -107,8 +113,10 @@ def find_checkpoint(run_dir: Path, which: str) -> tuple[Path, Path | None]:
     ``run_dir`` may be a run folder (its checkpoints: ``checkpoint.dir`` of its config.yaml, else
     ``<run_dir>/checkpoints``) or a checkpoint folder itself."""
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir} does not exist (expected a run folder <output_dir>/<run_name> or a "
-                                f"checkpoint folder step_NNNNNNNN)")
+        raise FileNotFoundError(
+            f"{run_dir} does not exist (expected a run folder <output_dir>/<run_name> or a "
+            f"checkpoint folder step_NNNNNNNN)"
+        )
     if STEP_DIR.match(run_dir.name):
         if not is_complete(run_dir):
             raise CheckpointError(f"{run_dir} is not a complete checkpoint (no meta.json; an interrupted save)")
@@ -123,16 +131,20 @@ def find_checkpoint(run_dir: Path, which: str) -> tuple[Path, Path | None]:
     done = manager.complete()
     if not done:
         partial = sorted(p.name for p in root.glob("step_*.partial")) if root.is_dir() else []
-        raise CheckpointError(f"no complete checkpoint under {root}" + (
-            f" (only interrupted saves: {', '.join(partial)})" if partial else "")
-            + "; a run saves checkpoints with checkpoint.every_steps > 0")
+        raise CheckpointError(
+            f"no complete checkpoint under {root}"
+            + (f" (only interrupted saves: {', '.join(partial)})" if partial else "")
+            + "; a run saves checkpoints with checkpoint.every_steps > 0"
+        )
     if which == "latest":
         return done[-1], run_dir
     chosen = root / f"step_{int(which):08d}"
     if chosen not in done:
         steps = ", ".join(str(int(STEP_DIR.match(p.name).group(1))) for p in done)
-        raise CheckpointError(f"--checkpoint {which}: no complete checkpoint of step {int(which)} under {root} "
-                              f"(complete ones: steps {steps})")
+        raise CheckpointError(
+            f"--checkpoint {which}: no complete checkpoint of step {int(which)} under {root} "
+            f"(complete ones: steps {steps})"
+        )
     return chosen, run_dir
 
 
@@ -160,11 +172,16 @@ def run_model_section(meta: dict[str, Any], run_dir: Path | None) -> dict[str, A
         local = {"data.local": (meta["config"].get("data") or {}).get("local")}
         a = {**flatten(model, "model"), **local}
         b = {**flatten(saved["model"], "model"), "data.local": (saved.get("data") or {}).get("local")}
-        diffs = [f"{k}: checkpoint {a.get(k, '<absent>')!r}, config.yaml {b.get(k, '<absent>')!r}"
-                 for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
+        diffs = [
+            f"{k}: checkpoint {a.get(k, '<absent>')!r}, config.yaml {b.get(k, '<absent>')!r}"
+            for k in sorted(set(a) | set(b))
+            if a.get(k, "<absent>") != b.get(k, "<absent>")
+        ]
         if diffs:
-            raise CheckpointError(f"{run_dir / 'config.yaml'} and the checkpoint's meta.json describe different "
-                                  f"models:\n  " + "\n  ".join(diffs))
+            raise CheckpointError(
+                f"{run_dir / 'config.yaml'} and the checkpoint's meta.json describe different "
+                f"models:\n  " + "\n  ".join(diffs)
+            )
     return model
 
 
@@ -172,11 +189,16 @@ def run_model_section(meta: dict[str, Any], run_dir: Path | None) -> dict[str, A
 def build_run_model(model_section: dict[str, Any], tokenizer) -> nn.Module:
     """The run's model (float32, LoRA-wrapped if the run used LoRA), built as the trainer builds it."""
     from optsel.config_loader import from_mapping
-    from optsel.pipeline.model import ModelConfig, build_model
+    from optsel.pipeline.train.model import ModelConfig, build_model
 
     cfg = from_mapping(ModelConfig, model_section, "model")
-    return build_model(cfg, vocab_size=len(tokenizer), pad_id=tokenizer.pad_token_id,
-                       bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id)
+    return build_model(
+        cfg,
+        vocab_size=len(tokenizer),
+        pad_id=tokenizer.pad_token_id,
+        bos_id=tokenizer.bos_token_id,
+        eos_id=tokenizer.eos_token_id,
+    )
 
 
 class _WeightsOnlyTorch:
@@ -185,7 +207,7 @@ class _WeightsOnlyTorch:
     (the rest of ``torch`` is the real module)."""
 
     def __init__(self) -> None:
-        from optsel.pipeline.safe_load import deepspeed_safe_globals
+        from optsel.pipeline.checkpoint.safe_load import deepspeed_safe_globals
 
         self._allowed = deepspeed_safe_globals()
 
@@ -193,7 +215,7 @@ class _WeightsOnlyTorch:
         return getattr(torch, name)
 
     def load(self, f: Any, map_location: Any = None, **_unsafe: Any) -> Any:  # weights_only/mmap are not honoured
-        from optsel.pipeline.safe_load import torch_load
+        from optsel.pipeline.checkpoint.safe_load import torch_load
 
         return torch_load(f, what=str(f), allowed=self._allowed, map_location=map_location or "cpu")
 
@@ -206,21 +228,25 @@ def deepspeed_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
 
     from deepspeed.utils import zero_to_fp32
 
-    from optsel.pipeline.safe_load import UnsafeCheckpointError
+    from optsel.pipeline.checkpoint.safe_load import UnsafeCheckpointError
 
     if not (step_dir / DEEPSPEED_TAG).is_dir():
         raise CheckpointError(f"{step_dir / DEEPSPEED_TAG} is missing (not a deepspeed checkpoint?)")
     printed = io.StringIO()
     try:
-        with mock.patch.object(zero_to_fp32, "torch", _WeightsOnlyTorch()), \
-                mock.patch.object(zero_to_fp32, "tqdm", lambda items, **_: items, create=True), \
-                contextlib.redirect_stdout(printed):  # its progress bars and prints: not ours to show
+        with (
+            mock.patch.object(zero_to_fp32, "torch", _WeightsOnlyTorch()),
+            mock.patch.object(zero_to_fp32, "tqdm", lambda items, **_: items, create=True),
+            contextlib.redirect_stdout(printed),
+        ):  # its progress bars and prints: not ours to show
             state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=DEEPSPEED_TAG)
     except UnsafeCheckpointError as err:
         raise UnsafeCheckpointError(_plain(err)) from err
     except (FileNotFoundError, ValueError, KeyError, RuntimeError, TypeError, AttributeError, IndexError) as err:
-        raise CheckpointError(f"DeepSpeed could not consolidate {step_dir / DEEPSPEED_TAG}: "
-                              f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}") from err
+        raise CheckpointError(
+            f"DeepSpeed could not consolidate {step_dir / DEEPSPEED_TAG}: "
+            f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+        ) from err
     log.debug("zero_to_fp32: %s", printed.getvalue().strip())
     return state
 
@@ -231,17 +257,21 @@ def load_deepspeed_weights(model: nn.Module, step_dir: Path) -> None:
     _check_keys(set(state), set(expected), step_dir / DEEPSPEED_TAG)
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise CheckpointError(f"{step_dir / DEEPSPEED_TAG}: {name} has shape {tuple(tensor.shape)}, the run's "
-                                  f"model expects {tuple(expected[name].shape)}")
+            raise CheckpointError(
+                f"{step_dir / DEEPSPEED_TAG}: {name} has shape {tuple(tensor.shape)}, the run's "
+                f"model expects {tuple(expected[name].shape)}"
+            )
     model.load_state_dict(state, strict=True)
 
 
 def _check_keys(found: set[str], expected: set[str], where: Path) -> None:
     missing, extra = sorted(expected - found), sorted(found - expected)
     if missing or extra:
-        parts = ([f"missing {len(missing)} weight(s) of the run's model (e.g. {', '.join(missing[:3])})"]
-                 if missing else []) + ([f"{len(extra)} weight(s) the run's model has no place for (e.g. "
-                                         f"{', '.join(extra[:3])})"] if extra else [])
+        parts = (
+            [f"missing {len(missing)} weight(s) of the run's model (e.g. {', '.join(missing[:3])})"] if missing else []
+        ) + (
+            [f"{len(extra)} weight(s) the run's model has no place for (e.g. {', '.join(extra[:3])})"] if extra else []
+        )
         raise CheckpointError(f"{where} does not fit the model of the run's config: {'; '.join(parts)}")
 
 
@@ -253,7 +283,7 @@ def load_fsdp2_weights(model: nn.Module, step_dir: Path) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from optsel.pipeline.safe_load import UnsafeCheckpointError, dcp_reader_and_planner
+    from optsel.pipeline.checkpoint.safe_load import UnsafeCheckpointError, dcp_reader_and_planner
 
     folder = step_dir / "engine"
     if not (folder / ".metadata").is_file():
@@ -268,17 +298,17 @@ def load_fsdp2_weights(model: nn.Module, step_dir: Path) -> None:
     for info in metadata.storage_data.values():
         rel = str(getattr(info, "relative_path", ""))
         if not rel or Path(rel).name != rel or rel in (".", ".."):
-            raise CheckpointError(f"{folder / '.metadata'} points at {rel!r}, outside the checkpoint folder; "
-                                  f"refusing it")
-    saved = {k[len("model."):]: v for k, v in metadata.state_dict_metadata.items() if k.startswith("model.")}
+            raise CheckpointError(
+                f"{folder / '.metadata'} points at {rel!r}, outside the checkpoint folder; refusing it"
+            )
+    saved = {k[len("model.") :]: v for k, v in metadata.state_dict_metadata.items() if k.startswith("model.")}
     state = model.state_dict()
     _check_keys(set(saved), set(state), folder)
     for name, tensor in state.items():
         info = saved[name]
         if not isinstance(info, TensorStorageMetadata) or tuple(info.size) != tuple(tensor.shape):
             shape = tuple(info.size) if isinstance(info, TensorStorageMetadata) else type(info).__name__
-            raise CheckpointError(f"{folder}: {name} has shape {shape}, the run's model expects "
-                                  f"{tuple(tensor.shape)}")
+            raise CheckpointError(f"{folder}: {name} has shape {shape}, the run's model expects {tuple(tensor.shape)}")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or uninitialized")
         try:
@@ -287,8 +317,9 @@ def load_fsdp2_weights(model: nn.Module, step_dir: Path) -> None:
             raise UnsafeCheckpointError(_plain(err)) from err
         except Exception as err:  # noqa: BLE001 - DCP wraps reader errors (a short shard file, ...)
             first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
-            raise CheckpointError(f"torch.distributed.checkpoint could not load {folder}: "
-                                  f"{type(err).__name__}: {first}") from err
+            raise CheckpointError(
+                f"torch.distributed.checkpoint could not load {folder}: {type(err).__name__}: {first}"
+            ) from err
     model.load_state_dict(state, strict=True)  # the same tensors: a no-op unless a tied weight was copied
 
 
@@ -297,8 +328,10 @@ def _check_out(out: Path, overwrite: bool) -> None:
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise FileExistsError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"--out {out} is not empty; choose a new folder, or pass --overwrite to move its "
-                              f"contents aside to {out.name}.replaced-<time> (nothing is deleted)")
+        raise FileExistsError(
+            f"--out {out} is not empty; choose a new folder, or pass --overwrite to move its "
+            f"contents aside to {out.name}.replaced-<time> (nothing is deleted)"
+        )
 
 
 def _move_aside(out: Path) -> Path:
@@ -314,8 +347,10 @@ def _write_model(model: nn.Module, work: Path, final: Path, lora: str, model_sec
 
     if not isinstance(model, PeftModel):
         if lora == "adapter":
-            raise ValueError("lora: 'adapter' asks for peft's adapter folder, but the run trained no LoRA adapters "
-                             "(model.lora is null in its config); export it without --lora adapter")
+            raise ValueError(
+                "lora: 'adapter' asks for peft's adapter folder, but the run trained no LoRA adapters "
+                "(model.lora is null in its config); export it without --lora adapter"
+            )
         model.save_pretrained(str(work))
         return {"lora": None}
     if lora == "merge":
@@ -366,7 +401,7 @@ def export(opts: ExportOptions) -> ExportReport:
     (no checkpoint, unknown step, a corrupt, tampered or unsafe one, a model that does not fit),
     FileNotFoundError (no run folder or tokenizer), FileExistsError (``out`` not empty)."""
     from optsel import __version__
-    from optsel.pipeline.tokenizer import load_tokenizer
+    from optsel.pipeline.data.tokenizer import load_tokenizer
 
     start = time.perf_counter()
     out = Path(opts.out)
@@ -377,19 +412,24 @@ def export(opts: ExportOptions) -> ExportReport:
     except CheckpointError as err:
         older = sorted(p.name for p in step_dir.parent.glob("step_*") if is_complete(p) and p.name < step_dir.name)
         if opts.checkpoint == "latest" and older:  # never a silent fallback to an older step
-            raise type(err)(f"{err}\n(the newest checkpoint; older complete ones: {', '.join(older)}: "
-                            f"export one with --checkpoint STEP)") from err
+            raise type(err)(
+                f"{err}\n(the newest checkpoint; older complete ones: {', '.join(older)}: "
+                f"export one with --checkpoint STEP)"
+            ) from err
         raise
     model_section = run_model_section(meta, run_dir)
     engine = meta["engine"]
     if engine not in ("deepspeed", "fsdp2"):
-        raise CheckpointError(f"{step_dir / 'meta.json'}: engine {engine!r} is not one optsel exports "
-                              f"(deepspeed, fsdp2)")
+        raise CheckpointError(
+            f"{step_dir / 'meta.json'}: engine {engine!r} is not one optsel exports (deepspeed, fsdp2)"
+        )
     data_local = str((meta["config"].get("data") or {}).get("local") or "")
     tok_dir = Path(opts.tokenizer) if opts.tokenizer else Path(data_local) / "tokenizer"
     if not tok_dir.is_dir():
-        raise FileNotFoundError(f"the run's tokenizer {tok_dir} (data.local of its config + /tokenizer) is not "
-                                f"there; pass --tokenizer DIR (the folder prepare wrote as <data>/tokenizer)")
+        raise FileNotFoundError(
+            f"the run's tokenizer {tok_dir} (data.local of its config + /tokenizer) is not "
+            f"there; pass --tokenizer DIR (the folder prepare wrote as <data>/tokenizer)"
+        )
     tokenizer = load_tokenizer(tok_dir, key="--tokenizer" if opts.tokenizer else "data.local")
     model = build_run_model(model_section, tokenizer)
     (load_deepspeed_weights if engine == "deepspeed" else load_fsdp2_weights)(model, step_dir)
@@ -401,10 +441,17 @@ def export(opts: ExportOptions) -> ExportReport:
         with _quiet_transformers():
             about = _write_model(model, work, out, opts.lora, model_section)
         tokenizer.save_pretrained(str(work))
-        record = {"optsel_version": __version__, "run_dir": str(run_dir) if run_dir else None,
-                  "checkpoint": str(step_dir.resolve()), "step": meta.get("step"), "engine": engine,
-                  "world_size": meta["world_size"], "signed": "hmac" in meta, "tokenizer": str(tok_dir.resolve()),
-                  **about}
+        record = {
+            "optsel_version": __version__,
+            "run_dir": str(run_dir) if run_dir else None,
+            "checkpoint": str(step_dir.resolve()),
+            "step": meta.get("step"),
+            "engine": engine,
+            "world_size": meta["world_size"],
+            "signed": "hmac" in meta,
+            "tokenizer": str(tok_dir.resolve()),
+            **about,
+        }
         (work / "export.json").write_text(json.dumps(record, indent=2) + "\n")
         _check_out(out, opts.overwrite)  # again: something may have appeared there meanwhile
         replaced = str(_move_aside(out)) if out.is_dir() and any(out.iterdir()) else None
@@ -415,6 +462,14 @@ def export(opts: ExportOptions) -> ExportReport:
         shutil.rmtree(work, ignore_errors=True)
         raise
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    return ExportReport(out=str(out), checkpoint=str(step_dir), step=int(meta.get("step", -1)), engine=engine,
-                        world_size=int(meta["world_size"]), lora=about["lora"], files=files, replaced=replaced,
-                        seconds=time.perf_counter() - start)
+    return ExportReport(
+        out=str(out),
+        checkpoint=str(step_dir),
+        step=int(meta.get("step", -1)),
+        engine=engine,
+        world_size=int(meta["world_size"]),
+        lora=about["lora"],
+        files=files,
+        replaced=replaced,
+        seconds=time.perf_counter() - start,
+    )

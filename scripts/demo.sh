@@ -15,7 +15,7 @@ LAUNCHER=${LAUNCHER:-torchrun}
 NPROC=${NPROC:-2}
 # The stream is rewritten only when its config or the code that writes it changed (a rewrite moves the old one
 # aside to data/demo.replaced-<time>, never deleting it), so reruns do not pile up copies.
-stamp=$(cat configs/demo_stream.yaml pipeline/prepare.py pipeline/records.py pipeline/synthetic.py pipeline/tokenizer.py \
+stamp=$(cat configs/demo_stream.yaml pipeline/data/prepare.py pipeline/data/records.py pipeline/data/synthetic.py pipeline/data/tokenizer.py \
   | sha256sum | cut -d' ' -f1)
 if [ -f data/demo/prepare_report.json ] && [ "$(cat data/demo/.demo_stream.sha256 2>/dev/null)" = "$stamp" ]; then
   echo "kept data/demo: written by this config and code"

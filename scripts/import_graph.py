@@ -36,14 +36,33 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: repository folder → dotted package it installs as (pyproject's package-dir)
-FOLDERS = {"optsel": "optsel", "launch": "optsel.launch", "pipeline": "optsel.pipeline",
-           "selection": "optsel.selection", "monitoring": "optsel.monitoring", "benchmarks": "benchmarks"}
-#: dotted package → short name in the graph (subpackages not named here belong to their parent)
-PACKAGES = {"optsel": "optsel", "optsel.launch": "launch", "optsel.pipeline": "pipeline",
-            "optsel.pipeline.engines": "pipeline.engines", "optsel.selection": "selection",
-            "optsel.selection.baselines": "selection.baselines", "optsel.monitoring": "monitoring",
-            "optsel.integrations": "integrations", "benchmarks": "benchmarks"}
+PYPROJECT = ROOT / "pyproject.toml"
+
+
+def _package_metadata(pyproject: Path = PYPROJECT) -> tuple[dict[str, str], dict[str, str]]:
+    """(folder → dotted package, dotted package → short graph name), read from pyproject's
+    ``[tool.setuptools]`` ``packages`` and ``package-dir``: the one place the mapping is written.
+    A graph node is a package at most two levels below ``optsel`` that holds Python modules
+    (``optsel.pipeline.train.callbacks`` belongs to ``pipeline.train``); ``benchmarks`` is added (a
+    repository folder, not installed)."""
+    import tomllib
+
+    tool = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]
+    package_dir: dict[str, str] = tool["package-dir"]
+    folders = {folder: dotted for dotted, folder in package_dir.items()}
+    folders["benchmarks"] = "benchmarks"
+    packages: dict[str, str] = {"benchmarks": "benchmarks"}
+    for dotted in tool["packages"]:
+        root_pkg = max((d for d in package_dir if dotted == d or dotted.startswith(d + ".")), key=len)
+        folder = ROOT / package_dir[root_pkg] / Path(*dotted[len(root_pkg) :].split(".")[1:])
+        if dotted.count(".") > 2 or not any(folder.glob("*.py")):
+            continue
+        packages[dotted] = "optsel" if dotted == "optsel" else dotted.removeprefix("optsel.")
+    return folders, packages
+
+
+#: repository folder → dotted package it installs as; dotted package → short name in the graph
+FOLDERS, PACKAGES = _package_metadata()
 #: layer → the layers it may import (besides itself)
 ALLOWED = {
     "benchmarks": {"launch", "pipeline", "selection", "monitoring", "optsel"},
@@ -53,6 +72,18 @@ ALLOWED = {
     "monitoring": {"optsel"},
     "selection": {"optsel"},
     "optsel": set(),
+}
+#: inside a layer, its rooms from the bottom up: a room may import the rooms before it, never one after
+ROOMS = {
+    "pipeline": [
+        "pipeline.files",
+        "pipeline.checkpoint",
+        "pipeline.engines",
+        "pipeline.data",
+        "pipeline.train",
+        "pipeline",
+    ],
+    "selection": ["selection", "selection.baselines"],
 }
 ENGINE_NAME = re.compile(r"(?i)deepspeed|fsdp|zero-?3|dtensor|fully_shard|^ds_(?!target)\w+")
 
@@ -110,8 +141,14 @@ def imports_of(module: str, path: Path, known: set[str], root: Path = ROOT) -> l
     def add(target: str, node: ast.stmt, in_function: bool) -> None:
         if package_of(target) is None:
             return  # stdlib / third party
-        edge = Import(module, _resolve(target, known), str(path.relative_to(root)), node.lineno, in_function,
-                      lines[node.lineno - 1].strip())
+        edge = Import(
+            module,
+            _resolve(target, known),
+            str(path.relative_to(root)),
+            node.lineno,
+            in_function,
+            lines[node.lineno - 1].strip(),
+        )
         if edge not in out:  # one statement naming several names of one module counts once
             out.append(edge)
 
@@ -154,9 +191,17 @@ def package_edges(edges: list[Import]) -> dict[tuple[str, str], list[Import]]:
     return dict(sorted(out.items()))
 
 
+def breaks_rule(src: str, dst: str) -> bool:
+    """Whether the package edge src → dst goes up: to a layer src may not import, or, within a
+    layer, to a room above src's (ROOMS)."""
+    if layer(src) != layer(dst):
+        return layer(dst) not in ALLOWED.get(layer(src), set())
+    rooms = ROOMS.get(layer(src), [])
+    return src in rooms and dst in rooms and rooms.index(dst) > rooms.index(src)
+
+
 def violations(pkg_edges: dict[tuple[str, str], list[Import]]) -> dict[tuple[str, str], list[Import]]:
-    return {(s, d): v for (s, d), v in pkg_edges.items()
-            if layer(s) != layer(d) and layer(d) not in ALLOWED.get(layer(s), set())}
+    return {(s, d): v for (s, d), v in pkg_edges.items() if breaks_rule(s, d)}
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -199,9 +244,14 @@ def engine_names(root: Path = ROOT) -> list[tuple[str, int, str]]:
     out = []
     for path in sorted((root / "selection").rglob("*.py")):
         tree = ast.parse(path.read_text())
-        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
-                      if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-                      and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        docstrings = {
+            id(n.body[0].value)
+            for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and n.body
+            and isinstance(n.body[0], ast.Expr)
+            and isinstance(n.body[0].value, ast.Constant)
+        }
         for node in ast.walk(tree):
             names: list[str] = []
             if isinstance(node, ast.Name):
@@ -242,16 +292,22 @@ def report(edges: list[Import], allow: set[tuple[str, str]], out=sys.stdout, roo
         if e.src != e.dst:
             mod_graph[e.src].add(e.dst)
     print("\nmodule cycles (any import, in-function ones included):", file=out)
-    mod_cycles = [c for c in cycles(mod_graph)
-                  if not any(m in PACKAGES for m in c)]  # a package __init__ importing its own modules is not one
+    mod_cycles = [
+        c for c in cycles(mod_graph) if not any(m in PACKAGES for m in c)
+    ]  # a package __init__ importing its own modules is not one
     for comp in mod_cycles:
         print("  " + " <-> ".join(comp), file=out)
     if not mod_cycles:
         print("  none", file=out)
 
-    print("\nrule: benchmarks -> launch -> pipeline(.engines) -> selection(.baselines) -> optsel core, downward only;"
-          "\n      monitoring is imported by pipeline/launch/benchmarks and imports only the optsel core;"
-          "\n      the optsel core imports no subpackage", file=out)
+    print(
+        "\nrule: benchmarks -> launch -> pipeline -> selection -> optsel core, downward only;"
+        "\n      inside pipeline: (export, config reference) -> train -> data -> engines -> checkpoint -> files;"
+        "\n      inside selection: baselines -> selection;"
+        "\n      monitoring is imported by pipeline/launch/benchmarks and imports only the optsel core;"
+        "\n      the optsel core imports no subpackage",
+        file=out,
+    )
     bad = violations(pkg)
     broken = 0
     if not bad:
@@ -264,8 +320,10 @@ def report(edges: list[Import], allow: set[tuple[str, str]], out=sys.stdout, roo
             print(f"    {e.file}:{e.line}: {e.text}" + ("  [in function]" if e.in_function else ""), file=out)
 
     names = engine_names(root)
-    print(f"\nengine names in selection/ code (the rule: selection names no engine; informational): {len(names)}",
-          file=out)
+    print(
+        f"\nengine names in selection/ code (the rule: selection names no engine; informational): {len(names)}",
+        file=out,
+    )
     per_file: dict[str, list[str]] = defaultdict(list)
     for file, line, name in names:
         per_file[file].append(f"{line}:{name}")
@@ -275,8 +333,21 @@ def report(edges: list[Import], allow: set[tuple[str, str]], out=sys.stdout, roo
 
 
 # ---- picture -------------------------------------------------------------------------------------
-POSITIONS = {"benchmarks": (-0.1, 4.0), "launch": (2.2, 4.0), "pipeline": (1.2, 2.8), "pipeline.engines": (3.2, 2.8),
-             "selection": (1.0, 1.5), "selection.baselines": (3.4, 1.5), "monitoring": (4.9, 1.5), "optsel": (2.2, 0.2)}
+POSITIONS = {
+    "benchmarks": (-0.4, 5.4),
+    "launch": (1.6, 5.4),
+    "integrations": (3.8, 5.4),
+    "pipeline": (-0.2, 4.5),
+    "pipeline.train": (1.1, 4.1),
+    "pipeline.data": (2.4, 3.7),
+    "pipeline.engines": (3.7, 3.3),
+    "pipeline.checkpoint": (5.0, 2.9),
+    "pipeline.files": (6.0, 2.4),
+    "selection": (0.6, 1.5),
+    "selection.baselines": (2.8, 1.5),
+    "monitoring": (4.6, 1.5),
+    "optsel": (2.6, 0.2),
+}
 
 
 def draw(edges: list[Import], path: Path) -> None:
@@ -290,15 +361,24 @@ def draw(edges: list[Import], path: Path) -> None:
 
     pkg = package_edges(edges)
     bad = violations(pkg)
-    fig, ax = plt.subplots(figsize=(10, 7))
-    ax.set_xlim(-0.9, 5.7)
-    ax.set_ylim(-0.4, 4.5)
+    fig, ax = plt.subplots(figsize=(12, 8))
+    ax.set_xlim(-1.3, 6.9)
+    ax.set_ylim(-0.4, 5.7)
     ax.axis("off")
     for name, (x, y) in POSITIONS.items():
         label = "optsel core\n(distributed, config_loader, resources)" if name == "optsel" else name
         outside = name == "benchmarks"
-        ax.text(x, y, label, ha="center", va="center", fontsize=10, zorder=3, style="italic" if outside else "normal",
-                bbox=dict(boxstyle="round,pad=0.45", fc="#f4f4f4" if outside else "#e8f0fb", ec="#335", lw=1))
+        ax.text(
+            x,
+            y,
+            label,
+            ha="center",
+            va="center",
+            fontsize=10,
+            zorder=3,
+            style="italic" if outside else "normal",
+            bbox=dict(boxstyle="round,pad=0.45", fc="#f4f4f4" if outside else "#e8f0fb", ec="#335", lw=1),
+        )
     for (s, d), items in pkg.items():
         if s not in POSITIONS or d not in POSITIONS:
             continue
@@ -307,18 +387,42 @@ def draw(edges: list[Import], path: Path) -> None:
         faint = s == "benchmarks" or d == "optsel"  # outside the package, or the core everyone may use
         color = "#c0392b" if wrong else ("#9aa3ad" if faint else "#2c3e50")
         rad = 0.25 if y0 == y1 else 0.06
-        ax.add_patch(FancyArrowPatch((x0, y0), (x1, y1), arrowstyle="-|>", mutation_scale=14, shrinkA=22, shrinkB=22,
-                                     connectionstyle=f"arc3,rad={rad}", lw=1.0 + 0.25 * len(items) ** 0.5,
-                                     color=color, linestyle="--" if s == "benchmarks" else "-", zorder=2))
+        ax.add_patch(
+            FancyArrowPatch(
+                (x0, y0),
+                (x1, y1),
+                arrowstyle="-|>",
+                mutation_scale=14,
+                shrinkA=22,
+                shrinkB=22,
+                connectionstyle=f"arc3,rad={rad}",
+                lw=1.0 + 0.25 * len(items) ** 0.5,
+                color=color,
+                linestyle="--" if s == "benchmarks" else "-",
+                zorder=2,
+            )
+        )
         # the label sits on the curve's midpoint (arc3: control point = midpoint + rad * the chord turned left)
         dx, dy = x1 - x0, y1 - y0
         lx, ly = (x0 + x1) / 2 + rad / 2 * dy, (y0 + y1) / 2 - rad / 2 * dx
         lazy = sum(e.in_function for e in items)
-        ax.text(lx, ly, f"{len(items)}" + (f" ({lazy}f)" if lazy else ""), fontsize=8, color=color, ha="center",
-                va="center", zorder=4, bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.85))
-    ax.set_title("optsel package imports, read from the source by scripts/import_graph.py\n"
-                 "arrow = importer → imported; label = import statements (f: inside a function); "
-                 "red = against the layering rule", fontsize=10)
+        ax.text(
+            lx,
+            ly,
+            f"{len(items)}" + (f" ({lazy}f)" if lazy else ""),
+            fontsize=8,
+            color=color,
+            ha="center",
+            va="center",
+            zorder=4,
+            bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.85),
+        )
+    ax.set_title(
+        "optsel package imports, read from the source by scripts/import_graph.py\n"
+        "arrow = importer → imported; label = import statements (f: inside a function); "
+        "red = against the layering rule",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -327,8 +431,13 @@ def draw(edges: list[Import], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if a package edge breaks the layering rule")
-    parser.add_argument("--allow", action="append", default=[], metavar="SRC:DST",
-                        help="tolerate this known-broken package edge under --check (repeatable)")
+    parser.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="SRC:DST",
+        help="tolerate this known-broken package edge under --check (repeatable)",
+    )
     parser.add_argument("--png", type=Path, help="also draw the package graph into this PNG")
     parser.add_argument("--root", type=Path, default=ROOT, help="repository to read (default: this one)")
     args = parser.parse_args(argv)

@@ -9,8 +9,14 @@ import torch
 from optsel.selection.qp_result import QPResult
 
 
-def active_set_qp(b: torch.Tensor, K: torch.Tensor, tau: float, cap: float | None = None,
-                  max_iter: int | None = None, tol: float = 1e-10) -> QPResult:
+def active_set_qp(
+    b: torch.Tensor,
+    K: torch.Tensor,
+    tau: float,
+    cap: float | None = None,
+    max_iter: int | None = None,
+    tol: float = 1e-10,
+) -> QPResult:
     """Default solver: a primal active-set method (single problem b [m], K [m, m]; float64 NumPy
     inside, the result on b's device).
 
@@ -34,13 +40,13 @@ def active_set_qp(b: torch.Tensor, K: torch.Tensor, tau: float, cap: float | Non
     hi = np.inf if cap is None else float(cap)
     w = _feasible_start(bn, Q, hi)
     lower, upper = w <= 0.0, w >= hi
-    g = Q @ w - bn                                   # gradient of the minimized −objective
+    g = Q @ w - bn  # gradient of the minimized −objective
     gscale = max(float(np.abs(Q).max() + np.abs(bn).max()), 1e-300)
     limit = max_iter if max_iter is not None else 20 * m + 50
     for it in range(1, limit + 1):
         F = np.flatnonzero(~(lower | upper))
         nf = F.size
-        if nf > 1:                                   # the optimum on the current face: one KKT solve
+        if nf > 1:  # the optimum on the current face: one KKT solve
             kkt = np.zeros((nf + 1, nf + 1))
             kkt[:nf, :nf] = Q[F[:, None], F]
             kkt[:nf, :nf].flat[:: nf + 2] += ridge
@@ -62,7 +68,7 @@ def active_set_qp(b: torch.Tensor, K: torch.Tensor, tau: float, cap: float | Non
                     alpha, block, to_upper = float(ratios[j]), int(F[pos][j]), True
             w[F] += alpha * p
             g += alpha * (Q[:, F] @ p)
-            if block >= 0:                           # a bound blocks the step: it joins the active set
+            if block >= 0:  # a bound blocks the step: it joins the active set
                 w[block] = hi if to_upper else 0.0
                 (upper if to_upper else lower)[block] = True
                 continue
@@ -72,14 +78,14 @@ def active_set_qp(b: torch.Tensor, K: torch.Tensor, tau: float, cap: float | Non
             lo_nu = float((-g[lower]).max()) if lower.any() else -np.inf
             hi_nu = float((-g[upper]).min()) if upper.any() else np.inf
             nu = lo_nu if not np.isfinite(hi_nu) else hi_nu if not np.isfinite(lo_nu) else 0.5 * (lo_nu + hi_nu)
-        mult = g + nu                                # KKT: ≥ 0 at a zero, ≤ 0 at the cap
+        mult = g + nu  # KKT: ≥ 0 at a zero, ≤ 0 at the cap
         viol = np.where(lower, -mult, 0.0) + np.where(upper, mult, 0.0)
         j = int(np.argmax(viol))
         if viol[j] <= 1e-9 * gscale:
             return QPResult(_to_weights(w, b.device), "optimal", it)
         if it > 2 * m:  # long runs mean degenerate faces (singular K): Bland's rule cannot cycle
             j = int(np.flatnonzero(viol > 1e-9 * gscale)[0])
-        lower[j] = upper[j] = False                  # release the most violated bound
+        lower[j] = upper[j] = False  # release the most violated bound
     return QPResult(_to_weights(w, b.device), "inaccurate", limit)
 
 

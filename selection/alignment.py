@@ -11,21 +11,23 @@ from __future__ import annotations
 import torch
 
 
-def target_direction(precond: torch.Tensor, target: torch.Tensor, momentum: torch.Tensor | None,
-                     rho: float) -> torch.Tensor:
+def target_direction(
+    precond: torch.Tensor, target: torch.Tensor, momentum: torch.Tensor | None, rho: float
+) -> torch.Tensor:
     """M = P ⊙ (G_V − ρ m̂) on one block, [r, c]."""
     direction = target if momentum is None or rho == 0.0 else target - rho * momentum
     return precond * direction
 
 
-def alignment_partial(A: torch.Tensor, D: torch.Tensor, M: torch.Tensor, rows: slice, cols: slice,
-                      chunk: int = 64) -> torch.Tensor:
+def alignment_partial(
+    A: torch.Tensor, D: torch.Tensor, M: torch.Tensor, rows: slice, cols: slice, chunk: int = 64
+) -> torch.Tensor:
     """Partial b [n] over block [rows, cols]: Σ_t (Δ_i[t, rows] M) · A_i[t, cols].
 
     A [n, T, d_in], D [n, T, d_out], M [r, c]; ``chunk`` samples per GEMM bound the [chunk, T, c] temp."""
     out = torch.empty(A.shape[0], dtype=M.dtype, device=M.device)
     for s in range(0, A.shape[0], chunk):
-        d = D[s:s + chunk, :, rows]
-        a = A[s:s + chunk, :, cols]
-        out[s:s + chunk] = ((d @ M) * a).sum(dim=(1, 2))
+        d = D[s : s + chunk, :, rows]
+        a = A[s : s + chunk, :, cols]
+        out[s : s + chunk] = ((d @ M) * a).sum(dim=(1, 2))
     return out

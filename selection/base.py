@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import abc
 import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -89,19 +90,32 @@ def split_local(
     return indices[mine] - start, weights[mine]
 
 
-def uniform_selection(indices: torch.Tensor, pool_sizes: list[int], timings: dict[str, float],
-                      diagnostics: dict[str, Any] | None = None, utility: torch.Tensor | None = None) -> Selection:
+def uniform_selection(
+    indices: torch.Tensor,
+    pool_sizes: list[int],
+    timings: dict[str, float],
+    diagnostics: dict[str, Any] | None = None,
+    utility: torch.Tensor | None = None,
+) -> Selection:
     """The Selection of ``indices`` (global, any order) with weight 1/s each; indices sorted."""
     indices = indices.to(torch.int64).cpu().sort().values
     weights = torch.full((indices.numel(),), 1.0 / max(indices.numel(), 1), dtype=torch.float64)
     local_idx, local_w = split_local(indices, weights, pool_sizes, distributed.info().rank)
-    return Selection(indices=indices, weights=weights, local_indices=local_idx, local_weights=local_w,
-                     pool_size=sum(pool_sizes), utility=None if utility is None else utility.detach().cpu(),
-                     timings=timings, diagnostics=diagnostics or {})
+    return Selection(
+        indices=indices,
+        weights=weights,
+        local_indices=local_idx,
+        local_weights=local_w,
+        pool_size=sum(pool_sizes),
+        utility=None if utility is None else utility.detach().cpu(),
+        timings=timings,
+        diagnostics=diagnostics or {},
+    )
 
 
-def agree(indices: torch.Tensor, k: int, comm: distributed.CommCounter | None = None,
-          weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def agree(
+    indices: torch.Tensor, k: int, comm: distributed.CommCounter | None = None, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rank 0's (indices [s <= k], weights [s] or None) on every rank: selections are deterministic, but
     reductions may differ in the last bit across ranks and devices, so rank 0 is authoritative and one
     broadcast (padded to k) makes every rank's selection the same. A no-op on one process."""

@@ -17,8 +17,8 @@ linear use would be half its gradient. A module called several times per forward
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -53,12 +53,16 @@ class Factors:
     def num_samples(self) -> int:
         return int(self.loss.shape[0])
 
-    def rows(self, start: int, stop: int) -> "Factors":
+    def rows(self, start: int, stop: int) -> Factors:
         """Samples start..stop-1 as views (no copy)."""
-        return Factors([a[start:stop] for a in self.A], [d[start:stop] for d in self.D], self.loss[start:stop],
-                       self.tokens[start:stop])
+        return Factors(
+            [a[start:stop] for a in self.A],
+            [d[start:stop] for d in self.D],
+            self.loss[start:stop],
+            self.tokens[start:stop],
+        )
 
-    def select(self, rows: torch.Tensor) -> "Factors":
+    def select(self, rows: torch.Tensor) -> Factors:
         return Factors([a[rows] for a in self.A], [d[rows] for d in self.D], self.loss[rows], self.tokens[rows])
 
 
@@ -144,13 +148,20 @@ def stack_batches(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.
     the wider of the two (pad id 0, mask 0, label -100: padding adds nothing to any loss)."""
     width = max(int(first["input_ids"].shape[1]), int(second["input_ids"].shape[1]))
     fill = {"input_ids": 0, "attention_mask": 0, "labels": -100}
-    return {key: torch.cat([F.pad(b[key], (0, width - b[key].shape[1]), value=value) for b in (first, second)])
-            for key, value in fill.items()}
+    return {
+        key: torch.cat([F.pad(b[key], (0, width - b[key].shape[1]), value=value) for b in (first, second)])
+        for key, value in fill.items()
+    }
 
 
-def capture_factors(model: nn.Module, batch: Mapping[str, torch.Tensor], layers: list[CoveredLayer],
-                    chunk_size: int | None = None, pool_pass: PoolPass | None = None,
-                    leaves: list[Leaf] | None = None) -> Factors:
+def capture_factors(
+    model: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    layers: list[CoveredLayer],
+    chunk_size: int | None = None,
+    pool_pass: PoolPass | None = None,
+    leaves: list[Leaf] | None = None,
+) -> Factors:
     """(A, Δ) of every covered layer for every sample of ``batch`` (see :class:`Factors`).
 
     batch: input_ids / attention_mask / labels [n, T]. chunk_size: samples per forward/backward
@@ -161,8 +172,17 @@ def capture_factors(model: nn.Module, batch: Mapping[str, torch.Tensor], layers:
     n = int(batch["input_ids"].shape[0])
     step = n if not chunk_size else max(1, int(chunk_size))
     device = layers[0].param.device  # pools arrive on the CPU from the dataloader
-    parts = [_capture_chunk(model, {k: batch[k][s:s + step].to(device) for k in ("input_ids", "attention_mask", "labels")},
-                            layers, pool_pass, leaves, s) for s in range(0, n, step)]
+    parts = [
+        _capture_chunk(
+            model,
+            {k: batch[k][s : s + step].to(device) for k in ("input_ids", "attention_mask", "labels")},
+            layers,
+            pool_pass,
+            leaves,
+            s,
+        )
+        for s in range(0, n, step)
+    ]
     if pool_pass is not None:
         pool_pass.loss = torch.cat([p.loss for p in parts]).float()
         pool_pass.tokens = torch.cat([p.tokens for p in parts])
@@ -173,11 +193,19 @@ def capture_factors(model: nn.Module, batch: Mapping[str, torch.Tensor], layers:
     return Factors(
         A=[torch.cat([pad(p.A[l], width[l]) for p in parts]) for l in range(len(layers))],
         D=[torch.cat([pad(p.D[l], width[l]) for p in parts]) for l in range(len(layers))],
-        loss=torch.cat([p.loss for p in parts]), tokens=torch.cat([p.tokens for p in parts]))
+        loss=torch.cat([p.loss for p in parts]),
+        tokens=torch.cat([p.tokens for p in parts]),
+    )
 
 
-def _capture_chunk(model: nn.Module, batch: Mapping[str, torch.Tensor], layers: list[CoveredLayer],
-                   pool_pass: PoolPass | None = None, leaves: list[Leaf] | None = None, offset: int = 0) -> Factors:
+def _capture_chunk(
+    model: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    layers: list[CoveredLayer],
+    pool_pass: PoolPass | None = None,
+    leaves: list[Leaf] | None = None,
+    offset: int = 0,
+) -> Factors:
     mask = batch["attention_mask"]
     recorder = _Recorder(layers)
     leaf_recorder = _Recorder(leaves) if pool_pass is not None and leaves else None
@@ -195,13 +223,14 @@ def _capture_chunk(model: nn.Module, batch: Mapping[str, torch.Tensor], layers: 
         if leaf_recorder is not None:
             leaf_recorder.close()
     if leaf_recorder is not None:
-        leaf_grads = iter(grads[len(outputs):])
+        leaf_grads = iter(grads[len(outputs) :])
         for leaf, calls in zip(leaves, leaf_recorder.calls):
             for inp, out in calls:
                 grad = next(leaf_grads)
-                pool_pass.calls.append(LeafCall(leaf, inp, torch.zeros_like(out) if grad is None else grad.detach(),
-                                                offset))
-        grads = grads[:len(outputs)]
+                pool_pass.calls.append(
+                    LeafCall(leaf, inp, torch.zeros_like(out) if grad is None else grad.detach(), offset)
+                )
+        grads = grads[: len(outputs)]
     A: list[torch.Tensor] = []
     D: list[torch.Tensor] = []
     it = iter(grads)
@@ -210,15 +239,19 @@ def _capture_chunk(model: nn.Module, batch: Mapping[str, torch.Tensor], layers: 
         for inp, out in calls:
             grad = next(it)
             if inp.dim() != 3 or inp.shape[:2] != mask.shape:
-                raise ValueError(f"capture: layer {layer.name} saw input of shape {tuple(inp.shape)}, "
-                                 f"expected [n, T, d_in] matching attention_mask {tuple(mask.shape)}")
+                raise ValueError(
+                    f"capture: layer {layer.name} saw input of shape {tuple(inp.shape)}, "
+                    f"expected [n, T, d_in] matching attention_mask {tuple(mask.shape)}"
+                )
             grad = torch.zeros_like(out) if grad is None else grad
             a_parts.append(inp)  # no mask, no copy: Δ is exactly 0 on padding (see Factors)
             d_parts.append(grad.detach().to(inp.dtype))
         if not a_parts:
             n = mask.shape[0]
-            a_parts, d_parts = [mask.new_zeros((n, 1, layer.d_in), dtype=loss.dtype)], \
-                [mask.new_zeros((n, 1, layer.d_out), dtype=loss.dtype)]
+            a_parts, d_parts = (
+                [mask.new_zeros((n, 1, layer.d_in), dtype=loss.dtype)],
+                [mask.new_zeros((n, 1, layer.d_out), dtype=loss.dtype)],
+            )
         A.append(a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, dim=1))
         D.append(d_parts[0] if len(d_parts) == 1 else torch.cat(d_parts, dim=1))
     return Factors(A, D, loss.detach(), tokens)
@@ -241,5 +274,9 @@ def gather_factors(factors: Factors, dtype: torch.dtype, comm: distributed.CommC
     sizes = [p.shape[1] * p.shape[2] for p in parts]
     rows = int(packed.shape[0])
     out = [chunk.reshape(rows, *p.shape[1:]) for chunk, p in zip(packed.split(sizes, dim=1), parts)]
-    return Factors(out[0::2], out[1::2], distributed.all_gather_cat(factors.loss, comm),
-                   distributed.all_gather_cat(factors.tokens, comm))
+    return Factors(
+        out[0::2],
+        out[1::2],
+        distributed.all_gather_cat(factors.loss, comm),
+        distributed.all_gather_cat(factors.tokens, comm),
+    )

@@ -52,8 +52,21 @@ class LayerCost:
         return self.flops + FLOPS_PER_BYTE * self.bytes
 
 
-def layer_cost(exchange: str, backend: str, *, T: int, d_in: int, d_out: int, n: int, m: int, world: int,
-               k_out: int, k_in: int, esz: int = 4, wire_esz: int | None = None) -> LayerCost:
+def layer_cost(
+    exchange: str,
+    backend: str,
+    *,
+    T: int,
+    d_in: int,
+    d_out: int,
+    n: int,
+    m: int,
+    world: int,
+    k_out: int,
+    k_in: int,
+    esz: int = 4,
+    wire_esz: int | None = None,
+) -> LayerCost:
     """Bytes and FLOPs of one covered layer in one step (see the module docstring)."""
     wire_esz = esz if wire_esz is None else wire_esz
     R = max(int(world), 1)
@@ -63,8 +76,10 @@ def layer_cost(exchange: str, backend: str, *, T: int, d_in: int, d_out: int, n:
     rank_one = (sd + 1) * esz if multi and backend != "exact" else 0.0
     sketch_flops = 2.0 * T * (k_out * d_out + k_in * d_in + k2)  # one sample's S_i
     if exchange == "sketches":
-        return LayerCost(bytes=(n * k2 + 2 * k2) * esz + (sd + 1) * esz if multi else 0.0,
-                         flops=n_l * sketch_flops + n * 2.0 * k2 + m * m * 2.0 * k2)
+        return LayerCost(
+            bytes=(n * k2 + 2 * k2) * esz + (sd + 1) * esz if multi else 0.0,
+            flops=n_l * sketch_flops + n * 2.0 * k2 + m * m * 2.0 * k2,
+        )
     if exchange == "factors":
         shipped = n * T * sd * esz + rank_one + (n * k2 * esz if backend == "sketch" else 0.0)
         align = n * 2.0 * T * dd / R  # over this rank's blocks, every candidate
@@ -90,18 +105,53 @@ def layer_cost(exchange: str, backend: str, *, T: int, d_in: int, d_out: int, n:
     return LayerCost(bytes=nbytes if multi else 0.0, flops=align + extra)
 
 
-def choose_backend(exchange: str, *, T: int, d_in: int, d_out: int, n: int, m: int, world: int, k_out: int,
-                   k_in: int, max_temp_elems: int, esz: int = 4, wire_esz: int | None = None) -> str:
+def choose_backend(
+    exchange: str,
+    *,
+    T: int,
+    d_in: int,
+    d_out: int,
+    n: int,
+    m: int,
+    world: int,
+    k_out: int,
+    k_in: int,
+    max_temp_elems: int,
+    esz: int = 4,
+    wire_esz: int | None = None,
+) -> str:
     """``gram: auto``'s per-layer choice (module docstring). exchange "sketches" allows only sketch."""
     if exchange == "sketches":
         return "sketch"
     allowed = [b for b in ACCURACY_ORDER if b != "ghost" or T * T <= max_temp_elems]
-    times = {b: layer_cost(exchange, b, T=T, d_in=d_in, d_out=d_out, n=n, m=m, world=world, k_out=k_out,
-                           k_in=k_in, esz=esz, wire_esz=wire_esz).time() for b in allowed}
+    times = {
+        b: layer_cost(
+            exchange,
+            b,
+            T=T,
+            d_in=d_in,
+            d_out=d_out,
+            n=n,
+            m=m,
+            world=world,
+            k_out=k_out,
+            k_in=k_in,
+            esz=esz,
+            wire_esz=wire_esz,
+        ).time()
+        for b in allowed
+    }
     cheapest = min(times.values())
     return next(b for b in allowed if times[b] <= ACCURACY_SLACK * cheapest)
 
 
-__all__ = ["ACCURACY_ORDER", "ACCURACY_SLACK", "EXCHANGES", "FLOPS_PER_BYTE", "REFERENCE_WORLD", "LayerCost",
-           "choose_backend",
-           "layer_cost"]
+__all__ = [
+    "ACCURACY_ORDER",
+    "ACCURACY_SLACK",
+    "EXCHANGES",
+    "FLOPS_PER_BYTE",
+    "REFERENCE_WORLD",
+    "LayerCost",
+    "choose_backend",
+    "layer_cost",
+]

@@ -26,7 +26,8 @@ the target nor the optimizer step nor ρ changes; P and m̂ change at every opti
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -62,8 +63,10 @@ def gather_batch(batch: Batch, comm: distributed.CommCounter | None = None) -> B
     if not distributed.is_distributed():
         return batch
     keys = sorted(batch)
-    wide = [int(t.dtype == torch.int64 and t.numel() > 0 and not (-2**31 <= int(t.min()) and int(t.max()) < 2**31))
-            for t in (batch[k] for k in keys)]
+    wide = [
+        int(t.dtype == torch.int64 and t.numel() > 0 and not (-(2**31) <= int(t.min()) and int(t.max()) < 2**31))
+        for t in (batch[k] for k in keys)
+    ]
     agreed = distributed.all_reduce_max(torch.tensor([int(batch["input_ids"].shape[1]), *wide]), comm)
     width, wide = int(agreed[0]), {k: bool(w) for k, w in zip(keys, agreed[1:].tolist())}
     out = {}
@@ -83,9 +86,15 @@ def _param_layout(layer: CoveredLayer, blk: LayerBlock, value: torch.Tensor) -> 
     return blk.rows, blk.cols, value
 
 
-def full_matrix(reader: OptimizerStateReader, layer: CoveredLayer, blocks: list[LayerBlock],
-                values: list[torch.Tensor], dtype: torch.dtype, wire: torch.dtype,
-                comm: distributed.CommCounter | None = None) -> torch.Tensor:
+def full_matrix(
+    reader: OptimizerStateReader,
+    layer: CoveredLayer,
+    blocks: list[LayerBlock],
+    values: list[torch.Tensor],
+    dtype: torch.dtype,
+    wire: torch.dtype,
+    comm: distributed.CommCounter | None = None,
+) -> torch.Tensor:
     """The whole [d_out, d_in] matrix (layer convention) whose values on this rank's ``blocks`` are
     ``values``, gathered by the reader the way the engine shards the weight; ``wire``: the dtype that
     crosses ranks (a replicated reader assembles it locally)."""
@@ -108,8 +117,17 @@ class DirectionCache:
             self.key, self.M, self.P = key, {}, {}
 
 
-def select_direction(ftw: Any, target: Batch | None, local: Factors, geoms: list[LayerGeometry], rho: float,
-                     tau: float, opt_step: int, sizes: list[int], timings: dict[str, float]) -> Selection:
+def select_direction(
+    ftw: Any,
+    target: Batch | None,
+    local: Factors,
+    geoms: list[LayerGeometry],
+    rho: float,
+    tau: float,
+    opt_step: int,
+    sizes: list[int],
+    timings: dict[str, float],
+) -> Selection:
     """One FTW step with ``exchange="direction"`` (module docstring); ``ftw``: the FilterThenWeight."""
     cfg, layers, comm, reader = ftw.config, ftw.coverage.layers, ftw.comm, ftw.reader
     dtype, device = ftw._dtype(local), ftw._device()
@@ -131,10 +149,14 @@ def select_direction(ftw: Any, target: Batch | None, local: Factors, geoms: list
         m = cfg.num_filtered(n_global)
         backends = [ftw._backend(layer, int(widths[i]), n_global, m) for i, layer in enumerate(layers)]
         T = int(widths[0]) if len(widths) else 1
-        factors_rc = [gram_ops.rank_one_factors(g.blocks or [_empty(dtype, device)], layer.d_out, layer.d_in,
-                                                not reader.replicated, comm)
-                      if backends[i] not in ("exact", "muon") else None
-                      for i, (layer, g) in enumerate(zip(layers, geoms))]
+        factors_rc = [
+            gram_ops.rank_one_factors(
+                g.blocks or [_empty(dtype, device)], layer.d_out, layer.d_in, not reader.replicated, comm
+            )
+            if backends[i] not in ("exact", "muon")
+            else None
+            for i, (layer, g) in enumerate(zip(layers, geoms))
+        ]
         projections = ftw._projections(backends, dtype)
     cache: DirectionCache = ftw.direction_cache
     cache.reset((ftw.target_cache.computed_at, opt_step, rho, str(dtype), str(wire)))
@@ -151,8 +173,10 @@ def select_direction(ftw: Any, target: Batch | None, local: Factors, geoms: list
 
                 M = g.muon.direction(ftw.target_cache.blocks[i][0].to(device, dtype), rho_scale(cfg))
             if M is None:
-                values = [target_direction(blk.precond, gv.to(device, dtype), blk.momentum, rho)
-                          for blk, gv in zip(g.blocks, ftw.target_cache.blocks[i])]
+                values = [
+                    target_direction(blk.precond, gv.to(device, dtype), blk.momentum, rho)
+                    for blk, gv in zip(g.blocks, ftw.target_cache.blocks[i])
+                ]
                 M = full_matrix(reader, layer, g.blocks, values, dtype, wire, comm)
             P = cache.P.get(i) if backends[i] == "exact" else None
             if backends[i] == "exact" and P is None:
@@ -195,14 +219,37 @@ def select_direction(ftw: Any, target: Batch | None, local: Factors, geoms: list
         with phase(timings, comm, "survivors"):
             return _survivors_gram(ftw, local, geoms, backends, factors_rc, sketches, filtered, sizes, dtype)
 
-    sel = ftw._finish(alignment, diag_all, tau, rho, opt_step, sizes, geoms, backends, timings, {}, survivors_gram,
-                      refreshed, tokens=tokens, seq_len=T)
+    sel = ftw._finish(
+        alignment,
+        diag_all,
+        tau,
+        rho,
+        opt_step,
+        sizes,
+        geoms,
+        backends,
+        timings,
+        {},
+        survivors_gram,
+        refreshed,
+        tokens=tokens,
+        seq_len=T,
+    )
     sel.diagnostics["direction_dtype"] = cfg.direction_dtype
     return sel
 
 
-def _survivors_gram(ftw: Any, local: Factors, geoms: list[LayerGeometry], backends: list[str], factors_rc: list,
-                    sketches: list, filtered: torch.Tensor, sizes: list[int], dtype: torch.dtype) -> torch.Tensor:
+def _survivors_gram(
+    ftw: Any,
+    local: Factors,
+    geoms: list[LayerGeometry],
+    backends: list[str],
+    factors_rc: list,
+    sketches: list,
+    filtered: torch.Tensor,
+    sizes: list[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """K on the survivors, in ``filtered``'s order: each rank ships its own survivors' sketches (sketch
     layers) and factors (exact / ghost layers) only."""
     cfg, device = ftw.config, ftw._device()
@@ -225,8 +272,12 @@ def _survivors_gram(ftw: Any, local: Factors, geoms: list[LayerGeometry], backen
             shared += gram_ops.sketch_gram(S[:, j]).double()
     if factor_layers:
         rows = mine.to(local.loss.device)
-        sub = Factors([local.A[i][rows] for i in factor_layers], [local.D[i][rows] for i in factor_layers],
-                      local.loss[rows], local.tokens[rows])
+        sub = Factors(
+            [local.A[i][rows] for i in factor_layers],
+            [local.D[i][rows] for i in factor_layers],
+            local.loss[rows],
+            local.tokens[rows],
+        )
         sub = gather_factors(sub, dtype, ftw.comm)
         for j, i in enumerate(factor_layers):
             A, D = sub.A[j][inverse.to(sub.A[j].device)], sub.D[j][inverse.to(sub.D[j].device)]

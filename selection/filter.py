@@ -32,4 +32,4 @@ def filter_candidates(u: torch.Tensor, size: int, budget: int) -> FilterResult:
     if positive >= min(budget, n):
         keep = min(size, positive)
         return FilterResult(order[:keep], positive, False)
-    return FilterResult(order[:min(budget, n)], positive, True)
+    return FilterResult(order[: min(budget, n)], positive, True)

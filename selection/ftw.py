@@ -14,24 +14,32 @@ collectives are no-ops on one process, and every rank returns the same Selection
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from optsel import distributed
 from optsel.selection import gram as gram_ops
+from optsel.selection import muon_geometry
 from optsel.selection.alignment import alignment_partial, target_direction
 from optsel.selection.base import Batch, Selection, Selector, agree, register_selector, split_local, timed
-from optsel.selection.capture import (Coverage, Factors, capture_factors, compute_dtype, find_covered_layers,
-                                     gather_factors, stack_batches)
+from optsel.selection.capture import (
+    Coverage,
+    Factors,
+    capture_factors,
+    compute_dtype,
+    find_covered_layers,
+    gather_factors,
+    stack_batches,
+)
 from optsel.selection.cost_model import REFERENCE_WORLD
 from optsel.selection.direction_exchange import DirectionCache, gather_batch, phase, select_direction
 from optsel.selection.direction_exchange import _empty as _empty_block
 from optsel.selection.filter import filter_candidates, utility
 from optsel.selection.ftw_config import FTWConfig
 from optsel.selection.model_view import ModelView, cleans_up, make_state_reader, model_view_for
-from optsel.selection import muon_geometry
 from optsel.selection.muon_geometry import muon_alignment_and_diag, muon_gram
 from optsel.selection.preconditioner import LayerGeometry, OptimizerStateReader, default_coefficients, layer_geometry
 from optsel.selection.single_pass import PoolPass, single_pass_leaves
@@ -60,14 +68,18 @@ class FilterThenWeight(Selector):
         self.counters: dict[str, int] = {}
         self.comm = distributed.CommCounter()
         self.sketch_target = SketchTarget(config.target_refresh)  # exchange="sketches": local target factors
-        self.leaves, self.single_pass_problem = (single_pass_leaves(model, self.view) if config.single_pass
-                                                 else ([], "single_pass: false"))
+        self.leaves, self.single_pass_problem = (
+            single_pass_leaves(model, self.view) if config.single_pass else ([], "single_pass: false")
+        )
         self._pool_pass: PoolPass | None = None
         self._joint_target: Factors | None = None
         self.direction_cache = DirectionCache()  # exchange="direction": gathered M, P (direction_cache=True)
         self.engine_bytes = self.view.engine_bytes_per_step()  # the engine's own, per step
-        self.prefilter = (HeadPrefilter(model, self.view, self.reader, config, self.coverage.layers)
-                          if config.prefilter == "head" else None)
+        self.prefilter = (
+            HeadPrefilter(model, self.view, self.reader, config, self.coverage.layers)
+            if config.prefilter == "head"
+            else None
+        )
         self._eligible: torch.Tensor | None = None  # stage 2: which of the survivors' pool rows may be chosen
         for layer in self.coverage.layers:  # fail at construction, naming the parameter
             try:
@@ -92,15 +104,20 @@ class FilterThenWeight(Selector):
             return self._select_exact(pool, target, sizes, timings)
         return self._select_two_stage(pool, target, sizes, timings)
 
-    def _select_two_stage(self, pool: Batch, target: Batch | None, sizes: list[int],
-                          timings: dict[str, float]) -> Selection:
+    def _select_two_stage(
+        self, pool: Batch, target: Batch | None, sizes: list[int], timings: dict[str, float]
+    ) -> Selection:
         """``prefilter: head`` (docs/design.md §10): stage 1 over the pool, the exact step on its m survivors."""
         dtype = torch.float64 if self._dtype_name() == "float64" else torch.float32
         index = self.prefilter.covered_index
-        reuse = (self.target_cache.blocks[index] if index is not None and self.target_cache.blocks is not None
-                 and self.config.exchange != "sketches" else None)
-        stage1 = self.prefilter.run(pool, target, sizes, dtype, self._coefficients, reuse, self.comm, timings,
-                                    self.generator)
+        reuse = (
+            self.target_cache.blocks[index]
+            if index is not None and self.target_cache.blocks is not None and self.config.exchange != "sketches"
+            else None
+        )
+        stage1 = self.prefilter.run(
+            pool, target, sizes, dtype, self._coefficients, reuse, self.comm, timings, self.generator
+        )
         if self.config.prefilter_stage2 == "head":
             return self._select_on_head(stage1, sizes, timings)
         rank = distributed.info().rank if distributed.is_distributed() else 0
@@ -116,18 +133,37 @@ class FilterThenWeight(Selector):
         """``prefilter_stage2: head``: filter and QP on the head's b, diag K and survivors' K (no pool pass)."""
         rho, tau, opt_step = stage1.coefficients
         head = self.prefilter.head
-        sel = self._finish(stage1.alignment, stage1.diag, tau, rho, opt_step, sizes, [stage1.geometry], ["exact"],
-                           timings, {}, lambda filtered: self.prefilter.survivors_gram(stage1, filtered, sizes, self.comm),
-                           not stage1.target_reused, tokens=torch.zeros(sum(sizes), dtype=torch.int64),
-                           seq_len=int(stage1.factors.A[0].shape[1]) if stage1.factors is not None else 0)
-        sel.diagnostics.update({"prefilter": "head", "prefilter_stage2": "head", "gram_backends": {head.name: "exact"},
-                                "stage1_target_reused": stage1.target_reused})
+        sel = self._finish(
+            stage1.alignment,
+            stage1.diag,
+            tau,
+            rho,
+            opt_step,
+            sizes,
+            [stage1.geometry],
+            ["exact"],
+            timings,
+            {},
+            lambda filtered: self.prefilter.survivors_gram(stage1, filtered, sizes, self.comm),
+            not stage1.target_reused,
+            tokens=torch.zeros(sum(sizes), dtype=torch.int64),
+            seq_len=int(stage1.factors.A[0].shape[1]) if stage1.factors is not None else 0,
+        )
+        sel.diagnostics.update(
+            {
+                "prefilter": "head",
+                "prefilter_stage2": "head",
+                "gram_backends": {head.name: "exact"},
+                "stage1_target_reused": stage1.target_reused,
+            }
+        )
         sel.diagnostics.pop("empty_samples", None)
         sel.covered = [head.name]
         return sel
 
-    def _select_exact(self, pool: Batch, target: Batch | None, sizes: list[int], timings: dict[str, float]
-                      ) -> Selection:
+    def _select_exact(
+        self, pool: Batch, target: Batch | None, sizes: list[int], timings: dict[str, float]
+    ) -> Selection:
         """One exact FTW step over ``pool`` (every row gets the exact b and diag K)."""
         cfg = self.config
         layers = self.coverage.layers
@@ -142,8 +178,9 @@ class FilterThenWeight(Selector):
             self._pool_pass = PoolPass() if self.leaves else None
             local, self._joint_target = self._capture(pool, joint)
         dtype = self._dtype(local)
-        geoms = [layer_geometry(self.reader, layer, dtype, use_momentum=cfg.geometry in ("adam", "auto"))
-                 for layer in layers]
+        geoms = [
+            layer_geometry(self.reader, layer, dtype, use_momentum=cfg.geometry in ("adam", "auto")) for layer in layers
+        ]
         rho, tau, opt_step = self._coefficients(geoms)
         muon_geometry.attach(self.reader, geoms, layers, self.muon_layers, dtype, tau, cfg)
 
@@ -156,7 +193,9 @@ class FilterThenWeight(Selector):
         with phase(timings, self.comm, "target"):
             if self.target_cache.due(self.step):
                 if target is None:
-                    raise ValueError("target: FilterThenWeight needs a target batch (input_ids, attention_mask, labels)")
+                    raise ValueError(
+                        "target: FilterThenWeight needs a target batch (input_ids, attention_mask, labels)"
+                    )
                 tf = gather_factors(self._target_factors(target), dtype, self.comm)
                 self.target_cache.update(tf, [[blk for blk in g.blocks] for g in geoms], self.step)
                 refreshed = True
@@ -164,12 +203,22 @@ class FilterThenWeight(Selector):
         with phase(timings, self.comm, "gather"):
             pool_f = gather_factors(local, dtype, self.comm)
             T = int(pool_f.A[0].shape[1]) if pool_f.A else 1
-            backends = [self._backend(layer, pool_f.A[i].shape[1], n_global, cfg.num_filtered(n_global))
-                        for i, layer in enumerate(layers)]
-            factors_rc = [gram_ops.rank_one_factors(g.blocks or [_empty_block(dtype, self._device())],
-                                                     layer.d_out, layer.d_in, not self.reader.replicated, self.comm)
-                          if backends[i] not in ("exact", "muon") else None
-                          for i, (layer, g) in enumerate(zip(layers, geoms))]
+            backends = [
+                self._backend(layer, pool_f.A[i].shape[1], n_global, cfg.num_filtered(n_global))
+                for i, layer in enumerate(layers)
+            ]
+            factors_rc = [
+                gram_ops.rank_one_factors(
+                    g.blocks or [_empty_block(dtype, self._device())],
+                    layer.d_out,
+                    layer.d_in,
+                    not self.reader.replicated,
+                    self.comm,
+                )
+                if backends[i] not in ("exact", "muon")
+                else None
+                for i, (layer, g) in enumerate(zip(layers, geoms))
+            ]
             sketches = self._sketches(local, dtype, backends, factors_rc, self._projections(backends, dtype))
 
         with phase(timings, self.comm, "alignment"):  # exact layers: b and diag K from each G_i formed once
@@ -179,15 +228,17 @@ class FilterThenWeight(Selector):
                 for blk, gv in zip(g.blocks, self.target_cache.blocks[i]):
                     if g.muon is not None:  # docs/design.md §11: M = Jᵀ(g_V − ρ_μ u₀)/c', Ĵ g_i per sample
                         M = g.muon.direction(gv.to(self._device(), dtype), muon_geometry.rho_scale(cfg))
-                        part_b, part_diag = muon_alignment_and_diag(pool_f.A[i], pool_f.D[i], M, g.muon,
-                                                                    cfg.max_temp_elems)
+                        part_b, part_diag = muon_alignment_and_diag(
+                            pool_f.A[i], pool_f.D[i], M, g.muon, cfg.max_temp_elems
+                        )
                         partial_b += part_b.double()
                         partial_diag += part_diag.double()
                         continue
                     M = target_direction(blk.precond, gv.to(self._device(), dtype), blk.momentum, rho)
                     if backends[i] == "exact":
                         part_b, part_diag = gram_ops.exact_alignment_and_diag_partial(
-                            pool_f.A[i], pool_f.D[i], M, blk, cfg.max_temp_elems)
+                            pool_f.A[i], pool_f.D[i], M, blk, cfg.max_temp_elems
+                        )
                         partial_b += part_b.double()
                         partial_diag += part_diag.double()
                     else:
@@ -195,7 +246,7 @@ class FilterThenWeight(Selector):
 
         with phase(timings, self.comm, "gram"):
             shared_diag = torch.zeros_like(partial_diag)  # already global on every rank (ghost/sketch)
-            for i, g in enumerate(geoms):  # exact layers' diag came with the alignment
+            for i in range(len(geoms)):  # exact layers' diag came with the alignment
                 if backends[i] == "ghost":
                     r, c = factors_rc[i]
                     shared_diag += gram_ops.ghost_diag(pool_f.A[i], pool_f.D[i], r, c, cfg.max_temp_elems).double()
@@ -204,12 +255,40 @@ class FilterThenWeight(Selector):
             reduced = self._sum_blocks(torch.stack([partial_b, partial_diag]))
             alignment, diag = reduced[0], reduced[1] + shared_diag
 
-        return self._finish(alignment, diag, tau, rho, opt_step, sizes, geoms, backends, timings, fallbacks,
-                            lambda filtered: self._filtered_gram(pool_f, geoms, backends, factors_rc, sketches, filtered),
-                            refreshed, tokens=pool_f.tokens, seq_len=T)
+        return self._finish(
+            alignment,
+            diag,
+            tau,
+            rho,
+            opt_step,
+            sizes,
+            geoms,
+            backends,
+            timings,
+            fallbacks,
+            lambda filtered: self._filtered_gram(pool_f, geoms, backends, factors_rc, sketches, filtered),
+            refreshed,
+            tokens=pool_f.tokens,
+            seq_len=T,
+        )
 
-    def _finish(self, alignment, diag, tau, rho, opt_step, sizes, geoms, backends, timings, fallbacks,
-                gram_of, refreshed, tokens, seq_len) -> Selection:
+    def _finish(
+        self,
+        alignment,
+        diag,
+        tau,
+        rho,
+        opt_step,
+        sizes,
+        geoms,
+        backends,
+        timings,
+        fallbacks,
+        gram_of,
+        refreshed,
+        tokens,
+        seq_len,
+    ) -> Selection:
         """Filter on u, Gram of the survivors (``gram_of(filtered)``), QP, agreement, bookkeeping."""
         cfg, layers = self.config, self.coverage.layers
         n_global = sum(sizes)
@@ -241,8 +320,16 @@ class FilterThenWeight(Selector):
 
         with phase(timings, self.comm, "solve"):
             proportional = cfg.weighting == "proportional"
-            result = select_weights(alignment[filtered], K, u[filtered], tau, filtered.numel() if proportional else k,
-                                    cfg.weight_cap(k), cfg.solver, cfg.support)
+            result = select_weights(
+                alignment[filtered],
+                K,
+                u[filtered],
+                tau,
+                filtered.numel() if proportional else k,
+                cfg.weight_cap(k),
+                cfg.solver,
+                cfg.support,
+            )
             if result.fallback:
                 fallbacks[result.fallback] = fallbacks.get(result.fallback, 0) + 1
             support, chosen_w = result.support, result.weights.double()
@@ -263,7 +350,9 @@ class FilterThenWeight(Selector):
             "gram_condition": gram_ops.condition_number(K),
             "num_filtered": int(filtered.numel()),
             "num_positive_utility": filt.num_positive,
-            "momentum_coef": rho, "curvature": tau, "optimizer_step": opt_step,
+            "momentum_coef": rho,
+            "curvature": tau,
+            "optimizer_step": opt_step,
             "gram_backends": {layer.name: be for layer, be in zip(layers, backends)},
             "excluded": dict(self.coverage.excluded),
             "target_refreshed": refreshed,
@@ -278,10 +367,21 @@ class FilterThenWeight(Selector):
             "single_pass_problem": self.single_pass_problem,
         }
         pool_pass, self._pool_pass = self._pool_pass, None
-        return Selection(indices=indices, weights=weights, local_indices=local_idx, local_weights=local_w,
-                         pool_size=n_global, alignment=alignment.cpu(), utility=u.cpu(), filtered=filtered.cpu(),
-                         gram=K.cpu(), covered=list(self.covered), timings=timings, diagnostics=diagnostics,
-                         pool_pass=pool_pass)
+        return Selection(
+            indices=indices,
+            weights=weights,
+            local_indices=local_idx,
+            local_weights=local_w,
+            pool_size=n_global,
+            alignment=alignment.cpu(),
+            utility=u.cpu(),
+            filtered=filtered.cpu(),
+            gram=K.cpu(),
+            covered=list(self.covered),
+            timings=timings,
+            diagnostics=diagnostics,
+            pool_pass=pool_pass,
+        )
 
     def _warmup_selection(self, sizes: list[int], timings: dict[str, float]) -> Selection:
         """``warmup_steps``: k of the N global candidates at random, uniform weights (the selector's
@@ -292,13 +392,25 @@ class FilterThenWeight(Selector):
             weights = torch.full((k,), 1.0 / k, dtype=torch.float64)
         self.step += 1
         local_idx, local_w = split_local(indices, weights, sizes, distributed.info().rank)
-        return Selection(indices=indices, weights=weights, local_indices=local_idx, local_weights=local_w,
-                         pool_size=n, covered=list(self.covered), timings=timings,
-                         diagnostics={"warmup": True, "fallbacks": {}, "fallbacks_total": dict(self.counters),
-                                      "comm_bytes": self.comm.bytes})
+        return Selection(
+            indices=indices,
+            weights=weights,
+            local_indices=local_idx,
+            local_weights=local_w,
+            pool_size=n,
+            covered=list(self.covered),
+            timings=timings,
+            diagnostics={
+                "warmup": True,
+                "fallbacks": {},
+                "fallbacks_total": dict(self.counters),
+                "comm_bytes": self.comm.bytes,
+            },
+        )
 
-    def _draw_proportional(self, support: torch.Tensor, weights: torch.Tensor, k: int
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draw_proportional(
+        self, support: torch.Tensor, weights: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``weighting="proportional"``: k draws with replacement ∝ ``weights`` (the selector's
         generator), duplicates merged: returns (positions, count/k) ordered by position."""
         draws = torch.multinomial(weights.cpu().double(), k, replacement=True, generator=self.generator)
@@ -306,8 +418,13 @@ class FilterThenWeight(Selector):
         return picked.to(support.device), (counts.double() / k).to(weights.device)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "counters": dict(self.counters), "generator": self.generator.get_state(),
-                "target": self.target_cache.state_dict(), "sketch_target": self.sketch_target.state_dict()}
+        return {
+            "step": self.step,
+            "counters": dict(self.counters),
+            "generator": self.generator.get_state(),
+            "target": self.target_cache.state_dict(),
+            "sketch_target": self.sketch_target.state_dict(),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.step = int(state["step"])
@@ -322,12 +439,14 @@ class FilterThenWeight(Selector):
         forward/backward when given: (pool factors, target factors or None)."""
         cfg, layers = self.config, self.coverage.layers
         if target is None:
-            return capture_factors(self.model, pool, layers, cfg.capture_chunk(pool["input_ids"].shape[1]),
-                                   self._pool_pass, self.leaves), None
+            return capture_factors(
+                self.model, pool, layers, cfg.capture_chunk(pool["input_ids"].shape[1]), self._pool_pass, self.leaves
+            ), None
         n = int(pool["input_ids"].shape[0])
         joint = stack_batches(pool, target)
-        both = capture_factors(self.model, joint, layers, cfg.capture_chunk(joint["input_ids"].shape[1]),
-                               self._pool_pass, self.leaves)
+        both = capture_factors(
+            self.model, joint, layers, cfg.capture_chunk(joint["input_ids"].shape[1]), self._pool_pass, self.leaves
+        )
         return both.rows(0, n), both.rows(n, both.num_samples)
 
     def _target_factors(self, target: Batch | None, whole: bool = False) -> Factors:
@@ -339,8 +458,9 @@ class FilterThenWeight(Selector):
         if joint is not None:
             return joint
         batch = gather_batch(target, self.comm) if whole else target
-        return capture_factors(self.model, batch, self.coverage.layers,
-                               self.config.capture_chunk(batch["input_ids"].shape[1]))
+        return capture_factors(
+            self.model, batch, self.coverage.layers, self.config.capture_chunk(batch["input_ids"].shape[1])
+        )
 
     def _device(self) -> torch.device:
         return self.coverage.layers[0].param.device
@@ -352,8 +472,9 @@ class FilterThenWeight(Selector):
         cfg = self.config
         if cfg.geometry == "sgd":
             return 0.0, cfg.curvature if cfg.curvature is not None else cfg.curvature_scale, 0
-        hyper = max((g.hyper for g in geoms if g.muon is None), key=lambda h: h.step,
-                    default=geoms[0].hyper if geoms else None)
+        hyper = max(
+            (g.hyper for g in geoms if g.muon is None), key=lambda h: h.step, default=geoms[0].hyper if geoms else None
+        )
         rho, tau = default_coefficients(hyper.step, hyper.beta1, cfg.curvature_scale)
         rho = cfg.momentum_coef if cfg.momentum_coef is not None else rho
         tau = cfg.curvature if cfg.curvature is not None else tau
@@ -381,10 +502,20 @@ class FilterThenWeight(Selector):
             return cfg.gram
         esz = 8 if self._dtype_name() == "float64" else 4
         wire = 2 if cfg.direction_dtype == "bfloat16" else esz
-        return gram_ops.auto_backend(int(T), layer.d_in, layer.d_out, cfg.max_temp_elems, n=n, m=m,
-                                     world=REFERENCE_WORLD if distributed.is_distributed() else 1,
-                                     exchange=cfg.exchange, k_out=cfg.sketch_dim_out, k_in=cfg.sketch_dim_in,
-                                     esz=esz, wire_esz=wire)
+        return gram_ops.auto_backend(
+            int(T),
+            layer.d_in,
+            layer.d_out,
+            cfg.max_temp_elems,
+            n=n,
+            m=m,
+            world=REFERENCE_WORLD if distributed.is_distributed() else 1,
+            exchange=cfg.exchange,
+            k_out=cfg.sketch_dim_out,
+            k_in=cfg.sketch_dim_in,
+            esz=esz,
+            wire_esz=wire,
+        )
 
     def _dtype_name(self) -> str:
         if self.config.compute_dtype != "auto":
@@ -399,15 +530,27 @@ class FilterThenWeight(Selector):
         """This step's (Π_o, Π_i) per sketch layer (one seed per step from the selector's RNG: the
         same on every rank)."""
         step_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
-        return [gram_ops.sketch_projections(layer.d_out, layer.d_in, self.config.sketch_dim_out,
-                                            self.config.sketch_dim_in, step_seed + i, dtype, self._device())
-                if backends[i] == "sketch" else None for i, layer in enumerate(self.coverage.layers)]
+        return [
+            gram_ops.sketch_projections(
+                layer.d_out,
+                layer.d_in,
+                self.config.sketch_dim_out,
+                self.config.sketch_dim_in,
+                step_seed + i,
+                dtype,
+                self._device(),
+            )
+            if backends[i] == "sketch"
+            else None
+            for i, layer in enumerate(self.coverage.layers)
+        ]
 
-    def _sketches(self, local: Factors, dtype: torch.dtype, backends: list[str], factors_rc: list,
-                  projections: list) -> list[torch.Tensor | None]:
+    def _sketches(
+        self, local: Factors, dtype: torch.dtype, backends: list[str], factors_rc: list, projections: list
+    ) -> list[torch.Tensor | None]:
         """Per sketch layer: the local candidates' sketches [n, k_o, k_i], all-gathered."""
         out: list[torch.Tensor | None] = []
-        for i, layer in enumerate(self.coverage.layers):
+        for i in range(len(self.coverage.layers)):
             if backends[i] != "sketch":
                 out.append(None)
                 continue
@@ -417,8 +560,9 @@ class FilterThenWeight(Selector):
             out.append(distributed.all_gather_cat(S, self.comm) if distributed.is_distributed() else S)
         return out
 
-    def _filtered_gram(self, pool_f: Factors, geoms, backends, factors_rc, sketches,
-                       filtered: torch.Tensor) -> torch.Tensor:
+    def _filtered_gram(
+        self, pool_f: Factors, geoms, backends, factors_rc, sketches, filtered: torch.Tensor
+    ) -> torch.Tensor:
         m = filtered.numel()
         partial = torch.zeros(m, m, dtype=torch.float64, device=self._device())
         shared = torch.zeros_like(partial)
@@ -440,8 +584,9 @@ class FilterThenWeight(Selector):
 
 
 @register_selector("ftw")
-def build_ftw(*, model: nn.Module, optimizer: Any, config: FTWConfig | None = None, budget: int,
-              seed: int = 0, **_: Any) -> FilterThenWeight:
+def build_ftw(
+    *, model: nn.Module, optimizer: Any, config: FTWConfig | None = None, budget: int, seed: int = 0, **_: Any
+) -> FilterThenWeight:
     """Registry factory: the trainer passes the unwrapped module, the torch optimizer, the typed
     ``selection.options.ftw`` block (whose budget is ``selection.budget``) and the run seed."""
     config = config if config is not None else FTWConfig(budget=budget)

@@ -128,20 +128,31 @@ class FTWConfig:
             raise bad("filter_size", f"must be >= budget={self.budget}, got {self.filter_size}")
         if not 0.0 < self.filter_ratio <= 1.0:
             raise bad("filter_ratio", f"must be in (0, 1], got {self.filter_ratio}")
-        choices = {"gram": gram_ops.BACKENDS, "geometry": ("adam", "sgd", "muon", "auto"),
-                   "muon_model": ("jacobian", "lowrank", "adam", "identity"), "solver": ("active_set", "torch", "cvxpy"),
-                   "support": ("topk", "greedy"), "compute_dtype": ("auto", "float32", "float64"),
-                   "exchange": ("direction", "factors", "sketches"), "direction_dtype": ("compute", "bfloat16"),
-                   "alignment": ("dot", "cosine"),
-                   "filter_curvature": ("sample", "batch"), "weighting": ("qp", "proportional"),
-                   "target_pass": ("joint", "separate"), "prefilter": ("none", "head"),
-                   "prefilter_target": ("forward", "reuse"), "prefilter_stage2": ("exact", "head")}
+        choices = {
+            "gram": gram_ops.BACKENDS,
+            "geometry": ("adam", "sgd", "muon", "auto"),
+            "muon_model": ("jacobian", "lowrank", "adam", "identity"),
+            "solver": ("active_set", "torch", "cvxpy"),
+            "support": ("topk", "greedy"),
+            "compute_dtype": ("auto", "float32", "float64"),
+            "exchange": ("direction", "factors", "sketches"),
+            "direction_dtype": ("compute", "bfloat16"),
+            "alignment": ("dot", "cosine"),
+            "filter_curvature": ("sample", "batch"),
+            "weighting": ("qp", "proportional"),
+            "target_pass": ("joint", "separate"),
+            "prefilter": ("none", "head"),
+            "prefilter_target": ("forward", "reuse"),
+            "prefilter_stage2": ("exact", "head"),
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise bad(name, f"must be one of {allowed}, got {getattr(self, name)!r}")
         if self.muon_model != "jacobian" and self.geometry not in ("muon", "auto"):
-            raise bad("muon_model", f"{self.muon_model!r} applies to geometry 'muon' or 'auto' only "
-                                    f"(got geometry={self.geometry!r})")
+            raise bad(
+                "muon_model",
+                f"{self.muon_model!r} applies to geometry 'muon' or 'auto' only (got geometry={self.geometry!r})",
+            )
         if self.momentum_coef is not None and not (0.0 <= self.momentum_coef and math.isfinite(self.momentum_coef)):
             raise bad("momentum_coef", f"must be a finite number >= 0, got {self.momentum_coef}")
         if self.curvature is not None and not (self.curvature > 0 and math.isfinite(self.curvature)):
@@ -151,11 +162,16 @@ class FTWConfig:
         if self.w_max is not None and not (1.0 / self.budget - 1e-12 <= self.w_max <= 1.0):
             raise bad("w_max", f"must be in [1/budget, 1] = [{1.0 / self.budget:.4g}, 1], got {self.w_max}")
         if self.exchange == "sketches" and self.gram != "sketch":
-            raise bad("exchange", f"'sketches' needs gram='sketch' (got gram={self.gram!r}): exact and ghost Grams "
-                                  f"need the candidates' factors on every rank")
+            raise bad(
+                "exchange",
+                f"'sketches' needs gram='sketch' (got gram={self.gram!r}): exact and ghost Grams "
+                f"need the candidates' factors on every rank",
+            )
         if self.direction_dtype != "compute" and self.exchange != "direction":
-            raise bad("direction_dtype", f"{self.direction_dtype!r} applies to exchange='direction' only "
-                                         f"(got exchange={self.exchange!r})")
+            raise bad(
+                "direction_dtype",
+                f"{self.direction_dtype!r} applies to exchange='direction' only (got exchange={self.exchange!r})",
+            )
         if not isinstance(self.direction_cache, bool):
             raise bad("direction_cache", f"must be true or false, got {self.direction_cache!r}")
         if self.ess_fraction is not None and not 0.0 < self.ess_fraction <= 1.0:
@@ -176,11 +192,17 @@ class FTWConfig:
         if self.prefilter_target != "forward" and self.prefilter == "none":
             raise bad("prefilter_target", "applies to prefilter='head' only (got prefilter='none')")
         if self.prefilter_target == "reuse" and self.prefilter_stage2 == "head":
-            raise bad("prefilter_target", "'reuse' takes the head block of stage 2's target gradient, which "
-                                          "prefilter_stage2='head' never computes: use 'forward'")
+            raise bad(
+                "prefilter_target",
+                "'reuse' takes the head block of stage 2's target gradient, which "
+                "prefilter_stage2='head' never computes: use 'forward'",
+            )
         if self.prefilter_target_rows is not None and (self.prefilter == "none" or self.prefilter_target_rows < 1):
-            raise bad("prefilter_target_rows", f"must be >= 1 with prefilter='head' (got {self.prefilter_target_rows} "
-                                               f"with prefilter={self.prefilter!r})")
+            raise bad(
+                "prefilter_target_rows",
+                f"must be >= 1 with prefilter='head' (got {self.prefilter_target_rows} "
+                f"with prefilter={self.prefilter!r})",
+            )
         if self.prefilter != "none" and self.exchange == "sketches":
             raise bad("prefilter", "'head' runs stage 2 with the exact b: use exchange 'direction' or 'factors'")
         for name in ("capture_chunk_size", "capture_chunk_tokens"):
@@ -197,8 +219,11 @@ class FTWConfig:
 
     def weight_cap(self, k: int) -> float | None:
         """The cap on each weight: w_max and 1/(ess_fraction·k), whichever is tighter (None: no cap)."""
-        caps = [c for c in (self.w_max, None if self.ess_fraction is None else 1.0 / (self.ess_fraction * k))
-                if c is not None]
+        caps = [
+            c
+            for c in (self.w_max, None if self.ess_fraction is None else 1.0 / (self.ess_fraction * k))
+            if c is not None
+        ]
         return min(caps) if caps else None
 
     def num_filtered(self, pool_size: int) -> int:

@@ -23,16 +23,40 @@ from optsel.selection.preconditioner import LayerBlock
 BACKENDS = ("exact", "ghost", "sketch", "auto")
 
 
-def auto_backend(T: int, d_in: int, d_out: int, max_ghost_elems: int, *, n: int = 1, m: int = 1, world: int = 1,
-                 exchange: str = "factors", k_out: int = 32, k_in: int = 32, esz: int = 4,
-                 wire_esz: int | None = None) -> str:
+def auto_backend(
+    T: int,
+    d_in: int,
+    d_out: int,
+    max_ghost_elems: int,
+    *,
+    n: int = 1,
+    m: int = 1,
+    world: int = 1,
+    exchange: str = "factors",
+    k_out: int = 32,
+    k_in: int = 32,
+    esz: int = 4,
+    wire_esz: int | None = None,
+) -> str:
     """``gram: auto`` for one layer: :func:`optsel.selection.cost_model.choose_backend` (bytes and
     FLOPs of the step for pool N = ``n``, ``m`` survivors, R = ``world`` ranks and ``exchange``; ghost
     only while T² fits ``max_ghost_elems``)."""
     from optsel.selection.cost_model import choose_backend
 
-    return choose_backend(exchange, T=int(T), d_in=d_in, d_out=d_out, n=n, m=m, world=world, k_out=k_out,
-                          k_in=k_in, max_temp_elems=max_ghost_elems, esz=esz, wire_esz=wire_esz)
+    return choose_backend(
+        exchange,
+        T=int(T),
+        d_in=d_in,
+        d_out=d_out,
+        n=n,
+        m=m,
+        world=world,
+        k_out=k_out,
+        k_in=k_in,
+        max_temp_elems=max_ghost_elems,
+        esz=esz,
+        wire_esz=wire_esz,
+    )
 
 
 def _grads(A: torch.Tensor, D: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
@@ -49,7 +73,7 @@ def _flat_grad_chunks(A: torch.Tensor, D: torch.Tensor, blk: LayerBlock, max_ele
     r, c = blk.precond.shape
     step = _chunk_for(r * c, max_elems)
     for s in range(0, A.shape[0], step):
-        yield slice(s, s + step), _grads(A[s:s + step], D[s:s + step], blk.rows, blk.cols).reshape(-1, r * c)
+        yield slice(s, s + step), _grads(A[s : s + step], D[s : s + step], blk.rows, blk.cols).reshape(-1, r * c)
 
 
 def exact_diag_partial(A: torch.Tensor, D: torch.Tensor, blk: LayerBlock, max_elems: int = 1 << 24) -> torch.Tensor:
@@ -61,8 +85,9 @@ def exact_diag_partial(A: torch.Tensor, D: torch.Tensor, blk: LayerBlock, max_el
     return out
 
 
-def exact_alignment_and_diag_partial(A: torch.Tensor, D: torch.Tensor, M: torch.Tensor, blk: LayerBlock,
-                                     max_elems: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor]:
+def exact_alignment_and_diag_partial(
+    A: torch.Tensor, D: torch.Tensor, M: torch.Tensor, blk: LayerBlock, max_elems: int = 1 << 24
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial (b_i = ⟨M, G_i⟩, K_ii = ⟨P, G_i²⟩) over one block, two [n]: each G_i is formed once
     and serves both, so the exact backend's alignment costs no GEMM of its own (n·T·r·c to form,
     2·n·r·c for the two dot products). M [r, c]: selection/alignment.py's target direction."""
@@ -89,7 +114,7 @@ def exact_gram_partial(A: torch.Tensor, D: torch.Tensor, blk: LayerBlock, max_el
     col0 = blk.cols.start or 0
     for s in range(0, c, width):
         cols = slice(col0 + s, col0 + min(s + width, c))
-        z = (_grads(A, D, blk.rows, cols) * half[:, s:s + width]).reshape(n, -1)
+        z = (_grads(A, D, blk.rows, cols) * half[:, s : s + width]).reshape(n, -1)
         K += z @ z.T
     return K
 
@@ -111,13 +136,18 @@ def rank_one_partials(blocks: list[LayerBlock], d_out: int, d_in: int) -> torch.
 def rank_one_from_sums(sums: torch.Tensor, d_out: int, d_in: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(r [d_out], c [d_in]) with P ≈ r cᵀ: r = row means, c = column means / overall mean.
     Exact when P = u vᵀ (then r cᵀ = u vᵀ)."""
-    rows, cols, total = sums[:d_out], sums[d_out:d_out + d_in], sums[-1]
+    rows, cols, total = sums[:d_out], sums[d_out : d_out + d_in], sums[-1]
     mean = total / (d_out * d_in)
     return rows / d_in, (cols / d_out) / mean.clamp(min=torch.finfo(sums.dtype).tiny)
 
 
-def rank_one_factors(blocks: list[LayerBlock], d_out: int, d_in: int, sharded: bool = False,
-                     counter: distributed.CommCounter | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rank_one_factors(
+    blocks: list[LayerBlock],
+    d_out: int,
+    d_in: int,
+    sharded: bool = False,
+    counter: distributed.CommCounter | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-one fit of P from this rank's blocks; with ``sharded`` blocks (disjoint over ranks)
     one all-reduce of O(d_in + d_out) floats."""
     sums = rank_one_partials(blocks, d_out, d_in)
@@ -125,57 +155,61 @@ def rank_one_factors(blocks: list[LayerBlock], d_out: int, d_in: int, sharded: b
     return rank_one_from_sums(sums, d_out, d_in)
 
 
-def ghost_diag(A: torch.Tensor, D: torch.Tensor, r: torch.Tensor, c: torch.Tensor,
-               max_elems: int = 1 << 24) -> torch.Tensor:
+def ghost_diag(
+    A: torch.Tensor, D: torch.Tensor, r: torch.Tensor, c: torch.Tensor, max_elems: int = 1 << 24
+) -> torch.Tensor:
     """K_ii = ⟨Δ_i R Δ_iᵀ, A_i C A_iᵀ⟩_F, [n]."""
     n, T = A.shape[:2]
     step = _chunk_for(T * T, max_elems)
     out = torch.empty(n, dtype=r.dtype, device=r.device)
     for s in range(0, n, step):
-        a, d = A[s:s + step].to(r.dtype), D[s:s + step].to(r.dtype)
+        a, d = A[s : s + step].to(r.dtype), D[s : s + step].to(r.dtype)
         dd = (d * r) @ d.transpose(1, 2)
         aa = (a * c) @ a.transpose(1, 2)
-        out[s:s + step] = (dd * aa).sum(dim=(1, 2))
+        out[s : s + step] = (dd * aa).sum(dim=(1, 2))
     return out
 
 
-def ghost_gram(A: torch.Tensor, D: torch.Tensor, r: torch.Tensor, c: torch.Tensor,
-               max_elems: int = 1 << 24) -> torch.Tensor:
+def ghost_gram(
+    A: torch.Tensor, D: torch.Tensor, r: torch.Tensor, c: torch.Tensor, max_elems: int = 1 << 24
+) -> torch.Tensor:
     """K [n, n] with K_ij = ⟨Δ_i R Δ_jᵀ, A_i C A_jᵀ⟩_F; temporaries of (chunk·T)² elements."""
     n, T = A.shape[:2]
     A, D = A.to(r.dtype), D.to(r.dtype)
-    step = max(1, int((max_elems ** 0.5) // max(T, 1)))
+    step = max(1, int((max_elems**0.5) // max(T, 1)))
     K = torch.empty(n, n, dtype=r.dtype, device=r.device)
     for i in range(0, n, step):
-        di = (D[i:i + step] * r).reshape(-1, D.shape[-1])
-        ai = (A[i:i + step] * c).reshape(-1, A.shape[-1])
+        di = (D[i : i + step] * r).reshape(-1, D.shape[-1])
+        ai = (A[i : i + step] * c).reshape(-1, A.shape[-1])
         ni = di.shape[0] // T
         for j in range(i, n, step):
-            dj = D[j:j + step].reshape(-1, D.shape[-1])
-            aj = A[j:j + step].reshape(-1, A.shape[-1])
+            dj = D[j : j + step].reshape(-1, D.shape[-1])
+            aj = A[j : j + step].reshape(-1, A.shape[-1])
             nj = dj.shape[0] // T
             prod = (di @ dj.T) * (ai @ aj.T)
             block = prod.reshape(ni, T, nj, T).sum(dim=(1, 3))
-            K[i:i + ni, j:j + nj] = block
-            K[j:j + nj, i:i + ni] = block.T
+            K[i : i + ni, j : j + nj] = block
+            K[j : j + nj, i : i + ni] = block.T
     return K
 
 
-def sketch_projections(d_out: int, d_in: int, k_out: int, k_in: int, seed: int,
-                       dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def sketch_projections(
+    d_out: int, d_in: int, k_out: int, k_in: int, seed: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Gaussian Π_o [k_out, d_out], Π_i [k_in, d_in] with N(0, 1/k) entries, from ``seed`` (CPU RNG,
     so every rank and device draws the same)."""
     gen = torch.Generator().manual_seed(int(seed))
-    po = torch.randn(k_out, d_out, generator=gen, dtype=torch.float64) / k_out ** 0.5
-    pi = torch.randn(k_in, d_in, generator=gen, dtype=torch.float64) / k_in ** 0.5
+    po = torch.randn(k_out, d_out, generator=gen, dtype=torch.float64) / k_out**0.5
+    pi = torch.randn(k_in, d_in, generator=gen, dtype=torch.float64) / k_in**0.5
     return po.to(device=device, dtype=dtype), pi.to(device=device, dtype=dtype)
 
 
-def sketch(A: torch.Tensor, D: torch.Tensor, r: torch.Tensor, c: torch.Tensor,
-           proj_out: torch.Tensor, proj_in: torch.Tensor) -> torch.Tensor:
+def sketch(
+    A: torch.Tensor, D: torch.Tensor, r: torch.Tensor, c: torch.Tensor, proj_out: torch.Tensor, proj_in: torch.Tensor
+) -> torch.Tensor:
     """S_i = (Π_o R^½ Δ_iᵀ)(A_i C^½ Π_iᵀ), [n, k_out, k_in]; cost linear in T."""
-    left = D.to(r.dtype) @ (r.clamp(min=0).sqrt()[:, None] * proj_out.T)   # [n, T, k_out]
-    right = A.to(r.dtype) @ (c.clamp(min=0).sqrt()[:, None] * proj_in.T)   # [n, T, k_in]
+    left = D.to(r.dtype) @ (r.clamp(min=0).sqrt()[:, None] * proj_out.T)  # [n, T, k_out]
+    right = A.to(r.dtype) @ (c.clamp(min=0).sqrt()[:, None] * proj_in.T)  # [n, T, k_in]
     return left.transpose(1, 2) @ right
 
 

@@ -19,7 +19,8 @@ view and nothing in selection/ changes.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,8 +50,10 @@ class ModelView:
         try:
             return TorchAdamStateReader(self.optimizer)
         except TypeError as err:
-            raise TypeError(f"{err} (a sharded engine's optimizer is read through its model view: importing "
-                            f"optsel.pipeline.engines registers the built-in engines' views)") from err
+            raise TypeError(
+                f"{err} (a sharded engine's optimizer is read through its model view: importing "
+                f"optsel.pipeline.engines registers the built-in engines' views)"
+            ) from err
 
     def after_selection(self) -> None:
         """After a selector's own passes over the pool: back to the between-steps state. The plain
@@ -101,8 +104,10 @@ def make_state_reader(optimizer: Any, geometry: str, view: ModelView | None = No
         return IdentityStateReader(view.full_shape)
     has_muon = any(is_muon(opt) for opt in optimizers_of(optimizer))
     if geometry == "muon" and not has_muon:
-        raise ValueError(f"geometry: 'muon' needs a torch.optim.Muon among the optimizers, got "
-                         f"{type(optimizer).__name__}; use 'adam' or 'auto'")
+        raise ValueError(
+            f"geometry: 'muon' needs a torch.optim.Muon among the optimizers, got "
+            f"{type(optimizer).__name__}; use 'adam' or 'auto'"
+        )
     if geometry in ("muon", "auto") and has_muon:  # the engine's own Adam reader for the AdamW half
         return HybridStateReader(optimizer, geometry, lambda opt: type(view)(view.model, opt).state_reader())
     return view.state_reader()

@@ -54,14 +54,22 @@ model is then less accurate (c g is as large as X₀), not undefined.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 from optsel.selection.layers import CoveredLayer
-from optsel.selection.preconditioner import (AdamHyper, OptimizerStateReader, ParamState, StateBlock,
-                                             TorchAdamStateReader, is_adam_like, shape_2d)
+from optsel.selection.preconditioner import (
+    AdamHyper,
+    OptimizerStateReader,
+    ParamState,
+    StateBlock,
+    TorchAdamStateReader,
+    is_adam_like,
+    shape_2d,
+)
 
 #: optimizer classes (by class name, anywhere in the MRO) whose 2-D parameters follow torch.optim.Muon's update
 MUON_CLASS_NAMES: list[str] = ["Muon"]
@@ -73,7 +81,7 @@ def is_muon(optimizer: object) -> bool:
 
 def optimizers_of(optimizer: Any) -> list[Any]:
     """The torch optimizers behind ``optimizer``: itself, a list/tuple of optimizers, or an object with
-    an ``optimizers`` attribute (the hybrid Muon + AdamW of pipeline/engines/common.py)."""
+    an ``optimizers`` attribute (the hybrid Muon + AdamW of pipeline/engines/shared.py)."""
     if isinstance(optimizer, (list, tuple)):
         return list(optimizer)
     inner = getattr(optimizer, "optimizers", None)
@@ -95,13 +103,17 @@ class MuonHyper:
     adjust_lr_fn: str | None
 
     @staticmethod
-    def of(group: dict) -> "MuonHyper":
+    def of(group: dict) -> MuonHyper:
         lr = group["lr"]
-        return MuonHyper(lr=float(lr.item() if torch.is_tensor(lr) else lr), momentum=float(group["momentum"]),
-                         nesterov=bool(group["nesterov"]),
-                         ns_coefficients=tuple(float(x) for x in group["ns_coefficients"]),  # type: ignore[arg-type]
-                         ns_steps=int(group["ns_steps"]), eps=float(group["eps"]),
-                         adjust_lr_fn=group.get("adjust_lr_fn"))
+        return MuonHyper(
+            lr=float(lr.item() if torch.is_tensor(lr) else lr),
+            momentum=float(group["momentum"]),
+            nesterov=bool(group["nesterov"]),
+            ns_coefficients=tuple(float(x) for x in group["ns_coefficients"]),  # type: ignore[arg-type]
+            ns_steps=int(group["ns_steps"]),
+            eps=float(group["eps"]),
+            adjust_lr_fn=group.get("adjust_lr_fn"),
+        )
 
     def mix(self) -> tuple[float, float]:
         """(α, c): NS's input is α B_old + c g."""
@@ -128,8 +140,9 @@ def newton_schulz(X: torch.Tensor, coefficients: Sequence[float], steps: int, ep
     return Y.T if tall else Y
 
 
-def newton_schulz_jvp(X: torch.Tensor, dX: torch.Tensor, coefficients: Sequence[float], steps: int,
-                      eps: float) -> torch.Tensor:
+def newton_schulz_jvp(
+    X: torch.Tensor, dX: torch.Tensor, coefficients: Sequence[float], steps: int, eps: float
+) -> torch.Tensor:
     """J_NS(X)[dX] for a batch of tangents dX [n, p, q] at one point X [p, q] (‖X‖_F > eps): the forward-mode
     derivative of :func:`newton_schulz`, written out so the primal iterates Y_k and YYᵀ are formed once and
     each tangent costs 5 batched GEMMs per step (torch.func.jvp under vmap gives the same; tests check it)."""
@@ -137,7 +150,7 @@ def newton_schulz_jvp(X: torch.Tensor, dX: torch.Tensor, coefficients: Sequence[
     tall = X.shape[0] > X.shape[1]
     Y, dY = (X.T, dX.transpose(1, 2)) if tall else (X, dX)
     norm = Y.norm()
-    dY = dY / norm - Y * ((dY * Y).sum(dim=(1, 2)) / norm ** 3)[:, None, None]
+    dY = dY / norm - Y * ((dY * Y).sum(dim=(1, 2)) / norm**3)[:, None, None]
     Y = Y / norm
     for _ in range(steps):
         gram = Y @ Y.T
@@ -204,17 +217,26 @@ class MuonLayerGeometry:
         return self._to_param(out) * (self.scale * math.sqrt(self.s) * self.inv_c)
 
 
-def muon_layer_geometry(optimizer: Any, group: dict, layer: CoveredLayer, dtype: torch.dtype, lr_ref: float,
-                        inv_c: float, model: str = "jacobian") -> MuonLayerGeometry:
+def muon_layer_geometry(
+    optimizer: Any,
+    group: dict,
+    layer: CoveredLayer,
+    dtype: torch.dtype,
+    lr_ref: float,
+    inv_c: float,
+    model: str = "jacobian",
+) -> MuonLayerGeometry:
     """The layer's :class:`MuonLayerGeometry` from ``optimizer``'s state (a torch.optim.Muon holding
     ``layer.param`` in ``group``); ``lr_ref``: the reference lr (r = group lr / lr_ref); ``model``:
     "jacobian" | "lowrank" (module docstring)."""
     h = MuonHyper.of(group)
     param = layer.param
     if param.dim() != 2 or param.numel() != layer.d_out * layer.d_in:
-        raise TypeError(f"geometry: Muon parameter {layer.name} of shape {tuple(param.shape)} "
-                        f"({type(param.data).__name__}) is not a 2-D matrix of its layer's full shape "
-                        f"({layer.d_out}×{layer.d_in}); the Muon geometry needs the whole matrix (docs/design.md §11)")
+        raise TypeError(
+            f"geometry: Muon parameter {layer.name} of shape {tuple(param.shape)} "
+            f"({type(param.data).__name__}) is not a 2-D matrix of its layer's full shape "
+            f"({layer.d_out}×{layer.d_in}); the Muon geometry needs the whole matrix (docs/design.md §11)"
+        )
     alpha, c = h.mix()
     ratio = (h.lr / lr_ref if lr_ref > 0 else 1.0) * adjust_ratio(h.adjust_lr_fn, param.shape)
     buf = optimizer.state.get(param, {}).get("momentum_buffer")
@@ -231,7 +253,7 @@ def muon_layer_geometry(optimizer: Any, group: dict, layer: CoveredLayer, dtype:
     if model == "lowrank":
         Y = X0.T if X0.shape[0] > X0.shape[1] else X0
         norm = Y.norm()
-        A = (Y @ Y.T) / norm ** 2
+        A = (Y @ Y.T) / norm**2
         a, b, cc = h.ns_coefficients
         S = (a * torch.eye(A.shape[0], dtype=A.dtype, device=A.device) + b * A + cc * (A @ A)) / norm
     return MuonLayerGeometry(layer, h, X0, ratio * c, u0, max(s, 0.0), inv_c, False, model, S)
@@ -246,8 +268,9 @@ class HybridStateReader(OptimizerStateReader):
     Sharded (``replicated`` False) when an Adam reader is: Muon contributions are then never summed over
     ranks (the direction exchange only; docs/design.md §11)."""
 
-    def __init__(self, optimizer: Any, geometry: str,
-                 adam_reader: Callable[[Any], OptimizerStateReader] = TorchAdamStateReader):
+    def __init__(
+        self, optimizer: Any, geometry: str, adam_reader: Callable[[Any], OptimizerStateReader] = TorchAdamStateReader
+    ):
         self.geometry = geometry
         self.muon_model = "jacobian"  # set by :meth:`use_model` (check_config, from FTWConfig.muon_model)
         self._v: dict[int, torch.Tensor] = {}  # muon_model "adam": the EMA of the squared gradients
@@ -264,8 +287,10 @@ class HybridStateReader(OptimizerStateReader):
                     self.adam.append(adam_reader(opt))
                 self._adam_groups += list(opt.param_groups)
             else:
-                raise TypeError(f"optimizer: {type(opt).__module__}.{type(opt).__name__} is not supported by "
-                                f"geometry={geometry!r} (supported: torch.optim.Muon with Adam / AdamW)")
+                raise TypeError(
+                    f"optimizer: {type(opt).__module__}.{type(opt).__name__} is not supported by "
+                    f"geometry={geometry!r} (supported: torch.optim.Muon with Adam / AdamW)"
+                )
             self.managed.update(id(p) for g in opt.param_groups for p in g["params"])
 
     @property
@@ -285,8 +310,10 @@ class HybridStateReader(OptimizerStateReader):
         params = [p for opt, g in self.muon.values() for p in g["params"]]
         sharded = [tuple(p.shape) for p in params if type(p.data) is not torch.Tensor]
         if sharded:
-            raise ValueError(f"muon_model: 'adam' keeps its EMA on whole (unsharded) tensors only; got sharded "
-                             f"Muon parameters of shapes {sharded[:3]}")
+            raise ValueError(
+                f"muon_model: 'adam' keeps its EMA on whole (unsharded) tensors only; got sharded "
+                f"Muon parameters of shapes {sharded[:3]}"
+            )
         self._beta2, self._eps = float(self._adam_groups[0]["betas"][1]), float(self._adam_groups[0]["eps"])
         for opt in {id(o): o for o, _ in self.muon.values()}.values():
             opt.register_step_pre_hook(self._observe)
@@ -300,8 +327,11 @@ class HybridStateReader(OptimizerStateReader):
                     continue
                 g = p.grad.detach()
                 v = self._v.get(id(p))
-                self._v[id(p)] = (1.0 - self._beta2) * g * g if v is None else v.mul_(self._beta2).addcmul_(
-                    g, g, value=1.0 - self._beta2)
+                self._v[id(p)] = (
+                    (1.0 - self._beta2) * g * g
+                    if v is None
+                    else v.mul_(self._beta2).addcmul_(g, g, value=1.0 - self._beta2)
+                )
                 self._t[id(p)] = self._t.get(id(p), 0) + 1
 
     def _as_adam(self, param: torch.Tensor) -> ParamState:
@@ -315,10 +345,12 @@ class HybridStateReader(OptimizerStateReader):
         if t == 0 or buf is None:
             return ParamState(AdamHyper(0, beta1, self._beta2, self._eps), [StateBlock(rows, cols, None, None)])
         mu = float(group["momentum"])
-        m_hat = buf.detach() / (1.0 - mu ** t)
-        v_hat = self._v[id(param)] / (1.0 - self._beta2 ** t)
-        return ParamState(AdamHyper(t, beta1, self._beta2, self._eps, bias_correction=False),
-                          [StateBlock(rows, cols, m_hat.reshape(rows.stop, -1), v_hat.reshape(rows.stop, -1))])
+        m_hat = buf.detach() / (1.0 - mu**t)
+        v_hat = self._v[id(param)] / (1.0 - self._beta2**t)
+        return ParamState(
+            AdamHyper(t, beta1, self._beta2, self._eps, bias_correction=False),
+            [StateBlock(rows, cols, m_hat.reshape(rows.stop, -1), v_hat.reshape(rows.stop, -1))],
+        )
 
     def muon_group(self, param: torch.Tensor) -> tuple[Any, dict] | None:
         """(the Muon optimizer, its param group) holding ``param``, or None."""
@@ -331,8 +363,9 @@ class HybridStateReader(OptimizerStateReader):
             return self._as_adam(param)
         if id(param) in self.muon or self.geometry == "muon":
             shape = shape_2d(param.shape)
-            return ParamState(AdamHyper(0, 0.0, 0.0, 0.0),
-                              [StateBlock(slice(0, shape[0]), slice(0, shape[1]), None, None)])
+            return ParamState(
+                AdamHyper(0, 0.0, 0.0, 0.0), [StateBlock(slice(0, shape[0]), slice(0, shape[1]), None, None)]
+            )
         return self._adam_reader(param).read(param)
 
     @property
@@ -362,8 +395,10 @@ def check_config(reader: OptimizerStateReader, layers: Sequence[CoveredLayer], c
         return set()
     names = {layer.name for layer in layers if reader.muon_group(layer.param) is not None}
     if config.geometry == "muon" and not names:
-        raise ValueError(f"geometry: 'muon' but no covered layer is in a Muon param group (covered: "
-                         f"{', '.join(layer.name for layer in layers)})")
+        raise ValueError(
+            f"geometry: 'muon' but no covered layer is in a Muon param group (covered: "
+            f"{', '.join(layer.name for layer in layers)})"
+        )
     reader.use_model(model)
     if not names or model in ("adam", "identity"):  # read as Adam / P = I layers: the usual machinery
         return set()
@@ -371,15 +406,19 @@ def check_config(reader: OptimizerStateReader, layers: Sequence[CoveredLayer], c
     if config.exchange == "sketches":
         raise ValueError(f"exchange: 'sketches' cannot carry the Muon geometry ({why}); use 'direction' or 'factors'")
     if config.gram in ("ghost", "sketch"):
-        raise ValueError(f"gram: {config.gram!r} has no Muon form ({why}); use 'auto' or 'exact' (Muon layers "
-                         f"then use the exact Muon Gram)")
+        raise ValueError(
+            f"gram: {config.gram!r} has no Muon form ({why}); use 'auto' or 'exact' (Muon layers "
+            f"then use the exact Muon Gram)"
+        )
     if config.prefilter != "none":
         raise ValueError("prefilter: 'head' is not implemented with the Muon geometry; use 'none'")
     if config.direction_cache:
         raise ValueError("direction_cache: torch.optim.Muon keeps no step count to key the cache on; use false")
     if not reader.replicated and config.exchange != "direction":
-        raise ValueError(f"exchange: {config.exchange!r} sums block partials over ranks, which the whole-matrix "
-                         f"Muon layers are not; use 'direction' under a sharded engine")
+        raise ValueError(
+            f"exchange: {config.exchange!r} sums block partials over ranks, which the whole-matrix "
+            f"Muon layers are not; use 'direction' under a sharded engine"
+        )
     return names
 
 
@@ -388,8 +427,15 @@ def rho_scale(config: Any) -> float:
     return float(config.momentum_coef) if config.momentum_coef is not None else float(config.curvature_scale)
 
 
-def attach(reader: OptimizerStateReader, geoms: list, layers: Sequence[CoveredLayer], names: set[str],
-           dtype: torch.dtype, tau: float, config: Any) -> None:
+def attach(
+    reader: OptimizerStateReader,
+    geoms: list,
+    layers: Sequence[CoveredLayer],
+    names: set[str],
+    dtype: torch.dtype,
+    tau: float,
+    config: Any,
+) -> None:
     """Set ``geoms[i].muon`` for the Muon layers (this step's linearisation; c' = τ/γ)."""
     if not names:
         return
@@ -397,8 +443,15 @@ def attach(reader: OptimizerStateReader, geoms: list, layers: Sequence[CoveredLa
     for geom, layer in zip(geoms, layers):
         if layer.name in names:
             opt, group = reader.muon_group(layer.param)  # type: ignore[attr-defined]
-            geom.muon = muon_layer_geometry(opt, group, layer, dtype, reader.lr_ref, inv_c,  # type: ignore[attr-defined]
-                                            getattr(config, "muon_model", "jacobian"))
+            geom.muon = muon_layer_geometry(
+                opt,
+                group,
+                layer,
+                dtype,
+                reader.lr_ref,
+                inv_c,  # type: ignore[attr-defined]
+                getattr(config, "muon_model", "jacobian"),
+            )
             geom.identity = geom.muon.degenerate
 
 
@@ -423,8 +476,9 @@ def _chunks(n: int, per_sample: int, max_elems: int):
         yield slice(s, min(s + step, n))
 
 
-def muon_alignment_and_diag(A: torch.Tensor, D: torch.Tensor, M: torch.Tensor, geo: MuonLayerGeometry,
-                            max_elems: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor]:
+def muon_alignment_and_diag(
+    A: torch.Tensor, D: torch.Tensor, M: torch.Tensor, geo: MuonLayerGeometry, max_elems: int = 1 << 24
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(b_i = ⟨G_i, M⟩, K_ii = ‖Ĵ G_i‖²) for every sample, two [n]; A [n, T, d_in], D [n, T, d_out]."""
     n = A.shape[0]
     b = torch.empty(n, dtype=M.dtype, device=M.device)
@@ -436,8 +490,9 @@ def muon_alignment_and_diag(A: torch.Tensor, D: torch.Tensor, M: torch.Tensor, g
     return b, diag
 
 
-def muon_gram(A: torch.Tensor, D: torch.Tensor, geo: MuonLayerGeometry, dtype: torch.dtype,
-              max_elems: int = 1 << 24) -> torch.Tensor:
+def muon_gram(
+    A: torch.Tensor, D: torch.Tensor, geo: MuonLayerGeometry, dtype: torch.dtype, max_elems: int = 1 << 24
+) -> torch.Tensor:
     """K [n, n] = Z Zᵀ with Z_i = Ĵ G_i (the survivors' exact Muon Gram)."""
     n = A.shape[0]
     Z = torch.empty(n, geo.layer.d_out * geo.layer.d_in, dtype=dtype, device=A.device)
@@ -446,6 +501,21 @@ def muon_gram(A: torch.Tensor, D: torch.Tensor, geo: MuonLayerGeometry, dtype: t
     return Z @ Z.T
 
 
-__all__ = ["HybridStateReader", "MUON_CLASS_NAMES", "MuonHyper", "MuonLayerGeometry", "adjust_ratio", "attach",
-           "check_config", "is_muon", "note", "rho_scale", "muon_alignment_and_diag",
-           "muon_gram", "muon_layer_geometry", "newton_schulz", "newton_schulz_jvp", "optimizers_of"]
+__all__ = [
+    "HybridStateReader",
+    "MUON_CLASS_NAMES",
+    "MuonHyper",
+    "MuonLayerGeometry",
+    "adjust_ratio",
+    "attach",
+    "check_config",
+    "is_muon",
+    "note",
+    "rho_scale",
+    "muon_alignment_and_diag",
+    "muon_gram",
+    "muon_layer_geometry",
+    "newton_schulz",
+    "newton_schulz_jvp",
+    "optimizers_of",
+]

@@ -18,8 +18,8 @@ columns are input dims (columns of A).
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -80,16 +80,23 @@ class OptimizerStateReader(abc.ABC):
     def read(self, param: torch.nn.Parameter) -> ParamState:
         """This rank's blocks of ``param``'s Adam moments and the hyper-parameters that apply."""
 
-    def gather_full(self, param: torch.nn.Parameter, pieces: Sequence[tuple[slice, slice, torch.Tensor]],
-                    shape: tuple[int, int], dtype: torch.dtype, wire: torch.dtype,
-                    comm: distributed.CommCounter | None = None) -> torch.Tensor:
+    def gather_full(
+        self,
+        param: torch.nn.Parameter,
+        pieces: Sequence[tuple[slice, slice, torch.Tensor]],
+        shape: tuple[int, int],
+        dtype: torch.dtype,
+        wire: torch.dtype,
+        comm: distributed.CommCounter | None = None,
+    ) -> torch.Tensor:
         """The whole [d0, d1] matrix in ``param``'s own 2-D layout whose values on this rank's blocks are
         ``pieces`` ((rows, cols, value [r, c]) as :meth:`read` hands the blocks out), in ``dtype``.
         A replicated reader holds the whole matrix already; a sharded one gathers it the way its engine
         shards the weight, ``wire`` being the dtype that crosses ranks. Collective for sharded readers."""
         if not self.replicated:
-            raise TypeError(f"{type(self).__name__}: no gather of a parameter-shaped matrix "
-                            f"(exchange='direction' needs one)")
+            raise TypeError(
+                f"{type(self).__name__}: no gather of a parameter-shaped matrix (exchange='direction' needs one)"
+            )
         full = torch.zeros(shape, dtype=dtype, device=param.device)
         for rows, cols, value in pieces:
             full[rows, cols] = value.to(dtype)
@@ -120,9 +127,11 @@ class TorchAdamStateReader(OptimizerStateReader):
     def read(self, param: torch.nn.Parameter) -> ParamState:
         group = self._group(param)
         if type(param.data) is not torch.Tensor or param.numel() == 0:
-            raise TypeError(f"optimizer: a parameter of shape {tuple(param.shape)} ({type(param.data).__name__}) "
-                            f"looks sharded; the plain reader needs whole tensors. Sharded engines register a model "
-                            f"view (optsel.selection.model_view.register_model_view) that reads their shards")
+            raise TypeError(
+                f"optimizer: a parameter of shape {tuple(param.shape)} ({type(param.data).__name__}) "
+                f"looks sharded; the plain reader needs whole tensors. Sharded engines register a model "
+                f"view (optsel.selection.model_view.register_model_view) that reads their shards"
+            )
         state = self.optimizer.state.get(param, {})
         hyper = adam_hyper(group, state)
         rows, cols = _full(shape_2d(param.shape))
@@ -130,8 +139,10 @@ class TorchAdamStateReader(OptimizerStateReader):
             return ParamState(hyper, [StateBlock(rows, cols, None, None)])
         m, v = state["exp_avg"], second_moment(group, state)
         if m.numel() != param.numel() or v.numel() != param.numel():
-            raise TypeError(f"optimizer: moments of {m.numel()} / {v.numel()} elements for a parameter of "
-                            f"{param.numel()}: the optimizer state is sharded; use the engine's model view")
+            raise TypeError(
+                f"optimizer: moments of {m.numel()} / {v.numel()} elements for a parameter of "
+                f"{param.numel()}: the optimizer state is sharded; use the engine's model view"
+            )
         return ParamState(hyper, [StateBlock(rows, cols, _as_2d(m), _as_2d(v))])
 
 
@@ -142,8 +153,13 @@ def adam_hyper(group: dict, state: dict) -> AdamHyper:
     step = int(step.item()) if torch.is_tensor(step) else int(step)
     if "exp_avg" not in state:
         step = 0
-    return AdamHyper(step=step, beta1=beta1, beta2=beta2, eps=float(group["eps"]),
-                     bias_correction=bool(group.get("bias_correction", True)))
+    return AdamHyper(
+        step=step,
+        beta1=beta1,
+        beta2=beta2,
+        eps=float(group["eps"]),
+        bias_correction=bool(group.get("bias_correction", True)),
+    )
 
 
 def second_moment(group: dict, state: dict) -> torch.Tensor:
@@ -172,8 +188,10 @@ def is_adam_like(optimizer: object) -> bool:
 
 
 def unsupported_message(optimizer: object) -> str:
-    return (f"optimizer: {type(optimizer).__module__}.{type(optimizer).__name__} is not supported by "
-            f"geometry='adam' (supported: {', '.join(ADAM_CLASS_NAMES)}); use geometry='sgd' for P = I")
+    return (
+        f"optimizer: {type(optimizer).__module__}.{type(optimizer).__name__} is not supported by "
+        f"geometry='adam' (supported: {', '.join(ADAM_CLASS_NAMES)}); use geometry='sgd' for P = I"
+    )
 
 
 def shape_2d(shape: Sequence[int]) -> torch.Size:
@@ -206,8 +224,9 @@ class LayerGeometry:
     muon: object | None = None  # a Muon parameter's MuonLayerGeometry (selection/muon_geometry.py), set per step
 
 
-def layer_geometry(reader: OptimizerStateReader, layer: CoveredLayer, dtype: torch.dtype,
-                   use_momentum: bool = True) -> LayerGeometry:
+def layer_geometry(
+    reader: OptimizerStateReader, layer: CoveredLayer, dtype: torch.dtype, use_momentum: bool = True
+) -> LayerGeometry:
     """P and m̂ on this rank's non-empty blocks of ``layer`` (layer convention, ``dtype``); the list
     is empty where a sharded rank holds none of the parameter."""
     state = reader.read(layer.param)
@@ -226,13 +245,14 @@ def layer_geometry(reader: OptimizerStateReader, layer: CoveredLayer, dtype: tor
         v = blk.exp_avg_sq.detach().to(dtype)
         m = blk.exp_avg.detach().to(dtype) if blk.exp_avg is not None else None
         if h.bias_correction:
-            v = v / (1.0 - h.beta2 ** h.step)
-            m = m / (1.0 - h.beta1 ** h.step) if m is not None else None
+            v = v / (1.0 - h.beta2**h.step)
+            m = m / (1.0 - h.beta1**h.step) if m is not None else None
         precond = 1.0 / (v.sqrt() + h.eps)
         if layer.transposed:
             precond, m = precond.T, (m.T if m is not None else None)
-        blocks.append(LayerBlock(rows, cols, precond.contiguous(),
-                                 m.contiguous() if (m is not None and use_momentum) else None))
+        blocks.append(
+            LayerBlock(rows, cols, precond.contiguous(), m.contiguous() if (m is not None and use_momentum) else None)
+        )
     if not blocks:  # this rank holds none of it: identity as far as the hyper-parameters say
         identity = h.step == 0
     return LayerGeometry(blocks, h, identity)
@@ -244,4 +264,4 @@ def default_coefficients(step: int, beta1: float, gamma: float = 1.0) -> tuple[f
     denom = 1.0 - beta1 ** (step + 1)
     if denom <= 0.0:  # beta1 == 0 and ... only when beta1 == 1 (invalid): keep τ = γ
         return 0.0, gamma
-    return gamma * beta1 * (1.0 - beta1 ** step) / denom, gamma * (1.0 - beta1) / denom
+    return gamma * beta1 * (1.0 - beta1**step) / denom, gamma * (1.0 - beta1) / denom

@@ -17,8 +17,8 @@ tokens and what that approximates.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -35,18 +35,22 @@ def output_layer(model: nn.Module, view: ModelView) -> CoveredLayer:
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
     if not isinstance(head, nn.Linear):
-        raise ValueError("prefilter: 'head' needs a model whose get_output_embeddings() is an nn.Linear "
-                         f"(got {type(head).__name__})")
+        raise ValueError(
+            f"prefilter: 'head' needs a model whose get_output_embeddings() is an nn.Linear (got {type(head).__name__})"
+        )
     if not head.weight.requires_grad:
-        raise ValueError("prefilter: 'head' scores with the output layer's gradient, but its weight is frozen "
-                         "(LoRA without a trainable head?): use prefilter: none")
+        raise ValueError(
+            "prefilter: 'head' scores with the output layer's gradient, but its weight is frozen "
+            "(LoRA without a trainable head?): use prefilter: none"
+        )
     name = next((f"{n}.weight" for n, mod in model.named_modules() if mod is head), "lm_head.weight")
     d_out, d_in = (int(s) for s in view.full_shape(head.weight))
     return CoveredLayer(name, head, head.weight, d_in, d_out)
 
 
-def scoring_window(batch: Mapping[str, torch.Tensor], window: int | None
-                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+def scoring_window(
+    batch: Mapping[str, torch.Tensor], window: int | None
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Each sample's scoring window of ``window`` tokens and its position ids ([n, W]; None: the whole
     batch, unchanged).
 
@@ -72,9 +76,11 @@ def scoring_window(batch: Mapping[str, torch.Tensor], window: int | None
     pos = start[:, None] + torch.arange(window, device=mask.device)[None]
     inside = pos < lengths[:, None]
     idx = pos.clamp(max=T - 1)
-    out = {"input_ids": torch.where(inside, ids.gather(1, idx), 0),
-           "attention_mask": inside.to(mask.dtype),
-           "labels": torch.where(inside, labels.gather(1, idx), IGNORE)}
+    out = {
+        "input_ids": torch.where(inside, ids.gather(1, idx), 0),
+        "attention_mask": inside.to(mask.dtype),
+        "labels": torch.where(inside, labels.gather(1, idx), IGNORE),
+    }
     return out, pos
 
 
@@ -102,8 +108,8 @@ class HeadScorer:
         n, width = scored["input_ids"].shape
         step = self.chunk(width) or n
         for s in range(0, n, max(1, step)):
-            part = {k: v[s:s + step].to(device) for k, v in scored.items()}
-            yield self._factors(part, None if pos is None else pos[s:s + step].to(device), dtype)
+            part = {k: v[s : s + step].to(device) for k, v in scored.items()}
+            yield self._factors(part, None if pos is None else pos[s : s + step].to(device), dtype)
 
     def _factors(self, part: dict[str, torch.Tensor], pos: torch.Tensor | None, dtype: torch.dtype) -> HeadFactors:
         seen: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -117,14 +123,17 @@ class HeadScorer:
             raise ValueError(f"prefilter: the output layer ran {len(seen)} times in one forward, expected once")
         h, z = seen[0]
         if z.shape != logits.shape or not torch.allclose(z.to(logits.dtype), logits):
-            raise ValueError("prefilter: the model's logits are not its output layer's output (softcapping or "
-                             "scaling after the head?): 'head' would score the wrong gradient; use prefilter: none")
+            raise ValueError(
+                "prefilter: the model's logits are not its output layer's output (softcapping or "
+                "scaling after the head?): 'head' would score the wrong gradient; use prefilter: none"
+            )
         labels = part["labels"][:, 1:]
         valid = labels != IGNORE
         tokens = valid.sum(1)
         delta = torch.softmax(z[:, :-1].to(dtype), dim=-1)
-        delta.scatter_add_(-1, labels.clamp(min=0)[..., None],
-                           -valid[..., None].to(dtype))  # − e_y at labelled positions
+        delta.scatter_add_(
+            -1, labels.clamp(min=0)[..., None], -valid[..., None].to(dtype)
+        )  # − e_y at labelled positions
         delta = delta * (valid.to(dtype) / tokens.clamp(min=1).to(dtype)[:, None])[..., None]
         D = torch.cat([delta, delta.new_zeros(delta.shape[0], 1, delta.shape[2])], dim=1)
         return HeadFactors(h.to(dtype), D, tokens.cpu())

@@ -9,7 +9,8 @@ kind ids (N int64).
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -70,15 +71,24 @@ class OracleSelector(Selector):
 
     name = "oracle"
 
-    def __init__(self, *, budget: int, seed: int = 0, kind_names: Mapping[int, str] | None = None,
-                 target_kind: str = "target", **_: Any) -> None:
+    def __init__(
+        self,
+        *,
+        budget: int,
+        seed: int = 0,
+        kind_names: Mapping[int, str] | None = None,
+        target_kind: str = "target",
+        **_: Any,
+    ) -> None:
         if budget < 1:
             raise ValueError(f"budget: must be >= 1, got {budget}")
         names = dict(kind_names or {})
         codes = [code for code, name in names.items() if name == target_kind]
         if not codes:
-            raise ValueError(f"oracle: the data's kinds {sorted(names.values())} have no {target_kind!r}; the oracle "
-                             f"needs ground-truth kinds (a stream prepared with a kind column)")
+            raise ValueError(
+                f"oracle: the data's kinds {sorted(names.values())} have no {target_kind!r}; the oracle "
+                f"needs ground-truth kinds (a stream prepared with a kind column)"
+            )
         self.budget = budget
         self.target_code = int(codes[0])
         self.generator = torch.Generator().manual_seed(seed)
@@ -86,11 +96,16 @@ class OracleSelector(Selector):
     def select(self, pool: Batch, target: Batch | None = None) -> Selection:
         start = time.perf_counter()
         if "kind_id" not in pool:
-            raise ValueError("oracle: the pool has no kind_id column; the oracle is a reference for streams with "
-                             "ground-truth kinds only")
+            raise ValueError(
+                "oracle: the pool has no kind_id column; the oracle is a reference for streams with "
+                "ground-truth kinds only"
+            )
         sizes = distributed.gather_sizes(int(pool["input_ids"].shape[0]))
-        kinds = distributed.all_gather_cat(pool["kind_id"].to(torch.int64)) if distributed.is_distributed() \
+        kinds = (
+            distributed.all_gather_cat(pool["kind_id"].to(torch.int64))
+            if distributed.is_distributed()
             else pool["kind_id"].to(torch.int64)
+        )
         k = min(self.budget, sum(sizes))
         clean = (kinds == self.target_code).nonzero().flatten()
         others = (kinds != self.target_code).nonzero().flatten()

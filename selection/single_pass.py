@@ -68,8 +68,10 @@ def single_pass_leaves(model: nn.Module, view: ModelView | None = None) -> tuple
         if not direct:
             continue
         if not _affine_in_params(module):
-            return [], (f"module {name or '<root>'} ({type(module).__name__}) owns trainable parameters "
-                        f"{sorted(direct)} but is not one of Linear/Conv1D/Embedding/LayerNorm/*RMSNorm")
+            return [], (
+                f"module {name or '<root>'} ({type(module).__name__}) owns trainable parameters "
+                f"{sorted(direct)} but is not one of Linear/Conv1D/Embedding/LayerNorm/*RMSNorm"
+            )
         if any(id(p) in owned for p in direct.values()):  # a tied weight: both users record calls
             pass
         owned.update(id(p) for p in direct.values())
@@ -115,8 +117,9 @@ class PoolPass:
             raise ValueError(f"rows: pool rows {rows.cpu()[outside].tolist()} are not in this pass (not survivors)")
         return mapped.clamp(min=0).to(rows.device)
 
-    def _weighted(self, call: LeafCall, rows: torch.Tensor, weights: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _weighted(
+        self, call: LeafCall, rows: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(inputs, weight-scaled output gradients) of the chosen rows inside this call's chunk."""
         n = call.inputs.shape[0]
         rows, weights = rows.cpu(), weights.cpu()
@@ -128,8 +131,9 @@ class PoolPass:
         scaled = call.grad_out[local] * w.view(-1, *([1] * (call.grad_out.dim() - 1)))
         return call.inputs[local], scaled
 
-    def local_grads(self, rows: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype | None = None
-                    ) -> dict[nn.Parameter, torch.Tensor]:
+    def local_grads(
+        self, rows: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> dict[nn.Parameter, torch.Tensor]:
         """Σ_{i in rows} w_i ∇ℓ_i for every trainable parameter, full shape, in ``dtype`` (None: the
         parameter's own). rows [s] int64 (pool rows), weights [s]."""
         rows = self.pass_rows(rows, weights)
@@ -192,18 +196,25 @@ def _leaf_vjp(leaf: Leaf, inputs: torch.Tensor, cotangent: torch.Tensor) -> dict
         return out
     # Embedding / norms: the VJP of a hook-free copy whose parameters are zero stand-ins
     # (exact for modules affine in their parameters; see the module docstring)
-    stand_ins = {n: torch.zeros(leaf.shapes[n], dtype=cotangent.dtype, device=cotangent.device, requires_grad=True)
-                 for n in leaf.params}
+    stand_ins = {
+        n: torch.zeros(leaf.shapes[n], dtype=cotangent.dtype, device=cotangent.device, requires_grad=True)
+        for n in leaf.params
+    }
     clone = copy.copy(module)
     clone._parameters = OrderedDict((n, stand_ins.get(n, v)) for n, v in module._parameters.items())
-    for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-                  "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
+    for hooks in (
+        "_forward_hooks",
+        "_forward_pre_hooks",
+        "_backward_hooks",
+        "_backward_pre_hooks",
+        "_forward_hooks_with_kwargs",
+        "_forward_pre_hooks_with_kwargs",
+        "_forward_hooks_always_called",
+    ):
         if hasattr(clone, hooks):
             setattr(clone, hooks, OrderedDict())
     x = inputs if not inputs.is_floating_point() else inputs.to(cotangent.dtype)
     with torch.enable_grad():
         y = clone(x)
-        grads = torch.autograd.grad(y, list(stand_ins.values()), grad_outputs=cotangent.to(y.dtype),
-                                    allow_unused=True)
-    return {leaf.params[n]: (torch.zeros_like(s) if g is None else g)
-            for (n, s), g in zip(stand_ins.items(), grads)}
+        grads = torch.autograd.grad(y, list(stand_ins.values()), grad_outputs=cotangent.to(y.dtype), allow_unused=True)
+    return {leaf.params[n]: (torch.zeros_like(s) if g is None else g) for (n, s), g in zip(stand_ins.items(), grads)}

@@ -28,8 +28,9 @@ from optsel.selection.gram import sketch
 from optsel.selection.preconditioner import LayerBlock
 
 
-def momentum_sketch_partial(blocks: list[LayerBlock], r: torch.Tensor, c: torch.Tensor, proj_out: torch.Tensor,
-                            proj_in: torch.Tensor) -> torch.Tensor:
+def momentum_sketch_partial(
+    blocks: list[LayerBlock], r: torch.Tensor, c: torch.Tensor, proj_out: torch.Tensor, proj_in: torch.Tensor
+) -> torch.Tensor:
     """Σ over this rank's blocks of Π_o[:, rows] R^-½ (P ⊙ m̂)[rows, cols] C^-½ Π_i[:, cols]ᵀ, [k_o, k_i]
     (zeros where there is no momentum yet)."""
     out = torch.zeros(proj_out.shape[0], proj_in.shape[0], dtype=proj_out.dtype, device=proj_out.device)
@@ -51,14 +52,24 @@ def sketched_alignment(sketches: list[torch.Tensor], directions: torch.Tensor) -
     return out
 
 
-def select_sketches(ftw: Any, target: Any, local: Factors, geoms: list, rho: float, tau: float, opt_step: int,
-                    sizes: list[int], timings: dict[str, float]) -> Any:
+def select_sketches(
+    ftw: Any,
+    target: Any,
+    local: Factors,
+    geoms: list,
+    rho: float,
+    tau: float,
+    opt_step: int,
+    sizes: list[int],
+    timings: dict[str, float],
+) -> Any:
     """One FTW step with exchange="sketches" (module docstring): no factor crosses ranks; ``ftw``: the
     FilterThenWeight."""
     from optsel import distributed
     from optsel.selection import gram as gram_ops
     from optsel.selection.direction_exchange import _empty as _empty_block
     from optsel.selection.direction_exchange import phase
+
     layers = ftw.coverage.layers
     dtype, device = ftw._dtype(local), ftw._device()
     refreshed = False
@@ -73,9 +84,12 @@ def select_sketches(ftw: Any, target: Any, local: Factors, geoms: list, rho: flo
 
     with phase(timings, ftw.comm, "gather"):
         backends = ["sketch"] * len(layers)
-        factors_rc = [gram_ops.rank_one_factors(g.blocks or [_empty_block(dtype, device)], layer.d_out, layer.d_in,
-                                                not ftw.reader.replicated, ftw.comm)
-                      for layer, g in zip(layers, geoms)]
+        factors_rc = [
+            gram_ops.rank_one_factors(
+                g.blocks or [_empty_block(dtype, device)], layer.d_out, layer.d_in, not ftw.reader.replicated, ftw.comm
+            )
+            for layer, g in zip(layers, geoms)
+        ]
         projections = ftw._projections(backends, dtype)
         sketches = ftw._sketches(local, dtype, backends, factors_rc, projections)
         tokens = distributed.all_gather_cat(local.tokens, ftw.comm) if distributed.is_distributed() else local.tokens
@@ -87,8 +101,11 @@ def select_sketches(ftw: Any, target: Any, local: Factors, geoms: list, rho: flo
             r, c = factors_rc[i]
             po, pi = projections[i]
             target_sum = ftw.sketch_target.sketch_sum(i, r, c, po, pi)
-            momentum = momentum_sketch_partial(g.blocks, r, c, po, pi) if rho and owns_moments \
+            momentum = (
+                momentum_sketch_partial(g.blocks, r, c, po, pi)
+                if rho and owns_moments
                 else torch.zeros_like(target_sum)
+            )
             parts.append(torch.stack([target_sum, momentum]))
         packed = torch.stack(parts)  # [L, 2, k_o, k_i]
         if distributed.is_distributed():
@@ -99,9 +116,22 @@ def select_sketches(ftw: Any, target: Any, local: Factors, geoms: list, rho: flo
     with phase(timings, ftw.comm, "gram"):
         diag = sum(S.reshape(S.shape[0], -1).square().sum(1).double() for S in sketches)
 
-    return ftw._finish(alignment, diag, tau, rho, opt_step, sizes, geoms, backends, timings, {},
-                       lambda filtered: ftw._filtered_gram(None, geoms, backends, factors_rc, sketches, filtered),
-                       refreshed, tokens=tokens, seq_len=int(local.A[0].shape[1]) if local.A else 1)
+    return ftw._finish(
+        alignment,
+        diag,
+        tau,
+        rho,
+        opt_step,
+        sizes,
+        geoms,
+        backends,
+        timings,
+        {},
+        lambda filtered: ftw._filtered_gram(None, geoms, backends, factors_rc, sketches, filtered),
+        refreshed,
+        tokens=tokens,
+        seq_len=int(local.A[0].shape[1]) if local.A else 1,
+    )
 
 
 class SketchTarget:
@@ -124,8 +154,9 @@ class SketchTarget:
         self.count = int(count)
         self.computed_at = step
 
-    def sketch_sum(self, layer: int, r: torch.Tensor, c: torch.Tensor, proj_out: torch.Tensor,
-                   proj_in: torch.Tensor) -> torch.Tensor:
+    def sketch_sum(
+        self, layer: int, r: torch.Tensor, c: torch.Tensor, proj_out: torch.Tensor, proj_in: torch.Tensor
+    ) -> torch.Tensor:
         """Σ over this rank's target samples of S_t for one layer, [k_o, k_i]."""
         assert self.A is not None and self.D is not None
         A, D = self.A[layer].to(r.device), self.D[layer].to(r.device)

@@ -45,7 +45,7 @@ def project_simplex(v: torch.Tensor, cap: float | None = None) -> torch.Tensor:
         rho = (cond * idx).argmax(-1, keepdim=True)  # last position where the condition holds
         theta = css.gather(-1, rho) / (rho + 1).to(v.dtype)
         return (v - theta).clamp(min=0.0)
-    lo = (v.min(-1, keepdim=True).values - cap)
+    lo = v.min(-1, keepdim=True).values - cap
     hi = v.max(-1, keepdim=True).values
     for _ in range(100):  # bisection on the threshold: Σ clamp(v − θ, 0, cap) = 1
         mid = 0.5 * (lo + hi)
@@ -66,9 +66,16 @@ def _lipschitz(K: torch.Tensor, iters: int = 50) -> torch.Tensor:
     return lam * 1.05 + 1e-12
 
 
-def fista(b: torch.Tensor, K: torch.Tensor, tau: float, cap: float | None = None,
-          max_iter: int = 3000, tol: float = 1e-12, w0: torch.Tensor | None = None,
-          lipschitz: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+def fista(
+    b: torch.Tensor,
+    K: torch.Tensor,
+    tau: float,
+    cap: float | None = None,
+    max_iter: int = 3000,
+    tol: float = 1e-12,
+    w0: torch.Tensor | None = None,
+    lipschitz: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int]:
     """Batched accelerated projected gradient with adaptive restart. b [B, m], K [B, m, m] →
     (w [B, m], iterations). Stops when the projected-gradient step at w moves it less than ``tol``."""
     lip = lipschitz if lipschitz is not None else _lipschitz(K)
@@ -77,8 +84,8 @@ def fista(b: torch.Tensor, K: torch.Tensor, tau: float, cap: float | None = None
     y, t = w.clone(), 1.0
     prev_obj = objective(w, b, K, tau)
     it = 0
-    for it in range(1, max_iter + 1):
-        grad = tau * (K @ y.unsqueeze(-1)).squeeze(-1) - b   # gradient of the minimized −objective
+    for it in range(1, max_iter + 1):  # noqa: B007  (the count is reported after the loop)
+        grad = tau * (K @ y.unsqueeze(-1)).squeeze(-1) - b  # gradient of the minimized −objective
         w_next = project_simplex(y - step * grad, cap)
         obj = objective(w_next, b, K, tau)
         restart = obj < prev_obj  # adaptive restart (O'Donoghue & Candès) on objective decrease
@@ -96,8 +103,15 @@ def fista(b: torch.Tensor, K: torch.Tensor, tau: float, cap: float | None = None
     return w, it
 
 
-def kkt_polish(w0: torch.Tensor, b: torch.Tensor, K: torch.Tensor, tau: float, cap: float | None = None,
-               max_rounds: int = 50, tol: float = 1e-9) -> tuple[torch.Tensor, bool]:
+def kkt_polish(
+    w0: torch.Tensor,
+    b: torch.Tensor,
+    K: torch.Tensor,
+    tau: float,
+    cap: float | None = None,
+    max_rounds: int = 50,
+    tol: float = 1e-9,
+) -> tuple[torch.Tensor, bool]:
     """Exact solution on the active set of ``w0`` (single problem, [m]); returns (w, KKT verified).
 
     Free set F (0 < w < cap) solves τK_FF w_F + τK_FU cap − b_F + ν1 = 0, 1ᵀw_F = 1 − |U| cap; then
@@ -137,7 +151,7 @@ def kkt_polish(w0: torch.Tensor, b: torch.Tensor, K: torch.Tensor, tau: float, c
             free[j], upper[j] = False, True
             continue
         w[F] = wf.clamp(min=0.0)
-        g = tau * (K @ w) - b + nu            # multipliers: g_j = μ_j ≥ 0 at zero, ≤ 0 at the cap
+        g = tau * (K @ w) - b + nu  # multipliers: g_j = μ_j ≥ 0 at zero, ≤ 0 at the cap
         at_zero = ~(free | upper)
         viol_zero = torch.where(at_zero, -g, torch.zeros_like(g))
         viol_cap = torch.where(upper, g, torch.zeros_like(g))
@@ -149,8 +163,7 @@ def kkt_polish(w0: torch.Tensor, b: torch.Tensor, K: torch.Tensor, tau: float, c
     return w0, False
 
 
-def torch_qp(b: torch.Tensor, K: torch.Tensor, tau: float, cap: float | None = None,
-             max_iter: int = 5000) -> QPResult:
+def torch_qp(b: torch.Tensor, K: torch.Tensor, tau: float, cap: float | None = None, max_iter: int = 5000) -> QPResult:
     """Default solver: FISTA in rounds of growing length, each followed by an exact KKT polish on
     its active set; stops as soon as the polished point satisfies the KKT conditions
     (single problem b [m], K [m, m]; float64 inside)."""
@@ -170,8 +183,9 @@ def torch_qp(b: torch.Tensor, K: torch.Tensor, tau: float, cap: float | None = N
     return QPResult(_renormalize(w.squeeze(0)), "inaccurate", total)
 
 
-def cvxpy_qp(b: torch.Tensor, K: torch.Tensor, tau: float, cap: float | None = None,
-             backend: str | None = None) -> QPResult:
+def cvxpy_qp(
+    b: torch.Tensor, K: torch.Tensor, tau: float, cap: float | None = None, backend: str | None = None
+) -> QPResult:
     """Reference via cvxpy: OSQP on ``quad_form(w, psd_wrap(K))`` (tight tolerances, polishing on).
     backend None: OSQP up to m = 512, CLARABEL (interior point) above — OSQP's first-order
     iterations crawl on dense m = 1024 problems (5–30 s measured, CLARABEL ~1.3 s, same optimum).
@@ -199,8 +213,9 @@ def _renormalize(w: torch.Tensor) -> torch.Tensor:
     return w / w.sum()
 
 
-def solve_qp(b: torch.Tensor, K: torch.Tensor, tau: float, cap: float | None = None,
-             solver: str = "active_set") -> QPResult:
+def solve_qp(
+    b: torch.Tensor, K: torch.Tensor, tau: float, cap: float | None = None, solver: str = "active_set"
+) -> QPResult:
     if solver == "active_set":
         result = active_set_qp(b, K, tau, cap)
         if result.status == "optimal":
@@ -235,8 +250,16 @@ def uniform_topk(u: torch.Tensor, k: int) -> WeightResult:
     return WeightResult(top, torch.full((top.numel(),), 1.0 / max(top.numel(), 1), dtype=torch.float64), "fallback")
 
 
-def select_weights(b: torch.Tensor, K: torch.Tensor, u: torch.Tensor, tau: float, k: int,
-                   cap: float | None = None, solver: str = "active_set", support: str = "topk") -> WeightResult:
+def select_weights(
+    b: torch.Tensor,
+    K: torch.Tensor,
+    u: torch.Tensor,
+    tau: float,
+    k: int,
+    cap: float | None = None,
+    solver: str = "active_set",
+    support: str = "topk",
+) -> WeightResult:
     """≤ k non-zero weights on the m filtered candidates (b [m], K [m, m], u [m] their utilities)."""
     if not (torch.isfinite(K).all() and torch.isfinite(b).all()):
         result = uniform_topk(u, k)

@@ -9,8 +9,9 @@ import torch
 from optsel.selection.base import Selection
 
 
-def selection_metrics(selection: Selection, kind_ids: torch.Tensor | None = None,
-                      kind_names: dict[int, str] | None = None) -> dict[str, float]:
+def selection_metrics(
+    selection: Selection, kind_ids: torch.Tensor | None = None, kind_names: dict[int, str] | None = None
+) -> dict[str, float]:
     """Flat ``select/...`` metrics. kind_ids: [N] ground-truth kind codes of the *global* pool."""
     w = selection.weights.double()
     out: dict[str, float] = {
@@ -25,8 +26,13 @@ def selection_metrics(selection: Selection, kind_ids: torch.Tensor | None = None
         u = selection.utility.double()
         finite = u[torch.isfinite(u)]
         if finite.numel():
-            out.update({"select/utility_mean": float(finite.mean()), "select/utility_min": float(finite.min()),
-                        "select/utility_max": float(finite.max())})
+            out.update(
+                {
+                    "select/utility_mean": float(finite.mean()),
+                    "select/utility_min": float(finite.min()),
+                    "select/utility_max": float(finite.max()),
+                }
+            )
     diag = selection.diagnostics or {}
     for key in ("gram_condition", "comm_bytes"):
         if key in diag and diag[key] is not None and math.isfinite(float(diag[key])):

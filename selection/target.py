@@ -37,8 +37,10 @@ class TargetCache:
     def update(self, factors: Factors, geometry_blocks: list[list[LayerBlock]], step: int) -> None:
         """Rebuild from (already gathered) target factors; one [r, c] tensor per layer block."""
         n = factors.num_samples
-        self.blocks = [[target_block(A, D, blk.rows, blk.cols, n) for blk in blocks]
-                       for A, D, blocks in zip(factors.A, factors.D, geometry_blocks)]
+        self.blocks = [
+            [target_block(A, D, blk.rows, blk.cols, n) for blk in blocks]
+            for A, D, blocks in zip(factors.A, factors.D, geometry_blocks)
+        ]
         self.computed_at = step
         self.num_targets = n
 

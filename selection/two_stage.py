@@ -11,8 +11,8 @@ step on those rows; :class:`SurvivorPool` maps its indices back to the pool's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -52,8 +52,9 @@ class HeadPrefilter:
     top m. ``covered``: the coverage's layers (to find the head's stage-2 target block for
     ``prefilter_target: reuse``)."""
 
-    def __init__(self, model, view: ModelView, reader: OptimizerStateReader, config: FTWConfig,
-                 covered: list[CoveredLayer]):
+    def __init__(
+        self, model, view: ModelView, reader: OptimizerStateReader, config: FTWConfig, covered: list[CoveredLayer]
+    ):
         self.config, self.reader = config, reader
         self.head = output_layer(model, view)
         try:
@@ -66,10 +67,18 @@ class HeadPrefilter:
     def geometry(self, dtype: torch.dtype) -> LayerGeometry:
         return layer_geometry(self.reader, self.head, dtype, use_momentum=self.config.geometry == "adam")
 
-    def run(self, pool: Batch, target: Batch | None, sizes: list[int], dtype: torch.dtype,
-            coefficients: Callable[[list[LayerGeometry]], tuple[float, float, int]],
-            stage2_target: list[torch.Tensor] | None, comm: distributed.CommCounter,
-            timings: dict[str, float], generator: torch.Generator | None = None) -> Stage1:
+    def run(
+        self,
+        pool: Batch,
+        target: Batch | None,
+        sizes: list[int],
+        dtype: torch.dtype,
+        coefficients: Callable[[list[LayerGeometry]], tuple[float, float, int]],
+        stage2_target: list[torch.Tensor] | None,
+        comm: distributed.CommCounter,
+        timings: dict[str, float],
+        generator: torch.Generator | None = None,
+    ) -> Stage1:
         """Stage 1 (class docstring). ``stage2_target``: this rank's blocks of the head's last stage-2
         target gradient (``prefilter_target: reuse``), or None. ``generator``: draws the
         ``prefilter_target_rows`` (the selector's: the same on every rank)."""
@@ -85,11 +94,17 @@ class HeadPrefilter:
                 gv_blocks = [gv.to(device, dtype) for gv in stage2_target]
             else:
                 if target is None:
-                    raise ValueError("target: FilterThenWeight needs a target batch (input_ids, attention_mask, labels)")
+                    raise ValueError(
+                        "target: FilterThenWeight needs a target batch (input_ids, attention_mask, labels)"
+                    )
                 whole_target = gather_batch(target, comm)  # every rank: the whole target
                 rows = cfg.prefilter_target_rows
                 if rows is not None and rows < int(whole_target["input_ids"].shape[0]):
-                    pick = torch.randperm(int(whole_target["input_ids"].shape[0]), generator=generator)[:rows].sort().values
+                    pick = (
+                        torch.randperm(int(whole_target["input_ids"].shape[0]), generator=generator)[:rows]
+                        .sort()
+                        .values
+                    )
                     whole_target = {key: v[pick.to(v.device)] for key, v in whole_target.items()}
                 gv = self.scorer.target_gradient(whole_target, dtype)
                 gv_blocks = [gv[blk.rows, blk.cols] for blk in geom.blocks]
@@ -105,8 +120,11 @@ class HeadPrefilter:
                 diag_parts.append(diag.double())
                 if keep:
                     kept.append(f)
-            local = torch.stack([torch.cat(b_parts), torch.cat(diag_parts)], dim=1) if b_parts else \
-                torch.zeros(0, 2, dtype=torch.float64, device=device)
+            local = (
+                torch.stack([torch.cat(b_parts), torch.cat(diag_parts)], dim=1)
+                if b_parts
+                else torch.zeros(0, 2, dtype=torch.float64, device=device)
+            )
             both = distributed.all_gather_cat(local, comm) if distributed.is_distributed() else local
             b_all, diag_all = both[:, 0].cpu(), both[:, 1].cpu()
             u = utility(b_all, diag_all, tau / k if cfg.filter_curvature == "batch" else tau)
@@ -114,13 +132,17 @@ class HeadPrefilter:
             survivors = filter_candidates(u, m, m).filtered.sort().values.to(torch.int64)
         factors = None
         if keep and kept:
-            factors = Factors([torch.cat([f.H for f in kept])], [torch.cat([f.D for f in kept])],
-                              torch.zeros(sum(int(f.tokens.numel()) for f in kept), dtype=dtype),
-                              torch.cat([f.tokens for f in kept]))
+            factors = Factors(
+                [torch.cat([f.H for f in kept])],
+                [torch.cat([f.D for f in kept])],
+                torch.zeros(sum(int(f.tokens.numel()) for f in kept), dtype=dtype),
+                torch.cat([f.tokens for f in kept]),
+            )
         return Stage1(survivors, b_all, u, reused, diag_all, (rho, tau, opt_step), geom, factors, P)
 
-    def survivors_gram(self, stage1: Stage1, filtered: torch.Tensor, sizes: list[int],
-                       comm: distributed.CommCounter) -> torch.Tensor:
+    def survivors_gram(
+        self, stage1: Stage1, filtered: torch.Tensor, sizes: list[int], comm: distributed.CommCounter
+    ) -> torch.Tensor:
         """``prefilter_stage2: head``: the head's exact K on ``filtered`` (global, in that order) from the
         survivors' head factors, all-gathered (m·W·(d + V) floats), and the gathered P: [m, m]."""
         rank = distributed.info().rank if distributed.is_distributed() else 0
@@ -150,14 +172,15 @@ class SurvivorPool:
     eligible: torch.Tensor
 
     @classmethod
-    def build(cls, pool: Batch, survivors: torch.Tensor, sizes: list[int], rank: int) -> "SurvivorPool":
+    def build(cls, pool: Batch, survivors: torch.Tensor, sizes: list[int], rank: int) -> SurvivorPool:
         offsets = torch.tensor([0] + list(sizes)).cumsum(0)
-        per_rank = [survivors[(survivors >= offsets[r]) & (survivors < offsets[r + 1])] - offsets[r]
-                    for r in range(len(sizes))]
+        per_rank = [
+            survivors[(survivors >= offsets[r]) & (survivors < offsets[r + 1])] - offsets[r] for r in range(len(sizes))
+        ]
         width = max(1, max(int(rows.numel()) for rows in per_rank))
         global_of = torch.full((len(sizes) * width,), -1, dtype=torch.int64)
         for r, rows in enumerate(per_rank):
-            global_of[r * width: r * width + rows.numel()] = rows + offsets[r]
+            global_of[r * width : r * width + rows.numel()] = rows + offsets[r]
         mine = per_rank[rank]
         pad = width - int(mine.numel())
         if int(pool["input_ids"].shape[0]) > 0:
@@ -166,12 +189,14 @@ class SurvivorPool:
             batch = {key: pool[key][rows.to(pool[key].device)] for key in ("input_ids", "attention_mask", "labels")}
             if pad:
                 batch["labels"] = batch["labels"].clone()
-                batch["labels"][mine.numel():] = IGNORE
+                batch["labels"][mine.numel() :] = IGNORE
         else:  # an empty local pool: padding rows of one attended token
             T = int(pool["input_ids"].shape[1])
-            batch = {"input_ids": torch.zeros(width, T, dtype=torch.int64),
-                     "attention_mask": torch.zeros(width, T, dtype=torch.int64).index_fill_(1, torch.tensor([0]), 1),
-                     "labels": torch.full((width, T), IGNORE, dtype=torch.int64)}
+            batch = {
+                "input_ids": torch.zeros(width, T, dtype=torch.int64),
+                "attention_mask": torch.zeros(width, T, dtype=torch.int64).index_fill_(1, torch.tensor([0]), 1),
+                "labels": torch.full((width, T), IGNORE, dtype=torch.int64),
+            }
         return cls(batch, mine, global_of, [width] * len(sizes), global_of >= 0)
 
     def row_map(self, n_local: int) -> torch.Tensor:
@@ -189,13 +214,29 @@ class SurvivorPool:
         local_idx, local_w = split_local(indices, sel.weights, sizes, rank)
         if sel.pool_pass is not None:
             sel.pool_pass.row_map = self.row_map(sizes[rank])
-        sel.diagnostics.update({"prefilter": "head", "stage1_survivors": int(stage1.survivors.numel()),
-                                "stage1_target_reused": stage1.target_reused})
+        sel.diagnostics.update(
+            {
+                "prefilter": "head",
+                "stage1_survivors": int(stage1.survivors.numel()),
+                "stage1_target_reused": stage1.target_reused,
+            }
+        )
         filtered = self.global_of[sel.filtered] if sel.filtered is not None else None
-        return Selection(indices=indices, weights=sel.weights, local_indices=local_idx, local_weights=local_w,
-                         pool_size=sum(sizes), alignment=stage1.alignment, utility=stage1.utility, filtered=filtered,
-                         gram=sel.gram, covered=sel.covered, timings=sel.timings, diagnostics=sel.diagnostics,
-                         pool_pass=sel.pool_pass)
+        return Selection(
+            indices=indices,
+            weights=sel.weights,
+            local_indices=local_idx,
+            local_weights=local_w,
+            pool_size=sum(sizes),
+            alignment=stage1.alignment,
+            utility=stage1.utility,
+            filtered=filtered,
+            gram=sel.gram,
+            covered=sel.covered,
+            timings=sel.timings,
+            diagnostics=sel.diagnostics,
+            pool_pass=sel.pool_pass,
+        )
 
 
 __all__ = ["HeadPrefilter", "Stage1", "SurvivorPool"]

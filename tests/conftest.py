@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -37,9 +37,23 @@ def prepare_synthetic(tmp_path_factory) -> Callable[..., Path]:
         out = tmp_path_factory.mktemp(name) / "synthetic"
         env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
         env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-        done = subprocess.run([sys.executable, "-m", "optsel.launch.cli", "prepare", "configs/prepare_synthetic.yaml",
-                               f"out_dir={out}", f"synthetic.num_train={num_train}", f"synthetic.num_val={num_val}"],
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "optsel.launch.cli",
+                "prepare",
+                "configs/prepare_synthetic.yaml",
+                f"out_dir={out}",
+                f"synthetic.num_train={num_train}",
+                f"synthetic.num_val={num_val}",
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         return out
 

@@ -18,9 +18,17 @@ def tiny_llama(tie: bool = False, seed: int = 0) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=tie, attn_implementation="eager")
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+        attn_implementation="eager",
+    )
     return LlamaForCausalLM(cfg).double().eval()
 
 
@@ -28,8 +36,18 @@ def tiny_gpt2(seed: int = 0) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=64, resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False, attn_implementation="eager")
+    cfg = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
     return GPT2LMHeadModel(cfg).double().eval()
 
 
@@ -73,7 +91,9 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, 
     optimizer.zero_grad(set_to_none=True)
 
 
-def per_sample_grads(model: nn.Module, batch: dict[str, torch.Tensor], names: list[str]) -> list[dict[str, torch.Tensor]]:
+def per_sample_grads(
+    model: nn.Module, batch: dict[str, torch.Tensor], names: list[str]
+) -> list[dict[str, torch.Tensor]]:
     """g_i for every sample i (run alone, unpadded): {param name: grad}, param layout."""
     from optsel.losses import per_sample_token_mean_ce
 
@@ -88,7 +108,7 @@ def per_sample_grads(model: nn.Module, batch: dict[str, torch.Tensor], names: li
     out = []
     for i in range(batch["input_ids"].shape[0]):
         length = int(batch["attention_mask"][i].sum())
-        sl = lambda k: batch[k][i:i + 1, :length]  # noqa: E731
+        sl = lambda k: batch[k][i : i + 1, :length]  # noqa: E731
         out.append(grad(loss_fn)(chosen, sl("input_ids"), sl("attention_mask"), sl("labels")))
     return out
 
@@ -99,12 +119,21 @@ def adam_precond(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> tuple
     state = optimizer.state[param]
     t = int(state["step"])
     b1, b2 = group["betas"]
-    vhat = state["exp_avg_sq"] / (1 - b2 ** t)
-    return 1.0 / (vhat.sqrt() + group["eps"]), state["exp_avg"] / (1 - b1 ** t)
+    vhat = state["exp_avg_sq"] / (1 - b2**t)
+    return 1.0 / (vhat.sqrt() + group["eps"]), state["exp_avg"] / (1 - b1**t)
 
 
-def brute_force(model, optimizer, pool, target, names, rho: float, tau: float, geometry: str = "adam",
-                batch_share: int | None = None):
+def brute_force(
+    model,
+    optimizer,
+    pool,
+    target,
+    names,
+    rho: float,
+    tau: float,
+    geometry: str = "adam",
+    batch_share: int | None = None,
+):
     """(b [N], K [N, N], u [N]) from explicit per-sample gradients and explicit P, m̂.
     u = b − (τ/2) K_ii, or b − (τ/(2k)) K_ii with ``batch_share=k`` (FTWConfig.filter_curvature="batch")."""
     params = dict(model.named_parameters())

@@ -7,11 +7,11 @@ import pytest
 import torch
 from helpers_bruteforce import brute_force, make_batch, per_sample_grads, tiny_llama, train_steps
 
+from optsel.losses import per_sample_token_mean_ce
 from optsel.selection.base import get_selector_factory
 from optsel.selection.baselines.greats import GreatsConfig, greedy_gain
 from optsel.selection.baselines.scores import ScoreConfig
 from optsel.selection.baselines.uds import UDSConfig
-from optsel.losses import per_sample_token_mean_ce
 from optsel.selection.capture import find_covered_layers
 from optsel.selection.ftw import FTWConfig
 
@@ -49,8 +49,8 @@ def direct_losses(model, pool):
     out = []
     for i in range(pool["input_ids"].shape[0]):
         n = int(pool["attention_mask"][i].sum())
-        logits = model(input_ids=pool["input_ids"][i:i + 1, :n]).logits
-        out.append(float(per_sample_token_mean_ce(logits, pool["labels"][i:i + 1, :n]).loss))
+        logits = model(input_ids=pool["input_ids"][i : i + 1, :n]).logits
+        out.append(float(per_sample_token_mean_ce(logits, pool["labels"][i : i + 1, :n]).loss))
     return torch.tensor(out, dtype=torch.float64)
 
 
@@ -159,24 +159,37 @@ def test_ftw_ablations(trained):
     assert set(fo.indices.tolist()) == set(top.tolist())
     assert torch.allclose(fo.weights, torch.full((K,), 1.0 / K, dtype=torch.float64))
     wo = build("ftw_weight_only", model, opt)
-    assert wo.config.filter_ratio == 1.0 and wo.select(pool, target).filtered.numel() == int((wo.select(pool, target).utility > 0).sum().clamp(min=K))
+    assert wo.config.filter_ratio == 1.0 and wo.select(pool, target).filtered.numel() == int(
+        (wo.select(pool, target).utility > 0).sum().clamp(min=K)
+    )
 
 
-@pytest.mark.parametrize("name,options,field", [
-    ("ftw_sgd", dict(geometry="adam"), "geometry"), ("ftw_filter_only", dict(filter_size=8), "filter_size"),
-    ("ftw_weight_only", dict(filter_ratio=0.5), "filter_ratio"),
-    ("ftw_sketch_exchange", dict(gram="exact"), "exchange"), ("ftw_sketch_exchange", dict(exchange="factors"), "exchange"),
-])
+@pytest.mark.parametrize(
+    "name,options,field",
+    [
+        ("ftw_sgd", dict(geometry="adam"), "geometry"),
+        ("ftw_filter_only", dict(filter_size=8), "filter_size"),
+        ("ftw_weight_only", dict(filter_ratio=0.5), "filter_ratio"),
+        ("ftw_sketch_exchange", dict(gram="exact"), "exchange"),
+        ("ftw_sketch_exchange", dict(exchange="factors"), "exchange"),
+    ],
+)
 def test_ablation_rejects_conflicting_options(name, options, field):
     with pytest.raises(ValueError, match=f"^{field}: "):
         get_selector_factory(name).config_class(budget=K, **options)
 
 
-@pytest.mark.parametrize("cls,kwargs,field", [
-    (ScoreConfig, dict(budget=0), "budget"), (ScoreConfig, dict(budget=2, chunk_size=0), "chunk_size"),
-    (GreatsConfig, dict(budget=2, lr=0.0), "lr"), (GreatsConfig, dict(budget=2, gram="sketch"), "gram"),
-    (UDSConfig, dict(budget=2, alpha=-1.0), "alpha"), (UDSConfig, dict(budget=2, buffer_size=0), "buffer_size"),
-])
+@pytest.mark.parametrize(
+    "cls,kwargs,field",
+    [
+        (ScoreConfig, dict(budget=0), "budget"),
+        (ScoreConfig, dict(budget=2, chunk_size=0), "chunk_size"),
+        (GreatsConfig, dict(budget=2, lr=0.0), "lr"),
+        (GreatsConfig, dict(budget=2, gram="sketch"), "gram"),
+        (UDSConfig, dict(budget=2, alpha=-1.0), "alpha"),
+        (UDSConfig, dict(budget=2, buffer_size=0), "buffer_size"),
+    ],
+)
 def test_config_validation(cls, kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}: "):
         cls(**kwargs)
@@ -199,8 +212,8 @@ def _dist_body(rank: int, world_size: int) -> dict[str, list[int]]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.99))
     train_steps(model, opt, 3)
     pool, target = make_batch(12, 9, seed=41), make_batch(4, 8, seed=42)
-    half = lambda b, r: {k: v[r * 6:(r + 1) * 6] for k, v in b.items()}  # noqa: E731
-    th = lambda b, r: {k: v[r * 2:(r + 1) * 2] for k, v in b.items()}  # noqa: E731
+    half = lambda b, r: {k: v[r * 6 : (r + 1) * 6] for k, v in b.items()}  # noqa: E731
+    th = lambda b, r: {k: v[r * 2 : (r + 1) * 2] for k, v in b.items()}  # noqa: E731
     out = {}
     for name in DIST_NAMES:
         sel = build(name, model, opt).select(half(pool, rank), th(target, rank))

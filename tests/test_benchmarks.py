@@ -18,8 +18,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _bench(name: str, out: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "optsel.launch.cli", "bench", name, "--quick", f"--out={out}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "optsel.launch.cli", "bench", name, "--quick", f"--out={out}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.slow
@@ -50,9 +56,24 @@ def test_quality_quick(tmp_path):
 def test_quality_equal_compute_quick(tmp_path):
     """Every method spends about the budget method's counted FLOPs: a cheaper one runs more steps."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([sys.executable, "-m", "optsel.launch.cli", "bench", "quality", "--quick", "--equal-compute",
-                           f"--out={tmp_path}", "--workers=1"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "optsel.launch.cli",
+            "bench",
+            "quality",
+            "--quick",
+            "--equal-compute",
+            f"--out={tmp_path}",
+            "--workers=1",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     (cell,) = json.loads((tmp_path / "summary.json").read_text())["cells"]
     rows = cell["methods"]
@@ -77,16 +98,24 @@ def test_overhead_quick(tmp_path):
         assert rows["random"]["flop_ratio_to_plain_N"] == pytest.approx(block["k"] / block["N"], rel=1e-6)
         # stage 1 scores by a forward pass: the head-only two-stage step is cheaper than the one-stage step,
         # and a scoring window cheaper again
-        assert rows["ftw[head only, W=T/4]"]["flop_ratio"] < rows["ftw[head only]"]["flop_ratio"] \
+        assert (
+            rows["ftw[head only, W=T/4]"]["flop_ratio"]
+            < rows["ftw[head only]"]["flop_ratio"]
             < rows["ftw (one stage, exact b)"]["flop_ratio"]
+        )
     assert "| ftw[head only] |" in (tmp_path / "overhead.md").read_text()
     assert (tmp_path / "overhead.png").stat().st_size > 1000
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, files", [("speed", ["speed.json", "speed.md"]),
-                                         ("select_grid", ["select_grid.json", "select_grid.md"]),
-                                         ("distributed_select", ["distributed_select.json", "distributed_select.md"])])
+@pytest.mark.parametrize(
+    "name, files",
+    [
+        ("speed", ["speed.json", "speed.md"]),
+        ("select_grid", ["select_grid.json", "select_grid.md"]),
+        ("distributed_select", ["distributed_select.json", "distributed_select.md"]),
+    ],
+)
 def test_cost_benchmarks_quick(tmp_path, name, files):
     done = _bench(name, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -135,13 +164,22 @@ def test_sketch_alignment_measures():
 
     x = torch.tensor([0.3, -1.0, 2.0, 0.1, 5.0], dtype=torch.float64)
     assert spearman(x, x) == pytest.approx(1.0) and spearman(x, -x) == pytest.approx(-1.0)
-    assert spearman(x, x ** 3) == pytest.approx(1.0)  # ranks only
+    assert spearman(x, x**3) == pytest.approx(1.0)  # ranks only
     assert top_share(x, x, 2) == 1.0 and top_share(x, -x, 2) == 0.0
     assert top_share(x, torch.tensor([5.0, 0, 0, 0, 9.0], dtype=torch.float64), 2) == 0.5  # {4, 2} vs {4, 0}
 
 
 def test_bench_usage_and_unknown_name():
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([sys.executable, "-m", "optsel.launch.cli", "bench", "nope"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "quality,speed,overhead,select_grid,distributed_select,soak,sketch_alignment" in done.stderr
+    done = subprocess.run(
+        [sys.executable, "-m", "optsel.launch.cli", "bench", "nope"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (
+        done.returncode == 2
+        and "quality,speed,overhead,select_grid,distributed_select,soak,sketch_alignment" in done.stderr
+    )

@@ -1,4 +1,4 @@
-"""The trainer's callbacks one at a time (pipeline/callbacks/), and switching them off by config.
+"""The trainer's callbacks one at a time (pipeline/train/callbacks/), and switching them off by config.
 
 Each callback runs here with real parts (a real Selection from the random selector, a real
 CheckpointManager and TrainerState, real signals, tqdm, matplotlib, the JSONL sink) and a small
@@ -21,21 +21,33 @@ import torch
 
 from optsel.config_loader import ConfigError
 from optsel.monitoring.sinks import JsonlSink
-from optsel.pipeline.callbacks import (CallbackList, CheckpointCallback, EvalCallback, Heartbeat, LossPlot, MetricsLog,
-                                       ProgressBar, SelectionsLog, StepResult, StopCallback, SummaryFile,
-                                       build_callbacks)
-from optsel.pipeline.callbacks.checkpoint import truncate_jsonl
-from optsel.pipeline.evaluate import EvalResult
-from optsel.pipeline.run_config import load_run_config
-from optsel.pipeline.trainer_state import TrainerState
+from optsel.pipeline.train.callbacks import (
+    CallbackList,
+    CheckpointCallback,
+    EvalCallback,
+    Heartbeat,
+    LossPlot,
+    MetricsLog,
+    ProgressBar,
+    SelectionsLog,
+    StepResult,
+    StopCallback,
+    SummaryFile,
+    build_callbacks,
+)
+from optsel.pipeline.train.callbacks.checkpoint import truncate_jsonl
+from optsel.pipeline.train.evaluate import EvalResult
+from optsel.pipeline.train.run_config import load_run_config
+from optsel.pipeline.train.state import TrainerState
 from optsel.selection.base import get_selector_factory
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _config(tmp_path: Path, *overrides: str):
-    return load_run_config(REPO / "configs/demo.yaml", ["engine.name=fsdp2", f"output_dir={tmp_path}",
-                                                        "run_name=r", *overrides])
+    return load_run_config(
+        REPO / "configs/demo.yaml", ["engine.name=fsdp2", f"output_dir={tmp_path}", "run_name=r", *overrides]
+    )
 
 
 def _result(step: int = 3, pool: int = 8, budget: int = 3, seed: int = 0, **kw) -> StepResult:
@@ -44,8 +56,14 @@ def _result(step: int = 3, pool: int = 8, budget: int = 3, seed: int = 0, **kw) 
     pool_batch = {"input_ids": torch.zeros(pool, 4, dtype=torch.long)}
     selection = selector.select(pool_batch)
     kw.setdefault("sample_ids", torch.arange(100, 100 + pool))
-    return StepResult(step=step, selection=selection, losses=torch.ones(budget), loss=1.5,
-                      metrics={"train/loss": 1.5, "time/step_seconds": 0.1}, **kw)
+    return StepResult(
+        step=step,
+        selection=selection,
+        losses=torch.ones(budget),
+        loss=1.5,
+        metrics={"train/loss": 1.5, "time/step_seconds": 0.1},
+        **kw,
+    )
 
 
 class _Loader:
@@ -74,9 +92,15 @@ class _Engine:
 
 def _trainer(config, **kw) -> SimpleNamespace:
     selector = get_selector_factory("random")(model=None, optimizer=None, budget=2, seed=kw.pop("seed", 0))
-    return SimpleNamespace(config=config, dist=SimpleNamespace(is_main=True, world_size=1, rank=0),
-                           engine=_Engine(), state=TrainerState(_Loader(kw.pop("position", 0)), selector),
-                           checkpoint_seconds={}, run_dir=config.run_dir, **kw)
+    return SimpleNamespace(
+        config=config,
+        dist=SimpleNamespace(is_main=True, world_size=1, rank=0),
+        engine=_Engine(),
+        state=TrainerState(_Loader(kw.pop("position", 0)), selector),
+        checkpoint_seconds={},
+        run_dir=config.run_dir,
+        **kw,
+    )
 
 
 # -- the selections log -------------------------------------------------------------------------------
@@ -89,16 +113,23 @@ def test_selections_log_writes_the_step_record(tmp_path):
     log.close()  # idempotent
     (record,) = [json.loads(line) for line in (tmp_path / "selections.jsonl").read_text().splitlines()]
     sel = result.selection
-    assert record == {"step": 3, "sample_ids": [100 + int(i) for i in sel.indices],
-                      "weights": [round(float(w), 6) for w in sel.weights], "pool_sample_ids": list(range(100, 108))}
+    assert record == {
+        "step": 3,
+        "sample_ids": [100 + int(i) for i in sel.indices],
+        "weights": [round(float(w), 6) for w in sel.weights],
+        "pool_sample_ids": list(range(100, 108)),
+    }
     assert len(record["sample_ids"]) == 3 and abs(sum(record["weights"]) - 1) < 1e-5
 
 
 # -- checkpoints: when, and a save that a fresh start restores ----------------------------------------
 def test_metrics_log_writes_the_step_and_carries_the_last_save_time():
     logged = []
-    trainer = SimpleNamespace(sinks=SimpleNamespace(log=lambda metrics, step: logged.append((step, dict(metrics)))),
-                              history=[], checkpoint_seconds={})
+    trainer = SimpleNamespace(
+        sinks=SimpleNamespace(log=lambda metrics, step: logged.append((step, dict(metrics)))),
+        history=[],
+        checkpoint_seconds={},
+    )
     MetricsLog().on_step_end(trainer, first := _result(step=3))
     assert logged == [(3, first.metrics)] and trainer.history == [first.metrics]
     assert "checkpoint/save_seconds" not in first.metrics  # no save yet
@@ -125,23 +156,41 @@ def test_checkpoint_saves_at_a_stop_and_a_restart_restores_the_trainer_state(tmp
     trainer.state.step, trainer.state.samples_seen, trainer.state.epoch = 2, 128, 1
     trainer.state.initial_eval = EvalResult(loss=2.5, exact_match=0.25, num_samples=16)
     trainer.state.selector.select({"input_ids": torch.zeros(8, 2)})  # move the selector's RNG
-    callback.on_step_end(trainer, result := _result(step=2))
+    callback.on_step_end(trainer, _result(step=2))
     assert "save" not in trainer.checkpoint_seconds and not callback.manager.complete()
-    callback.on_step_end(trainer, result := _result(step=2, stop="SIGTERM"))
+    callback.on_step_end(trainer, _result(step=2, stop="SIGTERM"))
     assert trainer.checkpoint_seconds["save"] > 0
     (saved,) = callback.manager.complete()
     meta = json.loads((saved / "meta.json").read_text())
     assert saved.name == "step_00000002" and meta["reason"] == "SIGTERM"
     on_disk = torch.load(saved / "trainer_rank00000.pt", weights_only=True)
-    assert set(on_disk) == {"step", "skipped_steps", "samples_seen", "epoch", "loader", "selector", "torch_rng",
-                            "initial_eval"}  # the checkpoint format is unchanged
+    assert set(on_disk) == {
+        "step",
+        "skipped_steps",
+        "samples_seen",
+        "epoch",
+        "loader",
+        "selector",
+        "torch_rng",
+        "initial_eval",
+    }  # the checkpoint format is unchanged
     assert on_disk["initial_eval"] == {"loss": 2.5, "exact_match": 0.25, "num_samples": 16}
 
-    resumed_config = _config(tmp_path, "checkpoint.every_steps=0", "training.num_steps=10", "checkpoint.resume=auto",
-                             "training.callbacks.plot=false")  # switches may change across a resume
+    resumed_config = _config(
+        tmp_path,
+        "checkpoint.every_steps=0",
+        "training.num_steps=10",
+        "checkpoint.resume=auto",
+        "training.callbacks.plot=false",
+    )  # switches may change across a resume
     other = _trainer(resumed_config, seed=99)
     assert CheckpointCallback(resumed_config, config.run_dir).start(other) == saved
-    assert (other.state.step, other.state.samples_seen, other.state.epoch, other.state.loader.position) == (2, 128, 1, 7)
+    assert (other.state.step, other.state.samples_seen, other.state.epoch, other.state.loader.position) == (
+        2,
+        128,
+        1,
+        7,
+    )
     assert other.state.initial_eval == trainer.state.initial_eval and "load" in other.checkpoint_seconds
     pool = {"input_ids": torch.zeros(8, 2)}
     assert torch.equal(other.state.selector.select(pool).indices, trainer.state.selector.select(pool).indices)
@@ -190,8 +239,9 @@ def test_stop_at_step_ends_the_run_before_num_steps_only(tmp_path):
 def test_eval_runs_first_at_eval_every_and_at_the_end_and_logs_the_initial_one(tmp_path):
     results = iter(EvalResult(loss=3.0 - i, exact_match=0.1 * i, num_samples=4) for i in range(10))
     sink = JsonlSink(tmp_path / "metrics.jsonl")
-    trainer = SimpleNamespace(state=SimpleNamespace(initial_eval=None), evaluate=lambda: next(results), sinks=sink,
-                              last_eval=None)
+    trainer = SimpleNamespace(
+        state=SimpleNamespace(initial_eval=None), evaluate=lambda: next(results), sinks=sink, last_eval=None
+    )
     callback = EvalCallback(eval_every=2, num_steps=5)
     callback.on_train_start(trainer)
     assert trainer.state.initial_eval.loss == 3.0 and trainer.last_eval is trainer.state.initial_eval
@@ -203,8 +253,9 @@ def test_eval_runs_first_at_eval_every_and_at_the_end_and_logs_the_initial_one(t
     sink.close()
     (line,) = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert line["step"] == 0 and line["eval/loss"] == 3.0
-    resumed = SimpleNamespace(state=SimpleNamespace(initial_eval=EvalResult(1.0, 0.5, 4)), evaluate=None, sinks=None,
-                              last_eval=None)
+    resumed = SimpleNamespace(
+        state=SimpleNamespace(initial_eval=EvalResult(1.0, 0.5, 4)), evaluate=None, sinks=None, last_eval=None
+    )
     EvalCallback(eval_every=0, num_steps=5).on_train_start(resumed)  # a checkpoint held it: not evaluated again
     assert resumed.last_eval.loss == 1.0
 
@@ -225,8 +276,9 @@ def test_summary_file_and_loss_plot(tmp_path):
     history = [{"train/loss": 2.0 - 0.1 * i, **({"eval/loss": 1.8} if i == 2 else {})} for i in range(4)]
     trainer = SimpleNamespace(history=history, state=SimpleNamespace(initial_eval=EvalResult(2.2, 0.0, 4)))
     summary = {"num_steps": 4, "final_eval_loss": float("nan")}
-    CallbackList([SummaryFile(tmp_path / "summary.json"),
-                  LossPlot(tmp_path / "loss.png", "random / fsdp2 / 1 ranks")]).on_train_end(trainer, summary)
+    CallbackList(
+        [SummaryFile(tmp_path / "summary.json"), LossPlot(tmp_path / "loss.png", "random / fsdp2 / 1 ranks")]
+    ).on_train_end(trainer, summary)
     assert json.loads((tmp_path / "summary.json").read_text()) == {"num_steps": 4, "final_eval_loss": None}
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -242,25 +294,47 @@ def test_build_callbacks_order_and_switches(tmp_path):
     config.run_dir.mkdir(parents=True)
     everything = build_callbacks(config, config.run_dir, True, checkpointing, 2)
     try:
-        assert _kinds(everything) == ["SelectionsLog", "EvalCallback", "Heartbeat", "StopCallback", "MetricsLog",
-                                      "CheckpointCallback", "ProgressBar", "SummaryFile", "LossPlot"]
+        assert _kinds(everything) == [
+            "SelectionsLog",
+            "EvalCallback",
+            "Heartbeat",
+            "StopCallback",
+            "MetricsLog",
+            "CheckpointCallback",
+            "ProgressBar",
+            "SummaryFile",
+            "LossPlot",
+        ]
     finally:
         everything.close()
-    off = _config(tmp_path, "training.progress_bar=false", "training.callbacks.selections_log=false",
-                  "training.callbacks.plot=false", "training.callbacks.summary=false")
+    off = _config(
+        tmp_path,
+        "training.progress_bar=false",
+        "training.callbacks.selections_log=false",
+        "training.callbacks.plot=false",
+        "training.callbacks.summary=false",
+    )
     quiet = build_callbacks(off, off.run_dir, True, checkpointing, 2)
     other_rank = build_callbacks(config, config.run_dir, False, checkpointing, 2)  # rank > 0 writes no file
     try:
-        assert _kinds(quiet) == _kinds(other_rank) == ["EvalCallback", "Heartbeat", "StopCallback", "MetricsLog",
-                                                       "CheckpointCallback"]
+        assert (
+            _kinds(quiet)
+            == _kinds(other_rank)
+            == ["EvalCallback", "Heartbeat", "StopCallback", "MetricsLog", "CheckpointCallback"]
+        )
     finally:  # the reverse of building: each StopCallback restores the handler it found
         other_rank.close()
         quiet.close()
 
 
-@pytest.mark.parametrize("override, key", [("training.callbacks.plots=false", "training.callbacks.plots"),
-                                           ("training.callbacks.summary=maybe", "training.callbacks.summary"),
-                                           ("training.callbacks=3", "training.callbacks")])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("training.callbacks.plots=false", "training.callbacks.plots"),
+        ("training.callbacks.summary=maybe", "training.callbacks.summary"),
+        ("training.callbacks=3", "training.callbacks"),
+    ],
+)
 def test_bad_callback_switches_are_errors_naming_the_key(tmp_path, override, key):
     with pytest.raises(ConfigError) as err:
         _config(tmp_path, override)
@@ -272,16 +346,44 @@ def test_a_run_with_the_switchable_callbacks_off_writes_none_of_their_files(prep
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         env.pop(key, None)
-    common = ["configs/demo.yaml", f"data.local={data_dir}", "engine.name=fsdp2", "selection.method=random",
-              "training.num_steps=2", "training.eval_every=0", "training.num_eval_samples=8",
-              "selection.num_target_samples=8", "selection.pool_size=8", "selection.budget=2",
-              "monitoring.port=0", "checkpoint.every_steps=0", "training.progress_bar=false"]
-    for name, switches in (("on", []), ("off", ["training.callbacks.selections_log=false", "training.callbacks.plot=false",
-                                                "training.callbacks.summary=false"])):
-        done = subprocess.run([sys.executable, "-m", "optsel.launch.train", *common, f"output_dir={tmp_path / name}",
-                               *switches], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    common = [
+        "configs/demo.yaml",
+        f"data.local={data_dir}",
+        "engine.name=fsdp2",
+        "selection.method=random",
+        "training.num_steps=2",
+        "training.eval_every=0",
+        "training.num_eval_samples=8",
+        "selection.num_target_samples=8",
+        "selection.pool_size=8",
+        "selection.budget=2",
+        "monitoring.port=0",
+        "checkpoint.every_steps=0",
+        "training.progress_bar=false",
+    ]
+    for name, switches in (
+        ("on", []),
+        (
+            "off",
+            [
+                "training.callbacks.selections_log=false",
+                "training.callbacks.plot=false",
+                "training.callbacks.summary=false",
+            ],
+        ),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "optsel.launch.train", *common, f"output_dir={tmp_path / name}", *switches],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
-        assert json.loads(done.stdout[done.stdout.index("{\n"): done.stdout.rindex("}") + 1])["num_steps"] == 2  # the summary is printed
+        assert (
+            json.loads(done.stdout[done.stdout.index("{\n") : done.stdout.rindex("}") + 1])["num_steps"] == 2
+        )  # the summary is printed
         (outputs,) = [line for line in done.stdout.splitlines() if line.startswith("outputs in")]
         assert ("selections.jsonl" in outputs and "loss.png" in outputs) == (name == "on"), outputs
     on, off = tmp_path / "on" / "demo", tmp_path / "off" / "demo"

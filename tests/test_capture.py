@@ -38,9 +38,9 @@ def test_chunked_capture_matches_and_loss_is_per_sample():
     for a, b in zip(whole.A + whole.D, chunked.A + chunked.D):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     for i in range(5):
-        one = {k: v[i:i + 1, : int(batch["attention_mask"][i].sum())] for k, v in batch.items()}
+        one = {k: v[i : i + 1, : int(batch["attention_mask"][i].sum())] for k, v in batch.items()}
         alone = capture_factors(model, one, cov.layers)
-        torch.testing.assert_close(whole.loss[i:i + 1], alone.loss, rtol=1e-7, atol=0)
+        torch.testing.assert_close(whole.loss[i : i + 1], alone.loss, rtol=1e-7, atol=0)
 
 
 def test_coverage_of_conv1d_lora_and_tied_weights():

@@ -16,26 +16,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_prepare import read_split
 
 from optsel.config_loader import ConfigError
-from optsel.pipeline.collate import collate
-from optsel.pipeline.data import check_identity
-from optsel.pipeline.prepare import ORIGINS, PrepareConfig, prepare
-from optsel.pipeline.records import BadRecord, HFSourceConfig, TemplateConfig
-from optsel.pipeline.tokenizer import TokenizerConfig, load_tokenizer
-from test_prepare import read_split
+from optsel.pipeline.data.collate import collate
+from optsel.pipeline.data.loaders import check_identity
+from optsel.pipeline.data.prepare import ORIGINS, PrepareConfig, prepare
+from optsel.pipeline.data.records import BadRecord, HFSourceConfig, TemplateConfig
+from optsel.pipeline.data.tokenizer import TokenizerConfig, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SPECIALS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 _TURN = "<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
 #: assistant content (and its <|end|>) between generation marks (the "\n" after a block tag is written as
 #: an expression: transformers renders with trim_blocks, which drops a newline right after a tag)
-GEN_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'assistant' %}<|assistant|>\n{% generation %}"
-                "{{ m['content'] }}<|end|>{% endgeneration %}{{ '\\n' }}{% else %}" + _TURN + "{% endif %}{% endfor %}"
-                "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+GEN_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}<|assistant|>\n{% generation %}"
+    "{{ m['content'] }}<|end|>{% endgeneration %}{{ '\\n' }}{% else %}" + _TURN + "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 #: the same rendering without marks: the prefix rule applies
-PLAIN_TEMPLATE = ("{% for m in messages %}" + _TURN + "{% endfor %}"
-                  "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+PLAIN_TEMPLATE = (
+    "{% for m in messages %}" + _TURN + "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 WORDS = "the a cat dog sat ran on under mat box red blue one two three four five add sum is what".split()
 
 
@@ -52,8 +55,12 @@ def make_tokenizer(folder: Path, template: str | None) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator([sentence(rng) for _ in range(400)], trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     if template is not None:
@@ -65,10 +72,13 @@ def make_tokenizer(folder: Path, template: str | None) -> Path:
 @pytest.fixture(scope="module")
 def tokenizers_dir(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("toks")
-    return {"gen": make_tokenizer(root / "gen", GEN_TEMPLATE), "plain": make_tokenizer(root / "plain", PLAIN_TEMPLATE),
-            "none": make_tokenizer(root / "none", None),
-            # no marks, and the turn count up front: no rendering is a prefix of the next
-            "counting": make_tokenizer(root / "counting", "{{ messages|length }}" + PLAIN_TEMPLATE)}
+    return {
+        "gen": make_tokenizer(root / "gen", GEN_TEMPLATE),
+        "plain": make_tokenizer(root / "plain", PLAIN_TEMPLATE),
+        "none": make_tokenizer(root / "none", None),
+        # no marks, and the turn count up front: no rendering is a prefix of the next
+        "counting": make_tokenizer(root / "counting", "{{ messages|length }}" + PLAIN_TEMPLATE),
+    }
 
 
 def conversations(n: int, seed: int = 1) -> list[list[dict[str, str]]]:
@@ -89,22 +99,35 @@ def write_jsonl(path: Path, records: list) -> str:
 
 
 def chat_cfg(out: Path, files: list[str], tok_dir: Path, fmt: str = "messages", **kw) -> PrepareConfig:
-    return PrepareConfig(out_dir=str(out), source="jsonl", files=files, val_fraction=kw.pop("val_fraction", 0.25),
-                         template=TemplateConfig(format=fmt), tokenizer=TokenizerConfig(kind="pretrained",
-                                                                                         path=str(tok_dir)),
-                         max_seq_len=kw.pop("max_seq_len", 512), size_limit=2048, **kw)
+    return PrepareConfig(
+        out_dir=str(out),
+        source="jsonl",
+        files=files,
+        val_fraction=kw.pop("val_fraction", 0.25),
+        template=TemplateConfig(format=fmt),
+        tokenizer=TokenizerConfig(kind="pretrained", path=str(tok_dir)),
+        max_seq_len=kw.pop("max_seq_len", 512),
+        size_limit=2048,
+        **kw,
+    )
 
 
-def expected(tok, messages: list[dict[str, str]], generation: bool, first_loss_turn: int = 0
-             ) -> tuple[list[int], list[int]]:
+def expected(
+    tok, messages: list[dict[str, str]], generation: bool, first_loss_turn: int = 0
+) -> tuple[list[int], list[int]]:
     """Ids and loss mask computed piece by piece (independent of the template engine): the special tokens
     split the text, so each piece tokenizes alone. Loss: assistant content + <|end|> (with marks), and
     the "\\n" after it too (prefix rule: everything the turn adds after "<|assistant|>\\n")."""
     ids, mask = [], []
     for i, m in enumerate(messages):
         on = int(m["role"] == "assistant" and i >= first_loss_turn)
-        for piece, loss in ((f"<|{m['role']}|>", 0), ("\n", 0), (m["content"], on), ("<|end|>", on),
-                            ("\n", 0 if generation else on)):
+        for piece, loss in (
+            (f"<|{m['role']}|>", 0),
+            ("\n", 0),
+            (m["content"], on),
+            ("<|end|>", on),
+            ("\n", 0 if generation else on),
+        ):
             piece_ids = tok.encode(piece, add_special_tokens=False)
             ids += piece_ids
             mask += [loss] * len(piece_ids)
@@ -121,12 +144,20 @@ def test_messages_ids_are_the_templates_and_loss_is_on_assistant_turns(tmp_path,
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in convs])
     if which == "gen":  # the CLI, as a user runs it
         config = tmp_path / "prepare.yaml"
-        config.write_text(f"out_dir: {tmp_path / 'ds'}\nsource: jsonl\nfiles: [{path}]\nval_fraction: 0.25\n"
-                          f"template: {{format: messages}}\n"
-                          f"tokenizer: {{kind: pretrained, path: {tokenizers_dir[which]}}}\nmax_seq_len: 512\n")
+        config.write_text(
+            f"out_dir: {tmp_path / 'ds'}\nsource: jsonl\nfiles: [{path}]\nval_fraction: 0.25\n"
+            f"template: {{format: messages}}\n"
+            f"tokenizer: {{kind: pretrained, path: {tokenizers_dir[which]}}}\nmax_seq_len: 512\n"
+        )
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-        done = subprocess.run([sys.executable, "-m", "optsel.launch.cli", "prepare", str(config)], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=180)
+        done = subprocess.run(
+            [sys.executable, "-m", "optsel.launch.cli", "prepare", str(config)],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         report = json.loads((tmp_path / "ds" / "prepare_report.json").read_text())
     else:
@@ -153,14 +184,15 @@ def test_messages_ids_are_the_templates_and_loss_is_on_assistant_turns(tmp_path,
 
     # the trainer's path: StreamingDataset (load_split) → the collated val batches carry the same labels
     from optsel.distributed import DistInfo
-    from optsel.pipeline.data import build_val_batches
-    from optsel.pipeline.data_config import DataConfig
+    from optsel.pipeline.data.config import DataConfig
+    from optsel.pipeline.data.loaders import build_val_batches
 
     data = DataConfig(local=str(tmp_path / "ds"), cache_dir=str(tmp_path / "cache"), clean_stale_shm=False)
     batch = build_val_batches(data, batch_size=64, rank_info=DistInfo(rank=0, world_size=1, local_rank=0))[0]
     assert len(batch["sample_id"]) == report["num_val"] >= 4
-    for ids, labels, keep, sample_id in zip(batch["input_ids"], batch["labels"], batch["attention_mask"],
-                                           batch["sample_id"]):
+    for ids, labels, keep, sample_id in zip(
+        batch["input_ids"], batch["labels"], batch["attention_mask"], batch["sample_id"]
+    ):
         line = int(origins[int(sample_id)]["origin"].rsplit(":", 1)[1])
         want_ids, want_mask = expected(tok, convs[line - 1], generation=which == "gen")
         n = int(keep.sum())
@@ -186,13 +218,20 @@ def test_prompt_completion_forms(tmp_path, tokenizers_dir):
         messages = convs[int(row["sample_id"])]
         assert list(row["loss_mask"]) == expected(tok, messages, True, first_loss_turn=len(messages) - 1)[1]
     plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "2+2=", "completion": "4"}] * 4)
-    cfg = PrepareConfig(out_dir=str(tmp_path / "ds3"), source="jsonl", files=[plain], val_fraction=0.0,
-                        template=TemplateConfig(format="prompt_completion"), max_seq_len=16)
+    cfg = PrepareConfig(
+        out_dir=str(tmp_path / "ds3"),
+        source="jsonl",
+        files=[plain],
+        val_fraction=0.0,
+        template=TemplateConfig(format="prompt_completion"),
+        max_seq_len=16,
+    )
     prepare(cfg)
     row = read_split(tmp_path / "ds3" / "train")[0]
     byte = load_tokenizer(tmp_path / "ds3" / "tokenizer")
-    assert list(row["tokens"]) == (byte.encode("2+2=", add_special_tokens=False)
-                                   + byte.encode("4", add_special_tokens=False) + [byte.eos_token_id])
+    assert list(row["tokens"]) == (
+        byte.encode("2+2=", add_special_tokens=False) + byte.encode("4", add_special_tokens=False) + [byte.eos_token_id]
+    )
     assert list(row["loss_mask"]) == [0, 0, 0, 0, 1, 1] and int(row["prompt_len"]) == 4
 
 
@@ -200,13 +239,22 @@ BAD = [
     ({"messages": []}, "empty conversation"),
     ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
     ({"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}, "unknown role 'robot'"),
-    ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]},
-     r"messages\[0\]: content has type int"),
+    (
+        {"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]},
+        r"messages\[0\]: content has type int",
+    ),
     ({"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}, r"messages\[0\] has no 'content'"),
     ({"messages": "hello"}, "field 'messages' has type str"),
     ({"text": "no messages"}, "missing field 'messages'"),
-    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
-                   {"role": "assistant", "content": "x"}]}, "content has type list"),
+    (
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                {"role": "assistant", "content": "x"},
+            ]
+        },
+        "content has type list",
+    ),
 ]
 
 
@@ -221,21 +269,27 @@ def test_bad_chat_records_name_file_and_line(tmp_path, tokenizers_dir, record, m
 
 def test_prompt_completion_bad_records_and_skip(tmp_path, tokenizers_dir):
     good = [{"prompt": c[:-1], "completion": c[-1:]} for c in conversations(6)]
-    bad = [{"prompt": "text", "completion": [{"role": "assistant", "content": "x"}]},
-           {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "user", "content": "x"}]}]
+    bad = [
+        {"prompt": "text", "completion": [{"role": "assistant", "content": "x"}]},
+        {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "user", "content": "x"}]},
+    ]
     path = write_jsonl(tmp_path / "pc.jsonl", good + bad)
     with pytest.raises(BadRecord, match=r"pc.jsonl:7: prompt and completion must both be strings or both"):
         prepare(chat_cfg(tmp_path / "ds", [path], tokenizers_dir["gen"], fmt="prompt_completion"))
-    report = prepare(chat_cfg(tmp_path / "ds", [path], tokenizers_dir["gen"], fmt="prompt_completion",
-                              on_bad_record="skip"))
+    report = prepare(
+        chat_cfg(tmp_path / "ds", [path], tokenizers_dir["gen"], fmt="prompt_completion", on_bad_record="skip")
+    )
     assert report.skipped_bad == 2 and report.num_train + report.num_val == 6
     assert any("pc.jsonl:8: the completion has no assistant turn" in note for note in report.bad_examples)
 
 
 def test_a_template_that_breaks_the_prefix_rule_is_refused_clearly(tmp_path, tokenizers_dir):
     path = write_jsonl(tmp_path / "c.jsonl", [{"messages": c} for c in conversations(3)])
-    with pytest.raises(BadRecord, match=r"c.jsonl:1: the chat template has no \{% generation %\} marks and its "
-                                        r"renderings are not prefixes of each other at messages\[2\]"):
+    with pytest.raises(
+        BadRecord,
+        match=r"c.jsonl:1: the chat template has no \{% generation %\} marks and its "
+        r"renderings are not prefixes of each other at messages\[2\]",
+    ):
         prepare(chat_cfg(tmp_path / "ds", [path], tokenizers_dir["counting"]))
 
 
@@ -246,9 +300,15 @@ def test_messages_from_a_saved_datasets_dataset(tmp_path, tokenizers_dir):
     convs = conversations(8)
     convs[1][0]["name"] = "alice"
     datasets.Dataset.from_list([{"messages": c} for c in convs]).save_to_disk(str(tmp_path / "hf"))
-    cfg = PrepareConfig(out_dir=str(tmp_path / "ds"), source="hf", hf=HFSourceConfig(path=str(tmp_path / "hf")),
-                        val_fraction=0.0, template=TemplateConfig(format="messages"),
-                        tokenizer=TokenizerConfig(kind="pretrained", path=str(tokenizers_dir["gen"])), max_seq_len=512)
+    cfg = PrepareConfig(
+        out_dir=str(tmp_path / "ds"),
+        source="hf",
+        hf=HFSourceConfig(path=str(tmp_path / "hf")),
+        val_fraction=0.0,
+        template=TemplateConfig(format="messages"),
+        tokenizer=TokenizerConfig(kind="pretrained", path=str(tokenizers_dir["gen"])),
+        max_seq_len=512,
+    )
     report = prepare(cfg)
     assert report.num_train == 8 and report.skipped_bad == 0
     tok = load_tokenizer(tmp_path / "ds" / "tokenizer")
@@ -262,8 +322,9 @@ def test_messages_from_a_saved_datasets_dataset(tmp_path, tokenizers_dir):
 def test_chat_needs_a_chat_template(tmp_path, tokenizers_dir):
     path = write_jsonl(tmp_path / "c.jsonl", [{"messages": c} for c in conversations(4)])
     with pytest.raises(ValueError, match="kind 'byte' has none"):
-        PrepareConfig(out_dir=str(tmp_path / "ds"), source="jsonl", files=[path],
-                      template=TemplateConfig(format="messages"))
+        PrepareConfig(
+            out_dir=str(tmp_path / "ds"), source="jsonl", files=[path], template=TemplateConfig(format="messages")
+        )
     with pytest.raises(ValueError, match="has no chat template"):
         prepare(chat_cfg(tmp_path / "ds", [path], tokenizers_dir["none"]))
     assert not (tmp_path / "ds").exists()
@@ -280,8 +341,9 @@ def test_overlong_conversations_truncate_or_reject(tmp_path, tokenizers_dir):
     assert report.truncated + report.rejected_overlong == cut and report.truncated >= 1
     for row in read_split(tmp_path / "t" / "train"):
         assert len(row["tokens"]) <= cap and len(row["loss_mask"]) == len(row["tokens"]) and 1 in row["loss_mask"]
-    report = prepare(chat_cfg(tmp_path / "r", [path], tokenizers_dir["gen"], max_seq_len=cap, val_fraction=0.0,
-                              overlong="reject"))
+    report = prepare(
+        chat_cfg(tmp_path / "r", [path], tokenizers_dir["gen"], max_seq_len=cap, val_fraction=0.0, overlong="reject")
+    )
     assert report.rejected_overlong == cut and report.num_train == 9 - cut
     assert any(f"> max_seq_len={cap}" in note for note in report.bad_examples)
 
@@ -299,9 +361,18 @@ def test_a_failing_chat_prepare_leaves_nothing(tmp_path, tokenizers_dir):
 def tiny_llama(folder: Path, tok_dir: Path | None, vocab_size: int) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, intermediate_size=32, max_position_embeddings=64,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     LlamaForCausalLM(config).save_pretrained(str(folder))
     if tok_dir is not None:
         load_tokenizer(tok_dir).save_pretrained(str(folder))
@@ -317,7 +388,7 @@ def byte_data(tmp_path_factory) -> Path:
 
 
 def test_prepare_records_the_tokenizer_identity(byte_data):
-    from optsel.pipeline.tokenizer import file_sha256, vocab_sha256
+    from optsel.pipeline.data.tokenizer import file_sha256, vocab_sha256
 
     report = json.loads((byte_data / "prepare_report.json").read_text())
     ident, tok = report["tokenizer"], load_tokenizer(byte_data / "tokenizer")
@@ -331,14 +402,17 @@ def test_prepare_records_the_tokenizer_identity(byte_data):
 def test_identity_check_refuses_mismatches_and_passes_a_match(tmp_path, byte_data, tokenizers_dir):
     from transformers import AutoModelForCausalLM
 
-    from optsel.pipeline.model import ModelConfig
+    from optsel.pipeline.train.model import ModelConfig
 
     tok = load_tokenizer(byte_data / "tokenizer")
     bpe_model = tiny_llama(tmp_path / "bpe_model", tokenizers_dir["gen"], vocab_size=400)
     cfg = ModelConfig(source="local", path=str(bpe_model))
     model = AutoModelForCausalLM.from_pretrained(bpe_model)
-    with pytest.raises(ConfigError, match=r"model.path.*tokenizer saved with the model .*bpe_model: vocab size 400.*"
-                                          r"not the one the data was prepared with .*tokenizer: vocab size 259"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.path.*tokenizer saved with the model .*bpe_model: vocab size 400.*"
+        r"not the one the data was prepared with .*tokenizer: vocab size 259",
+    ):
         check_identity(byte_data, tok, model, cfg)
 
     small = AutoModelForCausalLM.from_pretrained(tiny_llama(tmp_path / "small", None, vocab_size=200))
@@ -353,8 +427,9 @@ def test_identity_check_refuses_mismatches_and_passes_a_match(tmp_path, byte_dat
     check_identity(byte_data, tok, big, None)  # padded vocabulary, eos among several: a match
 
     matching = tiny_llama(tmp_path / "match", byte_data / "tokenizer", vocab_size=259)
-    check_identity(byte_data, tok, AutoModelForCausalLM.from_pretrained(matching),
-                   ModelConfig(source="local", path=str(matching)))
+    check_identity(
+        byte_data, tok, AutoModelForCausalLM.from_pretrained(matching), ModelConfig(source="local", path=str(matching))
+    )
 
     # the data's tokenizer folder swapped after prepare; and a dataset from before identities (a warning)
     copy = tmp_path / "copy"
@@ -363,8 +438,11 @@ def test_identity_check_refuses_mismatches_and_passes_a_match(tmp_path, byte_dat
     shutil.copytree(byte_data, copy)
     shutil.rmtree(copy / "tokenizer")
     load_tokenizer(tokenizers_dir["gen"]).save_pretrained(str(copy / "tokenizer"))
-    with pytest.raises(ConfigError, match=r"tokenizer.json \(sha256 [0-9a-f]{64}\) is not the tokenizer the data was "
-                                          r"prepared with"):
+    with pytest.raises(
+        ConfigError,
+        match=r"tokenizer.json \(sha256 [0-9a-f]{64}\) is not the tokenizer the data was "
+        r"prepared with",
+    ):
         check_identity(copy, load_tokenizer(copy / "tokenizer"), big, None)
     report = json.loads((copy / "prepare_report.json").read_text())
     del report["tokenizer"]["tokenizer_json_sha256"], report["max_token_id"]
@@ -377,10 +455,26 @@ def test_train_refuses_byte_data_with_a_bpe_model_before_step_1(tmp_path, byte_d
     model = tiny_llama(tmp_path / "bpe_model", tokenizers_dir["gen"], vocab_size=400)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    done = subprocess.run([sys.executable, "-m", "optsel.launch.cli", "train", "configs/demo.yaml",
-                           f"data.local={byte_data}", f"output_dir={tmp_path / 'runs'}", "training.progress_bar=false",
-                           "monitoring.port=0", "model.source=local", f"model.path={model}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "optsel.launch.cli",
+            "train",
+            "configs/demo.yaml",
+            f"data.local={byte_data}",
+            f"output_dir={tmp_path / 'runs'}",
+            "training.progress_bar=false",
+            "monitoring.port=0",
+            "model.source=local",
+            f"model.path={model}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert done.returncode == 2, done.stderr[-3000:]
     assert "model.path" in done.stderr and "vocab size 400" in done.stderr and "vocab size 259" in done.stderr
     assert "Traceback" not in done.stderr
@@ -388,8 +482,13 @@ def test_train_refuses_byte_data_with_a_bpe_model_before_step_1(tmp_path, byte_d
 
 
 def test_collate_labels_by_the_loss_mask_and_refuses_a_wrong_length():
-    row = {"tokens": np.array([5, 6, 7, 8, 9]), "prompt_len": 1, "sample_id": 3, "kind_id": 0,
-           "loss_mask": np.array([0, 1, 0, 1, 1], dtype=np.uint8)}
+    row = {
+        "tokens": np.array([5, 6, 7, 8, 9]),
+        "prompt_len": 1,
+        "sample_id": 3,
+        "kind_id": 0,
+        "loss_mask": np.array([0, 1, 0, 1, 1], dtype=np.uint8),
+    }
     batch = collate([row, {**row, "loss_mask": None, "prompt_len": 2}], pad_id=0, max_seq_len=4)
     assert batch["labels"].tolist() == [[-100, 6, -100, 8], [-100, -100, 7, 8]]
     with pytest.raises(ValueError, match=r"sample 3 has a loss_mask of shape \(2,\) for 5 tokens"):

@@ -24,6 +24,7 @@ from _dist_utils import run_distributed
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.soak import records as _records  # noqa: E402  (one reader of a run's logs, shared with the soak)
+
 STEPS = 6
 
 
@@ -40,10 +41,21 @@ def data_dir(prepare_synthetic) -> Path:
 
 
 def _overrides(data_dir: Path, out: Path, engine: str, method: str, *extra: str) -> list[str]:
-    return [f"data.local={data_dir}", f"output_dir={out}", "training.progress_bar=false", "training.num_eval_samples=16",
-            "monitoring.port=0", "training.eval_every=2", f"engine.name={engine}", f"selection.method={method}",
-            f"training.num_steps={STEPS}", "selection.pool_size=16", "selection.budget=4",
-            "selection.num_target_samples=8", *extra]
+    return [
+        f"data.local={data_dir}",
+        f"output_dir={out}",
+        "training.progress_bar=false",
+        "training.num_eval_samples=16",
+        "monitoring.port=0",
+        "training.eval_every=2",
+        f"engine.name={engine}",
+        f"selection.method={method}",
+        f"training.num_steps={STEPS}",
+        "selection.pool_size=16",
+        "selection.budget=4",
+        "selection.num_target_samples=8",
+        *extra,
+    ]
 
 
 def _assert_same_run(straight: Path, resumed: Path) -> None:
@@ -57,8 +69,8 @@ def _assert_same_run(straight: Path, resumed: Path) -> None:
 
 # -- in-process: straight vs stop + resume, each engine × method -------------------------------------
 def _straight_and_split(rank: int, world: int, overrides: list[str]) -> dict:
-    from optsel.pipeline.run_config import load_run_config
-    from optsel.pipeline.trainer import Trainer
+    from optsel.pipeline.train.run_config import load_run_config
+    from optsel.pipeline.train.trainer import Trainer
 
     def run(*extra: str) -> dict:
         trainer = Trainer(load_run_config(REPO / "configs/demo.yaml", overrides + list(extra)))
@@ -77,8 +89,9 @@ def _straight_and_split(rank: int, world: int, overrides: list[str]) -> dict:
 @pytest.mark.parametrize("engine", ["fsdp2", "deepspeed"])
 @pytest.mark.parametrize("method", ["random", "ftw"])
 def test_stop_and_resume_equals_straight_run(data_dir, tmp_path, engine, method):
-    results = run_distributed(_straight_and_split, 2, args=(_overrides(data_dir, tmp_path, engine, method),),
-                              init=engine, timeout_s=600)
+    results = run_distributed(
+        _straight_and_split, 2, args=(_overrides(data_dir, tmp_path, engine, method),), init=engine, timeout_s=600
+    )
     first, second = results[0]["first"], results[0]["second"]
     assert first["stopped"] == f"training.stop_at_step={STEPS // 2}" and first["num_steps"] == STEPS // 2
     assert second["resumed_from"].endswith(f"step_{STEPS // 2:08d}") and second["num_steps"] == STEPS
@@ -94,8 +107,9 @@ def _torchrun(overrides: list[str], log: Path) -> subprocess.Popen:
 
     cmd = build_command("torchrun", 2, "configs/demo.yaml", overrides)
     cmd.insert(cmd.index("-m", 2), "--monitor_interval=0.2")
-    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=_env(), stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str) -> None:
@@ -149,8 +163,16 @@ def straight_runs(data_dir, tmp_path_factory) -> dict[tuple[str, str], Path]:
 @pytest.mark.parametrize("method", ["random", "ftw"])
 def test_sigkilled_rank_ends_job_and_resume_finishes_it(data_dir, tmp_path, straight_runs, engine, method):
     reference = straight_runs(engine, method)
-    args = _overrides(data_dir, tmp_path, engine, method, "run_name=r", "checkpoint.every_steps=2",
-                      "checkpoint.resume=auto", "engine.collective_timeout_s=60")
+    args = _overrides(
+        data_dir,
+        tmp_path,
+        engine,
+        method,
+        "run_name=r",
+        "checkpoint.every_steps=2",
+        "checkpoint.resume=auto",
+        "engine.collective_timeout_s=60",
+    )
     proc = _torchrun(args, tmp_path / "killed.txt")
     ckpt = tmp_path / "r" / "checkpoints" / "step_00000002" / "meta.json"
     _wait_for(ckpt.is_file, proc, 240, "the step-2 checkpoint")
@@ -190,9 +212,24 @@ def test_sigterm_to_torchrun_checkpoints_then_resume_matches(data_dir, tmp_path,
     assert meta["reason"] == "SIGTERM" and meta["step"] < STEPS, meta
     # the relaunch goes through `optsel launch --resume` (what a requeued job script runs)
     fresh_args = [a for a in args if a != "checkpoint.resume=auto"]
-    done = subprocess.run([sys.executable, "-m", "optsel.launch.cli", "launch", "--nproc", "2", "--resume",
-                           "configs/demo.yaml", *fresh_args], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "optsel.launch.cli",
+            "launch",
+            "--nproc",
+            "2",
+            "--resume",
+            "configs/demo.yaml",
+            *fresh_args,
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert "checkpoint.resume=auto" in done.stderr  # the launcher printed the command it ran
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["resumed_from"].endswith(saved[-1].name)
@@ -201,22 +238,36 @@ def test_sigterm_to_torchrun_checkpoints_then_resume_matches(data_dir, tmp_path,
 
 # -- the checkpoint folder: atomicity, pruning, refusing the wrong checkpoint -------------------------
 def _train(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "optsel.launch.train", "configs/demo.yaml", *args], cwd=REPO,
-                          env=_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "optsel.launch.train", "configs/demo.yaml", *args],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
 def one_rank_run(data_dir, tmp_path_factory) -> tuple[Path, list[str]]:
     out = tmp_path_factory.mktemp("one-rank")
-    args = _overrides(data_dir, out, "fsdp2", "ftw", "run_name=r", "checkpoint.every_steps=1",
-                      "checkpoint.keep_last=2", "training.stop_at_step=3")
+    args = _overrides(
+        data_dir,
+        out,
+        "fsdp2",
+        "ftw",
+        "run_name=r",
+        "checkpoint.every_steps=1",
+        "checkpoint.keep_last=2",
+        "training.stop_at_step=3",
+    )
     done = _train(args)
     assert done.returncode == 0, done.stderr[-3000:]
     return out / "r", args
 
 
 def test_keeps_last_n_and_ignores_partial_saves(one_rank_run):
-    from optsel.pipeline.checkpoint import CheckpointConfig, CheckpointManager
+    from optsel.pipeline.checkpoint.manager import CheckpointConfig, CheckpointManager
 
     run_dir, _ = one_rank_run
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
@@ -228,7 +279,7 @@ def test_keeps_last_n_and_ignores_partial_saves(one_rank_run):
         manager = CheckpointManager(CheckpointConfig(resume="auto"), run_dir)
         assert manager.latest() == run_dir / "checkpoints" / "step_00000003"
         assert manager.to_resume() == run_dir / "checkpoints" / "step_00000003"
-        from optsel.pipeline.checkpoint import CheckpointError
+        from optsel.pipeline.checkpoint.manager import CheckpointError
 
         with pytest.raises(CheckpointError, match="not a complete checkpoint"):
             CheckpointManager(CheckpointConfig(resume=str(crashed)), run_dir).to_resume()
@@ -238,11 +289,14 @@ def test_keeps_last_n_and_ignores_partial_saves(one_rank_run):
         shutil.rmtree(crashed)
 
 
-@pytest.mark.parametrize("change, key", [
-    ("selection.budget=8", "selection.budget"),
-    ("optimizer.lr=0.01", "optimizer.lr"),
-    ("selection.method=random", "selection.method"),
-])
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ("selection.budget=8", "selection.budget"),
+        ("optimizer.lr=0.01", "optimizer.lr"),
+        ("selection.method=random", "selection.method"),
+    ],
+)
 def test_resume_refuses_another_config_naming_the_key(one_rank_run, change, key):
     run_dir, args = one_rank_run
     done = _train([a for a in args if not a.startswith("training.stop_at_step")] + ["--resume", change])
@@ -251,7 +305,7 @@ def test_resume_refuses_another_config_naming_the_key(one_rank_run, change, key)
 
 
 def test_resume_refuses_another_world_size(one_rank_run):
-    from optsel.pipeline.checkpoint import CheckpointConfig, CheckpointError, CheckpointManager
+    from optsel.pipeline.checkpoint.manager import CheckpointConfig, CheckpointError, CheckpointManager
 
     run_dir, _ = one_rank_run
     manager = CheckpointManager(CheckpointConfig(), run_dir)

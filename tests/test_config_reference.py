@@ -15,8 +15,10 @@ import yaml
 from optsel.pipeline import config_reference as ref
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
-ROW = re.compile(r"^\| `(?P<key>[^`]+)` \| (?P<type>[^|]*) \| `(?P<default>(?:[^`\\]|\\.)*)` \| (?P<allowed>[^|]*) \| "
-                 r"(?P<meaning>.*) \|$")
+ROW = re.compile(
+    r"^\| `(?P<key>[^`]+)` \| (?P<type>[^|]*) \| `(?P<default>(?:[^`\\]|\\.)*)` \| (?P<allowed>[^|]*) \| "
+    r"(?P<meaning>.*) \|$"
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,21 +41,36 @@ def rows() -> dict[str, dict[str, str]]:
 
 
 def test_docs_configuration_md_is_current(markdown):
-    assert DOC.read_text() == markdown, (f"docs/configuration.md is out of date with the config dataclasses; "
-                                         f"regenerate it with `{ref.REGENERATE}`")
+    assert DOC.read_text() == markdown, (
+        f"docs/configuration.md is out of date with the config dataclasses; regenerate it with `{ref.REGENERATE}`"
+    )
 
 
 def test_every_key_has_a_meaning():
     missing = [d.key for d in ref.run_keys() + ref.prepare_keys() if not d.meaning.strip()]
-    assert not missing, (f"config fields without a meaning: {missing}; add a `#: meaning` comment at the end of the "
-                         f"field's line or on the line above it (pipeline/config_reference.py)")
+    assert not missing, (
+        f"config fields without a meaning: {missing}; add a `#: meaning` comment at the end of the "
+        f"field's line or on the line above it (pipeline/config_reference.py)"
+    )
 
 
 def test_the_asked_for_keys_are_listed(rows):
-    for key in ("run:model.source", "run:model.path", "run:model.lora", "run:model.lora.r",
-                "run:model.lora.target_modules", "run:selection.options.ftw.gram", "run:selection.options.greats.lr",
-                "run:monitoring.port", "run:checkpoint.resume", "run:engine.name", "prepare:tokenizer.kind",
-                "prepare:tokenizer.path", "prepare:template.prompt", "prepare:hf.path"):
+    for key in (
+        "run:model.source",
+        "run:model.path",
+        "run:model.lora",
+        "run:model.lora.r",
+        "run:model.lora.target_modules",
+        "run:selection.options.ftw.gram",
+        "run:selection.options.greats.lr",
+        "run:monitoring.port",
+        "run:checkpoint.resume",
+        "run:engine.name",
+        "prepare:tokenizer.kind",
+        "prepare:tokenizer.path",
+        "prepare:template.prompt",
+        "prepare:hf.path",
+    ):
         assert key in rows, key
     assert rows["run:model.source"]["allowed"] == "`config`, `local`"
     assert rows["prepare:tokenizer.kind"]["allowed"] == "`byte`, `bpe`, `pretrained`"
@@ -84,8 +101,8 @@ def _field(root: type, key: str) -> tuple[type, dataclasses.Field]:
 def test_each_listed_default_is_the_dataclass_default(rows):
     from optsel import resources
     from optsel.config_loader import from_mapping, to_plain
-    from optsel.pipeline.prepare import PrepareConfig
-    from optsel.pipeline.run_config import RunConfig
+    from optsel.pipeline.data.prepare import PrepareConfig
+    from optsel.pipeline.train.run_config import RunConfig
 
     checked = 0
     for name, row in rows.items():
@@ -128,8 +145,11 @@ class _Derived(_Example):
 
 
 def test_the_meaning_convention():
-    assert ref.field_meanings(_Example) == {"a": "the meaning above continued", "b": "the meaning at the end",
-                                            "d": "the first line of a long field"}
+    assert ref.field_meanings(_Example) == {
+        "a": "the meaning above continued",
+        "b": "the meaning at the end",
+        "d": "the first line of a long field",
+    }
     derived = ref.field_meanings(_Derived)
     assert derived["b"] == "the meaning at the end" and derived["e"] == "redeclared with its own meaning"
     docs = {d.key: d for d in ref.keys(_Derived, "x.")}

@@ -31,22 +31,89 @@ DEMO = REPO / "configs" / "demo.yaml"
 SECRET = "S3cr3tV4lue"
 
 #: every name the issue lists, in the spellings users write (kebab, snake, camel, upper case)
-SECRET_NAMES = ["password", "passwd", "passphrase", "pwd", "secret", "client_secret", "clientSecret", "api_key",
-                "api-key", "API_KEY", "apiKey", "x-api-key", "wandb_api_key", "access_key", "aws_secret_access_key",
-                "access_token", "access-token", "accessToken", "token", "hf_token", "HF_TOKEN", "private_key",
-                "private-key", "bearer", "auth", "basic_auth", "authorization", "Authorization", "passcode",
-                "credential", "credentials", "sig", "signature", "X-Amz-Signature", "X-Amz-Credential",
-                "X-Amz-Security-Token", "session_token", "cookie", "refresh_token", "code", "key", "pass",
-                "auth_header", "secretkey", "privatekey", "apikey", "accesskey", "x-goog-signature"]
+SECRET_NAMES = [
+    "password",
+    "passwd",
+    "passphrase",
+    "pwd",
+    "secret",
+    "client_secret",
+    "clientSecret",
+    "api_key",
+    "api-key",
+    "API_KEY",
+    "apiKey",
+    "x-api-key",
+    "wandb_api_key",
+    "access_key",
+    "aws_secret_access_key",
+    "access_token",
+    "access-token",
+    "accessToken",
+    "token",
+    "hf_token",
+    "HF_TOKEN",
+    "private_key",
+    "private-key",
+    "bearer",
+    "auth",
+    "basic_auth",
+    "authorization",
+    "Authorization",
+    "passcode",
+    "credential",
+    "credentials",
+    "sig",
+    "signature",
+    "X-Amz-Signature",
+    "X-Amz-Credential",
+    "X-Amz-Security-Token",
+    "session_token",
+    "cookie",
+    "refresh_token",
+    "code",
+    "key",
+    "pass",
+    "auth_header",
+    "secretkey",
+    "privatekey",
+    "apikey",
+    "accesskey",
+    "x-goog-signature",
+]
 #: names that look a little like secrets and are not (token counts, the tokenizer, words that contain one)
-HARMLESS_NAMES = ["max_tokens", "tokenizer", "tokens", "num_target_tokens", "capture_chunk_tokens", "author",
-                  "authors", "authority", "single_pass", "target_pass", "passes", "keys", "sort_key", "monkey",
-                  "pad_token", "eos_token", "exit_code", "codec", "signed", "secretary", "token_count",
-                  "region", "state", "sv", "max_new_tokens", "use_auth_token_file"]
+HARMLESS_NAMES = [
+    "max_tokens",
+    "tokenizer",
+    "tokens",
+    "num_target_tokens",
+    "capture_chunk_tokens",
+    "author",
+    "authors",
+    "authority",
+    "single_pass",
+    "target_pass",
+    "passes",
+    "keys",
+    "sort_key",
+    "monkey",
+    "pad_token",
+    "eos_token",
+    "exit_code",
+    "codec",
+    "signed",
+    "secretary",
+    "token_count",
+    "region",
+    "state",
+    "sv",
+    "max_new_tokens",
+    "use_auth_token_file",
+]
 
 
 def _load(tmp_path: Path, *overrides: str):
-    from optsel.pipeline.run_config import load_run_config
+    from optsel.pipeline.train.run_config import load_run_config
 
     return load_run_config(DEMO, [f"output_dir={tmp_path / 'runs'}", *overrides])
 
@@ -68,16 +135,24 @@ def test_secret_key_names_are_masked(name):
 @pytest.mark.parametrize("name", SECRET_NAMES)
 @pytest.mark.parametrize("form", ["query", "second-query", "fragment", "free-text"])
 def test_secret_url_parameters_are_masked(name, form):
-    text = {"query": f"s3://bucket/ds?{name}={SECRET}&region=eu",
-            "second-query": f"https://host/ds?region=eu&{name}={SECRET}#top",
-            "fragment": f"https://host/callback#{name}={SECRET}&region=eu",
-            "free-text": f"override engine.extra.{name}={SECRET} region=eu"}[form]
+    text = {
+        "query": f"s3://bucket/ds?{name}={SECRET}&region=eu",
+        "second-query": f"https://host/ds?region=eu&{name}={SECRET}#top",
+        "fragment": f"https://host/callback#{name}={SECRET}&region=eu",
+        "free-text": f"override engine.extra.{name}={SECRET} region=eu",
+    }[form]
     for masked in (loader.mask_url(text), redact({"data": {"remote": text}})["data"]["remote"]):
         assert SECRET not in masked and f"{name}=***" in masked and "region=eu" in masked, masked
 
 
-@pytest.mark.parametrize("url", ["s3://AKIA:pass/with/slashes@bucket/ds", "sftp://user:hunter2@host/ds",
-                                 f"gs://svc:{SECRET}@bucket/ds?generation=1"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "s3://AKIA:pass/with/slashes@bucket/ds",
+        "sftp://user:hunter2@host/ds",
+        f"gs://svc:{SECRET}@bucket/ds?generation=1",
+    ],
+)
 def test_url_userinfo_is_masked(url):
     masked = loader.mask_url(url)
     assert "://***@" in masked and ":" not in masked.split("://", 1)[1].split("@")[0]
@@ -93,8 +168,8 @@ def test_harmless_names_are_not_masked(name):
 
 
 def _config_dataclasses() -> set[type]:
-    from optsel.pipeline.prepare import PrepareConfig
-    from optsel.pipeline.run_config import RunConfig
+    from optsel.pipeline.data.prepare import PrepareConfig
+    from optsel.pipeline.train.run_config import RunConfig
     from optsel.selection.base import get_selector_factory, selector_names
 
     found: set[type] = set()
@@ -111,8 +186,11 @@ def _config_dataclasses() -> set[type]:
                     walk(t)
                 stack.extend(typing.get_args(t))
 
-    for cls in (RunConfig, PrepareConfig, *(getattr(get_selector_factory(m), "config_class", None)
-                                            for m in selector_names())):
+    for cls in (
+        RunConfig,
+        PrepareConfig,
+        *(getattr(get_selector_factory(m), "config_class", None) for m in selector_names()),
+    ):
         if cls is not None:
             walk(cls)
     return found
@@ -121,8 +199,14 @@ def _config_dataclasses() -> set[type]:
 def test_no_real_config_key_is_a_secret():
     classes = _config_dataclasses()
     names = {f.name for cls in classes for f in dataclasses.fields(cls)}
-    assert {"max_new_tokens", "num_target_samples", "capture_chunk_tokens", "tokenizer", "single_pass",
-            "target_pass"} <= names and len(classes) >= 20  # the walk found the selectors' blocks too
+    assert {
+        "max_new_tokens",
+        "num_target_samples",
+        "capture_chunk_tokens",
+        "tokenizer",
+        "single_pass",
+        "target_pass",
+    } <= names and len(classes) >= 20  # the walk found the selectors' blocks too
     assert {n: v for n, v in redact({n: "value" for n in names}).items() if v != "value"} == {}
 
 
@@ -131,7 +215,7 @@ def test_default_resolved_configs_are_dumped_unmasked(config, tmp_path):
     """Every bundled config, resolved with all its defaults (and every selector's default options
     block), comes out of redact unchanged: no real key or value is masked."""
     from optsel.config_loader import from_mapping
-    from optsel.pipeline.run_config import load_prepare_config, load_run_config
+    from optsel.pipeline.train.run_config import load_prepare_config, load_run_config
     from optsel.selection.base import get_selector_factory, selector_names
 
     path = REPO / "configs" / config
@@ -149,8 +233,12 @@ def test_default_resolved_configs_are_dumped_unmasked(config, tmp_path):
 
 
 def test_dump_yaml_holds_no_secret(tmp_path):
-    config = _load(tmp_path, f"engine.extra.api-key={SECRET}", "data.remote=s3://b/ds?client_secret=x",
-                   f"engine.extra.auth.bearer={SECRET}b")
+    config = _load(
+        tmp_path,
+        f"engine.extra.api-key={SECRET}",
+        "data.remote=s3://b/ds?client_secret=x",
+        f"engine.extra.auth.bearer={SECRET}b",
+    )
     dump_yaml(config, tmp_path / "config.yaml")
     text = (tmp_path / "config.yaml").read_text()
     assert SECRET not in text and "client_secret=x" not in text, text
@@ -200,8 +288,9 @@ def test_metric_label_values_are_masked():
     from optsel.monitoring.metrics import OptselMetrics
 
     registry = CollectorRegistry()
-    metrics = OptselMetrics(registry, rank=0, job_level=True,
-                            labels={"engine": "deepspeed", "method": f"ftw?token={SECRET}"})
+    metrics = OptselMetrics(
+        registry, rank=0, job_level=True, labels={"engine": "deepspeed", "method": f"ftw?token={SECRET}"}
+    )
     metrics.set_info({"version": "1", "remote": f"s3://u:{SECRET}@b/ds?sig={SECRET}"})
     metrics.update({f"select/fallback/https://h/x?api_key={SECRET}": 1.0, "train/loss": 1.0}, step=1)
     text = generate_latest(registry).decode()
@@ -220,14 +309,15 @@ def _bomb(path: Path, levels: int = 5, width: int = 10) -> Path:
 
 
 def test_yaml_alias_bomb_is_refused_at_once(tmp_path):
-    from optsel.pipeline.run_config import load_run_config
+    from optsel.pipeline.train.run_config import load_run_config
 
     bomb = _bomb(tmp_path / "bomb.yaml")
     assert bomb.stat().st_size < 4096
     start = time.perf_counter()
     with pytest.raises(ConfigError) as err:
-        load_run_config(bomb, [f"output_dir={tmp_path}",
-                               f"engine.deepspeed_config={DEMO.parent / 'deepspeed' / 'zero3.json'}"])
+        load_run_config(
+            bomb, [f"output_dir={tmp_path}", f"engine.deepspeed_config={DEMO.parent / 'deepspeed' / 'zero3.json'}"]
+        )
     assert time.perf_counter() - start < 1.0
     line = next(i for i, text in enumerate(bomb.read_text().splitlines(), 1) if "&l0" in text)
     assert str(bomb) in str(err.value) and f"line {line}" in str(err.value) and "anchor" in str(err.value)
@@ -244,9 +334,14 @@ def test_yaml_anchors_and_aliases_are_named_errors(tmp_path, text):
         load_yaml(path)
 
 
-@pytest.mark.parametrize("override, key", [("engine.extra.x=*a", "engine.extra.x"),
-                                           ("engine.extra.x=&a [1]", "engine.extra.x"),
-                                           ("training.num_steps=[1,", "training.num_steps")])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("engine.extra.x=*a", "engine.extra.x"),
+        ("engine.extra.x=&a [1]", "engine.extra.x"),
+        ("training.num_steps=[1,", "training.num_steps"),
+    ],
+)
 def test_bad_yaml_in_an_override_names_the_key(tmp_path, override, key):
     assert _config_error(tmp_path, override).path == key
 
@@ -262,7 +357,7 @@ def test_run_name_must_be_one_plain_folder_name(tmp_path, run_name):
 @pytest.mark.parametrize("run_name", ["a\0b", "a\nb", "/etc"])
 def test_run_name_is_checked_on_the_dataclass_too(run_name):
     from optsel.config_loader import from_mapping
-    from optsel.pipeline.run_config import RunConfig
+    from optsel.pipeline.train.run_config import RunConfig
 
     with pytest.raises(ConfigError) as err:
         from_mapping(RunConfig, {"run_name": run_name, "data": {"local": "d"}, "training": {"num_steps": 1}})
@@ -280,7 +375,7 @@ def test_null_output_dir_says_yaml_tilde_is_null(tmp_path):
         assert err.path == "output_dir" and "null" in str(err) and "~" in str(err) and "quote" in str(err)
     config = tmp_path / "c.yaml"
     config.write_text(DEMO.read_text().replace("output_dir: ${PWD}/runs", "output_dir: ~"))
-    from optsel.pipeline.run_config import load_run_config
+    from optsel.pipeline.train.run_config import load_run_config
 
     with pytest.raises(ConfigError, match=r"got null.*~, null and an empty value mean null") as err:
         load_run_config(config)
@@ -292,22 +387,25 @@ def test_output_dir_under_home_is_expanded(tmp_path, monkeypatch):
     assert _load(tmp_path, "output_dir=~/runs").output_dir == str(tmp_path / "runs")
     config = tmp_path / "c.yaml"
     config.write_text(DEMO.read_text().replace("output_dir: ${PWD}/runs", "output_dir: ~/from-file"))
-    from optsel.pipeline.run_config import load_run_config
+    from optsel.pipeline.train.run_config import load_run_config
 
     assert load_run_config(config, ["engine.name=fsdp2"]).output_dir == str(tmp_path / "from-file")
 
 
 # -- 11. values that passed the load and failed later --------------------------------------------------
-@pytest.mark.parametrize("overrides, key", [
-    (["output_dir=/proc/optsel-runs"], "output_dir"),
-    (["output_dir=/proc"], "output_dir"),
-    (["checkpoint.dir=/proc/optsel-checkpoints"], "checkpoint.dir"),
-    (["engine.name=fsdp2", "engine.extra.zero_optimization={stage: 3}"], "engine.extra"),
-    (["training.max_new_tokens=-1"], "training.max_new_tokens"),
-    (["training.max_skipped_steps=-1"], "training.max_skipped_steps"),
-    ([f"training.seed={2 ** 64}"], "training.seed"),
-    ([f"selection.seed={2 ** 64}"], "selection.seed"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["output_dir=/proc/optsel-runs"], "output_dir"),
+        (["output_dir=/proc"], "output_dir"),
+        (["checkpoint.dir=/proc/optsel-checkpoints"], "checkpoint.dir"),
+        (["engine.name=fsdp2", "engine.extra.zero_optimization={stage: 3}"], "engine.extra"),
+        (["training.max_new_tokens=-1"], "training.max_new_tokens"),
+        (["training.max_skipped_steps=-1"], "training.max_skipped_steps"),
+        ([f"training.seed={2**64}"], "training.seed"),
+        ([f"selection.seed={2**64}"], "selection.seed"),
+    ],
+)
 def test_values_that_would_fail_later_are_refused_at_load(tmp_path, overrides, key):
     err = _config_error(tmp_path, *overrides)
     assert err.path == key, str(err)
@@ -333,7 +431,7 @@ def test_the_write_check_leaves_nothing_behind(tmp_path):
 
 
 def test_shard_errors_mask_the_remote_url():
-    from optsel.pipeline.shards import ShardError
+    from optsel.pipeline.data.shards import ShardError
 
     err = ShardError("streaming stopped early on s3://bucket/ds?client_secret=hunter2&x=1: timeout")
     assert "hunter2" not in str(err) and "s3://bucket/ds" in str(err)

@@ -19,13 +19,29 @@ from optsel.launch.compare import main, notes, plot, read_run, table
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run_dir(root: Path, name: str, method: str, final_loss: float, final_em: float, steps: int = 4,
-             curve: tuple[float, ...] = (2.0, 1.5)) -> Path:
+def _run_dir(
+    root: Path,
+    name: str,
+    method: str,
+    final_loss: float,
+    final_em: float,
+    steps: int = 4,
+    curve: tuple[float, ...] = (2.0, 1.5),
+) -> Path:
     run = root / name
     run.mkdir(parents=True)
-    summary = {"method": method, "num_steps": steps, "pool_size": 16, "budget": 4, "initial_eval_loss": 2.0,
-               "final_eval_loss": final_loss, "initial_exact_match": 0.0, "final_exact_match": final_em,
-               "mean_step_seconds": 0.25, "wall_seconds": 3.0}
+    summary = {
+        "method": method,
+        "num_steps": steps,
+        "pool_size": 16,
+        "budget": 4,
+        "initial_eval_loss": 2.0,
+        "final_eval_loss": final_loss,
+        "initial_exact_match": 0.0,
+        "final_exact_match": final_em,
+        "mean_step_seconds": 0.25,
+        "wall_seconds": 3.0,
+    }
     (run / "summary.json").write_text(json.dumps(summary))
     lines = [{"step": 2 * i, "eval/loss": v, "eval/exact_match": 0.0} for i, v in enumerate(curve)]
     lines.insert(1, {"step": 1, "train/loss": 3.0})
@@ -34,12 +50,16 @@ def _run_dir(root: Path, name: str, method: str, final_loss: float, final_em: fl
 
 
 def test_table_lists_both_runs_with_the_final_loss_difference(tmp_path):
-    runs = [read_run(_run_dir(tmp_path, "demo-random", "random", 1.25, 0.10)),
-            read_run(_run_dir(tmp_path, "demo-ftw", "ftw", 0.75, 0.40, curve=(2.0, 1.0, 0.75)))]
+    runs = [
+        read_run(_run_dir(tmp_path, "demo-random", "random", 1.25, 0.10)),
+        read_run(_run_dir(tmp_path, "demo-ftw", "ftw", 0.75, 0.40, curve=(2.0, 1.0, 0.75))),
+    ]
     assert runs[1].curve == ((0, 2.0), (2, 1.0), (4, 0.75))
     text = table(runs)
     rows = text.splitlines()[2:]
-    assert len(rows) == 2 and rows[0].startswith("| demo-random | random |") and rows[1].startswith("| demo-ftw | ftw |")
+    assert (
+        len(rows) == 2 and rows[0].startswith("| demo-random | random |") and rows[1].startswith("| demo-ftw | ftw |")
+    )
     assert "**1.250**" in rows[0] and "**0.750**" in rows[1] and "| -0.500 |" in rows[1]
     assert "**0.10**" in rows[0] and "**0.40**" in rows[1]
     assert notes(runs) == []
@@ -73,29 +93,77 @@ def test_two_real_runs_of_the_demo_config_compare_through_the_cli(prepare_synthe
     `optsel compare`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from optsel.pipeline.tokenizer import byte_tokenizer
+    from optsel.pipeline.data.tokenizer import byte_tokenizer
 
     data_dir = prepare_synthetic("compare-shards", num_train=128, num_val=48)
     tok = byte_tokenizer()
     base = tmp_path / "base"
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(base)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=32,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    ).save_pretrained(base)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    common = ["configs/demo_compare.yaml", f"data.local={data_dir}", f"output_dir={tmp_path}", f"model.path={base}",
-              "engine.name=fsdp2", "training.num_steps=3", "training.eval_every=3",
-              "training.num_eval_samples=8", "selection.num_target_samples=8", "selection.pool_size=8",
-              "selection.budget=2", "monitoring.port=0", "checkpoint.every_steps=0", "training.progress_bar=false"]
+    common = [
+        "configs/demo_compare.yaml",
+        f"data.local={data_dir}",
+        f"output_dir={tmp_path}",
+        f"model.path={base}",
+        "engine.name=fsdp2",
+        "training.num_steps=3",
+        "training.eval_every=3",
+        "training.num_eval_samples=8",
+        "selection.num_target_samples=8",
+        "selection.pool_size=8",
+        "selection.budget=2",
+        "monitoring.port=0",
+        "checkpoint.every_steps=0",
+        "training.progress_bar=false",
+    ]
     for method in ("random", "ftw"):
-        done = subprocess.run([sys.executable, "-m", "optsel.launch.train", *common, f"selection.method={method}",
-                               f"run_name=demo-{method}"], cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=300)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "optsel.launch.train",
+                *common,
+                f"selection.method={method}",
+                f"run_name=demo-{method}",
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
     png = tmp_path / "compare.png"
-    done = subprocess.run([sys.executable, "-m", "optsel.launch.cli", "compare", str(tmp_path / "demo-random"),
-                           str(tmp_path / "demo-ftw"), "--plot", str(png)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "optsel.launch.cli",
+            "compare",
+            str(tmp_path / "demo-random"),
+            str(tmp_path / "demo-ftw"),
+            "--plot",
+            str(png),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| demo-")]
     summaries = {m: json.loads((tmp_path / f"demo-{m}" / "summary.json").read_text()) for m in ("random", "ftw")}

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers_bruteforce import make_batch, tiny_llama, train_steps
+
 from optsel.selection import cost_model
 from optsel.selection.ftw import FilterThenWeight, FTWConfig
 
@@ -17,21 +17,28 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_direction_is_the_default_and_its_keys_are_validated_by_name():
-    from optsel.pipeline.run_config import ConfigError, load_run_config
+    from optsel.pipeline.train.run_config import ConfigError, load_run_config
 
     assert FTWConfig(budget=2).exchange == "direction"
-    config = load_run_config(REPO / "configs/demo.yaml", ["selection.options.ftw.direction_dtype=bfloat16",
-                                                           "selection.options.ftw.direction_cache=true"])
+    config = load_run_config(
+        REPO / "configs/demo.yaml",
+        ["selection.options.ftw.direction_dtype=bfloat16", "selection.options.ftw.direction_cache=true"],
+    )
     ftw_block = config.selection.options["ftw"]
-    assert (ftw_block["exchange"], ftw_block["direction_dtype"], ftw_block["direction_cache"]) == \
-        ("direction", "bfloat16", True)
+    assert (ftw_block["exchange"], ftw_block["direction_dtype"], ftw_block["direction_cache"]) == (
+        "direction",
+        "bfloat16",
+        True,
+    )
     with pytest.raises(ConfigError, match=r"selection.options.ftw.exchange.*'direction', 'factors', 'sketches'"):
         load_run_config(REPO / "configs/demo.yaml", ["selection.options.ftw.exchange=scalars"])
     with pytest.raises(ConfigError, match=r"selection.options.ftw.direction_dtype"):
         load_run_config(REPO / "configs/demo.yaml", ["selection.options.ftw.direction_dtype=float16"])
     with pytest.raises(ConfigError, match=r"selection.options.ftw.direction_dtype.*exchange='direction' only"):
-        load_run_config(REPO / "configs/demo.yaml", ["selection.options.ftw.exchange=factors",
-                                                     "selection.options.ftw.direction_dtype=bfloat16"])
+        load_run_config(
+            REPO / "configs/demo.yaml",
+            ["selection.options.ftw.exchange=factors", "selection.options.ftw.direction_dtype=bfloat16"],
+        )
     with pytest.raises(ConfigError, match=r"selection.options.ftw.direction_cache"):
         load_run_config(REPO / "configs/demo.yaml", ["selection.options.ftw.direction_cache=sometimes"])
 
@@ -118,10 +125,18 @@ def test_selector_engine_bytes_ratio_and_phase_bytes_reach_prometheus():
     from optsel.selection.base import Selection
     from optsel.selection.stats import selection_metrics
 
-    sel = Selection(indices=torch.tensor([0]), weights=torch.tensor([1.0], dtype=torch.float64),
-                    local_indices=torch.tensor([0]), local_weights=torch.tensor([1.0], dtype=torch.float64),
-                    pool_size=2, diagnostics={"comm_bytes": 300, "engine_bytes_estimate": 1200,
-                                              "comm_by_phase": {"gather": 200, "survivors": 100}})
+    sel = Selection(
+        indices=torch.tensor([0]),
+        weights=torch.tensor([1.0], dtype=torch.float64),
+        local_indices=torch.tensor([0]),
+        local_weights=torch.tensor([1.0], dtype=torch.float64),
+        pool_size=2,
+        diagnostics={
+            "comm_bytes": 300,
+            "engine_bytes_estimate": 1200,
+            "comm_by_phase": {"gather": 200, "survivors": 100},
+        },
+    )
     flat = selection_metrics(sel)
     assert flat["select/engine_bytes_ratio"] == 0.25
     assert flat["select/comm_phase_bytes/gather"] == 200 and flat["select/comm_phase_bytes/survivors"] == 100
@@ -130,6 +145,15 @@ def test_selector_engine_bytes_ratio_and_phase_bytes_reach_prometheus():
     labels = {"run": "", "engine": "fsdp2", "method": "ftw", "rank": "0"}
     assert registry.get_sample_value("optsel_selection_engine_bytes_ratio", labels) == 0.25
     assert registry.get_sample_value("optsel_selection_phase_comm_bytes_total", {**labels, "phase": "gather"}) == 200
-    assert "engine_bytes_ratio" not in " ".join(selection_metrics(
-        Selection(indices=sel.indices, weights=sel.weights, local_indices=sel.local_indices,
-                  local_weights=sel.local_weights, pool_size=2, diagnostics={"comm_bytes": 0})))
+    assert "engine_bytes_ratio" not in " ".join(
+        selection_metrics(
+            Selection(
+                indices=sel.indices,
+                weights=sel.weights,
+                local_indices=sel.local_indices,
+                local_weights=sel.local_weights,
+                pool_size=2,
+                diagnostics={"comm_bytes": 0},
+            )
+        )
+    )

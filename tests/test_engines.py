@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _dist_utils import run_distributed
+
 from optsel import distributed
 from optsel.losses import per_sample_token_mean_ce
-from optsel.pipeline.engines import common
-from optsel.pipeline.engines.base import EngineConfig, OptimizerConfig, build_engine
+from optsel.pipeline.engines import shared
 from optsel.pipeline.engines.deepspeed_engine import fill_ds_config, load_ds_config
-from optsel.pipeline.model import LoraSettings, ModelConfig, build_model
+from optsel.pipeline.engines.shared import EngineConfig, OptimizerConfig, build_engine
+from optsel.pipeline.train.model import LoraSettings, ModelConfig, build_model
 from optsel.selection.capture import capture_factors, find_covered_layers
 from optsel.selection.model_view import model_view_for
 from optsel.selection.single_pass import PoolPass, single_pass_leaves
@@ -49,7 +49,7 @@ def toy_batch() -> dict[str, torch.Tensor]:
 
 def local_part(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
     per = N_GLOBAL // world
-    return {k: v[rank * per:(rank + 1) * per] for k, v in batch.items()}
+    return {k: v[rank * per : (rank + 1) * per] for k, v in batch.items()}
 
 
 def tiny_model(**overrides):
@@ -61,11 +61,12 @@ def reference_step(batch, weights) -> tuple[torch.Tensor, dict[str, torch.Tensor
     model = tiny_model()
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     losses = per_sample_token_mean_ce(out.logits, batch["labels"]).loss
-    common.weighted_objective(losses, weights, 1.0).backward()
+    shared.weighted_objective(losses, weights, 1.0).backward()
     return losses.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
 # -- the distributed body, shared by both engines ---------------------------------------------------
+
 
 def _full_grads(engine) -> dict[str, torch.Tensor]:
     """Every parameter's full gradient (collective: all ranks call it)."""
@@ -93,9 +94,13 @@ def _engine_body(rank: int, world: int, engine_name: str, ds_config_path: str, n
     batch = toy_batch()
     local = local_part(batch, rank, world)
     weights = local_part({"w": STEP_WEIGHTS}, rank, world)["w"]
-    engine = build_engine(EngineConfig(name=engine_name, deepspeed_config=ds_config_path),
-                          tiny_model(), OptimizerConfig(lr=1e-2, schedule="constant", grad_clip=1.0),
-                          total_steps=num_train_steps + 1, micro_batch_size=N_GLOBAL // world)
+    engine = build_engine(
+        EngineConfig(name=engine_name, deepspeed_config=ds_config_path),
+        tiny_model(),
+        OptimizerConfig(lr=1e-2, schedule="constant", grad_clip=1.0),
+        total_steps=num_train_steps + 1,
+        micro_batch_size=N_GLOBAL // world,
+    )
     result: dict = {"shard_sizes": _shard_sizes(engine), "lr": engine.lr()}
 
     # 1. rank 1 holds no selected sample and runs one zero-weight sample (as the trainer does); the
@@ -113,7 +118,9 @@ def _engine_body(rank: int, world: int, engine_name: str, ds_config_path: str, n
     leaves, problem = single_pass_leaves(engine.unwrapped_model)
     assert not problem, problem
     kept = PoolPass()
-    capture_factors(engine.unwrapped_model, local, find_covered_layers(engine.unwrapped_model).layers, None, kept, leaves)
+    capture_factors(
+        engine.unwrapped_model, local, find_covered_layers(engine.unwrapped_model).layers, None, kept, leaves
+    )
     model_view_for(engine.unwrapped_model, engine.optimizer).after_selection()  # what FTW's select does
     result["single_pass_losses"] = engine.backward_from_pass(kept, torch.arange(len(weights)), weights, float(world))
     result["single_pass_grads"] = _full_grads(engine)
@@ -164,8 +171,9 @@ def _check_engine_results(results: list[dict]) -> None:
     # per-sample losses (and the flagged empty sample 5 has loss 0)
     losses = torch.cat([r0["losses"], r1["losses"]])
     torch.testing.assert_close(losses, ref_losses, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(torch.cat([r0["no_grad_losses"], r1["no_grad_losses"]]), ref_losses,
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        torch.cat([r0["no_grad_losses"], r1["no_grad_losses"]]), ref_losses, atol=1e-5, rtol=1e-5
+    )
     assert losses[5] == 0.0
     weighted = float((STEP_WEIGHTS * losses).sum())
     hand = sum(float(w) * float(l) for w, l in zip(STEP_WEIGHTS, ref_losses))
@@ -174,19 +182,27 @@ def _check_engine_results(results: list[dict]) -> None:
     # the weighted 2-rank gradient (loss_scale = world) is the single-process gradient of Σ w_i ℓ_i
     for name, ref in ref_grads.items():
         for r in results:
-            torch.testing.assert_close(r["grads"][name], ref, atol=1e-6, rtol=1e-4,
-                                       msg=lambda m, name=name: f"{name}: {m}")
+            torch.testing.assert_close(
+                r["grads"][name], ref, atol=1e-6, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
+            )
     # the single pass gives the same gradient and losses (float tolerance: HF's RMSNorm rounds in fp32)
-    torch.testing.assert_close(torch.cat([r0["single_pass_losses"], r1["single_pass_losses"]]), ref_losses,
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        torch.cat([r0["single_pass_losses"], r1["single_pass_losses"]]), ref_losses, atol=1e-5, rtol=1e-5
+    )
     for name, ref in ref_grads.items():
         for r in results:
-            torch.testing.assert_close(r["single_pass_grads"][name], ref, atol=1e-6, rtol=1e-4,
-                                       msg=lambda m, name=name: f"single pass {name}: {m}")
+            torch.testing.assert_close(
+                r["single_pass_grads"][name],
+                ref,
+                atol=1e-6,
+                rtol=1e-4,
+                msg=lambda m, name=name: f"single pass {name}: {m}",
+            )
     _, ref_rank0_only = reference_step(batch, RANK0_ONLY_WEIGHTS)
     for name, ref in ref_rank0_only.items():
-        torch.testing.assert_close(r1["rank0_only_grads"][name], ref, atol=1e-6, rtol=1e-4,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            r1["rank0_only_grads"][name], ref, atol=1e-6, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
+        )
     ref_norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in ref_grads.values()))
     assert math.isclose(r0["grad_norm"], ref_norm, rel_tol=1e-4), (r0["grad_norm"], ref_norm)
     assert r0["lr"] == pytest.approx(1e-2)
@@ -219,10 +235,20 @@ def test_fsdp2_two_ranks():
 
 
 def _fsdp2_world_of_one_lora(rank: int, world: int) -> dict:
-    model = build_model(ModelConfig(**TINY, lora=LoraSettings(r=4, target_modules=["q_proj", "v_proj"])),
-                        vocab_size=VOCAB, pad_id=0, bos_id=1, eos_id=2)
-    engine = build_engine(EngineConfig(name="fsdp2"), model, OptimizerConfig(lr=1e-2, schedule="constant"),
-                          total_steps=5, micro_batch_size=N_GLOBAL)
+    model = build_model(
+        ModelConfig(**TINY, lora=LoraSettings(r=4, target_modules=["q_proj", "v_proj"])),
+        vocab_size=VOCAB,
+        pad_id=0,
+        bos_id=1,
+        eos_id=2,
+    )
+    engine = build_engine(
+        EngineConfig(name="fsdp2"),
+        model,
+        OptimizerConfig(lr=1e-2, schedule="constant"),
+        total_steps=5,
+        micro_batch_size=N_GLOBAL,
+    )
     batch = toy_batch()
     losses = [float(engine.forward_backward(batch, torch.full((N_GLOBAL,), 1 / N_GLOBAL), 1.0).sum())]
     frozen_before = engine.unwrapped_model.base_model.model.model.layers[0].mlp.up_proj.weight.full_tensor().clone()
@@ -231,8 +257,12 @@ def _fsdp2_world_of_one_lora(rank: int, world: int) -> dict:
         losses.append(float(engine.forward_backward(batch, torch.full((N_GLOBAL,), 1 / N_GLOBAL), 1.0).sum()))
     frozen_after = engine.unwrapped_model.base_model.model.model.layers[0].mlp.up_proj.weight.full_tensor()
     trainable = sorted(n for n, p in engine.unwrapped_model.named_parameters() if p.requires_grad)
-    return {"losses": losses, "frozen_unchanged": bool(torch.equal(frozen_before, frozen_after)),
-            "trainable": trainable, "world": torch.distributed.get_world_size()}
+    return {
+        "losses": losses,
+        "frozen_unchanged": bool(torch.equal(frozen_before, frozen_after)),
+        "trainable": trainable,
+        "world": torch.distributed.get_world_size(),
+    }
 
 
 @pytest.mark.distributed
@@ -272,6 +302,7 @@ def test_dist_utils_reports_errors_and_timeouts():
 
 # -- single-process pieces --------------------------------------------------------------------------
 
+
 def test_per_sample_loss_matches_token_loop_and_flags_empty():
     torch.manual_seed(0)
     logits = torch.randn(3, 5, 7)
@@ -283,19 +314,20 @@ def test_per_sample_loss_matches_token_loop_and_flags_empty():
     assert out.num_tokens.tolist() == [4, 1, 0] and out.empty.tolist() == [False, False, True]
     assert float(out.loss[2]) == 0.0
     w = torch.tensor([0.25, 0.75, 0.0])
-    obj = common.weighted_objective(out.loss, w, loss_scale=2.0)
+    obj = shared.weighted_objective(out.loss, w, loss_scale=2.0)
     assert float(obj) == pytest.approx(2.0 * (0.25 * float(out.loss[0]) + 0.75 * float(out.loss[1])), rel=1e-6)
     with pytest.raises(ValueError, match="sample_weights"):
-        common.check_sample_weights(torch.tensor([0.5, -0.1, 0.0]), 3)
+        shared.check_sample_weights(torch.tensor([0.5, -0.1, 0.0]), 3)
     with pytest.raises(ValueError, match="sample_weights"):
-        common.check_sample_weights(torch.tensor([0.5, 0.5]), 3)
+        shared.check_sample_weights(torch.tensor([0.5, 0.5]), 3)
 
 
 def test_lr_schedules():
     def factors(**kw):
         opt = OptimizerConfig(lr=1.0, **kw)
-        sched = common.lr_scheduler_factory(opt, total_steps=10)(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))],
-                                                                                  lr=1.0))
+        sched = shared.lr_scheduler_factory(opt, total_steps=10)(
+            torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1.0)
+        )
         out = []
         for _ in range(11):
             out.append(sched.get_last_lr()[0])
@@ -310,13 +342,13 @@ def test_lr_schedules():
     assert cos[:2] == pytest.approx([0.5, 1.0]) and cos[6] == pytest.approx(0.1 + 0.9 * 0.5)
     assert cos[10] == pytest.approx(0.1)
     with pytest.raises(ValueError, match="min_lr_ratio"):
-        common.lr_scheduler_factory(OptimizerConfig(min_lr_ratio=1.5), total_steps=10)
+        shared.lr_scheduler_factory(OptimizerConfig(min_lr_ratio=1.5), total_steps=10)
 
 
 def test_precision_choice():
-    assert common.resolve_precision("auto", torch.device("cpu")) == torch.float32
-    assert common.resolve_precision("auto", torch.device("cuda", 0)) == torch.bfloat16
-    assert common.resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16
+    assert shared.resolve_precision("auto", torch.device("cpu")) == torch.float32
+    assert shared.resolve_precision("auto", torch.device("cuda", 0)) == torch.bfloat16
+    assert shared.resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16
 
 
 def test_greedy_generate_is_padding_invariant_and_matches_full_forward():
@@ -327,15 +359,15 @@ def test_greedy_generate_is_padding_invariant_and_matches_full_forward():
     left = torch.stack([torch.cat([torch.zeros(2, dtype=torch.long), prompt]), torch.arange(3, 9)])
     left_mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6])
     cpu = torch.device("cpu")
-    a = common.greedy_generate(model, right, right_mask, 5, cpu)
-    b = common.greedy_generate(model, left, left_mask, 5, cpu)
+    a = shared.greedy_generate(model, right, right_mask, 5, cpu)
+    b = shared.greedy_generate(model, left, left_mask, 5, cpu)
     assert a.shape == (2, 5) and torch.equal(a, b)
     seq = prompt[None]
     for _ in range(5):  # reference: no cache, unpadded
         seq = torch.cat([seq, model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(a[0], seq[0, 4:])
     with pytest.raises(ValueError, match="no tokens"):
-        common.greedy_generate(model, right, torch.zeros_like(right_mask), 2, cpu)
+        shared.greedy_generate(model, right, torch.zeros_like(right_mask), 2, cpu)
 
 
 def test_model_builder_config_seed_local_and_lora(tmp_path):
@@ -345,17 +377,20 @@ def test_model_builder_config_seed_local_and_lora(tmp_path):
     assert a.config.vocab_size == VOCAB and a.config.num_key_value_heads == 2 and a.config.pad_token_id == 0
 
     a.save_pretrained(tmp_path / "tiny")
-    loaded = build_model(ModelConfig(source="local", path=str(tmp_path / "tiny")), vocab_size=VOCAB,
-                         pad_id=0, bos_id=1, eos_id=2)
+    loaded = build_model(
+        ModelConfig(source="local", path=str(tmp_path / "tiny")), vocab_size=VOCAB, pad_id=0, bos_id=1, eos_id=2
+    )
     ids = toy_batch()["input_ids"][:2]
     torch.testing.assert_close(loaded(input_ids=ids).logits, a(input_ids=ids).logits)
     assert loaded.dtype == torch.float32
     with pytest.raises(ValueError, match="embedding rows"):
-        build_model(ModelConfig(source="local", path=str(tmp_path / "tiny")), vocab_size=VOCAB + 1,
-                    pad_id=0, bos_id=1, eos_id=2)
+        build_model(
+            ModelConfig(source="local", path=str(tmp_path / "tiny")), vocab_size=VOCAB + 1, pad_id=0, bos_id=1, eos_id=2
+        )
     with pytest.raises(FileNotFoundError, match="model.path"):
-        build_model(ModelConfig(source="local", path=str(tmp_path / "missing")), vocab_size=VOCAB,
-                    pad_id=0, bos_id=1, eos_id=2)
+        build_model(
+            ModelConfig(source="local", path=str(tmp_path / "missing")), vocab_size=VOCAB, pad_id=0, bos_id=1, eos_id=2
+        )
 
     lora = tiny_model(lora=LoraSettings(r=2, target_modules=["q_proj"]))
     trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
@@ -374,24 +409,35 @@ def test_model_config_validation():
 def test_ds_config_fill_and_strictness():
     raw = load_ds_config(ZERO3_JSON)
     opt = OptimizerConfig(grad_clip=0.5)
-    cfg = fill_ds_config(raw, source="zero3.json", micro_batch_size=4, world_size=2, optim=opt,
-                         dtype=torch.bfloat16, hidden_size=64)
+    cfg = fill_ds_config(
+        raw, source="zero3.json", micro_batch_size=4, world_size=2, optim=opt, dtype=torch.bfloat16, hidden_size=64
+    )
     assert cfg["train_micro_batch_size_per_gpu"] == 4 and cfg["train_batch_size"] == 8
     assert cfg["gradient_accumulation_steps"] == 1 and cfg["gradient_clipping"] == 0.5
     assert cfg["bf16"]["enabled"] is True and cfg["fp16"]["enabled"] is False
     assert cfg["zero_optimization"]["reduce_bucket_size"] == 64 * 64
     assert cfg["zero_optimization"]["stage3_param_persistence_threshold"] == 640
     assert "optimizer" not in cfg and raw["zero_optimization"]["reduce_bucket_size"] == "auto"  # raw untouched
-    fp32 = fill_ds_config(raw, source="x", micro_batch_size=1, world_size=1, optim=opt, dtype=torch.float32,
-                          hidden_size=64)
+    fp32 = fill_ds_config(
+        raw, source="x", micro_batch_size=1, world_size=1, optim=opt, dtype=torch.float32, hidden_size=64
+    )
     assert fp32["bf16"]["enabled"] is False
-    for bad, match in [({"train_micro_batch_size_per_gpu": 8}, "train_micro_batch_size_per_gpu"),
-                       ({"optimizer": {"type": "Adam"}}, "'optimizer'"),
-                       ({"fp16": {"enabled": True}}, "fp16.enabled"),
-                       ({"zero_optimization": {"stage": 2}}, "stage=2"),
-                       ({"zero_optimization": {"stage": 3, "foo": "auto"}}, "zero_optimization.foo")]:
+    for bad, match in [
+        ({"train_micro_batch_size_per_gpu": 8}, "train_micro_batch_size_per_gpu"),
+        ({"optimizer": {"type": "Adam"}}, "'optimizer'"),
+        ({"fp16": {"enabled": True}}, "fp16.enabled"),
+        ({"zero_optimization": {"stage": 2}}, "stage=2"),
+        ({"zero_optimization": {"stage": 3, "foo": "auto"}}, "zero_optimization.foo"),
+    ]:
         with pytest.raises(ValueError, match=match):
-            fill_ds_config({**raw, **bad}, source="bad.json", micro_batch_size=1, world_size=1, optim=opt,
-                           dtype=torch.float32, hidden_size=64)
+            fill_ds_config(
+                {**raw, **bad},
+                source="bad.json",
+                micro_batch_size=1,
+                world_size=1,
+                optim=opt,
+                dtype=torch.float32,
+                hidden_size=64,
+            )
     with pytest.raises(FileNotFoundError, match="deepspeed_config"):
         load_ds_config(ZERO3_JSON.with_name("nope.json"))

@@ -37,26 +37,42 @@ def data_dir(prepare_synthetic) -> Path:
 
 
 def _overrides(data_dir: Path, out: Path, engine: str, name: str, *extra: str) -> list[str]:
-    return [f"data.local={data_dir}", f"output_dir={out}", f"run_name={name}", f"engine.name={engine}",
-            "training.progress_bar=false", "training.num_eval_samples=8", "monitoring.enabled=false",
-            "training.eval_every=0", "selection.method=random", f"training.num_steps={STEPS}",
-            "selection.pool_size=8", "selection.budget=4", "selection.num_target_samples=4",
-            "checkpoint.every_steps=1", "checkpoint.keep_last=2", "optimizer.lr=0.02", "optimizer.warmup_steps=1",
-            "training.callbacks.plot=false", *extra]
+    return [
+        f"data.local={data_dir}",
+        f"output_dir={out}",
+        f"run_name={name}",
+        f"engine.name={engine}",
+        "training.progress_bar=false",
+        "training.num_eval_samples=8",
+        "monitoring.enabled=false",
+        "training.eval_every=0",
+        "selection.method=random",
+        f"training.num_steps={STEPS}",
+        "selection.pool_size=8",
+        "selection.budget=4",
+        "selection.num_target_samples=4",
+        "checkpoint.every_steps=1",
+        "checkpoint.keep_last=2",
+        "optimizer.lr=0.02",
+        "optimizer.warmup_steps=1",
+        "training.callbacks.plot=false",
+        *extra,
+    ]
 
 
 def _probe(data_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    from optsel.pipeline.tokenizer import load_tokenizer
+    from optsel.pipeline.data.tokenizer import load_tokenizer
 
     batch = load_tokenizer(data_dir / "tokenizer")(PROBE_TEXT, padding=True, return_tensors="pt")
     return batch["input_ids"], batch["attention_mask"]
 
 
-def _train_and_probe(rank: int, world: int, runs: list[tuple[str, list[str]]], ids: torch.Tensor,
-                     mask: torch.Tensor) -> dict[str, torch.Tensor]:
+def _train_and_probe(
+    rank: int, world: int, runs: list[tuple[str, list[str]]], ids: torch.Tensor, mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Train each run, then the engine's own forward of the probe on the sharded model (collective)."""
-    from optsel.pipeline.run_config import load_run_config
-    from optsel.pipeline.trainer import Trainer
+    from optsel.pipeline.train.run_config import load_run_config
+    from optsel.pipeline.train.trainer import Trainer
 
     logits = {}
     for name, overrides in runs:
@@ -77,9 +93,20 @@ def _local_model(folder: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(5)
-    LlamaForCausalLM(LlamaConfig(vocab_size=259, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
-                                 pad_token_id=0, bos_token_id=1, eos_token_id=2)).save_pretrained(folder)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=259,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    ).save_pretrained(folder)
     return folder
 
 
@@ -91,13 +118,31 @@ def runs(data_dir, tmp_path_factory) -> dict[str, tuple[Path, torch.Tensor]]:
     out = tmp_path_factory.mktemp("export-runs")
     base = _local_model(out / "my-base")
     found: dict[str, tuple[Path, torch.Tensor]] = {}
-    plan = {"fsdp2": [("fsdp2", _overrides(data_dir, out, "fsdp2", "fsdp2")),
-                      ("local_lora", _overrides(data_dir, out, "fsdp2", "local_lora", "model.source=local",
-                                                f"model.path={base}", "model.lora.r=2"))],
-            "deepspeed": [("deepspeed", _overrides(data_dir, out, "deepspeed", "deepspeed",
-                                                   "model.tie_word_embeddings=true")),
-                          ("lora", _overrides(data_dir, out, "deepspeed", "lora", "model.lora.r=4",
-                                              "model.lora.target_modules=[q_proj,v_proj,down_proj]"))]}
+    plan = {
+        "fsdp2": [
+            ("fsdp2", _overrides(data_dir, out, "fsdp2", "fsdp2")),
+            (
+                "local_lora",
+                _overrides(
+                    data_dir, out, "fsdp2", "local_lora", "model.source=local", f"model.path={base}", "model.lora.r=2"
+                ),
+            ),
+        ],
+        "deepspeed": [
+            ("deepspeed", _overrides(data_dir, out, "deepspeed", "deepspeed", "model.tie_word_embeddings=true")),
+            (
+                "lora",
+                _overrides(
+                    data_dir,
+                    out,
+                    "deepspeed",
+                    "lora",
+                    "model.lora.r=4",
+                    "model.lora.target_modules=[q_proj,v_proj,down_proj]",
+                ),
+            ),
+        ],
+    }
     for engine, jobs in plan.items():
         logits = run_distributed(_train_and_probe, 2, args=(jobs, ids, mask), init=engine, timeout_s=600)[0]
         for name, _ in jobs:
@@ -120,7 +165,7 @@ def _export(*args: str) -> int:
 def _report(stdout: str) -> dict:
     """The export's JSON report (DeepSpeed's logger may print a line to stdout before it)."""
     lines = stdout.splitlines()
-    return json.loads("\n".join(lines[next(i for i, line in enumerate(lines) if line == "{"):]))
+    return json.loads("\n".join(lines[next(i for i, line in enumerate(lines) if line == "{") :]))
 
 
 def _logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -211,7 +256,7 @@ def _copy_run(run_dir: Path, dest: Path) -> Path:
 
 def _rehash(step: Path) -> None:
     """What someone without the key can do after editing a file: recompute the manifest."""
-    from optsel.pipeline.checkpoint import build_manifest
+    from optsel.pipeline.checkpoint.manager import build_manifest
 
     meta = json.loads((step / "meta.json").read_text())
     meta["manifest"] = build_manifest(step)
@@ -232,7 +277,7 @@ def test_a_tampered_checkpoint_is_refused(runs, tmp_path, capsys):
 
 
 def test_hmac_rules_are_the_resume_rules(runs, tmp_path, monkeypatch, capsys):
-    from optsel.pipeline.checkpoint import sign
+    from optsel.pipeline.checkpoint.manager import sign
 
     run = _copy_run(runs["fsdp2"][0], tmp_path / "run")
     step = run / "checkpoints" / "step_00000002"
@@ -282,7 +327,7 @@ def test_pickled_code_is_never_run(runs, tmp_path, capsys):
 
 
 def test_dcp_metadata_cannot_point_outside_the_checkpoint(runs, tmp_path, capsys):
-    from optsel.pipeline.safe_load import dcp_reader_and_planner
+    from optsel.pipeline.checkpoint.safe_load import dcp_reader_and_planner
 
     step = _copy_run(runs["fsdp2"][0], tmp_path / "fs") / "checkpoints" / "step_00000002"
     metadata = dcp_reader_and_planner(step / "engine")[0].read_metadata()
@@ -361,8 +406,9 @@ def test_lora_on_a_local_model_names_its_base(runs, data_dir, tmp_path, capsys):
     assert _export(run_dir, "--out", tmp_path / "adapter", "--lora", "adapter") == 0
     capsys.readouterr()
     assert not (tmp_path / "adapter" / "base").exists()
-    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] \
-        == str(base_dir.resolve())
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        base_dir.resolve()
+    )
     with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "adapter")
     _assert_close(_logits(with_adapter, ids, mask), live)
     assert _export(run_dir, "--out", tmp_path / "merged") == 0

@@ -22,16 +22,25 @@ def trained():
     return model, opt, make_batch(10, 9, seed=31), make_batch(4, 8, seed=32)
 
 
-@pytest.mark.parametrize("kwargs,field", [
-    (dict(budget=0), "budget"), (dict(budget=4, filter_size=2), "filter_size"),
-    (dict(budget=2, filter_ratio=0.0), "filter_ratio"), (dict(budget=2, gram="dense"), "gram"),
-    (dict(budget=2, geometry="adamw"), "geometry"), (dict(budget=2, curvature=-1.0), "curvature"),
-    (dict(budget=2, momentum_coef=-0.1), "momentum_coef"), (dict(budget=4, w_max=0.1), "w_max"),
-    (dict(budget=2, target_refresh=0), "target_refresh"), (dict(budget=2, sketch_dim_in=0), "sketch_dim_in"),
-    (dict(budget=2, solver="scs"), "solver"), (dict(budget=2, support="all"), "support"),
-    (dict(budget=2, capture_chunk_tokens=0), "capture_chunk_tokens"),
-    (dict(budget=2, capture_chunk_size=2, capture_chunk_tokens=64), "capture_chunk_tokens"),
-])
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(budget=0), "budget"),
+        (dict(budget=4, filter_size=2), "filter_size"),
+        (dict(budget=2, filter_ratio=0.0), "filter_ratio"),
+        (dict(budget=2, gram="dense"), "gram"),
+        (dict(budget=2, geometry="adamw"), "geometry"),
+        (dict(budget=2, curvature=-1.0), "curvature"),
+        (dict(budget=2, momentum_coef=-0.1), "momentum_coef"),
+        (dict(budget=4, w_max=0.1), "w_max"),
+        (dict(budget=2, target_refresh=0), "target_refresh"),
+        (dict(budget=2, sketch_dim_in=0), "sketch_dim_in"),
+        (dict(budget=2, solver="scs"), "solver"),
+        (dict(budget=2, support="all"), "support"),
+        (dict(budget=2, capture_chunk_tokens=0), "capture_chunk_tokens"),
+        (dict(budget=2, capture_chunk_size=2, capture_chunk_tokens=64), "capture_chunk_tokens"),
+    ],
+)
 def test_config_validation_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}: "):
         FTWConfig(**kwargs)
@@ -56,8 +65,16 @@ def test_selection_is_consistent_with_brute_force(trained, support):
     cfg = FTWConfig(budget=3, filter_size=6, gram="exact", support=support, curvature=0.02)
     sel = FilterThenWeight(model, opt, cfg).select(pool, target)
     assert isinstance(sel, Selection) and sel.pool_size == 10
-    b, K, u = brute_force(model, opt, pool, target, sel.covered, sel.diagnostics["momentum_coef"], 0.02,
-                          batch_share=cfg.budget if cfg.filter_curvature == "batch" else None)
+    b, K, u = brute_force(
+        model,
+        opt,
+        pool,
+        target,
+        sel.covered,
+        sel.diagnostics["momentum_coef"],
+        0.02,
+        batch_share=cfg.budget if cfg.filter_curvature == "batch" else None,
+    )
     assert sel.alignment.shape == (10,) and sel.utility.shape == (10,)
     f = sel.filtered
     m = f.numel()
@@ -133,10 +150,10 @@ def _two_rank_worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         model, opt, pool, target = _dp_setup()
-        local = {k: v[rank * 4:(rank + 1) * 4] for k, v in pool.items()}
+        local = {k: v[rank * 4 : (rank + 1) * 4] for k, v in pool.items()}
         width = int(local["attention_mask"].sum(1).max())  # ranks see different T
         local = {k: v[:, :width] for k, v in local.items()}
-        tgt = {k: v[rank * 2:(rank + 1) * 2] for k, v in target.items()}
+        tgt = {k: v[rank * 2 : (rank + 1) * 2] for k, v in target.items()}
         res = {}
         for gram in ("exact", "sketch"):
             s = FilterThenWeight(model, opt, FTWConfig(budget=3, filter_size=6, gram=gram)).select(local, tgt)
@@ -183,11 +200,13 @@ def test_capture_chunk_tokens_bounds_tokens_per_pass_and_selects_the_same(traine
     assert FTWConfig(budget=2, capture_chunk_size=3).capture_chunk(4096) == 3
     assert FTWConfig(budget=2).capture_chunk(9) is None
     calls = []
-    handle = model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[0]),
-                                             with_kwargs=True)
+    handle = model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
     try:
-        chunked = FilterThenWeight(model, opt, FTWConfig(budget=3, gram="exact", capture_chunk_tokens=27)
-                                   ).select(pool, target)
+        chunked = FilterThenWeight(model, opt, FTWConfig(budget=3, gram="exact", capture_chunk_tokens=27)).select(
+            pool, target
+        )
     finally:
         handle.remove()
     whole = FilterThenWeight(model, opt, FTWConfig(budget=3, gram="exact")).select(pool, target)

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers_bruteforce import (adam_precond, brute_force, make_batch, spearman, tiny_gpt2, tiny_llama,
-                                tiny_lora_llama, train_steps)
+from helpers_bruteforce import (
+    adam_precond,
+    brute_force,
+    make_batch,
+    spearman,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_lora_llama,
+    train_steps,
+)
 
 from optsel.selection import FilterThenWeight, FTWConfig
 from optsel.selection import gram as gram_ops
@@ -19,8 +27,9 @@ N_POOL = 8
 
 def _setup(builder, steps=3, lr=1e-2):
     model = builder()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.99),
-                            weight_decay=0.1)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.99), weight_decay=0.1
+    )
     train_steps(model, opt, steps)
     return model, opt, make_batch(N_POOL, 9, seed=11), make_batch(3, 7, seed=12)
 
@@ -32,8 +41,17 @@ def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
 def _check_against_brute(model, opt, pool, target, cfg, geometry="adam", tol=1e-6):
     sel = FilterThenWeight(model, opt, cfg).select(pool, target)
     rho, tau = sel.diagnostics["momentum_coef"], sel.diagnostics["curvature"]
-    b, K, u = brute_force(model, opt, pool, target, sel.covered, rho, tau, geometry,
-                          batch_share=cfg.budget if cfg.filter_curvature == "batch" else None)
+    b, K, u = brute_force(
+        model,
+        opt,
+        pool,
+        target,
+        sel.covered,
+        rho,
+        tau,
+        geometry,
+        batch_share=cfg.budget if cfg.filter_curvature == "batch" else None,
+    )
     f = sel.filtered
     assert _rel(sel.alignment, b) < tol
     assert _rel(sel.utility, u) < tol
@@ -64,8 +82,11 @@ def _make_precond_rank_one(model, opt, seed=0):
         p = layer.param
         state, group = opt.state[p], opt.param_groups[0]
         rows, cols = p.shape
-        P = (0.5 + 1.5 * torch.rand(rows, 1, generator=gen, dtype=torch.float64)) * \
-            (0.5 + 1.5 * torch.rand(1, cols, generator=gen, dtype=torch.float64)) * 30.0
+        P = (
+            (0.5 + 1.5 * torch.rand(rows, 1, generator=gen, dtype=torch.float64))
+            * (0.5 + 1.5 * torch.rand(1, cols, generator=gen, dtype=torch.float64))
+            * 30.0
+        )
         vhat = (1.0 / P - group["eps"]).square()
         state["exp_avg_sq"].copy_(vhat * (1 - group["betas"][1] ** int(state["step"])))
         torch.testing.assert_close(adam_precond(opt, p)[0], P)
@@ -92,8 +113,9 @@ def test_exact_with_filtering_momentum_override_and_sgd_geometry(llama_state):
     assert sel.filtered.tolist() == expected.tolist()
     assert sel.diagnostics["num_filtered"] == len(expected)
 
-    sgd, _ = _check_against_brute(model, opt, pool, target,
-                                  FTWConfig(budget=2, filter_size=N_POOL, gram="exact", geometry="sgd"), geometry="sgd")
+    sgd, _ = _check_against_brute(
+        model, opt, pool, target, FTWConfig(budget=2, filter_size=N_POOL, gram="exact", geometry="sgd"), geometry="sgd"
+    )
     assert sgd.diagnostics["momentum_coef"] == 0.0 and "sgd" in sgd.diagnostics["preconditioner"]
 
 
@@ -101,8 +123,9 @@ def test_identity_before_first_step_and_unsupported_optimizer():
     model = tiny_llama()
     pool, target = make_batch(N_POOL, 9, seed=11), make_batch(3, 7, seed=12)
     fresh = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    sel, _ = _check_against_brute(model, fresh, pool, target, FTWConfig(budget=2, filter_size=N_POOL, gram="exact"),
-                                  geometry="sgd")
+    sel, _ = _check_against_brute(
+        model, fresh, pool, target, FTWConfig(budget=2, filter_size=N_POOL, gram="exact"), geometry="sgd"
+    )
     assert "before the optimizer's first step" in sel.diagnostics["preconditioner"]
     assert sel.diagnostics["momentum_coef"] == 0.0 and sel.diagnostics["optimizer_step"] == 0
 
@@ -125,7 +148,7 @@ def _split_blocks(blk: LayerBlock, how: str) -> list[LayerBlock]:
         return [sub(0, R // 2 + 1, 0, C), sub(R // 2 + 1, R, 0, C)]
     # flat slice [a, z) of the row-major tensor, split on rank boundary a = 1.5 rows
     a = C + C // 2
-    first = [sub(0, 1, 0, C), sub(1, 2, 0, C // 2)]                      # rank 0: flat [0, a)
+    first = [sub(0, 1, 0, C), sub(1, 2, 0, C // 2)]  # rank 0: flat [0, a)
     second = [sub(1, 2, C // 2, C), sub(2, R - 1, 0, C), sub(R - 1, R, 0, C)]  # rank 1: flat [a, R*C)
     assert sum(b.precond.numel() for b in first) == a
     return first + second
@@ -160,24 +183,36 @@ def test_block_partials_sum_to_the_whole(llama_state, how):
 def test_sketch_error_shrinks_with_sketch_size(llama_state):
     model, opt, _, target = llama_state
     pool = make_batch(16, 9, seed=21)
-    exact = FilterThenWeight(model, opt, FTWConfig(budget=2, filter_size=16, gram="exact", filter_curvature="sample")).select(pool, target)
-    ghost = FilterThenWeight(model, opt, FTWConfig(budget=2, filter_size=16, gram="ghost", filter_curvature="sample")).select(pool, target)
+    exact = FilterThenWeight(
+        model, opt, FTWConfig(budget=2, filter_size=16, gram="exact", filter_curvature="sample")
+    ).select(pool, target)
+    ghost = FilterThenWeight(
+        model, opt, FTWConfig(budget=2, filter_size=16, gram="ghost", filter_curvature="sample")
+    ).select(pool, target)
     order = lambda s: s.filtered.argsort()  # noqa: E731  (gram rows back to pool order)
     K_ghost = ghost.gram[order(ghost)][:, order(ghost)]
     errs, ranks = [], []
     for dim in (4, 16, 64):
         e, r = [], []
         for seed in range(3):
-            cfg = FTWConfig(budget=2, filter_size=16, gram="sketch", sketch_dim_out=dim, sketch_dim_in=dim,
-                            filter_curvature="sample")  # the Gram backends, on the filter set this test was sized for
+            cfg = FTWConfig(
+                budget=2,
+                filter_size=16,
+                gram="sketch",
+                sketch_dim_out=dim,
+                sketch_dim_in=dim,
+                filter_curvature="sample",
+            )  # the Gram backends, on the filter set this test was sized for
             s = FilterThenWeight(model, opt, cfg, seed=seed).select(pool, target)
             K = s.gram[order(s)][:, order(s)]
             e.append(_rel(K, K_ghost))
             r.append(spearman(s.utility, exact.utility))
         errs.append(sum(e) / 3)
         ranks.append(sum(r) / 3)
-    print(f"sketch dims (4, 16, 64): rel Frobenius err of K vs ghost {errs}; Spearman(u, exact u) {ranks}; "
-          f"ghost vs exact K err {_rel(K_ghost, exact.gram[order(exact)][:, order(exact)]):.3f}")
+    print(
+        f"sketch dims (4, 16, 64): rel Frobenius err of K vs ghost {errs}; Spearman(u, exact u) {ranks}; "
+        f"ghost vs exact K err {_rel(K_ghost, exact.gram[order(exact)][:, order(exact)]):.3f}"
+    )
     assert errs[2] < errs[1] < errs[0]
     assert errs[2] < 0.15
     assert ranks[2] > 0.8 and ranks[2] >= ranks[0] - 0.05
@@ -191,15 +226,25 @@ def test_sketch_exchange_alignment_tracks_exact_and_is_unbiased_when_p_is_rank_o
     pool = make_batch(16, 9, seed=21)
 
     def run(geometry: str, dim: int | None, seed: int = 0):
-        cfg = FTWConfig(budget=2, filter_size=16, geometry=geometry, compute_dtype="float64",
-                        **({"gram": "exact"} if dim is None else
-                           {"gram": "sketch", "exchange": "sketches", "sketch_dim_out": dim, "sketch_dim_in": dim}))
+        cfg = FTWConfig(
+            budget=2,
+            filter_size=16,
+            geometry=geometry,
+            compute_dtype="float64",
+            **(
+                {"gram": "exact"}
+                if dim is None
+                else {"gram": "sketch", "exchange": "sketches", "sketch_dim_out": dim, "sketch_dim_in": dim}
+            ),
+        )
         return FilterThenWeight(model, opt, cfg, seed=seed).select(pool, target)
 
     exact_sgd = run("sgd", None).alignment
     draws = torch.stack([run("sgd", 8, seed).alignment for seed in range(160)])
     err_1, err_10, err_160 = (_rel(draws[:n].mean(0), exact_sgd) for n in (1, 10, 160))
-    print(f"sketched b (P = I, 8x8 sketch) vs exact: one draw {err_1:.3f}, mean of 10 {err_10:.3f}, of 160 {err_160:.3f}")
+    print(
+        f"sketched b (P = I, 8x8 sketch) vs exact: one draw {err_1:.3f}, mean of 10 {err_10:.3f}, of 160 {err_160:.3f}"
+    )
     assert err_160 < err_10 < err_1 and err_160 < 0.25 * err_1  # unbiased: the mean converges (~1/sqrt(n))
 
     exact = run("adam", None).alignment

@@ -23,8 +23,9 @@ def trained():
 
 
 def _brute(model, opt, pool, target, sel):
-    return brute_force(model, opt, pool, target, sel.covered, sel.diagnostics["momentum_coef"],
-                       sel.diagnostics["curvature"])
+    return brute_force(
+        model, opt, pool, target, sel.covered, sel.diagnostics["momentum_coef"], sel.diagnostics["curvature"]
+    )
 
 
 def _rel(x, y) -> float:
@@ -33,8 +34,9 @@ def _rel(x, y) -> float:
 
 def test_cosine_alignment_is_unit_norm_gradients(trained):
     model, opt, pool, target = trained
-    sel = FilterThenWeight(model, opt, FTWConfig(budget=3, filter_size=N, gram="exact", alignment="cosine")
-                           ).select(pool, target)
+    sel = FilterThenWeight(model, opt, FTWConfig(budget=3, filter_size=N, gram="exact", alignment="cosine")).select(
+        pool, target
+    )
     b, K, _ = _brute(model, opt, pool, target, sel)
     norms = K.diagonal().sqrt()
     b_cos, K_cos = b / norms, K / torch.outer(norms, norms)
@@ -50,10 +52,12 @@ def test_batch_filter_curvature_is_the_sample_share_of_k(trained):
     model, opt, pool, target = trained
     k = 4
     assert FTWConfig(budget=k).filter_curvature == "batch"  # the default since the quality grid
-    sel = FilterThenWeight(model, opt, FTWConfig(budget=k, filter_size=6, gram="exact", filter_curvature="batch")
-                           ).select(pool, target)
-    single = FilterThenWeight(model, opt, FTWConfig(budget=k, filter_size=6, gram="exact", filter_curvature="sample")
-                              ).select(pool, target)
+    sel = FilterThenWeight(
+        model, opt, FTWConfig(budget=k, filter_size=6, gram="exact", filter_curvature="batch")
+    ).select(pool, target)
+    single = FilterThenWeight(
+        model, opt, FTWConfig(budget=k, filter_size=6, gram="exact", filter_curvature="sample")
+    ).select(pool, target)
     b, K, _ = _brute(model, opt, pool, target, sel)
     tau = sel.diagnostics["curvature"]
     u = b - 0.5 * (tau / k) * K.diagonal()
@@ -61,7 +65,7 @@ def test_batch_filter_curvature_is_the_sample_share_of_k(trained):
     assert _rel(single.utility, b - 0.5 * tau * K.diagonal()) < 1e-6
     order = torch.sort(u, descending=True).indices
     positive = int((u > 0).sum())
-    expected = order[:min(6, positive)] if positive >= k else order[:k]  # the filter's rule, fallback included
+    expected = order[: min(6, positive)] if positive >= k else order[:k]  # the filter's rule, fallback included
     assert sorted(sel.filtered.tolist()) == sorted(expected.tolist())
 
 

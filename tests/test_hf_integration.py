@@ -29,9 +29,19 @@ VOCAB, PROMPT, POOL, BUDGET, TARGET_LEN = 96, 3, 8, 3, 10
 
 def tiny_llama(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   pad_token_id=0, bos_token_id=1, eos_token_id=2, attn_implementation="eager")
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        attn_implementation="eager",
+    )
     return transformers.LlamaForCausalLM(cfg)
 
 
@@ -46,9 +56,21 @@ def token_rows(n: int, seed: int, length: int | None = None) -> list[dict]:
 
 
 def hf_args(tmp_path, **overrides) -> transformers.TrainingArguments:
-    kwargs = dict(output_dir=str(tmp_path), max_steps=3, report_to=[], use_cpu=True, logging_steps=1,
-                  learning_rate=5e-3, optim="adamw_torch", lr_scheduler_type="constant", save_strategy="no",
-                  disable_tqdm=True, seed=0, per_device_train_batch_size=2, dataloader_num_workers=0)
+    kwargs = dict(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        learning_rate=5e-3,
+        optim="adamw_torch",
+        lr_scheduler_type="constant",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        per_device_train_batch_size=2,
+        dataloader_num_workers=0,
+    )
     kwargs.update(overrides)
     return transformers.TrainingArguments(**kwargs)
 
@@ -72,8 +94,10 @@ class Recording(RecordingMixin, OptselTrainer):
 def data():
     train = datasets.Dataset.from_list(token_rows(40, seed=1))
     target_rows = token_rows(4, seed=2, length=TARGET_LEN)  # one length: the batch needs no padding
-    target = {"input_ids": torch.tensor([r["input_ids"] for r in target_rows]),
-              "labels": torch.tensor([r["labels"] for r in target_rows])}
+    target = {
+        "input_ids": torch.tensor([r["input_ids"] for r in target_rows]),
+        "labels": torch.tensor([r["labels"] for r in target_rows]),
+    }
     target["attention_mask"] = torch.ones_like(target["input_ids"])
     return train, datasets.Dataset.from_list(target_rows), target
 
@@ -82,8 +106,13 @@ def run_trainer(tmp_path, data, selection, trainer_class=Recording, **arg_overri
     train, target_ds, _ = data
     model = tiny_llama()
     initial = copy.deepcopy(model.state_dict())
-    trainer = trainer_class(model=model, args=hf_args(tmp_path, **arg_overrides), train_dataset=train,
-                            target_dataset=target_ds, selection=selection)
+    trainer = trainer_class(
+        model=model,
+        args=hf_args(tmp_path, **arg_overrides),
+        train_dataset=train,
+        target_dataset=target_ds,
+        selection=selection,
+    )
     trainer.records = []
     trainer.train()
     return trainer, initial
@@ -94,15 +123,21 @@ def replay(initial, records, selector_of, args, target, single_pass: bool):
     model = tiny_llama()
     model.load_state_dict(initial)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  eps=args.adam_epsilon, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        weight_decay=0.0,
+    )
     selector = selector_of(model, optimizer)
     losses = []
     for step, (pool, indices, weights) in enumerate(records):
         sel = selector.select(pool, target)
         assert torch.equal(sel.indices, indices), f"step {step + 1}: {sel.indices.tolist()} != {indices.tolist()}"
-        torch.testing.assert_close(sel.weights, weights, rtol=1e-4, atol=1e-6,
-                                   msg=lambda m: f"step {step + 1}: weights: {m}")
+        torch.testing.assert_close(
+            sel.weights, weights, rtol=1e-4, atol=1e-6, msg=lambda m: f"step {step + 1}: weights: {m}"
+        )
         optimizer.zero_grad()
         w = sel.local_weights.float()
         if single_pass:
@@ -124,8 +159,13 @@ def check_same_training(trainer, initial, selector_of, target, single_pass):
     assert len(trainer.records) == 3
     model, losses = replay(initial, trainer.records, selector_of, trainer.args, target, single_pass)
     for name, p in model.named_parameters():
-        torch.testing.assert_close(trainer.model.get_parameter(name).detach(), p.detach(), rtol=1e-4, atol=1e-5,
-                                   msg=lambda m: f"parameter {name}: {m}")
+        torch.testing.assert_close(
+            trainer.model.get_parameter(name).detach(),
+            p.detach(),
+            rtol=1e-4,
+            atol=1e-5,
+            msg=lambda m: f"parameter {name}: {m}",
+        )
     assert not torch.equal(trainer.model.get_parameter("lm_head.weight"), tiny_llama().lm_head.weight)  # it trained
     logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert logged == pytest.approx(losses, abs=2e-4)  # the Trainer logs Σ w_i ℓ_i, rounded to 4 digits
@@ -152,13 +192,13 @@ def test_trainer_selects_and_trains_like_optsels_own_loop(tmp_path, data, single
     # (c) the accelerate wrapper is unwrapped: FTW reads torch's AdamW moments
     assert type(trainer.optimizer).__name__ == "AcceleratedOptimizer"
     assert type(trainer.selector.optimizer) is torch.optim.AdamW and trainer.selector.optimizer is unwrap_optimizer(
-        trainer.optimizer)
+        trainer.optimizer
+    )
     assert trainer.selector.config.single_pass is single_pass
     # the selection is FTW's, not uniform: at some step the weights are unequal or fewer than k rows are kept
     assert any(i.numel() < BUDGET or float(w.max() - w.min()) > 1e-3 for _, i, w in trainer.records)
     ftw_config = FTWConfig(budget=BUDGET, **options)
-    check_same_training(trainer, initial, lambda m, o: FilterThenWeight(m, o, ftw_config, seed=3), data[2],
-                        single_pass)
+    check_same_training(trainer, initial, lambda m, o: FilterThenWeight(m, o, ftw_config, seed=3), data[2], single_pass)
     # (b) selection metrics reach the Trainer's log history, once per logged step
     logs = [entry for entry in trainer.state.log_history if "select/selected" in entry]
     assert [entry["step"] for entry in logs] == [1, 2, 3]
@@ -174,9 +214,14 @@ def test_random_selector_and_metric_means_over_logging_steps(tmp_path, data):
     selection = {"method": "random", "pool_size": POOL, "budget": BUDGET, "seed": 5, "num_target_samples": 4}
     trainer, initial = run_trainer(tmp_path, data, selection, logging_steps=3)
     check_pools(trainer, data[0])
-    check_same_training_random = lambda: replay(initial, trainer.records,  # noqa: E731
-                                                lambda m, o: RandomSelector(budget=BUDGET, seed=5), trainer.args,
-                                                None, single_pass=False)
+    check_same_training_random = lambda: replay(
+        initial,
+        trainer.records,  # noqa: E731
+        lambda m, o: RandomSelector(budget=BUDGET, seed=5),
+        trainer.args,
+        None,
+        single_pass=False,
+    )
     model, _ = check_same_training_random()
     for name, p in model.named_parameters():
         torch.testing.assert_close(trainer.model.get_parameter(name).detach(), p.detach(), rtol=1e-4, atol=1e-5)
@@ -199,16 +244,26 @@ def test_selector_sees_the_real_optimizer_class(tmp_path, data):
 def test_resume_restores_the_selector_state(tmp_path, data):
     """A run resumed from the Trainer's checkpoint selects what the uninterrupted run selects: the selector's
     state (here FTW's step counter: the first 2 steps are random warm-up) travels in the checkpoint folder."""
-    selection = {"pool_size": POOL, "budget": BUDGET, "num_target_samples": 4, "seed": 3,
-                 "options": {"ftw": {"gram": "exact", "warmup_steps": 2}}}
+    selection = {
+        "pool_size": POOL,
+        "budget": BUDGET,
+        "num_target_samples": 4,
+        "seed": 3,
+        "options": {"ftw": {"gram": "exact", "warmup_steps": 2}},
+    }
     full, _ = run_trainer(tmp_path / "full", data, selection)
     first, _ = run_trainer(tmp_path / "part", data, selection, max_steps=2, save_strategy="steps", save_steps=2)
     state_file = tmp_path / "part" / "checkpoint-2" / "optsel_selector_rank00000.pt"
     assert state_file.is_file() and torch.load(state_file, weights_only=True)["step"] == 2
 
     def resumed():
-        trainer = Recording(model=tiny_llama(seed=9), args=hf_args(tmp_path / "part"), train_dataset=data[0],
-                            target_dataset=data[1], selection=selection)
+        trainer = Recording(
+            model=tiny_llama(seed=9),
+            args=hf_args(tmp_path / "part"),
+            train_dataset=data[0],
+            target_dataset=data[1],
+            selection=selection,
+        )
         trainer.records = []
         trainer.train(resume_from_checkpoint=True)
         return trainer
@@ -227,29 +282,45 @@ def test_resume_restores_the_selector_state(tmp_path, data):
 def make(tmp_path, data, selection=None, target="given", train=None, **arg_overrides):
     train_ds, target_ds, _ = data
     selection = selection if selection is not None else {"pool_size": POOL, "budget": BUDGET, "num_target_samples": 4}
-    return OptselTrainer(model=tiny_llama(), args=hf_args(tmp_path, **arg_overrides),
-                         train_dataset=train if train is not None else train_ds,
-                         target_dataset=target_ds if target == "given" else target, selection=selection)
+    return OptselTrainer(
+        model=tiny_llama(),
+        args=hf_args(tmp_path, **arg_overrides),
+        train_dataset=train if train is not None else train_ds,
+        target_dataset=target_ds if target == "given" else target,
+        selection=selection,
+    )
 
 
-@pytest.mark.parametrize("overrides,match", [
-    (dict(gradient_accumulation_steps=2), r"TrainingArguments\.gradient_accumulation_steps=2: must be 1"),
-    (dict(activation_checkpointing=True), r"TrainingArguments\.activation_checkpointing=True: optsel's capture"),
-], ids=["accumulation", "checkpointing"])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(gradient_accumulation_steps=2), r"TrainingArguments\.gradient_accumulation_steps=2: must be 1"),
+        (dict(activation_checkpointing=True), r"TrainingArguments\.activation_checkpointing=True: optsel's capture"),
+    ],
+    ids=["accumulation", "checkpointing"],
+)
 def test_bad_training_arguments_are_refused(tmp_path, data, overrides, match):
     with pytest.raises(ValueError, match=match):
         make(tmp_path, data, **overrides)
 
 
-@pytest.mark.parametrize("selection,match", [
-    ({"pool_size": POOL, "budget": BUDGET, "pool_sz": 4}, r"'selection\.pool_sz': unknown key"),
-    ({"pool_size": POOL, "budget": POOL + 1}, r"'selection\.budget': must be in \[1, pool_size=8\]"),
-    ({"pool_size": POOL, "budget": BUDGET, "options": {"ftw": {"gramm": "exact"}}},
-     r"'selection\.options\.ftw\.gramm': unknown key"),
-    ({"pool_size": POOL, "budget": BUDGET, "options": {"ftw": {"budget": 2}}},
-     r"'selection\.options\.ftw\.budget': set the budget once"),
-    ({"method": "nosuch", "pool_size": POOL, "budget": BUDGET}, r"unknown selector 'nosuch'"),
-], ids=["unknown_key", "budget", "ftw_option", "ftw_budget", "method"])
+@pytest.mark.parametrize(
+    "selection,match",
+    [
+        ({"pool_size": POOL, "budget": BUDGET, "pool_sz": 4}, r"'selection\.pool_sz': unknown key"),
+        ({"pool_size": POOL, "budget": POOL + 1}, r"'selection\.budget': must be in \[1, pool_size=8\]"),
+        (
+            {"pool_size": POOL, "budget": BUDGET, "options": {"ftw": {"gramm": "exact"}}},
+            r"'selection\.options\.ftw\.gramm': unknown key",
+        ),
+        (
+            {"pool_size": POOL, "budget": BUDGET, "options": {"ftw": {"budget": 2}}},
+            r"'selection\.options\.ftw\.budget': set the budget once",
+        ),
+        ({"method": "nosuch", "pool_size": POOL, "budget": BUDGET}, r"unknown selector 'nosuch'"),
+    ],
+    ids=["unknown_key", "budget", "ftw_option", "ftw_budget", "method"],
+)
 def test_bad_selection_config_is_refused(tmp_path, data, selection, match):
     with pytest.raises(ConfigError, match=match):
         make(tmp_path, data, selection=selection)
@@ -277,10 +348,19 @@ def test_bad_datasets_are_refused(tmp_path, data):
     with pytest.raises(ValueError, match=r"train_dataset row 5: 'labels' has \d+ entries, 'input_ids' \d+"):
         trainer.train()
     # the target may come from eval_dataset instead; a random selector needs none
-    OptselTrainer(model=tiny_llama(), args=hf_args(tmp_path), train_dataset=train, eval_dataset=target_ds,
-                  selection={"pool_size": POOL, "budget": BUDGET, "num_target_samples": 4})
-    assert make(tmp_path, data, target=None, selection={"method": "random", "pool_size": POOL,
-                                                        "budget": BUDGET})._optsel_target is None
+    OptselTrainer(
+        model=tiny_llama(),
+        args=hf_args(tmp_path),
+        train_dataset=train,
+        eval_dataset=target_ds,
+        selection={"pool_size": POOL, "budget": BUDGET, "num_target_samples": 4},
+    )
+    assert (
+        make(
+            tmp_path, data, target=None, selection={"method": "random", "pool_size": POOL, "budget": BUDGET}
+        )._optsel_target
+        is None
+    )
 
 
 # -- TRL ---------------------------------------------------------------------------------------------
@@ -291,8 +371,9 @@ def local_tokenizer():
     words = ["<pad>", "<s>", "</s>", "<unk>", "question", "answer", "plus", "is"] + [str(i) for i in range(20)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                                eos_token="</s>", unk_token="<unk>")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 def test_trl_sft_trainer(tmp_path):
@@ -310,17 +391,34 @@ def test_trl_sft_trainer(tmp_path):
         return out
 
     tok = local_tokenizer()
-    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, report_to=[], use_cpu=True, bf16=False,
-                         activation_checkpointing=False, logging_steps=1, learning_rate=5e-3, optim="adamw_torch",
-                         lr_scheduler_type="constant", save_strategy="no", disable_tqdm=True, seed=0,
-                         max_length=32, per_device_train_batch_size=2)
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        logging_steps=1,
+        learning_rate=5e-3,
+        optim="adamw_torch",
+        lr_scheduler_type="constant",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        max_length=32,
+        per_device_train_batch_size=2,
+    )
     model = tiny_llama()
     initial = copy.deepcopy(model.state_dict())
     cls = type("RecordingSFT", (RecordingMixin, OptselSFTTrainer), {})
-    trainer = cls(model=model, args=args, train_dataset=datasets.Dataset.from_list(records(24)),
-                  eval_dataset=datasets.Dataset.from_list(records(4)), processing_class=tok,
-                  selection={"pool_size": POOL, "budget": BUDGET, "num_target_samples": 4,
-                             "options": {"ftw": {"gram": "exact"}}})
+    trainer = cls(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(records(24)),
+        eval_dataset=datasets.Dataset.from_list(records(4)),
+        processing_class=tok,
+        selection={"pool_size": POOL, "budget": BUDGET, "num_target_samples": 4, "options": {"ftw": {"gram": "exact"}}},
+    )
     trainer.records = []
     trainer.train()
     assert len(trainer.records) == 2 and trainer._optsel_single_pass
@@ -329,34 +427,67 @@ def test_trl_sft_trainer(tmp_path):
         assert bool((pool["labels"][:, :prompt_len] == -100).all()) and bool((pool["labels"] != -100).any())
     target = trainer._optsel_target
     ftw_config = FTWConfig(budget=BUDGET, gram="exact")
-    model2, losses = replay(initial, trainer.records, lambda m, o: FilterThenWeight(m, o, ftw_config, seed=0),
-                            trainer.args, target, single_pass=True)
+    model2, losses = replay(
+        initial,
+        trainer.records,
+        lambda m, o: FilterThenWeight(m, o, ftw_config, seed=0),
+        trainer.args,
+        target,
+        single_pass=True,
+    )
     for name, p in model2.named_parameters():
         torch.testing.assert_close(trainer.model.get_parameter(name).detach(), p.detach(), rtol=1e-4, atol=1e-5)
     assert [e["step"] for e in trainer.state.log_history if "select/selected" in e] == [1, 2]
-    packed = trl.SFTConfig(output_dir=str(tmp_path), packing=True, max_length=32, use_cpu=True, bf16=False,
-                           activation_checkpointing=False, report_to=[])
+    packed = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        packing=True,
+        max_length=32,
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        report_to=[],
+    )
     with pytest.raises(ValueError, match=r"SFTConfig\.packing=True: optsel selects and weights whole samples"):
-        OptselSFTTrainer(model=tiny_llama(), args=packed,
-                         train_dataset=datasets.Dataset.from_list(records(24)),
-                         eval_dataset=datasets.Dataset.from_list(records(4)), processing_class=tok,
-                         selection={"pool_size": POOL, "budget": BUDGET, "num_target_samples": 4})
+        OptselSFTTrainer(
+            model=tiny_llama(),
+            args=packed,
+            train_dataset=datasets.Dataset.from_list(records(24)),
+            eval_dataset=datasets.Dataset.from_list(records(4)),
+            processing_class=tok,
+            selection={"pool_size": POOL, "budget": BUDGET, "num_target_samples": 4},
+        )
 
 
 # -- two data-parallel ranks (real gloo, the Trainer's own DDP) ----------------------------------------
 def _ddp_body(rank: int, world_size: int, out_dir: str) -> dict:
     train = datasets.Dataset.from_list(token_rows(40, seed=1))
     target_ds = datasets.Dataset.from_list(token_rows(4, seed=2, length=TARGET_LEN))
-    selection = {"pool_size": POOL, "budget": BUDGET, "num_target_samples": 4, "seed": 3,
-                 "options": {"ftw": {"gram": "exact"}}}
-    trainer = Recording(model=tiny_llama(), args=hf_args(out_dir, ddp_backend="gloo"), train_dataset=train,
-                        target_dataset=target_ds, selection=selection)
+    selection = {
+        "pool_size": POOL,
+        "budget": BUDGET,
+        "num_target_samples": 4,
+        "seed": 3,
+        "options": {"ftw": {"gram": "exact"}},
+    }
+    trainer = Recording(
+        model=tiny_llama(),
+        args=hf_args(out_dir, ddp_backend="gloo"),
+        train_dataset=train,
+        target_dataset=target_ds,
+        selection=selection,
+    )
     trainer.records = []
     trainer.train()
-    return {"records": trainer.records, "single_pass": trainer._optsel_single_pass, "world": trainer.args.world_size,
-            "distributed_type": str(trainer.accelerator.distributed_type), "log": trainer.state.log_history,
-            "params": {n: p.detach().clone()
-                       for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()}}
+    return {
+        "records": trainer.records,
+        "single_pass": trainer._optsel_single_pass,
+        "world": trainer.args.world_size,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "log": trainer.state.log_history,
+        "params": {
+            n: p.detach().clone() for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()
+        },
+    }
 
 
 @pytest.mark.distributed
@@ -381,10 +512,17 @@ def test_two_ranks_select_and_train_like_one_process_on_the_global_pool(tmp_path
     assert len(records) == 3
     initial = tiny_llama().state_dict()
     ftw_config = FTWConfig(budget=BUDGET, gram="exact")
-    model, losses = replay(initial, records, lambda m, o: FilterThenWeight(m, o, ftw_config, seed=3),
-                           hf_args(tmp_path), data[2], single_pass=False)
+    model, losses = replay(
+        initial,
+        records,
+        lambda m, o: FilterThenWeight(m, o, ftw_config, seed=3),
+        hf_args(tmp_path),
+        data[2],
+        single_pass=False,
+    )
     for name, p in model.named_parameters():
-        torch.testing.assert_close(r0["params"][name], p.detach(), rtol=1e-4, atol=1e-5,
-                                   msg=lambda m: f"parameter {name}: {m}")
+        torch.testing.assert_close(
+            r0["params"][name], p.detach(), rtol=1e-4, atol=1e-5, msg=lambda m: f"parameter {name}: {m}"
+        )
     logged = [entry["loss"] for entry in r0["log"] if "loss" in entry]
     assert logged == pytest.approx(losses, abs=2e-4)  # the global Σ w_i ℓ_i (each rank returns R · its part)

@@ -36,8 +36,14 @@ def _env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/optsel/torch_extensions"))
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "OPTSEL_CHECKPOINT_KEY",
-                "OPTSEL_CHECKPOINT_KEY_FILE"):
+    for key in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "OPTSEL_CHECKPOINT_KEY",
+        "OPTSEL_CHECKPOINT_KEY_FILE",
+    ):
         if key not in extra:
             env.pop(key, None)
     return env
@@ -55,15 +61,33 @@ def single_rank_env(monkeypatch):
 
 
 def _args(data_dir: Path, out: Path, engine: str = "fsdp2", *extra: str) -> list[str]:
-    return [f"data.local={data_dir}", f"output_dir={out}", "run_name=r", "training.progress_bar=false",
-            "training.num_eval_samples=8", "monitoring.port=0", "training.eval_every=0", f"engine.name={engine}",
-            "selection.method=random", "training.num_steps=3", "selection.pool_size=8", "selection.budget=4",
-            "selection.num_target_samples=4", *extra]
+    return [
+        f"data.local={data_dir}",
+        f"output_dir={out}",
+        "run_name=r",
+        "training.progress_bar=false",
+        "training.num_eval_samples=8",
+        "monitoring.port=0",
+        "training.eval_every=0",
+        f"engine.name={engine}",
+        "selection.method=random",
+        "training.num_steps=3",
+        "selection.pool_size=8",
+        "selection.budget=4",
+        "selection.num_target_samples=4",
+        *extra,
+    ]
 
 
 def _train(args: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "optsel.launch.train", "configs/demo.yaml", *args], cwd=REPO,
-                          env=_env(**env), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "optsel.launch.train", "configs/demo.yaml", *args],
+        cwd=REPO,
+        env=_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _strict_json(path: Path):
@@ -74,18 +98,28 @@ def _strict_json(path: Path):
 
 
 def _val_rows(data_dir: Path) -> list[dict]:
-    from optsel.pipeline.data import load_split
-    from optsel.pipeline.data_config import DataConfig
+    from optsel.pipeline.data.config import DataConfig
+    from optsel.pipeline.data.loaders import load_split
 
-    rows = load_split(DataConfig(local=str(data_dir), cache_dir=str(data_dir.parent / "read-cache"),
-                                 clean_stale_shm=False), "val", SINGLE)
-    return [{"tokens": np.asarray(r["tokens"], dtype=np.int32), "prompt_len": int(r["prompt_len"]),
-             "sample_id": int(r["sample_id"]), "kind_id": int(r["kind_id"])} for r in rows]
+    rows = load_split(
+        DataConfig(local=str(data_dir), cache_dir=str(data_dir.parent / "read-cache"), clean_stale_shm=False),
+        "val",
+        SINGLE,
+    )
+    return [
+        {
+            "tokens": np.asarray(r["tokens"], dtype=np.int32),
+            "prompt_len": int(r["prompt_len"]),
+            "sample_id": int(r["sample_id"]),
+            "kind_id": int(r["kind_id"]),
+        }
+        for r in rows
+    ]
 
 
 def _copy_with_val(data_dir: Path, dest: Path, rows: list[dict]) -> Path:
     """A copy of the prepared dataset whose val split holds ``rows`` (written with MDSWriter, xxh64)."""
-    from optsel.pipeline.streaming_compat import MDSWriter
+    from optsel.pipeline.data.streaming_compat import MDSWriter
 
     shutil.copytree(data_dir, dest, ignore=shutil.ignore_patterns("val"))
     with MDSWriter(out=str(dest / "val"), columns=VAL_COLUMNS, compression=None, hashes=["xxh64"]) as writer:
@@ -98,9 +132,9 @@ def _copy_with_val(data_dir: Path, dest: Path, rows: list[dict]) -> Path:
 @pytest.mark.parametrize("entry", ["raw_data", "zip_data"])
 @pytest.mark.parametrize("name", ["../../escaped.pth", "/tmp/optsel-escaped.pth", "sub\\..\\x.pth", "a/b.mds"])
 def test_traversal_basename_in_index_is_refused(data_dir, tmp_path, single_rank_env, entry, name):
-    from optsel.pipeline.data import build_train_loader
-    from optsel.pipeline.data_config import DataConfig
-    from optsel.pipeline.shards import ShardError, verify_split
+    from optsel.pipeline.data.config import DataConfig
+    from optsel.pipeline.data.loaders import build_train_loader
+    from optsel.pipeline.data.shards import ShardError, verify_split
 
     crafted = tmp_path / "crafted"
     shutil.copytree(data_dir, crafted)
@@ -115,15 +149,16 @@ def test_traversal_basename_in_index_is_refused(data_dir, tmp_path, single_rank_
     assert not (tmp_path / "escaped.pth").exists() and not (tmp_path / "cache" / "escaped.pth").exists()
 
 
-def test_traversal_basename_is_refused_by_the_stream_before_any_shard_is_copied(data_dir, tmp_path,
-                                                                               single_rank_env, monkeypatch):
+def test_traversal_basename_is_refused_by_the_stream_before_any_shard_is_copied(
+    data_dir, tmp_path, single_rank_env, monkeypatch
+):
     """The second layer, for remotes (s3://...) whose index optsel cannot read up front: the Stream
     refuses the index as soon as streaming has read it. The up-front check is switched off here to
     reach it with a local copy; the real escape target is set up so that the copy would succeed."""
-    from optsel.pipeline import streaming_dataset
-    from optsel.pipeline.data import build_train_loader
-    from optsel.pipeline.data_config import DataConfig
-    from optsel.pipeline.shards import ShardError
+    from optsel.pipeline.data import streaming_dataset
+    from optsel.pipeline.data.config import DataConfig
+    from optsel.pipeline.data.loaders import build_train_loader
+    from optsel.pipeline.data.shards import ShardError
 
     crafted = tmp_path / "remote" / "ds"
     shutil.copytree(data_dir, crafted)
@@ -137,8 +172,9 @@ def test_traversal_basename_is_refused_by_the_stream_before_any_shard_is_copied(
     monkeypatch.setattr(streaming_dataset, "verify_split", lambda *a, **k: 0)
     cache = tmp_path / "cache"
     with pytest.raises(ShardError, match=r"'\.\./escaped\.pth(\.zstd)?' is not a plain file name"):
-        loader = build_train_loader(DataConfig(local=str(crafted), remote=str(crafted), cache_dir=str(cache)), 4,
-                                    SINGLE)
+        loader = build_train_loader(
+            DataConfig(local=str(crafted), remote=str(crafted), cache_dir=str(cache)), 4, SINGLE
+        )
         next(iter(loader))
     assert not (cache / "escaped.pth").exists() and not (cache / "escaped.pth.zstd").exists()
 
@@ -166,8 +202,9 @@ def fsdp2_run(data_dir, tmp_path_factory) -> tuple[Path, list[str]]:
 @pytest.fixture(scope="module")
 def deepspeed_run(data_dir, tmp_path_factory) -> tuple[Path, list[str]]:
     out = tmp_path_factory.mktemp("ds-ckpt")
-    args = _args(data_dir, out, "deepspeed", "checkpoint.every_steps=1", "checkpoint.keep_last=1",
-                 "training.num_steps=1")
+    args = _args(
+        data_dir, out, "deepspeed", "checkpoint.every_steps=1", "checkpoint.keep_last=1", "training.num_steps=1"
+    )
     done = _train(args, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return out / "r", args
@@ -175,7 +212,7 @@ def deepspeed_run(data_dir, tmp_path_factory) -> tuple[Path, list[str]]:
 
 def _rewrite_manifest(step_dir: Path, key: bytes | None = None) -> None:
     """What an attacker with write access but without the key does: make the manifest match again."""
-    from optsel.pipeline.checkpoint import build_manifest, sign
+    from optsel.pipeline.checkpoint.manager import build_manifest, sign
 
     meta = json.loads((step_dir / "meta.json").read_text())
     meta["manifest"] = build_manifest(step_dir)
@@ -194,14 +231,16 @@ def _resume_args(args: list[str], out: Path) -> list[str]:
 
 
 def test_checkpoint_manifest_is_written_and_every_file_verified(fsdp2_run):
-    from optsel.pipeline.checkpoint import CheckpointConfig, CheckpointError, CheckpointManager
+    from optsel.pipeline.checkpoint.manager import CheckpointConfig, CheckpointError, CheckpointManager
 
     run_dir, _ = fsdp2_run
     newest = run_dir / "checkpoints" / "step_00000003"
     meta = _strict_json(newest / "meta.json")
     files = {p.relative_to(newest).as_posix() for p in newest.rglob("*") if p.is_file()} - {"meta.json"}
     assert set(meta["manifest"]) == files and {"engine/.metadata", "trainer_rank00000.pt"} <= files
-    assert all(len(v["sha256"]) == 64 and v["bytes"] == (newest / k).stat().st_size for k, v in meta["manifest"].items())
+    assert all(
+        len(v["sha256"]) == 64 and v["bytes"] == (newest / k).stat().st_size for k, v in meta["manifest"].items()
+    )
     assert "hmac" not in meta  # no key configured for this run
     manager = CheckpointManager(CheckpointConfig(), run_dir)
     assert manager.verify(newest)["step"] == 3
@@ -241,8 +280,9 @@ def test_replaced_checkpoint_file_does_not_run_code_fsdp2(fsdp2_run, tmp_path):
     _rewrite_manifest(step)
     done = _train(_resume_args(args, tmp_path / "c") + [f"--resume-from={step}"])
     assert done.returncode == 2, done.stderr[-2000:]
-    assert ".metadata holds pickled objects outside the allowlist: pathlib.Path.write_text" in done.stderr, \
-        done.stderr[-2000:]  # pickle.dumps names the method itself (protocol >= 4)
+    assert ".metadata holds pickled objects outside the allowlist: pathlib.Path.write_text" in done.stderr, done.stderr[
+        -2000:
+    ]  # pickle.dumps names the method itself (protocol >= 4)
     assert not marker.exists()
 
 
@@ -265,8 +305,10 @@ def test_hmac_key_refuses_a_rewritten_manifest(fsdp2_run, data_dir, tmp_path):
     assert done.returncode == 2 and "HMAC does not match" in done.stderr, done.stderr[-2000:]
     # an unsigned checkpoint is refused while a key is configured
     run_dir, fargs = fsdp2_run
-    done = _train(_resume_args(fargs, tmp_path / "u") + [f"--resume-from={run_dir / 'checkpoints' / 'step_00000003'}"],
-                  OPTSEL_CHECKPOINT_KEY="k")
+    done = _train(
+        _resume_args(fargs, tmp_path / "u") + [f"--resume-from={run_dir / 'checkpoints' / 'step_00000003'}"],
+        OPTSEL_CHECKPOINT_KEY="k",
+    )
     assert done.returncode == 2 and "is not signed" in done.stderr, done.stderr[-2000:]
 
 
@@ -287,9 +329,11 @@ def test_replaced_checkpoint_file_does_not_run_code_deepspeed(deepspeed_run, tmp
     assert "model_states.pt holds pickled objects that weights-only loading refuses" in done.stderr, done.stderr[-3000:]
     assert "builtins.getattr, pathlib.Path, pathlib.PosixPath" in done.stderr and not marker.exists()
     # an untouched DeepSpeed checkpoint loads weights-only (its two DeepSpeed classes are allowlisted)
-    done = _train(_resume_args(args, tmp_path / "ok") + ["training.num_steps=2",
-                                                          f"--resume-from={run_dir / 'checkpoints' / 'step_00000001'}"],
-                  timeout=600)
+    done = _train(
+        _resume_args(args, tmp_path / "ok")
+        + ["training.num_steps=2", f"--resume-from={run_dir / 'checkpoints' / 'step_00000001'}"],
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -305,7 +349,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_newest_that_verifies(fsdp2_
     assert "Traceback" not in explicit.stderr
     done = _train(_resume_args(args, tmp_path) + ["training.num_steps=4", "--resume"])
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"skipping step_00000003" in done.stderr and str(bad.name) in done.stderr, done.stderr[-3000:]
+    assert "skipping step_00000003" in done.stderr and str(bad.name) in done.stderr, done.stderr[-3000:]
     assert "falling back to" in done.stderr and "step_00000002" in done.stderr
     summary = _strict_json(copy / "summary.json")
     assert summary["resumed_from"].endswith("step_00000002") and summary["num_steps"] == 4
@@ -313,17 +357,27 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_newest_that_verifies(fsdp2_
 
 # -- 3 / 4. one run per folder; no implicit deletion --------------------------------------------------
 def test_second_run_in_the_same_run_folder_is_refused_naming_the_holder(data_dir, tmp_path):
-    from optsel.pipeline.run_lock import RunDirBusyError, RunLock
+    from optsel.pipeline.checkpoint.run_lock import RunDirBusyError, RunLock
 
     run_dir = tmp_path / "r"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from optsel.pipeline.run_lock import RunLock; "
-                               f"RunLock({str(run_dir)!r}, 'first').acquire(); print('held', flush=True); time.sleep(120)"],
-                              env=_env(), stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from optsel.pipeline.checkpoint.run_lock import RunLock; "
+            f"RunLock({str(run_dir)!r}, 'first').acquire(); print('held', flush=True); time.sleep(120)",
+        ],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         done = _train(_args(data_dir, tmp_path))
         assert done.returncode == 2, done.stderr[-2000:]
-        assert f"pid {holder.pid} on host {socket.gethostname()}" in done.stderr and "in use by another run" in done.stderr
+        assert (
+            f"pid {holder.pid} on host {socket.gethostname()}" in done.stderr and "in use by another run" in done.stderr
+        )
         assert not (run_dir / "config.yaml").exists()  # nothing of the first run was touched
         with pytest.raises(RunDirBusyError, match=f"pid {holder.pid}"):
             RunLock(run_dir).acquire()
@@ -359,9 +413,15 @@ def test_fresh_start_into_a_folder_with_checkpoints_is_refused_and_overwrite_mov
 # -- 6. Ctrl-C ---------------------------------------------------------------------------------------
 def test_sigint_saves_at_the_step_boundary(data_dir, tmp_path):
     args = _args(data_dir, tmp_path, "fsdp2", "training.num_steps=100000")
-    proc = subprocess.Popen([sys.executable, "-m", "optsel.launch.train", "configs/demo.yaml", *args], cwd=REPO,
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "optsel.launch.train", "configs/demo.yaml", *args],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     metrics = tmp_path / "r" / "metrics.jsonl"
     end = time.monotonic() + 240
     while not (metrics.is_file() and '"step": 2,' in metrics.read_text()):
@@ -379,7 +439,7 @@ def test_sigint_saves_at_the_step_boundary(data_dir, tmp_path):
 
 _DOUBLE_SIGINT = """
 import os, signal, sys, time
-from optsel.pipeline.trainer import StopSignals
+from optsel.pipeline.train.trainer import StopSignals
 signals = StopSignals(["SIGTERM"])
 os.kill(os.getpid(), signal.SIGINT)
 time.sleep(0.1)
@@ -395,8 +455,9 @@ print("still running", flush=True)
 
 def test_second_ctrl_c_exits_at_once():
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", _DOUBLE_SIGINT], env=_env(), capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", _DOUBLE_SIGINT], env=_env(), capture_output=True, text=True, timeout=60
+    )
     assert done.stdout.splitlines() == ["first SIGINT"], done.stdout + done.stderr
     assert done.returncode == 130 and "second Ctrl-C: exiting now" in done.stderr
     assert time.monotonic() - start < 30
@@ -425,17 +486,24 @@ def test_eval_split_without_loss_tokens_is_refused_and_empty_samples_counted(dat
 
 
 # -- 8. values the config must refuse; strict JSON ----------------------------------------------------
-@pytest.mark.parametrize("override, key", [
-    ("optimizer.lr=.inf", "optimizer.lr"), ("optimizer.lr=.nan", "optimizer.lr"),
-    ("optimizer.lr=inf", "optimizer.lr"), ("optimizer.weight_decay=nan", "optimizer.weight_decay"),
-    ("optimizer.grad_clip=nan", "optimizer.grad_clip"), ("optimizer.min_lr_ratio=-5", "optimizer.min_lr_ratio"),
-    ("optimizer.eps=0", "optimizer.eps"), ("optimizer.weight_decay=-1", "optimizer.weight_decay"),
-    ("engine.collective_timeout_s=.inf", "engine.collective_timeout_s"),
-    ("engine.deepspeed_config=/nonexistent/zero3.json", "engine.deepspeed_config"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optimizer.lr=.inf", "optimizer.lr"),
+        ("optimizer.lr=.nan", "optimizer.lr"),
+        ("optimizer.lr=inf", "optimizer.lr"),
+        ("optimizer.weight_decay=nan", "optimizer.weight_decay"),
+        ("optimizer.grad_clip=nan", "optimizer.grad_clip"),
+        ("optimizer.min_lr_ratio=-5", "optimizer.min_lr_ratio"),
+        ("optimizer.eps=0", "optimizer.eps"),
+        ("optimizer.weight_decay=-1", "optimizer.weight_decay"),
+        ("engine.collective_timeout_s=.inf", "engine.collective_timeout_s"),
+        ("engine.deepspeed_config=/nonexistent/zero3.json", "engine.deepspeed_config"),
+    ],
+)
 def test_config_refuses_non_finite_out_of_range_and_impossible_paths(override, key):
     from optsel.config_loader import ConfigError
-    from optsel.pipeline.run_config import load_run_config
+    from optsel.pipeline.train.run_config import load_run_config
 
     with pytest.raises(ConfigError) as err:
         load_run_config(REPO / "configs/demo.yaml", ["engine.name=deepspeed", override])
@@ -444,11 +512,13 @@ def test_config_refuses_non_finite_out_of_range_and_impossible_paths(override, k
 
 def test_output_dir_that_is_a_file_is_a_config_error(tmp_path):
     from optsel.config_loader import ConfigError
-    from optsel.pipeline.run_config import load_run_config
+    from optsel.pipeline.train.run_config import load_run_config
 
     (tmp_path / "afile").write_text("x")
-    for override, key in ((f"output_dir={tmp_path / 'afile'}", "output_dir"),
-                          (f"output_dir={tmp_path / 'afile' / 'below'}", "output_dir")):
+    for override, key in (
+        (f"output_dir={tmp_path / 'afile'}", "output_dir"),
+        (f"output_dir={tmp_path / 'afile' / 'below'}", "output_dir"),
+    ):
         with pytest.raises(ConfigError, match=r"is a file") as err:
             load_run_config(REPO / "configs/demo.yaml", [override])
         assert err.value.path == key
@@ -462,44 +532,51 @@ def test_output_dir_that_is_a_file_is_a_config_error(tmp_path):
 
 
 def test_project_json_is_strict():
-    from optsel.pipeline import jsonio
+    from optsel.pipeline.files import jsonio
 
     text = jsonio.dumps({"loss": float("nan"), "x": [float("inf"), -float("inf"), 1.5], "n": np.float32("nan")})
-    assert json.loads(text, parse_constant=lambda t: pytest.fail(f"bare {t}")) == {"loss": None, "x": [None, None, 1.5],
-                                                                                   "n": None}
+    assert json.loads(text, parse_constant=lambda t: pytest.fail(f"bare {t}")) == {
+        "loss": None,
+        "x": [None, None, 1.5],
+        "n": None,
+    }
 
 
 # -- 9. samples that would crash inside torch or streaming --------------------------------------------
 def _corrupt_undecodable(split: Path, sample: int) -> None:
     """Break sample ``sample``'s ndarray header inside the raw shard, then fix the index's size and hash
     (the shard passes every hash check, but a sample does not decode)."""
-    from optsel.pipeline.streaming_compat import MDSWriter  # noqa: F401  (registers streaming)
     from streaming.base.hashing import get_hash
+
+    from optsel.pipeline.data.streaming_compat import MDSWriter  # noqa: F401  (registers streaming)
 
     index = json.loads((split / "index.json").read_text())
     info = index["shards"][0]["raw_data"]
     shard = split / info["basename"]
     data = bytearray(shard.read_bytes())
     count = struct.unpack("<I", data[:4])[0]
-    offsets = struct.unpack(f"<{count + 1}I", data[4:8 + 4 * count])
+    offsets = struct.unpack(f"<{count + 1}I", data[4 : 8 + 4 * count])
     data[offsets[sample] + 20] = 0xFF  # [tokens size][kind_id][prompt_len][sample_id] then the ndarray header
     shard.write_bytes(bytes(data))
     info["bytes"], info["hashes"] = len(data), {"xxh64": get_hash("xxh64", bytes(data))}
     (split / "index.json").write_text(json.dumps(index))
 
 
-@pytest.mark.parametrize("bad, message", [
-    ("token", r"token id 1000000 is outside the model's vocabulary \[0, \d+\)"),
-    ("negative-token", r"token id -3 is outside"),
-    ("prompt-negative", r"prompt_len -1 is outside \[0, length"),
-    ("prompt-too-long", r"prompt_len 999 is outside \[0, length"),
-    ("undecodable", r"cannot be decoded \(ValueError"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("token", r"token id 1000000 is outside the model's vocabulary \[0, \d+\)"),
+        ("negative-token", r"token id -3 is outside"),
+        ("prompt-negative", r"prompt_len -1 is outside \[0, length"),
+        ("prompt-too-long", r"prompt_len 999 is outside \[0, length"),
+        ("undecodable", r"cannot be decoded \(ValueError"),
+    ],
+)
 def test_bad_samples_are_named_with_shard_and_sample(data_dir, tmp_path, single_rank_env, bad, message):
-    from optsel.pipeline.data import load_split
-    from optsel.pipeline.data_config import DataConfig
-    from optsel.pipeline.shards import ShardError
-    from optsel.pipeline.tokenizer import load_tokenizer
+    from optsel.pipeline.data.config import DataConfig
+    from optsel.pipeline.data.loaders import load_split
+    from optsel.pipeline.data.shards import ShardError
+    from optsel.pipeline.data.tokenizer import load_tokenizer
 
     rows = _val_rows(data_dir)[:6]
     row = rows[2]
@@ -533,20 +610,35 @@ def test_out_of_vocabulary_token_stops_training_naming_the_shard(data_dir, tmp_p
 
 
 # -- 10. secrets -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("key", ["secret_key", "private_key", "authorization", "passphrase", "pwd", "password",
-                                 "aws_secret_access_key", "api_key", "hf_token"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "secret_key",
+        "private_key",
+        "authorization",
+        "passphrase",
+        "pwd",
+        "password",
+        "aws_secret_access_key",
+        "api_key",
+        "hf_token",
+    ],
+)
 def test_secret_key_names_are_masked(key):
     from optsel.config_loader import redact
 
     assert redact({"engine": {"extra": {key: "s3cr3t"}}}) == {"engine": {"extra": {key: "***"}}}
 
 
-@pytest.mark.parametrize("url, secret", [
-    ("s3://AKIA:pass/with/slashes@bucket/ds", "pass/with/slashes"),
-    ("https://host/ds?X-Amz-Signature=abcdef0123&X-Amz-Credential=AKIA%2F2026", "abcdef0123"),
-    ("https://acct.blob.core.windows.net/c/ds?sv=2024&sig=Zm9vYmFy%3D", "Zm9vYmFy"),
-    ("gs://svc:a/b+c==@bucket/ds", "a/b+c=="),
-])
+@pytest.mark.parametrize(
+    "url, secret",
+    [
+        ("s3://AKIA:pass/with/slashes@bucket/ds", "pass/with/slashes"),
+        ("https://host/ds?X-Amz-Signature=abcdef0123&X-Amz-Credential=AKIA%2F2026", "abcdef0123"),
+        ("https://acct.blob.core.windows.net/c/ds?sv=2024&sig=Zm9vYmFy%3D", "Zm9vYmFy"),
+        ("gs://svc:a/b+c==@bucket/ds", "a/b+c=="),
+    ],
+)
 def test_url_credentials_are_masked(url, secret):
     from optsel.config_loader import redact
 
@@ -556,7 +648,7 @@ def test_url_credentials_are_masked(url, secret):
 
 def test_unsupported_remote_scheme_is_refused_with_the_url_masked(tmp_path):
     from optsel.config_loader import ConfigError
-    from optsel.pipeline.run_config import load_run_config
+    from optsel.pipeline.train.run_config import load_run_config
 
     with pytest.raises(ConfigError) as err:
         load_run_config(REPO / "configs/demo.yaml", ["data.remote=ftp://admin:hunter2/x@host/ds"])
@@ -569,7 +661,7 @@ def test_unsupported_remote_scheme_is_refused_with_the_url_masked(tmp_path):
 
 # -- 11. the exit cleanup ----------------------------------------------------------------------------
 def test_exit_cleanup_removes_only_this_process_files_and_says_nothing_about_crashes(caplog, monkeypatch, tmp_path):
-    from optsel.pipeline import streaming_dataset
+    from optsel.pipeline.data import streaming_dataset
 
     other, own = 987601, 987602  # streaming prefixes: another job's (just created) and ours (finished)
     made = []
@@ -585,8 +677,10 @@ def test_exit_cleanup_removes_only_this_process_files_and_says_nothing_about_cra
             streaming_dataset._clean_at_exit()
         assert (Path("/dev/shm") / f"{other:06d}_locals").exists(), "a starting job's shared memory was removed"
         assert (tmp_path / f"{other:06d}_barrier_filelock").exists(), "a starting job's file lock was removed"
-        assert not (Path("/dev/shm") / f"{own:06d}_locals").exists() and \
-            not (tmp_path / f"{own:06d}_barrier_filelock").exists()
+        assert (
+            not (Path("/dev/shm") / f"{own:06d}_locals").exists()
+            and not (tmp_path / f"{own:06d}_barrier_filelock").exists()
+        )
         assert not [r for r in caplog.records if "crashed runs" in r.getMessage()]
     finally:
         for path in made:

@@ -27,12 +27,24 @@ KNOWN_BROKEN: set[tuple[str, str]] = set()
 KNOWN_MODULE_CYCLES: list[list[str]] = []
 
 #: (importer, imported) package pairs that must never appear again
-FORBIDDEN = [("pipeline", "launch"), ("pipeline.engines", "launch"), ("selection", "pipeline"),
-             ("selection", "pipeline.engines"), ("selection", "launch"), ("selection", "monitoring"),
-             ("selection.baselines", "pipeline"), ("selection.baselines", "pipeline.engines"),
-             ("selection.baselines", "launch"), ("monitoring", "pipeline"), ("monitoring", "launch"),
-             ("monitoring", "selection"), ("optsel", "launch"), ("optsel", "pipeline"), ("optsel", "selection"),
-             ("optsel", "monitoring")]
+FORBIDDEN = [
+    ("pipeline", "launch"),
+    ("pipeline.engines", "launch"),
+    ("selection", "pipeline"),
+    ("selection", "pipeline.engines"),
+    ("selection", "launch"),
+    ("selection", "monitoring"),
+    ("selection.baselines", "pipeline"),
+    ("selection.baselines", "pipeline.engines"),
+    ("selection.baselines", "launch"),
+    ("monitoring", "pipeline"),
+    ("monitoring", "launch"),
+    ("monitoring", "selection"),
+    ("optsel", "launch"),
+    ("optsel", "pipeline"),
+    ("optsel", "selection"),
+    ("optsel", "monitoring"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +72,49 @@ def test_launch_and_pipeline_are_not_a_cycle(edges):
         network.setdefault(s, set()).add(d)
     for comp in graph.cycles(network):
         assert len({graph.layer(p) for p in comp}) == 1, f"a cycle across layers: {comp}"
+
+
+def test_no_package_cycle_at_all(edges):
+    """The rooms of pipeline/ (files, checkpoint, engines, data, train) are layered too: no cycle."""
+    network: dict[str, set[str]] = {}
+    for s, d in graph.package_edges(edges):
+        network.setdefault(s, set()).add(d)
+    assert graph.cycles(network) == []
+
+
+def test_rooms_come_from_the_package_metadata():
+    """One source for folder → package: pyproject's packages and package-dir."""
+    import tomllib
+
+    tool = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert {folder: dotted for dotted, folder in tool["package-dir"].items()}.items() <= graph.FOLDERS.items()
+    for room in ("pipeline.files", "pipeline.checkpoint", "pipeline.engines", "pipeline.data", "pipeline.train"):
+        assert "optsel." + room in tool["packages"] and room in graph.PACKAGES.values()
+    assert graph.package_of("optsel.pipeline.train.callbacks.eval") == "pipeline.train"  # folded into its room
+    for rooms in graph.ROOMS.values():
+        assert set(rooms) <= set(graph.PACKAGES.values())
+
+
+def test_checker_catches_a_room_importing_upwards(tmp_path):
+    """Inside pipeline/, checkpoint code importing the trainer breaks the rule."""
+    for folder in (
+        "optsel",
+        "launch",
+        "pipeline",
+        "pipeline/checkpoint",
+        "pipeline/train",
+        "selection",
+        "monitoring",
+        "benchmarks",
+    ):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "__init__.py").write_text("")
+    (tmp_path / "pipeline" / "train" / "trainer.py").write_text("from optsel.pipeline.checkpoint import manager\n")
+    (tmp_path / "pipeline" / "checkpoint" / "manager.py").write_text("from optsel.pipeline.train import trainer\n")
+    out = io.StringIO()
+    assert graph.report(graph.collect(tmp_path), set(), out=out, root=tmp_path) == 1
+    assert "violation: pipeline.checkpoint -> pipeline.train" in out.getvalue()
+    assert "violation: pipeline.train -> pipeline.checkpoint" not in out.getvalue()
 
 
 def test_module_cycles_are_only_the_known_ones(edges):

@@ -36,9 +36,12 @@ def _per_layer_gather(f: Factors, dtype: torch.dtype) -> Factors:
     A, D = [a.to(dtype) for a in f.A], [d.to(dtype) for d in f.D]
     widths = distributed.all_reduce_max(torch.tensor([a.shape[1] for a in A]))
     pad = lambda t, w: F.pad(t, (0, 0, 0, int(w) - t.shape[1]))  # noqa: E731
-    return Factors([distributed.all_gather_cat(pad(a, w)) for a, w in zip(A, widths)],
-                   [distributed.all_gather_cat(pad(d, w)) for d, w in zip(D, widths)],
-                   distributed.all_gather_cat(f.loss), distributed.all_gather_cat(f.tokens))
+    return Factors(
+        [distributed.all_gather_cat(pad(a, w)) for a, w in zip(A, widths)],
+        [distributed.all_gather_cat(pad(d, w)) for d, w in zip(D, widths)],
+        distributed.all_gather_cat(f.loss),
+        distributed.all_gather_cat(f.tokens),
+    )
 
 
 def _gather_cases(rank: int) -> dict:
@@ -78,14 +81,15 @@ def test_packed_gather_equals_the_per_layer_gather_in_7_collectives(two_ranks):
     # rank 0's rows come first and are its own factors, padded to the wider rank's T
     mine = _factors(0, 3)
     got = results[0]["uneven"]["packed"]
-    assert torch.equal(got.A[0][:3, :mine.A[0].shape[1]], mine.A[0].double())
-    assert bool((got.A[0][:3, mine.A[0].shape[1]:] == 0).all())
+    assert torch.equal(got.A[0][:3, : mine.A[0].shape[1]], mine.A[0].double())
+    assert bool((got.A[0][:3, mine.A[0].shape[1] :] == 0).all())
 
 
 def _trained_lora():
     model = tiny_lora_llama()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, betas=(0.9, 0.99),
-                            weight_decay=0.1)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1
+    )
     train_steps(model, opt, 3)
     return model, opt
 
@@ -98,12 +102,19 @@ def _lora_select(rank: int, exchange: str) -> dict:
     model, opt = _trained_lora()  # the same replica on both ranks (plain data parallelism)
     pool, target = _pool_and_target()
     cut_pool, cut_target = (0, 5, N_POOL), (0, 2, N_TARGET)  # uneven pool halves: 5 and 3 rows
-    mine = lambda b, cut: {k: v[cut[rank]:cut[rank + 1]] for k, v in b.items()}  # noqa: E731
+    mine = lambda b, cut: {k: v[cut[rank] : cut[rank + 1]] for k, v in b.items()}  # noqa: E731
     cfg = FTWConfig(budget=3, filter_size=N_POOL, gram="exact", compute_dtype="float64", exchange=exchange)
     sel = FilterThenWeight(model, opt, cfg).select(mine(pool, cut_pool), mine(target, cut_target))
-    return {"alignment": sel.alignment, "utility": sel.utility, "gram": sel.gram, "filtered": sel.filtered,
-            "covered": list(sel.covered), "rho": sel.diagnostics["momentum_coef"],
-            "tau": sel.diagnostics["curvature"], "batch_share": cfg.budget if cfg.filter_curvature == "batch" else None}
+    return {
+        "alignment": sel.alignment,
+        "utility": sel.utility,
+        "gram": sel.gram,
+        "filtered": sel.filtered,
+        "covered": list(sel.covered),
+        "rho": sel.diagnostics["momentum_coef"],
+        "tau": sel.diagnostics["curvature"],
+        "batch_share": cfg.budget if cfg.filter_curvature == "batch" else None,
+    }
 
 
 @pytest.mark.distributed

@@ -16,16 +16,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from _dist_utils import run_distributed
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from _dist_utils import run_distributed
-from optsel.distributed import DistInfo
 from optsel.config_loader import ConfigError, from_mapping
+from optsel.distributed import DistInfo
 from optsel.monitoring import targets_from_slurm
 from optsel.monitoring.metrics import MAX_LABEL_VALUES, OptselMetrics, exported_names
-from optsel.monitoring.sinks import (JsonlSink, MetricsSink, MonitoringConfig, MultiSink, PortInUseError,
-                                     PrometheusSink, TextfileSink, build_sinks)
+from optsel.monitoring.sinks import (
+    JsonlSink,
+    MetricsSink,
+    MonitoringConfig,
+    MultiSink,
+    PortInUseError,
+    PrometheusSink,
+    TextfileSink,
+    build_sinks,
+)
 
 MONITORING = Path(__file__).resolve().parents[1] / "monitoring"
 LABELS = {"run": "demo", "engine": "fsdp2", "method": "ftw"}
@@ -46,16 +54,38 @@ def require_tool(name: str) -> str:
 def step_dict(step: int, loss: float = 2.0) -> dict[str, float]:
     """A synthetic per-step dict with the keys of docs/architecture.md."""
     return {
-        "train/loss": loss, "train/lr": 1e-4, "train/grad_norm": 0.5, "train/tokens": 100.0, "train/samples": 4.0,
-        "train/tokens_per_second": 1000.0, "train/samples_per_second": 40.0, "train/pool_samples_per_second": 80.0,
-        "train/samples_seen": 8.0 * step, "train/skipped_steps": 0.0, "time/step_seconds": 0.1,
-        "time/phase/data": 0.01, "time/phase/select": 0.05, "time/phase/solve": 0.02, "time/phase/train": 0.03,
-        "select/pool_size": 8.0, "select/filtered": 6.0, "select/selected": 4.0, "select/ess": 3.2,
-        "select/weight_entropy": 1.2, "select/utility_mean": 0.1, "select/utility_min": -0.5,
-        "select/utility_max": 0.7, "select/gram_condition": 1e3, "select/comm_bytes": 4096.0,
-        "select/fallback/ridge_jitter": 1.0, "select/solver_status/optimal": 1.0,
-        "select/precision/target": 0.75, "select/precision/distractor/arith": 0.25,
-        "eval/loss": loss + 0.5, "eval/exact_match": 0.1, "sys/rss_bytes": 1.5e8,
+        "train/loss": loss,
+        "train/lr": 1e-4,
+        "train/grad_norm": 0.5,
+        "train/tokens": 100.0,
+        "train/samples": 4.0,
+        "train/tokens_per_second": 1000.0,
+        "train/samples_per_second": 40.0,
+        "train/pool_samples_per_second": 80.0,
+        "train/samples_seen": 8.0 * step,
+        "train/skipped_steps": 0.0,
+        "time/step_seconds": 0.1,
+        "time/phase/data": 0.01,
+        "time/phase/select": 0.05,
+        "time/phase/solve": 0.02,
+        "time/phase/train": 0.03,
+        "select/pool_size": 8.0,
+        "select/filtered": 6.0,
+        "select/selected": 4.0,
+        "select/ess": 3.2,
+        "select/weight_entropy": 1.2,
+        "select/utility_mean": 0.1,
+        "select/utility_min": -0.5,
+        "select/utility_max": 0.7,
+        "select/gram_condition": 1e3,
+        "select/comm_bytes": 4096.0,
+        "select/fallback/ridge_jitter": 1.0,
+        "select/solver_status/optimal": 1.0,
+        "select/precision/target": 0.75,
+        "select/precision/distractor/arith": 0.25,
+        "eval/loss": loss + 0.5,
+        "eval/exact_match": 0.1,
+        "sys/rss_bytes": 1.5e8,
         "train/last_step_timestamp_seconds": 1.7e9 + step,
     }
 
@@ -108,8 +138,12 @@ def test_step_dict_maps_to_families_and_accumulates(caplog):
     metrics.set_info({"version": "0.1.0", "engine": "fsdp2", "method": "ftw", "world_size": "2"})
     metrics.update({"eval/loss": 3.0}, step=0)
     metrics.update({**step_dict(1), "custom/thing": 1.0}, step=1)
-    second = {**step_dict(2, loss=1.5), "train/skipped_steps": 1.0, "train/grad_norm": float("nan"),
-              "train/tokens": float("nan")}
+    second = {
+        **step_dict(2, loss=1.5),
+        "train/skipped_steps": 1.0,
+        "train/grad_norm": float("nan"),
+        "train/tokens": float("nan"),
+    }
     metrics.update(second, step=2)
     got = samples(generate_latest(registry).decode())
     assert value(got, "optsel_train_loss", **LABELS) == 1.5
@@ -276,8 +310,9 @@ def test_build_sinks_by_rank(tmp_path):
     rank0 = build_sinks(cfg, tmp_path / "run", rank=0, local_rank=0, world_size=2, engine="deepspeed", method="ftw")
     rank1 = build_sinks(cfg, tmp_path / "run", rank=1, local_rank=1, world_size=2, engine="deepspeed", method="ftw")
     per_rank = MonitoringConfig(port=0, per_rank_endpoints=True, textfile=cfg.textfile, jsonl=False)
-    rank1_per = build_sinks(per_rank, tmp_path / "run", rank=1, local_rank=1, world_size=2, engine="deepspeed",
-                            method="ftw")
+    rank1_per = build_sinks(
+        per_rank, tmp_path / "run", rank=1, local_rank=1, world_size=2, engine="deepspeed", method="ftw"
+    )
     try:
         assert [type(s) for s in rank0] == [JsonlSink, TextfileSink, PrometheusSink]
         assert rank1 == []
@@ -327,16 +362,18 @@ def test_promtool_accepts_alert_rules_and_scrape_configs():
     rules = subprocess.run([promtool, "check", "rules", str(prom / "alerts.yml")], capture_output=True, text=True)
     assert rules.returncode == 0 and "6 rules found" in rules.stdout, rules.stdout + rules.stderr
     for name in ("scrape-static.yml", "scrape-file-sd.yml"):
-        check = subprocess.run([promtool, "check", "config", "--syntax-only", str(prom / name)],
-                               capture_output=True, text=True)
+        check = subprocess.run(
+            [promtool, "check", "config", "--syntax-only", str(prom / name)], capture_output=True, text=True
+        )
         assert check.returncode == 0, check.stdout + check.stderr
 
 
 def test_promtool_rule_unit_tests_fire_the_alerts():
     """monitoring/prometheus/alerts_test.yml: synthetic series must fire (and not fire) each alert."""
     promtool = require_tool("promtool")
-    out = subprocess.run([promtool, "test", "rules", "alerts_test.yml"], cwd=MONITORING / "prometheus",
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [promtool, "test", "rules", "alerts_test.yml"], cwd=MONITORING / "prometheus", capture_output=True, text=True
+    )
     assert out.returncode == 0 and "SUCCESS" in out.stdout, out.stdout + out.stderr
 
 
@@ -355,20 +392,44 @@ def test_dashboard_and_alerts_use_only_exported_metrics():
 
 
 def test_targets_from_slurm_nodelist_and_hostfile(tmp_path):
-    assert targets_from_slurm._expand_hostlist("node[01-03,07],gpu5") == ["node01", "node02", "node03", "node07",
-                                                                          "gpu5"]
+    assert targets_from_slurm._expand_hostlist("node[01-03,07],gpu5") == [
+        "node01",
+        "node02",
+        "node03",
+        "node07",
+        "gpu5",
+    ]
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# deepspeed hostfile\nworker-0 slots=2\nworker-1 slots=2\n")
     out = tmp_path / "sd" / "job.json"
-    assert targets_from_slurm.main(["--out", str(out), "--hostfile", str(hostfile), "--port", "9500",
-                                    "--per-rank-endpoints", "--job", "123", "--label", "team=nlp"]) == 0
+    assert (
+        targets_from_slurm.main(
+            [
+                "--out",
+                str(out),
+                "--hostfile",
+                str(hostfile),
+                "--port",
+                "9500",
+                "--per-rank-endpoints",
+                "--job",
+                "123",
+                "--label",
+                "team=nlp",
+            ]
+        )
+        == 0
+    )
     groups = json.loads(out.read_text())
-    assert groups[0] == {"targets": ["worker-0:9500"], "labels": {"optsel_job": "123", "team": "nlp",
-                                                                  "optsel_endpoint": "job"}}
+    assert groups[0] == {
+        "targets": ["worker-0:9500"],
+        "labels": {"optsel_job": "123", "team": "nlp", "optsel_endpoint": "job"},
+    }
     assert groups[1]["targets"] == ["worker-0:9501", "worker-1:9500", "worker-1:9501"]
     targets_from_slurm.main(["--out", str(out), "--nodelist", "gpu[1-2]", "--ranks-per-node", "4", "--job", "9"])
-    assert json.loads(out.read_text()) == [{"targets": ["gpu1:9477"],
-                                            "labels": {"optsel_job": "9", "optsel_endpoint": "job"}}]
+    assert json.loads(out.read_text()) == [
+        {"targets": ["gpu1:9477"], "labels": {"optsel_job": "9", "optsel_endpoint": "job"}}
+    ]
     with pytest.raises(ValueError, match="hostfile"):
         empty = tmp_path / "empty"
         empty.write_text("# nothing\n")
@@ -382,8 +443,18 @@ def _rank_body(rank: int, world_size: int, base_port: int, run_dir: str) -> dict
 
     cfg = MonitoringConfig(port=base_port, per_rank_endpoints=True, jsonl=False)
     info = distributed.info()
-    sinks = MultiSink(build_sinks(cfg, run_dir, rank=info.rank, local_rank=info.local_rank,
-                                  world_size=info.world_size, engine="fsdp2", method="ftw", run="demo"))
+    sinks = MultiSink(
+        build_sinks(
+            cfg,
+            run_dir,
+            rank=info.rank,
+            local_rank=info.local_rank,
+            world_size=info.world_size,
+            engine="fsdp2",
+            method="ftw",
+            run="demo",
+        )
+    )
     try:
         for step in (1, 2, 3):
             local_loss = torch.tensor([float(rank + step)])
@@ -411,8 +482,10 @@ def test_two_gloo_ranks_serve_per_rank_endpoints_and_rank0_job_level(tmp_path):
     assert [r["failures"] for r in results] == [{}, {}]
     targets = [json.loads((tmp_path / "prometheus" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [t[0]["targets"] for t in targets] == [[f"127.0.0.1:{base}"], [f"127.0.0.1:{base + 1}"]]
-    assert [t[0]["labels"] for t in targets] == [{"optsel_endpoint": "job", "optsel_run": "demo"},
-                                                 {"optsel_endpoint": "rank", "optsel_run": "demo"}]
+    assert [t[0]["labels"] for t in targets] == [
+        {"optsel_endpoint": "job", "optsel_run": "demo"},
+        {"optsel_endpoint": "rank", "optsel_run": "demo"},
+    ]
     rank0, rank1 = (samples(results[0]["scraped"][r]) for r in (0, 1))
     # job level on rank 0's endpoint only: mean over ranks of (rank + 3) at step 3 = 3.5
     assert value(rank0, "optsel_train_loss", **LABELS) == 3.5

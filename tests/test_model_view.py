@@ -8,8 +8,7 @@ import pytest
 import torch
 from helpers_bruteforce import make_batch, tiny_llama, train_steps
 
-from optsel.selection import FilterThenWeight, FTWConfig
-from optsel.selection import model_view
+from optsel.selection import FilterThenWeight, FTWConfig, model_view
 from optsel.selection.base import get_selector_factory
 from optsel.selection.model_view import ModelView, make_state_reader, model_view_for, register_model_view
 from optsel.selection.preconditioner import TorchAdamStateReader

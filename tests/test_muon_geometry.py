@@ -25,12 +25,16 @@ def _hybrid(model, nesterov=True, adjust_lr_fn=None, momentum=0.9):
     """torch.optim.Muon on the hidden 2-D weights, AdamW on embeddings, the head, norms and biases."""
     muon, adam = [], []
     for name, p in model.named_parameters():
-        hidden = p.ndim == 2 and "embed" not in name and "wte" not in name and "wpe" not in name \
-            and "lm_head" not in name
+        hidden = (
+            p.ndim == 2 and "embed" not in name and "wte" not in name and "wpe" not in name and "lm_head" not in name
+        )
         (muon if hidden else adam).append(p)
-    return [torch.optim.Muon(muon, lr=MUON_LR, momentum=momentum, nesterov=nesterov, weight_decay=0.1,
-                             adjust_lr_fn=adjust_lr_fn),
-            torch.optim.AdamW(adam, lr=ADAM_LR, betas=(0.9, 0.99), weight_decay=0.1)]
+    return [
+        torch.optim.Muon(
+            muon, lr=MUON_LR, momentum=momentum, nesterov=nesterov, weight_decay=0.1, adjust_lr_fn=adjust_lr_fn
+        ),
+        torch.optim.AdamW(adam, lr=ADAM_LR, betas=(0.9, 0.99), weight_decay=0.1),
+    ]
 
 
 def _train(model, opts, steps, seed=100):
@@ -81,10 +85,20 @@ def _real_update(opt, param):
     def update(delta):
         theta = theta0 + 0 * delta  # at the transform's level, so the in-place step may write into it
         buf = buf0 + 0 * delta
-        muon_mod.muon([theta], [delta], [buf], lr=group["lr"], weight_decay=group["weight_decay"],
-                      momentum=group["momentum"], nesterov=group["nesterov"],
-                      ns_coefficients=group["ns_coefficients"], eps=group["eps"], ns_steps=group["ns_steps"],
-                      adjust_lr_fn=group["adjust_lr_fn"], has_complex=False)
+        muon_mod.muon(
+            [theta],
+            [delta],
+            [buf],
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            nesterov=group["nesterov"],
+            ns_coefficients=group["ns_coefficients"],
+            eps=group["eps"],
+            ns_steps=group["ns_steps"],
+            adjust_lr_fn=group["adjust_lr_fn"],
+            has_complex=False,
+        )
         return (theta0 * (1 - group["lr"] * group["weight_decay"]) - theta) / ADAM_LR
 
     return update
@@ -113,7 +127,7 @@ def _brute(model, opts, pool, target, names, rho, tau, geometry="auto"):
             s = float(X0 @ u0 / (u0 @ u0))
             JG = G @ J.T
             b += inv_c * JG @ (gv - s * u0)
-            K += s * inv_c ** 2 * JG @ JG.T
+            K += s * inv_c**2 * JG @ JG.T
         else:
             if geometry == "auto" and adamw.state.get(p):
                 P, mhat = (t.reshape(-1) for t in adam_precond(adamw, p))
@@ -128,9 +142,15 @@ def _rel(x, y):
     return float((x - y).norm() / y.norm())
 
 
-@pytest.mark.parametrize("nesterov,exchange,adjust", [(True, "direction", None), (False, "factors", None),
-                                                       (True, "factors", "match_rms_adamw"),
-                                                       (False, "direction", "original")])
+@pytest.mark.parametrize(
+    "nesterov,exchange,adjust",
+    [
+        (True, "direction", None),
+        (False, "factors", None),
+        (True, "factors", "match_rms_adamw"),
+        (False, "direction", "original"),
+    ],
+)
 def test_b_and_K_against_real_muon_jacobian(nesterov, exchange, adjust):
     model = tiny_llama()
     opts = _hybrid(model, nesterov=nesterov, adjust_lr_fn=adjust)
@@ -174,8 +194,9 @@ def test_before_first_step_falls_back_to_identity_counted():
     assert n_muon > 0 and sel.diagnostics["fallbacks"]["muon_degenerate"] == n_muon
     names = sel.covered
     gp, gt = per_sample_grads(model, pool, names), per_sample_grads(model, target, names)
-    b = sum(torch.stack([g[k] for g in gp]).reshape(len(gp), -1) @ (sum(g[k] for g in gt) / 3).reshape(-1)
-            for k in names)
+    b = sum(
+        torch.stack([g[k] for g in gp]).reshape(len(gp), -1) @ (sum(g[k] for g in gt) / 3).reshape(-1) for k in names
+    )
     assert _rel(sel.alignment, b) < 1e-6
 
 
@@ -198,8 +219,11 @@ def test_bf16_update_close():
     model = tiny_llama()
     opts = _hybrid(model)
     _train(model, opts, 2)
-    layer = next(lay for lay in FilterThenWeight(model, opts, FTWConfig(budget=2, geometry="auto")).coverage.layers
-                 if "q_proj" in lay.name)
+    layer = next(
+        lay
+        for lay in FilterThenWeight(model, opts, FTWConfig(budget=2, geometry="auto")).coverage.layers
+        if "q_proj" in lay.name
+    )
     muon = opts[0]
     group = muon.param_groups[0]
     geo = mg.muon_layer_geometry(muon, group, layer, torch.float64, ADAM_LR, 1.0)
@@ -236,4 +260,3 @@ def test_batched_jvp_matches_torch_func():
         ours = mg.newton_schulz_jvp(X, dX, coeffs, 5, 1e-7)
         ref = torch.stack([torch.func.jvp(lambda x: mg.newton_schulz(x, coeffs, 5, 1e-7), (X,), (d,))[1] for d in dX])
         assert _rel(ours, ref) < 1e-12
-

@@ -70,7 +70,7 @@ def test_lowrank_against_explicit_S(exchange):
         assert _rel(seen[0], X0) < 1e-12
         s = float(X0.reshape(-1) @ u0 / (u0 @ u0))
         JG = torch.stack([J(g) for g in G])
-        return JG @ (gv - s * u0) / tau, s * JG @ JG.T / tau ** 2
+        return JG @ (gv - s * u0) / tau, s * JG @ JG.T / tau**2
 
     b, K = _brute(model, muon, adamw, pool, target, sel.covered, rho, block)
     f = sel.filtered
@@ -87,8 +87,16 @@ def test_identity_on_muon_layers():
     pool, target = make_batch(8, 9, seed=51), make_batch(3, 7, seed=52)
     sel = _select(model, opts, pool, target, muon_model="identity")
     assert "muon" not in sel.diagnostics["gram_backends"].values()
-    b, K = _brute(model, muon, adamw, pool, target, sel.covered, sel.diagnostics["momentum_coef"],
-                  lambda p, G, gv: (G @ gv, G @ G.T))
+    b, K = _brute(
+        model,
+        muon,
+        adamw,
+        pool,
+        target,
+        sel.covered,
+        sel.diagnostics["momentum_coef"],
+        lambda p, G, gv: (G @ gv, G @ G.T),
+    )
     assert _rel(sel.alignment, b) < 1e-6
     assert _rel(sel.gram, K[sel.filtered][:, sel.filtered]) < 1e-6
 
@@ -102,10 +110,15 @@ def test_adam_model_tracks_squared_gradients_through_muon_adamw(gram):
     model = tiny_llama()
     muon_params, adam_params = split_muon_params(model)
     betas, eps = (0.9, 0.99), 1e-8
-    opt = MuonAdamW(muon_params, adam_params, muon=dict(lr=MUON_LR, momentum=0.9, nesterov=True),
-                    adamw=dict(lr=ADAM_LR, betas=betas, eps=eps, weight_decay=0.0))
-    ftw = FilterThenWeight(model, opt, FTWConfig(budget=3, filter_size=6, geometry="auto", muon_model="adam",
-                                                 gram=gram))
+    opt = MuonAdamW(
+        muon_params,
+        adam_params,
+        muon=dict(lr=MUON_LR, momentum=0.9, nesterov=True),
+        adamw=dict(lr=ADAM_LR, betas=betas, eps=eps, weight_decay=0.0),
+    )
+    ftw = FilterThenWeight(
+        model, opt, FTWConfig(budget=3, filter_size=6, geometry="auto", muon_model="adam", gram=gram)
+    )
     v = {id(p): torch.zeros_like(p) for p in muon_params}
     steps = 3
     for s in range(steps):
@@ -124,7 +137,7 @@ def test_adam_model_tracks_squared_gradients_through_muon_adamw(gram):
 
     def block(p, G, gv):
         P = 1.0 / ((v[id(p)] / (1 - betas[1] ** steps)).sqrt() + eps)
-        mhat = opt.state[p]["momentum_buffer"] / (1 - mu ** steps)
+        mhat = opt.state[p]["momentum_buffer"] / (1 - mu**steps)
         P, mhat = P.reshape(-1), mhat.reshape(-1)
         return G @ (P * (gv - rho * mhat)), (G * P) @ G.T
 
@@ -142,11 +155,15 @@ def test_muon_model_errors_name_the_key():
         FTWConfig(budget=2, geometry="auto", muon_model="opus")
     model = tiny_llama()
     with pytest.raises(ValueError, match="muon_model"):
-        FilterThenWeight(model, torch.optim.AdamW(model.parameters()),
-                         FTWConfig(budget=2, geometry="auto", muon_model="adam"))
+        FilterThenWeight(
+            model, torch.optim.AdamW(model.parameters()), FTWConfig(budget=2, geometry="auto", muon_model="adam")
+        )
     with pytest.raises(ValueError, match="muon_model"):
-        FilterThenWeight(model, [torch.optim.Muon([p for p in model.parameters() if p.ndim == 2])],
-                         FTWConfig(budget=2, geometry="muon", muon_model="adam"))
+        FilterThenWeight(
+            model,
+            [torch.optim.Muon([p for p in model.parameters() if p.ndim == 2])],
+            FTWConfig(budget=2, geometry="muon", muon_model="adam"),
+        )
 
 
 def test_less_under_muon_is_adam_P_on_adamw_layers_and_identity_on_muon():
@@ -164,8 +181,7 @@ def test_less_under_muon_is_adam_P_on_adamw_layers_and_identity_on_muon():
 
 def test_quality_runner_muon_schedule_scales_each_group():
     from benchmarks.quality_runs import _optimizer, _train_on
-    from optsel.pipeline.engines.base import OptimizerConfig
-    from optsel.pipeline.engines.common import lr_factor
+    from optsel.pipeline.engines.shared import OptimizerConfig, lr_factor
 
     model = tiny_llama()
     opt = OptimizerConfig(name="muon", lr=1e-3, muon_lr=0.02, warmup_steps=2, schedule="cosine")
@@ -190,8 +206,17 @@ def test_quality_section_muon_quick(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["meta"]["settings"]["optimizer"]["name"] == "muon" and "section muon" in summary["meta"]["mode"]
     labels = {r["method"] for r in summary["runs"]}
-    assert labels == {"random", "oracle", "ftw_muon", "ftw_muon_adam", "ftw_muon_identity", "ftw_muon_lowrank",
-                      "greats", "less", "full"}
+    assert labels == {
+        "random",
+        "oracle",
+        "ftw_muon",
+        "ftw_muon_adam",
+        "ftw_muon_identity",
+        "ftw_muon_lowrank",
+        "greats",
+        "less",
+        "full",
+    }
     for r in summary["runs"]:
         degenerate = r["fallbacks"].get("muon_degenerate", 0)
         if r["method"] in ("ftw_muon", "ftw_muon_lowrank"):
@@ -199,8 +224,9 @@ def test_quality_section_muon_quick(tmp_path):
         else:
             assert degenerate == 0, r["method"]
     with pytest.raises(ValueError, match="seed_blocks"):
-        quality.seed_blocks({"seed_blocks": [[0], [0, 1]]}, quality.load_grid(quality.GRID_FILE, True, "muon")
-                            ["settings_obj"])
+        quality.seed_blocks(
+            {"seed_blocks": [[0], [0, 1]]}, quality.load_grid(quality.GRID_FILE, True, "muon")["settings_obj"]
+        )
 
 
 def test_speed_muon_rows_quick(tmp_path):

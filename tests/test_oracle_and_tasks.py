@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from optsel.pipeline.synthetic import TARGET_TASKS, SyntheticConfig, generate, look_alike
+from optsel.pipeline.data.synthetic import TARGET_TASKS, SyntheticConfig, generate, look_alike
 from optsel.selection.base import get_selector_factory
 
 KINDS = {0: "target", 1: "corrupted", 2: "distractor/reverse"}
@@ -19,12 +19,22 @@ KINDS = {0: "target", 1: "corrupted", 2: "distractor/reverse"}
 @pytest.mark.parametrize("task", sorted(TARGET_TASKS))
 def test_corrupted_answers_are_wrong_and_of_the_right_form(task):
     like = look_alike(task)
-    cfg = SyntheticConfig(num_train=400, num_val=40, target_task=task, target_fraction=0.3, corrupted_fraction=0.3,
-                          distractors=[like, "count"])
+    cfg = SyntheticConfig(
+        num_train=400,
+        num_val=40,
+        target_task=task,
+        target_fraction=0.3,
+        corrupted_fraction=0.3,
+        distractors=[like, "count"],
+    )
     train, val = generate(cfg, 5)
     assert Counter(s["kind"] for s in train)["corrupted"] == 120
-    solve = {"copy": lambda s: s, "reverse": lambda s: s[::-1], "sort": lambda s: "".join(sorted(s)),
-             "addition": lambda s: str(sum(int(x) for x in s.split("+")))}[task]
+    solve = {
+        "copy": lambda s: s,
+        "reverse": lambda s: s[::-1],
+        "sort": lambda s: "".join(sorted(s)),
+        "addition": lambda s: str(sum(int(x) for x in s.split("+"))),
+    }[task]
     for s in train + val:
         if s["kind"] not in ("target", "corrupted"):
             continue
@@ -48,8 +58,12 @@ def test_corrupted_answers_are_wrong_and_of_the_right_form(task):
 def _pool(kind_ids: list[int]) -> dict[str, torch.Tensor]:
     n = len(kind_ids)
     ids = torch.randint(3, 50, (n, 6), generator=torch.Generator().manual_seed(0))
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
-            "kind_id": torch.tensor(kind_ids)}
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": ids.clone(),
+        "kind_id": torch.tensor(kind_ids),
+    }
 
 
 def test_oracle_spends_the_budget_on_clean_targets_and_refuses_without_kinds():
@@ -73,7 +87,7 @@ def test_oracle_spends_the_budget_on_clean_targets_and_refuses_without_kinds():
 
 def _oracle_body(rank: int, world_size: int) -> list[int]:
     kinds = [1, 0, 2, 0, 2, 0, 1, 1, 0, 2]
-    local = _pool(kinds[rank * 5:(rank + 1) * 5])
+    local = _pool(kinds[rank * 5 : (rank + 1) * 5])
     sel = get_selector_factory("oracle")(budget=3, seed=4, kind_names=KINDS).select(local)
     return sel.indices.tolist() + [-1] + (sel.local_indices + 5 * rank).tolist()
 
@@ -82,11 +96,14 @@ def test_oracle_two_ranks_select_what_one_process_selects():
     sys.path.insert(0, str(Path(__file__).parent))
     from _dist_utils import run_distributed
 
-    single = get_selector_factory("oracle")(budget=3, seed=4, kind_names=KINDS).select(
-        _pool([1, 0, 2, 0, 2, 0, 1, 1, 0, 2])).indices.tolist()
+    single = (
+        get_selector_factory("oracle")(budget=3, seed=4, kind_names=KINDS)
+        .select(_pool([1, 0, 2, 0, 2, 0, 1, 1, 0, 2]))
+        .indices.tolist()
+    )
     results = run_distributed(_oracle_body, world_size=2)
-    glob = [r[:r.index(-1)] for r in results]
-    local = [r[r.index(-1) + 1:] for r in results]
+    glob = [r[: r.index(-1)] for r in results]
+    local = [r[r.index(-1) + 1 :] for r in results]
     assert glob[0] == glob[1] == single and sorted(local[0] + local[1]) == single
 
 
@@ -96,20 +113,31 @@ def test_grid_statistics_gap_closed_validity_and_ci():
     from benchmarks.quality_runs import RunResult
 
     m, h = mean_ci([1.0, 2.0, 3.0])
-    assert m == pytest.approx(2.0) and h == pytest.approx(4.302652729 * 1.0 / 3 ** 0.5, rel=1e-6)
+    assert m == pytest.approx(2.0) and h == pytest.approx(4.302652729 * 1.0 / 3**0.5, rel=1e-6)
 
     def r(method, seed, loss):
-        out = RunResult(method=method, cell="c", seed=seed, curve={0: 3.0, 10: loss}, em_curve={0: 0.0, 10: 0.5},
-                        seconds={0: 0.0, 10: 1.0}, precision={"target": 0.5, "corrupted": 0.5})
+        out = RunResult(
+            method=method,
+            cell="c",
+            seed=seed,
+            curve={0: 3.0, 10: loss},
+            em_curve={0: 0.0, 10: 0.5},
+            seconds={0: 0.0, 10: 1.0},
+            precision={"target": 0.5, "corrupted": 0.5},
+        )
         return out
 
-    runs = [r("random", s, 2.0 + 0.01 * s) for s in range(4)] + [r("oracle", s, 1.0 + 0.01 * s) for s in range(4)] + \
-        [r("x", s, 1.5 + 0.01 * s) for s in range(4)]
+    runs = (
+        [r("random", s, 2.0 + 0.01 * s) for s in range(4)]
+        + [r("oracle", s, 1.0 + 0.01 * s) for s in range(4)]
+        + [r("x", s, 1.5 + 0.01 * s) for s in range(4)]
+    )
     s = cell_summary("c", runs)
     assert s["valid"] and s["methods"]["x"]["gap_closed"] == pytest.approx(0.5)
     assert s["methods"]["x"]["beats_random"] and s["methods"]["x"]["diff_to_random"][0] == pytest.approx(-0.5)
-    noisy = [r("random", s_, 2.0 + (0.5 if s_ % 2 else -0.5)) for s_ in range(4)] + \
-        [r("oracle", s_, 1.99 - (0.5 if s_ % 2 else -0.5)) for s_ in range(4)]
+    noisy = [r("random", s_, 2.0 + (0.5 if s_ % 2 else -0.5)) for s_ in range(4)] + [
+        r("oracle", s_, 1.99 - (0.5 if s_ % 2 else -0.5)) for s_ in range(4)
+    ]
     bad = cell_summary("c", noisy)
     assert not bad["valid"] and bad["methods"]["oracle"]["gap_closed"] is None
     assert overall([s, bad])["x"] == {"mean_gap_closed": pytest.approx(0.5), "valid_cells": 1, "beats_random_cells": 1}

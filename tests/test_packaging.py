@@ -16,12 +16,20 @@ import pytest
 
 from optsel import resources
 from optsel.config_loader import ConfigError
-from optsel.pipeline.run_config import load_prepare_config, load_run_config
+from optsel.pipeline.train.run_config import load_prepare_config, load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
-BUNDLED = ["demo", "prepare_synthetic", "prepare_jsonl_example", "deepspeed/zero3.json",
-           "deepspeed/zero3_cpu_adam.json", "slurm/optsel-srun.sbatch", "slurm/optsel-torchrun.sbatch",
-           "grafana/optsel-dashboard.json", "prometheus/alerts.yml"]
+BUNDLED = [
+    "demo",
+    "prepare_synthetic",
+    "prepare_jsonl_example",
+    "deepspeed/zero3.json",
+    "deepspeed/zero3_cpu_adam.json",
+    "slurm/optsel-srun.sbatch",
+    "slurm/optsel-torchrun.sbatch",
+    "grafana/optsel-dashboard.json",
+    "prometheus/alerts.yml",
+]
 
 
 def test_builtin_files_found_by_name():
@@ -40,12 +48,15 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path, monkeypatch):
     (project / "ds" / "z3.json").write_text((REPO / "configs/deepspeed/zero3.json").read_text())
     (project / "run.yaml").write_text(
         "run_name: r\noutput_dir: out\ndata: {local: ../shared/data}\ntraining: {num_steps: 1}\n"
-        "engine: {deepspeed_config: ds/z3.json}\ncheckpoint: {dir: \"${PWD}/ckpt\", resume: auto}\n")
+        'engine: {deepspeed_config: ds/z3.json}\ncheckpoint: {dir: "${PWD}/ckpt", resume: auto}\n'
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     monkeypatch.setenv("OPTSEL_TEST_ROOT", str(tmp_path / "env"))
-    config = load_run_config(project / "run.yaml", ["monitoring.textfile=${OPTSEL_TEST_ROOT}/m.prom", "data.cache_dir=cache"])
+    config = load_run_config(
+        project / "run.yaml", ["monitoring.textfile=${OPTSEL_TEST_ROOT}/m.prom", "data.cache_dir=cache"]
+    )
     assert config.output_dir == str(project / "out")
     assert config.data.local == str(tmp_path / "shared" / "data")
     assert config.engine.deepspeed_config == str(project / "ds" / "z3.json")
@@ -55,7 +66,9 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path, monkeypatch):
     assert config.data.cache_dir == str(elsewhere / "cache")
     # A config that does not name a DeepSpeed JSON gets the bundled one, from any directory.
     (project / "bare.yaml").write_text("data: {local: d}\ntraining: {num_steps: 1}\n")
-    assert load_run_config(project / "bare.yaml").engine.deepspeed_config == str(resources.builtin_path("deepspeed/zero3.json"))
+    assert load_run_config(project / "bare.yaml").engine.deepspeed_config == str(
+        resources.builtin_path("deepspeed/zero3.json")
+    )
     with pytest.raises(ConfigError, match=r"config key 'output_dir'.*\$OPTSEL_UNSET_VAR"):
         load_run_config(project / "bare.yaml", ["output_dir=$OPTSEL_UNSET_VAR/x"])
 
@@ -77,6 +90,7 @@ def test_every_python_folder_is_a_listed_package():
     """A subpackage missing from pyproject's explicit list is left out of the wheel (and the container):
     every folder holding an __init__.py under a mapped package directory must be listed."""
     import tomllib
+
     tool = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     listed, dirs = set(tool["packages"]), tool["package-dir"]
     for package, folder in dirs.items():
@@ -88,8 +102,9 @@ def test_every_python_folder_is_a_listed_package():
 
 def test_lock_is_the_tested_environment():
     """requirements/lock.txt (what the container image installs) pins what this environment runs."""
-    done = subprocess.run([sys.executable, str(REPO / "scripts/make_lock.py"), "--check"], capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts/make_lock.py"), "--check"], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     lock = (REPO / "requirements/lock.txt").read_text()
     for pin in ("torch==2.13.0", "deepspeed==0.19.8", "mosaicml-streaming==0.13.0"):
@@ -110,24 +125,64 @@ def test_wheel_trains_from_a_fresh_venv_outside_the_checkout(tmp_path):
     pip, not optsel); optsel itself comes only from the wheel. The container test installs the wheel
     with its whole dependency set from scratch."""
     dist = tmp_path / "dist"
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "--wheel-dir", str(dist), str(REPO)], capture_output=True, text=True, timeout=300)
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "--wheel-dir",
+            str(dist),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert built.returncode == 0, built.stderr[-3000:]
     assert "would be ignored" not in built.stderr
     (wheel,) = dist.glob("optsel-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for member in ["optsel/configs/demo.yaml", "optsel/configs/deepspeed/zero3.json",
-                   "optsel/launch/slurm/optsel-torchrun.sbatch", "optsel/monitoring/grafana/optsel-dashboard.json",
-                   "optsel/monitoring/prometheus/alerts.yml"]:
+    for member in [
+        "optsel/configs/demo.yaml",
+        "optsel/configs/deepspeed/zero3.json",
+        "optsel/launch/slurm/optsel-torchrun.sbatch",
+        "optsel/monitoring/grafana/optsel-dashboard.json",
+        "optsel/monitoring/prometheus/alerts.yml",
+    ]:
         assert member in names, member
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    site = Path(subprocess.run([_venv_python(venv), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               capture_output=True, text=True, check=True).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [_venv_python(venv), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
     (site / "tested-stack.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    installed = subprocess.run([sys.executable, "-m", "pip", "--python", str(_venv_python(venv)), "install", "-q",
-                                "--no-deps", "--no-index", str(wheel)], capture_output=True, text=True, timeout=300)
+    installed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(_venv_python(venv)),
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert installed.returncode == 0, installed.stderr[-3000:]
 
     work = tmp_path / "work"  # not the checkout, and the checkout is not on sys.path
@@ -141,9 +196,19 @@ def test_wheel_trains_from_a_fresh_venv_outside_the_checkout(tmp_path):
         assert done.returncode == 0, f"optsel {' '.join(args)}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
         return done
 
-    where = subprocess.run([_venv_python(venv), "-c", "import optsel, optsel.resources as r, json; "
-                            "print(json.dumps([optsel.__file__, str(r.dashboard_path()), str(r.builtin_path('demo'))]))"],
-                           cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    where = subprocess.run(
+        [
+            _venv_python(venv),
+            "-c",
+            "import optsel, optsel.resources as r, json; "
+            "print(json.dumps([optsel.__file__, str(r.dashboard_path()), str(r.builtin_path('demo'))]))",
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert where.returncode == 0, where.stderr[-2000:]
     for path in json.loads(where.stdout):
         assert Path(path).is_relative_to(site) and not Path(path).is_relative_to(REPO), path
@@ -160,11 +225,18 @@ def test_wheel_trains_from_a_fresh_venv_outside_the_checkout(tmp_path):
         "run_name: tiny\noutput_dir: ../runs\ndata: {local: ../data/synthetic}\n"
         "training: {num_steps: 2, num_eval_samples: 8, max_new_tokens: 2, progress_bar: false}\n"
         "selection: {method: random, pool_size: 8, budget: 4, num_target_samples: 4}\n"
-        "monitoring: {enabled: false}\n")
+        "monitoring: {enabled: false}\n"
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    done = subprocess.run(optsel + ["train", str(work / "cfg" / "tiny.yaml")], cwd=elsewhere, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        optsel + ["train", str(work / "cfg" / "tiny.yaml")],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     summary = json.loads((work / "runs" / "tiny" / "summary.json").read_text())
     assert summary["num_steps"] == 2

@@ -9,19 +9,20 @@ import numpy as np
 import pytest
 
 from optsel.config_loader import ConfigError, from_mapping
-from optsel.pipeline.prepare import PrepareConfig, prepare
-from optsel.pipeline.records import BadRecord, HFSourceConfig, TemplateConfig
-from optsel.pipeline.synthetic import SyntheticConfig, generate
-from optsel.pipeline.tokenizer import TokenizerConfig, build_tokenizer, load_tokenizer, save_tokenizer
+from optsel.pipeline.data.prepare import PrepareConfig, prepare
+from optsel.pipeline.data.records import BadRecord, HFSourceConfig, TemplateConfig
+from optsel.pipeline.data.synthetic import SyntheticConfig, generate
+from optsel.pipeline.data.tokenizer import TokenizerConfig, build_tokenizer, load_tokenizer, save_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def read_split(split_dir: Path) -> list[dict]:
     """All rows of an MDS split, read with streaming's own MDS reader (no StreamingDataset)."""
-    import optsel.pipeline.streaming_compat  # noqa: F401
     from streaming.base.compression import decompress
     from streaming.base.format import reader_from_json
+
+    import optsel.pipeline.data.streaming_compat  # noqa: F401
 
     index = json.loads((split_dir / "index.json").read_text())
     rows = []
@@ -37,16 +38,23 @@ def read_split(split_dir: Path) -> list[dict]:
 
 
 def small_synthetic(out: Path, **kw) -> PrepareConfig:
-    return PrepareConfig(out_dir=str(out), synthetic=SyntheticConfig(num_train=200, num_val=40), max_seq_len=32,
-                         size_limit=2048, **kw)
+    return PrepareConfig(
+        out_dir=str(out), synthetic=SyntheticConfig(num_train=200, num_val=40), max_seq_len=32, size_limit=2048, **kw
+    )
 
 
 def test_prepare_synthetic_writes_shards_kinds_and_report(tmp_path):
     out = tmp_path / "ds"
     report = prepare(small_synthetic(out))
     kinds = json.loads((out / "kinds.json").read_text())
-    assert kinds == {"target": 0, "corrupted": 1, "distractor/reverse": 2, "distractor/sort": 3,
-                     "distractor/copy": 4, "distractor/count": 5}
+    assert kinds == {
+        "target": 0,
+        "corrupted": 1,
+        "distractor/reverse": 2,
+        "distractor/sort": 3,
+        "distractor/copy": 4,
+        "distractor/count": 5,
+    }
     assert report.num_shards["train"] > 1 and list((out / "train").glob("shard.*.mds.zstd"))
     assert json.loads((out / "prepare_report.json").read_text()) == json.loads(json.dumps(report.to_dict()))
     assert (report.num_train, report.num_val) == (200, 40)
@@ -62,7 +70,7 @@ def test_prepare_synthetic_writes_shards_kinds_and_report(tmp_path):
         tokens = row["tokens"]
         assert tokens.dtype == np.int32 and tokens[-1] == tok.eos_token_id and len(tokens) <= 32
         assert tok.decode(tokens[: row["prompt_len"]]) == row["prompt"]
-        assert tok.decode(tokens[row["prompt_len"]:-1]) == row["answer"]
+        assert tok.decode(tokens[row["prompt_len"] : -1]) == row["answer"]
         assert kinds[row["kind"]] == row["kind_id"]
         seen[row["kind"]] = seen.get(row["kind"], 0) + 1
         if row["kind"] in ("target", "corrupted"):
@@ -73,8 +81,7 @@ def test_prepare_synthetic_writes_shards_kinds_and_report(tmp_path):
 
 
 def test_synthetic_is_deterministic_and_respects_mix():
-    cfg = SyntheticConfig(num_train=100, num_val=10, target_fraction=0.5, corrupted_fraction=0.0,
-                          distractors=["copy"])
+    cfg = SyntheticConfig(num_train=100, num_val=10, target_fraction=0.5, corrupted_fraction=0.0, distractors=["copy"])
     assert generate(cfg, 3) == generate(cfg, 3) and generate(cfg, 3) != generate(cfg, 4)
     train, _ = generate(cfg, 3)
     assert sorted({s["kind"] for s in train}) == ["distractor/copy", "target"]
@@ -128,13 +135,23 @@ QA = TemplateConfig(prompt="Q: {question} A:", response=" {answer}", kind_field=
 
 
 def test_jsonl_source_with_kinds_and_val_fraction(tmp_path):
-    report = prepare(PrepareConfig(out_dir=str(tmp_path / "ds"), source="jsonl", files=[str(FIXTURES / "qa.jsonl")],
-                                   template=QA, val_fraction=0.2))
+    report = prepare(
+        PrepareConfig(
+            out_dir=str(tmp_path / "ds"),
+            source="jsonl",
+            files=[str(FIXTURES / "qa.jsonl")],
+            template=QA,
+            val_fraction=0.2,
+        )
+    )
     assert report.records_read == 40 and report.num_train + report.num_val == 40
     assert report.kind_counts["val"] == {"target": 5}  # 20% of the 25 targets, nothing else
     assert report.kind_counts["train"] == {"target": 20, "corrupted": 5, "distractor/reverse": 10}
-    assert json.loads((tmp_path / "ds" / "kinds.json").read_text()) == {"target": 0, "corrupted": 1,
-                                                                         "distractor/reverse": 2}
+    assert json.loads((tmp_path / "ds" / "kinds.json").read_text()) == {
+        "target": 0,
+        "corrupted": 1,
+        "distractor/reverse": 2,
+    }
     rows = read_split(tmp_path / "ds" / "train")
     first = json.loads((FIXTURES / "qa.jsonl").read_text().splitlines()[rows[0]["sample_id"]])
     assert rows[0]["prompt"] == f"Q: {first['question']} A:" and rows[0]["answer"] == f" {first['answer']}"
@@ -147,8 +164,14 @@ def test_parquet_source_with_val_file(tmp_path):
     train = [{"prompt": f"{i}+1=", "response": str(i + 1)} for i in range(30)]
     pq.write_table(pa.Table.from_pylist(train), tmp_path / "train.parquet")
     pq.write_table(pa.Table.from_pylist(train[:6]), tmp_path / "val.parquet")
-    report = prepare(PrepareConfig(out_dir=str(tmp_path / "ds"), source="parquet",
-                                   files=[str(tmp_path / "train.parquet")], val_files=[str(tmp_path / "val.parquet")]))
+    report = prepare(
+        PrepareConfig(
+            out_dir=str(tmp_path / "ds"),
+            source="parquet",
+            files=[str(tmp_path / "train.parquet")],
+            val_files=[str(tmp_path / "val.parquet")],
+        )
+    )
     assert (report.num_train, report.num_val) == (30, 6)
     assert [r["answer"] for r in read_split(tmp_path / "ds" / "val")] == [str(i + 1) for i in range(6)]
     (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
@@ -160,14 +183,27 @@ def test_hf_dataset_from_disk(tmp_path):
     import datasets
 
     rows = {"prompt": [f"{i}+2=" for i in range(20)], "response": [str(i + 2) for i in range(20)]}
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows),
-                          "test": datasets.Dataset.from_dict({k: v[:4] for k, v in rows.items()})}
-                         ).save_to_disk(str(tmp_path / "hf"))
-    report = prepare(from_mapping(PrepareConfig, {"out_dir": str(tmp_path / "ds"), "source": "hf",
-                                                  "hf": {"path": str(tmp_path / "hf"), "val_split": "test"}}))
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict(rows),
+            "test": datasets.Dataset.from_dict({k: v[:4] for k, v in rows.items()}),
+        }
+    ).save_to_disk(str(tmp_path / "hf"))
+    report = prepare(
+        from_mapping(
+            PrepareConfig,
+            {
+                "out_dir": str(tmp_path / "ds"),
+                "source": "hf",
+                "hf": {"path": str(tmp_path / "hf"), "val_split": "test"},
+            },
+        )
+    )
     assert (report.num_train, report.num_val) == (20, 4)
     with pytest.raises(FileNotFoundError, match="hf dataset path not found"):
-        prepare(PrepareConfig(out_dir=str(tmp_path / "ds2"), source="hf", hf=HFSourceConfig(path=str(tmp_path / "nope"))))
+        prepare(
+            PrepareConfig(out_dir=str(tmp_path / "ds2"), source="hf", hf=HFSourceConfig(path=str(tmp_path / "nope")))
+        )
 
 
 def jsonl_cfg(tmp_path, name: str, files: list[str], **kw) -> PrepareConfig:
@@ -196,15 +232,18 @@ def test_bad_inputs_error_naming_file_and_line(tmp_path):
 
 
 def test_bad_records_skipped_and_counted(tmp_path):
-    path = write_jsonl(tmp_path / "mixed.jsonl", [
-        {"prompt": "1+1=", "response": "2"},
-        b"\xff broken\n",
-        {"prompt": "1+2="},
-        b"\n",
-        {"prompt": "2+2=", "response": "  "},  # empty response
-        {"prompt": "1+", "response": "9" * 100},  # over-long
-        {"prompt": "3+3=", "response": 6},  # a number renders fine
-    ])
+    path = write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [
+            {"prompt": "1+1=", "response": "2"},
+            b"\xff broken\n",
+            {"prompt": "1+2="},
+            b"\n",
+            {"prompt": "2+2=", "response": "  "},  # empty response
+            {"prompt": "1+", "response": "9" * 100},  # over-long
+            {"prompt": "3+3=", "response": 6},  # a number renders fine
+        ],
+    )
     report = prepare(jsonl_cfg(tmp_path, "skip", [str(path)], on_bad_record="skip", max_seq_len=16))
     assert (report.records_read, report.blank_lines, report.skipped_bad, report.skipped_empty) == (6, 1, 2, 1)
     assert (report.truncated, report.rejected_overlong, report.num_train) == (1, 0, 3)
@@ -212,8 +251,11 @@ def test_bad_records_skipped_and_counted(tmp_path):
     rows = read_split(tmp_path / "skip" / "train")
     assert max(len(r["tokens"]) for r in rows) == 16 and [r["sample_id"] for r in rows] == [0, 5, 6]
 
-    rejected = prepare(jsonl_cfg(tmp_path, "reject", [str(path)], on_bad_record="skip", max_seq_len=16,
-                                 overlong="reject"))
+    rejected = prepare(
+        jsonl_cfg(tmp_path, "reject", [str(path)], on_bad_record="skip", max_seq_len=16, overlong="reject")
+    )
     assert (rejected.truncated, rejected.rejected_overlong, rejected.num_train) == (0, 1, 2)
     with pytest.raises(ValueError, match="no train samples were written"):
-        prepare(jsonl_cfg(tmp_path, "none", [str(write_jsonl(tmp_path / "e.jsonl", [{"prompt": "a", "response": ""}]))]))
+        prepare(
+            jsonl_cfg(tmp_path, "none", [str(write_jsonl(tmp_path / "e.jsonl", [{"prompt": "a", "response": ""}]))])
+        )

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from optsel.config_loader import ConfigError, from_mapping
-from optsel.pipeline.prepare import PrepareConfig, prepare
-from optsel.pipeline.records import BadRecord, TemplateConfig
+from optsel.pipeline.data.prepare import PrepareConfig, prepare
+from optsel.pipeline.data.records import BadRecord, TemplateConfig
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = [{"prompt": f"{i}+1=", "response": str(i + 1)} for i in range(12)]
@@ -39,7 +39,7 @@ def jsonl_cfg(out: Path, files: list[Path], **kw) -> PrepareConfig:
 
 def with_line(path: Path, line, at: int = 6) -> Path:
     """GOOD with ``line`` inserted so that it is line ``at`` of the file."""
-    return write_jsonl(path, GOOD[: at - 1] + [line] + GOOD[at - 1:])
+    return write_jsonl(path, GOOD[: at - 1] + [line] + GOOD[at - 1 :])
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -64,8 +64,10 @@ def test_huge_record_rejected_unread_with_file_and_line(tmp_path):
         tracemalloc.stop()
     assert report.max_record_bytes == 1 << 20  # default: max(1 MiB, 64 * max_seq_len=64)
     assert report.rejected_oversize == 1 and report.rejected_overlong == 0 and report.truncated == 0
-    assert f"{path}:6: {len(huge) - 1} bytes > max_record_bytes=1048576 (rejected before parsing and " \
-           f"tokenizing)" in report.bad_examples
+    assert (
+        f"{path}:6: {len(huge) - 1} bytes > max_record_bytes=1048576 (rejected before parsing and "
+        f"tokenizing)" in report.bad_examples
+    )
     assert f"{path}:9: invalid JSON" in " ".join(report.bad_examples)  # line numbers go on after the skip
     assert (report.records_read, report.num_train, report.skipped_bad) == (14, 12, 1)
     # the 20 MB line was never held whole in memory (a parse or a tokenization needs it as bytes and str)
@@ -88,18 +90,23 @@ def test_byte_cap_boundary_rendered_size_and_key_validation(tmp_path):
     path = write_jsonl(tmp_path / "edge.jsonl", [base, at_cap, over, base])
     report = prepare(jsonl_cfg(tmp_path / "ds", [path], max_record_bytes=100))
     assert (report.num_train, report.rejected_oversize) == (3, 1)
-    assert report.bad_examples == [f"{path}:3: 101 bytes > max_record_bytes=100 (rejected before parsing and "
-                                   f"tokenizing)"]
+    assert report.bad_examples == [
+        f"{path}:3: 101 bytes > max_record_bytes=100 (rejected before parsing and tokenizing)"
+    ]
 
     # a template that repeats a field: the rendered text is capped too, before tokenizing
     twice = TemplateConfig(prompt="{prompt}{prompt}{prompt}", response="{response}")
     rec = json.dumps({"prompt": "é" * 30, "response": "2"}, ensure_ascii=False).encode() + b"\n"
     assert len(rec) < 150  # the line fits; its rendered text is 3 * 60 + 1 UTF-8 bytes
-    report = prepare(jsonl_cfg(tmp_path / "ds2", [write_jsonl(tmp_path / "t.jsonl", [base, rec])],
-                               template=twice, max_record_bytes=150))
+    report = prepare(
+        jsonl_cfg(
+            tmp_path / "ds2", [write_jsonl(tmp_path / "t.jsonl", [base, rec])], template=twice, max_record_bytes=150
+        )
+    )
     assert (report.num_train, report.rejected_oversize) == (1, 1)
-    assert report.bad_examples[0].endswith("t.jsonl:2: its rendered prompt + response > max_record_bytes=150 "
-                                           "(rejected before tokenizing)")
+    assert report.bad_examples[0].endswith(
+        "t.jsonl:2: its rendered prompt + response > max_record_bytes=150 (rejected before tokenizing)"
+    )
 
     # parquet has no lines: its records are capped on the rendered text
     import pyarrow as pa
@@ -107,8 +114,11 @@ def test_byte_cap_boundary_rendered_size_and_key_validation(tmp_path):
 
     rows = [{"prompt": "1+1=", "response": "2"}, {"prompt": "9" * 3_000_000, "response": "1"}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "big.parquet")
-    report = prepare(PrepareConfig(out_dir=str(tmp_path / "pq"), source="parquet", val_fraction=0.0,
-                                   files=[str(tmp_path / "big.parquet")]))
+    report = prepare(
+        PrepareConfig(
+            out_dir=str(tmp_path / "pq"), source="parquet", val_fraction=0.0, files=[str(tmp_path / "big.parquet")]
+        )
+    )
     assert (report.num_train, report.rejected_oversize) == (1, 1)
     assert report.bad_examples[0].startswith(f"{tmp_path / 'big.parquet'} row 2: its rendered prompt")
 
@@ -136,8 +146,22 @@ REFUSED = [
 ]
 
 
-@pytest.mark.parametrize("line,message", REFUSED, ids=["surrogate", "low-surrogate", "nested-surrogate", "nan",
-                                                       "-inf", "1e400", "dup-key", "nested-dup-key", "bigint", "deep"])
+@pytest.mark.parametrize(
+    "line,message",
+    REFUSED,
+    ids=[
+        "surrogate",
+        "low-surrogate",
+        "nested-surrogate",
+        "nan",
+        "-inf",
+        "1e400",
+        "dup-key",
+        "nested-dup-key",
+        "bigint",
+        "deep",
+    ],
+)
 def test_refused_json_is_a_bad_record_with_file_and_line(tmp_path, line, message):
     path = with_line(tmp_path / "bad.jsonl", line)
     with pytest.raises(BadRecord, match=r"bad.jsonl:6: " + message):
@@ -149,8 +173,11 @@ def test_refused_json_is_a_bad_record_with_file_and_line(tmp_path, line, message
 
 
 def test_valid_unicode_and_numbers_still_accepted(tmp_path):
-    lines = [b'{"prompt": "smile \\ud83d\\ude00 caf\\u00e9 ", "response": "\xe2\x88\x91 ok"}\n',  # a real pair
-             b'{"prompt": "x=", "response": 1.5e3}\n', b'{"prompt": "back\\\\ud800slash", "response": "y"}\n']
+    lines = [
+        b'{"prompt": "smile \\ud83d\\ude00 caf\\u00e9 ", "response": "\xe2\x88\x91 ok"}\n',  # a real pair
+        b'{"prompt": "x=", "response": 1.5e3}\n',
+        b'{"prompt": "back\\\\ud800slash", "response": "y"}\n',
+    ]
     report = prepare(jsonl_cfg(tmp_path / "ds", [write_jsonl(tmp_path / "u.jsonl", lines)]))
     assert (report.num_train, report.skipped_bad) == (3, 0)
 
@@ -180,8 +207,14 @@ def test_cli_names_the_line_of_a_lone_surrogate(tmp_path):
     cfg = tmp_path / "prep.yaml"
     cfg.write_text(f"out_dir: {tmp_path / 'ds'}\nsource: jsonl\nfiles: [{path}]\n")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    done = subprocess.run([sys.executable, "-m", "optsel.launch.cli", "prepare", str(cfg)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "optsel.launch.cli", "prepare", str(cfg)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     assert f"optsel prepare: {path}:6: refused JSON: invalid Unicode: lone surrogate" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "ds").exists()
@@ -238,6 +271,7 @@ def _umask() -> int:
 def strict_json(path: Path):
     """The JSON in ``path``, read as a strict reader would: UTF-8, no NaN / Infinity, no duplicate keys,
     every string valid Unicode (encodable as UTF-8)."""
+
     def no_constant(name):
         raise AssertionError(f"{path.name}: bare {name}")
 
@@ -261,8 +295,12 @@ def strict_json(path: Path):
 
 def test_outputs_are_strict_json_even_from_hostile_input(tmp_path):
     name = os.fsdecode(b"in\xff.jsonl")  # a file name that is not UTF-8
-    lines = [{"prompt": "a", "response": "b", "k": "target"}, {"prompt": "a", "response": "b", "k": "y" * 100_000},
-             b"\xff\xfe\n", {"prompt": "c", "response": "d", "k": "distractor/x"}]
+    lines = [
+        {"prompt": "a", "response": "b", "k": "target"},
+        {"prompt": "a", "response": "b", "k": "y" * 100_000},
+        b"\xff\xfe\n",
+        {"prompt": "c", "response": "d", "k": "distractor/x"},
+    ]
     path = write_jsonl(tmp_path / name, lines)
     report = prepare(jsonl_cfg(tmp_path / "ds", [path], on_bad_record="skip", template=TemplateConfig(kind_field="k")))
     assert report.skipped_bad == 2 and all(len(m) < 1000 for m in report.bad_examples)
@@ -271,5 +309,6 @@ def test_outputs_are_strict_json_even_from_hostile_input(tmp_path):
     assert kinds == saved["kinds"] == {"target": 0, "corrupted": 1, "distractor/x": 2}
     assert sorted(kinds.values()) == list(range(len(kinds)))
     assert all(isinstance(v, float) and math.isfinite(v) for v in (saved["mean_tokens"], saved["seconds"]))
-    assert any(m.startswith(str(tmp_path) + "/in\\udcff.jsonl:2: kind field 'k' is 'yyy")
-               for m in saved["bad_examples"])
+    assert any(
+        m.startswith(str(tmp_path) + "/in\\udcff.jsonl:2: kind field 'k' is 'yyy") for m in saved["bad_examples"]
+    )

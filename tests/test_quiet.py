@@ -24,16 +24,42 @@ def data_dir(prepare_synthetic) -> Path:
 
 def _train(data_dir: Path, run_dir: Path, *flags: str) -> subprocess.CompletedProcess:
     """One process of `optsel train` on DeepSpeed ZeRO-3: 2 steps, a short evaluation (decoding)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "OPTSEL_VERBOSE", "RANK", "WORLD_SIZE",
-                                                               "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in ("PYTHONWARNINGS", "OPTSEL_VERBOSE", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env["OMP_NUM_THREADS"] = "1"
     return subprocess.run(
-        [sys.executable, "-m", "optsel.launch.cli", "train", *flags, "configs/demo.yaml", f"data.local={data_dir}",
-         f"output_dir={run_dir}", "engine.name=deepspeed", "training.num_steps=2", "training.eval_every=0",
-         "training.num_eval_samples=4", "training.max_new_tokens=2", "training.progress_bar=false",
-         "monitoring.enabled=false", "checkpoint.every_steps=0", "training.callbacks.plot=false",
-         "selection.pool_size=16", "selection.budget=4", "selection.num_target_samples=4"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "optsel.launch.cli",
+            "train",
+            *flags,
+            "configs/demo.yaml",
+            f"data.local={data_dir}",
+            f"output_dir={run_dir}",
+            "engine.name=deepspeed",
+            "training.num_steps=2",
+            "training.eval_every=0",
+            "training.num_eval_samples=4",
+            "training.max_new_tokens=2",
+            "training.progress_bar=false",
+            "monitoring.enabled=false",
+            "checkpoint.every_steps=0",
+            "training.callbacks.plot=false",
+            "selection.pool_size=16",
+            "selection.budget=4",
+            "selection.num_target_samples=4",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.slow
@@ -56,19 +82,28 @@ def test_greedy_decoding_uses_the_current_cache_argument():
     even with every warning shown, and the tokens are those of full forwards."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from optsel.pipeline.engines import common
+    from optsel.pipeline.engines import shared
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                         num_key_value_heads=1, intermediate_size=32,
-                                         max_position_embeddings=32)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=32,
+            max_position_embeddings=32,
+        )
+    ).eval()
     ids = torch.randint(3, 32, (2, 5))
     mask = torch.ones_like(ids)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = common.greedy_generate(model, ids, mask, 4, torch.device("cpu"))
-    assert not [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))], \
-        [str(w.message) for w in caught]
+        out = shared.greedy_generate(model, ids, mask, 4, torch.device("cpu"))
+    assert not [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))], [
+        str(w.message) for w in caught
+    ]
     full = ids
     for _ in range(4):
         full = torch.cat([full, model(input_ids=full).logits[:, -1].argmax(-1, keepdim=True)], dim=1)

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _dist_utils import run_distributed
 from helpers_bruteforce import VOCAB, brute_force, make_batch
+
 from optsel.pipeline.engines import fsdp2_view, zero3_view
 from optsel.pipeline.engines.zero3_view import flat_range_blocks
 from optsel.selection.ftw import FilterThenWeight, FTWConfig
@@ -34,8 +34,16 @@ ZERO3_JSON = Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "ze
 BETAS, EPS, TRAIN_STEPS = (0.9, 0.95), 1e-8, 2
 N_POOL, N_TARGET, N_TRAIN = 12, 4, 8
 # "<gram>" alone: exchange="factors"; "+exchange": exchange="sketches"; "+direction": exchange="direction"
-BACKENDS = ("exact", "ghost", "sketch", "sketch+exchange", "exact+direction", "ghost+direction", "sketch+direction",
-            "auto+direction")
+BACKENDS = (
+    "exact",
+    "ghost",
+    "sketch",
+    "sketch+exchange",
+    "exact+direction",
+    "ghost+direction",
+    "sketch+direction",
+    "auto+direction",
+)
 DIRECTION = tuple(b for b in BACKENDS if b.endswith("+direction"))
 FIELDS = ("alignment", "utility", "gram", "filtered", "indices", "weights")
 
@@ -46,26 +54,49 @@ def tiny_model() -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=27, intermediate_size=45, num_hidden_layers=1,
-                      num_attention_heads=3, num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
-                      tie_word_embeddings=False, attn_implementation="eager")
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=27,
+        intermediate_size=45,
+        num_hidden_layers=1,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
     return LlamaForCausalLM(cfg).float()
 
 
 def ftw_config(gram: str) -> FTWConfig:
     base, _, suffix = gram.partition("+")
     exchange = {"": "factors", "exchange": "sketches", "direction": "direction"}[suffix]
-    return FTWConfig(budget=4, filter_size=8, gram=base, compute_dtype="float64",
-                     sketch_dim_out=6, sketch_dim_in=6, exchange=exchange)
+    return FTWConfig(
+        budget=4,
+        filter_size=8,
+        gram=base,
+        compute_dtype="float64",
+        sketch_dim_out=6,
+        sketch_dim_in=6,
+        exchange=exchange,
+    )
 
 
-TWO_STAGE = FTWConfig(budget=4, filter_size=7, gram="exact", compute_dtype="float64", exchange="direction",
-                      prefilter="head", prefilter_window=6)  # 7 survivors on 2 ranks: one rank pads
+TWO_STAGE = FTWConfig(
+    budget=4,
+    filter_size=7,
+    gram="exact",
+    compute_dtype="float64",
+    exchange="direction",
+    prefilter="head",
+    prefilter_window=6,
+)  # 7 survivors on 2 ranks: one rank pads
 
 
 def half(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
     per = batch["input_ids"].shape[0] // world
-    return {k: v[rank * per:(rank + 1) * per] for k, v in batch.items()}
+    return {k: v[rank * per : (rank + 1) * per] for k, v in batch.items()}
 
 
 def pool_batch():
@@ -107,11 +138,18 @@ class _Probe:
                     from optsel.selection.preconditioner import shape_2d
 
                     d0, d1 = shape_2d(zero3_view.full_shape(param))
-                    probe.reads.append({
-                        "numel": d0 * d1, "rows": d0, "cols": d1, "id": id(param),
-                        "moment_numels": [t.numel() for b in state.blocks for t in (b.exp_avg, b.exp_avg_sq)
-                                          if t is not None],
-                        "blocks": [(b.rows.start, b.rows.stop, b.cols.start, b.cols.stop) for b in state.blocks]})
+                    probe.reads.append(
+                        {
+                            "numel": d0 * d1,
+                            "rows": d0,
+                            "cols": d1,
+                            "id": id(param),
+                            "moment_numels": [
+                                t.numel() for b in state.blocks for t in (b.exp_avg, b.exp_avg_sq) if t is not None
+                            ],
+                            "blocks": [(b.rows.start, b.rows.stop, b.cols.start, b.cols.stop) for b in state.blocks],
+                        }
+                    )
                 return state
 
             cls.read = read
@@ -121,6 +159,7 @@ class _Probe:
                 if probe.active:
                     probe.full_gathers += 1
                 return fn(*args, **kwargs)
+
             return wrapper
 
         DTensor.full_tensor = counting(DTensor.full_tensor)
@@ -159,6 +198,7 @@ def _wire_bytes():
             else:
                 wire[name] += args[0].numel() * args[0].element_size()
             return originals[name](*args, **kwargs)
+
         return call
 
     for name in originals:
@@ -190,19 +230,25 @@ def _full_state(engine) -> dict:
             v = st["exp_avg_sq"].full_tensor() if st else None
             step = int(st["step"]) if st else step
         if m is not None:
-            moments[name] = (m.detach().cpu().reshape(weights[name].shape).clone(),
-                             v.detach().cpu().reshape(weights[name].shape).clone())
+            moments[name] = (
+                m.detach().cpu().reshape(weights[name].shape).clone(),
+                v.detach().cpu().reshape(weights[name].shape).clone(),
+            )
     return {"weights": weights, "moments": moments, "step": step}
 
 
 def _body(rank: int, world: int, engine_name: str, ds_config_path: str) -> dict:
     from benchmarks.ranks import collective_counter
-    from optsel.pipeline.engines.base import EngineConfig, OptimizerConfig, build_engine
+    from optsel.pipeline.engines.shared import EngineConfig, OptimizerConfig, build_engine
 
     probe = _Probe()
-    engine = build_engine(EngineConfig(name=engine_name, deepspeed_config=ds_config_path), tiny_model(),
-                          OptimizerConfig(lr=1e-2, betas=BETAS, eps=EPS, schedule="constant", grad_clip=1.0),
-                          total_steps=TRAIN_STEPS + 1, micro_batch_size=N_TRAIN // world)
+    engine = build_engine(
+        EngineConfig(name=engine_name, deepspeed_config=ds_config_path),
+        tiny_model(),
+        OptimizerConfig(lr=1e-2, betas=BETAS, eps=EPS, schedule="constant", grad_clip=1.0),
+        total_steps=TRAIN_STEPS + 1,
+        micro_batch_size=N_TRAIN // world,
+    )
     model, opt = engine.unwrapped_model, engine.optimizer
     pool, target = half(pool_batch(), rank, world), half(target_batch(), rank, world)
     out: dict = {"reader": type(make_state_reader(opt, "adam")).__name__}
@@ -215,8 +261,11 @@ def _body(rank: int, world: int, engine_name: str, ds_config_path: str) -> dict:
     out["state_before"] = _full_state(engine)
 
     for s in range(TRAIN_STEPS):  # identical global data, half per rank
-        engine.forward_backward(half(make_batch(N_TRAIN, 8, seed=100 + s), rank, world),
-                                torch.full((N_TRAIN // world,), 1.0 / N_TRAIN), loss_scale=float(world))
+        engine.forward_backward(
+            half(make_batch(N_TRAIN, 8, seed=100 + s), rank, world),
+            torch.full((N_TRAIN // world,), 1.0 / N_TRAIN),
+            loss_scale=float(world),
+        )
         engine.step()
 
     probe.active = True
@@ -228,8 +277,9 @@ def _body(rank: int, world: int, engine_name: str, ds_config_path: str) -> dict:
         out["wire_bytes"][gram], out["dispatch"][gram] = wire, dispatch.totals()["selector"]
     # direction_cache: the target kept for 2 steps, no optimizer step in between, so the 2nd select reuses M;
     # direction_dtype bfloat16: M crosses ranks in 2 bytes an element
-    cached = FilterThenWeight(model, opt, dataclasses.replace(ftw_config("sketch+direction"), target_refresh=2,
-                                                              direction_cache=True))
+    cached = FilterThenWeight(
+        model, opt, dataclasses.replace(ftw_config("sketch+direction"), target_refresh=2, direction_cache=True)
+    )
     out["cache"] = [_sel_fields(cached.select(pool, target)) for _ in range(2)]
     bf16 = dataclasses.replace(ftw_config("sketch+direction"), direction_dtype="bfloat16")
     out["bf16"] = _sel_fields(FilterThenWeight(model, opt, bf16).select(pool, target))
@@ -245,7 +295,7 @@ def _body(rank: int, world: int, engine_name: str, ds_config_path: str) -> dict:
     if rows.numel() == 0:
         rows, weights = torch.zeros(1, dtype=torch.long), torch.zeros(1)
     losses = engine.backward_from_pass(sel.pool_pass, rows, weights, loss_scale=float(world))
-    out["two_stage"]["local"] = (sel.local_indices.clone(), losses[:sel.local_indices.numel()].clone())
+    out["two_stage"]["local"] = (sel.local_indices.clone(), losses[: sel.local_indices.numel()].clone())
     head_only = dataclasses.replace(TWO_STAGE, prefilter_stage2="head")  # survivors' head factors all-gathered
     out["two_stage_head"] = _sel_fields(FilterThenWeight(model, opt, head_only).select(pool, target))
     engine.close() if hasattr(engine, "close") else None
@@ -254,16 +304,21 @@ def _body(rank: int, world: int, engine_name: str, ds_config_path: str) -> dict:
 
 # -- the R = 1 reference, in the parent -------------------------------------------------------------
 
-def _reference(state: dict, gram: str, dtype=torch.float32, config: FTWConfig | None = None
-               ) -> tuple[dict, torch.nn.Module, torch.optim.Optimizer]:
+
+def _reference(
+    state: dict, gram: str, dtype=torch.float32, config: FTWConfig | None = None
+) -> tuple[dict, torch.nn.Module, torch.optim.Optimizer]:
     model = tiny_model()
     model.load_state_dict(state["weights"])
     model = model.to(dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=BETAS, eps=EPS, weight_decay=0.0)
     params = dict(model.named_parameters())
     for name, (m, v) in state["moments"].items():
-        opt.state[params[name]] = {"step": torch.tensor(float(state["step"])),
-                                   "exp_avg": m.to(dtype).clone(), "exp_avg_sq": v.to(dtype).clone()}
+        opt.state[params[name]] = {
+            "step": torch.tensor(float(state["step"])),
+            "exp_avg": m.to(dtype).clone(),
+            "exp_avg_sq": v.to(dtype).clone(),
+        }
     sel = FilterThenWeight(model, opt, config or ftw_config(gram)).select(pool_batch(), target_batch())
     return _sel_fields(sel), model, opt
 
@@ -274,8 +329,9 @@ def _check_two_stage(results: list[dict]) -> None:
     from optsel.losses import per_sample_token_mean_ce
 
     ref, model, _ = _reference(results[0]["state_after"], "exact", config=TWO_STAGE)
-    head_ref, _, _ = _reference(results[0]["state_after"], "exact",
-                                config=dataclasses.replace(TWO_STAGE, prefilter_stage2="head"))
+    head_ref, _, _ = _reference(
+        results[0]["state_after"], "exact", config=dataclasses.replace(TWO_STAGE, prefilter_stage2="head")
+    )
     for rank, res in enumerate(results):
         _assert_same(res["two_stage"], ref, f"two-stage rank {rank}")
         _assert_same(res["two_stage_head"], head_ref, f"two-stage head-only rank {rank}")
@@ -283,8 +339,9 @@ def _check_two_stage(results: list[dict]) -> None:
     assert sum(here) == TWO_STAGE.filter_size and here[0] != here[1]  # uneven: the padding rows ran
     pool = pool_batch()
     with torch.no_grad():
-        own = per_sample_token_mean_ce(model(input_ids=pool["input_ids"], attention_mask=pool["attention_mask"]).logits,
-                                       pool["labels"]).loss
+        own = per_sample_token_mean_ce(
+            model(input_ids=pool["input_ids"], attention_mask=pool["attention_mask"]).logits, pool["labels"]
+        ).loss
     per = pool["input_ids"].shape[0] // len(results)
     for rank, res in enumerate(results):
         rows, losses = res["two_stage"]["local"]
@@ -297,10 +354,10 @@ def _assert_same(got: dict, ref: dict, where: str) -> None:
         assert torch.equal(got[f], ref[f]), (where, f, got[f], ref[f])
     for f in ("alignment", "utility", "gram"):
         scale = float(ref[f].abs().max())
-        torch.testing.assert_close(got[f], ref[f], rtol=1e-4, atol=1e-4 * scale,
-                                   msg=lambda m, f=f: f"{where} {f}: {m}")
-    torch.testing.assert_close(got["weights"], ref["weights"], rtol=1e-4, atol=1e-5,
-                               msg=lambda m: f"{where} weights: {m}")
+        torch.testing.assert_close(got[f], ref[f], rtol=1e-4, atol=1e-4 * scale, msg=lambda m, f=f: f"{where} {f}: {m}")
+    torch.testing.assert_close(
+        got["weights"], ref["weights"], rtol=1e-4, atol=1e-5, msg=lambda m: f"{where} weights: {m}"
+    )
 
 
 def _check(results: list[dict], engine_name: str) -> None:
@@ -363,8 +420,10 @@ def _check(results: list[dict], engine_name: str) -> None:
     _assert_same(r0["after"]["exact+direction"], exact, f"{engine_name} exact+direction vs exact factors")
     m_elems = sum(math.prod(w.shape) for n, w in r0["state_after"]["weights"].items() if n in exact["covered"])
     # the sketch+direction step moves M once (float64 here; FSDP2 pads uneven row chunks) and little else
-    assert 8 * m_elems <= r0["after"]["sketch+direction"]["comm_bytes"] < 8 * m_elems * 1.8, \
-        (m_elems, r0["after"]["sketch+direction"]["comm_by_phase"])
+    assert 8 * m_elems <= r0["after"]["sketch+direction"]["comm_bytes"] < 8 * m_elems * 1.8, (
+        m_elems,
+        r0["after"]["sketch+direction"]["comm_by_phase"],
+    )
 
     # the engine's own traffic per step that the Prometheus ratio divides by: 3 × the fp32 parameters' bytes
     params = sum(math.prod(w.shape) for w in r0["state_after"]["weights"].values())
@@ -386,8 +445,9 @@ def _check(results: list[dict], engine_name: str) -> None:
         seen: dict[str, list] = {}
         for rec in r["reads"]:
             # ZeRO-3: a flat slice of ceil(numel / R); FSDP2: a row block of ceil(rows / R) rows
-            share = (math.ceil(rec["numel"] / 2) if engine_name == "deepspeed"
-                     else math.ceil(rec["rows"] / 2) * rec["cols"])
+            share = (
+                math.ceil(rec["numel"] / 2) if engine_name == "deepspeed" else math.ceil(rec["rows"] / 2) * rec["cols"]
+            )
             assert all(n <= share for n in rec["moment_numels"]), (share, rec)
             assert sum(rec["moment_numels"]) <= 2 * share, rec
             seen.setdefault(r["names"][rec["id"]], []).append((rec["rows"], rec["cols"], rec["blocks"]))
@@ -398,11 +458,16 @@ def _check(results: list[dict], engine_name: str) -> None:
         for (rows, cols, blocks0), (_, _, blocks1) in zip(per_rank[0][name], per_rank[1][name]):
             hits = torch.zeros(rows, cols, dtype=torch.int64)
             for b in blocks0 + blocks1:
-                hits[b[0]:b[1], b[2]:b[3]] += 1
+                hits[b[0] : b[1], b[2] : b[3]] += 1
             assert bool((hits == 1).all()), (name, blocks0, blocks1)
     if engine_name == "deepspeed":  # slices cut through rows: some rank holds a partial-row block
-        assert any(b[1] - b[0] == 1 and b[3] - b[2] < cols for pr in per_rank for reads in pr.values()
-                   for _, cols, bl in reads for b in bl)
+        assert any(
+            b[1] - b[0] == 1 and b[3] - b[2] < cols
+            for pr in per_rank
+            for reads in pr.values()
+            for _, cols, bl in reads
+            for b in bl
+        )
 
 
 def _check_bruteforce(results: list[dict]) -> None:
@@ -411,28 +476,41 @@ def _check_bruteforce(results: list[dict]) -> None:
     for gram in ("exact", "exact+direction"):
         sel, model, opt = _reference(results[0]["state_after"], gram, torch.float64)
         cfg = ftw_config(gram)
-        b, K, u = brute_force(model, opt, pool_batch(), target_batch(), sel["covered"], sel["rho"], sel["tau"],
-                              batch_share=cfg.budget if cfg.filter_curvature == "batch" else None)
+        b, K, u = brute_force(
+            model,
+            opt,
+            pool_batch(),
+            target_batch(),
+            sel["covered"],
+            sel["rho"],
+            sel["tau"],
+            batch_share=cfg.budget if cfg.filter_curvature == "batch" else None,
+        )
         torch.testing.assert_close(sel["alignment"], b, rtol=1e-5, atol=1e-7 * float(b.abs().max()))
         torch.testing.assert_close(sel["utility"], u, rtol=1e-5, atol=1e-7 * float(u.abs().max()))
-        torch.testing.assert_close(sel["gram"], K[sel["filtered"]][:, sel["filtered"]], rtol=1e-5,
-                                   atol=1e-7 * float(K.abs().max()))
+        torch.testing.assert_close(
+            sel["gram"], K[sel["filtered"]][:, sel["filtered"]], rtol=1e-5, atol=1e-7 * float(K.abs().max())
+        )
 
 
 # -- tests --------------------------------------------------------------------------------------------
+
 
 def test_flat_range_blocks_tiles_rows_and_skips_padding():
     shape = (5, 7)  # numel 35; R = 3 → partition 12: [0,12) [12,24) [24,36) with 1 padding element
     blocks = [flat_range_blocks(r * 12, (r + 1) * 12, shape) for r in range(3)]
     assert blocks[0] == [(slice(0, 1), slice(0, 7), 0, 7), (slice(1, 2), slice(0, 5), 7, 12)]
-    assert blocks[1] == [(slice(1, 2), slice(5, 7), 0, 2), (slice(2, 3), slice(0, 7), 2, 9),
-                         (slice(3, 4), slice(0, 3), 9, 12)]  # three blocks: partial, whole, partial
+    assert blocks[1] == [
+        (slice(1, 2), slice(5, 7), 0, 2),
+        (slice(2, 3), slice(0, 7), 2, 9),
+        (slice(3, 4), slice(0, 3), 9, 12),
+    ]  # three blocks: partial, whole, partial
     assert blocks[2] == [(slice(3, 4), slice(3, 7), 0, 4), (slice(4, 5), slice(0, 7), 4, 11)]
     # element-exact: every flat index lands once, at the right (row, col) and local offset
     full = torch.arange(35.0).reshape(shape)
     hit = torch.zeros(shape)
     for r in range(3):
-        local = torch.cat([full.reshape(-1), torch.full((1,), -1.0)])[r * 12:(r + 1) * 12]
+        local = torch.cat([full.reshape(-1), torch.full((1,), -1.0)])[r * 12 : (r + 1) * 12]
         for rows, cols, lo, hi in blocks[r]:
             assert torch.equal(local[lo:hi].view(rows.stop - rows.start, cols.stop - cols.start), full[rows, cols])
             hit[rows, cols] += 1

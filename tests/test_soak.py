@@ -19,8 +19,14 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_soak_quick(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([sys.executable, "-m", "optsel.launch.cli", "bench", "soak", "--quick", f"--out={tmp_path}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-m", "optsel.launch.cli", "bench", "soak", "--quick", f"--out={tmp_path}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     report = json.loads((tmp_path / "soak.json").read_text())
     (result,) = report["engines"]

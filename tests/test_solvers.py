@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from optsel.selection import solvers
-from optsel.selection.solvers import (active_set_qp, cvxpy_qp, objective, project_simplex, select_weights,
-                                     torch_qp)
+from optsel.selection.solvers import active_set_qp, cvxpy_qp, objective, project_simplex, select_weights, torch_qp
 
 
 def _problem(m: int, seed: int, rank: int | None = None, scale: float = 1.0):
@@ -128,7 +127,7 @@ def _ftw_like(m: int, seed: int, d: int = 200):
     m > d), b = G v."""
     gen = torch.Generator().manual_seed(seed)
     G = torch.randn(m, d, generator=gen, dtype=torch.float64) * torch.rand(m, 1, generator=gen, dtype=torch.float64)
-    return G @ torch.randn(d, generator=gen, dtype=torch.float64) / d ** 0.5, G @ G.T / d
+    return G @ torch.randn(d, generator=gen, dtype=torch.float64) / d**0.5, G @ G.T / d
 
 
 def _kkt_violation(w, b, K, tau, cap=None) -> float:
@@ -143,9 +142,11 @@ def _kkt_violation(w, b, K, tau, cap=None) -> float:
         lo = float((-g[zero]).max()) if zero.any() else -float("inf")
         up = float((-g[top]).min()) if top.any() else float("inf")
         nu = up if lo == -float("inf") else lo if up == float("inf") else 0.5 * (lo + up)
-    viol = [float((g[free] + nu).abs().max()) if free.any() else 0.0,
-            float((-(g + nu))[zero].clamp(min=0).max()) if zero.any() else 0.0,
-            float((g + nu)[top].clamp(min=0).max()) if top.any() else 0.0]
+    viol = [
+        float((g[free] + nu).abs().max()) if free.any() else 0.0,
+        float((-(g + nu))[zero].clamp(min=0).max()) if zero.any() else 0.0,
+        float((g + nu)[top].clamp(min=0).max()) if top.any() else 0.0,
+    ]
     return max(viol) / (float(g.abs().max()) + 1e-300)
 
 
@@ -168,7 +169,7 @@ def test_active_set_matches_cvxpy_and_is_kkt_exact(m, tau, cap):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_active_set_on_singular_and_degenerate_problems(seed):
-    b, K = _problem(40, seed, rank=5)            # singular Gram: duplicated directions
+    b, K = _problem(40, seed, rank=5)  # singular Gram: duplicated directions
     for tau, cap in [(1.0, None), (1.0, 0.15), (0.01, None), (100.0, 0.05), (1.0, 1 / 40)]:
         # solve_qp: the active set, finished by cvxpy/CLARABEL when it cannot verify the KKT conditions
         # (seen only on singular K with most weights at a tight cap, e.g. τ = 100, cap = 0.05 here)
@@ -177,7 +178,7 @@ def test_active_set_on_singular_and_degenerate_problems(seed):
         assert f_mine >= f_ref - 1e-6 * max(abs(f_ref), 1e-12)
         if cap is None or cap >= 0.15:
             assert active_set_qp(b, K, tau, cap).status == "optimal"
-    dup = torch.cat([b[:3], b[:3]])              # exact duplicates: ties in b and K
+    dup = torch.cat([b[:3], b[:3]])  # exact duplicates: ties in b and K
     Kd = K[[0, 1, 2, 0, 1, 2]][:, [0, 1, 2, 0, 1, 2]]
     mine = active_set_qp(dup, Kd, 1.0)
     ref = cvxpy_qp(dup, Kd, 1.0)

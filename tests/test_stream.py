@@ -14,14 +14,14 @@ import torch
 from _dist_utils import run_distributed
 
 from optsel.distributed import DistInfo
-from optsel.pipeline import data as data_lib
-from optsel.pipeline.collate import collate
-from optsel.pipeline.data import build_train_loader, iterate_pools, load_split
-from optsel.pipeline.data_config import DataConfig
-from optsel.pipeline.prepare import PrepareConfig, prepare
-from optsel.pipeline.shards import ShardError, verify_split
-from optsel.pipeline.shm_cleanup import clean_stale_streaming_state, live_shm_names
-from optsel.pipeline.synthetic import SyntheticConfig
+from optsel.pipeline.data import loaders as data_lib
+from optsel.pipeline.data.collate import collate
+from optsel.pipeline.data.config import DataConfig
+from optsel.pipeline.data.loaders import build_train_loader, iterate_pools, load_split
+from optsel.pipeline.data.prepare import PrepareConfig, prepare
+from optsel.pipeline.data.shards import ShardError, verify_split
+from optsel.pipeline.data.shm_cleanup import clean_stale_streaming_state, live_shm_names
+from optsel.pipeline.data.synthetic import SyntheticConfig
 
 NUM_TRAIN, NUM_VAL = 96, 24
 SINGLE = DistInfo(rank=0, world_size=1, local_rank=0)
@@ -30,11 +30,19 @@ SINGLE = DistInfo(rank=0, world_size=1, local_rank=0)
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("stream") / "ds"
-    prepare(PrepareConfig(out_dir=str(out), synthetic=SyntheticConfig(num_train=NUM_TRAIN, num_val=NUM_VAL),
-                          max_seq_len=32, size_limit=1024))
+    prepare(
+        PrepareConfig(
+            out_dir=str(out),
+            synthetic=SyntheticConfig(num_train=NUM_TRAIN, num_val=NUM_VAL),
+            max_seq_len=32,
+            size_limit=1024,
+        )
+    )
     yield out
     gc.collect()  # drop this process's finished datasets (their shared memory goes with them)
-    clean_stale_streaming_state(min_age_s=0)  # our file locks and crashed children's leftovers; live jobs kept  # our finished datasets' file locks (live jobs are kept)
+    clean_stale_streaming_state(
+        min_age_s=0
+    )  # our file locks and crashed children's leftovers; live jobs kept  # our finished datasets' file locks (live jobs are kept)
 
 
 @pytest.fixture(autouse=True)
@@ -44,8 +52,10 @@ def single_rank_env(monkeypatch):
 
 
 def test_collate_masks_prompt_and_padding():
-    samples = [{"tokens": np.array([5, 6, 7, 8, 2], np.int32), "prompt_len": 3, "sample_id": 11, "kind_id": 0},
-               {"tokens": np.array([9, 10, 2], np.int32), "prompt_len": 1, "sample_id": 12, "kind_id": 3}]
+    samples = [
+        {"tokens": np.array([5, 6, 7, 8, 2], np.int32), "prompt_len": 3, "sample_id": 11, "kind_id": 0},
+        {"tokens": np.array([9, 10, 2], np.int32), "prompt_len": 1, "sample_id": 12, "kind_id": 3},
+    ]
     batch = collate(samples, pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 2], [9, 10, 2, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
@@ -94,8 +104,10 @@ def _rank_epoch(rank: int, world_size: int, local: str, cache: str) -> list[int]
 
 @pytest.mark.distributed
 def test_two_ranks_read_disjoint_complete_deterministic_halves(dataset_dir, tmp_path):
-    runs = [run_distributed(_rank_epoch, 2, args=(str(dataset_dir), str(tmp_path / f"cache{i}")), timeout_s=90)
-            for i in range(2)]
+    runs = [
+        run_distributed(_rank_epoch, 2, args=(str(dataset_dir), str(tmp_path / f"cache{i}")), timeout_s=90)
+        for i in range(2)
+    ]
     rank0, rank1 = runs[0]
     assert len(rank0) == len(rank1) == NUM_TRAIN // 2
     assert not set(rank0) & set(rank1) and sorted(rank0 + rank1) == list(range(NUM_TRAIN))
@@ -127,8 +139,11 @@ def test_corrupt_truncated_and_missing_shards_are_named(dataset_dir, tmp_path):
         verify_split(bad / "train", "size")
     with pytest.raises(ShardError, match="no MDS index at"):
         load_split(DataConfig(local=str(tmp_path / "nowhere")), "val", SINGLE)
-    for text, why in (("[1, 2]", "must hold a JSON object"), ('{"version": 2}', "no 'shards' list"),
-                      ("{not json", "corrupt MDS index")):
+    for text, why in (
+        ("[1, 2]", "must hold a JSON object"),
+        ('{"version": 2}', "no 'shards' list"),
+        ("{not json", "corrupt MDS index"),
+    ):
         (bad / "train" / "index.json").write_text(text)
         with pytest.raises(ShardError, match=f"corrupt MDS index {bad / 'train' / 'index.json'}.*{why}|{why}"):
             verify_split(bad / "train", "size")

@@ -37,8 +37,15 @@ def data_dir(prepare_synthetic) -> Path:
 
 
 def _train_args(data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
-    return ["configs/demo.yaml", f"data.local={data_dir}", f"output_dir={run_dir}", "training.progress_bar=false",
-            "training.num_eval_samples=32", "monitoring.port=0", *extra]
+    return [
+        "configs/demo.yaml",
+        f"data.local={data_dir}",
+        f"output_dir={run_dir}",
+        "training.progress_bar=false",
+        "training.num_eval_samples=32",
+        "monitoring.port=0",
+        *extra,
+    ]
 
 
 def _summary(run_dir: Path, name: str) -> dict:
@@ -50,15 +57,35 @@ def _selected(run_dir: Path, name: str) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine, launcher, method", [
-    ("fsdp2", "torchrun", "random"), ("deepspeed", "deepspeed", "random"),
-    ("fsdp2", "deepspeed", "ftw"), ("deepspeed", "torchrun", "ftw"),
-])
+@pytest.mark.parametrize(
+    "engine, launcher, method",
+    [
+        ("fsdp2", "torchrun", "random"),
+        ("deepspeed", "deepspeed", "random"),
+        ("fsdp2", "deepspeed", "ftw"),
+        ("deepspeed", "torchrun", "ftw"),
+    ],
+)
 def test_two_rank_training_learns_and_respects_the_budget(data_dir, tmp_path, engine, launcher, method):
     shm_before = set(os.listdir("/dev/shm"))
-    done = _run(["launch", "--nproc", "2", "--launcher", launcher,
-                 *_train_args(data_dir, tmp_path, f"engine.name={engine}", f"selection.method={method}",
-                              "training.num_steps=25", "training.eval_every=0", "run_name=r")])
+    done = _run(
+        [
+            "launch",
+            "--nproc",
+            "2",
+            "--launcher",
+            launcher,
+            *_train_args(
+                data_dir,
+                tmp_path,
+                f"engine.name={engine}",
+                f"selection.method={method}",
+                "training.num_steps=25",
+                "training.eval_every=0",
+                "run_name=r",
+            ),
+        ]
+    )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     summary = _summary(tmp_path, "r")
     assert summary["world_size"] == 2 and summary["engine"] == engine
@@ -74,7 +101,7 @@ def test_two_rank_training_learns_and_respects_the_budget(data_dir, tmp_path, en
         assert abs(sum(record["weights"]) - 1.0) < 1e-4
     pools = [sid for record in steps for sid in record["pool_sample_ids"]]
     assert len(pools) == len(set(pools)), "a sample was drawn twice within one epoch"
-    from optsel.pipeline.shm_cleanup import live_shm_names
+    from optsel.pipeline.data.shm_cleanup import live_shm_names
 
     def stray_files() -> set[str]:  # other live jobs may run beside: their files are mapped by a live process
         return set(os.listdir("/dev/shm")) - shm_before - set(live_shm_names())
@@ -90,10 +117,26 @@ def test_two_rank_training_learns_and_respects_the_budget(data_dir, tmp_path, en
 def test_two_stage_ftw_trains_under_zero3_from_the_survivors_single_pass(data_dir, tmp_path):
     """prefilter: head on 2 ranks of DeepSpeed ZeRO-3: the single pass over the survivors only (pool rows mapped to
     pass rows inside the engine's surrogate backward); both stages' times and the overhead ratio are reported."""
-    done = _run(["launch", "--nproc", "2", "--launcher", "torchrun",
-                 *_train_args(data_dir, tmp_path, "engine.name=deepspeed", "selection.method=ftw",
-                              "selection.options.ftw.prefilter=head", "selection.options.ftw.filter_size=24",
-                              "training.num_steps=20", "training.eval_every=0", "run_name=two")])
+    done = _run(
+        [
+            "launch",
+            "--nproc",
+            "2",
+            "--launcher",
+            "torchrun",
+            *_train_args(
+                data_dir,
+                tmp_path,
+                "engine.name=deepspeed",
+                "selection.method=ftw",
+                "selection.options.ftw.prefilter=head",
+                "selection.options.ftw.filter_size=24",
+                "training.num_steps=20",
+                "training.eval_every=0",
+                "run_name=two",
+            ),
+        ]
+    )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     summary = _summary(tmp_path, "two")
     assert summary["last_train_loss"] < 0.8 * summary["first_train_loss"]
@@ -112,10 +155,26 @@ def test_live_metrics_endpoint_moves_while_training(data_dir, tmp_path):
 
     port = free_port()
     proc = subprocess.Popen(
-        OPTSEL + ["train", *_train_args(data_dir, tmp_path, "engine.name=fsdp2", "selection.method=random",
-                                        "training.num_steps=400", "training.eval_every=0", "run_name=live",
-                                        f"monitoring.port={port}")],
-        cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        OPTSEL
+        + [
+            "train",
+            *_train_args(
+                data_dir,
+                tmp_path,
+                "engine.name=fsdp2",
+                "selection.method=random",
+                "training.num_steps=400",
+                "training.eval_every=0",
+                "run_name=live",
+                f"monitoring.port={port}",
+            ),
+        ],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     seen: list[float] = []
     try:
         deadline = time.monotonic() + 120
@@ -149,9 +208,23 @@ def test_bad_config_is_an_error_naming_the_key(data_dir, tmp_path):
 
 def test_oracle_through_the_trainer_reads_the_kind_column(data_dir, tmp_path):
     """The Trainer hands the stream's kind names to the selector: the oracle's weight is all on clean target."""
-    done = _run(["train", *_train_args(data_dir, tmp_path, "engine.name=fsdp2", "selection.method=oracle",
-                                       "training.num_steps=4", "training.eval_every=0", "run_name=oracle",
-                                       "monitoring.enabled=false", "checkpoint.every_steps=0")], timeout=300)
+    done = _run(
+        [
+            "train",
+            *_train_args(
+                data_dir,
+                tmp_path,
+                "engine.name=fsdp2",
+                "selection.method=oracle",
+                "training.num_steps=4",
+                "training.eval_every=0",
+                "run_name=oracle",
+                "monitoring.enabled=false",
+                "checkpoint.every_steps=0",
+            ),
+        ],
+        timeout=300,
+    )
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "oracle" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "train/loss" in r]

@@ -25,9 +25,15 @@ NOT_PERMITTED = 77  # scripts/netns_two_node.sh up: namespaces cannot be created
 STEPS = 6
 
 # Names and addresses of their own, so the test never touches namespaces made by hand with the defaults.
-NETNS = {"OPTSEL_NS0": "optsel-t0", "OPTSEL_NS1": "optsel-t1", "OPTSEL_VETH0": "optsel-tv0",
-         "OPTSEL_VETH1": "optsel-tv1", "OPTSEL_ADDR0": "10.231.9.1", "OPTSEL_ADDR1": "10.231.9.2",
-         "OPTSEL_PREFIXLEN": "24"}
+NETNS = {
+    "OPTSEL_NS0": "optsel-t0",
+    "OPTSEL_NS1": "optsel-t1",
+    "OPTSEL_VETH0": "optsel-tv0",
+    "OPTSEL_VETH1": "optsel-tv1",
+    "OPTSEL_ADDR0": "10.231.9.1",
+    "OPTSEL_ADDR1": "10.231.9.2",
+    "OPTSEL_PREFIXLEN": "24",
+}
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -42,8 +48,9 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _script(*args: str, timeout: float = 120, **extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), *args], cwd=REPO, env=_env(**extra), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args], cwd=REPO, env=_env(**extra), capture_output=True, text=True, timeout=timeout
+    )
 
 
 NOT_PERMITTED_MSG = "network namespaces are not permitted here, so the two-node run cannot be tested: "
@@ -72,34 +79,53 @@ def data_dir(prepare_synthetic) -> Path:
 
 
 def _veth_bytes(ns: str, veth: str) -> tuple[int, int]:
-    out = subprocess.run(["ip", "-n", ns, "-s", "-j", "link", "show", veth], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        ["ip", "-n", ns, "-s", "-j", "link", "show", veth], capture_output=True, text=True, check=True
+    ).stdout
     stats = json.loads(out)[0]["stats64"]
     return int(stats["rx"]["bytes"]), int(stats["tx"]["bytes"])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher, engine", [("torchrun", "fsdp2"), ("torchrun", "deepspeed"),
-                                              ("deepspeed", "deepspeed")])
+@pytest.mark.parametrize(
+    "launcher, engine", [("torchrun", "fsdp2"), ("torchrun", "deepspeed"), ("deepspeed", "deepspeed")]
+)
 def test_two_node_run_across_namespaces(namespaces, data_dir, tmp_path, launcher, engine):
     if isinstance(namespaces, str):  # fail, plainly: neither skip nor pass without the real run
         pytest.fail(namespaces, pytrace=False)
     ns0, veth0 = namespaces["OPTSEL_NS0"], namespaces["OPTSEL_VETH0"]
     rx0, tx0 = _veth_bytes(ns0, veth0)
     run_dir, work = tmp_path / "runs", tmp_path / "work"
-    done = _script("run", launcher, "configs/demo.yaml", f"data.local={data_dir}", f"output_dir={run_dir}",
-                   "run_name=two", f"engine.name={engine}", "training.progress_bar=false",
-                   "training.num_eval_samples=32", "monitoring.port=0", f"training.num_steps={STEPS}",
-                   "training.eval_every=0", "selection.method=ftw",
-                   timeout=300, OPTSEL_RUN_TIMEOUT="240", OPTSEL_WORKDIR=str(work))
+    done = _script(
+        "run",
+        launcher,
+        "configs/demo.yaml",
+        f"data.local={data_dir}",
+        f"output_dir={run_dir}",
+        "run_name=two",
+        f"engine.name={engine}",
+        "training.progress_bar=false",
+        "training.num_eval_samples=32",
+        "monitoring.port=0",
+        f"training.num_steps={STEPS}",
+        "training.eval_every=0",
+        "selection.method=ftw",
+        timeout=300,
+        OPTSEL_RUN_TIMEOUT="240",
+        OPTSEL_WORKDIR=str(work),
+    )
     out = done.stdout + done.stderr
     assert done.returncode == 0 and "node0 exit 0, node1 exit 0" in out, out[-6000:]
 
     # each node ran in its own namespace, under its own hostname, with its own /dev/shm
     for rank in (0, 1):
         log = (work / f"node{rank}.log").read_text()
-        assert f"node {rank}: host {namespaces[f'OPTSEL_NS{rank}']}, {namespaces[f'OPTSEL_VETH{rank}']} " \
-               f"{namespaces[f'OPTSEL_ADDR{rank}']}/24" in log and "/dev/shm private" in log, log[:2000]
+        assert (
+            f"node {rank}: host {namespaces[f'OPTSEL_NS{rank}']}, {namespaces[f'OPTSEL_VETH{rank}']} "
+            f"{namespaces[f'OPTSEL_ADDR{rank}']}/24"
+            in log
+            and "/dev/shm private" in log
+        ), log[:2000]
     rx1, tx1 = _veth_bytes(ns0, veth0)
     assert rx1 - rx0 > 1_000_000 and tx1 - tx0 > 1_000_000, "the ranks' traffic did not cross the veth pair"
 

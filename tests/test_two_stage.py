@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_bruteforce import adam_precond, make_batch, per_sample_grads, tiny_llama, train_steps
 
-from helpers_bruteforce import adam_precond, brute_force, make_batch, per_sample_grads, tiny_llama, train_steps
 from optsel.selection.base import Selection
 from optsel.selection.ftw import FilterThenWeight, FTWConfig
 from optsel.selection.prefilter import scoring_window
@@ -59,8 +59,9 @@ def test_stage1_is_the_output_layers_exact_preconditioned_alignment(tie):
     assert set(sel.indices.tolist()) <= set(survivors.tolist()) and 1 <= sel.indices.numel() <= K
     assert sel.diagnostics["stage1_survivors"] == M and "stage1" in sel.timings
     if not tie:  # the untied head is a covered layer: 'reuse' takes its stage-2 target block one step later
-        reuse = FilterThenWeight(model, opt, FTWConfig(budget=K, filter_size=M, prefilter="head", gram="exact",
-                                                       prefilter_target="reuse"))
+        reuse = FilterThenWeight(
+            model, opt, FTWConfig(budget=K, filter_size=M, prefilter="head", gram="exact", prefilter_target="reuse")
+        )
         first, second = reuse.select(pool, target), reuse.select(pool, target)
         assert not first.diagnostics["stage1_target_reused"] and second.diagnostics["stage1_target_reused"]
         torch.testing.assert_close(second.alignment, b, rtol=1e-9, atol=1e-10 * float(b.abs().max()))
@@ -97,10 +98,12 @@ def test_stage2_is_exact_ftw_on_the_survivors_and_the_single_pass_trains_the_cho
 def test_head_only_stage2_solves_the_qp_on_the_heads_exact_b_and_gram(tie):
     model, opt = _trained(tie)
     pool, target = make_batch(N, 9, 8), make_batch(4, 9, 9)
-    sel = FilterThenWeight(model, opt, FTWConfig(budget=K, filter_size=M, prefilter="head", gram="exact",
-                                                 prefilter_stage2="head")).select(pool, target)
-    b, u, Kh = _head_bruteforce(model, opt, pool, target, sel.diagnostics["momentum_coef"],
-                                sel.diagnostics["curvature"], K, with_gram=True)
+    sel = FilterThenWeight(
+        model, opt, FTWConfig(budget=K, filter_size=M, prefilter="head", gram="exact", prefilter_stage2="head")
+    ).select(pool, target)
+    b, u, Kh = _head_bruteforce(
+        model, opt, pool, target, sel.diagnostics["momentum_coef"], sel.diagnostics["curvature"], K, with_gram=True
+    )
     positive = [int(i) for i in torch.sort(u, descending=True, stable=True).indices if u[i] > 0][:M]
     assert sel.filtered.tolist() == (positive if len(positive) >= K else sel.filtered.tolist())
     f = sel.filtered
@@ -119,8 +122,13 @@ def test_survivor_pool_pads_uneven_ranks_with_label_free_rows_and_maps_back():
     assert bool((sp.batch["labels"][1:] == -100).all()) and bool(sp.batch["attention_mask"][1:].any())
     assert sp.row_map(6).tolist() == [-1, 0, -1, -1, -1, -1]
     stage1 = Stage1(survivors, torch.zeros(12), torch.zeros(12), False)
-    bad = Selection(indices=torch.tensor([4]), weights=torch.ones(1, dtype=torch.float64),
-                    local_indices=torch.tensor([1]), local_weights=torch.ones(1), pool_size=6)
+    bad = Selection(
+        indices=torch.tensor([4]),
+        weights=torch.ones(1, dtype=torch.float64),
+        local_indices=torch.tensor([1]),
+        local_weights=torch.ones(1),
+        pool_size=6,
+    )
     with pytest.raises(RuntimeError, match="padding row was selected"):
         sp.remap(bad, [6, 6], stage1)
 
@@ -152,21 +160,25 @@ def test_windowed_stage1_scores_the_windows_own_tokens_exactly():
     model, opt = _trained()
     pool, target = make_batch(N, 9, 6, prompt=1), make_batch(4, 9, 7, prompt=1)
     W = 5
-    ftw = FilterThenWeight(model, opt, FTWConfig(budget=K, filter_size=M, prefilter="head", gram="exact",
-                                                 prefilter_window=W))
+    ftw = FilterThenWeight(
+        model, opt, FTWConfig(budget=K, filter_size=M, prefilter="head", gram="exact", prefilter_window=W)
+    )
     sel = ftw.select(pool, target)
     cut = lambda b: {k: v[:, :W] for k, v in b.items()}  # noqa: E731
-    b, u = _head_bruteforce(model, opt, cut(pool), cut(target), sel.diagnostics["momentum_coef"],
-                            sel.diagnostics["curvature"], K)
+    b, u = _head_bruteforce(
+        model, opt, cut(pool), cut(target), sel.diagnostics["momentum_coef"], sel.diagnostics["curvature"], K
+    )
     torch.testing.assert_close(sel.alignment, b, rtol=1e-9, atol=1e-10 * float(b.abs().max()))
     torch.testing.assert_close(sel.utility, u, rtol=1e-9, atol=1e-10 * float(u.abs().max()))
 
 
 def test_prefilter_config_errors_name_the_key():
-    from optsel.pipeline.run_config import ConfigError, load_run_config
+    from optsel.pipeline.train.run_config import ConfigError, load_run_config
 
-    config = load_run_config(REPO / "configs/demo.yaml", ["selection.options.ftw.prefilter=head",
-                                                           "selection.options.ftw.prefilter_window=64"])
+    config = load_run_config(
+        REPO / "configs/demo.yaml",
+        ["selection.options.ftw.prefilter=head", "selection.options.ftw.prefilter_window=64"],
+    )
     assert config.selection.options["ftw"]["prefilter"] == "head"
     with pytest.raises(ConfigError, match=r"selection.options.ftw.prefilter_window.*prefilter='head' only"):
         load_run_config(REPO / "configs/demo.yaml", ["selection.options.ftw.prefilter_window=64"])

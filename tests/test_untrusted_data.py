@@ -52,22 +52,28 @@ def single_rank_env(monkeypatch):
 
 
 def _cfg(local: Path, cache: Path | None, **kw):
-    from optsel.pipeline.data_config import DataConfig
+    from optsel.pipeline.data.config import DataConfig
 
     return DataConfig(local=str(local), cache_dir=None if cache is None else str(cache), clean_stale_shm=False, **kw)
 
 
 def _rows(data_dir: Path, cache: Path) -> list[dict]:
-    from optsel.pipeline.data import load_split
+    from optsel.pipeline.data.loaders import load_split
 
-    return [{"tokens": np.asarray(r["tokens"], dtype=np.int32), "prompt_len": int(r["prompt_len"]),
-             "sample_id": int(r["sample_id"]), "kind_id": int(r["kind_id"])}
-            for r in load_split(_cfg(data_dir, cache), "val", SINGLE)]
+    return [
+        {
+            "tokens": np.asarray(r["tokens"], dtype=np.int32),
+            "prompt_len": int(r["prompt_len"]),
+            "sample_id": int(r["sample_id"]),
+            "kind_id": int(r["kind_id"]),
+        }
+        for r in load_split(_cfg(data_dir, cache), "val", SINGLE)
+    ]
 
 
 def _copy_with_val(data_dir: Path, dest: Path, rows: list[dict]) -> Path:
     """A copy of the prepared dataset whose val split holds ``rows`` (MDSWriter, raw shards, xxh64)."""
-    from optsel.pipeline.streaming_compat import MDSWriter
+    from optsel.pipeline.data.streaming_compat import MDSWriter
 
     shutil.copytree(data_dir, dest, ignore=shutil.ignore_patterns("val"))
     with MDSWriter(out=str(dest / "val"), columns=VAL_COLUMNS, compression=None, hashes=["xxh64"]) as writer:
@@ -84,8 +90,15 @@ def _edit_index(split: Path, edit) -> None:
 
 def _run_python(code: str, *args: str, **env: str) -> subprocess.CompletedProcess:
     """``code`` in a fresh interpreter whose stdin answers "y" (to transformers' "run the custom code?")."""
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=_env(**env), input="y\ny\ny\n",
-                          capture_output=True, text=True, timeout=180)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=REPO,
+        env=_env(**env),
+        input="y\ny\ny\n",
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 # -- 1. a dataset (or model folder) cannot run code --------------------------------------------------------
@@ -99,11 +112,20 @@ def test_tokenizer_with_auto_map_is_refused_and_runs_no_code(data_dir, tmp_path)
     config = json.loads((tok / "tokenizer_config.json").read_text())
     config.update(tokenizer_class="EvilTokenizerFast", auto_map={"AutoTokenizer": [None, "evil.EvilTokenizerFast"]})
     (tok / "tokenizer_config.json").write_text(json.dumps(config))
-    (tok / "evil.py").write_text(_EVIL.format(marker=str(marker), body=(
-        "from transformers import PreTrainedTokenizerFast\n"
-        "class EvilTokenizerFast(PreTrainedTokenizerFast):\n    pass\n")))
-    done = _run_python("import sys; from optsel.pipeline.tokenizer import load_tokenizer; load_tokenizer(sys.argv[1])",
-                       str(tok), HF_MODULES_CACHE=str(tmp_path / "hf-modules"))
+    (tok / "evil.py").write_text(
+        _EVIL.format(
+            marker=str(marker),
+            body=(
+                "from transformers import PreTrainedTokenizerFast\n"
+                "class EvilTokenizerFast(PreTrainedTokenizerFast):\n    pass\n"
+            ),
+        )
+    )
+    done = _run_python(
+        "import sys; from optsel.pipeline.data.tokenizer import load_tokenizer; load_tokenizer(sys.argv[1])",
+        str(tok),
+        HF_MODULES_CACHE=str(tmp_path / "hf-modules"),
+    )
     assert not marker.exists(), "the tokenizer's code ran"
     assert done.returncode != 0
     assert f"{tok / 'tokenizer_config.json'} has an 'auto_map' entry" in done.stderr, done.stderr[-2000:]
@@ -114,23 +136,39 @@ def test_model_folder_with_auto_map_is_refused_and_runs_no_code(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     marker = tmp_path / "marker"
-    (model / "config.json").write_text(json.dumps({
-        "model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}}))
-    (model / "evil.py").write_text(_EVIL.format(marker=str(marker), body=(
-        "from transformers import PretrainedConfig\n"
-        "class EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n")))
-    code = ("import sys; from optsel.pipeline.model import ModelConfig, build_model; "
-            "build_model(ModelConfig(source='local', path=sys.argv[1]), 259, 0, 1, 2)")
+    (model / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "evil",
+                "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"},
+            }
+        )
+    )
+    (model / "evil.py").write_text(
+        _EVIL.format(
+            marker=str(marker),
+            body=(
+                "from transformers import PretrainedConfig\n"
+                "class EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n"
+            ),
+        )
+    )
+    code = (
+        "import sys; from optsel.pipeline.train.model import ModelConfig, build_model; "
+        "build_model(ModelConfig(source='local', path=sys.argv[1]), 259, 0, 1, 2)"
+    )
     done = _run_python(code, str(model), HF_MODULES_CACHE=str(tmp_path / "hf-modules"))
     assert not marker.exists(), "the model folder's code ran"
     assert done.returncode != 0
-    assert f"config key 'model.path': {model / 'config.json'} has an 'auto_map' entry" in done.stderr, \
-        done.stderr[-2000:]
+    assert f"config key 'model.path': {model / 'config.json'} has an 'auto_map' entry" in done.stderr, done.stderr[
+        -2000:
+    ]
 
 
 # -- 2. the streaming cache is part of the trust boundary ---------------------------------------------------
-def test_a_cache_holding_another_datasets_files_is_checked_against_the_source(data_dir, tmp_path, single_rank_env,
-                                                                             caplog):
+def test_a_cache_holding_another_datasets_files_is_checked_against_the_source(
+    data_dir, tmp_path, single_rank_env, caplog
+):
     """A cache filled from another dataset (its index.json and raw shard), or only its raw shard put in
     place of ours: the run reads the source's samples, and says what it removed."""
     cache = tmp_path / "cache"
@@ -151,11 +189,12 @@ def test_a_cache_holding_another_datasets_files_is_checked_against_the_source(da
     assert f"{cache / 'val' / 'shard.00000.mds'} does not match the source's index" in caplog.text
 
 
-def test_the_default_cache_is_private_and_one_others_can_write_is_refused(data_dir, tmp_path, single_rank_env,
-                                                                         monkeypatch):
+def test_the_default_cache_is_private_and_one_others_can_write_is_refused(
+    data_dir, tmp_path, single_rank_env, monkeypatch
+):
     from optsel.config_loader import ConfigError
-    from optsel.pipeline.data import load_split
-    from optsel.pipeline.data_config import cache_root
+    from optsel.pipeline.data.config import cache_root
+    from optsel.pipeline.data.loaders import load_split
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     cfg = _cfg(data_dir, None)
@@ -183,10 +222,11 @@ def test_the_default_cache_is_private_and_one_others_can_write_is_refused(data_d
 
 
 @pytest.mark.parametrize("link", ["split", "cache"])
-def test_a_symlinked_cache_or_split_folder_is_refused_and_nothing_written_there(data_dir, tmp_path, single_rank_env,
-                                                                              link):
+def test_a_symlinked_cache_or_split_folder_is_refused_and_nothing_written_there(
+    data_dir, tmp_path, single_rank_env, link
+):
     from optsel.config_loader import ConfigError
-    from optsel.pipeline.data import load_split
+    from optsel.pipeline.data.loaders import load_split
 
     target = tmp_path / "elsewhere"
     target.mkdir(mode=0o700)
@@ -213,28 +253,52 @@ def _crafted(data_dir: Path, tmp_path: Path, edit) -> Path:
 def _set_samples(value):
     def edit(index):
         index["shards"][0]["samples"] = value
+
     return edit
 
 
-@pytest.mark.parametrize("edit, message", [
-    (_set_samples(100), r"shard\.00000\.mds\.zstd holds 512 samples \(its header\), but .*index\.json says "
-                        r"samples=100: the index under-counts"),
-    (_set_samples(600), r"holds 512 samples \(its header\), but .* says samples=600: the index over-counts"),
-    (lambda index: index["shards"].append(dict(index["shards"][0])),
-     r"shard file 'shard\.00000\.mds' is listed twice \(shards\[0\] and shards\[1\]\)"),
-    (_set_samples(-5), r"index\.json: shards\[0\]\.samples is -5, outside \[0, \d+\]"),
-    (_set_samples("abc"), r"index\.json: shards\[0\]\.samples must be an integer, got 'abc'"),
-    (_set_samples(10**12), r"index\.json: shards\[0\]\.samples is 1000000000000, outside \[0, \d+\]: a raw shard of "
-                           r"\d+ bytes \(raw_data\.bytes\) cannot hold more"),
-    (lambda index: index["shards"].__setitem__(0, 42), r"index\.json: shards\[0\] is a int, not a mapping"),
-    (lambda index: index["shards"][0]["raw_data"].__setitem__("bytes", -1),
-     r"shards\[0\]\.raw_data\.bytes must be an integer in \[0, 4294967295\], got -1"),
-], ids=["under-count", "over-count", "listed-twice", "negative", "not-a-number", "huge", "not-a-mapping",
-        "negative-size"])
-def test_index_that_miscounts_or_repeats_shards_is_refused_before_training(data_dir, tmp_path, single_rank_env,
-                                                                          edit, message):
-    from optsel.pipeline.data import build_train_loader
-    from optsel.pipeline.shards import ShardError
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            _set_samples(100),
+            r"shard\.00000\.mds\.zstd holds 512 samples \(its header\), but .*index\.json says "
+            r"samples=100: the index under-counts",
+        ),
+        (_set_samples(600), r"holds 512 samples \(its header\), but .* says samples=600: the index over-counts"),
+        (
+            lambda index: index["shards"].append(dict(index["shards"][0])),
+            r"shard file 'shard\.00000\.mds' is listed twice \(shards\[0\] and shards\[1\]\)",
+        ),
+        (_set_samples(-5), r"index\.json: shards\[0\]\.samples is -5, outside \[0, \d+\]"),
+        (_set_samples("abc"), r"index\.json: shards\[0\]\.samples must be an integer, got 'abc'"),
+        (
+            _set_samples(10**12),
+            r"index\.json: shards\[0\]\.samples is 1000000000000, outside \[0, \d+\]: a raw shard of "
+            r"\d+ bytes \(raw_data\.bytes\) cannot hold more",
+        ),
+        (lambda index: index["shards"].__setitem__(0, 42), r"index\.json: shards\[0\] is a int, not a mapping"),
+        (
+            lambda index: index["shards"][0]["raw_data"].__setitem__("bytes", -1),
+            r"shards\[0\]\.raw_data\.bytes must be an integer in \[0, 4294967295\], got -1",
+        ),
+    ],
+    ids=[
+        "under-count",
+        "over-count",
+        "listed-twice",
+        "negative",
+        "not-a-number",
+        "huge",
+        "not-a-mapping",
+        "negative-size",
+    ],
+)
+def test_index_that_miscounts_or_repeats_shards_is_refused_before_training(
+    data_dir, tmp_path, single_rank_env, edit, message
+):
+    from optsel.pipeline.data.loaders import build_train_loader
+    from optsel.pipeline.data.shards import ShardError
 
     crafted = _crafted(data_dir, tmp_path, edit)
     with pytest.raises(ShardError, match=message) as err:
@@ -242,14 +306,13 @@ def test_index_that_miscounts_or_repeats_shards_is_refused_before_training(data_
     assert str(crafted / "train") in str(err.value)
 
 
-def test_the_stream_checks_a_remote_index_before_streaming_allocates(data_dir, tmp_path, single_rank_env,
-                                                                     monkeypatch):
+def test_the_stream_checks_a_remote_index_before_streaming_allocates(data_dir, tmp_path, single_rank_env, monkeypatch):
     """For a remote (read by streaming only), the Stream checks the index it downloaded: a crafted
     sample count is refused before streaming sizes its arrays by it (10**12 samples: 7.28 TiB). The
     up-front check is switched off to reach it with a local copy."""
-    from optsel.pipeline import streaming_dataset
-    from optsel.pipeline.data import build_train_loader
-    from optsel.pipeline.shards import ShardError
+    from optsel.pipeline.data import streaming_dataset
+    from optsel.pipeline.data.loaders import build_train_loader
+    from optsel.pipeline.data.shards import ShardError
 
     crafted = _crafted(data_dir, tmp_path, _set_samples(10**12))
     monkeypatch.setattr(streaming_dataset, "verify_split", lambda *a, **k: 0)
@@ -262,9 +325,9 @@ def _bomb(data_dir: Path, tmp_path: Path) -> tuple[Path, int]:
     """A copy whose val shard decompresses to 210 MB (the real shard, then zeros); its index's zip size and
     hashes match the bomb, its raw_data.bytes stays the real shard's."""
     import zstd
-
-    from optsel.pipeline.streaming_compat import MDSWriter  # noqa: F401  (registers streaming)
     from streaming.base.hashing import get_hash
+
+    from optsel.pipeline.data.streaming_compat import MDSWriter  # noqa: F401  (registers streaming)
 
     crafted = tmp_path / "bomb"
     shutil.copytree(data_dir, crafted)
@@ -280,8 +343,8 @@ def _bomb(data_dir: Path, tmp_path: Path) -> tuple[Path, int]:
 
 
 def test_decompression_bomb_is_refused_and_never_written_to_the_cache(data_dir, tmp_path, single_rank_env):
-    from optsel.pipeline.data import load_split
-    from optsel.pipeline.shards import ShardError, verify_split
+    from optsel.pipeline.data.loaders import load_split
+    from optsel.pipeline.data.shards import ShardError, verify_split
 
     crafted, raw_bytes = _bomb(data_dir, tmp_path)
     cache = tmp_path / "cache"
@@ -290,14 +353,17 @@ def test_decompression_bomb_is_refused_and_never_written_to_the_cache(data_dir, 
     written = [p for p in cache.rglob("*") if p.is_file()]
     assert max(p.stat().st_size for p in written) < 1 << 20, written
     assert not (cache / "val" / "shard.00000.mds").exists()
-    with pytest.raises(ShardError, match=rf"shard\.00000\.mds\.zstd would decompress to {210 * 2**20} bytes, but its "
-                                         rf"index says raw_data\.bytes={raw_bytes} \(a decompression bomb\)"):
+    with pytest.raises(
+        ShardError,
+        match=rf"shard\.00000\.mds\.zstd would decompress to {210 * 2**20} bytes, but its "
+        rf"index says raw_data\.bytes={raw_bytes} \(a decompression bomb\)",
+    ):
         verify_split(crafted / "val")  # the up-front check of a local source, from the zstd frame header
 
 
 @pytest.mark.parametrize("algo, compress", [("gz", gzip.compress), ("bz2", bz2.compress)])
 def test_streamed_decompression_stops_past_the_index_size(algo, compress):
-    from optsel.pipeline.shards import ShardError, decompress_bounded
+    from optsel.pipeline.data.shards import ShardError, decompress_bounded
 
     data = compress(bytes(64 * 2**20))
     assert decompress_bounded(algo, compress(b"abc" * 10), 30, "x") == b"abc" * 10
@@ -308,7 +374,7 @@ def test_streamed_decompression_stops_past_the_index_size(algo, compress):
 def test_zstd_without_a_declared_size_is_refused():
     """A zstd frame that declares no size (here: RLE blocks of 128 KiB each, 6 KB that would expand to
     210 MB) cannot be bounded by one-shot decompression: refused."""
-    from optsel.pipeline.shards import ShardError, decompress_bounded
+    from optsel.pipeline.data.shards import ShardError, decompress_bounded
 
     blocks = b"".join((int(i == 1679) | 1 << 1 | (128 * 1024) << 3).to_bytes(3, "little") + b"\0" for i in range(1680))
     frame = (0xFD2FB528).to_bytes(4, "little") + bytes([0, 0x38]) + blocks
@@ -317,17 +383,20 @@ def test_zstd_without_a_declared_size_is_refused():
 
 
 # -- 11. what used to be a raw traceback is a named error ----------------------------------------------------
-@pytest.mark.parametrize("text, message", [
-    ("{not json", r"corrupt .*kinds\.json: Expecting property name"),
-    ("[1, 2]", r"corrupt .*kinds\.json: it must hold a JSON object"),
-    ('{"target": "zero"}', r"corrupt .*kinds\.json: kind 'target' has id 'zero', expected an integer"),
-    ('{"target": true}', r"kind 'target' has id True"),
-    ('{"target": 0, "other": 0}', r"two kinds share an id"),
-    ('{"target": -1}', r"kind 'target' has id -1"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{not json", r"corrupt .*kinds\.json: Expecting property name"),
+        ("[1, 2]", r"corrupt .*kinds\.json: it must hold a JSON object"),
+        ('{"target": "zero"}', r"corrupt .*kinds\.json: kind 'target' has id 'zero', expected an integer"),
+        ('{"target": true}', r"kind 'target' has id True"),
+        ('{"target": 0, "other": 0}', r"two kinds share an id"),
+        ('{"target": -1}', r"kind 'target' has id -1"),
+    ],
+)
 def test_bad_kinds_json_is_named(data_dir, tmp_path, text, message):
-    from optsel.pipeline import data as data_lib
-    from optsel.pipeline.shards import ShardError
+    from optsel.pipeline.data import loaders as data_lib
+    from optsel.pipeline.data.shards import ShardError
 
     (tmp_path / "kinds.json").write_text(text)
     with pytest.raises(ShardError, match=message):
@@ -336,43 +405,70 @@ def test_bad_kinds_json_is_named(data_dir, tmp_path, text, message):
 
 
 def _train(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "optsel.launch.train", "configs/demo.yaml", *args], cwd=REPO,
-                          env=_env(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "optsel.launch.train", "configs/demo.yaml", *args],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
-@pytest.mark.parametrize("override, message", [
-    ("selection.pool_size=1024", r"config key 'selection\.pool_size': a pool takes 1024 samples per rank .* gives "
-                                 r"512 samples per rank"),
-    ("data.local=/nonexistent", r"config key 'data\.local': /nonexistent does not exist"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "selection.pool_size=1024",
+            r"config key 'selection\.pool_size': a pool takes 1024 samples per rank .* gives "
+            r"512 samples per rank",
+        ),
+        ("data.local=/nonexistent", r"config key 'data\.local': /nonexistent does not exist"),
+    ],
+)
 def test_pool_larger_than_the_split_and_a_missing_data_local_are_named(data_dir, tmp_path, override, message):
     import re
 
-    args = [f"data.local={data_dir}", f"output_dir={tmp_path}", "run_name=r", "training.progress_bar=false",
-            "training.num_eval_samples=8", "monitoring.port=0", "training.eval_every=0", "engine.name=fsdp2",
-            "selection.method=random", "training.num_steps=1", "selection.pool_size=8", "selection.budget=4",
-            "selection.num_target_samples=4", override]
+    args = [
+        f"data.local={data_dir}",
+        f"output_dir={tmp_path}",
+        "run_name=r",
+        "training.progress_bar=false",
+        "training.num_eval_samples=8",
+        "monitoring.port=0",
+        "training.eval_every=0",
+        "engine.name=fsdp2",
+        "selection.method=random",
+        "training.num_steps=1",
+        "selection.pool_size=8",
+        "selection.budget=4",
+        "selection.num_target_samples=4",
+        override,
+    ]
     done = _train(args)
     assert done.returncode == 2, done.stderr[-3000:]
     assert re.search(message, done.stderr) and "Traceback" not in done.stderr, done.stderr[-3000:]
 
 
 # -- 14 / config: values that cannot work are refused at config load ----------------------------------------
-@pytest.mark.parametrize("override, key, message", [
-    ("data.remote=s3:/bucket/ds", "data.remote", "a URL missing a slash"),
-    ("data.remote=gs:/bucket", "data.remote", "a URL missing a slash"),
-    ("data.shuffle_seed=-1", "data.shuffle_seed", "must be >= 0"),
-    ("data.shuffle_block_size=-1", "data.shuffle_block_size", "must be >= 1"),
-    ("data.shuffle_block_size=0", "data.shuffle_block_size", "must be >= 1"),
-    ("data.num_canonical_nodes=0", "data.num_canonical_nodes", "must be >= 1"),
-    ("data.shuffle_algo=py9", "data.shuffle_algo", "must be one of"),
-    ("data.download_timeout=0", "data.download_timeout", "must be a finite number"),
-    ("data.download_timeout=.nan", "data.download_timeout", "must be a finite number"),
-    ("data.validate_hash=crc99", "data.validate_hash", "must be one of"),
-])
+@pytest.mark.parametrize(
+    "override, key, message",
+    [
+        ("data.remote=s3:/bucket/ds", "data.remote", "a URL missing a slash"),
+        ("data.remote=gs:/bucket", "data.remote", "a URL missing a slash"),
+        ("data.shuffle_seed=-1", "data.shuffle_seed", "must be >= 0"),
+        ("data.shuffle_block_size=-1", "data.shuffle_block_size", "must be >= 1"),
+        ("data.shuffle_block_size=0", "data.shuffle_block_size", "must be >= 1"),
+        ("data.num_canonical_nodes=0", "data.num_canonical_nodes", "must be >= 1"),
+        ("data.shuffle_algo=py9", "data.shuffle_algo", "must be one of"),
+        ("data.download_timeout=0", "data.download_timeout", "must be a finite number"),
+        ("data.download_timeout=.nan", "data.download_timeout", "must be a finite number"),
+        ("data.validate_hash=crc99", "data.validate_hash", "must be one of"),
+    ],
+)
 def test_data_config_refuses_values_streaming_cannot_use(override, key, message):
     from optsel.config_loader import ConfigError
-    from optsel.pipeline.run_config import load_run_config
+    from optsel.pipeline.train.run_config import load_run_config
 
     with pytest.raises(ConfigError, match=message) as err:
         load_run_config(REPO / "configs/demo.yaml", [override])
@@ -380,17 +476,18 @@ def test_data_config_refuses_values_streaming_cannot_use(override, key, message)
 
 
 def test_the_config_lists_match_streaming():
-    from optsel.pipeline.data_config import HASHES, SHUFFLE_ALGOS
-    from optsel.pipeline.streaming_compat import MDSWriter  # noqa: F401  (registers streaming)
     from streaming.base.hashing import get_hashes
     from streaming.base.shuffle import algos
+
+    from optsel.pipeline.data.config import HASHES, SHUFFLE_ALGOS
+    from optsel.pipeline.data.streaming_compat import MDSWriter  # noqa: F401  (registers streaming)
 
     assert set(SHUFFLE_ALGOS) == set(algos) and set(HASHES) <= get_hashes()
 
 
 def test_a_default_cache_that_cannot_be_created_is_named(data_dir, tmp_path, single_rank_env, monkeypatch):
     from optsel.config_loader import ConfigError
-    from optsel.pipeline.data import load_split
+    from optsel.pipeline.data.loaders import load_split
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")

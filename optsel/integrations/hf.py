@@ -50,7 +50,8 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import transformers
@@ -58,10 +59,10 @@ from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sequent
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from optsel.config_loader import from_mapping
-from optsel.pipeline.engines import common
-from optsel.pipeline.run_config import SelectionConfig, method_config
-from optsel.pipeline.trainer import subset
 from optsel.losses import per_sample_token_mean_ce
+from optsel.pipeline.engines import shared
+from optsel.pipeline.train.run_config import SelectionConfig, method_config
+from optsel.pipeline.train.trainer import subset
 from optsel.selection.base import Batch, Selection, get_selector_factory
 from optsel.selection.ftw_config import FTWConfig
 from optsel.selection.stats import selection_metrics
@@ -75,8 +76,9 @@ SELECTOR_STATE = "optsel_selector_rank{rank:05d}.pt"
 
 
 # -- rows → the optsel batch ------------------------------------------------------------------------
-def collate_rows(rows: Sequence[Mapping[str, Any]], pad_id: int, where: str,
-                 row_ids: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+def collate_rows(
+    rows: Sequence[Mapping[str, Any]], pad_id: int, where: str, row_ids: Sequence[int] | None = None
+) -> dict[str, torch.Tensor]:
     """Tokenized rows → the optsel batch: input_ids / attention_mask / labels [n, T] int64, right-padded
     (labels unshifted, -100 on padding: the HF convention, the same as optsel's). A row without
     ``labels`` trains on every token (labels = input_ids, as TRL's and transformers' LM collators do); a
@@ -109,8 +111,10 @@ def collate_rows(rows: Sequence[Mapping[str, Any]], pad_id: int, where: str,
         labels.append(tensors[1])
         masks.append(tensors[2] if tensors[2] is not None else torch.ones_like(tensors[0]))
     width = max(t.numel() for t in ids)
-    pad = lambda ts, value: torch.stack([torch.nn.functional.pad(t, (0, width - t.numel()), value=value)  # noqa: E731
-                                         for t in ts])
+
+    def pad(ts: list[torch.Tensor], value: int) -> torch.Tensor:
+        return torch.stack([torch.nn.functional.pad(t, (0, width - t.numel()), value=value) for t in ts])
+
     out = {"input_ids": pad(ids, int(pad_id)), "attention_mask": pad(masks, 0), "labels": pad(labels, -100)}
     if row_ids is not None:
         out["sample_id"] = torch.tensor(list(row_ids), dtype=torch.long)
@@ -146,9 +150,11 @@ def _selection_config(selection: Any) -> SelectionConfig:
     if isinstance(selection, SelectionConfig):
         return selection
     if not isinstance(selection, Mapping):
-        raise TypeError(f"selection: expected optsel's SelectionConfig or a mapping of its keys "
-                        f"(pool_size, budget, method, seed, num_target_samples, options), "
-                        f"got {type(selection).__name__}")
+        raise TypeError(
+            f"selection: expected optsel's SelectionConfig or a mapping of its keys "
+            f"(pool_size, budget, method, seed, num_target_samples, options), "
+            f"got {type(selection).__name__}"
+        )
     return from_mapping(SelectionConfig, {"method": "ftw", **selection}, "selection")
 
 
@@ -183,7 +189,7 @@ class _OptselCallback(transformers.TrainerCallback):
     """Times the Trainer's optimizer step (completing the step's overhead ratio) and writes the selector's
     state into each checkpoint folder the Trainer saves."""
 
-    def __init__(self, owner: "OptselTrainerMixin"):
+    def __init__(self, owner: OptselTrainerMixin):
         self.owner = owner
         self.started = 0.0
 
@@ -218,8 +224,9 @@ class OptselTrainerMixin:
     the pool's ``sample_id`` are train_dataset row indices); ``selector`` is built at the first step.
     """
 
-    def __init__(self, *args: Any, selection: SelectionConfig | Mapping[str, Any], target_dataset: Any = None,
-                 **kwargs: Any):
+    def __init__(
+        self, *args: Any, selection: SelectionConfig | Mapping[str, Any], target_dataset: Any = None, **kwargs: Any
+    ):
         super().__init__(*args, **kwargs)
         self.optsel_config = _selection_config(selection)
         self._optsel_options = method_config(self.optsel_config, self.optsel_config.method)
@@ -228,12 +235,15 @@ class OptselTrainerMixin:
         self.last_selection: Selection | None = None
         self._optsel_metrics = _StepMetrics()
         self._optsel_single_pass = False
-        self._optsel_empty = common.EmptySampleCounter()
+        self._optsel_empty = shared.EmptySampleCounter()
         # the target is checked now when given, or when the method is FTW; an eval_dataset fallback for
         # another method is read at the first step, only if that selector needs a target
         self._optsel_target_given = target_dataset
-        self._optsel_target = (self._optsel_target_batch(target_dataset)
-                               if target_dataset is not None or self.optsel_config.method == "ftw" else None)
+        self._optsel_target = (
+            self._optsel_target_batch(target_dataset)
+            if target_dataset is not None or self.optsel_config.method == "ftw"
+            else None
+        )
         self._optsel_resume: str | None = None
         self.add_callback(_OptselCallback(self))
 
@@ -243,30 +253,55 @@ class OptselTrainerMixin:
         args, sel = self.args, self.optsel_config
         world = int(args.world_size)
         # transformers 5 renamed gradient_checkpointing (now a mirrored, deprecated alias)
-        checkpointing = ("activation_checkpointing" if hasattr(args, "activation_checkpointing")
-                         else "gradient_checkpointing")
+        checkpointing = (
+            "activation_checkpointing" if hasattr(args, "activation_checkpointing") else "gradient_checkpointing"
+        )
         problems = [
-            (args.gradient_accumulation_steps != 1, "gradient_accumulation_steps",
-             f"={args.gradient_accumulation_steps}: must be 1 with optsel (one pool of selection.pool_size → one "
-             f"selection of ≤ selection.budget → one optimizer step); bound memory with selection.options.ftw."
-             f"capture_chunk_size / capture_chunk_tokens and per_device_train_batch_size instead"),
-            (sel.pool_size % world != 0, "selection.pool_size",
-             f"={sel.pool_size} must be divisible by the world size {world} (each rank draws pool_size/world rows)"),
-            (sel.num_target_samples < world, "selection.num_target_samples",
-             f"={sel.num_target_samples} must be >= the world size {world} (every rank holds a share of the target)"),
-            (bool(getattr(self, "is_deepspeed_enabled", False)), "deepspeed",
-             "is not supported by optsel.integrations.hf (FTW reads ZeRO-3's sharded moments through optsel's "
-             "own engines): use `optsel train` with engine.name=deepspeed"),
-            (bool(getattr(self, "is_fsdp_enabled", False)), "fsdp",
-             "is not supported by optsel.integrations.hf: use `optsel train` with engine.name=fsdp2"),
-            (int(getattr(args, "n_gpu", 1)) > 1, "n_gpu",
-             f"={args.n_gpu}: torch.nn.DataParallel splits the pool inside one process; launch one process per "
-             f"device (torchrun) instead"),
-            (bool(getattr(args, checkpointing, False)), checkpointing,
-             f"=True: optsel's capture records every layer's input in one forward, and checkpointing's recomputed "
-             f"forward would record them again; set {checkpointing}=False (TRL's SFTConfig defaults it to True)"),
-            (bool(getattr(args, "packing", False)), "packing",
-             "=True: optsel selects and weights whole samples, and a packed row mixes several; set packing=False"),
+            (
+                args.gradient_accumulation_steps != 1,
+                "gradient_accumulation_steps",
+                f"={args.gradient_accumulation_steps}: must be 1 with optsel (one pool of selection.pool_size → one "
+                f"selection of ≤ selection.budget → one optimizer step); bound memory with selection.options.ftw."
+                f"capture_chunk_size / capture_chunk_tokens and per_device_train_batch_size instead",
+            ),
+            (
+                sel.pool_size % world != 0,
+                "selection.pool_size",
+                f"={sel.pool_size} must be divisible by the world size {world} (each rank draws pool_size/world rows)",
+            ),
+            (
+                sel.num_target_samples < world,
+                "selection.num_target_samples",
+                f"={sel.num_target_samples} must be >= the world size {world} (every rank holds a share of the target)",
+            ),
+            (
+                bool(getattr(self, "is_deepspeed_enabled", False)),
+                "deepspeed",
+                "is not supported by optsel.integrations.hf (FTW reads ZeRO-3's sharded moments through optsel's "
+                "own engines): use `optsel train` with engine.name=deepspeed",
+            ),
+            (
+                bool(getattr(self, "is_fsdp_enabled", False)),
+                "fsdp",
+                "is not supported by optsel.integrations.hf: use `optsel train` with engine.name=fsdp2",
+            ),
+            (
+                int(getattr(args, "n_gpu", 1)) > 1,
+                "n_gpu",
+                f"={args.n_gpu}: torch.nn.DataParallel splits the pool inside one process; launch one process per "
+                f"device (torchrun) instead",
+            ),
+            (
+                bool(getattr(args, checkpointing, False)),
+                checkpointing,
+                f"=True: optsel's capture records every layer's input in one forward, and checkpointing's recomputed "
+                f"forward would record them again; set {checkpointing}=False (TRL's SFTConfig defaults it to True)",
+            ),
+            (
+                bool(getattr(args, "packing", False)),
+                "packing",
+                "=True: optsel selects and weights whole samples, and a packed row mixes several; set packing=False",
+            ),
         ]
         for bad, name, message in problems:
             if bad:
@@ -274,24 +309,32 @@ class OptselTrainerMixin:
                 raise ValueError(f"{prefix}{'' if message.startswith('=') else ' '}{message}")
         strategy = getattr(args, "train_sampling_strategy", "random")
         if strategy not in ("random", "sequential") or getattr(args, "group_by_length", False):
-            log.warning("train_sampling_strategy=%r has no effect under optsel: pools are drawn at random "
-                        "('random') or in order ('sequential')", strategy)
-        for name, why in (("padding_free", "pools are right-padded (each sample's own loss is what the selector "
-                                           "weights)"),
-                          ("activation_offloading", "optsel's training_step replaces SFTTrainer's")):
+            log.warning(
+                "train_sampling_strategy=%r has no effect under optsel: pools are drawn at random "
+                "('random') or in order ('sequential')",
+                strategy,
+            )
+        for name, why in (
+            ("padding_free", "pools are right-padded (each sample's own loss is what the selector weights)"),
+            ("activation_offloading", "optsel's training_step replaces SFTTrainer's"),
+        ):
             if getattr(args, name, False):
                 log.warning("%s=True has no effect under optsel: %s", name, why)
         dataset = self.train_dataset
         if dataset is not None and not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__"):
             if len(dataset) < sel.pool_size:
-                raise ValueError(f"train_dataset: {len(dataset)} rows, fewer than selection.pool_size={sel.pool_size} "
-                                 f"(one pool per optimizer step)")
+                raise ValueError(
+                    f"train_dataset: {len(dataset)} rows, fewer than selection.pool_size={sel.pool_size} "
+                    f"(one pool per optimizer step)"
+                )
 
     def _pad_id(self) -> int:
         """The tokenizer's pad id, else the model config's, else 0 (padding is masked: attention_mask 0,
         labels -100, so the id only has to be a valid token)."""
-        for pad in (getattr(self.processing_class, "pad_token_id", None),
-                    getattr(getattr(self.model, "config", None), "pad_token_id", None)):
+        for pad in (
+            getattr(self.processing_class, "pad_token_id", None),
+            getattr(getattr(self.model, "config", None), "pad_token_id", None),
+        ):
             if isinstance(pad, int):
                 return pad
         return 0
@@ -303,8 +346,10 @@ class OptselTrainerMixin:
             target_dataset, where = self.eval_dataset, "eval_dataset (the target: no target_dataset given)"
         if target_dataset is None:
             if self.optsel_config.method == "ftw":
-                raise ValueError("target_dataset: selection.method 'ftw' needs a target (validation) set: pass "
-                                 "target_dataset= (tokenized rows: input_ids, labels) or eval_dataset=")
+                raise ValueError(
+                    "target_dataset: selection.method 'ftw' needs a target (validation) set: pass "
+                    "target_dataset= (tokenized rows: input_ids, labels) or eval_dataset="
+                )
             return None
         if isinstance(target_dataset, Mapping) and not {"input_ids"} <= set(target_dataset):
             raise ValueError(f"{where}: a dict of datasets; pass one dataset as target_dataset=")
@@ -319,8 +364,10 @@ class OptselTrainerMixin:
         rows = list(range(n))[rank::world]
         batch = collate_rows([target_dataset[i] for i in rows], self._pad_id(), where, rows)
         if int((batch["labels"][:, 1:] != -100).sum()) == 0:
-            raise ValueError(f"{where}: none of its first {n} rows (selection.num_target_samples) has a loss token "
-                             f"(all labels -100 past the first position)")
+            raise ValueError(
+                f"{where}: none of its first {n} rows (selection.num_target_samples) has a loss token "
+                f"(all labels -100 past the first position)"
+            )
         return batch
 
     # -- data -----------------------------------------------------------------------------------
@@ -343,11 +390,20 @@ class OptselTrainerMixin:
         if not isinstance(dataset, IterableDataset):
             dataset = _IndexedRows(dataset)
             seed = args.data_seed if args.data_seed is not None else args.seed
-            sampler = (SequentialSampler(dataset) if getattr(args, "train_sampling_strategy", "random") == "sequential"
-                       else RandomSampler(dataset, generator=torch.Generator().manual_seed(int(seed))))
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=self._optsel_collate,
-                            drop_last=True, num_workers=args.dataloader_num_workers,
-                            pin_memory=args.dataloader_pin_memory)
+            sampler = (
+                SequentialSampler(dataset)
+                if getattr(args, "train_sampling_strategy", "random") == "sequential"
+                else RandomSampler(dataset, generator=torch.Generator().manual_seed(int(seed)))
+            )
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=self._optsel_collate,
+            drop_last=True,
+            num_workers=args.dataloader_num_workers,
+            pin_memory=args.dataloader_pin_memory,
+        )
         return self.accelerator.prepare(loader)
 
     # -- the step -------------------------------------------------------------------------------
@@ -363,16 +419,19 @@ class OptselTrainerMixin:
             log.info("optsel: two-pass training step (%s)", problem)
             options = dataclasses.replace(options, single_pass=False)  # do not keep the pass it cannot use
         sel = self.optsel_config
-        kwargs: dict[str, Any] = dict(model=module, optimizer=optimizer, budget=sel.budget, seed=sel.seed,
-                                      kind_names=None)
+        kwargs: dict[str, Any] = dict(
+            model=module, optimizer=optimizer, budget=sel.budget, seed=sel.seed, kind_names=None
+        )
         if options is not None:
             kwargs["config"] = options
         selector = get_selector_factory(sel.method)(**kwargs)
         if getattr(selector, "needs_target", False) and self._optsel_target is None:
             self._optsel_target = self._optsel_target_batch(self._optsel_target_given)
             if self._optsel_target is None:
-                raise ValueError(f"target_dataset: selection.method {sel.method!r} needs a target (validation) set: "
-                                 f"pass target_dataset= or eval_dataset=")
+                raise ValueError(
+                    f"target_dataset: selection.method {sel.method!r} needs a target (validation) set: "
+                    f"pass target_dataset= or eval_dataset="
+                )
         self._optsel_single_pass = not problem
         if self._optsel_resume is not None:
             self._load_selector_state(selector)
@@ -382,8 +441,13 @@ class OptselTrainerMixin:
         """The Trainer's ``train``; a resumed run also restores the selector's state from the checkpoint
         (what an uninterrupted run's selector would hold at that step)."""
         resume = resume_from_checkpoint
-        self._optsel_resume = (get_last_checkpoint(self.args.output_dir) if resume is True
-                               else str(resume) if resume not in (None, False) else None)
+        self._optsel_resume = (
+            get_last_checkpoint(self.args.output_dir)
+            if resume is True
+            else str(resume)
+            if resume not in (None, False)
+            else None
+        )
         if self.selector is not None and self._optsel_resume is not None:
             self._load_selector_state(self.selector)
         return super().train(resume_from_checkpoint, *args, **kwargs)
@@ -391,8 +455,9 @@ class OptselTrainerMixin:
     def _load_selector_state(self, selector: Any) -> None:
         path = os.path.join(self._optsel_resume, SELECTOR_STATE.format(rank=self.args.process_index))
         if not os.path.isfile(path):
-            log.warning("%s: no optsel selector state (a checkpoint written without optsel?); the selector "
-                        "starts fresh", path)
+            log.warning(
+                "%s: no optsel selector state (a checkpoint written without optsel?); the selector starts fresh", path
+            )
             return
         selector.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
@@ -406,8 +471,9 @@ class OptselTrainerMixin:
             return f"the model is wrapped ({type(model).__name__})"
         return ""
 
-    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
-                      num_items_in_batch: Any = None) -> torch.Tensor:
+    def training_step(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
         """Select ≤ k of this step's pool and accumulate the gradient of R · Σ_local w_i ℓ_i (ℓ_i: the
         sample's token-mean CE, docs/design.md §1; ``num_items_in_batch`` is not used). Returns the step's
         global weighted loss Σ w_i ℓ_i divided across ranks (R · local part: the Trainer averages ranks)."""
@@ -431,9 +497,9 @@ class OptselTrainerMixin:
         if rows.numel() == 0:  # no chosen row here: one zero-weight row keeps the ranks' backward in step
             rows, weights = torch.zeros(1, dtype=torch.long), torch.zeros(1)
         if selection.pool_pass is not None and self._optsel_single_pass:
-            weights = common.check_sample_weights(weights, rows.numel())
+            weights = shared.check_sample_weights(weights, rows.numel())
             selection.pool_pass.accumulate_into_grads(rows, weights, scale=float(world))
-            losses = common.pass_losses(selection.pool_pass, rows, weights, self._optsel_empty)
+            losses = shared.pass_losses(selection.pool_pass, rows, weights, self._optsel_empty)
         else:
             losses = self._two_pass(model, pool, rows, weights, world)
         train_seconds = time.perf_counter() - start
@@ -443,16 +509,17 @@ class OptselTrainerMixin:
         local = float((weights.double() * losses.double()).sum())
         return torch.tensor(world * local, dtype=torch.float32, device=device)
 
-    def _two_pass(self, model: torch.nn.Module, pool: Batch, rows: torch.Tensor, weights: torch.Tensor,
-                  world: int) -> torch.Tensor:
+    def _two_pass(
+        self, model: torch.nn.Module, pool: Batch, rows: torch.Tensor, weights: torch.Tensor, world: int
+    ) -> torch.Tensor:
         """Forward/backward over the chosen rows, ``per_device_train_batch_size`` at a time, through the
         Trainer's model and ``accelerator.backward`` (DDP reduces once, after the last micro-batch)."""
-        weights = common.check_sample_weights(weights, rows.numel())
+        weights = shared.check_sample_weights(weights, rows.numel())
         micro = max(1, int(self.args.per_device_train_batch_size))
         starts = list(range(0, rows.numel(), micro))
         losses = []
         for j, s in enumerate(starts):
-            part, w = rows[s:s + micro], weights[s:s + micro]
+            part, w = rows[s : s + micro], weights[s : s + micro]
             batch = subset(pool, part.to(pool["input_ids"].device))
             last = j == len(starts) - 1
             sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
@@ -461,7 +528,7 @@ class OptselTrainerMixin:
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                     per_sample = per_sample_token_mean_ce(logits, batch["labels"])
                     self._optsel_empty.check(per_sample, w)
-                    loss = common.weighted_objective(per_sample.loss, w, float(world))
+                    loss = shared.weighted_objective(per_sample.loss, w, float(world))
                 self.accelerator.backward(loss)
             losses.append(per_sample.loss.detach().float().cpu())
         return torch.cat(losses)
@@ -470,10 +537,15 @@ class OptselTrainerMixin:
         """optsel's ``select/...`` metrics (selection/stats.py) plus the weights' range and the step's times."""
         out = selection_metrics(selection)
         w = selection.weights.double()
-        out.update({"select/weight_max": float(w.max()) if w.numel() else 0.0,
-                    "select/weight_min": float(w.min()) if w.numel() else 0.0,
-                    "select/single_pass": float(selection.pool_pass is not None and self._optsel_single_pass),
-                    "time/phase/select": select_seconds, "time/phase/train": train_seconds})
+        out.update(
+            {
+                "select/weight_max": float(w.max()) if w.numel() else 0.0,
+                "select/weight_min": float(w.min()) if w.numel() else 0.0,
+                "select/single_pass": float(selection.pool_pass is not None and self._optsel_single_pass),
+                "time/phase/select": select_seconds,
+                "time/phase/train": train_seconds,
+            }
+        )
         return out
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
@@ -495,9 +567,14 @@ def __getattr__(name: str) -> Any:
             from trl import SFTTrainer
         except ImportError as err:
             raise ImportError("OptselSFTTrainer needs trl: pip install 'optsel[trl]'") from err
-        cls = type("OptselSFTTrainer", (OptselTrainerMixin, SFTTrainer),
-                   {"__doc__": "TRL's SFTTrainer with optsel's per-step selection (optsel.integrations.hf).",
-                    "__module__": __name__})
+        cls = type(
+            "OptselSFTTrainer",
+            (OptselTrainerMixin, SFTTrainer),
+            {
+                "__doc__": "TRL's SFTTrainer with optsel's per-step selection (optsel.integrations.hf).",
+                "__module__": __name__,
+            },
+        )
         globals()[name] = cls
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,9 +15,8 @@ import torch
 from torch import nn
 
 from optsel import distributed
-from optsel.pipeline.engines import common
-from optsel.pipeline.engines.base import EngineConfig, OptimizerConfig, register_engine
-from optsel.pipeline.engines.causal_lm import CausalLMEngine
+from optsel.pipeline.engines import shared
+from optsel.pipeline.engines.shared import CausalLMEngine, EngineConfig, OptimizerConfig, register_engine
 
 log = logging.getLogger("optsel.engine")
 
@@ -67,15 +66,16 @@ class FSDP2Engine(CausalLMEngine):
 
     name = "fsdp2"
 
-    def __init__(self, *, config: EngineConfig, model: nn.Module, optim: OptimizerConfig, total_steps: int,
-                 micro_batch_size: int):
+    def __init__(
+        self, *, config: EngineConfig, model: nn.Module, optim: OptimizerConfig, total_steps: int, micro_batch_size: int
+    ):
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size: must be >= 1, got {micro_batch_size}")
         if config.extra:
             raise ValueError(f"engine.extra: the fsdp2 engine takes no extra options, got {sorted(config.extra)}")
         distributed.init_distributed("fsdp2", timeout_s=config.collective_timeout_s)
-        self.device = common.local_device()
-        self.dtype = common.resolve_precision(config.precision, self.device)
+        self.device = shared.local_device()
+        self.dtype = shared.resolve_precision(config.precision, self.device)
         self.module = shard_model(model.to(self.device), self.dtype)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         if not self.params:
@@ -84,8 +84,8 @@ class FSDP2Engine(CausalLMEngine):
         from optsel.pipeline.engines.muon import build_optimizer
 
         self.optimizer = build_optimizer(self.module, self.params, optim)  # AdamW, or Muon + AdamW (name: muon)
-        self.scheduler = common.lr_scheduler_factory(optim, total_steps)(self.optimizer)
-        self.empty_samples = common.EmptySampleCounter()
+        self.scheduler = shared.lr_scheduler_factory(optim, total_steps)(self.optimizer)
+        self.empty_samples = shared.EmptySampleCounter()
 
     @property
     def unwrapped_model(self) -> nn.Module:
@@ -94,24 +94,26 @@ class FSDP2Engine(CausalLMEngine):
     supports_single_pass = True
 
     @torch.no_grad()
-    def backward_from_pass(self, pool_pass, rows: torch.Tensor, sample_weights: torch.Tensor,
-                           loss_scale: float) -> torch.Tensor:
+    def backward_from_pass(
+        self, pool_pass, rows: torch.Tensor, sample_weights: torch.Tensor, loss_scale: float
+    ) -> torch.Tensor:
         """This rank's full-shape gradient of its chosen rows (fp32), summed over ranks into each
         parameter's Shard(0) gradient by a DTensor redistribute (Partial → Shard: a reduce-scatter,
         as FSDP2's own backward does). FSDP2 averages over ranks what the trainer scaled by the world
         size; the sum over ranks of the unscaled local sums is the same gradient."""
         from torch.distributed.tensor import DTensor, Partial
 
-        weights = common.check_sample_weights(sample_weights, rows.numel())
+        weights = shared.check_sample_weights(sample_weights, rows.numel())
         world = distributed.info().world_size
         for p, g in pool_pass.local_grads(rows, weights, dtype=torch.float32).items():
             g = g * (loss_scale / world)
             if isinstance(p, DTensor):
-                g = DTensor.from_local(g, p.device_mesh, [Partial()] * len(p.placements),
-                                       run_check=False).redistribute(p.device_mesh, p.placements)
+                g = DTensor.from_local(g, p.device_mesh, [Partial()] * len(p.placements), run_check=False).redistribute(
+                    p.device_mesh, p.placements
+                )
             g = g.to(p.dtype)
             p.grad = g if p.grad is None else p.grad + g
-        return common.pass_losses(pool_pass, rows, weights, self.empty_samples)
+        return shared.pass_losses(pool_pass, rows, weights, self.empty_samples)
 
     def step(self) -> float:
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
@@ -134,7 +136,9 @@ class FSDP2Engine(CausalLMEngine):
 
     @torch.no_grad()
     def local_grads_finite(self) -> bool:
-        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in self.params if p.grad is not None]
+        grads = [
+            p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in self.params if p.grad is not None
+        ]
         if not grads:
             return True
         return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())  # one device sync, not one per tensor
@@ -152,19 +156,20 @@ class FSDP2Engine(CausalLMEngine):
 
         dcp.save(self._dcp_state(), checkpoint_id=str(path))
         if distributed.info().is_main:
-            torch.save({"scheduler": self.scheduler.state_dict(), "client_state": client_state},
-                       path / "engine_extra.pt")
+            torch.save(
+                {"scheduler": self.scheduler.state_dict(), "client_state": client_state}, path / "engine_extra.pt"
+            )
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        from optsel.pipeline.checkpoint import CheckpointError
+        from optsel.pipeline.checkpoint.manager import CheckpointError
 
         extra_file = path / "engine_extra.pt"
         if not extra_file.is_file():
             raise CheckpointError(f"checkpoint.resume: {extra_file} is missing (not an fsdp2 checkpoint?)")
-        from optsel.pipeline.safe_load import UnsafeCheckpointError, dcp_reader_and_planner, torch_load
+        from optsel.pipeline.checkpoint.safe_load import UnsafeCheckpointError, dcp_reader_and_planner, torch_load
 
         state = self._dcp_state()  # initializes the optimizer state so DCP can load into it in place
         reader, planner = dcp_reader_and_planner(path)  # .metadata and byte items without arbitrary pickle
@@ -183,7 +188,9 @@ class FSDP2Engine(CausalLMEngine):
             refused = re.search(r"checkpoint\.resume: .*? holds pickled objects .*?could run code\)", str(err))
             if refused:  # DCP turned the reader's error into text
                 raise UnsafeCheckpointError(refused.group(0)) from err
-            raise CheckpointError(f"checkpoint.resume: torch.distributed.checkpoint could not load {path}: {err}") from err
+            raise CheckpointError(
+                f"checkpoint.resume: torch.distributed.checkpoint could not load {path}: {err}"
+            ) from err
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         extra = torch_load(extra_file, what=str(extra_file))
         self.scheduler.load_state_dict(extra["scheduler"])
@@ -206,5 +213,7 @@ def _find_cause(err: BaseException, kind: type) -> BaseException | None:
         failures = getattr(cur, "failures", None)
         if isinstance(failures, dict):  # DCP: {rank: (exception, traceback)}
             for value in failures.values():
-                stack.extend(v for v in (value if isinstance(value, tuple) else (value,)) if isinstance(v, BaseException))
+                stack.extend(
+                    v for v in (value if isinstance(value, tuple) else (value,)) if isinstance(v, BaseException)
+                )
     return None

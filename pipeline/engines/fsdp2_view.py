@@ -11,7 +11,8 @@ without moments (P = I there), so that the all-reduced sums still count every el
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -19,8 +20,14 @@ from torch import nn
 
 from optsel import distributed
 from optsel.selection.model_view import ModelView, register_model_view
-from optsel.selection.preconditioner import (ParamState, StateBlock, TorchAdamStateReader, adam_hyper,
-                                             second_moment, shape_2d)
+from optsel.selection.preconditioner import (
+    ParamState,
+    StateBlock,
+    TorchAdamStateReader,
+    adam_hyper,
+    second_moment,
+    shape_2d,
+)
 
 
 def _dtensor_type():
@@ -36,12 +43,16 @@ def dtensor_rows(param: torch.Tensor) -> slice:
 
     mesh, placements = param.device_mesh, tuple(param.placements)
     if mesh.ndim != 1 or placements != (Shard(0),):
-        raise TypeError(f"optimizer: FSDP2 parameter with mesh shape {tuple(mesh.shape)} and placements "
-                        f"{placements} is not supported (only Shard(0) on a 1-D mesh: no HSDP / tensor parallel)")
+        raise TypeError(
+            f"optimizer: FSDP2 parameter with mesh shape {tuple(mesh.shape)} and placements "
+            f"{placements} is not supported (only Shard(0) on a 1-D mesh: no HSDP / tensor parallel)"
+        )
     world = dist.get_world_size() if dist.is_initialized() else 1
     if mesh.size() != world:
-        raise TypeError(f"optimizer: FSDP2 mesh spans {mesh.size()} of {world} ranks; the selector all-reduces "
-                        f"over all ranks, so the mesh must span them all")
+        raise TypeError(
+            f"optimizer: FSDP2 mesh spans {mesh.size()} of {world} ranks; the selector all-reduces "
+            f"over all ranks, so the mesh must span them all"
+        )
     local_shape, offset = compute_local_shape_and_global_offset(param.shape, mesh, placements)
     if local_shape[0] == 0:
         return slice(0, 0)
@@ -54,8 +65,11 @@ class FSDP2StateReader(TorchAdamStateReader):
     replicated = False
 
     def read(self, param: torch.nn.Parameter) -> ParamState:
-        group = self._group(param, " (with FSDP2: the sharded DTensor parameter must be passed; reshard the "
-                                   "module after a forward without backward)")
+        group = self._group(
+            param,
+            " (with FSDP2: the sharded DTensor parameter must be passed; reshard the "
+            "module after a forward without backward)",
+        )
         if not isinstance(param, _dtensor_type()):
             raise TypeError("optimizer: FSDP2 reader got a parameter that is not a DTensor")
         rows = dtensor_rows(param)
@@ -71,22 +85,30 @@ class FSDP2StateReader(TorchAdamStateReader):
         m, v = (self._local(t, shape) for t in (state["exp_avg"], second_moment(group, state)))
         return ParamState(hyper, [StateBlock(rows, cols, m, v)])
 
-    def gather_full(self, param: torch.nn.Parameter, pieces: Sequence[tuple[slice, slice, torch.Tensor]],
-                    shape: tuple[int, int], dtype: torch.dtype, wire: torch.dtype,
-                    comm: distributed.CommCounter | None = None) -> torch.Tensor:
+    def gather_full(
+        self,
+        param: torch.nn.Parameter,
+        pieces: Sequence[tuple[slice, slice, torch.Tensor]],
+        shape: tuple[int, int],
+        dtype: torch.dtype,
+        wire: torch.dtype,
+        comm: distributed.CommCounter | None = None,
+    ) -> torch.Tensor:
         """A DTensor redistribute Shard(0) → Replicate of this rank's row block on the parameter's mesh."""
         rows = dtensor_rows(param)
         local = torch.zeros(rows.stop - rows.start, int(shape[1]), dtype=wire, device=param.device)
         for prow, pcol, value in pieces:
-            local[prow.start - rows.start:prow.stop - rows.start, pcol] = value.to(wire)
+            local[prow.start - rows.start : prow.stop - rows.start, pcol] = value.to(wire)
         return distributed.gather_shard0(local, param, shape, comm).to(dtype)
 
     @staticmethod
     def _local(t: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
         local = t.to_local() if isinstance(t, _dtensor_type()) else t
         if local.numel() != shape[0] * shape[1]:
-            raise RuntimeError(f"optimizer: FSDP2 moment shard has {tuple(local.shape)} elements' shape, "
-                               f"expected rows×cols {shape} (moment not sharded like its parameter)")
+            raise RuntimeError(
+                f"optimizer: FSDP2 moment shard has {tuple(local.shape)} elements' shape, "
+                f"expected rows×cols {shape} (moment not sharded like its parameter)"
+            )
         return local.reshape(shape)
 
 

@@ -21,17 +21,19 @@ from typing import Any
 import torch
 from torch import nn
 
-
 #: why engine deepspeed refuses optimizer.name muon (docs/design.md §11)
-MUON_REFUSAL = ("optimizer.name: 'muon' does not run on engine 'deepspeed': DeepSpeed 0.19.8's ZeRO-3 Muon "
-                "(MuonWithAuxAdam: \"optimizer\": {\"type\": \"muon\"} in the DeepSpeed JSON, parameters tagged "
-                "use_muon) runs its own Newton–Schulz kernels (by default 'gram', in fp16; no adjust_lr_fn) rather "
-                "than torch.optim.Muon's, and keeps the momentum in ZeRO-3's flat partitions, which FTW's Muon geometry does not read; use "
-                "engine.name=fsdp2 (torch.optim.Muon on its Shard(0) DTensors)")
+MUON_REFUSAL = (
+    "optimizer.name: 'muon' does not run on engine 'deepspeed': DeepSpeed 0.19.8's ZeRO-3 Muon "
+    '(MuonWithAuxAdam: "optimizer": {"type": "muon"} in the DeepSpeed JSON, parameters tagged '
+    "use_muon) runs its own Newton–Schulz kernels (by default 'gram', in fp16; no adjust_lr_fn) rather "
+    "than torch.optim.Muon's, and keeps the momentum in ZeRO-3's flat partitions, which FTW's Muon geometry does not read; use "
+    "engine.name=fsdp2 (torch.optim.Muon on its Shard(0) DTensors)"
+)
 
 
-def split_muon_params(model: nn.Module, patterns: list[str] | None = None
-                      ) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+def split_muon_params(
+    model: nn.Module, patterns: list[str] | None = None
+) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(Muon params, AdamW params) of ``model``'s trainable parameters (module docstring's rule)."""
     excluded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}  # token and position tables
     for getter in ("get_input_embeddings", "get_output_embeddings"):
@@ -56,18 +58,26 @@ class MuonAdamW(torch.optim.Optimizer):
     """torch.optim.Muon on ``muon_params`` and torch.optim.AdamW on ``adam_params`` as one optimizer
     (module docstring). ``optimizers``: the two inner optimizers (read by selection/muon_geometry.py)."""
 
-    def __init__(self, muon_params: list[nn.Parameter], adam_params: list[nn.Parameter], *, muon: dict[str, Any],
-                 adamw: dict[str, Any]):
+    def __init__(
+        self,
+        muon_params: list[nn.Parameter],
+        adam_params: list[nn.Parameter],
+        *,
+        muon: dict[str, Any],
+        adamw: dict[str, Any],
+    ):
         if not muon_params:
-            raise ValueError("optimizer.name: 'muon' found no 2-D weight matrix for Muon (optimizer.muon_params "
-                             "selects them by name)")
+            raise ValueError(
+                "optimizer.name: 'muon' found no 2-D weight matrix for Muon (optimizer.muon_params "
+                "selects them by name)"
+            )
         self._muon = torch.optim.Muon(muon_params, **muon)
         self._adamw = torch.optim.AdamW(adam_params, **adamw) if adam_params else None
         # AdamW's groups first: the engine's ``lr()`` (the scheduler's first group) stays optimizer.lr's
         groups = (list(self._adamw.param_groups) if self._adamw else []) + list(self._muon.param_groups)
         for g in self._muon.param_groups:
             g["use_muon"] = True
-        for g in (self._adamw.param_groups if self._adamw else []):
+        for g in self._adamw.param_groups if self._adamw else []:
             g["use_muon"] = False
         super().__init__(groups, {})
         self._link()
@@ -100,7 +110,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
 
 def build_optimizer(model: nn.Module, params: list[nn.Parameter], optim: Any) -> torch.optim.Optimizer:
-    """The run's optimizer over ``params`` (``optimizer`` block; pipeline/engines/base.py's OptimizerConfig):
+    """The run's optimizer over ``params`` (``optimizer`` block; pipeline/engines/shared.py's OptimizerConfig):
     AdamW, or :class:`MuonAdamW` for ``name: muon``."""
     adamw = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
     if getattr(optim, "name", "adamw") != "muon":
@@ -109,9 +119,13 @@ def build_optimizer(model: nn.Module, params: list[nn.Parameter], optim: Any) ->
     muon_params, adam_params = split_muon_params(model, optim.muon_params)
     muon_params = [p for p in muon_params if id(p) in wanted]
     adam_params = [p for p in adam_params if id(p) in wanted]
-    muon = dict(lr=optim.muon_lr, momentum=optim.muon_momentum, nesterov=optim.muon_nesterov,
-                weight_decay=optim.weight_decay if optim.muon_weight_decay is None else optim.muon_weight_decay,
-                adjust_lr_fn=optim.muon_adjust_lr_fn)
+    muon = dict(
+        lr=optim.muon_lr,
+        momentum=optim.muon_momentum,
+        nesterov=optim.muon_nesterov,
+        weight_decay=optim.weight_decay if optim.muon_weight_decay is None else optim.muon_weight_decay,
+        adjust_lr_fn=optim.muon_adjust_lr_fn,
+    )
     return MuonAdamW(muon_params, adam_params, muon=muon, adamw=adamw)
 
 

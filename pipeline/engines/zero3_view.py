@@ -14,7 +14,8 @@ without moments (P = I there).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,8 +23,16 @@ from torch import nn
 
 from optsel import distributed
 from optsel.selection.model_view import ModelView, register_model_view
-from optsel.selection.preconditioner import (OptimizerStateReader, ParamState, StateBlock, adam_hyper, is_adam_like,
-                                             register_adam_like, shape_2d, unsupported_message)
+from optsel.selection.preconditioner import (
+    OptimizerStateReader,
+    ParamState,
+    StateBlock,
+    adam_hyper,
+    is_adam_like,
+    register_adam_like,
+    shape_2d,
+    unsupported_message,
+)
 
 register_adam_like("DeepSpeedCPUAdam", "FusedAdam")  # DeepSpeed's Adam kernels keep Adam's state
 
@@ -52,8 +61,7 @@ def flat_range_blocks(start: int, stop: int, shape: tuple[int, int]) -> list[Fla
     return out
 
 
-def _flat_blocks(flat_m: torch.Tensor | None, flat_v: torch.Tensor | None,
-                 blocks: list[FlatBlock]) -> list[StateBlock]:
+def _flat_blocks(flat_m: torch.Tensor | None, flat_v: torch.Tensor | None, blocks: list[FlatBlock]) -> list[StateBlock]:
     out = []
     for rows, cols, lo, hi in blocks:
         shape = (rows.stop - rows.start, cols.stop - cols.start)
@@ -114,25 +122,35 @@ class ZeRO3StateReader(OptimizerStateReader):
         v = safe_get_local_optimizer_state(param, v_key)
         for name, t in (("exp_avg", m), (v_key, v)):
             if t is None or t.numel() != part:
-                raise RuntimeError(f"optimizer: ZeRO-3 local {name} has {None if t is None else t.numel()} "
-                                   f"elements, expected partition_numel={part}")
+                raise RuntimeError(
+                    f"optimizer: ZeRO-3 local {name} has {None if t is None else t.numel()} "
+                    f"elements, expected partition_numel={part}"
+                )
         return ParamState(hyper, _flat_blocks(m, v, blocks))
 
-    def gather_full(self, param: torch.nn.Parameter, pieces: Sequence[tuple[slice, slice, torch.Tensor]],
-                    shape: tuple[int, int], dtype: torch.dtype, wire: torch.dtype,
-                    comm: distributed.CommCounter | None = None) -> torch.Tensor:
+    def gather_full(
+        self,
+        param: torch.nn.Parameter,
+        pieces: Sequence[tuple[slice, slice, torch.Tensor]],
+        shape: tuple[int, int],
+        dtype: torch.dtype,
+        wire: torch.dtype,
+        comm: distributed.CommCounter | None = None,
+    ) -> torch.Tensor:
         """An all-gather of every rank's flat partition (``partition_numel`` elements each), the
         mapping the reader uses; the padding past d0·d1 is dropped."""
         group = param.ds_process_group
         if dist.get_world_size(group=group) != dist.get_world_size():
-            raise TypeError("optimizer: ZeRO-3 parameter partitioned over a subgroup is not supported by "
-                            "exchange='direction' (the selector gathers over all ranks)")
+            raise TypeError(
+                "optimizer: ZeRO-3 parameter partitioned over a subgroup is not supported by "
+                "exchange='direction' (the selector gathers over all ranks)"
+            )
         part, rank = int(param.partition_numel()), dist.get_rank(group=group)
         d0, d1 = int(shape[0]), int(shape[1])
         flat = torch.zeros(part, dtype=wire, device=param.device)
         for prow, pcol, value in pieces:  # each block is a contiguous run of the flat slice
             start = prow.start * d1 + pcol.start - rank * part
-            flat[start:start + value.numel()] = value.reshape(-1).to(wire)
+            flat[start : start + value.numel()] = value.reshape(-1).to(wire)
         return distributed.all_gather_equal(flat, comm)[: d0 * d1].view(d0, d1).to(dtype)
 
 
@@ -179,16 +197,22 @@ def detect_zero3(model: nn.Module | None, optimizer: Any) -> ZeRO3View | None:
         return ZeRO3View(model, optimizer)
     if stage == "stage1_2":
         number = 2 if getattr(optimizer, "partition_gradients", False) else 1
-        raise TypeError(f"optimizer: DeepSpeed ZeRO stage {number} ({type(optimizer).__name__}) is not supported "
-                        f"by geometry='adam' (its moments are flat fp32 partitions with no per-parameter "
-                        f"mapping); use ZeRO stage 3 or FSDP2, or geometry='sgd'")
+        raise TypeError(
+            f"optimizer: DeepSpeed ZeRO stage {number} ({type(optimizer).__name__}) is not supported "
+            f"by geometry='adam' (its moments are flat fp32 partitions with no per-parameter "
+            f"mapping); use ZeRO stage 3 or FSDP2, or geometry='sgd'"
+        )
     if optimizer is not None and type(optimizer).__module__.startswith("deepspeed") and not is_adam_like(optimizer):
-        raise TypeError(f"optimizer: DeepSpeed optimizer wrapper {type(optimizer).__name__} is not supported "
-                        f"(supported: ZeRO-3's DeepSpeedZeroOptimizer_Stage3); use geometry='sgd'")
+        raise TypeError(
+            f"optimizer: DeepSpeed optimizer wrapper {type(optimizer).__name__} is not supported "
+            f"(supported: ZeRO-3's DeepSpeedZeroOptimizer_Stage3); use geometry='sgd'"
+        )
     params = [p for g in getattr(optimizer, "param_groups", []) for p in g["params"]]
     if any(hasattr(p, "ds_id") for p in params):
-        raise TypeError("optimizer: got an optimizer over ZeRO-3 partitioned parameters; pass DeepSpeed's own "
-                        "optimizer (engine.optimizer), not the client optimizer")
+        raise TypeError(
+            "optimizer: got an optimizer over ZeRO-3 partitioned parameters; pass DeepSpeed's own "
+            "optimizer (engine.optimizer), not the client optimizer"
+        )
     if optimizer is None and model is not None and any(hasattr(p, "ds_id") for p in model.parameters()):
         return ZeRO3View(model, None)
     return None

@@ -43,8 +43,9 @@ class FTWSGDConfig(FTWConfig):
 class FTWFilterOnlyConfig(FTWConfig):
     def __post_init__(self) -> None:
         if self.filter_size is not None and self.filter_size != self.budget:
-            raise ValueError(f"filter_size: ftw_filter_only fixes filter_size = budget={self.budget}, "
-                             f"got {self.filter_size}")
+            raise ValueError(
+                f"filter_size: ftw_filter_only fixes filter_size = budget={self.budget}, got {self.filter_size}"
+            )
         self.filter_size = self.budget
         super().__post_init__()
 
@@ -56,8 +57,10 @@ class FTWWeightOnlyConfig(FTWConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.filter_size is not None or self.filter_ratio != 1.0:
-            raise ValueError(f"filter_ratio: ftw_weight_only fixes filter_ratio=1 and no filter_size, got "
-                             f"filter_ratio={self.filter_ratio}, filter_size={self.filter_size}")
+            raise ValueError(
+                f"filter_ratio: ftw_weight_only fixes filter_ratio=1 and no filter_size, got "
+                f"filter_ratio={self.filter_ratio}, filter_size={self.filter_size}"
+            )
 
 
 @dataclass(kw_only=True)
@@ -68,8 +71,10 @@ class FTWSketchExchangeConfig(FTWConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.gram != "sketch" or self.exchange != "sketches":
-            raise ValueError(f"exchange: ftw_sketch_exchange fixes gram='sketch', exchange='sketches', got "
-                             f"gram={self.gram!r}, exchange={self.exchange!r}")
+            raise ValueError(
+                f"exchange: ftw_sketch_exchange fixes gram='sketch', exchange='sketches', got "
+                f"gram={self.gram!r}, exchange={self.exchange!r}"
+            )
 
 
 class FTWFilterOnly(FilterThenWeight):
@@ -93,13 +98,16 @@ class FTWFilterOnly(FilterThenWeight):
 
 
 def _build(config_class: type, selector_class: type, name: str):
-    def factory(*, model: nn.Module, optimizer: Any, budget: int, seed: int = 0, config: FTWConfig | None = None,
-                **_: Any) -> FilterThenWeight:
+    def factory(
+        *, model: nn.Module, optimizer: Any, budget: int, seed: int = 0, config: FTWConfig | None = None, **_: Any
+    ) -> FilterThenWeight:
         config = config if config is not None else config_class(budget=budget)
         if not isinstance(config, config_class):  # a plain FTWConfig: re-validate under the ablation's rules
             config = config_class(**{**config.__dict__})
         if config.budget != budget:
-            raise ValueError(f"budget: {name} config.budget={config.budget} disagrees with the selection budget {budget}")
+            raise ValueError(
+                f"budget: {name} config.budget={config.budget} disagrees with the selection budget {budget}"
+            )
         selector = selector_class(model, optimizer, config, seed=seed)
         selector.name = name
         return selector

@@ -11,8 +11,7 @@ from torch import nn
 
 from optsel import distributed
 from optsel.selection.base import Batch, Selector, agree, timed, uniform_selection  # noqa: F401  (re-exported)
-from optsel.selection.capture import (Factors, capture_factors, compute_dtype, find_covered_layers,  # noqa: F401
-                                      gather_factors)
+from optsel.selection.capture import Factors, capture_factors, compute_dtype, find_covered_layers, gather_factors  # noqa: F401
 from optsel.selection.model_view import model_view_for
 from optsel.selection.solvers import uniform_topk
 

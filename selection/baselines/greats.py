@@ -35,8 +35,16 @@ from torch import nn
 from optsel.selection import gram as gram_ops
 from optsel.selection.alignment import alignment_partial
 from optsel.selection.base import Batch, Selection, register_selector
-from optsel.selection.baselines.common import (CoveredLayerSelector, agree, check_budget, check_chunk_size, compute_dtype, gather_factors,
-                                               timed, uniform_selection)
+from optsel.selection.baselines.common import (
+    CoveredLayerSelector,
+    agree,
+    check_budget,
+    check_chunk_size,
+    compute_dtype,
+    gather_factors,
+    timed,
+    uniform_selection,
+)
 from optsel.selection.capture import Factors, capture_factors
 from optsel.selection.model_view import cleans_up
 from optsel.selection.preconditioner import LayerBlock
@@ -65,8 +73,9 @@ class GreatsConfig:
         check_chunk_size("capture_chunk_size", self.capture_chunk_size)
 
 
-def plain_alignment_and_gram(pool: Factors, target: Factors, gram: str = "auto",
-                             max_temp_elems: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor]:
+def plain_alignment_and_gram(
+    pool: Factors, target: Factors, gram: str = "auto", max_temp_elems: int = 1 << 24
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(b [N] = ⟨g_i, g_V⟩, K [N, N] = ⟨g_i, g_j⟩) over the covered layers, float64."""
     n = pool.num_samples
     b = torch.zeros(n, dtype=torch.float64)
@@ -139,8 +148,13 @@ class Greats(CoveredLayerSelector):
             chosen, gains = greedy_gain(b, K, cfg.budget, lr)
             chosen, _ = agree(chosen, min(cfg.budget, sum(sizes)), self.comm)
         self.step += 1
-        diagnostics = {"lr": lr, "comm_bytes": self.comm.bytes, "gain_first": float(gains[0]) if gains.numel() else 0.0,
-                       "gain_last": float(gains[-1]) if gains.numel() else 0.0, "excluded": dict(self.coverage.excluded)}
+        diagnostics = {
+            "lr": lr,
+            "comm_bytes": self.comm.bytes,
+            "gain_first": float(gains[0]) if gains.numel() else 0.0,
+            "gain_last": float(gains[-1]) if gains.numel() else 0.0,
+            "excluded": dict(self.coverage.excluded),
+        }
         sel = uniform_selection(chosen, sizes, timings, diagnostics, utility=lr * b)
         sel.alignment, sel.covered = b, list(self.coverage.names)
         return sel
@@ -153,8 +167,9 @@ class Greats(CoveredLayerSelector):
 
 
 @register_selector("greats")
-def build_greats(*, model: nn.Module, optimizer: Any, budget: int, config: GreatsConfig | None = None,
-                 **_: Any) -> Greats:
+def build_greats(
+    *, model: nn.Module, optimizer: Any, budget: int, config: GreatsConfig | None = None, **_: Any
+) -> Greats:
     config = config if config is not None else GreatsConfig(budget=budget)
     if config.budget != budget:
         raise ValueError(f"budget: GreatsConfig.budget={config.budget} disagrees with the selection budget {budget}")

@@ -15,8 +15,9 @@ second moment (selection/muon_geometry.py's hybrid reader).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,8 +25,17 @@ from torch import nn
 from optsel import distributed
 from optsel.selection.alignment import alignment_partial, target_direction
 from optsel.selection.base import Batch, Selection, register_selector
-from optsel.selection.baselines.common import (CoveredLayerSelector, agree, check_budget, check_chunk_size, compute_dtype, gather_factors,
-                                               timed, topk, uniform_selection)
+from optsel.selection.baselines.common import (
+    CoveredLayerSelector,
+    agree,
+    check_budget,
+    check_chunk_size,
+    compute_dtype,
+    gather_factors,
+    timed,
+    topk,
+    uniform_selection,
+)
 from optsel.selection.capture import capture_factors
 from optsel.selection.model_view import cleans_up, make_state_reader
 from optsel.selection.preconditioner import layer_geometry
@@ -72,7 +82,9 @@ class Less(CoveredLayerSelector):
             if self.target_cache.due(self.step):
                 if target is None:
                     raise ValueError("target: LESS needs a target batch (input_ids, attention_mask, labels)")
-                tf = gather_factors(capture_factors(self.model, target, layers, cfg.capture_chunk_size), dtype, self.comm)
+                tf = gather_factors(
+                    capture_factors(self.model, target, layers, cfg.capture_chunk_size), dtype, self.comm
+                )
                 self.target_cache.update(tf, [g.blocks for g in geoms], self.step)
         with timed(timings, "gather"):
             pool_f = gather_factors(local, dtype, self.comm)

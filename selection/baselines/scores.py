@@ -22,11 +22,18 @@ import torch
 from torch import nn
 
 from optsel import distributed
+from optsel.losses import per_sample_token_mean_ce
 from optsel.selection import gram as gram_ops
 from optsel.selection.base import Batch, Selection, Selector, register_selector
-from optsel.selection.baselines.common import (agree, check_budget, check_chunk_size, compute_dtype, timed, topk,
-                                               uniform_selection)
-from optsel.losses import per_sample_token_mean_ce
+from optsel.selection.baselines.common import (
+    agree,
+    check_budget,
+    check_chunk_size,
+    compute_dtype,
+    timed,
+    topk,
+    uniform_selection,
+)
 from optsel.selection.capture import Factors, capture_factors, find_covered_layers
 from optsel.selection.model_view import cleans_up, model_view_for
 from optsel.selection.preconditioner import LayerBlock
@@ -56,9 +63,9 @@ def pool_losses(model: nn.Module, pool: Batch, chunk_size: int | None = None) ->
     out = []
     device = next(model.parameters()).device  # pools arrive on the CPU from the dataloader
     for s in range(0, n, step):
-        ids, mask = pool["input_ids"][s:s + step].to(device), pool["attention_mask"][s:s + step].to(device)
+        ids, mask = pool["input_ids"][s : s + step].to(device), pool["attention_mask"][s : s + step].to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits
-        out.append(per_sample_token_mean_ce(logits, pool["labels"][s:s + step].to(device)).loss.double().cpu())
+        out.append(per_sample_token_mean_ce(logits, pool["labels"][s : s + step].to(device)).loss.double().cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
@@ -70,7 +77,9 @@ def grad_sq_norms(factors: Factors, dtype: torch.dtype, max_temp_elems: int = 1 
         A, D = A.to(dtype), D.to(dtype)
         T, d_in, d_out = A.shape[1], A.shape[2], D.shape[2]
         if d_in * d_out <= 2 * T * T:
-            blk = LayerBlock(slice(0, d_out), slice(0, d_in), torch.ones(d_out, d_in, dtype=dtype, device=A.device), None)
+            blk = LayerBlock(
+                slice(0, d_out), slice(0, d_in), torch.ones(d_out, d_in, dtype=dtype, device=A.device), None
+            )
             total += gram_ops.exact_diag_partial(A, D, blk, max_temp_elems).double()
         else:
             ones_o = torch.ones(d_out, dtype=dtype, device=A.device)
@@ -137,14 +146,16 @@ def _check(config: ScoreConfig | None, budget: int) -> ScoreConfig:
 
 
 @register_selector("loss")
-def build_loss(*, model: nn.Module, budget: int, config: ScoreConfig | None = None, optimizer: Any = None,
-               **_: Any) -> LossSelector:
+def build_loss(
+    *, model: nn.Module, budget: int, config: ScoreConfig | None = None, optimizer: Any = None, **_: Any
+) -> LossSelector:
     return LossSelector(model, _check(config, budget), optimizer)
 
 
 @register_selector("gradnorm")
-def build_gradnorm(*, model: nn.Module, budget: int, config: ScoreConfig | None = None, optimizer: Any = None,
-                   **_: Any) -> GradNormSelector:
+def build_gradnorm(
+    *, model: nn.Module, budget: int, config: ScoreConfig | None = None, optimizer: Any = None, **_: Any
+) -> GradNormSelector:
     return GradNormSelector(model, _check(config, budget), optimizer)
 
 

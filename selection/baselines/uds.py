@@ -25,16 +25,17 @@ same embeddings, so the buffer stays identical on every rank.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from optsel import distributed
 from optsel.selection.base import Batch, Selection, Selector, register_selector
-from optsel.selection.model_view import cleans_up, model_view_for
 from optsel.selection.baselines.common import agree, check_budget, check_chunk_size, timed, topk, uniform_selection
+from optsel.selection.model_view import cleans_up, model_view_for
 
 
 @dataclass(kw_only=True)
@@ -80,8 +81,10 @@ class SRFTProjector:
         if V != self.vocab:
             raise ValueError(f"uds: logits have vocab {V}, the projector was built for {self.vocab}")
         if T > self.seq_len:
-            raise ValueError(f"max_seq_len: the pool has sequences of {T} tokens, more than "
-                             f"selection.options.uds.max_seq_len={self.seq_len}")
+            raise ValueError(
+                f"max_seq_len: the pool has sequences of {T} tokens, more than "
+                f"selection.options.uds.max_seq_len={self.seq_len}"
+            )
         dev, dt = X.device, X.dtype
         X = torch.nn.functional.pad(X, (0, 0, 0, self.seq_len - T))
         X = torch.fft.fft(X * self.sign_v.to(dev, dt), dim=-1).real[..., self.idx_v.to(dev)] * self.scale_v
@@ -113,12 +116,15 @@ class UDS(Selector):
         nuclear, embed = [], []
         device = next(self.model.parameters()).device  # pools arrive on the CPU from the dataloader
         for s in range(0, n, step):
-            mask = pool["attention_mask"][s:s + step].to(device)
-            logits = self.model(input_ids=pool["input_ids"][s:s + step].to(device), attention_mask=mask).logits.float()
+            mask = pool["attention_mask"][s : s + step].to(device)
+            logits = self.model(
+                input_ids=pool["input_ids"][s : s + step].to(device), attention_mask=mask
+            ).logits.float()
             logits = logits * mask.unsqueeze(-1).to(logits.dtype)
             if self.projector is None:
-                self.projector = SRFTProjector(cfg.max_seq_len, logits.shape[-1], cfg.proj_dim_time,
-                                               cfg.proj_dim_vocab, self.seed)
+                self.projector = SRFTProjector(
+                    cfg.max_seq_len, logits.shape[-1], cfg.proj_dim_time, cfg.proj_dim_vocab, self.seed
+                )
             nuclear.append(torch.linalg.svdvals(logits).sum(-1).double().cpu())
             embed.append(self.projector.project(logits).reshape(logits.shape[0], -1).float().cpu())
         return torch.cat(nuclear), torch.cat(embed)
@@ -153,8 +159,12 @@ class UDS(Selector):
             score = nuclear + self.config.alpha * div
             chosen, _ = agree(topk(score, self.config.budget), min(self.config.budget, sum(sizes)), self.comm)
             self.push(embed[chosen])
-        diagnostics = {"comm_bytes": self.comm.bytes, "buffer_fill": int(self.buffer.shape[0]),
-                       "nuclear_mean": float(nuclear.mean()), "diversity_mean": float(div.mean())}
+        diagnostics = {
+            "comm_bytes": self.comm.bytes,
+            "buffer_fill": int(self.buffer.shape[0]),
+            "nuclear_mean": float(nuclear.mean()),
+            "diversity_mean": float(div.mean()),
+        }
         return uniform_selection(chosen, sizes, timings, diagnostics, utility=score)
 
     def state_dict(self) -> dict[str, Any]:
@@ -168,8 +178,9 @@ class UDS(Selector):
 
 
 @register_selector("uds")
-def build_uds(*, model: nn.Module, budget: int, seed: int = 0, config: UDSConfig | None = None, optimizer: Any = None,
-              **_: Any) -> UDS:
+def build_uds(
+    *, model: nn.Module, budget: int, seed: int = 0, config: UDSConfig | None = None, optimizer: Any = None, **_: Any
+) -> UDS:
     config = config if config is not None else UDSConfig(budget=budget)
     if config.budget != budget:
         raise ValueError(f"budget: UDSConfig.budget={config.budget} disagrees with the selection budget {budget}")

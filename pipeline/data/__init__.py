@@ -1,0 +1,1 @@
+"""Data: where the shards are, checking and streaming them, collating batches, preparing shards (optsel prepare)."""
