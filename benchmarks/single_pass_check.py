@@ -6,7 +6,7 @@ Builds a small Llama, takes an FTW selection with the single pass, and compares 
 forms from the capture (plain: ``accumulate_into_grads``; FSDP2: the engine's
 ``backward_from_pass``) with a forward/backward of Σ w_i ℓ_i over the chosen rows. Prints the
 largest relative difference per path; exits 1 above the tolerance (1e-4 fp32, 2e-2 bf16).
-The 2-rank ZeRO-3 and FSDP2 equivalence is tests/test_engines.py on CPU.
+The 2-rank ZeRO-3 and FSDP2 equivalence is tests/distributed/test_engines.py on CPU.
 """
 
 from __future__ import annotations

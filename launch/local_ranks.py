@@ -1,5 +1,5 @@
 """Run a function on R local processes joined in a real process group (gloo by default) and collect
-what each rank returns: the one spawner behind the multi-rank tests (tests/_dist_utils.py) and the
+what each rank returns: the one spawner behind the multi-rank tests (tests/support/dist.py) and the
 multi-rank benchmarks (benchmarks/ranks.py).
 
     from optsel.launch.local_ranks import run_local_ranks

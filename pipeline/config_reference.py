@@ -12,7 +12,7 @@ above it::
 A plain ``#`` comment is a note, not the meaning. A subclass that redeclares a field without a ``#:``
 keeps its parent's. Types and allowed values come from the annotations (``Literal`` lists them) and
 from CHOICES (value lists the loader checks in ``__post_init__``); defaults from the dataclass.
-tests/test_config_reference.py checks that every field has a meaning and the file is current.
+tests/unit/test_config_reference.py checks that every field has a meaning and the file is current.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install Debian's `prometheus` package (the server and promtool) if promtool or prometheus is missing.
-# Idempotent: does nothing when both are on PATH. Used by CI before pytest (tests/test_metrics.py,
-# tests/test_prometheus_e2e.py). Never starts the packaged service: tests run their own server.
+# Idempotent: does nothing when both are on PATH. Used by CI before pytest (tests/e2e/test_metrics.py,
+# tests/e2e/test_prometheus_e2e.py). Never starts the packaged service: tests run their own server.
 set -euo pipefail
 if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then
   echo "prometheus already installed: $(prometheus --version 2>&1 | head -n1)"

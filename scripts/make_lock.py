@@ -6,7 +6,7 @@ Walks the installed distributions from optsel's runtime requirements (no extras)
 runtime set in requirements/streaming.txt (mosaicml-streaming itself is installed without its declared
 dependencies, see that file) and the tools that install and build (pip; setuptools and wheel for the
 DeepSpeed sdist and its JIT ops), and pins every one at its installed version. The container image installs exactly this set (Dockerfile)
-and scripts/setup.sh constrains the venv to it, so tests, image and lock agree; tests/test_container.py
+and scripts/setup.sh constrains the venv to it, so tests, image and lock agree; tests/e2e/test_container.py
 checks the image against it. torch is pinned without its local label (+cpu): the CPU and CUDA builds
 are the same release.
 """

@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/install_prometheus.sh   # promtool + a real Prometheus for the monitoring tests
-bash scripts/install_container_tools.sh   # podman, runc, debootstrap for tests/test_container.py
+bash scripts/install_container_tools.sh   # podman, runc, debootstrap for tests/e2e/test_container.py
 # The checks a maintainer runs: lint and format (config in pyproject's [tool.ruff]).
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

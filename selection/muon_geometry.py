@@ -29,7 +29,7 @@ Exact; no sketch or rank-one form.
 
 NS runs here in the compute dtype (float64 / float32), not in the bfloat16 torch's Muon casts to:
 the map and its Jacobian are exact for the optimizer's formula; the optimizer's own update carries
-its bf16 rounding on top (tests/test_muon_geometry.py checks both).
+its bf16 rounding on top (tests/unit/test_muon_geometry.py checks both).
 
 The quality grid's controls (``muon_model``; the default "jacobian" is the above):
 

@@ -1,4 +1,9 @@
-"""Test hygiene shared by every test module."""
+"""Test hygiene and fixtures shared by every test module.
+
+The tests are split by kind: ``unit/`` (in-process, one rank), ``distributed/`` (R gloo ranks in local
+processes), ``e2e/`` (the ``optsel`` CLI, containers, Prometheus, in subprocesses). What they share lives in
+``support/`` (paths and the subprocess environment, brute-force references, the rank runner): this folder
+is put on ``sys.path`` so that every module imports it as ``support``."""
 
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO / "tests") not in sys.path:
+    sys.path.insert(0, str(REPO / "tests"))
 _LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 

@@ -156,10 +156,11 @@ def record_byte_cap(cfg: PrepareConfig) -> int:
 
 
 def _check_codecs(cfg: PrepareConfig) -> None:
+    import optsel.pipeline.data.streaming_compat  # noqa: F401  (registers `streaming` without torchvision)
+
+    # isort: split
     from streaming.base.compression import is_compression
     from streaming.base.hashing import is_hash
-
-    import optsel.pipeline.data.streaming_compat  # noqa: F401  (registers `streaming` without torchvision)
 
     if cfg.compression and not is_compression(cfg.compression):
         raise ValueError(f"compression: unknown codec {cfg.compression!r} (e.g. zstd, gz, br, or null)")

@@ -226,9 +226,10 @@ def verify_split(
 
     Returns the number of samples. Raises ShardError naming the missing/truncated/corrupt file.
     """
-    from streaming.base.hashing import get_hash
-
     from optsel.pipeline.data.streaming_compat import MDSWriter  # noqa: F401  (registers `streaming`)
+
+    # isort: split
+    from streaming.base.hashing import get_hash
 
     split_dir = Path(split_dir)
     index_path = split_dir / "index.json"

@@ -10,7 +10,7 @@ and ``torch.distributed.checkpoint`` see a single optimizer): the real torch.opt
 their own ``step`` on shared param groups and a shared state (the approach of DeepSpeed's
 MuonWithAuxAdam). Each group carries ``use_muon``. torch's Muon runs on FSDP2's ``Shard(0)`` DTensors as
 they are (DTensor redistributes each matrix for Newton–Schulz, one parameter at a time; exact against
-the unsharded step in float64, tests/test_muon_engines.py).
+the unsharded step in float64, tests/e2e/test_muon_engines.py).
 """
 
 from __future__ import annotations
