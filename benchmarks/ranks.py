@@ -1,4 +1,4 @@
-"""Benchmark plumbing for multi-rank runs: spawn R gloo processes on this machine (optsel.launch.local_ranks,
+"""Benchmark plumbing for multi-rank runs: spawn R gloo processes on this machine (benchmarks.local_ranks,
 the tests' spawner too) and count every collective they issue (bytes and calls by kind, as a
 TorchDispatchMode sees them), so that measured bytes do not depend on who called the collective."""
 
@@ -137,8 +137,8 @@ def logging_quiet() -> None:
 
 def run_ranks(fn: Callable[..., Any], world: int, engine: str, args: tuple, threads: int, timeout_s: float) -> list:
     """``fn(rank, world, *args)`` on ``world`` spawned gloo processes joined by ``engine``; results in rank
-    order (optsel.launch.local_ranks; errors name the engine and R)."""
-    from optsel.launch.local_ranks import LocalRanksError, run_local_ranks
+    order (benchmarks.local_ranks; errors name the engine and R)."""
+    from benchmarks.local_ranks import LocalRanksError, RankSetup, run_local_ranks
 
     try:
         return run_local_ranks(
@@ -146,10 +146,8 @@ def run_ranks(fn: Callable[..., Any], world: int, engine: str, args: tuple, thre
             world,
             args=args,
             init=engine,
-            threads=threads,
             timeout_s=timeout_s,
-            init_timeout_s=300.0,
-            env={"TOKENIZERS_PARALLELISM": "false"},
+            setup=RankSetup(threads=threads, init_timeout_s=300.0, env={"TOKENIZERS_PARALLELISM": "false"}),
         )
     except LocalRanksError as err:
         raise RuntimeError(f"{engine} R={world}: {err}") from err

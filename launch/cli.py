@@ -138,15 +138,8 @@ def _export(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {
-        "prepare": _prepare,
-        "train": None,
-        "launch": None,
-        "bench": None,
-        "configs": _configs,
-        "export": _export,
-        "compare": None,
-    }
+    defined_here = {"prepare": _prepare, "configs": _configs, "export": _export}  # the others: lazy imports below
+    commands = {*defined_here, "train", "launch", "bench", "compare"}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(
             "usage: optsel {prepare,train,launch,configs,export,compare,bench} ...\n"
@@ -166,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     command, rest = argv[0], argv[1:]
-    if command in ("prepare", "configs", "export"):
-        return commands[command](rest)
+    if command in defined_here:
+        return defined_here[command](rest)
     if command == "train":
         from optsel.launch.train import main as train_main
 

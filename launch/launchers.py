@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 
 SHM_PATTERN = "/dev/shm/deepspeed_allreduce_buffer*"
 MULTI_NODE_PORT = 29500
@@ -32,22 +33,24 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def build_command(
-    launcher: str,
-    nproc: int,
-    config: str,
-    overrides: list[str],
-    *,
-    nnodes: int = 1,
-    node_rank: int = 0,
-    master_addr: str = "127.0.0.1",
-    master_port: int | None = None,
-    hostfile: str | None = None,
-) -> list[str]:
-    """The argv that starts ``nproc`` local ranks of training with ``launcher``.
+@dataclass(frozen=True)
+class Nodes:
+    """Where this node sits in a multi-node job: ``nnodes`` nodes, this one ``node_rank``, the rendezvous at
+    ``master_addr:master_port`` (None: a free local port for one node, MULTI_NODE_PORT for several), and the
+    deepspeed launcher's ``hostfile`` (required by it when ``nnodes`` > 1: one ``NAME slots=N`` line per node,
+    see ``write_hostfile``)."""
 
-    ``hostfile`` (deepspeed, ``nnodes`` > 1): required by the deepspeed launcher, one ``NAME slots=N``
-    line per node (see ``write_hostfile``)."""
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None
+    hostfile: str | None = None
+
+
+def build_command(launcher: str, nproc: int, config: str, overrides: list[str], nodes: Nodes = Nodes()) -> list[str]:
+    """The argv that starts ``nproc`` local ranks of training with ``launcher`` on this node of ``nodes``."""
+    nnodes, node_rank, master_addr, hostfile = nodes.nnodes, nodes.node_rank, nodes.master_addr, nodes.hostfile
+    master_port = nodes.master_port
     port = str(master_port or (MULTI_NODE_PORT if nnodes > 1 else free_port()))
     if launcher == "torchrun":
         return [
@@ -172,11 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             args.nproc,
             args.config,
             args.overrides,
-            nnodes=args.nnodes,
-            node_rank=args.node_rank,
-            master_addr=args.master_addr,
-            master_port=args.master_port,
-            hostfile=hostfile,
+            Nodes(args.nnodes, args.node_rank, args.master_addr, args.master_port, hostfile),
         )
         print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
         return run(cmd)

@@ -19,6 +19,7 @@ import socket
 import threading
 from pathlib import Path
 from socketserver import ThreadingMixIn
+from typing import cast
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app, write_to_textfile
@@ -74,8 +75,12 @@ def _start_server(
     """prometheus-client's WSGI app for ``registry`` served on ``addr:port`` in a daemon thread."""
     family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     handler = type("_Handler", (_QuietHandler,), {"timeout": idle_timeout_s})
-    server_class = type("_Server", (_BoundedServer,), {"address_family": family[0], "max_connections": max_connections})
-    server = make_server(family[4][0], port, make_wsgi_app(registry), server_class, handler_class=handler)
+    server_class = cast(
+        type[_BoundedServer],
+        type("_Server", (_BoundedServer,), {"address_family": family[0], "max_connections": max_connections}),
+    )
+    host = cast(str, family[4][0])  # an AF_INET/AF_INET6 address: (host, port, ...)
+    server = make_server(host, port, make_wsgi_app(registry), server_class, handler_class=handler)
     thread = threading.Thread(target=server.serve_forever, name=f"optsel-metrics-{port}", daemon=True)
     thread.start()
     return server, thread
@@ -91,6 +96,8 @@ class MetricsServer:
     max_connections: connections served at once; more are closed on accept.
     ``self.port`` is the bound port; ``close()`` stops the thread and releases the socket.
     """
+
+    _server: _BoundedServer | None  #: None once closed
 
     def __init__(
         self,
@@ -142,7 +149,8 @@ class MetricsServer:
     @property
     def refused(self) -> int:
         """Connections closed on accept because ``max_connections`` were being served."""
-        return self._server.refused if getattr(self, "_server", None) is not None else 0
+        server = getattr(self, "_server", None)
+        return server.refused if server is not None else 0
 
     @property
     def url(self) -> str:

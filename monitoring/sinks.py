@@ -106,7 +106,7 @@ class JsonlSink(MetricsSink):
         self._file = self.path.open("a", encoding="utf-8")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        record = {"step": int(step), "time": time.time()}
+        record: dict[str, float | None] = {"step": int(step), "time": time.time()}
         record.update({k: _json_number(v) for k, v in metrics.items()})
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()

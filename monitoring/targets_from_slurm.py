@@ -116,11 +116,13 @@ def main(argv: list[str] | None = None) -> int:
         nodelist = args.nodelist or os.environ.get("SLURM_JOB_NODELIST")
         if not nodelist:
             parser.error("no hosts: pass --hostfile or --nodelist, or run inside a SLURM job (SLURM_JOB_NODELIST)")
-        per_node = args.ranks_per_node or int(
-            re.match(
-                r"\d+", os.environ.get("SLURM_NTASKS_PER_NODE", "") or os.environ.get("SLURM_GPUS_ON_NODE", "") or "1"
-            ).group()
-        )
+        per_node = args.ranks_per_node
+        if not per_node:
+            env_count = os.environ.get("SLURM_NTASKS_PER_NODE", "") or os.environ.get("SLURM_GPUS_ON_NODE", "") or "1"
+            leading = re.match(r"\d+", env_count)  # SLURM writes e.g. "4(x2)"
+            if leading is None:
+                parser.error(f"cannot read ranks per node from {env_count!r}: pass --ranks-per-node")
+            per_node = int(leading.group())
         hosts = [(host, per_node) for host in expand_nodelist(nodelist)]
     labels = {"optsel_job": args.job} if args.job else {}
     for item in args.label:

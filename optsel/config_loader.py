@@ -139,6 +139,28 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     return value
 
 
+def literal_values(tp: Any) -> tuple[Any, ...]:
+    """The values a ``Literal`` (or ``Literal | None``) annotation admits, None included where it is
+    admitted; () if ``tp`` is no Literal."""
+    if get_origin(tp) is Literal:
+        return get_args(tp)
+    if get_origin(tp) in (typing.Union, types.UnionType) and any(get_origin(a) is Literal for a in get_args(tp)):
+        return tuple(v for a in get_args(tp) for v in (literal_values(a) or ((None,) if a is type(None) else ())))
+    return ()
+
+
+def check_literal_fields(obj: Any, cls: type | None = None) -> None:
+    """Raise ``ValueError("field: must be one of (...), got v")`` for the first field of dataclass
+    ``obj`` whose value is not among its ``Literal`` annotation's values (the annotations of ``cls``,
+    default ``type(obj)``): the check for a config built in Python rather than by :func:`from_mapping`."""
+    cls = cls or type(obj)
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        allowed = literal_values(hints[f.name])
+        if allowed and getattr(obj, f.name) not in allowed:
+            raise ValueError(f"{f.name}: must be one of {allowed}, got {getattr(obj, f.name)!r}")
+
+
 def from_mapping(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
     """Build dataclass ``cls`` from ``data``; every problem raises :class:`ConfigError` with its path.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -137,7 +138,7 @@ def _comm_device(t: torch.Tensor) -> torch.device:
     return torch.device("cpu")
 
 
-def _all_reduce(t: torch.Tensor, op: dist.ReduceOp, counter: CommCounter | None) -> torch.Tensor:
+def _all_reduce(t: torch.Tensor, op: dist.ReduceOp.RedOpType, counter: CommCounter | None) -> torch.Tensor:
     if not is_distributed():
         return t.clone()
     buf = t.detach().to(_comm_device(t)).contiguous().clone()
@@ -259,7 +260,7 @@ def gather_shard0(
     padding included (R · ceil(d0 / R) · d1 elements: what the collective moves)."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    mesh = like.device_mesh
+    mesh = cast(DTensor, like).device_mesh
     d0, d1 = int(shape[0]), int(shape[1])
     if mesh.size() == 1:  # nothing to gather (and nothing counted, like the other collectives on one rank)
         return local.reshape(d0, d1).clone()

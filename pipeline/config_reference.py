@@ -10,8 +10,9 @@ above it::
     collective_timeout_s: float = 600.0
 
 A plain ``#`` comment is a note, not the meaning. A subclass that redeclares a field without a ``#:``
-keeps its parent's. Types and allowed values come from the annotations (``Literal`` lists them) and
-from CHOICES (value lists the loader checks in ``__post_init__``); defaults from the dataclass.
+keeps its parent's. Types and allowed values come from the annotations (``Literal`` lists them, read
+as the loader reads them: ``config_loader.literal_values``) and from ``_choices`` (value lists a config
+checks in ``__post_init__``); defaults from the dataclass.
 tests/unit/test_config_reference.py checks that every field has a meaning and the file is current.
 """
 
@@ -139,12 +140,11 @@ def type_name(tp: Any) -> str:
 
 
 def allowed_values(tp: Any) -> tuple[Any, ...]:
-    """The values a ``Literal`` (or ``Literal | None``) annotation admits; () if it is not one."""
-    if get_origin(tp) is Literal:
-        return get_args(tp)
-    if get_origin(tp) in (typing.Union, types.UnionType) and any(get_origin(a) is Literal for a in get_args(tp)):
-        return tuple(v for a in get_args(tp) for v in (allowed_values(a) or ((None,) if a is type(None) else ())))
-    return ()
+    """The values a ``Literal`` (or ``Literal | None``) annotation admits; () if it is not one (the
+    loader's own reading of the type, the one place allowed values come from)."""
+    from optsel.config_loader import literal_values
+
+    return literal_values(tp)
 
 
 def plain_default(f: dataclasses.Field) -> Any:

@@ -41,7 +41,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import nn
@@ -55,6 +55,9 @@ from optsel.pipeline.checkpoint.manager import (
     is_complete,
 )
 from optsel.pipeline.files.folders import new_sibling
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger("optsel.export")
 
@@ -117,10 +120,10 @@ def find_checkpoint(run_dir: Path, which: str) -> tuple[Path, Path | None]:
             f"{run_dir} does not exist (expected a run folder <output_dir>/<run_name> or a "
             f"checkpoint folder step_NNNNNNNN)"
         )
-    if STEP_DIR.match(run_dir.name):
+    if step_name := STEP_DIR.match(run_dir.name):
         if not is_complete(run_dir):
             raise CheckpointError(f"{run_dir} is not a complete checkpoint (no meta.json; an interrupted save)")
-        if which != "latest" and int(which) != int(STEP_DIR.match(run_dir.name).group(1)):
+        if which != "latest" and int(which) != int(step_name.group(1)):
             raise CheckpointError(f"--checkpoint {which}: {run_dir} is the checkpoint of another step")
         run = run_dir.parent.parent
         return run_dir, run if (run / "config.yaml").is_file() else None
@@ -140,7 +143,7 @@ def find_checkpoint(run_dir: Path, which: str) -> tuple[Path, Path | None]:
         return done[-1], run_dir
     chosen = root / f"step_{int(which):08d}"
     if chosen not in done:
-        steps = ", ".join(str(int(STEP_DIR.match(p.name).group(1))) for p in done)
+        steps = ", ".join(str(int(m.group(1))) if (m := STEP_DIR.match(p.name)) else p.name for p in done)
         raise CheckpointError(
             f"--checkpoint {which}: no complete checkpoint of step {int(which)} under {root} "
             f"(complete ones: steps {steps})"
@@ -168,7 +171,7 @@ def run_model_section(meta: dict[str, Any], run_dir: Path | None) -> dict[str, A
     (and on ``data.local``, where the tokenizer is read from)."""
     model = meta["config"]["model"]
     saved = _run_yaml(run_dir) if run_dir is not None else None
-    if saved is not None and isinstance(saved.get("model"), dict):
+    if run_dir is not None and saved is not None and isinstance(saved.get("model"), dict):
         local = {"data.local": (meta["config"].get("data") or {}).get("local")}
         a = {**flatten(model, "model"), **local}
         b = {**flatten(saved["model"], "model"), "data.local": (saved.get("data") or {}).get("local")}
@@ -351,7 +354,7 @@ def _write_model(model: nn.Module, work: Path, final: Path, lora: str, model_sec
                 "lora: 'adapter' asks for peft's adapter folder, but the run trained no LoRA adapters "
                 "(model.lora is null in its config); export it without --lora adapter"
             )
-        model.save_pretrained(str(work))
+        cast("PreTrainedModel", model).save_pretrained(str(work))  # build_run_model's transformers model
         return {"lora": None}
     if lora == "merge":
         model.merge_and_unload().save_pretrained(str(work))

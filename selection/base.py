@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from optsel import distributed
+from optsel.registry import Registry
 
 #: the one batch type of optsel (selectors, engines, the collate step): see the module docstring
 Batch = Mapping[str, torch.Tensor]
@@ -132,43 +133,27 @@ def agree(
 
 
 SelectorFactory = Callable[..., Selector]
-_REGISTRY: dict[str, SelectorFactory] = {}
+#: selectors by name: optsel's own (the modules below) and the ``optsel.selectors`` entry points
+SELECTORS: Registry[SelectorFactory] = Registry(
+    "selector",
+    builtin_modules=("optsel.selection.simple", "optsel.selection.ftw", "optsel.selection.baselines"),
+    group="optsel.selectors",
+)
 
 
 def register_selector(name: str) -> Callable[[SelectorFactory], SelectorFactory]:
-    """Class decorator: make a selector buildable by name from a run config."""
-
-    def wrap(factory: SelectorFactory) -> SelectorFactory:
-        if name in _REGISTRY:
-            raise ValueError(f"selector {name!r} registered twice")
-        _REGISTRY[name] = factory
-        return factory
-
-    return wrap
+    """Class decorator: make a selector buildable by name from a run config (a taken name is refused)."""
+    return SELECTORS.register(name)
 
 
 def selector_names() -> list[str]:
-    _import_builtin_selectors()
-    return sorted(_REGISTRY)
+    """Every selector's name, built-in and plug-in, sorted."""
+    return SELECTORS.names()
 
 
 def get_selector_factory(name: str) -> SelectorFactory:
-    _import_builtin_selectors()
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown selector {name!r}; known: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
-
-
-def _import_builtin_selectors() -> None:
-    """Import the modules whose decorators fill the registry (lazily: avoids import cycles)."""
-    import importlib
-
-    for module in ("optsel.selection.simple", "optsel.selection.ftw", "optsel.selection.baselines"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:  # a module that does not exist yet is not an error
-            if err.name != module:
-                raise
+    """The factory registered as ``name`` (KeyError listing the known names)."""
+    return SELECTORS.get(name)
 
 
 def _wait_for_device() -> None:

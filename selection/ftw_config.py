@@ -6,117 +6,111 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from optsel.selection import gram as gram_ops
+from optsel.config_loader import check_literal_fields
 
 
 @dataclass(kw_only=True)
 class FTWConfig:
-    """Options of Filter-then-Weight.
+    """Options of Filter-then-Weight: a top-m filter by utility, then the QP's weights on the survivors
+    (docs/design.md). Each field's meaning is its ``#:`` comment (docs/configuration.md lists them);
+    the allowed values of a ``Literal`` field are its type's and are checked from it."""
 
-    budget: k, the most samples with non-zero weight. filter_size: m survivors of the filter (takes
-    precedence over filter_ratio, a fraction of the global pool N); m is clipped to [k, N].
-    gram: "exact" | "ghost" | "sketch" | "auto" (per layer by cost). geometry: "adam" (P, m̂ from the
-    optimizer) | "sgd" (P = I, no momentum) | "muon" / "auto" (torch.optim.Muon's layers: docs/design.md
-    §11). muon_model: under muon / auto, the Muon layers' model — "jacobian" (exact) or the quality grid's
-    controls "lowrank" / "adam" / "identity" (selection/muon_geometry.py). momentum_coef ρ / curvature τ: None = docs/design.md §2's defaults from the optimizer's β1 and
-    step, scaled by curvature_scale γ. w_max: optional cap on each weight (>= 1/budget). target_refresh:
-    recompute g_V every this many selection steps.
-    sketch_dim_out/in: k_o, k_i of the sketch backend. exchange: what crosses ranks — "direction" (the
-    default: the parameter-shaped M = P ⊙ (G_V − ρ m̂) is gathered layer by layer like the weight, b is
-    exact and only N scalars, the target's token ids and the survivors' sketches or factors cross ranks;
-    selection/direction_exchange.py), "factors" (every candidate's and target's (A, Δ),
-    T·(d_in + d_out) floats per sample and layer: exact b) or "sketches" (needs gram="sketch": only
-    k_o·k_i floats per sample and layer; b is sketched too, with P ≈ r cᵀ on the target gradient;
-    selection/sketch_exchange.py). direction_dtype: "compute" (M crosses ranks in compute_dtype: exact)
-    | "bfloat16" (half the bytes, b rounded). direction_cache: keep the gathered M (a full copy of the
-    covered weights per rank) while target, optimizer step and ρ are unchanged. capture_chunk_size: samples per
-    forward/backward (None: whole pool). capture_chunk_tokens: instead, at most this many token positions
-    (samples × padded T) per forward/backward, so memory stays bounded whatever T is and short
-    sequences are not split into needlessly small passes. max_temp_elems: bound on temporaries of the Gram kernels
-    and on T² for auto's ghost choice. compute_dtype: "auto" = float64 for float64 models else float32.
-
-    Options studied by the quality benchmark (docs/design.md §5):
-    alignment: "dot" (b, K as defined) | "cosine" (every candidate's gradient scaled to unit P-norm:
-    b_i/‖g_i‖_P, K_ij/(‖g_i‖_P ‖g_j‖_P), as LESS does). filter_curvature: "batch" (default since the
-    grid: u = b − (τ/(2k)) K_ii, the sample's share of a k-sample step) | "sample" (u = b − (τ/2) K_ii,
-    the sample alone). ess_fraction:
-    minimum effective sample size 1/Σw² as a fraction of k, enforced exactly by the weight cap
-    w ≤ 1/(ess_fraction·k) (combined with w_max). weighting: "qp" (train on the QP's ≤ k weights) |
-    "proportional" (draw k samples with replacement from the survivors ∝ the QP weights, uniform loss
-    weights, duplicates merged: the hardware batch stays k). warmup_steps: the first this many steps
-    select k at random (uniform weights) before FTW takes over.
-
-    single_pass: keep every trainable leaf's (input, output gradient) from the capture so that the
-    training gradient needs no second forward/backward (selection/single_pass.py; the Selection
-    carries it as ``pool_pass``). Ignored, with the reason in the diagnostics, for a model with a
-    trainable module that is not Linear/Conv1D/Embedding/LayerNorm/*RMSNorm. target_pass: when the
-    target gradient is due, "joint" captures the target samples in the same forward/backward as the
-    pool (rows appended after the pool's, never selectable); "separate" runs its own pass.
-
-    Two stages (docs/design.md §10). prefilter: "none" (every candidate gets the exact b and diag K from
-    a forward/backward over the whole pool) | "head" (stage 1: a forward-only pass over the pool scores
-    every candidate by the output layer's exact per-sample alignment, selection/prefilter.py; the top m
-    = filter_size / filter_ratio·N go to stage 2, which runs the exact machinery, the QP and the single
-    pass on those m rows only). prefilter_window: W tokens per sample scored in stage 1 (None: all).
-    prefilter_target: where stage 1's head target gradient comes from — "forward" (a forward over the
-    target rows, windowed like the pool) | "reuse" (the head block of the last stage-2 target gradient,
-    one step old; a forward when there is none yet or the head is tied and so not covered).
-    prefilter_stage2: "exact" (above) | "head" (no stage-2 pass: the QP runs on the head's own b and
-    exact K over the m survivors, from stage 1's factors, and the trainer trains the chosen rows with its
-    usual forward/backward; the cheapest FTW, scored by the output layer alone). prefilter_target_rows:
-    stage 1's target forward uses this many target rows per step, drawn without replacement by the
-    selector's seeded generator (the same rows on every rank): an unbiased, noisier G_V at s/|V| of the cost
-    (None: every row).
-    """
-
-    budget: int
-    filter_size: int | None = None  #: m, survivors of the filter (overrides filter_ratio); clipped to [budget, N]
-    filter_ratio: float = 0.5  #: m as a fraction of the global pool N
-    #: how the Gram matrix is computed (auto: per layer by cost)
+    budget: int  #: k, the most samples with non-zero weight
+    #: m, the survivors of the filter (takes precedence over filter_ratio); m is clipped to [budget, N]
+    filter_size: int | None = None
+    filter_ratio: float = 0.5  #: m as a fraction of the global pool N (when filter_size is null)
+    #: how the Gram matrix K is computed: exact, ghost, sketch, or auto (chosen per layer by cost)
     gram: Literal["exact", "ghost", "sketch", "auto"] = "auto"
-    #: adam: P and m̂ from the optimizer; sgd: P = I, no momentum; muon: torch.optim.Muon's Newton–Schulz
-    #: Jacobian on its layers, P = I elsewhere; auto: Muon layers muon, Adam layers adam (docs/design.md §11)
+    #: the optimizer's geometry: adam (P and m̂ from the optimizer) | sgd (P = I, no momentum) | muon
+    #: (torch.optim.Muon's Newton–Schulz Jacobian on its layers, P = I elsewhere) | auto (Muon layers
+    #: muon, Adam layers adam); docs/design.md, The Muon geometry
     geometry: Literal["adam", "sgd", "muon", "auto"] = "adam"
-    #: geometry muon / auto: how the Muon layers' update map is modelled — jacobian (the exact NS Jacobian) |
-    #: lowrank (OPUS-style S = aI + bA + cA² of the momentum) | adam (Adam's P from a second-moment EMA the
-    #: selector keeps: the wrong geometry) | identity (P = I); the last three are the quality grid's controls
+    #: geometry muon / auto: how the Muon layers' update map is modelled (selection/muon_geometry.py) —
+    #: jacobian (the exact NS Jacobian) | lowrank (OPUS-style S = aI + bA + cA² of the momentum) | adam
+    #: (Adam's P from a second-moment EMA the selector keeps: the wrong geometry) | identity (P = I);
+    #: the last three are the quality grid's controls
     muon_model: Literal["jacobian", "lowrank", "adam", "identity"] = "jacobian"
-    momentum_coef: float | None = None  #: ρ (null: docs/design.md §2's default from the optimizer's β1 and step)
-    curvature: float | None = None  #: τ (null: docs/design.md §2's default), scaled by curvature_scale
+    #: ρ, the momentum correction (null: the default from the optimizer's β1 and step, docs/design.md,
+    #: The optimiser-aware utility)
+    momentum_coef: float | None = None
+    #: τ, the curvature (null: the default from the optimizer's β1 and step, docs/design.md, The
+    #: optimiser-aware utility), scaled by curvature_scale
+    curvature: float | None = None
     curvature_scale: float = 1.0  #: γ, the factor on the curvature τ
     solver: Literal["active_set", "torch", "cvxpy"] = "active_set"  #: the QP solver
     support: Literal["topk", "greedy"] = "topk"  #: how the QP's support of at most budget samples is chosen
     w_max: float | None = None  #: cap on each weight (>= 1/budget; null: none)
     target_refresh: int = 1  #: recompute the target gradient g_V every this many selection steps
-    sketch_dim_out: int = 32  #: k_o of the sketch backend
-    sketch_dim_in: int = 32  #: k_i of the sketch backend
-    capture_chunk_size: int | None = None  #: samples per capture forward/backward (null: the whole pool)
-    #: instead, at most this many token positions (samples × padded T) per forward/backward
+    sketch_dim_out: int = 32  #: k_o, the output-side dimension of the sketch backend
+    sketch_dim_in: int = 32  #: k_i, the input-side dimension of the sketch backend
+    #: samples per capture forward/backward (null: the whole pool in one pass)
+    capture_chunk_size: int | None = None
+    #: instead of capture_chunk_size: at most this many token positions (samples × padded T) per
+    #: forward/backward, so memory stays bounded whatever T is and short sequences are not split into
+    #: needlessly small passes
     capture_chunk_tokens: int | None = None
-    max_temp_elems: int = 1 << 24  #: bound on the Gram kernels' temporaries and on T² for auto's ghost choice
-    compute_dtype: Literal["auto", "float32", "float64"] = "auto"  #: auto: float64 for float64 models, else float32
-    #: what crosses ranks: the direction M, the factors (A, Δ) or sketches (needs gram sketch)
+    #: bound (elements) on the temporaries of the Gram kernels, and on T² for auto's ghost choice
+    max_temp_elems: int = 1 << 24
+    #: dtype of the selection's arithmetic; auto: float64 for float64 models, else float32
+    compute_dtype: Literal["auto", "float32", "float64"] = "auto"
+    #: what crosses ranks — direction: the parameter-shaped M = P ⊙ (G_V − ρ m̂), gathered layer by layer
+    #: like the weight, b exact and only N scalars; the target's token ids and the survivors' sketches or
+    #: factors cross ranks (selection/direction_exchange.py) | factors: every candidate's and the target's
+    #: (A, Δ), T·(d_in + d_out) floats per sample and layer, b exact | sketches: needs gram sketch, only
+    #: k_o·k_i floats per sample and layer, b sketched too with P ≈ r cᵀ on the target gradient
+    #: (selection/sketch_exchange.py)
     exchange: Literal["direction", "factors", "sketches"] = "direction"
-    #: dtype M crosses ranks in: compute (exact) or bfloat16 (half the bytes)
+    #: exchange direction: the dtype M crosses ranks in — compute (compute_dtype: exact) | bfloat16 (half
+    #: the bytes, b rounded)
     direction_dtype: Literal["compute", "bfloat16"] = "compute"
-    direction_cache: bool = False  #: keep the gathered M while target, optimizer step and ρ are unchanged
-    alignment: Literal["dot", "cosine"] = "dot"  #: dot: b, K as defined; cosine: every gradient scaled to unit P-norm
-    filter_curvature: Literal["sample", "batch"] = "batch"  #: batch: u = b − (τ/(2k)) K_ii; sample: u = b − (τ/2) K_ii
-    ess_fraction: float | None = None  #: minimum effective sample size 1/Σw² as a fraction of budget (null: none)
-    #: qp: train on the QP's weights; proportional: draw budget samples ∝ the weights
+    #: keep the gathered M (a full copy of the covered weights per rank) while the target, the optimizer
+    #: step and ρ are unchanged
+    direction_cache: bool = False
+    #: dot: b and K as defined | cosine: every candidate's gradient scaled to unit P-norm, b_i/‖g_i‖_P and
+    #: K_ij/(‖g_i‖_P ‖g_j‖_P), as LESS does (docs/design.md, Options studied on the quality grid)
+    alignment: Literal["dot", "cosine"] = "dot"
+    #: the filter's utility — batch (the default since the quality grid): u = b − (τ/(2k)) K_ii, the
+    #: sample's share of a k-sample step | sample: u = b − (τ/2) K_ii, the sample alone (a quality-grid
+    #: option)
+    filter_curvature: Literal["sample", "batch"] = "batch"
+    #: minimum effective sample size 1/Σw² as a fraction of budget k, enforced exactly by the weight cap
+    #: w ≤ 1/(ess_fraction·k), combined with w_max (null: none; a quality-grid option)
+    ess_fraction: float | None = None
+    #: qp: train on the QP's ≤ budget weights | proportional: draw budget samples with replacement from the
+    #: survivors ∝ the QP weights, uniform loss weights, duplicates merged (the hardware batch stays k);
+    #: a quality-grid option
     weighting: Literal["qp", "proportional"] = "qp"
-    warmup_steps: int = 0  #: the first this many steps select at random before FTW takes over
-    single_pass: bool = True  #: reuse the capture's (input, output gradient) for the training gradient: no second pass
-    #: joint: target rows in the pool's capture pass; separate: their own pass
+    #: the first this many steps select budget samples at random (uniform weights) before FTW takes over
+    #: (a quality-grid option)
+    warmup_steps: int = 0
+    #: keep every trainable leaf's (input, output gradient) from the capture so that the training
+    #: gradient needs no second forward/backward (selection/single_pass.py; the Selection carries it as
+    #: pool_pass); ignored, with the reason in the diagnostics, for a model with a trainable module that
+    #: is not Linear/Conv1D/Embedding/LayerNorm/*RMSNorm
+    single_pass: bool = True
+    #: when the target gradient is due — joint: the target samples in the same forward/backward as the
+    #: pool (rows appended after the pool's, never selectable) | separate: their own pass
     target_pass: Literal["joint", "separate"] = "joint"
-    #: none: exact scores for the whole pool; head: stage 1 scores by the output layer first
+    #: two stages (docs/design.md, Two stages) — none: every candidate gets the exact b and
+    #: diag K from a forward/backward over the whole pool | head: stage 1, a forward-only pass over the
+    #: pool, scores every candidate by the output layer's exact per-sample alignment
+    #: (selection/prefilter.py); the top m (filter_size, or filter_ratio·N) go to stage 2, which runs the
+    #: exact machinery, the QP and the single pass on those m rows only
     prefilter: Literal["none", "head"] = "none"
-    prefilter_window: int | None = None  #: tokens per sample scored in stage 1 (null: all)
-    #: stage 1's head target gradient: forward over the target rows, or reuse the last one
+    #: prefilter head: W, the tokens per sample scored in stage 1 (null: all)
+    prefilter_window: int | None = None
+    #: prefilter head: where stage 1's head target gradient comes from — forward (a forward over the
+    #: target rows, windowed like the pool) | reuse (the head block of the last stage-2 target gradient,
+    #: one step old; a forward when there is none yet or the head is tied and so not covered)
     prefilter_target: Literal["forward", "reuse"] = "forward"
-    #: exact: stage 2 on the survivors; head: the QP on the head's own scores
+    #: prefilter head: exact (stage 2 as under prefilter) | head (no stage-2 pass: the QP runs on the
+    #: head's own b and exact K over the m survivors, from stage 1's factors, and the trainer trains the
+    #: chosen rows with its usual forward/backward; the cheapest FTW, scored by the output layer alone)
     prefilter_stage2: Literal["exact", "head"] = "exact"
-    prefilter_target_rows: int | None = None  #: target rows stage 1's target forward uses per step (null: every row)
+    #: prefilter head: s, the target rows stage 1's target forward uses per step, drawn without
+    #: replacement by the selector's seeded generator (the same rows on every rank): an unbiased,
+    #: noisier G_V at s/|V| of the cost (null: every row)
+    prefilter_target_rows: int | None = None
 
     def __post_init__(self) -> None:
         def bad(field_name: str, message: str) -> ValueError:
@@ -128,26 +122,7 @@ class FTWConfig:
             raise bad("filter_size", f"must be >= budget={self.budget}, got {self.filter_size}")
         if not 0.0 < self.filter_ratio <= 1.0:
             raise bad("filter_ratio", f"must be in (0, 1], got {self.filter_ratio}")
-        choices = {
-            "gram": gram_ops.BACKENDS,
-            "geometry": ("adam", "sgd", "muon", "auto"),
-            "muon_model": ("jacobian", "lowrank", "adam", "identity"),
-            "solver": ("active_set", "torch", "cvxpy"),
-            "support": ("topk", "greedy"),
-            "compute_dtype": ("auto", "float32", "float64"),
-            "exchange": ("direction", "factors", "sketches"),
-            "direction_dtype": ("compute", "bfloat16"),
-            "alignment": ("dot", "cosine"),
-            "filter_curvature": ("sample", "batch"),
-            "weighting": ("qp", "proportional"),
-            "target_pass": ("joint", "separate"),
-            "prefilter": ("none", "head"),
-            "prefilter_target": ("forward", "reuse"),
-            "prefilter_stage2": ("exact", "head"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise bad(name, f"must be one of {allowed}, got {getattr(self, name)!r}")
+        check_literal_fields(self, FTWConfig)  # the base's values: a subclass checks what it fixes itself
         if self.muon_model != "jacobian" and self.geometry not in ("muon", "auto"):
             raise bad(
                 "muon_model",

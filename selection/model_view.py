@@ -1,4 +1,5 @@
-"""The model view: what selection needs from a training engine, and nothing else (docs/design.md §4).
+"""The model view: what selection needs from a training engine, and nothing else (docs/design.md,
+"Distributed rules").
 
 A selector runs the model and reads the optimizer. On one process (or under plain data parallelism)
 that needs nothing but the model and a torch Adam / AdamW. A sharded engine changes three things,
@@ -11,8 +12,9 @@ and its :class:`ModelView` (written beside the engine, in pipeline/engines/) say
   tensor the optimizer holds); ``after_selection`` returns the model to the between-steps state
   after a selector's own forward/backward over the pool (re-shard, drop any gradient left behind).
 
-Engines register a detector with :func:`register_model_view`; :func:`model_view_for` asks each in
-turn and falls back to the plain view. Selection code names no engine: a third engine brings its own
+Engines register a detector with :func:`register_model_view` (a plug-in through the
+``optsel.model_views`` entry-point group); :func:`model_view_for` asks each in turn, the in-process
+ones first, and falls back to the plain view. Selection code names no engine: a third engine brings its own
 view and nothing in selection/ changes.
 """
 
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from optsel.registry import Registry, describe_object
 from optsel.selection.preconditioner import IdentityStateReader, OptimizerStateReader, TorchAdamStateReader
 
 
@@ -73,19 +76,26 @@ class ModelView:
 #: a detector looks at (model, optimizer) and returns its engine's view, None when it is not its
 #: engine, or raises TypeError for a setup of its engine that selection cannot read
 ViewDetector = Callable[[nn.Module | None, Any], ModelView | None]
-_DETECTORS: list[ViewDetector] = []
+#: view detectors by name: the engines' own (registered when optsel.pipeline.engines is imported) and
+#: the ``optsel.model_views`` entry points, asked in that order
+MODEL_VIEWS: Registry[ViewDetector] = Registry("model view", group="optsel.model_views")
+
+
+def view_name(detector: ViewDetector) -> str:
+    """The name :func:`register_model_view` files ``detector`` under: ``module.qualname``."""
+    return describe_object(detector)
 
 
 def register_model_view(detector: ViewDetector) -> ViewDetector:
-    """Add an engine's view detector (engines do this when their module is imported)."""
-    if detector not in _DETECTORS:
-        _DETECTORS.append(detector)
-    return detector
+    """Add an engine's view detector (engines do this when their module is imported); the same
+    detector twice is one."""
+    return MODEL_VIEWS.add(view_name(detector), detector)
 
 
 def model_view_for(model: nn.Module | None = None, optimizer: Any = None) -> ModelView:
-    """The view of the first registered engine that recognises ``model`` / ``optimizer``, else plain."""
-    for detect in _DETECTORS:
+    """The view of the first detector that recognises ``model`` / ``optimizer`` (the in-process ones
+    in registration order, then the plug-ins'), else plain."""
+    for _, detect in MODEL_VIEWS.items():
         view = detect(model, optimizer)
         if view is not None:
             return view
@@ -127,4 +137,13 @@ def cleans_up(select: Callable) -> Callable:
     return wrapper
 
 
-__all__ = ["ModelView", "ViewDetector", "cleans_up", "make_state_reader", "model_view_for", "register_model_view"]
+__all__ = [
+    "MODEL_VIEWS",
+    "ModelView",
+    "ViewDetector",
+    "cleans_up",
+    "make_state_reader",
+    "model_view_for",
+    "register_model_view",
+    "view_name",
+]

@@ -51,7 +51,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import transformers
@@ -63,7 +63,7 @@ from optsel.losses import per_sample_token_mean_ce
 from optsel.pipeline.engines import shared
 from optsel.pipeline.train.run_config import SelectionConfig, method_config
 from optsel.pipeline.train.trainer import subset
-from optsel.selection.base import Batch, Selection, get_selector_factory
+from optsel.selection.base import Batch, Selection, Selector, get_selector_factory
 from optsel.selection.ftw_config import FTWConfig
 from optsel.selection.stats import selection_metrics
 
@@ -92,11 +92,10 @@ def collate_rows(
         if not isinstance(row, Mapping) or "input_ids" not in row:
             keys = sorted(row) if isinstance(row, Mapping) else type(row).__name__
             raise ValueError(f"{at}: needs tokenized 'input_ids' (and 'labels'), got {keys}")
-        tensors = []
+        tensors: list[torch.Tensor] = []
         for key in ("input_ids", "labels", "attention_mask"):
             value = row.get(key, row["input_ids"] if key == "labels" else None)
-            if value is None:
-                tensors.append(None)
+            if value is None and key == "attention_mask":  # not given: all ones
                 continue
             try:
                 t = torch.as_tensor(value, dtype=torch.long)
@@ -109,7 +108,7 @@ def collate_rows(
             tensors.append(t)
         ids.append(tensors[0])
         labels.append(tensors[1])
-        masks.append(tensors[2] if tensors[2] is not None else torch.ones_like(tensors[0]))
+        masks.append(tensors[2] if len(tensors) == 3 else torch.ones_like(tensors[0]))
     width = max(t.numel() for t in ids)
 
     def pad(ts: list[torch.Tensor], value: int) -> torch.Tensor:
@@ -144,7 +143,7 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return optimizer
 
 
-def _selection_config(selection: Any) -> SelectionConfig:
+def _selection_config(selection: SelectionConfig | Mapping[str, Any]) -> SelectionConfig:
     """optsel's ``selection`` block: a SelectionConfig, or a mapping of its keys (strict; ``method``
     defaults to "ftw" here)."""
     if isinstance(selection, SelectionConfig):
@@ -213,7 +212,13 @@ class _OptselCallback(transformers.TrainerCallback):
 
 
 # -- the mixin --------------------------------------------------------------------------------------
-class OptselTrainerMixin:
+if TYPE_CHECKING:  # the Trainer the mixin goes before (its attributes, super()'s train and log)
+    _TrainerBase = transformers.Trainer
+else:
+    _TrainerBase = object
+
+
+class OptselTrainerMixin(_TrainerBase):
     """Put before a ``transformers.Trainer`` (sub)class: ``class T(OptselTrainerMixin, SFTTrainer)``.
 
     selection: optsel's SelectionConfig (the run YAML's ``selection:`` block) or a mapping of its keys:
@@ -231,7 +236,7 @@ class OptselTrainerMixin:
         self.optsel_config = _selection_config(selection)
         self._optsel_options = method_config(self.optsel_config, self.optsel_config.method)
         self._check_optsel_args()
-        self.selector = None
+        self.selector: Selector | None = None
         self.last_selection: Selection | None = None
         self._optsel_metrics = _StepMetrics()
         self._optsel_single_pass = False
@@ -407,7 +412,7 @@ class OptselTrainerMixin:
         return self.accelerator.prepare(loader)
 
     # -- the step -------------------------------------------------------------------------------
-    def _build_selector(self, model: torch.nn.Module) -> Any:
+    def _build_selector(self, model: torch.nn.Module) -> Selector:
         """The selector, once the Trainer's optimizer exists: the unwrapped model and torch optimizer."""
         if self.optimizer is None:
             raise RuntimeError("optimizer: the Trainer has not created its optimizer before the first training step")
@@ -434,7 +439,7 @@ class OptselTrainerMixin:
                 )
         self._optsel_single_pass = not problem
         if self._optsel_resume is not None:
-            self._load_selector_state(selector)
+            self._load_selector_state(selector, self._optsel_resume)
         return selector
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
@@ -449,11 +454,12 @@ class OptselTrainerMixin:
             else None
         )
         if self.selector is not None and self._optsel_resume is not None:
-            self._load_selector_state(self.selector)
+            self._load_selector_state(self.selector, self._optsel_resume)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
-    def _load_selector_state(self, selector: Any) -> None:
-        path = os.path.join(self._optsel_resume, SELECTOR_STATE.format(rank=self.args.process_index))
+    def _load_selector_state(self, selector: Selector, checkpoint: str) -> None:
+        """``selector``'s state from the checkpoint folder ``checkpoint`` (this rank's file), if there."""
+        path = os.path.join(checkpoint, SELECTOR_STATE.format(rank=self.args.process_index))
         if not os.path.isfile(path):
             log.warning(
                 "%s: no optsel selector state (a checkpoint written without optsel?); the selector starts fresh", path
@@ -479,14 +485,16 @@ class OptselTrainerMixin:
         global weighted loss Σ w_i ℓ_i divided across ranks (R · local part: the Trainer averages ranks)."""
         del num_items_in_batch
         model.train()
-        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-            self.optimizer.train()
+        optimizer_train = getattr(self.optimizer, "train", None)  # schedule-free optimizers have train/eval modes
+        if callable(optimizer_train):
+            optimizer_train()
         if self.selector is None:
             self.selector = self._build_selector(model)
         device, world = self.args.device, int(self.args.world_size)
         pool = {key: value.to(device) if torch.is_tensor(value) else value for key, value in inputs.items()}
         target = None
         if getattr(self.selector, "needs_target", False):
+            assert self._optsel_target is not None  # _build_selector got it for a selector that needs one
             self._optsel_target = target = {key: value.to(device) for key, value in self._optsel_target.items()}
         start = time.perf_counter()
         selection: Selection = self.selector.select(pool, target)

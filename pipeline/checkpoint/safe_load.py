@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import pickle
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import torch
 
@@ -49,8 +49,8 @@ def _refused(source: str | Path | BinaryIO, allowed: list[Any]) -> list[str]:
     }
     try:
         if hasattr(source, "seek"):
-            source.seek(0)  # type: ignore[union-attr]
-        found = torch.serialization.get_unsafe_globals_in_checkpoint(source)  # type: ignore[arg-type]
+            source.seek(0)
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(source)
     except Exception:  # noqa: BLE001 - not a torch zip file: the caller's message says so
         return []
     return sorted(set(found) - names)
@@ -150,7 +150,7 @@ def dcp_reader_and_planner(path: str | Path):
             rank = kwargs.get("rank")
             meta_path = self._get_metadata_path(rank)
             with self.fs.create_stream(meta_path, "rb") as fh:
-                metadata = pickle_load(fh, what=str(meta_path), allowed=allowed)
+                metadata = pickle_load(cast(BinaryIO, fh), what=str(meta_path), allowed=allowed)  # opened "rb"
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id

@@ -83,7 +83,8 @@ def check_identity(data_dir: str | Path, tokenizer, model, model_cfg: Any = None
         if report_path.is_file()
         else {}
     )
-    recorded = report.get("tokenizer") if isinstance(report.get("tokenizer"), dict) else {}
+    recorded_tokenizer = report.get("tokenizer")
+    recorded: dict[str, Any] = recorded_tokenizer if isinstance(recorded_tokenizer, dict) else {}
     here = {
         "vocab_size": len(tokenizer),
         "pad_id": tokenizer.pad_token_id,

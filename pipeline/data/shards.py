@@ -10,7 +10,7 @@ import bz2
 import os
 import zlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 import numpy as np
 
@@ -102,7 +102,7 @@ def check_basename(name: Any, index_path: Any) -> None:
         )
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -254,7 +254,7 @@ def verify_split(
             raise ShardError(f"shard file {path} has {size} bytes, index says {info['bytes']} (truncated or replaced)")
         data = path.read_bytes() if mode == "hash" or shard["zip_data"] is not None else _head(path)
         if mode == "hash" and info.get("hashes"):
-            name = algo if algo in info["hashes"] else sorted(info["hashes"])[0]
+            name = algo if algo is not None and algo in info["hashes"] else sorted(info["hashes"])[0]
             if get_hash(name, data) != info["hashes"][name]:
                 raise ShardError(f"shard file {path} fails its {name} check (corrupt)")
         raw_bytes = shard["raw_data"]["bytes"]

@@ -90,7 +90,7 @@ def clean_stale_streaming_state(
     removed: list[str] = []
     for prefix, paths in sorted(groups.items()):
         own = only_prefixes is not None
-        if own and int(prefix) not in only_prefixes:
+        if only_prefixes is not None and int(prefix) not in only_prefixes:
             continue
         if any(p.name in live for p in paths if str(p.parent) == shm_dir.rstrip("/")):
             continue

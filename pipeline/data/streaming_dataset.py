@@ -9,6 +9,7 @@ import atexit
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from optsel.distributed import DistInfo
 from optsel.pipeline.data.config import DataConfig, is_local, source_of, split_cache
@@ -97,7 +98,7 @@ def fresh_index(source: str, local: Path) -> None:
     cached.unlink()
 
 
-def _checked_dataset_class():
+def _checked_dataset_class() -> type[Any]:
     """StreamingDataset that checks what it reads and raises what streaming would hide.
 
     - its Stream checks the index it reads (entries, sample counts, plain and unique file names; see
@@ -117,7 +118,8 @@ def _checked_dataset_class():
     if _CheckedStreamingDataset is None:
 
         class CheckedStream(Stream):
-            _expected: dict[str, tuple[object, int]]
+            #: shard file name -> (streaming's FileInfo of its raw file, its sample count)
+            _expected: dict[str, tuple[Any, int]]
 
             @property
             def _index_path(self) -> str:
@@ -268,8 +270,8 @@ def _checked_dataset_class():
     return _CheckedStreamingDataset
 
 
-_CheckedStream = None
-_CheckedStreamingDataset = None
+_CheckedStream: type[Any] | None = None
+_CheckedStreamingDataset: type[Any] | None = None
 
 
 def open_dataset(
@@ -305,6 +307,7 @@ def open_dataset(
 
     distributed.barrier()  # no rank reads the cached index before the local leader has checked it
     try:
+        assert _CheckedStream is not None  # made with the dataset class above
         stream = _CheckedStream(remote=source, local=str(local))
         dataset = StreamingDataset(
             streams=[stream],

@@ -193,7 +193,9 @@ def _target_sample(rng: random.Random, cfg: SyntheticConfig) -> tuple[str, str, 
     if cfg.target_task == "addition":
         prompt, total = _addition(rng, cfg)
         return prompt, str(total), lambda: str(_wrong(rng, total))
-    prompt, answer = TARGET_TASKS[cfg.target_task][0](rng)
+    generate = TARGET_TASKS[cfg.target_task][0]
+    assert generate is not None  # only "addition" has no generator, handled above
+    prompt, answer = generate(rng)
     alphabet = "0123456789" if cfg.target_task == "sort" else _LETTERS
     return prompt, answer, lambda: _wrong_order(rng, answer, alphabet)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -22,6 +22,9 @@ from optsel import distributed
 from optsel.pipeline.engines import shared
 from optsel.pipeline.engines.shared import CausalLMEngine, EngineConfig, OptimizerConfig, register_engine
 from optsel.pipeline.files import jsonio
+
+if TYPE_CHECKING:
+    from deepspeed.runtime.engine import DeepSpeedEngine as DeepSpeedRuntimeEngine
 
 log = logging.getLogger("optsel.engine")
 
@@ -39,7 +42,7 @@ OWNED_KEYS = (
 def load_ds_config(path: str | Path) -> dict[str, Any]:
     """Read a DeepSpeed JSON; errors name the file."""
     return jsonio.read_object(
-        path,
+        Path(path),
         ValueError,
         f"engine.deepspeed_config: {path} does not exist",
         f"engine.deepspeed_config: {path} is not valid",
@@ -132,7 +135,7 @@ def build_client_optimizer(
 ) -> torch.optim.Optimizer:
     """AdamW from the run's optimizer block: DeepSpeedCPUAdam (AdamW mode) when the optimizer is
     offloaded to CPU (DeepSpeed requires it there), else torch.optim.AdamW."""
-    kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+    kwargs: dict[str, Any] = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
     if cpu_offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -151,6 +154,7 @@ class DeepSpeedEngine(CausalLMEngine):
     """
 
     name = "deepspeed"
+    module: DeepSpeedRuntimeEngine
 
     def __init__(
         self, *, config: EngineConfig, model: nn.Module, optim: OptimizerConfig, total_steps: int, micro_batch_size: int

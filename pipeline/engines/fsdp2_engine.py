@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -17,6 +17,9 @@ from torch import nn
 from optsel import distributed
 from optsel.pipeline.engines import shared
 from optsel.pipeline.engines.shared import CausalLMEngine, EngineConfig, OptimizerConfig, register_engine
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
 log = logging.getLogger("optsel.engine")
 
@@ -31,7 +34,10 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     if layers:
         return layers
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
+    if not lists:
+        return []
+    largest = max(lists, key=len)  # its own statement: inside list(...) mypy would type it Iterable[Module]
+    return list(largest)
 
 
 #: FSDP2's gradient reduce-scatter dtype under bf16 compute (torchtitan's default too); benchmarks/cost_model.py
@@ -43,7 +49,7 @@ def shard_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Apply ``fully_shard`` per decoder layer and to the root (in place; returns ``model``)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if dtype != torch.float32:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=GRAD_REDUCE_DTYPE)
     layers = decoder_layers(model)
@@ -130,7 +136,7 @@ class FSDP2Engine(CausalLMEngine):
         reshards the root after forward (backward would need it at once), so after a no-grad forward
         ``named_parameters()`` yields the root's unsharded tensors, without ``.grad`` and not the
         ones the optimizer holds. Backward reshards on its own."""
-        self.module.reshard()
+        cast("FSDPModule", self.module).reshard()  # shard_model's root: fully_shard made it an FSDPModule
 
     _after_forward = reshard
 
@@ -201,7 +207,7 @@ def _find_cause(err: BaseException, kind: type) -> BaseException | None:
     """The first exception of type ``kind`` in ``err``'s cause/context chain or, for DCP's
     CheckpointException, among its per-rank failures."""
     seen: set[int] = set()
-    stack = [err]
+    stack: list[BaseException | None] = [err]
     while stack:
         cur = stack.pop()
         if cur is None or id(cur) in seen:

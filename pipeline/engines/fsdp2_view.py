@@ -12,7 +12,7 @@ without moments (P = I there), so that the all-reduced sums still count every el
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -29,8 +29,12 @@ from optsel.selection.preconditioner import (
     shape_2d,
 )
 
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
 
-def _dtensor_type():
+
+def _dtensor_type() -> type[DTensor]:
     from torch.distributed.tensor import DTensor
 
     return DTensor
@@ -41,7 +45,8 @@ def dtensor_rows(param: torch.Tensor) -> slice:
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    mesh, placements = param.device_mesh, tuple(param.placements)
+    dtensor = cast("DTensor", param)  # FSDP2's parameters are DTensors
+    mesh, placements = dtensor.device_mesh, tuple(dtensor.placements)
     if mesh.ndim != 1 or placements != (Shard(0),):
         raise TypeError(
             f"optimizer: FSDP2 parameter with mesh shape {tuple(mesh.shape)} and placements "
@@ -112,7 +117,7 @@ class FSDP2StateReader(TorchAdamStateReader):
         return local.reshape(shape)
 
 
-def _fsdp_modules(model: nn.Module | None) -> list[nn.Module]:
+def _fsdp_modules(model: nn.Module | None) -> list[FSDPModule]:
     from torch.distributed.fsdp import FSDPModule
 
     return [m for m in model.modules() if isinstance(m, FSDPModule)] if model is not None else []
@@ -147,7 +152,7 @@ class FSDP2View(ModelView):
         from optsel import distributed
 
         modules = _fsdp_modules(self.model)
-        if not modules or not distributed.is_distributed():
+        if self.model is None or not modules or not distributed.is_distributed():
             return super().engine_bytes_per_step()
         policy = modules[0]._get_fsdp_state()._mp_policy  # the root's; optsel shards every module alike
         total = 0

@@ -16,10 +16,13 @@ the unsharded step in float64, tests/e2e/test_muon_engines.py).
 from __future__ import annotations
 
 import fnmatch
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # shared.py's configs; the engines import this module lazily
+    from optsel.pipeline.engines.shared import OptimizerConfig
 
 #: why engine deepspeed refuses optimizer.name muon (docs/design.md §11)
 MUON_REFUSAL = (
@@ -41,7 +44,9 @@ def split_muon_params(
         weight = getattr(module, "weight", None)
         if weight is not None:
             excluded.add(id(weight))
-    muon, adam, seen = [], [], set()
+    muon: list[nn.Parameter] = []
+    adam: list[nn.Parameter] = []
+    seen: set[int] = set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
@@ -95,7 +100,7 @@ class MuonAdamW(torch.optim.Optimizer):
             self._adamw.state = self.state
 
     @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
+    def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -109,7 +114,7 @@ class MuonAdamW(torch.optim.Optimizer):
         self._link()
 
 
-def build_optimizer(model: nn.Module, params: list[nn.Parameter], optim: Any) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, params: list[nn.Parameter], optim: OptimizerConfig) -> torch.optim.Optimizer:
     """The run's optimizer over ``params`` (``optimizer`` block; pipeline/engines/shared.py's OptimizerConfig):
     AdamW, or :class:`MuonAdamW` for ``name: muon``."""
     adamw = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)

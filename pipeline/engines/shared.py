@@ -25,6 +25,7 @@ from torch import nn
 
 from optsel import distributed
 from optsel.losses import SampleLosses, per_sample_token_mean_ce
+from optsel.registry import Registry
 from optsel.selection.base import Batch
 
 log = logging.getLogger("optsel.engine")
@@ -204,25 +205,24 @@ class Engine(abc.ABC):
 
 
 EngineFactory = Callable[..., Engine]
-_ENGINES: dict[str, EngineFactory] = {}
+#: engines by name: optsel's own (the modules below) and the ``optsel.engines`` entry points
+ENGINES: Registry[EngineFactory] = Registry(
+    "engine",
+    builtin_modules=("optsel.pipeline.engines.deepspeed_engine", "optsel.pipeline.engines.fsdp2_engine"),
+    group="optsel.engines",
+)
 
 
 def register_engine(name: str) -> Callable[[EngineFactory], EngineFactory]:
-    def wrap(factory: EngineFactory) -> EngineFactory:
-        _ENGINES[name] = factory
-        return factory
-
-    return wrap
+    """Class decorator: make an engine buildable by ``engine.name`` (a taken name is refused)."""
+    return ENGINES.register(name)
 
 
 def build_engine(
     config: EngineConfig, model: nn.Module, optim: OptimizerConfig, total_steps: int, micro_batch_size: int
 ) -> Engine:
     """Build the engine named by ``config.name`` around ``model`` (not yet sharded)."""
-    import importlib
-
-    importlib.import_module(f"optsel.pipeline.engines.{config.name}_engine")
-    return _ENGINES[config.name](
+    return ENGINES.get(config.name)(
         config=config, model=model, optim=optim, total_steps=total_steps, micro_batch_size=micro_batch_size
     )
 

@@ -15,7 +15,7 @@ without moments (P = I there).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 import torch.distributed as dist
@@ -38,6 +38,27 @@ register_adam_like("DeepSpeedCPUAdam", "FusedAdam")  # DeepSpeed's Adam kernels 
 
 #: (rows, cols, local_start, local_stop): a block and where its elements sit in the local flat slice
 FlatBlock = tuple[slice, slice, int, int]
+
+
+class _ZeRO3Optimizer(Protocol):
+    """What the reader uses of DeepSpeed's ``DeepSpeedZeroOptimizer_Stage3``."""
+
+    #: parameter id -> [sub-group index, offset, numel] of a trainable parameter
+    grad_position: dict[int, list[int]]
+    #: per sub-group: the fp32 flat partition the inner optimizer steps
+    fp32_partitioned_groups_flat: list[torch.Tensor]
+    #: sub-group index -> index of its param group in the inner optimizer
+    sub_group_to_group_id: dict[int, int]
+
+    def get_param_id(self, param: torch.Tensor) -> int: ...
+
+
+class _ZeRO3Param(Protocol):
+    """What the reader uses of a ZeRO-3 partitioned parameter (attributes DeepSpeed sets on it)."""
+
+    ds_process_group: Any  #: the group it is partitioned over
+
+    def partition_numel(self) -> int: ...
 
 
 def flat_range_blocks(start: int, stop: int, shape: tuple[int, int]) -> list[FlatBlock]:
@@ -96,7 +117,7 @@ class ZeRO3StateReader(OptimizerStateReader):
         inner = getattr(optimizer, "optimizer", None)
         if inner is None or not is_adam_like(inner):
             raise TypeError(unsupported_message(inner if inner is not None else optimizer))
-        self.zero = optimizer
+        self.zero = cast(_ZeRO3Optimizer, optimizer)  # DeepSpeed's stage-3 optimizer (detect_zero3)
         self.inner = inner
 
     def read(self, param: torch.nn.Parameter) -> ParamState:
@@ -112,9 +133,11 @@ class ZeRO3StateReader(OptimizerStateReader):
         group = self.inner.param_groups[self.zero.sub_group_to_group_id[position[0]]]
         state = self.inner.state.get(flat, {})
         hyper = adam_hyper(group, state)
-        part = int(param.partition_numel())
-        rank = dist.get_rank(group=param.ds_process_group)
-        blocks = flat_range_blocks(rank * part, (rank + 1) * part, tuple(shape_2d(full_shape(param))))
+        partitioned = cast(_ZeRO3Param, param)  # has ds_id: DeepSpeed partitioned it
+        part = int(partitioned.partition_numel())
+        rank = dist.get_rank(group=partitioned.ds_process_group)
+        d0, d1 = shape_2d(full_shape(param))
+        blocks = flat_range_blocks(rank * part, (rank + 1) * part, (d0, d1))
         if hyper.step == 0:
             return ParamState(hyper, _flat_blocks(None, None, blocks))
         m = safe_get_local_optimizer_state(param, "exp_avg")
@@ -139,13 +162,14 @@ class ZeRO3StateReader(OptimizerStateReader):
     ) -> torch.Tensor:
         """An all-gather of every rank's flat partition (``partition_numel`` elements each), the
         mapping the reader uses; the padding past d0·d1 is dropped."""
-        group = param.ds_process_group
+        partitioned = cast(_ZeRO3Param, param)  # a parameter of this ZeRO-3 model
+        group = partitioned.ds_process_group
         if dist.get_world_size(group=group) != dist.get_world_size():
             raise TypeError(
                 "optimizer: ZeRO-3 parameter partitioned over a subgroup is not supported by "
                 "exchange='direction' (the selector gathers over all ranks)"
             )
-        part, rank = int(param.partition_numel()), dist.get_rank(group=group)
+        part, rank = int(partitioned.partition_numel()), dist.get_rank(group=group)
         d0, d1 = int(shape[0]), int(shape[1])
         flat = torch.zeros(part, dtype=wire, device=param.device)
         for prow, pcol, value in pieces:  # each block is a contiguous run of the flat slice

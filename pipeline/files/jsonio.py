@@ -76,8 +76,8 @@ def lone_surrogate(value: Any) -> str | None:
                 return f"{where} (\\u{ord(found.group()):04x})"
         elif isinstance(item, dict):
             for key, sub in item.items():
-                if isinstance(key, str) and _SURROGATE.search(key):
-                    return f"a key (\\u{ord(_SURROGATE.search(key).group()):04x})"
+                if isinstance(key, str) and (found_in_key := _SURROGATE.search(key)):
+                    return f"a key (\\u{ord(found_in_key.group()):04x})"
                 stack.append((f"field {short(key)}" if item is value else where, sub))
         elif isinstance(item, list):
             stack.extend((where, sub) for sub in item)

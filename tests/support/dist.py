@@ -1,4 +1,4 @@
-"""The multi-rank tests' spawner: optsel.launch.local_ranks under the names the tests use.
+"""The multi-rank tests' spawner: benchmarks.local_ranks under the names the tests use.
 
     from support.dist import run_distributed
 
@@ -15,8 +15,8 @@ traceback, and a rank that dies or a run past ``timeout_s`` fails the test inste
 
 from __future__ import annotations
 
-from optsel.launch.local_ranks import TORCH_EXTENSIONS_DIR
-from optsel.launch.local_ranks import LocalRanksError as DistributedTestError
-from optsel.launch.local_ranks import run_local_ranks as run_distributed
+from benchmarks.local_ranks import TORCH_EXTENSIONS_DIR
+from benchmarks.local_ranks import LocalRanksError as DistributedTestError
+from benchmarks.local_ranks import run_local_ranks as run_distributed
 
 __all__ = ["DistributedTestError", "TORCH_EXTENSIONS_DIR", "run_distributed"]

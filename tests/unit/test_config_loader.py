@@ -40,3 +40,35 @@ def test_errors_name_the_key(data, path, words):
     with pytest.raises(ConfigError) as info:
         from_mapping(Outer, data)
     assert info.value.path == path and words in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "override, key, allowed",
+    [
+        ("selection.options.ftw.gram=dense", "selection.options.ftw.gram", ("exact", "ghost", "sketch", "auto")),
+        ("selection.options.ftw.exchange=all", "selection.options.ftw.exchange", ("direction", "factors", "sketches")),
+    ],
+)
+def test_a_bad_ftw_value_names_the_key_and_the_allowed_values(tmp_path, override, key, allowed):
+    """Through the loader ``optsel train`` uses: the allowed values are read from FTWConfig's Literal."""
+    from optsel.pipeline.train.run_config import load_run_config
+
+    from support.common import REPO
+
+    with pytest.raises(ConfigError) as info:
+        load_run_config(REPO / "configs" / "demo.yaml", [f"output_dir={tmp_path / 'runs'}", override])
+    assert info.value.path == key
+    message = str(info.value)
+    assert all(repr(value) in message for value in allowed), message
+    assert repr(override.rsplit("=", 1)[1]) in message
+
+
+def test_check_literal_fields_reads_the_allowed_values_from_the_type():
+    from optsel.config_loader import check_literal_fields, literal_values
+
+    assert literal_values(Literal["a", "b"] | None) == ("a", "b", None) and literal_values(int) == ()
+    inner = Inner(steps=1)
+    check_literal_fields(inner)
+    inner.mode = "c"
+    with pytest.raises(ValueError, match=r"^mode: must be one of \('a', 'b'\), got 'c'$"):
+        check_literal_fields(inner)

@@ -125,3 +125,14 @@ def test_warmup_selects_at_random_then_ftw_and_resumes(trained):
     assert torch.equal(after.indices, again.indices) and torch.allclose(after.weights, again.weights)
     with pytest.raises(ValueError, match="^warmup_steps: "):
         FTWConfig(budget=3, warmup_steps=-1)
+
+
+@pytest.mark.parametrize("name", ["gram", "geometry", "weighting", "prefilter_stage2"])
+def test_a_bad_option_built_in_python_lists_the_literal_values(name):
+    from typing import get_args, get_type_hints
+
+    allowed = get_args(get_type_hints(FTWConfig)[name])
+    assert len(allowed) >= 2
+    with pytest.raises(ValueError, match=f"^{name}: must be one of ") as info:
+        FTWConfig(budget=3, **{name: "bogus"})
+    assert str(info.value) == f"{name}: must be one of {allowed}, got 'bogus'"

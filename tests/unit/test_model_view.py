@@ -48,7 +48,7 @@ def counting_engine():
     try:
         yield
     finally:
-        model_view._DETECTORS.remove(detect)
+        model_view.MODEL_VIEWS.remove(model_view.view_name(detect))
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 what each rank returns: the one spawner behind the multi-rank tests (tests/support/dist.py) and the
 multi-rank benchmarks (benchmarks/ranks.py).
 
-    from optsel.launch.local_ranks import run_local_ranks
+    from benchmarks.local_ranks import run_local_ranks
 
     def body(rank: int, world_size: int, scale: float) -> torch.Tensor:   # module level: picklable
         return distributed.all_reduce_sum(torch.tensor([rank * scale]))
@@ -27,8 +27,9 @@ import queue
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.multiprocessing as mp
@@ -50,19 +51,31 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _child(
-    rank: int,
-    world_size: int,
-    port: int,
-    init: str | None,
-    backend: str,
-    threads: int,
-    init_timeout_s: float,
-    fn: Callable[..., Any],
-    args: tuple,
-    env: dict[str, str],
-    results: Any,
-) -> None:
+@dataclass(frozen=True)
+class RankSetup:
+    """How each rank's process is set up: ``backend`` of the process group, ``threads`` intra-op threads
+    (also OMP_NUM_THREADS), ``init_timeout_s`` the process group's collective timeout (seconds), ``env``
+    extra environment variables."""
+
+    backend: str = "gloo"
+    threads: int = 1
+    init_timeout_s: float = 120.0
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Child:
+    """What a spawned rank needs besides its rank: the world, the rendezvous port, the engine to join."""
+
+    world_size: int
+    port: int
+    init: str | None
+    setup: RankSetup
+
+
+def _child(rank: int, child: _Child, fn: Callable[..., Any], args: tuple, results: Any) -> None:
+    world_size, port, init, setup = child.world_size, child.port, child.init, child.setup
+    backend, threads, init_timeout_s, env = setup.backend, setup.threads, setup.init_timeout_s, setup.env
     os.environ.update(env)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -96,11 +109,8 @@ def run_local_ranks(
     *,
     args: tuple = (),
     init: str | None = "torch",
-    backend: str = "gloo",
     timeout_s: float = 120.0,
-    env: dict[str, str] | None = None,
-    threads: int = 1,
-    init_timeout_s: float = 120.0,
+    setup: RankSetup | None = None,
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes; return the results in
     rank order. ``fn`` and ``args`` must be picklable (``fn`` defined at module level).
@@ -108,23 +118,24 @@ def run_local_ranks(
     init: engine name passed to ``optsel.distributed.init_distributed`` ("torch", "fsdp2",
         "deepspeed"), or None to leave the process group to ``fn``.
     timeout_s: wall-clock limit for the whole run (spawn + fn), seconds.
-    env: extra environment variables for the children (``TORCH_EXTENSIONS_DIR`` defaults to
-        ~/.cache/optsel/torch_extensions so DeepSpeed's compiled ops are cached between runs).
-    threads: intra-op threads per rank (also OMP_NUM_THREADS). init_timeout_s: the process group's
-        collective timeout, seconds.
+    setup: backend, threads, collective timeout and extra environment of every rank (:class:`RankSetup`;
+        ``TORCH_EXTENSIONS_DIR`` defaults to ~/.cache/optsel/torch_extensions so DeepSpeed's compiled ops are
+        cached between runs).
     """
+    setup = setup or RankSetup()
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
     child_env = {
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", TORCH_EXTENSIONS_DIR),
-        "OMP_NUM_THREADS": str(threads),
-        **(env or {}),
+        "OMP_NUM_THREADS": str(setup.threads),
+        **setup.env,
     }
+    child = _Child(world_size, port, init, RankSetup(setup.backend, setup.threads, setup.init_timeout_s, child_env))
     procs = [
         ctx.Process(
             target=_child,
-            args=(rank, world_size, port, init, backend, threads, init_timeout_s, fn, args, child_env, results),
+            args=(rank, child, fn, args, results),
             daemon=False,
         )
         for rank in range(world_size)
@@ -167,7 +178,8 @@ def run_local_ranks(
             raise LocalRanksError(errors)
         for proc in procs:
             proc.join(timeout=max(1.0, deadline - time.monotonic()))
-        return [torch.load(io.BytesIO(got[r][1]), weights_only=False) for r in range(world_size)]
+        # no rank reported an error, so every payload is its pickled result (bytes)
+        return [torch.load(io.BytesIO(cast(bytes, got[r][1])), weights_only=False) for r in range(world_size)]
     finally:
         for proc in procs:
             if proc.is_alive():
