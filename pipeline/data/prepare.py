@@ -15,7 +15,8 @@ names that folder (``replaced``), and other files in ``out_dir`` stay where they
 
 Sources: ``synthetic`` (:mod:`optsel.pipeline.data.synthetic`), ``jsonl`` and ``parquet`` files, ``hf`` (a
 ``datasets`` dataset saved with ``save_to_disk`` or loadable with ``load_dataset(path)``; a hub name only
-with ``hf.local_files_only: false`` on a machine with network). For file sources ``template`` renders
+with ``hf.local_files_only: false`` on a machine with network), ``pysource`` (functions and docstrings of
+Python source trees, :mod:`optsel.pipeline.data.pysource`). For file sources ``template`` renders
 prompt and response from record fields, the kind comes from ``template.kind_field`` (default: every
 record is ``target``), and val comes from ``val_files`` or a ``val_fraction`` of the target records.
 """
@@ -35,6 +36,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from optsel.pipeline.data.pysource import PySourceConfig
+from optsel.pipeline.data.pysource import items as pysource_items
 from optsel.pipeline.data.records import (
     BadRecord,
     HFSourceConfig,
@@ -94,8 +97,9 @@ class PrepareConfig:
     """
 
     out_dir: str  #: folder the shards, tokenizer/ and kinds.json are written to
-    source: Literal["synthetic", "jsonl", "parquet", "hf"] = "synthetic"  #: where the records come from
+    source: Literal["synthetic", "jsonl", "parquet", "hf", "pysource"] = "synthetic"  #: where the records come from
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  #: source synthetic: the bundled stream's mix
+    pysource: PySourceConfig = field(default_factory=PySourceConfig)  #: source pysource: Python source trees
     files: list[str] = field(default_factory=list)  #: jsonl/parquet: train input files
     val_files: list[str] = field(default_factory=list)  #: jsonl/parquet: val input files (else val_fraction)
     val_fraction: float = 0.1  #: file/hf sources without val files: share of target records held out
@@ -129,9 +133,9 @@ class PrepareConfig:
             raise ValueError(f"files: only used with source 'jsonl' or 'parquet' (source is {self.source!r})")
         if self.source == "hf" and not self.hf.path:
             raise ValueError("hf: path is required for source 'hf'")
-        if self.template.format != "fields" and self.source == "synthetic":
+        if self.template.format != "fields" and self.source in ("synthetic", "pysource"):
             raise ValueError(
-                f"template: format {self.template.format!r} needs a file or hf source (source is 'synthetic')"
+                f"template: format {self.template.format!r} needs a file or hf source (source is {self.source!r})"
             )
         if self.template.format == "messages" and self.tokenizer.kind != "pretrained":
             raise ValueError(
@@ -196,6 +200,7 @@ class PrepareReport:
     tokenizer: dict[str, Any] = field(default_factory=dict)
     replaced: str | None = None  # overwrite: where the previous outputs of out_dir were moved (kept)
     seconds: float = 0.0
+    source_stats: dict[str, Any] = field(default_factory=dict)  # source pysource: files read and skipped, per filter
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -424,7 +429,16 @@ def _write(cfg: PrepareConfig, out: Path, work: Path, started: float, aside: Pat
         replaced=None if aside is None else str(aside),
     )
 
+    py_items: list[Item] = []
+    if cfg.source == "pysource":
+        py_gen, stats = pysource_items(cfg.pysource, cfg.seed)
+        py_items = list(py_gen)
+        report.records_read = len(py_items)
+        report.source_stats = asdict(stats)
+
     def items() -> Iterator[Item]:
+        if cfg.source == "pysource":
+            return iter(py_items)
         return _synthetic_items(cfg, report) if cfg.source == "synthetic" else _file_items(cfg, report)
 
     corpus = None
@@ -433,6 +447,8 @@ def _write(cfg: PrepareConfig, out: Path, work: Path, started: float, aside: Pat
         gen = generate(cfg.synthetic, cfg.seed)[0] if cfg.source == "synthetic" else None
         if gen is not None:
             corpus = [s["prompt"] + s["answer"] for s in gen]
+        elif cfg.source == "pysource":  # the distractors only: the target family's text stays unseen
+            corpus = [r.prompt + r.response for _, _, _, r in py_items if r.kind.startswith("distractor/")]
         else:
             # bad records are reported (or raised) by the writing pass below
             corpus = [r.prompt + r.response for _, _, _, r in _file_items(cfg, scratch, skip_bad=True)]

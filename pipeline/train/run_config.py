@@ -242,6 +242,7 @@ PREPARE_PATH_KEYS = {
     "out_dir": "path",
     "files[]": "path",
     "val_files[]": "path",
+    "pysource.roots[]": "path",
     "hf.path": "located",
     "tokenizer.path": "located",
 }

@@ -24,6 +24,7 @@ BUNDLED = [
     "demo",
     "prepare_synthetic",
     "prepare_jsonl_example",
+    "prepare_pysource",
     "deepspeed/zero3.json",
     "deepspeed/zero3_cpu_adam.json",
     "slurm/optsel-srun.sbatch",
