@@ -15,7 +15,7 @@ import types
 import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+from typing import Any, Literal, TypeVar, cast, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -42,7 +42,7 @@ def _describe(tp: Any) -> str:
         return f"a list of {_describe(args[0])}" if args else "a list"
     if origin is dict:
         return "a mapping"
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return f"a mapping ({tp.__name__})"
     if tp is type(None):
         return "null"
@@ -94,7 +94,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             except ConfigError as err:
                 errors.append(err)
         raise ConfigError(path, f"expected {_describe(tp)}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, Mapping):
@@ -170,7 +170,7 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
     if not isinstance(data, Mapping):
         raise ConfigError(path, f"expected a mapping, got {data!r}")
     hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cast(Any, cls)) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         key = f"{path}.{unknown[0]}" if path else str(unknown[0])

@@ -68,12 +68,12 @@ def _own_meanings(cls: type) -> dict[str, str]:
     for node in body.body:
         if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
             continue
-        parts = []
+        parts: list[str] = []
         line = node.lineno - 1
         while line in comments and comments[line][1]:  # "#:" lines directly above
             parts.insert(0, comments[line][0])
             line -= 1
-        for line in range(node.lineno, node.end_lineno + 1):  # "#:" at the end of the field's line(s)
+        for line in range(node.lineno, (node.end_lineno or node.lineno) + 1):  # "#:" at the end of the field's line(s)
             if line in comments and not comments[line][1]:
                 parts.append(comments[line][0])
         if parts:
@@ -108,10 +108,10 @@ def _choices() -> dict[tuple[type, str], tuple[Any, ...]]:
 
 def _block(tp: Any) -> type | None:
     """The dataclass of a nested block (``X`` or ``X | None``), else None."""
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return tp
     if get_origin(tp) in (typing.Union, types.UnionType):
-        blocks = [a for a in get_args(tp) if dataclasses.is_dataclass(a)]
+        blocks = [a for a in get_args(tp) if isinstance(a, type) and dataclasses.is_dataclass(a)]
         return blocks[0] if len(blocks) == 1 else None
     return None
 

@@ -315,14 +315,10 @@ def _read(path: Path, cfg: PySourceConfig, stats: SourceStats) -> str | None:
 def signature(node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
     """``def name(args) -> ret:`` as ``ast.unparse`` writes it (decorators and body dropped)."""
     stub = type(node)(
-        name=node.name,
-        args=node.args,
-        body=[ast.Pass()],
-        decorator_list=[],
-        returns=node.returns,
-        type_comment=None,
-        **({"type_params": []} if "type_params" in node._fields else {}),
+        name=node.name, args=node.args, body=[ast.Pass()], decorator_list=[], returns=node.returns, type_comment=None
     )
+    if "type_params" in node._fields:  # Python 3.12+
+        setattr(stub, "type_params", [])  # noqa: B010  (an attribute the running Python has; typeshed is 3.11)
     return ast.unparse(ast.fix_missing_locations(stub)).splitlines()[0]
 
 

@@ -117,7 +117,7 @@ class MuonAdamW(torch.optim.Optimizer):
 def build_optimizer(model: nn.Module, params: list[nn.Parameter], optim: OptimizerConfig) -> torch.optim.Optimizer:
     """The run's optimizer over ``params`` (``optimizer`` block; pipeline/engines/shared.py's OptimizerConfig):
     AdamW, or :class:`MuonAdamW` for ``name: muon``."""
-    adamw = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+    adamw: dict[str, Any] = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
     if getattr(optim, "name", "adamw") != "muon":
         return torch.optim.AdamW(params, **adamw)
     wanted = {id(p) for p in params}

@@ -428,6 +428,12 @@ class CausalLMEngine(Engine):
     """Shared verbs; subclasses set ``module``, ``optimizer``, ``scheduler``, ``device`` and
     ``empty_samples`` (a :class:`EmptySampleCounter`)."""
 
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+    empty_samples: EmptySampleCounter
+
     def _backward(self, objective: torch.Tensor) -> None:
         """Backpropagate the scalar ``objective`` (DeepSpeed: through its engine)."""
         objective.backward()

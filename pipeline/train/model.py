@@ -111,7 +111,7 @@ def _from_config(
     hf_config._attn_implementation = cfg.attn_implementation
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.init_seed)
-        return LlamaForCausalLM(hf_config).to(torch.float32)
+        return LlamaForCausalLM(hf_config).float()
 
 
 def _from_local(cfg: ModelConfig, vocab_size: int, pad_id: int | None) -> nn.Module:
@@ -128,7 +128,8 @@ def _from_local(cfg: ModelConfig, vocab_size: int, pad_id: int | None) -> nn.Mod
         attn_implementation=cfg.attn_implementation,
         trust_remote_code=False,
     )
-    rows = model.get_input_embeddings().weight.shape[0]
+    weight: torch.Tensor = model.get_input_embeddings().weight  # type: ignore[assignment]  # nn.Module.__getattr__ is untyped
+    rows = int(weight.shape[0])
     if rows < vocab_size:
         raise ValueError(
             f"model.path: {path} has {rows} embedding rows, fewer than the tokenizer's "
@@ -155,7 +156,7 @@ def build_model(
 
         lora = LoraConfig(
             r=cfg.lora.r,
-            lora_alpha=cfg.lora.alpha,
+            lora_alpha=cfg.lora.alpha,  # type: ignore[arg-type]  # peft annotates int; it scales by alpha / r as a float
             lora_dropout=cfg.lora.dropout,
             target_modules=list(cfg.lora.target_modules),
             task_type="CAUSAL_LM",
