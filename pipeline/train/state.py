@@ -7,11 +7,16 @@ position), ``selector`` (the selector's own state_dict), ``torch_rng`` and ``ini
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from optsel.pipeline.train.evaluate import EvalResult
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.stateful import Stateful
+
+    from optsel.selection.base import Selector
 
 
 class TrainerState:
@@ -19,15 +24,22 @@ class TrainerState:
 
     step: optimizer steps done (skipped NaN/Inf steps count); skipped_steps: of those, skipped;
     samples_seen: pool samples drawn (global); epoch: passes over the train split; initial_eval: the
-    evaluation before the first step (None until it ran)."""
+    evaluation before the first step (None until it ran).
 
-    def __init__(self, loader: Any, selector: Any):
+    What callbacks record lives here too, never as attributes of the trainer (not checkpointed):
+    last_eval: the latest evaluation; history: per-step metrics dicts (the summary and the plot);
+    checkpoint_seconds: wall seconds of the last "save" and of the "load" at a resume."""
+
+    def __init__(self, loader: Stateful, selector: Selector):
         self.loader, self.selector = loader, selector
         self.step = 0
         self.skipped_steps = 0
         self.samples_seen = 0
         self.epoch = 0
         self.initial_eval: EvalResult | None = None
+        self.last_eval: EvalResult | None = None
+        self.history: list[dict[str, float]] = []
+        self.checkpoint_seconds: dict[str, float] = {}
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -173,9 +173,6 @@ class Trainer:
         )
 
         self.state = TrainerState(self.loader, self.selector)
-        self.last_eval: EvalResult | None = None
-        self.history: list[dict[str, float]] = []  # per-step metrics (for the summary and the plot)
-        self.checkpoint_seconds: dict[str, float] = {}
         checkpointing = CheckpointCallback(config, self.run_dir)
         self.resumed_from = checkpointing.start(self)  # before the sinks open metrics.jsonl (a resume cuts it)
         self.sinks = MultiSink(
@@ -355,7 +352,7 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
         started = time.perf_counter()
-        self.history = (
+        self.state.history = (
             _logged_history(self.run_dir / "metrics.jsonl")
             if self.resumed_from is not None and self.dist.is_main
             else []
@@ -378,7 +375,7 @@ class Trainer:
 
     def summary(self, stopped: str, wall_seconds: float) -> dict[str, Any]:
         """What the run did (summary.json; ``optsel train`` prints it)."""
-        initial, final, history = self.state.initial_eval, self.last_eval, self.history
+        initial, final, history = self.state.initial_eval, self.state.last_eval, self.state.history
         return {
             "run_dir": str(self.run_dir),
             "engine": self.config.engine.name,
@@ -388,7 +385,7 @@ class Trainer:
             "target_steps": self.config.training.num_steps,
             "stopped": stopped or None,
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
-            "checkpoint_seconds": dict(self.checkpoint_seconds),
+            "checkpoint_seconds": dict(self.state.checkpoint_seconds),
             "pool_size": self.config.selection.pool_size,
             "budget": self.config.selection.budget,
             "samples_seen": self.state.samples_seen,

@@ -2,8 +2,9 @@
 
 Each callback runs here with real parts (a real Selection from the random selector, a real
 CheckpointManager and TrainerState, real signals, tqdm, matplotlib, the JSONL sink) and a small
-stand-in for the trainer that holds only the attributes the callback reads; the last test is one real
-single-rank run with the switchable callbacks off.
+stand-in of the trainer (``TrainerServices``: a real TrainerState, DistInfo and the sinks and engine
+it needs) that refuses any attribute set, so a callback can only record through the state or the
+step's metrics; the last test is one real single-rank run with the switchable callbacks off.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
 
 from optsel.config_loader import ConfigError
+from optsel.distributed import DistInfo
 from optsel.monitoring.sinks import JsonlSink
 from optsel.pipeline.train.callbacks import (
     CallbackList,
@@ -33,6 +36,7 @@ from optsel.pipeline.train.callbacks import (
     StepResult,
     StopCallback,
     SummaryFile,
+    TrainerServices,
     build_callbacks,
 )
 from optsel.pipeline.train.callbacks.checkpoint import truncate_jsonl
@@ -90,17 +94,41 @@ class _Engine:
         return json.loads((where / "client.json").read_text())
 
 
-def _trainer(config, **kw) -> SimpleNamespace:
-    selector = get_selector_factory("random")(model=None, optimizer=None, budget=2, seed=kw.pop("seed", 0))
-    return SimpleNamespace(
-        config=config,
-        dist=SimpleNamespace(is_main=True, world_size=1, rank=0),
-        engine=_Engine(),
-        state=TrainerState(_Loader(kw.pop("position", 0)), selector),
-        checkpoint_seconds={},
-        run_dir=config.run_dir,
-        **kw,
+class _Trainer:
+    """A typed stand-in of :class:`TrainerServices` whose attributes cannot be set after construction:
+    a callback that records anything onto the trainer instead of its state fails here."""
+
+    __slots__ = ("state", "dist", "engine", "sinks", "_evaluate")
+
+    def __init__(self, state: TrainerState, *, sinks: Any = None, evaluate: Any = None, engine: Any = None):
+        for name, value in [
+            ("state", state),
+            ("dist", DistInfo(rank=0, world_size=1)),
+            ("engine", engine or _Engine()),
+            ("sinks", sinks),
+            ("_evaluate", evaluate),
+        ]:
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"a callback set trainer.{name}; record it in trainer.state or result.metrics")
+
+    def evaluate(self) -> EvalResult:
+        return self._evaluate()
+
+
+def _state(position: int = 0, seed: int = 0, **fields: Any) -> TrainerState:
+    """A real TrainerState (random selector, stand-in loader) with ``fields`` set."""
+    state = TrainerState(
+        _Loader(position), get_selector_factory("random")(model=None, optimizer=None, budget=2, seed=seed)
     )
+    for name, value in fields.items():
+        setattr(state, name, value)
+    return state
+
+
+def _trainer(config, seed: int = 0, position: int = 0) -> _Trainer:
+    return _Trainer(_state(position, seed))
 
 
 # -- the selections log -------------------------------------------------------------------------------
@@ -125,15 +153,11 @@ def test_selections_log_writes_the_step_record(tmp_path):
 # -- checkpoints: when, and a save that a fresh start restores ----------------------------------------
 def test_metrics_log_writes_the_step_and_carries_the_last_save_time():
     logged = []
-    trainer = SimpleNamespace(
-        sinks=SimpleNamespace(log=lambda metrics, step: logged.append((step, dict(metrics)))),
-        history=[],
-        checkpoint_seconds={},
-    )
+    trainer = _Trainer(_state(), sinks=SimpleNamespace(log=lambda metrics, step: logged.append((step, dict(metrics)))))
     MetricsLog().on_step_end(trainer, first := _result(step=3))
-    assert logged == [(3, first.metrics)] and trainer.history == [first.metrics]
+    assert logged == [(3, first.metrics)] and trainer.state.history == [first.metrics]
     assert "checkpoint/save_seconds" not in first.metrics  # no save yet
-    trainer.checkpoint_seconds["save"] = 1.25  # the checkpoint after step 3 (MetricsLog runs before it)
+    trainer.state.checkpoint_seconds["save"] = 1.25  # the checkpoint after step 3 (MetricsLog runs before it)
     MetricsLog().on_step_end(trainer, second := _result(step=4))
     assert logged[-1] == (4, second.metrics) and second.metrics["checkpoint/save_seconds"] == 1.25
 
@@ -157,9 +181,9 @@ def test_checkpoint_saves_at_a_stop_and_a_restart_restores_the_trainer_state(tmp
     trainer.state.initial_eval = EvalResult(loss=2.5, exact_match=0.25, num_samples=16)
     trainer.state.selector.select({"input_ids": torch.zeros(8, 2)})  # move the selector's RNG
     callback.on_step_end(trainer, _result(step=2))
-    assert "save" not in trainer.checkpoint_seconds and not callback.manager.complete()
+    assert "save" not in trainer.state.checkpoint_seconds and not callback.manager.complete()
     callback.on_step_end(trainer, _result(step=2, stop="SIGTERM"))
-    assert trainer.checkpoint_seconds["save"] > 0
+    assert trainer.state.checkpoint_seconds["save"] > 0
     (saved,) = callback.manager.complete()
     meta = json.loads((saved / "meta.json").read_text())
     assert saved.name == "step_00000002" and meta["reason"] == "SIGTERM"
@@ -191,7 +215,7 @@ def test_checkpoint_saves_at_a_stop_and_a_restart_restores_the_trainer_state(tmp
         1,
         7,
     )
-    assert other.state.initial_eval == trainer.state.initial_eval and "load" in other.checkpoint_seconds
+    assert other.state.initial_eval == trainer.state.initial_eval and "load" in other.state.checkpoint_seconds
     pool = {"input_ids": torch.zeros(8, 2)}
     assert torch.equal(other.state.selector.select(pool).indices, trainer.state.selector.select(pool).indices)
 
@@ -239,30 +263,26 @@ def test_stop_at_step_ends_the_run_before_num_steps_only(tmp_path):
 def test_eval_runs_first_at_eval_every_and_at_the_end_and_logs_the_initial_one(tmp_path):
     results = iter(EvalResult(loss=3.0 - i, exact_match=0.1 * i, num_samples=4) for i in range(10))
     sink = JsonlSink(tmp_path / "metrics.jsonl")
-    trainer = SimpleNamespace(
-        state=SimpleNamespace(initial_eval=None), evaluate=lambda: next(results), sinks=sink, last_eval=None
-    )
+    trainer = _Trainer(_state(), evaluate=lambda: next(results), sinks=sink)
     callback = EvalCallback(eval_every=2, num_steps=5)
     callback.on_train_start(trainer)
-    assert trainer.state.initial_eval.loss == 3.0 and trainer.last_eval is trainer.state.initial_eval
+    assert trainer.state.initial_eval.loss == 3.0 and trainer.state.last_eval is trainer.state.initial_eval
     evaluated = []
     for step in range(1, 6):
         callback.on_step_end(trainer, result := _result(step=step))
         evaluated.append(result.metrics.get("eval/loss"))
-    assert evaluated == [None, 2.0, None, 1.0, 0.0] and trainer.last_eval.loss == 0.0
+    assert evaluated == [None, 2.0, None, 1.0, 0.0] and trainer.state.last_eval.loss == 0.0
     sink.close()
     (line,) = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert line["step"] == 0 and line["eval/loss"] == 3.0
-    resumed = SimpleNamespace(
-        state=SimpleNamespace(initial_eval=EvalResult(1.0, 0.5, 4)), evaluate=None, sinks=None, last_eval=None
-    )
+    resumed = _Trainer(_state(initial_eval=EvalResult(1.0, 0.5, 4)))
     EvalCallback(eval_every=0, num_steps=5).on_train_start(resumed)  # a checkpoint held it: not evaluated again
-    assert resumed.last_eval.loss == 1.0
+    assert resumed.state.last_eval.loss == 1.0
 
 
 # -- progress bar, summary.json, loss.png -------------------------------------------------------------
 def test_progress_bar_counts_steps_from_the_resumed_step(tmp_path):
-    trainer = SimpleNamespace(state=SimpleNamespace(step=4), last_eval=EvalResult(2.0, 0.0, 4))
+    trainer = _Trainer(_state(step=4, last_eval=EvalResult(2.0, 0.0, 4)))
     bar = ProgressBar(num_steps=10, desc="train [random]")
     bar.on_train_start(trainer)
     bar.on_step_end(trainer, _result(step=5))
@@ -274,13 +294,48 @@ def test_progress_bar_counts_steps_from_the_resumed_step(tmp_path):
 
 def test_summary_file_and_loss_plot(tmp_path):
     history = [{"train/loss": 2.0 - 0.1 * i, **({"eval/loss": 1.8} if i == 2 else {})} for i in range(4)]
-    trainer = SimpleNamespace(history=history, state=SimpleNamespace(initial_eval=EvalResult(2.2, 0.0, 4)))
+    trainer = _Trainer(_state(history=history, initial_eval=EvalResult(2.2, 0.0, 4)))
     summary = {"num_steps": 4, "final_eval_loss": float("nan")}
     CallbackList(
         [SummaryFile(tmp_path / "summary.json"), LossPlot(tmp_path / "loss.png", "random / fsdp2 / 1 ranks")]
     ).on_train_end(trainer, summary)
     assert json.loads((tmp_path / "summary.json").read_text()) == {"num_steps": 4, "final_eval_loss": None}
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_no_built_in_callback_sets_an_attribute_on_the_trainer(tmp_path):
+    config = _config(tmp_path, "checkpoint.every_steps=1", "training.num_steps=2", "training.eval_every=1")
+    results = iter(EvalResult(loss=2.0 - i, exact_match=0.0, num_samples=4) for i in range(3))
+    sink = JsonlSink(tmp_path / "metrics.jsonl")
+    trainer: TrainerServices = _Trainer(_state(), evaluate=lambda: next(results), sinks=sink)
+    with pytest.raises(AttributeError):
+        trainer.last_eval = None  # type: ignore[misc]  # the stand-in refuses what a callback must not do
+    checkpoint = CheckpointCallback(config, config.run_dir)
+    assert checkpoint.start(trainer) is None
+    callbacks = CallbackList(
+        [
+            SelectionsLog(tmp_path / "selections.jsonl"),
+            EvalCallback(eval_every=1, num_steps=2),
+            StopCallback([], stop_at_step=0, num_steps=2),
+            Heartbeat(),
+            MetricsLog(),
+            checkpoint,
+            ProgressBar(num_steps=2, desc="train"),
+            SummaryFile(tmp_path / "summary.json"),
+            LossPlot(tmp_path / "loss.png", "random"),
+        ]
+    )
+    try:
+        callbacks.on_train_start(trainer)
+        for step in (1, 2):
+            trainer.state.step = step
+            callbacks.on_step_end(trainer, _result(step=step))
+        callbacks.on_train_end(trainer, {"num_steps": 2})
+    finally:
+        callbacks.close()
+        sink.close()
+    assert [h["eval/loss"] for h in trainer.state.history] == [1.0, 0.0]  # recorded through the state
+    assert trainer.state.last_eval.loss == 0.0 and trainer.state.checkpoint_seconds["save"] > 0
 
 
 # -- what the config switches -----------------------------------------------------------------------

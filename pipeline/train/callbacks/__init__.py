@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from optsel.pipeline.train.callbacks.base import Callback, CallbackList, CallbacksConfig, Heartbeat, StepResult
+from optsel.pipeline.train.callbacks.base import (
+    Callback,
+    CallbackList,
+    CallbacksConfig,
+    Heartbeat,
+    StepResult,
+    TrainerServices,
+)
 from optsel.pipeline.train.callbacks.checkpoint import CheckpointCallback
 from optsel.pipeline.train.callbacks.eval import EvalCallback
 from optsel.pipeline.train.callbacks.metrics_log import MetricsLog
@@ -13,6 +20,9 @@ from optsel.pipeline.train.callbacks.outputs import LossPlot, SummaryFile
 from optsel.pipeline.train.callbacks.progress import ProgressBar
 from optsel.pipeline.train.callbacks.selections_log import SelectionsLog
 from optsel.pipeline.train.callbacks.signals import StopCallback, StopSignals
+
+if TYPE_CHECKING:  # run_config imports CallbacksConfig from here
+    from optsel.pipeline.train.run_config import RunConfig
 
 __all__ = [
     "Callback",
@@ -29,12 +39,13 @@ __all__ = [
     "StopCallback",
     "StopSignals",
     "SummaryFile",
+    "TrainerServices",
     "build_callbacks",
 ]
 
 
 def build_callbacks(
-    config: Any, run_dir: Path, is_main: bool, checkpointing: CheckpointCallback, world_size: int
+    config: RunConfig, run_dir: Path, is_main: bool, checkpointing: CheckpointCallback, world_size: int
 ) -> CallbackList:
     """The run's callbacks in the order they run (``config`` is the RunConfig). Every rank runs the
     collective ones (eval, stop, checkpoint); rank 0 alone writes the logs and files."""

@@ -2,7 +2,11 @@
 
 The loop (``Trainer.train``) runs ``train_step`` and hands its :class:`StepResult` to every callback;
 callbacks do everything around the step: evaluation, checkpoints, stopping at a preemption signal,
-the selections log, the progress bar, the loss plot and summary.json. Every hook is optional:
+the selections log, the progress bar, the loss plot and summary.json. A hook's ``trainer`` is a
+:class:`TrainerServices`: the run state (``trainer.state``, a typed :class:`TrainerState`) plus the few
+things a callback calls (``evaluate``, the engine's checkpoint methods, the sinks, the rank). A
+callback records what it measures in a field of ``trainer.state`` or in ``result.metrics``, never as
+a new attribute of the trainer. Every hook is optional:
 
 - ``on_train_start(trainer)``: before the first step of this process (after a resume, too);
 - ``stop_request()``: this rank's wish to end the run (e.g. a signal arrived), polled once per step
@@ -14,20 +18,43 @@ the selections log, the progress bar, the loss plot and summary.json. Every hook
 - ``close()``: always, when the trainer closes (release files, handlers); idempotent.
 
 Callbacks run in list order (see ``build_callbacks``): a callback sees what the ones before it
-added. Each is a small class in its own module, testable alone with a stand-in trainer that has
-the attributes it reads.
+added. Each is a small class in its own module, testable alone with a typed stand-in of
+:class:`TrainerServices`.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 if TYPE_CHECKING:  # only for annotations: callbacks take the trainer, the trainer builds callbacks
+    from optsel.distributed import DistInfo
+    from optsel.monitoring.sinks import MultiSink
+    from optsel.pipeline.engines.shared import Engine
+    from optsel.pipeline.train.evaluate import EvalResult
+    from optsel.pipeline.train.state import TrainerState
     from optsel.selection.base import Selection
+
+
+class TrainerServices(Protocol):
+    """What a callback may read and call on the trainer, nothing more. Run state (counters, the last
+    evaluation, history, checkpoint timings) is ``state``; a callback records into its typed fields or
+    into ``result.metrics``, never a new attribute on the trainer. ``dist``: rank and world size;
+    ``engine``: save/load of the engine's checkpoint; ``sinks``: metric sinks; ``evaluate()``: a
+    collective evaluation (every rank)."""
+
+    @property
+    def state(self) -> TrainerState: ...
+    @property
+    def dist(self) -> DistInfo: ...
+    @property
+    def engine(self) -> Engine: ...
+    @property
+    def sinks(self) -> MultiSink: ...
+    def evaluate(self) -> EvalResult: ...
 
 
 @dataclass(kw_only=True)
@@ -62,16 +89,16 @@ class StepResult:
 class Callback:
     """Base class: every hook is a no-op."""
 
-    def on_train_start(self, trainer: Any) -> None:
+    def on_train_start(self, trainer: TrainerServices) -> None:
         pass
 
     def stop_request(self) -> str | None:
         return None
 
-    def on_step_end(self, trainer: Any, result: StepResult) -> None:
+    def on_step_end(self, trainer: TrainerServices, result: StepResult) -> None:
         pass
 
-    def on_train_end(self, trainer: Any, summary: dict[str, Any]) -> None:
+    def on_train_end(self, trainer: TrainerServices, summary: dict[str, Any]) -> None:
         pass
 
     def close(self) -> None:
@@ -84,18 +111,18 @@ class CallbackList(Callback):
     def __init__(self, callbacks: list[Callback]):
         self.callbacks = list(callbacks)
 
-    def on_train_start(self, trainer: Any) -> None:
+    def on_train_start(self, trainer: TrainerServices) -> None:
         for cb in self.callbacks:
             cb.on_train_start(trainer)
 
     def stop_request(self) -> str | None:
         return next((req for cb in self.callbacks if (req := cb.stop_request())), None)
 
-    def on_step_end(self, trainer: Any, result: StepResult) -> None:
+    def on_step_end(self, trainer: TrainerServices, result: StepResult) -> None:
         for cb in self.callbacks:
             cb.on_step_end(trainer, result)
 
-    def on_train_end(self, trainer: Any, summary: dict[str, Any]) -> None:
+    def on_train_end(self, trainer: TrainerServices, summary: dict[str, Any]) -> None:
         for cb in self.callbacks:
             cb.on_train_end(trainer, summary)
 
@@ -117,5 +144,5 @@ class Heartbeat(Callback):
     """``train/last_step_timestamp_seconds``: when the step (and its evaluation) ended; the stalled-run
     alert reads it. Always on."""
 
-    def on_step_end(self, trainer: Any, result: StepResult) -> None:
+    def on_step_end(self, trainer: TrainerServices, result: StepResult) -> None:
         result.metrics["train/last_step_timestamp_seconds"] = time.time()

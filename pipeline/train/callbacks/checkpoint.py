@@ -8,13 +8,16 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from optsel import __version__, distributed
 from optsel.config_loader import redact, to_plain
 from optsel.pipeline.checkpoint.manager import CheckpointError, CheckpointManager
 from optsel.pipeline.data.config import dataset_identity
-from optsel.pipeline.train.callbacks.base import Callback, StepResult
+from optsel.pipeline.train.callbacks.base import Callback, StepResult, TrainerServices
+
+if TYPE_CHECKING:  # run_config imports CallbacksConfig from here
+    from optsel.pipeline.train.run_config import RunConfig
 
 log = logging.getLogger("optsel.train")
 
@@ -27,7 +30,7 @@ class CheckpointCallback(Callback):
     the sinks open metrics.jsonl) picks and restores the checkpoint; ``on_step_end`` saves. A save
     holds the engine's state and ``trainer.state.state_dict()`` (this rank's ``trainer_rankNNNNN.pt``)."""
 
-    def __init__(self, config: Any, run_dir: Path):
+    def __init__(self, config: RunConfig, run_dir: Path):
         self.config = config  # the RunConfig (its resolved form goes into meta.json)
         self.run_dir = Path(run_dir)
         self.every_steps, self.num_steps = config.checkpoint.every_steps, config.training.num_steps
@@ -41,12 +44,12 @@ class CheckpointCallback(Callback):
             return "periodic"
         return ""
 
-    def on_step_end(self, trainer: Any, result: StepResult) -> None:
+    def on_step_end(self, trainer: TrainerServices, result: StepResult) -> None:
         reason = self.due(result.step, result.stop)
         if reason:
             self.save(trainer, reason)  # its wall time: checkpoint/save_seconds with the next step (MetricsLog)
 
-    def save(self, trainer: Any, reason: str) -> Path:
+    def save(self, trainer: TrainerServices, reason: str) -> Path:
         """Collective: checkpoint the engine, the data position, the selector and the counters."""
         step = trainer.state.step
         meta = {
@@ -60,13 +63,13 @@ class CheckpointCallback(Callback):
         path, seconds = self.manager.save(
             step, lambda where: trainer.engine.save_checkpoint(where, {"step": step}), trainer.state.state_dict(), meta
         )
-        trainer.checkpoint_seconds["save"] = seconds
+        trainer.state.checkpoint_seconds["save"] = seconds
         if trainer.dist.is_main:
             log.info("checkpoint %s saved (%s) in %.2f s", path, reason, seconds)
         return path
 
     # -- where the run starts ---------------------------------------------------------------------
-    def start(self, trainer: Any) -> Path | None:
+    def start(self, trainer: TrainerServices) -> Path | None:
         """Collective: rank 0 chooses (one decision for all ranks); every rank restores from it.
         Returns the checkpoint resumed from (None: a fresh start)."""
         chosen, problem = self.choose_start() if trainer.dist.is_main else ("", "")
@@ -115,7 +118,7 @@ class CheckpointCallback(Callback):
             truncate_jsonl(self.run_dir / name, -1)
         return "", ""
 
-    def resume(self, trainer: Any, path: Path) -> None:
+    def resume(self, trainer: TrainerServices, path: Path) -> None:
         """Restore every stateful piece from checkpoint ``path`` (collective)."""
         start = time.perf_counter()
         self.manager.check_compatible(
@@ -132,10 +135,13 @@ class CheckpointCallback(Callback):
         if trainer.dist.is_main:  # drop log lines of steps after the checkpoint (a crashed run got further)
             for name in STEP_LOGS:
                 truncate_jsonl(self.run_dir / name, trainer.state.step)
-        trainer.checkpoint_seconds["load"] = time.perf_counter() - start
+        trainer.state.checkpoint_seconds["load"] = time.perf_counter() - start
         if trainer.dist.is_main:
             log.info(
-                "resumed from %s at step %d in %.2f s", path, trainer.state.step, trainer.checkpoint_seconds["load"]
+                "resumed from %s at step %d in %.2f s",
+                path,
+                trainer.state.step,
+                trainer.state.checkpoint_seconds["load"],
             )
 
 

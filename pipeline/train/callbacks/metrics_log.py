@@ -6,18 +6,16 @@ checkpoint; a checkpoint whose step has no metrics line would leave a hole in me
 
 from __future__ import annotations
 
-from typing import Any
-
-from optsel.pipeline.train.callbacks.base import Callback, StepResult
+from optsel.pipeline.train.callbacks.base import Callback, StepResult, TrainerServices
 
 
 class MetricsLog(Callback):
-    """Every rank: ``trainer.sinks.log(result.metrics)`` and ``trainer.history.append``. The last
+    """Every rank: ``trainer.sinks.log(result.metrics)`` and ``trainer.state.history.append``. The last
     checkpoint save's wall time rides along as ``checkpoint/save_seconds`` (a gauge: the save a step
     triggers is reported with the next step, since this runs before it)."""
 
-    def on_step_end(self, trainer: Any, result: StepResult) -> None:
-        if "save" in trainer.checkpoint_seconds:
-            result.metrics["checkpoint/save_seconds"] = trainer.checkpoint_seconds["save"]
+    def on_step_end(self, trainer: TrainerServices, result: StepResult) -> None:
+        if "save" in trainer.state.checkpoint_seconds:
+            result.metrics["checkpoint/save_seconds"] = trainer.state.checkpoint_seconds["save"]
         trainer.sinks.log(result.metrics, step=result.step)
-        trainer.history.append(result.metrics)
+        trainer.state.history.append(result.metrics)

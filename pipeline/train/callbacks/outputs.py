@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from optsel.pipeline.files import jsonio
-from optsel.pipeline.train.callbacks.base import Callback
+from optsel.pipeline.train.callbacks.base import Callback, TrainerServices
 from optsel.pipeline.train.plots import plot_run
 
 
@@ -17,16 +17,16 @@ class SummaryFile(Callback):
     def __init__(self, path: Path):
         self.path = Path(path)
 
-    def on_train_end(self, trainer: Any, summary: dict[str, Any]) -> None:
+    def on_train_end(self, trainer: TrainerServices, summary: dict[str, Any]) -> None:
         self.path.write_text(jsonio.dumps(summary, indent=2))
 
 
 class LossPlot(Callback):
-    """Plots ``trainer.history`` (per-step metrics, those of steps before a resume included) and the
+    """Plots ``trainer.state.history`` (per-step metrics, those of steps before a resume included) and the
     initial evaluation to ``path``."""
 
     def __init__(self, path: Path, title: str):
         self.path, self.title = Path(path), title
 
-    def on_train_end(self, trainer: Any, summary: dict[str, Any]) -> None:
-        plot_run(trainer.history, trainer.state.initial_eval.loss, self.path, self.title)
+    def on_train_end(self, trainer: TrainerServices, summary: dict[str, Any]) -> None:
+        plot_run(trainer.state.history, trainer.state.initial_eval.loss, self.path, self.title)

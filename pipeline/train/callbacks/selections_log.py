@@ -4,10 +4,10 @@ pool's sample ids (rank 0 writes it; ``training.callbacks.selections_log: false`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from optsel.pipeline.files import jsonio
-from optsel.pipeline.train.callbacks.base import Callback, StepResult
+from optsel.pipeline.train.callbacks.base import Callback, StepResult, TrainerServices
 
 
 def selection_record(result: StepResult) -> dict[str, Any] | None:
@@ -29,9 +29,9 @@ class SelectionsLog(Callback):
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._file = self.path.open("a")
+        self._file: TextIO | None = self.path.open("a")
 
-    def on_step_end(self, trainer: Any, result: StepResult) -> None:
+    def on_step_end(self, trainer: TrainerServices, result: StepResult) -> None:
         record = selection_record(result)
         if record is not None and self._file is not None:
             self._file.write(jsonio.dumps(record) + "\n")

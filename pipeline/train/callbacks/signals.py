@@ -5,9 +5,8 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from typing import Any
 
-from optsel.pipeline.train.callbacks.base import Callback, StepResult
+from optsel.pipeline.train.callbacks.base import Callback, StepResult, TrainerServices
 
 log = logging.getLogger("optsel.train")
 
@@ -74,7 +73,7 @@ class StopCallback(Callback):
     def stop_request(self) -> str | None:
         return self.signals.received
 
-    def on_step_end(self, trainer: Any, result: StepResult) -> None:
+    def on_step_end(self, trainer: TrainerServices, result: StepResult) -> None:
         if result.stop_requested:
             result.stop = self.signals.received or "signal on another rank"
         elif self.stop_at_step and self.num_steps > result.step >= self.stop_at_step:
