@@ -27,11 +27,11 @@ from optsel.config_loader import ConfigError, dump_yaml
 from optsel.monitoring.sinks import MultiSink, build_sinks
 from optsel.pipeline.checkpoint.run_lock import RunDirBusyError, RunLock
 from optsel.pipeline.data import loaders as data_lib
-from optsel.pipeline.data.held_out import held_out_batches
 from optsel.pipeline.data.tokenizer import load_tokenizer
 from optsel.pipeline.engines.shared import Batch, build_engine
 from optsel.pipeline.train.callbacks import CheckpointCallback, StepResult, StopSignals, build_callbacks
 from optsel.pipeline.train.evaluate import EvalResult, evaluate
+from optsel.pipeline.train.held_out import held_out_batches
 from optsel.pipeline.train.model import build_model
 from optsel.pipeline.train.run_config import RunConfig, method_config
 from optsel.pipeline.train.state import TrainerState

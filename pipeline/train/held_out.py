@@ -4,7 +4,7 @@ evaluation samples, both from the front of the val split, checked for loss token
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,11 +13,14 @@ from optsel.config_loader import ConfigError
 from optsel.pipeline.data import loaders as data_lib
 from optsel.selection.base import Batch
 
+if TYPE_CHECKING:  # run_config imports nothing from here; annotations only
+    from optsel.pipeline.train.run_config import RunConfig
+
 log = logging.getLogger("optsel.train")
 
 
 def held_out_batches(
-    config: Any, dist: Any, pad_id: int, max_seq_len: int | None, vocab_size: int
+    config: RunConfig, dist: distributed.DistInfo, pad_id: int, max_seq_len: int | None, vocab_size: int
 ) -> tuple[Batch, list[Batch], int]:
     """(target batch, eval batches, eval samples without a loss token over all ranks) of this rank.
     ``config`` is the RunConfig; collective (every rank calls it)."""
@@ -38,7 +41,9 @@ def held_out_batches(
     return target, eval_batches, empty_eval
 
 
-def check_loss_tokens(config: Any, dist: Any, target: Batch, eval_batches: list[Batch], max_seq_len: int | None) -> int:
+def check_loss_tokens(
+    config: RunConfig, dist: distributed.DistInfo, target: Batch, eval_batches: list[Batch], max_seq_len: int | None
+) -> int:
     """Refuse a target or eval split in which no sample has a loss token (every label -100: the
     eval loss would read 0.0, which looks perfect); count and warn for single such samples. Returns
     the number of eval samples without a loss token (all ranks)."""
