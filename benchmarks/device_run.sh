@@ -18,7 +18,7 @@ timeout 120 python3 -m benchmarks.single_pass_check --device cuda --dtype bfloat
 # since 2026-11-27 the speed benchmark runs 5 interleaved rounds, counts FLOPs and runs an N/k/|V| FLOP grid
 # (N up to 1024): budgets raised from 240/150 s by estimate, not yet measured on a GPU machine
 timeout "${GPU_S:-360}" python3 -m benchmarks.speed --device cuda --max-T "${GPU_MAX_T:-4096}" --out "$OUT/speed_cuda" 2>&1 | tail -60
-# issue 22: each method's step / a plain step on the k it trains on, N/k 2, 4, 8 (estimated budget, unmeasured)
+# the overhead ratio: each method's step / a plain step on the k it trains on, N/k 2, 4, 8 (estimated budget, unmeasured)
 timeout "${OVH_S:-300}" python3 -m benchmarks.overhead --device cuda --sizes gpu-100m,cpu-compute --ratios 2,4,8 --out "$OUT/overhead_cuda" 2>&1 | tail -80
 timeout "${CPU_S:-240}" python3 -m benchmarks.speed --device cpu --max-T 1024 --out "$OUT/speed_cpu16" 2>&1 | tail -60
 ls -R "$OUT"

@@ -344,7 +344,7 @@ def rows_against_reference(
     return rows, rest
 
 
-#: LoRA rows (issue 26, written 2026-12-02 before their first run): peft adapters r = 8, alpha 16 on the
+#: LoRA rows (written 2026-12-02 before their first run): peft adapters r = 8, alpha 16 on the
 #: attention projections (optsel's LoraSettings defaults); the reference is the plain LoRA step on the k rows
 #: (the random selector's step), and the full fine-tuning rows of the same model size are timed beside them
 LORA_CONFIGS = [
@@ -393,7 +393,7 @@ def lora_table(device, n, T, k, repeats, size: str = "small") -> dict:
     return rows_against_reference(methods, pools, target, device, f"{size} lora", "LoRA", width=28)[0]
 
 
-#: Muon rows (issue 23, written 2026-12-02 15:15 UTC before their first run): optimizer.name muon (Muon + AdamW,
+#: Muon rows (written 2026-12-02 15:15 UTC before their first run): optimizer.name muon (Muon + AdamW,
 #: the usual hybrid split, pipeline/engines/muon.py; the project's Muon defaults) on the step table's model; the
 #: reference is the plain Muon step on the k rows (the random selector's step); FTW with geometry auto (the exact
 #: NS Jacobian on the Muon matrices) and the Muon grid's control models; the AdamW rows of the same model beside
