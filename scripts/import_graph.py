@@ -83,7 +83,7 @@ ROOMS = {
         "pipeline.train",
         "pipeline",
     ],
-    "selection": ["selection", "selection.baselines"],
+    "selection": ["selection", "selection.ftw", "selection.baselines"],
 }
 ENGINE_NAME = re.compile(r"(?i)deepspeed|fsdp|zero-?3|dtensor|fully_shard|^ds_(?!target)\w+")
 

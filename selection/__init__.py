@@ -1,9 +1,12 @@
 """Selection algorithms (engine-agnostic): the Selector interface, FTW and baselines.
 
-``FilterThenWeight``, ``FTWConfig`` and ``Selection`` are importable from here; FTW is loaded lazily
-(PEP 562) so that ``import optsel.selection.base`` stays light.
+``FilterThenWeight``, ``FTWConfig`` and ``Selection`` are importable from here; FTW (selection/ftw/) is
+loaded lazily (PEP 562) so that ``import optsel.selection.base`` stays light. The lazy import goes by
+name, as the selector registry's does (base.py): the shared room does not depend on the FTW room, it
+only re-exports it.
 """
 
+import importlib
 from typing import Any
 
 __all__ = ["FilterThenWeight", "FTWConfig", "Selection"]
@@ -11,9 +14,7 @@ __all__ = ["FilterThenWeight", "FTWConfig", "Selection"]
 
 def __getattr__(name: str) -> Any:
     if name in ("FilterThenWeight", "FTWConfig"):
-        from optsel.selection import ftw
-
-        return getattr(ftw, name)
+        return getattr(importlib.import_module("optsel.selection.ftw"), name)
     if name == "Selection":
         from optsel.selection.base import Selection
 

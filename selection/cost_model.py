@@ -30,6 +30,7 @@ with exchange: direction the survivors' factors (m·T·Σd) are weighed against 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NotRequired, TypedDict, Unpack
 
 #: a byte across ranks costs the time of this many FLOPs (≈ 1e12 FLOP/s of a rank's selector kernels
 #: against ≈ 10 GB/s of inter-node bandwidth per rank)
@@ -44,6 +45,39 @@ EXCHANGES = ("direction", "factors", "sketches")
 
 
 @dataclass(frozen=True)
+class LayerShape:
+    """One covered layer in one step: T tokens per sample, the layer's d_in and d_out, the global pool
+    N = ``n``, ``m`` survivors, R = ``world`` ranks, the sketch's k_o × k_i, the bytes of an element of
+    the compute dtype (``esz``) and of the direction's wire dtype (``wire_esz``; None: ``esz``)."""
+
+    T: int
+    d_in: int
+    d_out: int
+    n: int
+    m: int
+    world: int
+    k_out: int
+    k_in: int
+    esz: int = 4
+    wire_esz: int | None = None
+
+
+class LayerShapeFields(TypedDict):
+    """:class:`LayerShape`'s fields as keyword arguments (:func:`layer_cost`, :func:`choose_backend`)."""
+
+    T: int
+    d_in: int
+    d_out: int
+    n: int
+    m: int
+    world: int
+    k_out: int
+    k_in: int
+    esz: NotRequired[int]
+    wire_esz: NotRequired[int | None]
+
+
+@dataclass(frozen=True)
 class LayerCost:
     bytes: float
     flops: float
@@ -52,24 +86,17 @@ class LayerCost:
         return self.flops + FLOPS_PER_BYTE * self.bytes
 
 
-def layer_cost(
-    exchange: str,
-    backend: str,
-    *,
-    T: int,
-    d_in: int,
-    d_out: int,
-    n: int,
-    m: int,
-    world: int,
-    k_out: int,
-    k_in: int,
-    esz: int = 4,
-    wire_esz: int | None = None,
-) -> LayerCost:
+def layer_cost(exchange: str, backend: str, **shape: Unpack[LayerShapeFields]) -> LayerCost:
+    """:func:`cost_of` with the layer's shape as keywords (:class:`LayerShape`'s fields)."""
+    return cost_of(exchange, backend, LayerShape(**shape))
+
+
+def cost_of(exchange: str, backend: str, shape: LayerShape) -> LayerCost:
     """Bytes and FLOPs of one covered layer in one step (see the module docstring)."""
-    wire_esz = esz if wire_esz is None else wire_esz
-    R = max(int(world), 1)
+    T, d_in, d_out, n, m = shape.T, shape.d_in, shape.d_out, shape.n, shape.m
+    k_out, k_in, esz = shape.k_out, shape.k_in, shape.esz
+    wire_esz = esz if shape.wire_esz is None else shape.wire_esz
+    R = max(int(shape.world), 1)
     sd, dd, k2 = d_in + d_out, d_in * d_out, k_out * k_in
     n_l = n / R
     multi = R > 1
@@ -105,42 +132,18 @@ def layer_cost(
     return LayerCost(bytes=nbytes if multi else 0.0, flops=align + extra)
 
 
-def choose_backend(
-    exchange: str,
-    *,
-    T: int,
-    d_in: int,
-    d_out: int,
-    n: int,
-    m: int,
-    world: int,
-    k_out: int,
-    k_in: int,
-    max_temp_elems: int,
-    esz: int = 4,
-    wire_esz: int | None = None,
-) -> str:
-    """``gram: auto``'s per-layer choice (module docstring). exchange "sketches" allows only sketch."""
+def choose_backend(exchange: str, *, max_temp_elems: int, **shape: Unpack[LayerShapeFields]) -> str:
+    """:func:`backend_for` with the layer's shape as keywords (:class:`LayerShape`'s fields)."""
+    return backend_for(exchange, LayerShape(**shape), max_temp_elems)
+
+
+def backend_for(exchange: str, shape: LayerShape, max_temp_elems: int) -> str:
+    """``gram: auto``'s per-layer choice (module docstring). exchange "sketches" allows only sketch;
+    ghost only while T² fits ``max_temp_elems``."""
     if exchange == "sketches":
         return "sketch"
-    allowed = [b for b in ACCURACY_ORDER if b != "ghost" or T * T <= max_temp_elems]
-    times = {
-        b: layer_cost(
-            exchange,
-            b,
-            T=T,
-            d_in=d_in,
-            d_out=d_out,
-            n=n,
-            m=m,
-            world=world,
-            k_out=k_out,
-            k_in=k_in,
-            esz=esz,
-            wire_esz=wire_esz,
-        ).time()
-        for b in allowed
-    }
+    allowed = [b for b in ACCURACY_ORDER if b != "ghost" or shape.T * shape.T <= max_temp_elems]
+    times = {b: cost_of(exchange, b, shape).time() for b in allowed}
     cheapest = min(times.values())
     return next(b for b in allowed if times[b] <= ACCURACY_SLACK * cheapest)
 
@@ -152,6 +155,10 @@ __all__ = [
     "FLOPS_PER_BYTE",
     "REFERENCE_WORLD",
     "LayerCost",
+    "LayerShape",
+    "LayerShapeFields",
+    "backend_for",
     "choose_backend",
+    "cost_of",
     "layer_cost",
 ]

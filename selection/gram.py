@@ -18,45 +18,18 @@ from __future__ import annotations
 import torch
 
 from optsel import distributed
-from optsel.selection.preconditioner import LayerBlock
+from optsel.selection.cost_model import LayerShape, backend_for
+from optsel.selection.layers import CoveredLayer
+from optsel.selection.preconditioner import LayerBlock, LayerGeometry, empty_block
 
 BACKENDS = ("exact", "ghost", "sketch", "auto")
 
 
-def auto_backend(
-    T: int,
-    d_in: int,
-    d_out: int,
-    max_ghost_elems: int,
-    *,
-    n: int = 1,
-    m: int = 1,
-    world: int = 1,
-    exchange: str = "factors",
-    k_out: int = 32,
-    k_in: int = 32,
-    esz: int = 4,
-    wire_esz: int | None = None,
-) -> str:
-    """``gram: auto`` for one layer: :func:`optsel.selection.cost_model.choose_backend` (bytes and
-    FLOPs of the step for pool N = ``n``, ``m`` survivors, R = ``world`` ranks and ``exchange``; ghost
-    only while T² fits ``max_ghost_elems``)."""
-    from optsel.selection.cost_model import choose_backend
-
-    return choose_backend(
-        exchange,
-        T=int(T),
-        d_in=d_in,
-        d_out=d_out,
-        n=n,
-        m=m,
-        world=world,
-        k_out=k_out,
-        k_in=k_in,
-        max_temp_elems=max_ghost_elems,
-        esz=esz,
-        wire_esz=wire_esz,
-    )
+def auto_backend(exchange: str, shape: LayerShape, max_ghost_elems: int) -> str:
+    """``gram: auto`` for one layer: :func:`optsel.selection.cost_model.backend_for` (bytes and FLOPs of
+    the step for ``shape``'s pool N, m survivors, R ranks and ``exchange``; ghost only while T² fits
+    ``max_ghost_elems``)."""
+    return backend_for(exchange, shape, max_ghost_elems)
 
 
 def _grads(A: torch.Tensor, D: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
@@ -153,6 +126,20 @@ def rank_one_factors(
     sums = rank_one_partials(blocks, d_out, d_in)
     sums = distributed.all_reduce_sum(sums, counter) if sharded else sums
     return rank_one_from_sums(sums, d_out, d_in)
+
+
+def layer_rank_one_factors(
+    geometry: LayerGeometry,
+    layer: CoveredLayer,
+    dtype: torch.dtype,
+    device: torch.device,
+    sharded: bool,
+    counter: distributed.CommCounter | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rank_one_factors` of one covered layer's P from this rank's blocks of ``geometry`` (an empty
+    block, ``dtype`` on ``device``, where this rank holds none): (r [d_out], c [d_in])."""
+    blocks = geometry.blocks or [empty_block(dtype, device)]
+    return rank_one_factors(blocks, layer.d_out, layer.d_in, sharded, counter)
 
 
 def ghost_diag(

@@ -216,6 +216,11 @@ class LayerBlock:
     momentum: torch.Tensor | None
 
 
+def empty_block(dtype: torch.dtype, device: torch.device) -> LayerBlock:
+    """A block with no rows and no columns (a rank that holds none of a layer): P [0, 0], no momentum."""
+    return LayerBlock(slice(0, 0), slice(0, 0), torch.zeros(0, 0, dtype=dtype, device=device), None)
+
+
 @dataclass
 class LayerGeometry:
     blocks: list[LayerBlock]

@@ -11,8 +11,8 @@ import torch
 
 from optsel.selection.base import Selection
 from optsel.selection.ftw import FilterThenWeight, FTWConfig
-from optsel.selection.prefilter import scoring_window
-from optsel.selection.two_stage import Stage1, SurvivorPool
+from optsel.selection.ftw.prefilter import scoring_window
+from optsel.selection.ftw.two_stage import Stage1, SurvivorPool
 
 from support.bruteforce import adam_precond, make_batch, per_sample_grads, tiny_llama, train_steps
 from support.common import REPO

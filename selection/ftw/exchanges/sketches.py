@@ -1,4 +1,5 @@
-"""FTW with ``exchange="sketches"``: alignment, diag K and Gram from k_o × k_i sketches only (docs/design.md §3–§4).
+"""FTW with ``exchange="sketches"``: alignment, diag K and Gram from k_o × k_i sketches only
+(docs/design.md, "Per-sample gradients in factored form" and "Distributed rules").
 
 The sketch operator (selection/gram.py, P ≈ r cᵀ from the moments, R = diag r, C = diag c, Gaussian
 Π_o [k_o, d_out], Π_i [k_i, d_in] with E[ΠᵀΠ] = I):
@@ -23,7 +24,10 @@ from typing import Any
 
 import torch
 
+from optsel import distributed
 from optsel.selection.capture import Factors
+from optsel.selection.ftw.context import RankOne, StepContext, StepScores
+from optsel.selection.ftw.exchanges.gathered import filtered_gram, gathered_sketches
 from optsel.selection.gram import sketch
 from optsel.selection.preconditioner import LayerBlock
 
@@ -50,88 +54,6 @@ def sketched_alignment(sketches: list[torch.Tensor], directions: torch.Tensor) -
     for S, direction in zip(sketches, directions):
         out += (S * direction).sum(dim=(1, 2)).double()
     return out
-
-
-def select_sketches(
-    ftw: Any,
-    target: Any,
-    local: Factors,
-    geoms: list,
-    rho: float,
-    tau: float,
-    opt_step: int,
-    sizes: list[int],
-    timings: dict[str, float],
-) -> Any:
-    """One FTW step with exchange="sketches" (module docstring): no factor crosses ranks; ``ftw``: the
-    FilterThenWeight."""
-    from optsel import distributed
-    from optsel.selection import gram as gram_ops
-    from optsel.selection.direction_exchange import _empty as _empty_block
-    from optsel.selection.direction_exchange import phase
-
-    layers = ftw.coverage.layers
-    dtype, device = ftw._dtype(local), ftw._device()
-    refreshed = False
-    with phase(timings, ftw.comm, "target"):
-        if ftw.sketch_target.due(ftw.step):
-            if target is None:
-                raise ValueError("target: FilterThenWeight needs a target batch (input_ids, attention_mask, labels)")
-            tf = ftw._target_factors(target)  # joint with the pool's capture when it ran
-            count = distributed.all_reduce_sum(torch.tensor([float(tf.num_samples)], dtype=torch.float64), ftw.comm)
-            ftw.sketch_target.update(tf, dtype, int(count[0]), ftw.step)
-            refreshed = True
-
-    with phase(timings, ftw.comm, "gather"):
-        backends = ["sketch"] * len(layers)
-        factors_rc = [
-            gram_ops.rank_one_factors(
-                g.blocks or [_empty_block(dtype, device)], layer.d_out, layer.d_in, not ftw.reader.replicated, ftw.comm
-            )
-            for layer, g in zip(layers, geoms)
-        ]
-        projections = ftw._projections(backends, dtype)
-        sketches = ftw._sketches(local, dtype, backends, factors_rc, projections)
-        tokens = distributed.all_gather_cat(local.tokens, ftw.comm) if distributed.is_distributed() else local.tokens
-
-    with phase(timings, ftw.comm, "alignment"):
-        owns_moments = not ftw.reader.replicated or distributed.info().rank == 0  # replicated: count once
-        parts = []
-        for i, g in enumerate(geoms):
-            r, c = factors_rc[i]
-            po, pi = projections[i]
-            target_sum = ftw.sketch_target.sketch_sum(i, r, c, po, pi)
-            momentum = (
-                momentum_sketch_partial(g.blocks, r, c, po, pi)
-                if rho and owns_moments
-                else torch.zeros_like(target_sum)
-            )
-            parts.append(torch.stack([target_sum, momentum]))
-        packed = torch.stack(parts)  # [L, 2, k_o, k_i]
-        if distributed.is_distributed():
-            packed = distributed.all_reduce_sum(packed, ftw.comm)
-        directions = packed[:, 0] / max(ftw.sketch_target.count, 1) - rho * packed[:, 1]
-        alignment = sketched_alignment(sketches, directions)
-
-    with phase(timings, ftw.comm, "gram"):
-        diag = sum(S.reshape(S.shape[0], -1).square().sum(1).double() for S in sketches)
-
-    return ftw._finish(
-        alignment,
-        diag,
-        tau,
-        rho,
-        opt_step,
-        sizes,
-        geoms,
-        backends,
-        timings,
-        {},
-        lambda filtered: ftw._filtered_gram(None, geoms, backends, factors_rc, sketches, filtered),
-        refreshed,
-        tokens=tokens,
-        seq_len=int(local.A[0].shape[1]) if local.A else 1,
-    )
 
 
 class SketchTarget:
@@ -171,3 +93,67 @@ class SketchTarget:
         self.A, self.D = state.get("A"), state.get("D")
         self.count = int(state.get("count", 0))
         self.computed_at = state.get("computed_at")
+
+
+class SketchExchange:
+    """``exchange="sketches"`` (module docstring): no factor crosses ranks; ``sketch_target``: the
+    selector's local target factors."""
+
+    name = "sketches"
+
+    def __init__(self, sketch_target: SketchTarget):
+        self.sketch_target = sketch_target
+
+    def select(self, ctx: StepContext) -> StepScores:
+        layers, geoms, comm, dtype, local = ctx.layers, ctx.geoms, ctx.comm, ctx.dtype, ctx.local
+        rho = ctx.coefficients.rho
+        target_state = self.sketch_target
+
+        def refresh(target: dict[str, torch.Tensor]) -> None:
+            tf = ctx.services.target_factors(target)  # joint with the pool's capture when it ran
+            count = distributed.all_reduce_sum(torch.tensor([float(tf.num_samples)], dtype=torch.float64), comm)
+            target_state.update(tf, dtype, int(count[0]), ctx.step)
+
+        refreshed = ctx.refresh_target(target_state.due(ctx.step), refresh)
+
+        with ctx.phase("gather"):
+            backends = ["sketch"] * len(layers)
+            factors_rc: list[RankOne | None] = [ctx.rank_one(i) for i in range(len(layers))]
+            projections = ctx.services.projections(backends, dtype)
+            sketches = gathered_sketches(ctx, backends, factors_rc, projections)
+            tokens = distributed.all_gather_cat(local.tokens, comm) if distributed.is_distributed() else local.tokens
+
+        with ctx.phase("alignment"):
+            owns_moments = not ctx.reader.replicated or distributed.info().rank == 0  # replicated: count once
+            parts = []
+            for i, g in enumerate(geoms):
+                r, c = factors_rc[i]
+                po, pi = projections[i]
+                target_sum = target_state.sketch_sum(i, r, c, po, pi)
+                momentum = (
+                    momentum_sketch_partial(g.blocks, r, c, po, pi)
+                    if rho and owns_moments
+                    else torch.zeros_like(target_sum)
+                )
+                parts.append(torch.stack([target_sum, momentum]))
+            packed = torch.stack(parts)  # [L, 2, k_o, k_i]
+            if distributed.is_distributed():
+                packed = distributed.all_reduce_sum(packed, comm)
+            directions = packed[:, 0] / max(target_state.count, 1) - rho * packed[:, 1]
+            alignment = sketched_alignment(sketches, directions)
+
+        with ctx.phase("gram"):
+            diag = sum(S.reshape(S.shape[0], -1).square().sum(1).double() for S in sketches)
+
+        return StepScores(
+            alignment=alignment,
+            diag=diag,
+            backends=backends,
+            gram_of=lambda filtered: filtered_gram(ctx, None, backends, factors_rc, sketches, filtered),
+            refreshed=refreshed,
+            tokens=tokens,
+            seq_len=int(local.A[0].shape[1]) if local.A else 1,
+        )
+
+
+__all__ = ["SketchExchange", "SketchTarget", "momentum_sketch_partial", "sketched_alignment"]

@@ -1,5 +1,5 @@
-"""Stage 1 of two-stage FTW (``prefilter: head``, docs/design.md §10): the output layer's exact alignment
-from a forward pass alone.
+"""Stage 1 of two-stage FTW (``prefilter: head``, docs/design.md, "Two stages"): the output layer's exact
+alignment from a forward pass alone.
 
 For the output layer z_t = W h_t (W: [V, d], the LM head; tied to the input embedding or not) the
 gradient of sample i's token-mean loss is G_i = Δ_iᵀ H_i with H_i [T, d] the head's inputs and

@@ -1,4 +1,5 @@
-"""Filter: u_i = b_i − (τ/2) K_ii, keep the top m with u > 0 (docs/design.md §2)."""
+"""Filter: u_i = b_i − (τ/2) K_ii, keep the top m with u > 0
+(docs/design.md, "The optimiser-aware utility, the filter and the weight QP")."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""Two-stage FTW's plumbing (``prefilter: head``, docs/design.md §10): stage 1's scores over the whole
+"""Two-stage FTW's plumbing (``prefilter: head``, docs/design.md, "Two stages"): stage 1's scores over the whole
 pool, the survivors' pool that stage 2 runs on, and the map of stage 2's selection back to the pool.
 
 Stage 1 (:class:`HeadPrefilter`) scores every candidate with the output layer's exact alignment from a
-forward pass (selection/prefilter.py) and keeps the global top m by u. Each rank then builds a pool of
+forward pass (selection/ftw/prefilter.py) and keeps the global top m by u. Each rank then builds a pool of
 its own survivors, padded to the largest rank's count with rows that carry no label (zero loss, zero
 gradient, never eligible), so every rank runs the same number of stage-2 passes — ZeRO-3's gathers and
 FSDP2's collectives stay in step — and R ranks pick what one process picks. Stage 2 is the exact FTW
@@ -15,19 +15,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from optsel import distributed
 from optsel.selection import gram as gram_ops
 from optsel.selection.alignment import target_direction
 from optsel.selection.base import Batch, Selection, split_local
 from optsel.selection.capture import Factors, gather_factors
-from optsel.selection.direction_exchange import full_matrix, gather_batch, phase
-from optsel.selection.filter import filter_candidates, utility
+from optsel.selection.ftw.context import Coefficients, require_target
+from optsel.selection.ftw.filter import filter_candidates, utility
+from optsel.selection.ftw.gathering import full_matrix, gather_batch
+from optsel.selection.ftw.prefilter import IGNORE, HeadScorer, output_layer
 from optsel.selection.ftw_config import FTWConfig
 from optsel.selection.layers import CoveredLayer
 from optsel.selection.model_view import ModelView
 from optsel.selection.preconditioner import LayerBlock, LayerGeometry, OptimizerStateReader, layer_geometry
-from optsel.selection.prefilter import IGNORE, HeadScorer, output_layer
+from optsel.selection.timing import phase
 
 
 @dataclass
@@ -50,12 +53,21 @@ class Stage1:
 class HeadPrefilter:
     """Stage 1 over the whole pool: the output layer's exact b_i and K_ii, u_i = b_i − (τ/(2k)) K_ii,
     top m. ``covered``: the coverage's layers (to find the head's stage-2 target block for
-    ``prefilter_target: reuse``)."""
+    ``prefilter_target: reuse``); ``coefficients``: (ρ, τ, optimizer step) of a list of geometries (the
+    selector's); ``generator``: draws the ``prefilter_target_rows`` (the selector's: the same on every rank)."""
 
     def __init__(
-        self, model, view: ModelView, reader: OptimizerStateReader, config: FTWConfig, covered: list[CoveredLayer]
+        self,
+        model: nn.Module,
+        view: ModelView,
+        reader: OptimizerStateReader,
+        config: FTWConfig,
+        covered: list[CoveredLayer],
+        coefficients: Callable[[list[LayerGeometry]], Coefficients],
+        generator: torch.Generator | None = None,
     ):
         self.config, self.reader = config, reader
+        self.coefficients, self.generator = coefficients, generator
         self.head = output_layer(model, view)
         try:
             reader.read(self.head.param)
@@ -73,19 +85,16 @@ class HeadPrefilter:
         target: Batch | None,
         sizes: list[int],
         dtype: torch.dtype,
-        coefficients: Callable[[list[LayerGeometry]], tuple[float, float, int]],
         stage2_target: list[torch.Tensor] | None,
         comm: distributed.CommCounter,
         timings: dict[str, float],
-        generator: torch.Generator | None = None,
     ) -> Stage1:
         """Stage 1 (class docstring). ``stage2_target``: this rank's blocks of the head's last stage-2
-        target gradient (``prefilter_target: reuse``), or None. ``generator``: draws the
-        ``prefilter_target_rows`` (the selector's: the same on every rank)."""
+        target gradient (``prefilter_target: reuse``), or None."""
         cfg = self.config
         head, device = self.head, self.head.param.device
         geom = self.geometry(dtype)
-        rho, tau, opt_step = coefficients([geom])
+        rho, tau, opt_step = self.coefficients([geom])
         keep = cfg.prefilter_stage2 == "head"
         n_global, k = sum(sizes), min(cfg.budget, sum(sizes))
         with phase(timings, comm, "stage1_target"):
@@ -93,15 +102,11 @@ class HeadPrefilter:
             if reused:
                 gv_blocks = [gv.to(device, dtype) for gv in stage2_target]
             else:
-                if target is None:
-                    raise ValueError(
-                        "target: FilterThenWeight needs a target batch (input_ids, attention_mask, labels)"
-                    )
-                whole_target = gather_batch(target, comm)  # every rank: the whole target
+                whole_target = gather_batch(require_target(target), comm)  # every rank: the whole target
                 rows = cfg.prefilter_target_rows
                 if rows is not None and rows < int(whole_target["input_ids"].shape[0]):
                     pick = (
-                        torch.randperm(int(whole_target["input_ids"].shape[0]), generator=generator)[:rows]
+                        torch.randperm(int(whole_target["input_ids"].shape[0]), generator=self.generator)[:rows]
                         .sort()
                         .values
                     )
