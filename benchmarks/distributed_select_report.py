@@ -295,7 +295,7 @@ def notes(rows: list[dict], meta: dict) -> list[str]:
             f"here, {min(ratios):.1f}–{max(ratios):.1f}× the engine's traffic of this 107k-parameter model (one "
             f"sample's {meta['sketch_dim']}×{meta['sketch_dim']} sketch per layer against a 64×64 layer). It does not grow with T or d: for a "
             f"7B Llama (224 linear layers, bf16 parameter traffic ≈ 3 · 6.7e9 · 2 B ≈ 40 GB per step) the same "
-            f"N = 64, 32×32 sketches are 64 · 224 · 1024 · 4 B ≈ 59 MB ≈ 0.15 % (analytic), inside docs/design.md §4's 1 %. "
+            f"N = 64, 32×32 sketches are 64 · 224 · 1024 · 4 B ≈ 59 MB ≈ 0.15 % (analytic), inside docs/design.md#distributed's 1 %. "
             f"The price is a sketched alignment b (see tests/unit/test_ftw_math.py and the quality benchmark's "
             f"ftw_sketch_exchange row)."
         )

@@ -1,4 +1,4 @@
-"""The per-sample loss, one definition for selection and training (docs/design.md §1).
+"""The per-sample loss, one definition for selection and training (docs/design.md#the-step).
 
 ℓ_i = token-mean cross-entropy of sample i over its labelled positions: logits [n, T, V] at position t
 predict labels [n, T] at t+1; positions labelled -100 are ignored. FTW's capture, the baselines' scores,

@@ -303,7 +303,7 @@ def report(edges: list[Import], allow: set[tuple[str, str]], out=sys.stdout, roo
     print(
         "\nrule: benchmarks -> launch -> pipeline -> selection -> optsel core, downward only;"
         "\n      inside pipeline: (export, config reference) -> train -> data -> engines -> checkpoint -> files;"
-        "\n      inside selection: baselines -> selection;"
+        "\n      inside selection: baselines -> ftw -> selection (the shared pieces);"
         "\n      monitoring is imported by pipeline/launch/benchmarks and imports only the optsel core;"
         "\n      the optsel core imports no subpackage",
         file=out,

@@ -8,5 +8,6 @@ bash scripts/install_container_tools.sh   # podman, runc, debootstrap for tests/
 # The checks a maintainer runs: lint and format (config in pyproject's [tool.ruff]).
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+bash scripts/typecheck.sh   # mypy on the package layout (pyproject's [tool.mypy])
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/optsel/torch_extensions}
 exec .venv/bin/python -m pytest -q -ra "$@"

@@ -1,4 +1,4 @@
-"""The default QP solver of the weight step (docs/design.md §2): a primal active-set method in float64
+"""The default QP solver of the weight step (docs/design.md#utility-filter-qp): a primal active-set method in float64
 NumPy. max_w bᵀw − (τ/2) wᵀKw s.t. w ≥ 0, Σw = 1, (w ≤ cap); a few dozen small KKT solves at m = 32
 (≈0.1–0.5 ms measured, ``benchmarks/speed.py``)."""
 

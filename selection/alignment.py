@@ -1,4 +1,4 @@
-"""Alignment b_i = ⟨P g_i, g_V − ρ m̂⟩ by the target-side trick (docs/design.md §3).
+"""Alignment b_i = ⟨P g_i, g_V − ρ m̂⟩ by the target-side trick (docs/design.md#factored-gradients).
 
 M = P ⊙ (G_V − ρ m̂) moves the preconditioner to the target side, so for a linear layer
 b_i = Σ_t δ_tᵀ M a_t = Σ (Δ_i M) ⊙ A_i: one GEMM per layer, no per-sample gradient materialized.

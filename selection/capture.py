@@ -1,4 +1,4 @@
-"""Per-sample gradient factors from one forward/backward over a batch (docs/design.md §3).
+"""Per-sample gradient factors from one forward/backward over a batch (docs/design.md#factored-gradients).
 
 For a covered linear layer y = a Wᵀ (W: [d_out, d_in]) the gradient of sample i's own loss is
 G_i = Δ_iᵀ A_i with A_i [T, d_in] the layer inputs and Δ_i [T, d_out] the gradients of ℓ_i

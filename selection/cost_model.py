@@ -1,4 +1,4 @@
-"""Bytes and FLOPs of one FTW step per covered layer, per exchange and Gram backend (docs/design.md §4).
+"""Bytes and FLOPs of one FTW step per covered layer, per exchange and Gram backend (docs/design.md#distributed).
 
 Used twice: ``gram: auto`` picks each layer's backend with :func:`choose_backend`, and
 ``benchmarks/cost_model.py`` sums :func:`layer_cost` over Llama shapes against the engines' own traffic.

@@ -55,10 +55,10 @@ class FTWConfig:
     compute_dtype: Literal["auto", "float32", "float64"] = "auto"
     #: what crosses ranks — direction: the parameter-shaped M = P ⊙ (G_V − ρ m̂), gathered layer by layer
     #: like the weight, b exact and only N scalars; the target's token ids and the survivors' sketches or
-    #: factors cross ranks (selection/direction_exchange.py) | factors: every candidate's and the target's
+    #: factors cross ranks (selection/ftw/exchanges/direction.py) | factors: every candidate's and the target's
     #: (A, Δ), T·(d_in + d_out) floats per sample and layer, b exact | sketches: needs gram sketch, only
     #: k_o·k_i floats per sample and layer, b sketched too with P ≈ r cᵀ on the target gradient
-    #: (selection/sketch_exchange.py)
+    #: (selection/ftw/exchanges/sketches.py)
     exchange: Literal["direction", "factors", "sketches"] = "direction"
     #: exchange direction: the dtype M crosses ranks in — compute (compute_dtype: exact) | bfloat16 (half
     #: the bytes, b rounded)
@@ -94,7 +94,7 @@ class FTWConfig:
     #: two stages (docs/design.md, Two stages) — none: every candidate gets the exact b and
     #: diag K from a forward/backward over the whole pool | head: stage 1, a forward-only pass over the
     #: pool, scores every candidate by the output layer's exact per-sample alignment
-    #: (selection/prefilter.py); the top m (filter_size, or filter_ratio·N) go to stage 2, which runs the
+    #: (selection/ftw/prefilter.py); the top m (filter_size, or filter_ratio·N) go to stage 2, which runs the
     #: exact machinery, the QP and the single pass on those m rows only
     prefilter: Literal["none", "head"] = "none"
     #: prefilter head: W, the tokens per sample scored in stage 1 (null: all)

@@ -1,4 +1,4 @@
-"""Preconditioned Gram K_ij = ⟨P^½ g_i, P^½ g_j⟩ per layer, three backends (docs/design.md §3).
+"""Preconditioned Gram K_ij = ⟨P^½ g_i, P^½ g_j⟩ per layer, three backends (docs/design.md#factored-gradients).
 
 - ``exact``: materialize P^½ ⊙ G_i (G_i = Δ_iᵀ A_i) in chunks, GEMM. Works per block [rows, cols]
   of the [d_out, d_in] matrix and returns partial sums (summed over blocks / ranks).

@@ -1,4 +1,4 @@
-"""The Muon geometry: FTW's b and K for parameters that ``torch.optim.Muon`` updates (docs/design.md §11).
+"""The Muon geometry: FTW's b and K for parameters that ``torch.optim.Muon`` updates (docs/design.md#muon-geometry).
 
 torch 2.13's Muon (``torch/optim/_muon.py``) updates a 2-D parameter θ with gradient g as
 
@@ -56,7 +56,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -70,6 +70,9 @@ from optsel.selection.preconditioner import (
     is_adam_like,
     shape_2d,
 )
+
+if TYPE_CHECKING:  # annotations only: ftw_config reads this module's names when it checks options
+    from optsel.selection.ftw_config import FTWConfig
 
 #: optimizer classes (by class name, anywhere in the MRO) whose 2-D parameters follow torch.optim.Muon's update
 MUON_CLASS_NAMES: list[str] = ["Muon"]
@@ -235,7 +238,7 @@ def muon_layer_geometry(
         raise TypeError(
             f"geometry: Muon parameter {layer.name} of shape {tuple(param.shape)} "
             f"({type(param.data).__name__}) is not a 2-D matrix of its layer's full shape "
-            f"({layer.d_out}×{layer.d_in}); the Muon geometry needs the whole matrix (docs/design.md §11)"
+            f"({layer.d_out}×{layer.d_in}); the Muon geometry needs the whole matrix (docs/design.md#muon-geometry)"
         )
     alpha, c = h.mix()
     ratio = (h.lr / lr_ref if lr_ref > 0 else 1.0) * adjust_ratio(h.adjust_lr_fn, param.shape)
@@ -266,7 +269,7 @@ class HybridStateReader(OptimizerStateReader):
     momentum matrix: FSDP2 gathers it one layer at a time); an Adam parameter reads as the engine's own
     Adam reader (``adam_reader(opt)``: the model view's) does under "auto", and as P = I under "muon".
     Sharded (``replicated`` False) when an Adam reader is: Muon contributions are then never summed over
-    ranks (the direction exchange only; docs/design.md §11)."""
+    ranks (the direction exchange only; docs/design.md#muon-geometry)."""
 
     def __init__(
         self, optimizer: Any, geometry: str, adam_reader: Callable[[Any], OptimizerStateReader] = TorchAdamStateReader
@@ -385,7 +388,7 @@ class HybridStateReader(OptimizerStateReader):
         return full
 
 
-def check_config(reader: OptimizerStateReader, layers: Sequence[CoveredLayer], config: Any) -> set[str]:
+def check_config(reader: OptimizerStateReader, layers: Sequence[CoveredLayer], config: FTWConfig) -> set[str]:
     """The covered layers that get the Muon geometry (names); ValueError naming the key for an FTW
     option that cannot carry it. Called once, when FilterThenWeight is built."""
     model = getattr(config, "muon_model", "jacobian")
@@ -402,7 +405,7 @@ def check_config(reader: OptimizerStateReader, layers: Sequence[CoveredLayer], c
     reader.use_model(model)
     if not names or model in ("adam", "identity"):  # read as Adam / P = I layers: the usual machinery
         return set()
-    why = "the Muon geometry's K needs Ĵ g_i from each candidate's factors (docs/design.md §11)"
+    why = "the Muon geometry's K needs Ĵ g_i from each candidate's factors (docs/design.md#muon-geometry)"
     if config.exchange == "sketches":
         raise ValueError(f"exchange: 'sketches' cannot carry the Muon geometry ({why}); use 'direction' or 'factors'")
     if config.gram in ("ghost", "sketch"):
@@ -422,7 +425,7 @@ def check_config(reader: OptimizerStateReader, layers: Sequence[CoveredLayer], c
     return names
 
 
-def rho_scale(config: Any) -> float:
+def rho_scale(config: FTWConfig) -> float:
     """ρ_μ / s: momentum_coef when set, else the curvature scale γ."""
     return float(config.momentum_coef) if config.momentum_coef is not None else float(config.curvature_scale)
 
@@ -434,7 +437,7 @@ def attach(
     names: set[str],
     dtype: torch.dtype,
     tau: float,
-    config: Any,
+    config: FTWConfig,
 ) -> None:
     """Set ``geoms[i].muon`` for the Muon layers (this step's linearisation; c' = τ/γ)."""
     if not names:

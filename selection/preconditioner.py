@@ -1,4 +1,4 @@
-"""The diagonal Adam preconditioner P = 1/(sqrt(v̂)+ε) and momentum m̂ = m/(1−β1^t) (docs/design.md §2).
+"""The diagonal Adam preconditioner P = 1/(sqrt(v̂)+ε) and momentum m̂ = m/(1−β1^t) (docs/design.md#utility-filter-qp).
 
 All reads of optimizer state go through ONE seam, :class:`OptimizerStateReader`: for a covered
 parameter it returns :class:`ParamState` — the optimizer's own β1, β2, ε, step, bias-correction flag
@@ -264,7 +264,7 @@ def layer_geometry(
 
 
 def default_coefficients(step: int, beta1: float, gamma: float = 1.0) -> tuple[float, float]:
-    """(ρ, τ) of docs/design.md §2 at optimizer step t = ``step`` (updates taken so far):
+    """(ρ, τ) of docs/design.md#utility-filter-qp at optimizer step t = ``step`` (updates taken so far):
     ρ = γ β1 (1 − β1^t)/(1 − β1^{t+1}),  τ = γ (1 − β1)/(1 − β1^{t+1})."""
     denom = 1.0 - beta1 ** (step + 1)
     if denom <= 0.0:  # beta1 == 0 and ... only when beta1 == 1 (invalid): keep τ = γ

@@ -1,4 +1,4 @@
-"""One pass over the pool (docs/design.md §8): the capture's backward also yields the training gradient.
+"""One pass over the pool (docs/design.md#single-pass): the capture's backward also yields the training gradient.
 
 FTW's capture runs one forward over the pool and one backward to the outputs of the modules it
 records, which gives every sample's output gradient Δ_i at every recorded module. Samples do not

@@ -1,4 +1,4 @@
-"""Weight: max_w bᵀw − (τ/2) wᵀKw  s.t. w ≥ 0, Σw = 1, (w ≤ w_max), at most k non-zeros (docs/design.md §2).
+"""Weight: max_w bᵀw − (τ/2) wᵀKw  s.t. w ≥ 0, Σw = 1, (w ≤ w_max), at most k non-zeros (docs/design.md#utility-filter-qp).
 
 Three interchangeable QP solvers (same optimum; tests hold them together):
 - ``active_set`` (default, selection/active_set.py): a primal active-set method in float64 NumPy, a

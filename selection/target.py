@@ -1,4 +1,4 @@
-"""The target gradient g_V = mean over target samples of their per-sample gradients (docs/design.md §2).
+"""The target gradient g_V = mean over target samples of their per-sample gradients (docs/design.md#utility-filter-qp).
 
 Held per layer on this rank's blocks as [r, c] slices of the layer's [d_out, d_in] gradient:
 G_V[rows, cols] = (1/|V|) Σ_i Δ_i[:, rows]ᵀ A_i[:, cols]. Under data parallelism the target factors

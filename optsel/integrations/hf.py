@@ -1,6 +1,6 @@
 """optsel inside a Hugging Face ``transformers.Trainer`` (and TRL's ``SFTTrainer``): each optimizer step
 draws a pool of N candidates, an optsel selector (FTW by default) keeps ≤ k of them with weights, and the
-step trains on Σ_i w_i ℓ_i (docs/design.md §1, §7).
+step trains on Σ_i w_i ℓ_i (docs/design.md#the-step, docs/design.md#selection-api).
 
     from optsel.integrations.hf import OptselTrainer
     trainer = OptselTrainer(model=model, args=TrainingArguments(output_dir="out", max_steps=100),
@@ -33,7 +33,7 @@ How the sizes relate (R = ``TrainingArguments.world_size`` data-parallel ranks):
 - The target (validation) batch: the first ``selection.num_target_samples`` rows of ``target_dataset``
   (default: ``eval_dataset``; then evaluation sees those rows too), split over ranks rank::R.
 
-The backward (docs/design.md §8). On one process with no loss scaler, FTW's single pass is used: the
+The backward (docs/design.md#single-pass). On one process with no loss scaler, FTW's single pass is used: the
 capture's own backward gives Σ w_i ∇ℓ_i, written into ``.grad`` by ``PoolPass.accumulate_into_grads`` (no
 second forward), and the Trainer clips and steps as usual. Where the Trainer's backward must run —
 data parallelism (DDP reduces gradients in hooks of its own backward, which a direct ``.grad`` write
@@ -481,7 +481,7 @@ class OptselTrainerMixin(_TrainerBase):
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
     ) -> torch.Tensor:
         """Select ≤ k of this step's pool and accumulate the gradient of R · Σ_local w_i ℓ_i (ℓ_i: the
-        sample's token-mean CE, docs/design.md §1; ``num_items_in_batch`` is not used). Returns the step's
+        sample's token-mean CE, docs/design.md#the-step; ``num_items_in_batch`` is not used). Returns the step's
         global weighted loss Σ w_i ℓ_i divided across ranks (R · local part: the Trainer averages ranks)."""
         del num_items_in_batch
         model.train()

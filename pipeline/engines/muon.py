@@ -24,7 +24,7 @@ from torch import nn
 if TYPE_CHECKING:  # shared.py's configs; the engines import this module lazily
     from optsel.pipeline.engines.shared import OptimizerConfig
 
-#: why engine deepspeed refuses optimizer.name muon (docs/design.md §11)
+#: why engine deepspeed refuses optimizer.name muon (docs/design.md#muon-geometry)
 MUON_REFUSAL = (
     "optimizer.name: 'muon' does not run on engine 'deepspeed': DeepSpeed 0.19.8's ZeRO-3 Muon "
     '(MuonWithAuxAdam: "optimizer": {"type": "muon"} in the DeepSpeed JSON, parameters tagged '

@@ -137,7 +137,7 @@ class RunConfig:
             )
 
     def _check_muon(self) -> None:
-        """optimizer.name muon against the engine and FTW's geometry (docs/design.md §11)."""
+        """optimizer.name muon against the engine and FTW's geometry (docs/design.md#muon-geometry)."""
         geometry = (self.selection.options.get("ftw") or {}).get("geometry", "adam")
         if self.optimizer.name == "muon" and self.engine.name == "deepspeed":
             from optsel.pipeline.engines.muon import MUON_REFUSAL

@@ -4,7 +4,7 @@ No selection math lives here."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import nn
@@ -15,12 +15,15 @@ from optsel.selection.capture import Factors, capture_factors, compute_dtype, fi
 from optsel.selection.model_view import model_view_for
 from optsel.selection.solvers import uniform_topk
 
+#: a baseline's own options dataclass (GreatsConfig, LessConfig, ...)
+ConfigT = TypeVar("ConfigT")
 
-class CoveredLayerSelector(Selector):
+
+class CoveredLayerSelector(Selector, Generic[ConfigT]):
     """A baseline that captures per-sample gradients of the covered layers: it keeps the model, the
     optimizer, its typed config, the engine's model view, the coverage, a CommCounter and a step count."""
 
-    def __init__(self, model: nn.Module, optimizer: Any, config: Any):
+    def __init__(self, model: nn.Module, optimizer: Any, config: ConfigT):
         self.model = model
         self.optimizer = optimizer
         self.config = config

@@ -115,7 +115,7 @@ def greedy_gain(b: torch.Tensor, K: torch.Tensor, k: int, lr: float) -> tuple[to
     return torch.tensor(chosen, dtype=torch.int64), torch.tensor(gains, dtype=torch.float64)
 
 
-class Greats(CoveredLayerSelector):
+class Greats(CoveredLayerSelector[GreatsConfig]):
     """GREATS (module docstring); ``Stateful`` (nothing to restore beyond the step counter)."""
 
     name = "greats"

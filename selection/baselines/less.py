@@ -58,7 +58,7 @@ class LessConfig:
         check_chunk_size("capture_chunk_size", self.capture_chunk_size)
 
 
-class Less(CoveredLayerSelector):
+class Less(CoveredLayerSelector[LessConfig]):
     name = "less"
     needs_target = True
 

@@ -96,7 +96,7 @@ def _real_update(opt, param):
 
 
 def _brute(model, opts, pool, target, names, rho, tau, geometry="auto"):
-    """(b, K) of docs/design.md §11 from the real optimizer's Jacobian and torch.func per-sample gradients."""
+    """(b, K) of docs/design.md#muon-geometry from the real optimizer's Jacobian and torch.func per-sample gradients."""
     muon, adamw = opts
     params = dict(model.named_parameters())
     muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}

@@ -1,4 +1,4 @@
-"""The public API of docs/design.md §7: FTWConfig validation, registry factory, Selection contents,
+"""The public API of docs/design.md#selection-api: FTWConfig validation, registry factory, Selection contents,
 consistency with brute force, fallbacks, target refresh and state_dict round trips."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""FTW's Muon geometry (docs/design.md §11) against brute force, float64, on a hybrid Muon + AdamW tiny Llama.
+"""FTW's Muon geometry (docs/design.md#muon-geometry) against brute force, float64, on a hybrid Muon + AdamW tiny Llama.
 
 The explicit computation: per-sample gradients from torch.func (helpers_bruteforce.per_sample_grads), and for
 every Muon matrix the Jacobian (torch.func.jacfwd: its in-place NS has no reverse mode) of one real torch.optim.Muon update — the functional

@@ -1,4 +1,4 @@
-"""Two-stage FTW (prefilter: head, docs/design.md §10) against brute force on tiny float64 models:
+"""Two-stage FTW (prefilter: head, docs/design.md#two-stage) against brute force on tiny float64 models:
 stage 1 is the output layer's exact per-sample alignment under Adam's P (tied head included), stage 2
 is exact FTW on the survivors, the single pass trains on the chosen rows in pool numbering."""
 
