@@ -343,8 +343,9 @@ POSITIONS = {
     "pipeline.engines": (3.7, 3.3),
     "pipeline.checkpoint": (5.0, 2.9),
     "pipeline.files": (6.0, 2.4),
-    "selection": (0.6, 1.5),
-    "selection.baselines": (2.8, 1.5),
+    "selection.baselines": (0.0, 2.0),
+    "selection.ftw": (2.2, 1.55),
+    "selection": (0.9, 1.0),
     "monitoring": (4.6, 1.5),
     "optsel": (2.6, 0.2),
 }
