@@ -22,6 +22,7 @@ import pytest
 
 from support.common import REPO
 from support.common import cli_env as _env
+from support.common import run_train as _train
 from support.dist import run_distributed
 
 sys.path.insert(0, str(REPO))
@@ -233,15 +234,6 @@ def test_sigterm_to_torchrun_checkpoints_then_resume_matches(data_dir, tmp_path,
 
 
 # -- the checkpoint folder: atomicity, pruning, refusing the wrong checkpoint -------------------------
-def _train(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "optsel.launch.train", "configs/demo.yaml", *args],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from optsel.distributed import DistInfo
 
 from support.common import REPO
 from support.common import cli_env as _env
+from support.common import run_train as _train
 
 SINGLE = DistInfo(rank=0, world_size=1, local_rank=0)
 VAL_COLUMNS = {"tokens": "ndarray:int32", "prompt_len": "int32", "sample_id": "int64", "kind_id": "int32"}
@@ -62,17 +63,6 @@ def _args(data_dir: Path, out: Path, engine: str = "fsdp2", *extra: str) -> list
         "selection.num_target_samples=4",
         *extra,
     ]
-
-
-def _train(args: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "optsel.launch.train", "configs/demo.yaml", *args],
-        cwd=REPO,
-        env=_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def _strict_json(path: Path):

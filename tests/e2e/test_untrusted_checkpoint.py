@@ -13,16 +13,13 @@ import json
 import logging
 import shutil
 import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from support.common import REPO
-from support.common import cli_env as _env
+from support.common import run_train as _train
 
 KEY_VARS = ("OPTSEL_CHECKPOINT_KEY", "OPTSEL_CHECKPOINT_KEY_FILE")
 
@@ -45,17 +42,6 @@ def _args(data_dir: Path, out: Path, *extra: str) -> list[str]:
         "checkpoint.every_steps=1",
         *extra,
     ]
-
-
-def _train(args: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "optsel.launch.train", "configs/demo.yaml", *args],
-        cwd=REPO,
-        env=_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 @pytest.fixture(scope="module")

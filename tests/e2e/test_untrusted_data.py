@@ -28,6 +28,7 @@ from optsel.distributed import DistInfo
 
 from support.common import REPO
 from support.common import cli_env as _env
+from support.common import run_train as _train
 
 SINGLE = DistInfo(rank=0, world_size=1, local_rank=0)
 VAL_COLUMNS = {"tokens": "ndarray:int32", "prompt_len": "int32", "sample_id": "int64", "kind_id": "int32"}
@@ -397,17 +398,6 @@ def test_bad_kinds_json_is_named(data_dir, tmp_path, text, message):
     with pytest.raises(ShardError, match=message):
         data_lib.kinds(tmp_path)
     assert data_lib.kinds(data_dir)["target"] == 0
-
-
-def _train(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "optsel.launch.train", "configs/demo.yaml", *args],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -19,6 +21,19 @@ def cli_env(**extra: str) -> dict[str, str]:
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/optsel/torch_extensions"))
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra)
     return env
+
+
+def run_train(args: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """``optsel.launch.train configs/demo.yaml *args`` in a subprocess from the repository root, with
+    :func:`cli_env` (``env``: extra variables); output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "optsel.launch.train", "configs/demo.yaml", *args],
+        cwd=REPO,
+        env=cli_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def read_split(split_dir: Path) -> list[dict]:
