@@ -111,6 +111,10 @@ class FTWConfig:
     #: replacement by the selector's seeded generator (the same rows on every rank): an unbiased,
     #: noisier G_V at s/|V| of the cost (null: every row)
     prefilter_target_rows: int | None = None
+    #: prefilter head: L, the decoder blocks stage 1's forward runs before the final norm and the output
+    #: layer, an early-exit proxy that costs about L/n_layers of the blocks' forward (0: the embeddings
+    #: straight into the head; null: every block, the exact output-layer score); docs/design.md, Two stages
+    prefilter_depth: int | None = None
 
     def __post_init__(self) -> None:
         def bad(field_name: str, message: str) -> ValueError:
@@ -177,6 +181,17 @@ class FTWConfig:
                 "prefilter_target_rows",
                 f"must be >= 1 with prefilter='head' (got {self.prefilter_target_rows} "
                 f"with prefilter={self.prefilter!r})",
+            )
+        if self.prefilter_depth is not None and (self.prefilter == "none" or self.prefilter_depth < 0):
+            raise bad(
+                "prefilter_depth",
+                f"must be >= 0 with prefilter='head' (got {self.prefilter_depth} with prefilter={self.prefilter!r})",
+            )
+        if self.prefilter_depth is not None and self.prefilter_target == "reuse":
+            raise bad(
+                "prefilter_target",
+                "'reuse' takes the full model's head target gradient, which an early exit (prefilter_depth) "
+                "does not score against: use 'forward'",
             )
         if self.prefilter != "none" and self.exchange == "sketches":
             raise bad("prefilter", "'head' runs stage 2 with the exact b: use exchange 'direction' or 'factors'")

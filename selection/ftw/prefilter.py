@@ -18,6 +18,7 @@ tokens and what that approximates.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -84,6 +85,45 @@ def scoring_window(
     return out, pos
 
 
+def decoder_blocks(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+    """The model's stack of decoder blocks as (parent, attribute, the ``nn.ModuleList``): the one
+    ModuleList whose length is the config's ``num_hidden_layers`` (Llama's ``model.layers``, GPT-2's
+    ``transformer.h``; inside a PEFT wrapper too). A clear error when there is none or several."""
+    config = getattr(model, "config", None)
+    depth = getattr(config, "num_hidden_layers", None)
+    found = [
+        (parent, name, child)
+        for _, parent in model.named_modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.ModuleList) and depth is not None and len(child) == depth
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            f"prefilter_depth: needs one nn.ModuleList of config.num_hidden_layers={depth} decoder blocks, "
+            f"found {len(found)}: use prefilter_depth: null"
+        )
+    return found[0]
+
+
+@contextmanager
+def early_exit(model: nn.Module, depth: int | None) -> Iterator[None]:
+    """Within the block, the model's forward runs only its first ``depth`` decoder blocks, then its final
+    norm and output layer (None: unchanged). The blocks stay the same modules (an engine's hooks on them,
+    ZeRO-3's or FSDP2's, are untouched; a skipped block's parameters are never gathered); only the list
+    the forward iterates is shortened, and restored on exit."""
+    if depth is None:
+        yield
+        return
+    parent, name, blocks = decoder_blocks(model)
+    if depth > len(blocks):
+        raise ValueError(f"prefilter_depth: {depth} exceeds the model's {len(blocks)} decoder blocks")
+    parent._modules[name] = nn.ModuleList(list(blocks)[:depth])  # no re-registration hooks: a plain swap
+    try:
+        yield
+    finally:
+        parent._modules[name] = blocks
+
+
 @dataclass
 class HeadFactors:
     """One chunk's head factors: H [c, W, d] inputs, D [c, W, V] output gradients δ (0 off labels),
@@ -96,10 +136,14 @@ class HeadFactors:
 
 class HeadScorer:
     """Forward-only output-layer factors of a batch (module docstring). ``window``: W tokens per
-    sample or None; ``chunk``: samples per forward given the padded width (None: all)."""
+    sample or None; ``chunk``: samples per forward given the padded width (None: all); ``depth``: the
+    decoder blocks the forward runs before the head (:func:`early_exit`; None: all)."""
 
-    def __init__(self, model: nn.Module, head: CoveredLayer, window: int | None, chunk):
-        self.model, self.head, self.window, self.chunk = model, head, window, chunk
+    def __init__(self, model: nn.Module, head: CoveredLayer, window: int | None, chunk, depth: int | None = None):
+        self.model, self.head, self.window, self.chunk, self.depth = model, head, window, chunk, depth
+        if depth is not None:
+            with early_exit(model, depth):  # fail at construction: no block stack, or too few blocks
+                pass
 
     @torch.no_grad()
     def chunks(self, batch: Mapping[str, torch.Tensor], dtype: torch.dtype) -> Iterator[HeadFactors]:
@@ -116,7 +160,8 @@ class HeadScorer:
         handle = self.head.module.register_forward_hook(lambda mod, inp, out: seen.append((inp[0], out)))
         try:
             kwargs = {"position_ids": pos} if pos is not None else {}
-            logits = self.model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], **kwargs).logits
+            with early_exit(self.model, self.depth):
+                logits = self.model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], **kwargs).logits
         finally:
             handle.remove()
         if len(seen) != 1:
@@ -148,4 +193,4 @@ class HeadScorer:
         return total / max(n, 1)
 
 
-__all__ = ["HeadFactors", "HeadScorer", "output_layer", "scoring_window"]
+__all__ = ["HeadFactors", "HeadScorer", "decoder_blocks", "early_exit", "output_layer", "scoring_window"]

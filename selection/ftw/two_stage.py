@@ -73,7 +73,9 @@ class HeadPrefilter:
             reader.read(self.head.param)
         except KeyError as err:
             raise ValueError(f"optimizer: the output layer {self.head.name} is not in its param_groups") from err
-        self.scorer = HeadScorer(model, self.head, config.prefilter_window, config.capture_chunk)
+        self.scorer = HeadScorer(
+            model, self.head, config.prefilter_window, config.capture_chunk, config.prefilter_depth
+        )
         self.covered_index = next((i for i, layer in enumerate(covered) if layer.param is self.head.param), None)
 
     def geometry(self, dtype: torch.dtype) -> LayerGeometry:

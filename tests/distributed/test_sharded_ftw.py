@@ -299,6 +299,9 @@ def _body(rank: int, world: int, engine_name: str, ds_config_path: str) -> dict:
     out["two_stage"]["local"] = (sel.local_indices.clone(), losses[: sel.local_indices.numel()].clone())
     head_only = dataclasses.replace(TWO_STAGE, prefilter_stage2="head")  # survivors' head factors all-gathered
     out["two_stage_head"] = _sel_fields(FilterThenWeight(model, opt, head_only).select(pool, target))
+    # the early exit: stage 1 runs no decoder block (a skipped block's shards are never gathered)
+    early = dataclasses.replace(TWO_STAGE, prefilter_depth=0)
+    out["two_stage_depth"] = _sel_fields(FilterThenWeight(model, opt, early).select(pool, target))
     engine.close() if hasattr(engine, "close") else None
     return out
 
@@ -333,9 +336,13 @@ def _check_two_stage(results: list[dict]) -> None:
     head_ref, _, _ = _reference(
         results[0]["state_after"], "exact", config=dataclasses.replace(TWO_STAGE, prefilter_stage2="head")
     )
+    depth_ref, _, _ = _reference(
+        results[0]["state_after"], "exact", config=dataclasses.replace(TWO_STAGE, prefilter_depth=0)
+    )
     for rank, res in enumerate(results):
         _assert_same(res["two_stage"], ref, f"two-stage rank {rank}")
         _assert_same(res["two_stage_head"], head_ref, f"two-stage head-only rank {rank}")
+        _assert_same(res["two_stage_depth"], depth_ref, f"two-stage early exit rank {rank}")
     here = [r["two_stage"]["survivors_here"] for r in results]
     assert sum(here) == TWO_STAGE.filter_size and here[0] != here[1]  # uneven: the padding rows ran
     pool = pool_batch()

@@ -27,10 +27,14 @@ def _trained(tie: bool = False):
     return model, opt
 
 
-def _head_bruteforce(model, opt, pool, target, rho, tau, k, with_gram: bool = False):
+def _head_bruteforce(model, opt, pool, target, rho, tau, k, with_gram: bool = False, depth: int | None = None):
     """(b, u) (and K with ``with_gram``) of the output layer's use of its weight, from torch.func per-sample gradients of an untied
-    copy (so a tied weight's embedding use is left out) with the tied parameter's own P, m̂."""
+    copy (so a tied weight's embedding use is left out) with the tied parameter's own P, m̂. ``depth``: the copy
+    keeps only its first ``depth`` decoder blocks (a model built that shallow, with the same weights)."""
     untied = copy.deepcopy(model)
+    if depth is not None:
+        untied.model.layers = torch.nn.ModuleList(list(untied.model.layers)[:depth])
+        untied.config.num_hidden_layers = depth
     untied.config.tie_word_embeddings = False
     untied.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
     P, mhat = adam_precond(opt, model.lm_head.weight)
@@ -172,6 +176,41 @@ def test_windowed_stage1_scores_the_windows_own_tokens_exactly():
     torch.testing.assert_close(sel.utility, u, rtol=1e-9, atol=1e-10 * float(u.abs().max()))
 
 
+def _trained_deep(layers: int = 3):
+    """A tiny float64 Llama like tiny_llama's but ``layers`` blocks deep, a few AdamW steps in."""
+    from transformers import LlamaForCausalLM
+
+    cfg = tiny_llama().config
+    cfg.num_hidden_layers = layers
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(cfg).double().eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train_steps(model, opt, 3)
+    return model, opt
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_early_exit_stage1_is_the_head_alignment_of_the_first_blocks_alone(depth):
+    """prefilter_depth L: stage 1 is the exact head alignment (Adam's P) of the model cut after L blocks
+    (the final norm and head on h_L); every block is back afterwards (stage 2 and training see all)."""
+    model, opt = _trained_deep(3)
+    pool, target = make_batch(N, 9, 11), make_batch(4, 9, 12)
+    cfg = FTWConfig(budget=K, filter_size=M, prefilter="head", gram="exact", prefilter_depth=depth)
+    sel = FilterThenWeight(model, opt, cfg).select(pool, target)
+    rho, tau = sel.diagnostics["momentum_coef"], sel.diagnostics["curvature"]
+    b, u = _head_bruteforce(model, opt, pool, target, rho, tau, K, depth=depth)
+    torch.testing.assert_close(sel.alignment, b, rtol=1e-9, atol=1e-10 * float(b.abs().max()))
+    torch.testing.assert_close(sel.utility, u, rtol=1e-9, atol=1e-10 * float(u.abs().max()))
+    assert len(model.model.layers) == 3
+    full, _ = _head_bruteforce(model, opt, pool, target, rho, tau, K)
+    assert not torch.allclose(full, b)  # the early exit is a different (cheaper) score, not the full one
+    rows = torch.sort(u, descending=True, stable=True).indices[:M].sort().values
+    exact = FilterThenWeight(model, opt, FTWConfig(budget=K, filter_size=M, gram="exact")).select(
+        {key: v[rows] for key, v in pool.items()}, target
+    )
+    assert torch.equal(sel.indices, rows[exact.indices])  # stage 2: exact FTW over all 3 blocks
+
+
 def test_prefilter_config_errors_name_the_key():
     from optsel.pipeline.train.run_config import ConfigError, load_run_config
 
@@ -188,6 +227,15 @@ def test_prefilter_config_errors_name_the_key():
         FTWConfig(budget=2, prefilter="head", prefilter_stage2="head", prefilter_target="reuse")
     with pytest.raises(ValueError, match="prefilter_target_rows: must be >= 1 with prefilter='head'"):
         FTWConfig(budget=2, prefilter_target_rows=4)
+    with pytest.raises(ValueError, match="prefilter_depth: must be >= 0 with prefilter='head'"):
+        FTWConfig(budget=2, prefilter_depth=1)
+    with pytest.raises(ValueError, match="prefilter_depth: must be >= 0"):
+        FTWConfig(budget=2, prefilter="head", prefilter_depth=-1)
+    with pytest.raises(ValueError, match="prefilter_target: 'reuse' takes the full model's head"):
+        FTWConfig(budget=2, prefilter="head", prefilter_depth=1, prefilter_target="reuse")
+    deep, deep_opt = _trained_deep(2)
+    with pytest.raises(ValueError, match="prefilter_depth: 3 exceeds the model's 2 decoder blocks"):
+        FilterThenWeight(deep, deep_opt, FTWConfig(budget=2, prefilter="head", prefilter_depth=3))
     with pytest.raises(ValueError, match="prefilter: 'head' runs stage 2 with the exact b"):
         FTWConfig(budget=2, prefilter="head", gram="sketch", exchange="sketches")
     model, opt = _trained()
