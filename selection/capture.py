@@ -17,8 +17,9 @@ linear use would be half its gradient. A module called several times per forward
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +31,13 @@ from optsel.selection.layers import CoveredLayer
 from optsel.selection.model_view import ModelView, model_view_for
 from optsel.selection.single_pass import Leaf, LeafCall, PoolPass
 
-try:  # GPT-2 style linear with transposed weight
+_CONV1D: tuple[type, ...]  #: transformers' Conv1D (GPT-2 style linear with transposed weight), when importable
+try:
     from transformers.pytorch_utils import Conv1D
+
+    _CONV1D = (Conv1D,)
 except ImportError:  # pragma: no cover - transformers is a hard dependency
-    Conv1D = ()  # type: ignore[assignment]
+    _CONV1D = ()
 
 
 @dataclass
@@ -93,7 +97,7 @@ def find_covered_layers(model: nn.Module, view: ModelView | None = None) -> Cove
     seen: set[int] = set()
     for mod_name, module in model.named_modules():
         is_linear = isinstance(module, nn.Linear)
-        is_conv1d = bool(Conv1D) and isinstance(module, Conv1D)
+        is_conv1d = isinstance(module, _CONV1D)
         if not (is_linear or is_conv1d):
             continue
         weight = module.weight
@@ -115,10 +119,17 @@ def find_covered_layers(model: nn.Module, view: ModelView | None = None) -> Cove
     return Coverage(layers, excluded)
 
 
+class _Hooked(Protocol):
+    """What :class:`_Recorder` hooks: a CoveredLayer or a single-pass Leaf."""
+
+    @property
+    def module(self) -> nn.Module: ...
+
+
 class _Recorder:
     """Forward hooks that keep each covered module's (input, output) per call."""
 
-    def __init__(self, layers: list[CoveredLayer]):
+    def __init__(self, layers: Sequence[_Hooked]):
         self.calls: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in layers]
         self.handles = [layer.module.register_forward_hook(self._hook(i)) for i, layer in enumerate(layers)]
 
@@ -223,6 +234,7 @@ def _capture_chunk(
         if leaf_recorder is not None:
             leaf_recorder.close()
     if leaf_recorder is not None:
+        assert leaves is not None and pool_pass is not None  # leaf_recorder is built only with both
         leaf_grads = iter(grads[len(outputs) :])
         for leaf, calls in zip(leaves, leaf_recorder.calls):
             for inp, out in calls:

@@ -120,6 +120,7 @@ def cost_of(exchange: str, backend: str, shape: LayerShape) -> LayerCost:
     if exchange != "direction":
         raise ValueError(f"exchange: must be one of {EXCHANGES}, got {exchange!r}")
     align = n_l * 2.0 * T * dd  # this rank's candidates against the whole M
+    nbytes: float
     if backend == "exact":  # + the whole P for diag K, the survivors' factors for their Gram
         nbytes = 2 * dd * wire_esz + m * T * sd * esz
         extra = n_l * 2.0 * T * dd + m * 2.0 * T * dd / R + m * m * 2.0 * dd / R

@@ -63,6 +63,7 @@ import torch
 from optsel.selection.layers import CoveredLayer
 from optsel.selection.preconditioner import (
     AdamHyper,
+    LayerGeometry,
     OptimizerStateReader,
     ParamState,
     StateBlock,
@@ -108,11 +109,12 @@ class MuonHyper:
     @staticmethod
     def of(group: dict) -> MuonHyper:
         lr = group["lr"]
+        a, b, c = (float(x) for x in group["ns_coefficients"])  # torch.optim.Muon's: three floats
         return MuonHyper(
             lr=float(lr.item() if torch.is_tensor(lr) else lr),
             momentum=float(group["momentum"]),
             nesterov=bool(group["nesterov"]),
-            ns_coefficients=tuple(float(x) for x in group["ns_coefficients"]),  # type: ignore[arg-type]
+            ns_coefficients=(a, b, c),
             ns_steps=int(group["ns_steps"]),
             eps=float(group["eps"]),
             adjust_lr_fn=group.get("adjust_lr_fn"),
@@ -126,7 +128,7 @@ class MuonHyper:
 
 def adjust_ratio(adjust_lr_fn: str | None, shape: Sequence[int]) -> float:
     """Muon's learning-rate ratio for a parameter of ``shape`` (torch.optim._muon._adjust_lr(1, ...))."""
-    from torch.optim._muon import _adjust_lr
+    from torch.optim._muon import _adjust_lr  # optional: torch.optim.Muon's module exists from torch 2.9 only
 
     return float(_adjust_lr(1.0, adjust_lr_fn, torch.Size(shape)))
 
@@ -185,9 +187,18 @@ class MuonLayerGeometry:
     model: str = "jacobian"  #: "jacobian" | "lowrank" (module docstring)
     S: torch.Tensor | None = None  #: lowrank: S/‖X₀‖ [p, p] in NS's wide orientation
 
+    def _point(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(X0, u0): both are set whenever the layer is not ``degenerate`` (:func:`muon_layer_geometry`)."""
+        if self.X0 is None or self.u0 is None:
+            raise ValueError(f"geometry: Muon layer {self.layer.name} has no X0 (degenerate): P = I applies")
+        return self.X0, self.u0
+
     def _lowrank(self, G: torch.Tensor) -> torch.Tensor:
         """(S/‖X₀‖) G for G [..., rows, cols] in the parameter's layout (S acts on NS's short side)."""
-        return G @ self.S if self.X0.shape[0] > self.X0.shape[1] else self.S @ G
+        X0, _ = self._point()
+        if self.S is None:
+            raise ValueError(f"geometry: Muon layer {self.layer.name} has no S (model {self.model!r}, not lowrank)")
+        return G @ self.S if X0.shape[0] > X0.shape[1] else self.S @ G
 
     def _ns(self) -> Callable[[torch.Tensor], torch.Tensor]:
         h = self.hyper
@@ -201,11 +212,12 @@ class MuonLayerGeometry:
         layer), ρ_μ = ``rho_scale``·s: one vjp through NS."""
         if self.degenerate:
             return target.clone()
-        d = target - (rho_scale * self.s) * self.u0
+        X0, u0 = self._point()
+        d = target - (rho_scale * self.s) * u0
         if self.model == "lowrank":  # S is symmetric: Jᵀ = J
-            return self._to_param(self._lowrank(self._to_param(d.to(self.X0.dtype)))) * (self.scale * self.inv_c)
-        _, vjp = torch.func.vjp(self._ns(), self.X0)
-        (grad,) = vjp(self._to_param(d.to(self.X0.dtype)))
+            return self._to_param(self._lowrank(self._to_param(d.to(X0.dtype)))) * (self.scale * self.inv_c)
+        vjp = torch.func.vjp(self._ns(), X0)[1]  # (output, vjp_fn): no has_aux
+        (grad,) = vjp(self._to_param(d.to(X0.dtype)))
         return self._to_param(grad) * (self.scale * self.inv_c)
 
     def apply(self, G: torch.Tensor) -> torch.Tensor:
@@ -213,10 +225,11 @@ class MuonLayerGeometry:
         if self.degenerate:
             return G
         h = self.hyper
+        X0, _ = self._point()
         if self.model == "lowrank":
-            out = self._lowrank(self._to_param(G.to(self.X0.dtype)))
+            out = self._lowrank(self._to_param(G.to(X0.dtype)))
             return self._to_param(out) * (self.scale * math.sqrt(self.s) * self.inv_c)
-        out = newton_schulz_jvp(self.X0, self._to_param(G.to(self.X0.dtype)), h.ns_coefficients, h.ns_steps, h.eps)
+        out = newton_schulz_jvp(X0, self._to_param(G.to(X0.dtype)), h.ns_coefficients, h.ns_steps, h.eps)
         return self._to_param(out) * (self.scale * math.sqrt(self.s) * self.inv_c)
 
 
@@ -372,11 +385,11 @@ class HybridStateReader(OptimizerStateReader):
         return self._adam_reader(param).read(param)
 
     @property
-    def replicated(self) -> bool:  # type: ignore[override]
+    def replicated(self) -> bool:  # type: ignore[override]  # a property where the base has a plain attribute
         return all(r.replicated for r in self.adam)
 
     def _adam_reader(self, param: torch.Tensor) -> OptimizerStateReader:
-        return next(r for r in self.adam if id(param) in r._groups)  # type: ignore[attr-defined]
+        return next(r for r in self.adam if id(param) in r._groups)  # type: ignore[attr-defined]  # TorchAdamStateReader's
 
     def gather_full(self, param, pieces, shape, dtype, wire, comm=None) -> torch.Tensor:
         """An Adam parameter: its reader's gather; a Muon / identity one: the whole block is local."""
@@ -442,20 +455,30 @@ def attach(
     """Set ``geoms[i].muon`` for the Muon layers (this step's linearisation; c' = τ/γ)."""
     if not names:
         return
+    assert isinstance(reader, HybridStateReader)  # check_config names Muon layers for a hybrid reader only
     inv_c = float(config.curvature_scale) / tau if tau > 0 else 1.0
     for geom, layer in zip(geoms, layers):
         if layer.name in names:
-            opt, group = reader.muon_group(layer.param)  # type: ignore[attr-defined]
+            found = reader.muon_group(layer.param)
+            assert found is not None  # check_config names the layers in a Muon param group only
+            opt, group = found
             geom.muon = muon_layer_geometry(
                 opt,
                 group,
                 layer,
                 dtype,
                 reader.lr_ref,
-                inv_c,  # type: ignore[attr-defined]
+                inv_c,
                 getattr(config, "muon_model", "jacobian"),
             )
             geom.identity = geom.muon.degenerate
+
+
+def layer_muon(geom: LayerGeometry) -> MuonLayerGeometry:
+    """``geom.muon`` of a layer that has the Muon geometry (set by :func:`attach`; typed ``object`` there)."""
+    if not isinstance(geom.muon, MuonLayerGeometry):
+        raise ValueError(f"geometry: {type(geom.muon).__name__} where a Muon layer's MuonLayerGeometry belongs")
+    return geom.muon
 
 
 def note(geoms: list, geometry: str) -> str:
@@ -513,6 +536,7 @@ __all__ = [
     "attach",
     "check_config",
     "is_muon",
+    "layer_muon",
     "note",
     "rho_scale",
     "muon_alignment_and_diag",

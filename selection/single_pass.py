@@ -28,18 +28,22 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
 
 from optsel.selection.model_view import ModelView, model_view_for
 
-try:  # GPT-2 style linear with transposed weight
+_CONV1D: tuple[type, ...]  #: transformers' Conv1D (GPT-2 style linear with transposed weight), when importable
+try:
     from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a hard dependency
-    Conv1D = ()  # type: ignore[assignment]
 
-_AFFINE_TYPES: tuple[type, ...] = (nn.Linear, nn.Embedding, nn.LayerNorm) + ((Conv1D,) if Conv1D else ())
+    _CONV1D = (Conv1D,)
+except ImportError:  # pragma: no cover - transformers is a hard dependency
+    _CONV1D = ()
+
+_AFFINE_TYPES: tuple[type, ...] = (nn.Linear, nn.Embedding, nn.LayerNorm) + _CONV1D
 
 
 def _affine_in_params(module: nn.Module) -> bool:
@@ -184,7 +188,7 @@ def _unique_leaves(calls: list[LeafCall]) -> list[Leaf]:
 def _leaf_vjp(leaf: Leaf, inputs: torch.Tensor, cotangent: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
     """∂⟨cotangent, leaf(inputs)⟩/∂θ for the leaf's parameters (full shapes)."""
     module = leaf.module
-    if isinstance(module, nn.Linear) or (Conv1D and isinstance(module, Conv1D)):
+    if isinstance(module, (nn.Linear, *_CONV1D)):
         a = inputs.reshape(-1, inputs.shape[-1]).to(cotangent.dtype)
         d = cotangent.reshape(-1, cotangent.shape[-1])
         out = {}
@@ -201,7 +205,11 @@ def _leaf_vjp(leaf: Leaf, inputs: torch.Tensor, cotangent: torch.Tensor) -> dict
         for n in leaf.params
     }
     clone = copy.copy(module)
-    clone._parameters = OrderedDict((n, stand_ins.get(n, v)) for n, v in module._parameters.items())
+    # plain tensors in the clone's parameter slots (Module's annotation says Parameter)
+    clone._parameters = cast(
+        "OrderedDict[str, nn.Parameter | None]",
+        OrderedDict((n, stand_ins.get(n, v)) for n, v in module._parameters.items()),
+    )
     for hooks in (
         "_forward_hooks",
         "_forward_pre_hooks",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from optsel.selection.active_set import active_set_qp
@@ -147,8 +148,8 @@ def kkt_polish(
             free[F[wf.argmin()]] = False
             continue
         if cap is not None and (wf > cap + tol).any():
-            j = F[wf.argmax()]
-            free[j], upper[j] = False, True
+            top = F[wf.argmax()]
+            free[top], upper[top] = False, True
             continue
         w[F] = wf.clamp(min=0.0)
         g = tau * (K @ w) - b + nu  # multipliers: g_j = μ_j ≥ 0 at zero, ≤ 0 at the cap
@@ -167,10 +168,13 @@ def torch_qp(b: torch.Tensor, K: torch.Tensor, tau: float, cap: float | None = N
     """Default solver: FISTA in rounds of growing length, each followed by an exact KKT polish on
     its active set; stops as soon as the polished point satisfies the KKT conditions
     (single problem b [m], K [m, m]; float64 inside)."""
+    if max_iter < 1:
+        raise ValueError(f"max_iter: must be >= 1, got {max_iter}")
     b64, K64 = b.double(), (0.5 * (K + K.T)).double()
     bb, KK = b64.unsqueeze(0), K64.unsqueeze(0)
     lip = _lipschitz(KK)
-    w, total, rounds = None, 0, 50
+    w: torch.Tensor | None = None
+    total, rounds = 0, 50
     while total < max_iter:
         w, iters = fista(bb, KK, tau, cap, max_iter=min(rounds, max_iter - total), w0=w, lipschitz=lip)
         total += iters
@@ -180,6 +184,7 @@ def torch_qp(b: torch.Tensor, K: torch.Tensor, tau: float, cap: float | None = N
         if iters < rounds:  # FISTA converged but the polish could not verify: keep FISTA's point
             break
         rounds *= 2
+    assert w is not None  # max_iter >= 1: the loop ran at least once
     return QPResult(_renormalize(w.squeeze(0)), "inaccurate", total)
 
 
@@ -190,8 +195,7 @@ def cvxpy_qp(
     backend None: OSQP up to m = 512, CLARABEL (interior point) above — OSQP's first-order
     iterations crawl on dense m = 1024 problems (5–30 s measured, CLARABEL ~1.3 s, same optimum).
     Weights below 1e-9 of the largest are set to 0 (solver tolerance, not support)."""
-    import cvxpy as cp
-    import numpy as np
+    import cvxpy as cp  # heavy (scipy, solver backends): only this reference solver needs it
 
     m = b.shape[0]
     backend = backend or ("OSQP" if m <= 512 else "CLARABEL")

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 from optsel import __version__, distributed
@@ -29,7 +30,13 @@ from optsel.pipeline.checkpoint.run_lock import RunDirBusyError, RunLock
 from optsel.pipeline.data import loaders as data_lib
 from optsel.pipeline.data.tokenizer import load_tokenizer
 from optsel.pipeline.engines.shared import Batch, build_engine
-from optsel.pipeline.train.callbacks import CheckpointCallback, StepResult, StopSignals, build_callbacks
+from optsel.pipeline.train.callbacks import (
+    CallbackList,
+    CheckpointCallback,
+    StepResult,
+    StopSignals,
+    build_callbacks,
+)
 from optsel.pipeline.train.evaluate import EvalResult, evaluate
 from optsel.pipeline.train.held_out import held_out_batches
 from optsel.pipeline.train.model import build_model
@@ -99,12 +106,18 @@ class Trainer:
 
     def __init__(self, config: RunConfig):
         self._lock: RunLock | None = None
-        self.callbacks = None
+        self.callbacks: CallbackList | None = None  # None until _build gets to it (close() may come first)
         try:
             self._build(config)
         except BaseException:
             self._release_lock()
             raise
+
+    def _callbacks(self) -> CallbackList:
+        """The callbacks, built by the constructor (None only while a failed construction is cleaned up)."""
+        if self.callbacks is None:
+            raise RuntimeError("trainer: not built (its construction failed): no callbacks to run")
+        return self.callbacks
 
     def _release_lock(self) -> None:
         if self._lock is not None:
@@ -247,7 +260,7 @@ class Trainer:
 
         weighted_loss = float((weights.double() * losses.double()).sum())
         local_tokens = float((pool["labels"][rows][:, 1:] != -100).sum()) if selection.local_indices.numel() else 0.0
-        stop_flag = 1.0 if self.callbacks.stop_request() else 0.0  # rides on this all-reduce: every rank agrees
+        stop_flag = 1.0 if self._callbacks().stop_request() else 0.0  # rides on this all-reduce: every rank agrees
         bad_grad = 0.0 if self.engine.local_grads_finite() else 1.0
         totals = distributed.all_reduce_sum(
             torch.tensor(
@@ -357,25 +370,27 @@ class Trainer:
             if self.resumed_from is not None and self.dist.is_main
             else []
         )
-        self.callbacks.on_train_start(self)
+        callbacks = self._callbacks()
+        callbacks.on_train_start(self)
         pools, stopped = self.pools(), ""
         while self.state.step < self.config.training.num_steps and not stopped:
             t0 = time.perf_counter()
             pool = next(pools)
             result = self.train_step(pool, time.perf_counter() - t0)
-            self.callbacks.on_step_end(self, result)  # logs, eval, stop decision, metrics, checkpoint, progress
+            callbacks.on_step_end(self, result)  # logs, eval, stop decision, metrics, checkpoint, progress
             stopped = result.stop
         if stopped:
             log.warning(
                 "stopping after step %d (%s); resume with `optsel train --resume ...`", self.state.step, stopped
             )
         summary = self.summary(stopped, time.perf_counter() - started)
-        self.callbacks.on_train_end(self, summary)
+        callbacks.on_train_end(self, summary)
         return summary
 
     def summary(self, stopped: str, wall_seconds: float) -> dict[str, Any]:
         """What the run did (summary.json; ``optsel train`` prints it)."""
-        initial, final, history = self.state.initial_eval, self.state.last_eval, self.state.history
+        initial, final = _evaluated(self.state.initial_eval, "initial"), _evaluated(self.state.last_eval, "final")
+        history = self.state.history
         return {
             "run_dir": str(self.run_dir),
             "engine": self.config.engine.name,
@@ -431,9 +446,14 @@ def _logged_history(path: Path) -> list[dict[str, float]]:
     ]
 
 
-def _memory_metrics() -> dict[str, float]:
-    import psutil
+def _evaluated(result: EvalResult | None, which: str) -> EvalResult:
+    """An evaluation the summary reports (the always-on EvalCallback sets both at train start)."""
+    if result is None:
+        raise RuntimeError(f"summary: no {which} evaluation (EvalCallback.on_train_start sets it)")
+    return result
 
+
+def _memory_metrics() -> dict[str, float]:
     out = {"sys/rss_bytes": float(psutil.Process().memory_info().rss)}
     if torch.cuda.is_available():
         out["sys/cuda_peak_bytes"] = float(torch.cuda.max_memory_allocated())

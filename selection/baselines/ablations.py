@@ -97,7 +97,7 @@ class FTWFilterOnly(FilterThenWeight):
         return sel
 
 
-def _build(config_class: type, selector_class: type, name: str):
+def _build(config_class: type[FTWConfig], selector_class: type[FilterThenWeight], name: str):
     def factory(
         *, model: nn.Module, optimizer: Any, budget: int, seed: int = 0, config: FTWConfig | None = None, **_: Any
     ) -> FilterThenWeight:
@@ -112,7 +112,7 @@ def _build(config_class: type, selector_class: type, name: str):
         selector.name = name
         return selector
 
-    factory.config_class = config_class  # type: ignore[attr-defined]
+    factory.config_class = config_class  # type: ignore[attr-defined]  # registry metadata on the function
     factory.__name__ = f"build_{name}"
     return register_selector(name)(factory)
 

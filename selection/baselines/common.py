@@ -4,7 +4,7 @@ No selection math lives here."""
 
 from __future__ import annotations
 
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -15,8 +15,16 @@ from optsel.selection.capture import Factors, capture_factors, compute_dtype, fi
 from optsel.selection.model_view import model_view_for
 from optsel.selection.solvers import uniform_topk
 
+
+class CaptureOptions(Protocol):
+    """What :class:`CoveredLayerSelector` reads from a baseline's options."""
+
+    @property
+    def capture_chunk_size(self) -> int | None: ...
+
+
 #: a baseline's own options dataclass (GreatsConfig, LessConfig, ...)
-ConfigT = TypeVar("ConfigT")
+ConfigT = TypeVar("ConfigT", bound=CaptureOptions)
 
 
 class CoveredLayerSelector(Selector, Generic[ConfigT]):

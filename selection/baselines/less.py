@@ -38,6 +38,7 @@ from optsel.selection.baselines.common import (
 )
 from optsel.selection.capture import capture_factors
 from optsel.selection.model_view import cleans_up, make_state_reader
+from optsel.selection.muon_geometry import is_muon, optimizers_of
 from optsel.selection.preconditioner import layer_geometry
 from optsel.selection.target import TargetCache
 
@@ -64,8 +65,6 @@ class Less(CoveredLayerSelector[LessConfig]):
 
     def __init__(self, model: nn.Module, optimizer: Any, config: LessConfig):
         super().__init__(model, optimizer, config)
-        from optsel.selection.muon_geometry import is_muon, optimizers_of
-
         hybrid = any(is_muon(opt) for opt in optimizers_of(optimizer))  # Muon layers: P = I (module docstring)
         self.reader = make_state_reader(optimizer, "auto" if hybrid else "adam", self.view)
         self.target_cache = TargetCache(config.target_refresh)
@@ -86,12 +85,14 @@ class Less(CoveredLayerSelector[LessConfig]):
                     capture_factors(self.model, target, layers, cfg.capture_chunk_size), dtype, self.comm
                 )
                 self.target_cache.update(tf, [g.blocks for g in geoms], self.step)
+        target_blocks = self.target_cache.blocks
+        assert target_blocks is not None  # due() holds while there are none: the block above set them
         with timed(timings, "gather"):
             pool_f = gather_factors(local, dtype, self.comm)
         with timed(timings, "alignment"):
             b = torch.zeros(sum(sizes), dtype=torch.float64, device=layers[0].param.device)
             for i, g in enumerate(geoms):
-                for blk, gv in zip(g.blocks, self.target_cache.blocks[i]):
+                for blk, gv in zip(g.blocks, target_blocks[i]):
                     M = target_direction(blk.precond, gv.to(layers[0].param.device, dtype), None, 0.0)
                     b += alignment_partial(pool_f.A[i], pool_f.D[i], M, blk.rows, blk.cols).double()
             if not self.reader.replicated:
@@ -119,4 +120,4 @@ def build_less(*, model: nn.Module, optimizer: Any, budget: int, config: LessCon
     return Less(model, optimizer, config)
 
 
-build_less.config_class = LessConfig  # type: ignore[attr-defined]
+build_less.config_class = LessConfig  # type: ignore[attr-defined]  # registry metadata on the function

@@ -22,11 +22,11 @@ def gather_batch(batch: Batch, comm: distributed.CommCounter | None = None) -> B
     if not distributed.is_distributed():
         return batch
     keys = sorted(batch)
-    wide = [
+    wide_flags = [
         int(t.dtype == torch.int64 and t.numel() > 0 and not (-(2**31) <= int(t.min()) and int(t.max()) < 2**31))
         for t in (batch[k] for k in keys)
     ]
-    agreed = distributed.all_reduce_max(torch.tensor([int(batch["input_ids"].shape[1]), *wide]), comm)
+    agreed = distributed.all_reduce_max(torch.tensor([int(batch["input_ids"].shape[1]), *wide_flags]), comm)
     width, wide = int(agreed[0]), {k: bool(w) for k, w in zip(keys, agreed[1:].tolist())}
     out = {}
     for key in keys:

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -46,7 +47,8 @@ def output_layer(model: nn.Module, view: ModelView) -> CoveredLayer:
         )
     name = next((f"{n}.weight" for n, mod in model.named_modules() if mod is head), "lm_head.weight")
     d_out, d_in = (int(s) for s in view.full_shape(head.weight))
-    return CoveredLayer(name, head, head.weight, d_in, d_out)
+    # nn.Linear's stubs say Tensor; it is the head's Parameter (passed on as it is, no check added)
+    return CoveredLayer(name, head, cast(nn.Parameter, head.weight), d_in, d_out)
 
 
 def scoring_window(

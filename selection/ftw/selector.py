@@ -116,22 +116,22 @@ class FilterThenWeight(Selector):
             return self._warmup_selection(sizes, timings)
         if self.prefilter is None:
             return self._select_exact(pool, target, sizes, timings)
-        return self._select_two_stage(pool, target, sizes, timings)
+        return self._select_two_stage(self.prefilter, pool, target, sizes, timings)
 
     def _select_two_stage(
-        self, pool: Batch, target: Batch | None, sizes: list[int], timings: dict[str, float]
+        self, prefilter: HeadPrefilter, pool: Batch, target: Batch | None, sizes: list[int], timings: dict[str, float]
     ) -> Selection:
         """``prefilter: head`` (docs/design.md, "Two stages"): stage 1 over the pool, the exact step on its m survivors."""
         dtype = torch.float64 if self._dtype_name() == "float64" else torch.float32
-        index = self.prefilter.covered_index
+        index = prefilter.covered_index
         reuse = (
             self.target_cache.blocks[index]
             if index is not None and self.target_cache.blocks is not None and self.config.exchange != "sketches"
             else None
         )
-        stage1 = self.prefilter.run(pool, target, sizes, dtype, reuse, self.comm, timings)
+        stage1 = prefilter.run(pool, target, sizes, dtype, reuse, self.comm, timings)
         if self.config.prefilter_stage2 == "head":
-            return self._select_on_head(stage1, sizes, timings)
+            return self._select_on_head(prefilter, stage1, sizes, timings)
         rank = distributed.info().rank if distributed.is_distributed() else 0
         survivors = SurvivorPool.build(pool, stage1.survivors, sizes, rank)
         self._eligible = survivors.eligible
@@ -141,19 +141,23 @@ class FilterThenWeight(Selector):
             self._eligible = None
         return survivors.remap(sel, sizes, stage1)
 
-    def _select_on_head(self, stage1: Stage1, sizes: list[int], timings: dict[str, float]) -> Selection:
+    def _select_on_head(
+        self, prefilter: HeadPrefilter, stage1: Stage1, sizes: list[int], timings: dict[str, float]
+    ) -> Selection:
         """``prefilter_stage2: head``: filter and QP on the head's b, diag K and survivors' K (no pool pass)."""
-        head = self.prefilter.head
+        head = prefilter.head
+        diag, geometry = stage1.diag, stage1.geometry
+        assert diag is not None and geometry is not None  # HeadPrefilter.run sets both
         scores = StepScores(
             alignment=stage1.alignment,
-            diag=stage1.diag,
+            diag=diag,
             backends=["exact"],
-            gram_of=lambda filtered: self.prefilter.survivors_gram(stage1, filtered, sizes, self.comm),
+            gram_of=lambda filtered: prefilter.survivors_gram(stage1, filtered, sizes, self.comm),
             refreshed=not stage1.target_reused,
             tokens=torch.zeros(sum(sizes), dtype=torch.int64),
             seq_len=int(stage1.factors.A[0].shape[1]) if stage1.factors is not None else 0,
         )
-        sel = self._finish(scores, Coefficients(*stage1.coefficients), sizes, [stage1.geometry], timings)
+        sel = self._finish(scores, Coefficients(*stage1.coefficients), sizes, [geometry], timings)
         sel.diagnostics.update(
             {
                 "prefilter": "head",
@@ -262,6 +266,7 @@ class FilterThenWeight(Selector):
             if proportional:
                 support, chosen_w = self._draw_proportional(support, chosen_w, k)
             indices, weights = agree(filtered[support].to(torch.int64).cpu(), k, self.comm, chosen_w.cpu())
+            assert weights is not None  # agree hands back weights when it is given them
 
         for key, count in fallbacks.items():
             self.counters[key] = self.counters.get(key, 0) + count
@@ -448,6 +453,8 @@ class FilterThenWeight(Selector):
         hyper = max(
             (g.hyper for g in geoms if g.muon is None), key=lambda h: h.step, default=geoms[0].hyper if geoms else None
         )
+        if hyper is None:
+            raise ValueError("coefficients: no covered layer's geometry to take the optimizer's step and β1 from")
         rho, tau = default_coefficients(hyper.step, hyper.beta1, cfg.curvature_scale)
         rho = cfg.momentum_coef if cfg.momentum_coef is not None else rho
         tau = cfg.curvature if cfg.curvature is not None else tau
@@ -493,4 +500,4 @@ def build_ftw(
     return FilterThenWeight(model, optimizer, config, seed=seed)
 
 
-build_ftw.config_class = FTWConfig  # type: ignore[attr-defined]
+build_ftw.config_class = FTWConfig  # type: ignore[attr-defined]  # registry metadata on the function

@@ -101,7 +101,7 @@ class HeadPrefilter:
         n_global, k = sum(sizes), min(cfg.budget, sum(sizes))
         with phase(timings, comm, "stage1_target"):
             reused = cfg.prefilter_target == "reuse" and stage2_target is not None
-            if reused:
+            if reused and stage2_target is not None:
                 gv_blocks = [gv.to(device, dtype) for gv in stage2_target]
             else:
                 whole_target = gather_batch(require_target(target), comm)  # every rank: the whole target
@@ -152,16 +152,22 @@ class HeadPrefilter:
     ) -> torch.Tensor:
         """``prefilter_stage2: head``: the head's exact K on ``filtered`` (global, in that order) from the
         survivors' head factors, all-gathered (m·W·(d + V) floats), and the gathered P: [m, m]."""
+        factors, precond = stage1.factors, stage1.precond
+        if factors is None or precond is None:
+            raise ValueError(
+                "prefilter_stage2: 'head' needs stage 1's head factors and P (run with prefilter_stage2: head; "
+                "every rank needs pool rows)"
+            )
         rank = distributed.info().rank if distributed.is_distributed() else 0
         offsets = torch.tensor([0] + list(sizes)).cumsum(0)
         filt = filtered.cpu().to(torch.int64)
         owner = torch.searchsorted(offsets[1:], filt, right=True)
         order = torch.argsort(owner, stable=True)  # gathered row j is filtered position order[j]
-        mine = (filt[order][owner[order] == rank] - offsets[rank]).to(stage1.factors.loss.device)
-        sub = gather_factors(stage1.factors.select(mine), stage1.precond.dtype, comm)
+        mine = (filt[order][owner[order] == rank] - offsets[rank]).to(factors.loss.device)
+        sub = gather_factors(factors.select(mine), precond.dtype, comm)
         inverse = torch.argsort(order).to(sub.A[0].device)
         H, D = sub.A[0][inverse], sub.D[0][inverse]
-        whole = LayerBlock(slice(0, self.head.d_out), slice(0, self.head.d_in), stage1.precond, None)
+        whole = LayerBlock(slice(0, self.head.d_out), slice(0, self.head.d_in), precond, None)
         K = gram_ops.exact_gram_partial(H, D, whole, self.config.max_temp_elems).double()
         return 0.5 * (K + K.T)
 

@@ -29,4 +29,7 @@ class LossPlot(Callback):
         self.path, self.title = Path(path), title
 
     def on_train_end(self, trainer: TrainerServices, summary: dict[str, Any]) -> None:
-        plot_run(trainer.state.history, trainer.state.initial_eval.loss, self.path, self.title)
+        initial = trainer.state.initial_eval
+        if initial is None:
+            raise RuntimeError("loss plot: no initial evaluation (EvalCallback.on_train_start sets it)")
+        plot_run(trainer.state.history, initial.loss, self.path, self.title)

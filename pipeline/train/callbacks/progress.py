@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from tqdm.auto import tqdm
 
 from optsel.pipeline.train.callbacks.base import Callback, StepResult, TrainerServices
-
-if TYPE_CHECKING:
-    from tqdm.auto import tqdm
 
 
 class ProgressBar(Callback):
@@ -18,14 +17,15 @@ class ProgressBar(Callback):
         self.bar: tqdm | None = None
 
     def on_train_start(self, trainer: TrainerServices) -> None:
-        from tqdm.auto import tqdm
-
         self.bar = tqdm(total=self.num_steps, initial=trainer.state.step, desc=self.desc, unit="step")
 
     def on_step_end(self, trainer: TrainerServices, result: StepResult) -> None:
         if self.bar is not None:
+            last = trainer.state.last_eval
+            if last is None:
+                raise RuntimeError("progress bar: no evaluation yet (EvalCallback.on_train_start runs before it)")
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{result.metrics['train/loss']:.3f}", eval=f"{trainer.state.last_eval.loss:.3f}")
+            self.bar.set_postfix(loss=f"{result.metrics['train/loss']:.3f}", eval=f"{last.loss:.3f}")
 
     def on_train_end(self, trainer: TrainerServices, summary: dict[str, Any]) -> None:
         self.close()

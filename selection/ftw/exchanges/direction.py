@@ -31,10 +31,12 @@ import torch
 from optsel import distributed
 from optsel.selection import gram as gram_ops
 from optsel.selection.alignment import alignment_partial, target_direction
+from optsel.selection.base import Batch
 from optsel.selection.capture import Factors, gather_factors
 from optsel.selection.ftw.context import RankOne, StepContext, StepScores
+from optsel.selection.ftw.exchanges.gathered import needed
 from optsel.selection.ftw.gathering import full_matrix
-from optsel.selection.muon_geometry import muon_alignment_and_diag, muon_gram, rho_scale
+from optsel.selection.muon_geometry import layer_muon, muon_alignment_and_diag, muon_gram, rho_scale
 from optsel.selection.preconditioner import LayerBlock
 from optsel.selection.target import TargetCache
 
@@ -69,12 +71,13 @@ class DirectionExchange:
         wire = torch.bfloat16 if cfg.direction_dtype == "bfloat16" else dtype
         n_global, n_local = ctx.n_global, local.num_samples
 
-        def refresh(target: dict[str, torch.Tensor]) -> None:
+        def refresh(target: Batch) -> None:
             tf = ctx.services.target_factors(target, whole=True)  # joint with the pool's capture when it ran
             tf = Factors([a.to(dtype) for a in tf.A], [d.to(dtype) for d in tf.D], tf.loss, tf.tokens)
             self.target_cache.update(tf, [g.blocks for g in geoms], ctx.step)
 
         refreshed = ctx.refresh_target(self.target_cache.due(ctx.step), refresh)
+        target_blocks = needed(self.target_cache.blocks, "target gradient")  # due() while None: refreshed
 
         with ctx.phase("gather"):
             widths = torch.tensor([int(a.shape[1]) for a in local.A])  # T per layer (a module called twice: 2T)
@@ -95,11 +98,11 @@ class DirectionExchange:
             with ctx.phase("gather"):
                 M = cache.M.get(i)
                 if M is None and g.muon is not None:  # docs/design.md, "The Muon geometry": one vjp through NS
-                    M = g.muon.direction(self.target_cache.blocks[i][0].to(device, dtype), rho_scale(cfg))
+                    M = layer_muon(g).direction(target_blocks[i][0].to(device, dtype), rho_scale(cfg))
                 if M is None:
                     values = [
                         target_direction(blk.precond, gv.to(device, dtype), blk.momentum, rho)
-                        for blk, gv in zip(g.blocks, self.target_cache.blocks[i])
+                        for blk, gv in zip(g.blocks, target_blocks[i])
                     ]
                     M = full_matrix(reader, layer, g.blocks, values, dtype, wire, comm)
                 P = cache.P.get(i) if backends[i] == "exact" else None
@@ -112,12 +115,12 @@ class DirectionExchange:
             sketches.append(None)
             if backends[i] == "muon":  # b_i = ⟨G_i, M⟩ and K_ii = ‖Ĵ G_i‖², each G_i formed once
                 with ctx.phase("alignment"):
-                    part_b, part_diag = muon_alignment_and_diag(A, D, M, g.muon, cfg.max_temp_elems)
+                    part_b, part_diag = muon_alignment_and_diag(A, D, M, layer_muon(g), cfg.max_temp_elems)
                     b += part_b.double()
                     diag += part_diag.double()
             elif backends[i] == "exact":  # each G_i formed once for b_i and K_ii
                 with ctx.phase("alignment"):
-                    whole = LayerBlock(slice(0, layer.d_out), slice(0, layer.d_in), P, None)
+                    whole = LayerBlock(slice(0, layer.d_out), slice(0, layer.d_in), needed(P, "whole P"), None)
                     part_b, part_diag = gram_ops.exact_alignment_and_diag_partial(A, D, M, whole, cfg.max_temp_elems)
                     b += part_b.double()
                     diag += part_diag.double()
@@ -125,11 +128,14 @@ class DirectionExchange:
                 with ctx.phase("alignment"):
                     b += alignment_partial(A, D, M, slice(0, layer.d_out), slice(0, layer.d_in)).double()
                 with ctx.phase("gram"):
+                    r, c = needed(factors_rc[i], "rank-one fit")
                     if backends[i] == "ghost":
-                        diag += gram_ops.ghost_diag(A, D, *factors_rc[i], cfg.max_temp_elems).double()
+                        diag += gram_ops.ghost_diag(A, D, r, c, cfg.max_temp_elems).double()
                     else:
-                        sketches[i] = gram_ops.sketch(A, D, *factors_rc[i], *projections[i])
-                        diag += sketches[i].reshape(n_local, -1).square().sum(1).double()
+                        po, pi = needed(projections[i], "sketch projection")
+                        S = gram_ops.sketch(A, D, r, c, po, pi)
+                        sketches[i] = S
+                        diag += S.reshape(n_local, -1).square().sum(1).double()
             del M, P
 
         with ctx.phase("gather"):  # the only per-candidate traffic: N × (b, diag K, tokens)
@@ -176,7 +182,8 @@ def _survivors_gram(
     sketch_layers = [i for i, be in enumerate(backends) if be == "sketch"]
     factor_layers = [i for i, be in enumerate(backends) if be != "sketch"]
     if sketch_layers:
-        S = torch.stack([sketches[i][mine.to(sketches[i].device)] for i in sketch_layers], dim=1)
+        own = [needed(sketches[i], "sketch") for i in sketch_layers]
+        S = torch.stack([sk[mine.to(sk.device)] for sk in own], dim=1)
         S = (distributed.all_gather_cat(S, ctx.comm) if distributed.is_distributed() else S)[inverse.to(S.device)]
         for j in range(len(sketch_layers)):
             shared += gram_ops.sketch_gram(S[:, j]).double()
@@ -192,12 +199,13 @@ def _survivors_gram(
         for j, i in enumerate(factor_layers):
             A, D = sub.A[j][inverse.to(sub.A[j].device)], sub.D[j][inverse.to(sub.D[j].device)]
             if backends[i] == "muon":  # replicated: the whole layer on every rank
-                shared += muon_gram(A, D, geoms[i].muon, A.dtype, cfg.max_temp_elems).double()
+                shared += muon_gram(A, D, layer_muon(geoms[i]), A.dtype, cfg.max_temp_elems).double()
             elif backends[i] == "exact":
                 for blk in geoms[i].blocks:
                     partial += gram_ops.exact_gram_partial(A, D, blk, cfg.max_temp_elems).double()
             else:
-                shared += gram_ops.ghost_gram(A, D, *factors_rc[i], cfg.max_temp_elems).double()
+                r, c = needed(factors_rc[i], "rank-one fit")
+                shared += gram_ops.ghost_gram(A, D, r, c, cfg.max_temp_elems).double()
     if "exact" in backends:
         partial = ctx.sum_blocks(partial)
     K = partial + shared

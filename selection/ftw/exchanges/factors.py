@@ -15,8 +15,8 @@ from optsel.selection import muon_geometry
 from optsel.selection.alignment import alignment_partial, target_direction
 from optsel.selection.capture import gather_factors
 from optsel.selection.ftw.context import StepContext, StepScores
-from optsel.selection.ftw.exchanges.gathered import filtered_gram, gathered_sketches
-from optsel.selection.muon_geometry import muon_alignment_and_diag
+from optsel.selection.ftw.exchanges.gathered import filtered_gram, gathered_sketches, needed
+from optsel.selection.muon_geometry import layer_muon, muon_alignment_and_diag
 from optsel.selection.target import TargetCache
 
 
@@ -51,17 +51,19 @@ class FactorExchange:
             factors_rc = [ctx.rank_one(i) if backends[i] not in ("exact", "muon") else None for i in range(len(layers))]
             sketches = gathered_sketches(ctx, backends, factors_rc, ctx.services.projections(backends, dtype))
 
+        target_blocks = needed(self.target_cache.blocks, "target gradient")  # due() while None: refreshed
         with ctx.phase("alignment"):  # exact layers: b and diag K from each G_i formed once
             partial_b = torch.zeros(n_global, dtype=torch.float64, device=device)
             partial_diag = torch.zeros_like(partial_b)
             for i, g in enumerate(geoms):
-                for blk, gv in zip(g.blocks, self.target_cache.blocks[i]):
+                for blk, gv in zip(g.blocks, target_blocks[i]):
                     if (
                         g.muon is not None
                     ):  # docs/design.md, "The Muon geometry": M = Jᵀ(g_V − ρ_μ u₀)/c', Ĵ g_i per sample
-                        M = g.muon.direction(gv.to(device, dtype), muon_geometry.rho_scale(cfg))
+                        muon = layer_muon(g)
+                        M = muon.direction(gv.to(device, dtype), muon_geometry.rho_scale(cfg))
                         part_b, part_diag = muon_alignment_and_diag(
-                            pool_f.A[i], pool_f.D[i], M, g.muon, cfg.max_temp_elems
+                            pool_f.A[i], pool_f.D[i], M, muon, cfg.max_temp_elems
                         )
                         partial_b += part_b.double()
                         partial_diag += part_diag.double()
@@ -80,10 +82,10 @@ class FactorExchange:
             shared_diag = torch.zeros_like(partial_diag)  # already global on every rank (ghost/sketch)
             for i in range(len(geoms)):  # exact layers' diag came with the alignment
                 if backends[i] == "ghost":
-                    r, c = factors_rc[i]
+                    r, c = needed(factors_rc[i], "rank-one fit")
                     shared_diag += gram_ops.ghost_diag(pool_f.A[i], pool_f.D[i], r, c, cfg.max_temp_elems).double()
                 elif backends[i] == "sketch":
-                    shared_diag += sketches[i].reshape(n_global, -1).square().sum(1).double()
+                    shared_diag += needed(sketches[i], "sketch").reshape(n_global, -1).square().sum(1).double()
             reduced = ctx.sum_blocks(torch.stack([partial_b, partial_diag]))
             alignment, diag = reduced[0], reduced[1] + shared_diag
 

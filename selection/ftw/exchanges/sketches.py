@@ -25,9 +25,10 @@ from typing import Any
 import torch
 
 from optsel import distributed
+from optsel.selection.base import Batch
 from optsel.selection.capture import Factors
 from optsel.selection.ftw.context import RankOne, StepContext, StepScores
-from optsel.selection.ftw.exchanges.gathered import filtered_gram, gathered_sketches
+from optsel.selection.ftw.exchanges.gathered import filtered_gram, gathered_sketches, needed
 from optsel.selection.gram import sketch
 from optsel.selection.preconditioner import LayerBlock
 
@@ -109,7 +110,7 @@ class SketchExchange:
         rho = ctx.coefficients.rho
         target_state = self.sketch_target
 
-        def refresh(target: dict[str, torch.Tensor]) -> None:
+        def refresh(target: Batch) -> None:
             tf = ctx.services.target_factors(target)  # joint with the pool's capture when it ran
             count = distributed.all_reduce_sum(torch.tensor([float(tf.num_samples)], dtype=torch.float64), comm)
             target_state.update(tf, dtype, int(count[0]), ctx.step)
@@ -118,17 +119,19 @@ class SketchExchange:
 
         with ctx.phase("gather"):
             backends = ["sketch"] * len(layers)
-            factors_rc: list[RankOne | None] = [ctx.rank_one(i) for i in range(len(layers))]
+            rank_ones = [ctx.rank_one(i) for i in range(len(layers))]
+            factors_rc: list[RankOne | None] = list(rank_ones)
             projections = ctx.services.projections(backends, dtype)
             sketches = gathered_sketches(ctx, backends, factors_rc, projections)
+            dense = [needed(S, "sketch") for S in sketches]  # every layer is a sketch layer here
             tokens = distributed.all_gather_cat(local.tokens, comm) if distributed.is_distributed() else local.tokens
 
         with ctx.phase("alignment"):
             owns_moments = not ctx.reader.replicated or distributed.info().rank == 0  # replicated: count once
             parts = []
             for i, g in enumerate(geoms):
-                r, c = factors_rc[i]
-                po, pi = projections[i]
+                r, c = rank_ones[i]
+                po, pi = needed(projections[i], "sketch projection")
                 target_sum = target_state.sketch_sum(i, r, c, po, pi)
                 momentum = (
                     momentum_sketch_partial(g.blocks, r, c, po, pi)
@@ -140,10 +143,11 @@ class SketchExchange:
             if distributed.is_distributed():
                 packed = distributed.all_reduce_sum(packed, comm)
             directions = packed[:, 0] / max(target_state.count, 1) - rho * packed[:, 1]
-            alignment = sketched_alignment(sketches, directions)
+            alignment = sketched_alignment(dense, directions)
 
         with ctx.phase("gram"):
-            diag = sum(S.reshape(S.shape[0], -1).square().sum(1).double() for S in sketches)
+            per_layer = [S.reshape(S.shape[0], -1).square().sum(1).double() for S in dense]
+            diag = sum(per_layer[1:], per_layer[0])
 
         return StepScores(
             alignment=alignment,
