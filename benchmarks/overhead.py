@@ -72,6 +72,28 @@ VARIANTS = [
         "ftw",
         lambda k, T: {"prefilter": "head", "prefilter_stage2": "head", "prefilter_window": T // 8},
     ),
+    # the early-exit proxy (prefilter_depth L of the size's 4 blocks); added 2026-12-02 23:45 UTC before any run
+    ("ftw[head, m=k, exit L=0]", "ftw", lambda k, T: {"prefilter": "head", "filter_size": k, "prefilter_depth": 0}),
+    (
+        "ftw[head only, exit L=1]",
+        "ftw",
+        lambda k, T: {"prefilter": "head", "prefilter_stage2": "head", "prefilter_depth": 1},
+    ),
+    (
+        "ftw[head only, exit L=0]",
+        "ftw",
+        lambda k, T: {"prefilter": "head", "prefilter_stage2": "head", "prefilter_depth": 0},
+    ),
+    (
+        "ftw[head only, exit L=0, |V|/4 rows]",
+        "ftw",
+        lambda k, T: {
+            "prefilter": "head",
+            "prefilter_stage2": "head",
+            "prefilter_depth": 0,
+            "prefilter_target_rows": max(1, k // 4),
+        },
+    ),
     (
         "ftw[head only, W=T/8, |V|/4 rows]",
         "ftw",

@@ -10,4 +10,4 @@ bash scripts/install_container_tools.sh   # podman, runc, debootstrap for tests/
 .venv/bin/ruff format --check .
 bash scripts/typecheck.sh   # mypy on the package layout (pyproject's [tool.mypy])
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/optsel/torch_extensions}
-exec .venv/bin/python -m pytest -q -ra "$@"
+exec .venv/bin/python -m pytest -q -ra --durations=25 "$@"   # the 25 slowest tests, to keep the suite in budget

@@ -30,7 +30,9 @@ with exchange: direction the survivors' factors (m·T·Σd) are weighed against 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NotRequired, TypedDict, Unpack
+from typing import NotRequired, TypedDict, Unpack, get_args
+
+from optsel.selection.ftw_config import ExchangeName
 
 #: a byte across ranks costs the time of this many FLOPs (≈ 1e12 FLOP/s of a rank's selector kernels
 #: against ≈ 10 GB/s of inter-node bandwidth per rank)
@@ -41,7 +43,7 @@ ACCURACY_ORDER = ("exact", "ghost", "sketch")
 #: on R ≥ 2 ranks FTW's ``auto`` decides for this many, whatever R is, so that a run selects the same on any
 #: R ≥ 2 (the bytes per rank hardly change with R); one process moves no bytes and decides for R = 1
 REFERENCE_WORLD = 8
-EXCHANGES = ("direction", "factors", "sketches")
+EXCHANGES = get_args(ExchangeName)
 
 
 @dataclass(frozen=True)

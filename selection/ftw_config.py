@@ -8,6 +8,11 @@ from typing import Literal
 
 from optsel.config_loader import check_literal_fields
 
+#: the allowed values of the options that name an implementation, written once (the registries read them)
+GramBackend = Literal["exact", "ghost", "sketch", "auto"]
+Solver = Literal["active_set", "torch", "cvxpy"]
+ExchangeName = Literal["direction", "factors", "sketches"]
+
 
 @dataclass(kw_only=True)
 class FTWConfig:
@@ -20,7 +25,7 @@ class FTWConfig:
     filter_size: int | None = None
     filter_ratio: float = 0.5  #: m as a fraction of the global pool N (when filter_size is null)
     #: how the Gram matrix K is computed: exact, ghost, sketch, or auto (chosen per layer by cost)
-    gram: Literal["exact", "ghost", "sketch", "auto"] = "auto"
+    gram: GramBackend = "auto"
     #: the optimizer's geometry: adam (P and m̂ from the optimizer) | sgd (P = I, no momentum) | muon
     #: (torch.optim.Muon's Newton–Schulz Jacobian on its layers, P = I elsewhere) | auto (Muon layers
     #: muon, Adam layers adam); docs/design.md, The Muon geometry
@@ -37,7 +42,7 @@ class FTWConfig:
     #: optimiser-aware utility), scaled by curvature_scale
     curvature: float | None = None
     curvature_scale: float = 1.0  #: γ, the factor on the curvature τ
-    solver: Literal["active_set", "torch", "cvxpy"] = "active_set"  #: the QP solver
+    solver: Solver = "active_set"  #: the QP solver
     support: Literal["topk", "greedy"] = "topk"  #: how the QP's support of at most budget samples is chosen
     w_max: float | None = None  #: cap on each weight (>= 1/budget; null: none)
     target_refresh: int = 1  #: recompute the target gradient g_V every this many selection steps
@@ -59,7 +64,7 @@ class FTWConfig:
     #: (A, Δ), T·(d_in + d_out) floats per sample and layer, b exact | sketches: needs gram sketch, only
     #: k_o·k_i floats per sample and layer, b sketched too with P ≈ r cᵀ on the target gradient
     #: (selection/ftw/exchanges/sketches.py)
-    exchange: Literal["direction", "factors", "sketches"] = "direction"
+    exchange: ExchangeName = "direction"
     #: exchange direction: the dtype M crosses ranks in — compute (compute_dtype: exact) | bfloat16 (half
     #: the bytes, b rounded)
     direction_dtype: Literal["compute", "bfloat16"] = "compute"

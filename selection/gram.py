@@ -15,14 +15,17 @@ R and the exchange): the most accurate backend within a factor of the cheapest.
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 
 from optsel import distributed
 from optsel.selection.cost_model import LayerShape, backend_for
+from optsel.selection.ftw_config import GramBackend
 from optsel.selection.layers import CoveredLayer
 from optsel.selection.preconditioner import LayerBlock, LayerGeometry, empty_block
 
-BACKENDS = ("exact", "ghost", "sketch", "auto")
+BACKENDS = get_args(GramBackend)
 
 
 def auto_backend(exchange: str, shape: LayerShape, max_ghost_elems: int) -> str:

@@ -17,14 +17,16 @@ to uniform weights over the top k by utility — counted by the caller, never ra
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import get_args
 
 import numpy as np
 import torch
 
 from optsel.selection.active_set import active_set_qp
+from optsel.selection.ftw_config import Solver
 from optsel.selection.qp_result import QPResult
 
-SOLVERS = ("active_set", "torch", "cvxpy")
+SOLVERS = get_args(Solver)
 SUPPORTS = ("topk", "greedy")
 
 

@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from optsel.config_loader import check_literal_fields
 from optsel.selection import gram as gram_ops
 from optsel.selection.alignment import alignment_partial
 from optsel.selection.base import Batch, Selection, register_selector
@@ -54,8 +55,7 @@ from optsel.selection.target import target_block
 @dataclass(kw_only=True)
 class GreatsConfig:
     """budget: k. lr: η (None: the optimizer's current lr of its first param group).
-    gram: "exact" | "ghost" | "auto" (per layer, the fewer flops over all N² pairs); both are exact for
-    plain gradients. capture_chunk_size: samples per forward/backward. max_temp_elems: Gram temps."""
+    Both gram backends are exact for plain gradients; each field's meaning is its ``#:`` comment."""
 
     budget: int
     lr: float | None = None  #: η (null: the optimizer's current lr of its first param group)
@@ -68,8 +68,7 @@ class GreatsConfig:
         check_budget(self.budget)
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr: must be > 0 or null, got {self.lr}")
-        if self.gram not in ("exact", "ghost", "auto"):
-            raise ValueError(f"gram: must be one of ('exact', 'ghost', 'auto'), got {self.gram!r}")
+        check_literal_fields(self)  # gram: the values of its Literal
         check_chunk_size("capture_chunk_size", self.capture_chunk_size)
 
 
