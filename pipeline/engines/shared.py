@@ -114,7 +114,9 @@ class EngineConfig:
     precision "auto" = bf16 on CUDA, fp32 on CPU.
     """
 
-    name: Literal["deepspeed", "fsdp2"] = "deepspeed"  #: the distributed backend
+    #: the distributed backend: deepspeed | fsdp2 | a plug-in's (an ``optsel.engines`` entry point), checked
+    #: against the engine registry when the run config loads
+    name: str = "deepspeed"
     #: engine deepspeed: a DeepSpeed JSON (batch sizes, optimizer, scheduler filled by optsel)
     deepspeed_config: str = field(default_factory=_default_deepspeed_config)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  #: auto: bf16 on CUDA, fp32 on CPU

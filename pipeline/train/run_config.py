@@ -17,7 +17,7 @@ from optsel.config_loader import ConfigError, from_mapping, load_config_data
 from optsel.monitoring.sinks import MonitoringConfig
 from optsel.pipeline.checkpoint.manager import CheckpointConfig
 from optsel.pipeline.data.config import DataConfig
-from optsel.pipeline.engines.shared import EngineConfig, OptimizerConfig
+from optsel.pipeline.engines.shared import ENGINES, EngineConfig, OptimizerConfig
 from optsel.pipeline.train.callbacks.base import CallbacksConfig
 from optsel.pipeline.train.model import ModelConfig
 
@@ -259,6 +259,8 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
         raise ConfigError(
             "selection.method", f"unknown selector {config.selection.method!r}; known: {', '.join(selector_names())}"
         )
+    if config.engine.name not in ENGINES:
+        raise ConfigError("engine.name", f"unknown engine {config.engine.name!r}; known: {', '.join(ENGINES.names())}")
     for method in config.selection.options:
         method_config(config.selection, method)  # validate every block, not only the one in use
     config.check_paths()

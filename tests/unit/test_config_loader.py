@@ -7,6 +7,8 @@ import pytest
 
 from optsel.config_loader import ConfigError, apply_overrides, from_mapping
 
+from support.common import REPO
+
 
 @dataclass(kw_only=True)
 class Inner:
@@ -72,3 +74,18 @@ def test_check_literal_fields_reads_the_allowed_values_from_the_type():
     inner.mode = "c"
     with pytest.raises(ValueError, match=r"^mode: must be one of \('a', 'b'\), got 'c'$"):
         check_literal_fields(inner)
+
+
+def test_engine_name_is_checked_against_the_engine_registry_plugins_included():
+    """engine.name is any registered engine (built in or an optsel.engines plug-in); an unknown one is an
+    error naming the key and the known engines."""
+    from optsel.pipeline.engines.shared import ENGINES
+    from optsel.pipeline.train.run_config import ConfigError, load_run_config
+
+    with pytest.raises(ConfigError, match=r"engine.name.*unknown engine 'tpu'; known: .*deepspeed.*fsdp2"):
+        load_run_config(REPO / "configs/demo.yaml", ["engine.name=tpu"])
+    ENGINES.add("tpu", lambda **kwargs: None)
+    try:
+        assert load_run_config(REPO / "configs/demo.yaml", ["engine.name=tpu"]).engine.name == "tpu"
+    finally:
+        ENGINES.remove("tpu")
