@@ -122,10 +122,10 @@ def notes(runs: list[RunOutcome]) -> list[str]:
 
 def plot(runs: list[RunOutcome], path: Path) -> Path:
     """Every run's target validation loss against the optimizer step, on one PNG at ``path``."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - heavy: imported when a plot is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - heavy: imported when a plot is drawn
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     for r in runs:

@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 
 SHM_PATTERN = "/dev/shm/deepspeed_allreduce_buffer*"
@@ -82,7 +83,6 @@ def build_command(launcher: str, nproc: int, config: str, overrides: list[str], 
 
 def write_hostfile(nnodes: int, slots: int) -> str:
     """A temporary deepspeed hostfile ``node0 slots=N`` .. ``node<nnodes-1> slots=N``; returns its path."""
-    import tempfile
 
     fd, path = tempfile.mkstemp(prefix="optsel-hostfile-")
     with os.fdopen(fd, "w") as f:

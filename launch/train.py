@@ -14,6 +14,16 @@ import os
 import sys
 import warnings
 
+from optsel import distributed
+from optsel.config_loader import ConfigError, mask_log_handlers, mask_secrets
+from optsel.monitoring.exposition import PortInUseError
+from optsel.pipeline.checkpoint.manager import CheckpointError
+from optsel.pipeline.checkpoint.run_lock import RunDirBusyError
+from optsel.pipeline.data.shards import ShardError
+from optsel.pipeline.files import jsonio
+from optsel.pipeline.train.run_config import load_run_config
+from optsel.pipeline.train.trainer import Trainer
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="optsel train", description="Train with online data selection.")
@@ -76,9 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("filelock", "matplotlib") if args.verbose else ("streaming",):
         # verbose: not filelock's thousands of acquire/release lines; quiet: not streaming's defaults at INFO
         logging.getLogger(name).setLevel(logging.INFO if args.verbose else logging.WARNING)
-    from optsel import distributed
-    from optsel.config_loader import ConfigError, mask_log_handlers, mask_secrets
-    from optsel.pipeline.train.run_config import load_run_config
 
     mask_log_handlers()  # no log line shows a credential (a data.remote URL's password or signature, an api key)
 
@@ -94,17 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"optsel: {mask_secrets(str(err))}", file=sys.stderr)
         return 2
-    from optsel.monitoring.exposition import PortInUseError
-    from optsel.pipeline.checkpoint.manager import CheckpointError
-    from optsel.pipeline.checkpoint.run_lock import RunDirBusyError
-    from optsel.pipeline.data.shards import ShardError
-    from optsel.pipeline.files import jsonio
-    from optsel.pipeline.train.trainer import Trainer
 
     trainer = None
     try:
         if config.engine.name == "deepspeed":  # DeepSpeed logs its config (engine.extra too) on its own handler
-            from deepspeed.utils import logger as deepspeed_logger
+            from deepspeed.utils import logger as deepspeed_logger  # noqa: PLC0415 - optional dependency: imported when the deepspeed engine runs
 
             mask_log_handlers(deepspeed_logger)
         trainer = Trainer(config)

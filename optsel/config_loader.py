@@ -19,6 +19,8 @@ from typing import Any, Literal, TypeVar, cast, get_args, get_origin, get_type_h
 
 import yaml
 
+from optsel.resources import find_config
+
 T = TypeVar("T")
 
 
@@ -346,7 +348,6 @@ def load_config_data(
     """A config file (a path, or the name of a built-in config such as ``demo``) plus overrides, as a
     raw mapping with its paths resolved: relative paths written in the file against the file's folder,
     relative paths given as ``key=value`` overrides against the current directory."""
-    from optsel.resources import find_config
 
     try:
         file = find_config(path)

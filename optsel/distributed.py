@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass, field
 from typing import cast
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ def init_distributed(engine: str, timeout_s: float = 600.0, backend: str | None 
     if torch.cuda.is_available():
         torch.cuda.set_device(info().local_rank)
     if engine == "deepspeed":
-        import deepspeed
+        import deepspeed  # noqa: PLC0415 - optional dependency: imported when the deepspeed engine runs
 
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     else:
@@ -94,8 +96,6 @@ def destroy() -> None:
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -258,7 +258,6 @@ def gather_shard0(
     FSDP2 DTensor parameter ``like`` (its 1-D mesh; torch's chunk rule): a DTensor redistribute
     Shard(0) → Replicate, the engine's own parameter all-gather. Counted as the gathered output,
     padding included (R · ceil(d0 / R) · d1 elements: what the collective moves)."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard
 
     mesh = cast(DTensor, like).device_mesh
     d0, d1 = int(shape[0]), int(shape[1])

@@ -4,7 +4,6 @@ dataclasses (``optsel configs keys [run|prepare] [--markdown]``; docs/configurat
 Where a key's meaning comes from — the one convention for config fields: a ``#:`` doc comment (the
 form Sphinx autodoc reads), either at the end of the field's line or on the comment line(s) directly
 above it::
-
     num_steps: int  #: optimizer steps to run
     #: a meaning too long for the field's line
     collective_timeout_s: float = 600.0
@@ -32,6 +31,13 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
+
+from optsel import resources
+from optsel.config_loader import literal_values, to_plain
+from optsel.pipeline.data import config as data_config
+from optsel.pipeline.data.prepare import PrepareConfig
+from optsel.pipeline.train.run_config import PREPARE_PATH_KEYS, RUN_PATH_KEYS, RunConfig, SelectionConfig
+from optsel.selection.base import get_selector_factory, selector_names
 
 REGENERATE = ".venv/bin/optsel configs keys --markdown > docs/configuration.md"
 
@@ -95,9 +101,6 @@ def field_meanings(cls: type) -> dict[str, str]:
 
 def _choices() -> dict[tuple[type, str], tuple[Any, ...]]:
     """Allowed values the loader checks in ``__post_init__`` rather than with a ``Literal``."""
-    from optsel.pipeline.data import config as data_config
-    from optsel.pipeline.train.run_config import SelectionConfig
-    from optsel.selection.base import selector_names
 
     return {
         (data_config.DataConfig, "shuffle_algo"): data_config.SHUFFLE_ALGOS,
@@ -142,14 +145,12 @@ def type_name(tp: Any) -> str:
 def allowed_values(tp: Any) -> tuple[Any, ...]:
     """The values a ``Literal`` (or ``Literal | None``) annotation admits; () if it is not one (the
     loader's own reading of the type, the one place allowed values come from)."""
-    from optsel.config_loader import literal_values
 
     return literal_values(tp)
 
 
 def plain_default(f: dataclasses.Field) -> Any:
     """The field's default as plain YAML data (tuples as lists); MISSING for a required field."""
-    from optsel.config_loader import to_plain
 
     if f.default is not dataclasses.MISSING:
         return to_plain(f.default)
@@ -174,7 +175,6 @@ def bundled_name(value: Any) -> str | None:
     """The name of a bundled file (``optsel configs list``) whose path ``value`` is, else None."""
     if not isinstance(value, str) or not value.startswith("/"):
         return None
-    from optsel import resources
 
     root = resources.configs_dir().resolve()
     try:
@@ -226,7 +226,6 @@ def _selector_options(prefix: str) -> list[KeyDoc]:
     """``selection.options.<method>.*`` for every registered selector that takes options (budget is
     set once, as selection.budget). A config that subclasses another method's lists only the keys it
     redeclares."""
-    from optsel.selection.base import get_selector_factory, selector_names
 
     out: list[KeyDoc] = []
     listed: dict[type, str] = {}
@@ -252,7 +251,6 @@ def _selector_options(prefix: str) -> list[KeyDoc]:
 
 def run_keys() -> list[KeyDoc]:
     """Every key of the run config (``optsel train CONFIG``), selector options included."""
-    from optsel.pipeline.train.run_config import RUN_PATH_KEYS, RunConfig
 
     out = []
     for doc in keys(RunConfig, "", RUN_PATH_KEYS):
@@ -264,8 +262,6 @@ def run_keys() -> list[KeyDoc]:
 
 def prepare_keys() -> list[KeyDoc]:
     """Every key of the prepare config (``optsel prepare CONFIG``)."""
-    from optsel.pipeline.data.prepare import PrepareConfig
-    from optsel.pipeline.train.run_config import PREPARE_PATH_KEYS
 
     return keys(PrepareConfig, "", PREPARE_PATH_KEYS)
 

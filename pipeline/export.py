@@ -1,7 +1,6 @@
 """``optsel export RUN_DIR --out DIR``: a run's checkpoint back to a Hugging Face ``save_pretrained`` folder.
 
 What is written (``DIR``)::
-
     config.json, model.safetensors, generation_config.json   the model (fp32 master weights); with LoRA and
                                                               ``lora="merge"`` the adapters merged into it
     adapter_config.json, adapter_model.safetensors           instead, with ``lora="adapter"`` (peft's own
@@ -42,10 +41,16 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
+from unittest import mock
 
 import torch
+import torch.distributed.checkpoint as dcp
+import yaml
 from torch import nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from optsel import __version__
+from optsel.config_loader import from_mapping
 from optsel.pipeline.checkpoint.manager import (
     STEP_DIR,
     CheckpointConfig,
@@ -54,7 +59,15 @@ from optsel.pipeline.checkpoint.manager import (
     flatten,
     is_complete,
 )
+from optsel.pipeline.checkpoint.safe_load import (
+    UnsafeCheckpointError,
+    dcp_reader_and_planner,
+    deepspeed_safe_globals,
+    torch_load,
+)
+from optsel.pipeline.data.tokenizer import load_tokenizer
 from optsel.pipeline.files.folders import new_sibling
+from optsel.pipeline.train.model import ModelConfig, build_model
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -97,7 +110,6 @@ def _plain(err: BaseException) -> str:
 # -- which checkpoint -------------------------------------------------------------------------------
 def _run_yaml(run_dir: Path) -> dict[str, Any] | None:
     """The run folder's config.yaml as plain data (None when there is none)."""
-    import yaml
 
     file = run_dir / "config.yaml"
     if not file.is_file():
@@ -191,8 +203,6 @@ def run_model_section(meta: dict[str, Any], run_dir: Path | None) -> dict[str, A
 # -- the model and its weights ----------------------------------------------------------------------
 def build_run_model(model_section: dict[str, Any], tokenizer) -> nn.Module:
     """The run's model (float32, LoRA-wrapped if the run used LoRA), built as the trainer builds it."""
-    from optsel.config_loader import from_mapping
-    from optsel.pipeline.train.model import ModelConfig, build_model
 
     cfg = from_mapping(ModelConfig, model_section, "model")
     return build_model(
@@ -210,15 +220,12 @@ class _WeightsOnlyTorch:
     (the rest of ``torch`` is the real module)."""
 
     def __init__(self) -> None:
-        from optsel.pipeline.checkpoint.safe_load import deepspeed_safe_globals
-
         self._allowed = deepspeed_safe_globals()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(torch, name)
 
     def load(self, f: Any, map_location: Any = None, **_unsafe: Any) -> Any:  # weights_only/mmap are not honoured
-        from optsel.pipeline.checkpoint.safe_load import torch_load
 
         return torch_load(f, what=str(f), allowed=self._allowed, map_location=map_location or "cpu")
 
@@ -227,11 +234,8 @@ def deepspeed_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
     """The full fp32 state dict of a ZeRO-3 checkpoint (``step_dir/engine``), consolidated by DeepSpeed's
     ``get_fp32_state_dict_from_zero_checkpoint`` with ``tag="engine"`` (reading only that folder's
     ``*_model_states.pt`` / ``*_optim_states.pt``, weights-only)."""
-    from unittest import mock
 
-    from deepspeed.utils import zero_to_fp32
-
-    from optsel.pipeline.checkpoint.safe_load import UnsafeCheckpointError
+    from deepspeed.utils import zero_to_fp32  # noqa: PLC0415 - optional dependency: imported when the deepspeed engine runs
 
     if not (step_dir / DEEPSPEED_TAG).is_dir():
         raise CheckpointError(f"{step_dir / DEEPSPEED_TAG} is missing (not a deepspeed checkpoint?)")
@@ -283,10 +287,6 @@ def load_fsdp2_weights(model: nn.Module, step_dir: Path) -> None:
     full, unsharded ``model`` in one process (no process group): DCP reassembles every tensor from the
     ranks' shards. The ``.metadata`` is read through optsel's restricted unpickler, byte items
     weights-only, and every shard file it names must be a plain file name inside the folder."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    from optsel.pipeline.checkpoint.safe_load import UnsafeCheckpointError, dcp_reader_and_planner
 
     folder = step_dir / "engine"
     if not (folder / ".metadata").is_file():
@@ -346,7 +346,7 @@ def _move_aside(out: Path) -> Path:
 
 def _write_model(model: nn.Module, work: Path, final: Path, lora: str, model_section: dict[str, Any]) -> dict[str, Any]:
     """save_pretrained ``model`` into ``work``; returns what export.json says about the weights."""
-    from peft import PeftModel
+    from peft import PeftModel  # noqa: PLC0415 - optional dependency (LoRA)
 
     if not isinstance(model, PeftModel):
         if lora == "adapter":
@@ -375,7 +375,7 @@ def _write_model(model: nn.Module, work: Path, final: Path, lora: str, model_sec
 @contextlib.contextmanager
 def _quiet_transformers():
     """No "Writing model shards" progress bar from save_pretrained (restored afterwards)."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415 - heavy: imported when a model is built or loaded
 
     was = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
@@ -403,8 +403,6 @@ def export(opts: ExportOptions) -> ExportReport:
     """Write ``opts.out`` from the run's checkpoint (see the module docstring). Raises CheckpointError
     (no checkpoint, unknown step, a corrupt, tampered or unsafe one, a model that does not fit),
     FileNotFoundError (no run folder or tokenizer), FileExistsError (``out`` not empty)."""
-    from optsel import __version__
-    from optsel.pipeline.data.tokenizer import load_tokenizer
 
     start = time.perf_counter()
     out = Path(opts.out)

@@ -9,6 +9,8 @@ only re-exports it.
 import importlib
 from typing import Any
 
+from optsel.selection.base import Selection
+
 __all__ = ["FilterThenWeight", "FTWConfig", "Selection"]
 
 
@@ -16,7 +18,5 @@ def __getattr__(name: str) -> Any:
     if name in ("FilterThenWeight", "FTWConfig"):
         return getattr(importlib.import_module("optsel.selection.ftw"), name)
     if name == "Selection":
-        from optsel.selection.base import Selection
-
         return Selection
     raise AttributeError(f"module 'optsel.selection' has no attribute {name!r}")

@@ -4,6 +4,7 @@ NumPy. max_w bᵀw − (τ/2) wᵀKw s.t. w ≥ 0, Σw = 1, (w ≤ cap); a few d
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from optsel.selection.qp_result import QPResult
@@ -27,7 +28,6 @@ def active_set_qp(
     the KKT conditions hold (status "optimal"); a singular K_FF gets a 1e-10 relative ridge; after 2m
     iterations (degenerate faces of a singular K) bounds are released by Bland's rule. Each
     iteration adds or drops one variable, so m = 32 takes a few dozen small solves."""
-    import numpy as np
 
     m = int(b.shape[0])
     bn = b.detach().double().cpu().numpy()
@@ -90,8 +90,6 @@ def active_set_qp(
 
 
 def _to_weights(w, device: torch.device) -> torch.Tensor:
-    import numpy as np
-
     out = torch.from_numpy(np.clip(w, 0.0, None)).to(device)
     return out / out.sum()
 
@@ -99,7 +97,6 @@ def _to_weights(w, device: torch.device) -> torch.Tensor:
 def _feasible_start(b, Q, hi):
     """A feasible vertex-like start: all mass on the best single candidate (max b_j − Q_jj/2), or,
     with a cap, 1/n on the n = ⌈1/cap⌉ best ones."""
-    import numpy as np
 
     score = b - 0.5 * np.diag(Q)
     n = 1 if not np.isfinite(hi) else int(np.ceil(1.0 / hi - 1e-12))

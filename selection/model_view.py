@@ -27,7 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from optsel import distributed
 from optsel.registry import Registry, describe_object
+from optsel.selection.muon_geometry import HybridStateReader, is_muon, optimizers_of
 from optsel.selection.preconditioner import IdentityStateReader, OptimizerStateReader, TorchAdamStateReader
 
 
@@ -66,7 +68,6 @@ class ModelView:
         """The engine's own traffic per optimizer step, bytes, in the CommCounter's payload convention
         (the denominator of ``select/engine_bytes_ratio``). Plain data parallelism all-reduces every
         gradient once at the parameter's dtype; one process moves nothing."""
-        from optsel import distributed
 
         if self.model is None or not distributed.is_distributed():
             return 0
@@ -107,7 +108,6 @@ def make_state_reader(optimizer: Any, geometry: str, view: ModelView | None = No
     "auto": selection/muon_geometry.py's hybrid reader when a torch.optim.Muon is among the optimizers)."""
     if geometry not in ("adam", "sgd", "muon", "auto"):
         raise ValueError(f"geometry: must be 'adam', 'sgd', 'muon' or 'auto', got {geometry!r}")
-    from optsel.selection.muon_geometry import HybridStateReader, is_muon, optimizers_of
 
     view = view or model_view_for(None, optimizer)
     if geometry == "sgd":

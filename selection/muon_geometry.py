@@ -128,7 +128,7 @@ class MuonHyper:
 
 def adjust_ratio(adjust_lr_fn: str | None, shape: Sequence[int]) -> float:
     """Muon's learning-rate ratio for a parameter of ``shape`` (torch.optim._muon._adjust_lr(1, ...))."""
-    from torch.optim._muon import _adjust_lr  # optional: torch.optim.Muon's module exists from torch 2.9 only
+    from torch.optim._muon import _adjust_lr  # optional: torch.optim.Muon's module exists from torch 2.9 only  # noqa: PLC0415 - optional: torch >= 2.9 only
 
     return float(_adjust_lr(1.0, adjust_lr_fn, torch.Size(shape)))
 

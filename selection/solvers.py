@@ -197,7 +197,7 @@ def cvxpy_qp(
     backend None: OSQP up to m = 512, CLARABEL (interior point) above — OSQP's first-order
     iterations crawl on dense m = 1024 problems (5–30 s measured, CLARABEL ~1.3 s, same optimum).
     Weights below 1e-9 of the largest are set to 0 (solver tolerance, not support)."""
-    import cvxpy as cp  # heavy (scipy, solver backends): only this reference solver needs it
+    import cvxpy as cp  # heavy (scipy, solver backends): only this reference solver needs it  # noqa: PLC0415 - heavy: the reference solver only
 
     m = b.shape[0]
     backend = backend or ("OSQP" if m <= 512 else "CLARABEL")

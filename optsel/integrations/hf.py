@@ -136,7 +136,7 @@ class _IndexedRows(torch.utils.data.Dataset):
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The torch optimizer under accelerate's ``AcceleratedOptimizer`` wrapper(s) (what FTW's
     ``geometry='adam'`` reads the moments of); any other optimizer as it is."""
-    from accelerate.optimizer import AcceleratedOptimizer
+    from accelerate.optimizer import AcceleratedOptimizer  # noqa: PLC0415 - optional dependency (HF Trainer integration)
 
     while isinstance(optimizer, AcceleratedOptimizer):
         optimizer = optimizer.optimizer
@@ -572,7 +572,7 @@ def __getattr__(name: str) -> Any:
     """``OptselSFTTrainer``: the mixin on ``trl.SFTTrainer``, built on first use (trl is optional)."""
     if name == "OptselSFTTrainer":
         try:
-            from trl import SFTTrainer
+            from trl import SFTTrainer  # noqa: PLC0415 - optional dependency (TRL integration)
         except ImportError as err:
             raise ImportError("OptselSFTTrainer needs trl: pip install 'optsel[trl]'") from err
         cls = type(

@@ -1,7 +1,6 @@
 """Checkpoints: where, how often, atomic writes, keep the last N, resume from the newest complete one.
 
 Layout of one checkpoint (``<dir>/step_00000040/``)::
-
     engine/                 the engine's own format: DeepSpeed ``save_checkpoint`` (tag "engine",
                             ZeRO-3 partitions per rank, client_state) or FSDP2 through
                             ``torch.distributed.checkpoint`` (sharded .distcp files + engine_extra.pt)
@@ -31,6 +30,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -153,8 +153,6 @@ class CheckpointConfig:
     allow_other_data: bool = False  #: resume a checkpoint made from another dataset instead of refusing it
 
     def __post_init__(self) -> None:
-        import signal
-
         if self.every_steps < 0:
             raise ValueError(f"every_steps: must be >= 0, got {self.every_steps}")
         if self.keep_last < 1:

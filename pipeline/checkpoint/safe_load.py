@@ -13,11 +13,18 @@ file and every refused global. The allowlists hold only what optsel's engines ac
 from __future__ import annotations
 
 import io
+import pathlib
 import pickle
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 import torch
+import torch.distributed.checkpoint.filesystem as fs
+import torch.distributed.checkpoint.metadata as md
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import StorageMeta
 
 
 class CheckpointError(RuntimeError):
@@ -37,8 +44,8 @@ class UnsafeCheckpointError(CheckpointError):
 
 
 def deepspeed_safe_globals() -> list[Any]:
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler  # noqa: PLC0415 - optional dependency: imported when the deepspeed engine runs
+    from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: PLC0415 - optional dependency: imported when the deepspeed engine runs
 
     return [ZeroStageEnum, LossScaler]
 
@@ -76,11 +83,6 @@ def torch_load(
 
 # -- plain pickles (DCP .metadata) -------------------------------------------------------------------
 def _dcp_allowed() -> dict[tuple[str, str], Any]:
-    import pathlib
-
-    import torch.distributed.checkpoint.filesystem as fs
-    import torch.distributed.checkpoint.metadata as md
-
     allowed: dict[tuple[str, str], Any] = {}
     for name in (
         "ChunkStorageMetadata",
@@ -139,9 +141,6 @@ def dcp_reader_and_planner(path: str | Path):
     """A FileSystemReader whose ``.metadata`` goes through :class:`RestrictedUnpickler` and a load
     planner whose byte items load weights-only (torch's own use plain ``pickle.load`` /
     ``torch.load(weights_only=False)``)."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-    from torch.distributed.checkpoint.metadata import StorageMeta
 
     allowed = _dcp_allowed()
 
@@ -160,8 +159,6 @@ def dcp_reader_and_planner(path: str | Path):
         def load_bytes(self, read_item, value: io.BytesIO) -> None:
             obj = torch_load(value, what=f"{path} item {read_item.dest_index.fqn}")
             if self.flatten_state_dict:
-                from torch.distributed.checkpoint._traverse import set_element
-
                 set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
             else:
                 self.state_dict[read_item.dest_index.fqn] = obj

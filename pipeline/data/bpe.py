@@ -41,8 +41,8 @@ DEFAULT_VOCAB = 8192
 def train_bpe(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB):
     """A byte-level BPE of ``vocab_size`` tokens (incl. 256 bytes, pad/bos/eos and the role tokens) trained
     on ``texts``, as a ``PreTrainedTokenizerFast`` with the chat template :data:`CHAT_TEMPLATE`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415 - heavy: imported when a tokenizer is built
+    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415 - heavy: imported when a model is built or loaded
 
     specials = [PAD, BOS, EOS, *ROLE_TOKENS]
     if vocab_size < 256 + len(specials):

@@ -22,6 +22,7 @@ from optsel.pipeline.data.collate import Batch, collate
 from optsel.pipeline.data.config import SPLITS, DataConfig, source_of
 from optsel.pipeline.data.shards import ShardError  # (the trainer raises data_lib.ShardError)
 from optsel.pipeline.data.streaming_dataset import open_dataset
+from optsel.pipeline.data.tokenizer import file_sha256, load_tokenizer, vocab_sha256
 from optsel.pipeline.files import jsonio
 
 log = logging.getLogger("optsel.data")
@@ -73,7 +74,6 @@ def check_identity(data_dir: str | Path, tokenizer, model, model_cfg: Any = None
     ``model.path`` has the data tokenizer's vocabulary and special ids. Data prepared before the identity
     was recorded (no ``tokenizer_json_sha256`` in prepare_report.json) is checked against the loaded
     tokenizer only, with a warning."""
-    from optsel.pipeline.data.tokenizer import file_sha256, load_tokenizer, vocab_sha256
 
     data_dir = Path(data_dir)
     tok_dir = data_dir / "tokenizer"
@@ -165,8 +165,6 @@ def check_identity(data_dir: str | Path, tokenizer, model, model_cfg: Any = None
 
 
 def _pad_id(cfg: DataConfig) -> int:
-    from optsel.pipeline.data.tokenizer import load_tokenizer
-
     return int(load_tokenizer(Path(cfg.local) / "tokenizer").pad_token_id)
 
 
@@ -184,7 +182,7 @@ def build_train_loader(
     the prepared tokenizer's. The loader has ``state_dict()`` / ``load_state_dict()`` for exact resume.
     ``vocab_size``: token ids at or above it are a ShardError naming the shard and sample.
     """
-    from optsel.pipeline.data.streaming_compat import StreamingDataLoader
+    from optsel.pipeline.data.streaming_compat import StreamingDataLoader  # noqa: PLC0415 - heavy: mosaicml-streaming, imported when shards are read or written
 
     if per_rank_pool_size < 1:
         raise ValueError(f"per_rank_pool_size: must be >= 1, got {per_rank_pool_size}")

@@ -160,11 +160,11 @@ def record_byte_cap(cfg: PrepareConfig) -> int:
 
 
 def _check_codecs(cfg: PrepareConfig) -> None:
-    import optsel.pipeline.data.streaming_compat  # noqa: F401  (registers `streaming` without torchvision)
+    import optsel.pipeline.data.streaming_compat  # noqa: PLC0415, F401  (registers `streaming` without torchvision)
 
     # isort: split
-    from streaming.base.compression import is_compression
-    from streaming.base.hashing import is_hash
+    from streaming.base.compression import is_compression  # noqa: PLC0415 - heavy: mosaicml-streaming, imported when shards are read or written
+    from streaming.base.hashing import is_hash  # noqa: PLC0415 - heavy: mosaicml-streaming, imported when shards are read or written
 
     if cfg.compression and not is_compression(cfg.compression):
         raise ValueError(f"compression: unknown codec {cfg.compression!r} (e.g. zstd, gz, br, or null)")
@@ -419,7 +419,7 @@ def prepare(cfg: PrepareConfig) -> PrepareReport:
 
 def _write(cfg: PrepareConfig, out: Path, work: Path, started: float, aside: Path | None) -> PrepareReport:
     """The dataset of ``cfg``, written into the empty folder ``work``; its report names ``out``."""
-    from optsel.pipeline.data.streaming_compat import MDSWriter
+    from optsel.pipeline.data.streaming_compat import MDSWriter  # noqa: PLC0415 - heavy: mosaicml-streaming, imported when shards are read or written
 
     report = PrepareReport(
         out_dir=str(out),

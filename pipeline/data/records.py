@@ -138,8 +138,8 @@ def jsonl_records(path: str, max_bytes: int | None = None) -> Iterator[Record]:
 
 def parquet_records(path: str, batch_size: int = 4096) -> Iterator[Record]:
     """Records of a Parquet file (``origin`` = path and row number, 1-based)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow as pa  # noqa: PLC0415 - heavy: imported when parquet is read
+    import pyarrow.parquet as pq  # noqa: PLC0415 - heavy: imported when parquet is read
 
     try:
         pf = pq.ParquetFile(path)
@@ -155,7 +155,7 @@ def parquet_records(path: str, batch_size: int = 4096) -> Iterator[Record]:
 def hf_records(path: str, name: str | None, split: str, local_files_only: bool) -> Iterator[Record]:
     """Records of a ``datasets`` dataset: ``load_from_disk`` for a saved dataset directory, else
     ``load_dataset(path, name, split=split)`` (local files; a hub name only with network)."""
-    import datasets
+    import datasets  # noqa: PLC0415 - heavy: imported when a Hugging Face dataset is read
 
     p = Path(path)
     if p.is_dir() and ((p / "dataset_dict.json").is_file() or (p / "state.json").is_file()):
@@ -357,7 +357,7 @@ def chat_tokens(tok, chat: Chat, origin: str) -> tuple[list[int], list[int]]:
     rendered with ``add_generation_prompt=True`` (the turn's content and its end-of-turn text, not the
     assistant header). Each rendering must be a prefix of the next (a BadRecord otherwise). A token
     overlapping a covered span is covered. Only turns at index >= ``first_loss_turn`` count."""
-    from jinja2 import TemplateError
+    from jinja2 import TemplateError  # noqa: PLC0415 - optional: chat templates only
 
     if not getattr(tok, "is_fast", False):
         raise ValueError(

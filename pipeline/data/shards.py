@@ -7,6 +7,7 @@ index gives. Every failure is a :class:`ShardError` naming the file (and the key
 from __future__ import annotations
 
 import bz2
+import hashlib
 import os
 import zlib
 from pathlib import Path
@@ -200,9 +201,8 @@ def file_matches(path: Path, size: int, hashes: dict[str, str], algo: str | None
     """Whether ``path`` (a cached copy) has ``size`` bytes and the index's hash (``algo`` if the index
     has it, else its first); without hashes in the index, the same sha256 as the ``source`` file. False
     when it cannot be told (no hashes, no readable source)."""
-    import hashlib
 
-    from streaming.base.hashing import get_hash
+    from streaming.base.hashing import get_hash  # noqa: PLC0415 - heavy: mosaicml-streaming, imported when shards are read or written
 
     if path.is_symlink() or not path.is_file() or path.stat().st_size != size:
         return False
@@ -226,10 +226,10 @@ def verify_split(
 
     Returns the number of samples. Raises ShardError naming the missing/truncated/corrupt file.
     """
-    from optsel.pipeline.data.streaming_compat import MDSWriter  # noqa: F401  (registers `streaming`)
+    from optsel.pipeline.data.streaming_compat import MDSWriter  # noqa: PLC0415, F401  (registers `streaming`)
 
     # isort: split
-    from streaming.base.hashing import get_hash
+    from streaming.base.hashing import get_hash  # noqa: PLC0415 - heavy: mosaicml-streaming, imported when shards are read or written
 
     split_dir = Path(split_dir)
     index_path = split_dir / "index.json"
@@ -359,7 +359,7 @@ def decompress_bounded(compression: str, data: bytes, limit: int, where: Any) ->
     algo = compression.split(":")[0]
     try:
         if algo == "zstd":
-            import zstd
+            import zstd  # noqa: PLC0415 - optional compression codec
 
             if _zstd_size(data, where) > limit:
                 raise _bomb(where, limit)
@@ -369,7 +369,7 @@ def decompress_bounded(compression: str, data: bytes, limit: int, where: Any) ->
         elif algo == "bz2":
             out = _stream_decompress(bz2.BZ2Decompressor, data, limit, where)
         elif algo == "snappy":
-            import snappy
+            import snappy  # noqa: PLC0415 - optional compression codec
 
             declared, shift = 0, 0
             for byte in data[:10]:  # the uncompressed length, a varint
@@ -381,7 +381,7 @@ def decompress_bounded(compression: str, data: bytes, limit: int, where: Any) ->
                 raise _bomb(where, limit)
             out = snappy.decompress(data)
         elif algo == "br":
-            import brotli
+            import brotli  # noqa: PLC0415 - optional compression codec
 
             decompressor = brotli.Decompressor()
             out = decompressor.process(data, output_buffer_limit=limit + 1)
@@ -403,7 +403,7 @@ def decompressed_head(compression: str, data: bytes, limit: int, where: Any, n: 
     decompressed (as a one-block frame); other compressions: the whole shard, bounded by ``limit``."""
     if compression.split(":")[0] == "zstd":
         try:
-            import zstd
+            import zstd  # noqa: PLC0415 - optional compression codec
 
             _, first, fhd = next(_zstd_frames(data))
             block = int.from_bytes(data[first : first + 3], "little")

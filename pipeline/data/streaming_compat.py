@@ -19,7 +19,7 @@ import types
 
 def _load_streaming_base() -> types.ModuleType:
     try:
-        import streaming  # noqa: F401  (normal path)
+        import streaming  # noqa: PLC0415, F401  (normal path)
     except (ImportError, RuntimeError) as err:
         if "torchvision" not in str(err) and "nms" not in str(err):
             raise

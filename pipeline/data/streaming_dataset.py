@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from optsel import distributed
 from optsel.distributed import DistInfo
 from optsel.pipeline.data.config import DataConfig, is_local, source_of, split_cache
 from optsel.pipeline.data.shards import (
@@ -23,6 +24,7 @@ from optsel.pipeline.data.shards import (
     sample_problem,
     verify_split,
 )
+from optsel.pipeline.data.shm_cleanup import clean_stale_streaming_state
 from optsel.pipeline.files import jsonio
 
 log = logging.getLogger("optsel.data")
@@ -38,8 +40,6 @@ def _clean_at_exit() -> None:
     go too. Other prefixes are left alone (a job starting on the same node may have just created
     them); crashed runs' leftovers are swept at the next start, with the age guard."""
     if _CLEAN_AT_EXIT and _OWN_PREFIXES:
-        from optsel.pipeline.data.shm_cleanup import clean_stale_streaming_state
-
         try:
             clean_stale_streaming_state(only_prefixes=set(_OWN_PREFIXES))
         except Exception:  # never fail an exiting process over housekeeping
@@ -112,7 +112,7 @@ def _checked_dataset_class() -> type[Any]:
     - a failure of the background download/validation thread is raised at the end of the pass
       (streaming itself only *ends the epoch early*, which would silently shorten training).
     """
-    from optsel.pipeline.data.streaming_compat import Stream, StreamingDataset
+    from optsel.pipeline.data.streaming_compat import Stream, StreamingDataset  # noqa: PLC0415 - heavy: mosaicml-streaming, imported when shards are read or written
 
     global _CheckedStreamingDataset, _CheckedStream
     if _CheckedStreamingDataset is None:
@@ -181,7 +181,7 @@ def _checked_dataset_class() -> type[Any]:
                 where = f"shard {self._index_path.removesuffix('index.json')}{zip_info.basename}"
                 data = Path(zip_filename).read_bytes()
                 if self.validate_hash:
-                    from streaming.base.hashing import get_hash
+                    from streaming.base.hashing import get_hash  # noqa: PLC0415 - heavy: mosaicml-streaming, imported when shards are read or written
 
                     if self.validate_hash not in zip_info.hashes:
                         raise ShardError(
@@ -291,8 +291,6 @@ def open_dataset(
         global _CLEAN_AT_EXIT
         _CLEAN_AT_EXIT = True
         if rank_info.local_rank == 0:
-            from optsel.pipeline.data.shm_cleanup import clean_stale_streaming_state
-
             clean_stale_streaming_state()
         # streaming's ranks each scan /dev/shm for the next free prefix before their first barrier:
         # none may scan while the local leader is still removing stale files (they would disagree);
@@ -303,7 +301,6 @@ def open_dataset(
     local = split_cache(cfg, split)
     if rank_info.local_rank == 0:
         fresh_index(source, local)
-    from optsel import distributed
 
     distributed.barrier()  # no rank reads the cached index before the local leader has checked it
     try:

@@ -17,12 +17,15 @@ A tokenizer comes with the data (``<data>/tokenizer/``), so it is untrusted: it 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from optsel.config_loader import ConfigError
 
 log = logging.getLogger("optsel.tokenizer")
 
@@ -50,14 +53,14 @@ class TokenizerConfig:
 
 
 def _wrap(tok):
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415 - heavy: imported when a model is built or loaded
 
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS)
 
 
 def byte_tokenizer():
     """The fixed byte-level tokenizer: <pad>=0, <s>=1, </s>=2, then the 256 byte symbols."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: PLC0415 - heavy: imported when a tokenizer is built
 
     vocab = {s: i for i, s in enumerate([PAD, BOS, EOS])}
     for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
@@ -70,7 +73,7 @@ def byte_tokenizer():
 
 def bpe_tokenizer(corpus: Iterable[str], vocab_size: int):
     """A byte-level BPE trained on ``corpus`` (an iterable of texts)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415 - heavy: imported when a tokenizer is built
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -93,7 +96,6 @@ def refuse_remote_code(folder: str | Path, key: str) -> None:
     """Refuse a tokenizer or model folder whose config has an ``auto_map`` entry (it points transformers
     at Python code, e.g. a ``.py`` file beside it): a ConfigError on ``key`` naming the file. optsel
     never runs code from a dataset or a model folder."""
-    from optsel.config_loader import ConfigError
 
     for name in CODE_CONFIGS:
         path = Path(folder) / name
@@ -120,7 +122,7 @@ def load_tokenizer(path: str | Path, local_files_only: bool = True, key: str = "
     ``key`` when its config asks for custom code (``auto_map``), ValueError when the tokenizer has no
     EOS token (prepare appends EOS to every sample).
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # noqa: PLC0415 - heavy: imported when a model is built or loaded
 
     p = Path(path)
     if local_files_only and not (p / "tokenizer_config.json").is_file() and not (p / "tokenizer.json").is_file():
@@ -161,7 +163,6 @@ def save_tokenizer(tok, out_dir: str | Path) -> Path:
 def vocab_sha256(tok) -> str:
     """sha256 of the tokenizer's vocabulary (every token → id, added tokens included, as sorted JSON):
     the same for two saves of one tokenizer, whatever their file layout."""
-    import hashlib
 
     vocab = sorted(tok.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
     return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()
@@ -169,7 +170,6 @@ def vocab_sha256(tok) -> str:
 
 def file_sha256(path: str | Path) -> str | None:
     """sha256 of a file's bytes (None when it is not there)."""
-    import hashlib
 
     p = Path(path)
     if not p.is_file():

@@ -19,7 +19,10 @@ import torch
 from torch import nn
 
 from optsel import distributed
+from optsel.pipeline.checkpoint.manager import CheckpointError
+from optsel.pipeline.checkpoint.safe_load import UnsafeCheckpointError, deepspeed_safe_globals, torch_load
 from optsel.pipeline.engines import shared
+from optsel.pipeline.engines.muon import MUON_REFUSAL
 from optsel.pipeline.engines.shared import CausalLMEngine, EngineConfig, OptimizerConfig, register_engine
 from optsel.pipeline.files import jsonio
 
@@ -137,7 +140,7 @@ def build_client_optimizer(
     offloaded to CPU (DeepSpeed requires it there), else torch.optim.AdamW."""
     kwargs: dict[str, Any] = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
     if cpu_offload:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # noqa: PLC0415 - optional dependency: imported when the deepspeed engine runs
 
         return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
     return torch.optim.AdamW(params, **kwargs)
@@ -159,11 +162,9 @@ class DeepSpeedEngine(CausalLMEngine):
     def __init__(
         self, *, config: EngineConfig, model: nn.Module, optim: OptimizerConfig, total_steps: int, micro_batch_size: int
     ):
-        import deepspeed
+        import deepspeed  # noqa: PLC0415 - optional dependency: imported when the deepspeed engine runs
 
         if getattr(optim, "name", "adamw") == "muon":
-            from optsel.pipeline.engines.muon import MUON_REFUSAL
-
             raise ValueError(MUON_REFUSAL)
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size: must be >= 1, got {micro_batch_size}")
@@ -258,11 +259,8 @@ class DeepSpeedEngine(CausalLMEngine):
             raise RuntimeError(f"DeepSpeed save_checkpoint into {path} failed")
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
-        from optsel.pipeline.checkpoint.manager import CheckpointError
-
         if not path.is_dir():
             raise CheckpointError(f"checkpoint.resume: {path} is missing")
-        from optsel.pipeline.checkpoint.safe_load import UnsafeCheckpointError, deepspeed_safe_globals, torch_load
 
         allowed = deepspeed_safe_globals()
         ckpt_engine = self.module.checkpoint_engine

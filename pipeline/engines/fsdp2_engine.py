@@ -8,14 +8,23 @@ the precision resolves to bf16; fp32 master weights always.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Partial
 
 from optsel import distributed
+from optsel.pipeline.checkpoint.manager import CheckpointError
+from optsel.pipeline.checkpoint.safe_load import UnsafeCheckpointError, dcp_reader_and_planner, torch_load
 from optsel.pipeline.engines import shared
+from optsel.pipeline.engines.muon import build_optimizer
 from optsel.pipeline.engines.shared import CausalLMEngine, EngineConfig, OptimizerConfig, register_engine
 
 if TYPE_CHECKING:
@@ -47,7 +56,6 @@ GRAD_REDUCE_DTYPE = torch.float32
 
 def shard_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Apply ``fully_shard`` per decoder layer and to the root (in place; returns ``model``)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     kwargs: dict[str, Any] = {}
     if dtype != torch.float32:
@@ -87,7 +95,6 @@ class FSDP2Engine(CausalLMEngine):
         if not self.params:
             raise ValueError("model: no parameter requires grad")
         self.grad_clip = float(optim.grad_clip)
-        from optsel.pipeline.engines.muon import build_optimizer
 
         self.optimizer = build_optimizer(self.module, self.params, optim)  # AdamW, or Muon + AdamW (name: muon)
         self.scheduler = shared.lr_scheduler_factory(optim, total_steps)(self.optimizer)
@@ -107,7 +114,6 @@ class FSDP2Engine(CausalLMEngine):
         parameter's Shard(0) gradient by a DTensor redistribute (Partial → Shard: a reduce-scatter,
         as FSDP2's own backward does). FSDP2 averages over ranks what the trainer scaled by the world
         size; the sum over ranks of the unscaled local sums is the same gradient."""
-        from torch.distributed.tensor import DTensor, Partial
 
         weights = shared.check_sample_weights(sample_weights, rows.numel())
         world = distributed.info().world_size
@@ -150,15 +156,12 @@ class FSDP2Engine(CausalLMEngine):
         return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())  # one device sync, not one per tensor
 
     def _dcp_state(self) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)  # sharded (DTensor) state dicts
         return {"model": model_sd, "optim": optim_sd}
 
     def save_checkpoint(self, path: Path, client_state: dict[str, Any]) -> None:
         """``torch.distributed.checkpoint`` of the sharded model and AdamW state (each rank writes its
         shards), plus ``engine_extra.pt`` (LR scheduler, client_state) from rank 0."""
-        import torch.distributed.checkpoint as dcp
 
         dcp.save(self._dcp_state(), checkpoint_id=str(path))
         if distributed.info().is_main:
@@ -167,19 +170,12 @@ class FSDP2Engine(CausalLMEngine):
             )
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
-        from optsel.pipeline.checkpoint.manager import CheckpointError
-
         extra_file = path / "engine_extra.pt"
         if not extra_file.is_file():
             raise CheckpointError(f"checkpoint.resume: {extra_file} is missing (not an fsdp2 checkpoint?)")
-        from optsel.pipeline.checkpoint.safe_load import UnsafeCheckpointError, dcp_reader_and_planner, torch_load
 
         state = self._dcp_state()  # initializes the optimizer state so DCP can load into it in place
         reader, planner = dcp_reader_and_planner(path)  # .metadata and byte items without arbitrary pickle
-        from torch.distributed.checkpoint.api import CheckpointException
 
         try:
             dcp.load(state, storage_reader=reader, planner=planner)
@@ -189,7 +185,6 @@ class FSDP2Engine(CausalLMEngine):
             unsafe = _find_cause(err, UnsafeCheckpointError)
             if unsafe is not None:
                 raise UnsafeCheckpointError(str(unsafe)) from err
-            import re
 
             refused = re.search(r"checkpoint\.resume: .*? holds pickled objects .*?could run code\)", str(err))
             if refused:  # DCP turned the reader's error into text

@@ -17,6 +17,9 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from optsel import distributed
 from optsel.selection.model_view import ModelView, register_model_view
@@ -35,15 +38,11 @@ if TYPE_CHECKING:
 
 
 def _dtensor_type() -> type[DTensor]:
-    from torch.distributed.tensor import DTensor
-
     return DTensor
 
 
 def dtensor_rows(param: torch.Tensor) -> slice:
     """This rank's global row range of a ``Shard(0)`` DTensor on a 1-D mesh over all ranks."""
-    from torch.distributed.tensor import Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     dtensor = cast("DTensor", param)  # FSDP2's parameters are DTensors
     mesh, placements = dtensor.device_mesh, tuple(dtensor.placements)
@@ -118,8 +117,6 @@ class FSDP2StateReader(TorchAdamStateReader):
 
 
 def _fsdp_modules(model: nn.Module | None) -> list[FSDPModule]:
-    from torch.distributed.fsdp import FSDPModule
-
     return [m for m in model.modules() if isinstance(m, FSDPModule)] if model is not None else []
 
 
@@ -149,7 +146,6 @@ class FSDP2View(ModelView):
         """Every parameter all-gathered in forward and in backward at the MixedPrecisionPolicy's
         ``param_dtype`` and its gradient reduce-scattered at ``reduce_dtype`` (unset: the parameter's
         dtype); the root's skipped backward re-gather is not subtracted (an upper bound by its size)."""
-        from optsel import distributed
 
         modules = _fsdp_modules(self.model)
         if self.model is None or not modules or not distributed.is_distributed():

@@ -15,6 +15,8 @@ from __future__ import annotations
 import abc
 import logging
 import math
+import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,7 @@ from torch import nn
 from optsel import distributed
 from optsel.losses import SampleLosses, per_sample_token_mean_ce
 from optsel.registry import Registry
+from optsel.resources import default_deepspeed_config
 from optsel.selection.base import Batch
 
 log = logging.getLogger("optsel.engine")
@@ -57,8 +60,6 @@ class OptimizerConfig:
     muon_params: list[str] | None = None
 
     def __post_init__(self) -> None:
-        import math
-
         for name in ("lr", "eps", "weight_decay", "grad_clip", "min_lr_ratio"):
             value = getattr(self, name)
             if not math.isfinite(value):
@@ -100,8 +101,6 @@ class OptimizerConfig:
 
 
 def _default_deepspeed_config() -> str:
-    from optsel.resources import default_deepspeed_config
-
     return default_deepspeed_config()
 
 
@@ -125,8 +124,6 @@ class EngineConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        import math
-
         if not (math.isfinite(self.collective_timeout_s) and self.collective_timeout_s > 0):
             raise ValueError(f"collective_timeout_s: must be a finite number > 0, got {self.collective_timeout_s}")
 
@@ -238,8 +235,6 @@ def quiet_known_warning(message: str, category: type[Warning], module: str) -> N
     """Hide one known third-party warning (``message``: a regex on its start, ``module``: the module it
     is attributed to), process-wide, unless $OPTSEL_VERBOSE is set. Called where optsel calls the API
     that emits it; never a blanket filter."""
-    import os
-    import warnings
 
     if not os.environ.get(VERBOSE_ENV):
         warnings.filterwarnings("ignore", message=message, category=category, module=module)

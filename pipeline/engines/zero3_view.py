@@ -121,7 +121,7 @@ class ZeRO3StateReader(OptimizerStateReader):
         self.inner = inner
 
     def read(self, param: torch.nn.Parameter) -> ParamState:
-        from deepspeed.utils import safe_get_local_optimizer_state
+        from deepspeed.utils import safe_get_local_optimizer_state  # noqa: PLC0415 - optional dependency: imported when the deepspeed engine runs
 
         if not hasattr(param, "ds_id"):
             raise TypeError("optimizer: ZeRO-3 reader got a parameter that is not ZeRO-3 partitioned (no ds_id)")
@@ -199,7 +199,6 @@ class ZeRO3View(ModelView):
     def engine_bytes_per_step(self) -> int:
         """Every partitioned parameter all-gathered in forward and in backward at its own dtype and its
         gradient reduce-scattered at the optimizer's ``communication_data_type``."""
-        from optsel import distributed
 
         if self.model is None or not distributed.is_distributed():
             return 0

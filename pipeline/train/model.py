@@ -93,7 +93,7 @@ class ModelConfig:
 def _from_config(
     cfg: ModelConfig, vocab_size: int, pad_id: int | None, bos_id: int | None, eos_id: int | None
 ) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415 - heavy: imported when a model is built or loaded
 
     hf_config = LlamaConfig(
         vocab_size=vocab_size,
@@ -115,7 +115,7 @@ def _from_config(
 
 
 def _from_local(cfg: ModelConfig, vocab_size: int, pad_id: int | None) -> nn.Module:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 - heavy: imported when a model is built or loaded
 
     path = Path(cfg.path)
     if not (path / "config.json").is_file():
@@ -152,7 +152,7 @@ def build_model(
     else:
         model = _from_local(cfg, vocab_size, pad_id)
     if cfg.lora is not None:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model  # noqa: PLC0415 - optional dependency (LoRA)
 
         lora = LoraConfig(
             r=cfg.lora.r,

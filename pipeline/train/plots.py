@@ -7,10 +7,10 @@ from pathlib import Path
 
 def plot_run(history: list[dict[str, float]], initial_eval: float, path: Path, title: str) -> Path:
     """history: per-step metric dicts (``train/loss``, optional ``eval/loss``); writes ``path``."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - heavy: imported when a plot is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - heavy: imported when a plot is drawn
 
     steps = list(range(1, len(history) + 1))
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -17,9 +18,12 @@ from optsel.config_loader import ConfigError, from_mapping, load_config_data
 from optsel.monitoring.sinks import MonitoringConfig
 from optsel.pipeline.checkpoint.manager import CheckpointConfig
 from optsel.pipeline.data.config import DataConfig
+from optsel.pipeline.data.prepare import PrepareConfig
+from optsel.pipeline.engines.muon import MUON_REFUSAL
 from optsel.pipeline.engines.shared import ENGINES, EngineConfig, OptimizerConfig
 from optsel.pipeline.train.callbacks.base import CallbacksConfig
 from optsel.pipeline.train.model import ModelConfig
+from optsel.selection.base import get_selector_factory, selector_names
 
 
 @dataclass(kw_only=True)
@@ -140,8 +144,6 @@ class RunConfig:
         """optimizer.name muon against the engine and FTW's geometry (docs/design.md#muon-geometry)."""
         geometry = (self.selection.options.get("ftw") or {}).get("geometry", "adam")
         if self.optimizer.name == "muon" and self.engine.name == "deepspeed":
-            from optsel.pipeline.engines.muon import MUON_REFUSAL
-
             raise ConfigError("optimizer.name", MUON_REFUSAL.split(": ", 1)[1])
         if self.selection.method == "ftw" and self.optimizer.name == "muon" and geometry == "adam":
             raise ConfigError(
@@ -206,7 +208,6 @@ def _check_writable(key: str, path: Path) -> None:
     first existing ancestor, removed at once: root ignores the mode bits, and /proc or a read-only
     mount refuse what os.access allows); an existing one is only asked (nothing is made inside a run's
     folder, which other ranks may be reading)."""
-    import tempfile
 
     at = next((p for p in (path, *path.parents) if p.exists()), None)
     if at is None or not at.is_dir():
@@ -253,7 +254,6 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     RunConfig (errors name the key); paths resolved as described at RUN_PATH_KEYS."""
     data = load_config_data(path, list(overrides or []), RUN_PATH_KEYS, RUN_PATH_KEEP)
     config = from_mapping(RunConfig, data)
-    from optsel.selection.base import selector_names
 
     if config.selection.method not in selector_names():
         raise ConfigError(
@@ -269,14 +269,12 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
 
 def load_prepare_config(path: str | Path, overrides: list[str] | None = None) -> Any:
     """A prepare config file (or built-in name, e.g. ``prepare_synthetic``) + overrides → PrepareConfig."""
-    from optsel.pipeline.data.prepare import PrepareConfig
 
     return from_mapping(PrepareConfig, load_config_data(path, list(overrides or []), PREPARE_PATH_KEYS))
 
 
 def method_config(selection: SelectionConfig, method: str) -> Any:
     """The typed config of ``method`` from ``selection.options[method]`` (None if it takes none)."""
-    from optsel.selection.base import get_selector_factory, selector_names
 
     path = f"selection.options.{method}"
     if method not in selector_names():

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
+import threading
 import time
 
 from optsel.pipeline.train.callbacks.base import Callback, StepResult, TrainerServices
@@ -24,7 +27,6 @@ class StopSignals:
         self.received: str | None = None
         self._first_sigint: float | None = None
         self._previous: dict[signal.Signals, object] = {}
-        import threading
 
         if threading.current_thread() is not threading.main_thread():
             return
@@ -38,9 +40,6 @@ class StopSignals:
         if name == "SIGINT":
             now = time.monotonic()
             if self._first_sigint is not None and now - self._first_sigint > self.SIGINT_REPEAT_S:
-                import os
-                import sys
-
                 print("optsel: second Ctrl-C: exiting now, without a checkpoint", file=sys.stderr, flush=True)
                 os._exit(130)
             if self._first_sigint is None:
