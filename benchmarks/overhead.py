@@ -248,14 +248,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sizes", default="cpu-compute,small")
     parser.add_argument("--ratios", default="2,4,8")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--methods", default=None, help="comma-separated labels (default: all)")
+    parser.add_argument("--methods", default=None, help="labels separated by ';' (labels contain commas; default: all)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="default: results/overhead (quick: results/overhead_quick)")
     args = parser.parse_args(argv)
     sizes = ["small"] if args.quick else args.sizes.split(",")
     ratios = [2, 4] if args.quick else [int(r) for r in args.ratios.split(",")]
     repeats = 1 if args.quick else args.repeats
-    only = args.methods.split(",") if args.methods else None
+    only = [m.strip() for m in args.methods.split(";")] if args.methods else None
+    unknown = sorted(set(only or []) - {label for label, _, _ in VARIANTS})
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; known: {'; '.join(label for label, _, _ in VARIANTS)}")
     device = torch.device(args.device)
     tables = [table(device, size, ratio, repeats, only) for size in sizes for ratio in ratios]
     results = {
