@@ -14,7 +14,7 @@ from optsel.selection.baselines.uds import UDSConfig
 from optsel.selection.capture import find_covered_layers
 from optsel.selection.ftw import FTWConfig
 
-from support.bruteforce import brute_force, make_batch, per_sample_grads, tiny_llama, train_steps
+from support.bruteforce import brute_force, make_batch, per_sample_grads, tiny_llama, train_steps, trained_llama
 
 K = 4
 NAMES = ["loss", "gradnorm", "greats", "uds", "less", "ftw_sgd", "ftw_filter_only", "ftw_weight_only"]
@@ -22,10 +22,7 @@ NAMES = ["loss", "gradnorm", "greats", "uds", "less", "ftw_sgd", "ftw_filter_onl
 
 @pytest.fixture(scope="module")
 def trained():
-    model = tiny_llama(seed=5)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.99))
-    train_steps(model, opt, 3)
-    return model, opt, make_batch(12, 9, seed=41), make_batch(4, 8, seed=42)
+    return trained_llama(seed=5, steps=3, pool_size=12, betas=(0.9, 0.99))
 
 
 def build(name, model, opt, budget=K, **options):

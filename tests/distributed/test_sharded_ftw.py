@@ -27,7 +27,7 @@ from optsel.selection.ftw import FilterThenWeight, FTWConfig
 from optsel.selection.model_view import make_state_reader
 from optsel.selection.preconditioner import TorchAdamStateReader
 
-from support.bruteforce import VOCAB, brute_force, make_batch
+from support.bruteforce import brute_force, make_batch, odd_llama
 from support.common import REPO
 from support.dist import run_distributed
 
@@ -47,27 +47,6 @@ BACKENDS = (
 )
 DIRECTION = tuple(b for b in BACKENDS if b.endswith("+direction"))
 FIELDS = ("alignment", "utility", "gram", "filtered", "indices", "weights")
-
-
-def tiny_model() -> torch.nn.Module:
-    """float32 Llama, 1 layer, odd sizes: q [24, 27], k/v [8, 27], o [27, 24], gate/up [45, 27],
-    down [27, 45], lm_head [50, 27]."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=27,
-        intermediate_size=45,
-        num_hidden_layers=1,
-        num_attention_heads=3,
-        num_key_value_heads=1,
-        head_dim=8,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        attn_implementation="eager",
-    )
-    return LlamaForCausalLM(cfg).float()
 
 
 def ftw_config(gram: str) -> FTWConfig:
@@ -245,7 +224,7 @@ def _body(rank: int, world: int, engine_name: str, ds_config_path: str) -> dict:
     probe = _Probe()
     engine = build_engine(
         EngineConfig(name=engine_name, deepspeed_config=ds_config_path),
-        tiny_model(),
+        odd_llama(),
         OptimizerConfig(lr=1e-2, betas=BETAS, eps=EPS, schedule="constant", grad_clip=1.0),
         total_steps=TRAIN_STEPS + 1,
         micro_batch_size=N_TRAIN // world,
@@ -312,7 +291,7 @@ def _body(rank: int, world: int, engine_name: str, ds_config_path: str) -> dict:
 def _reference(
     state: dict, gram: str, dtype=torch.float32, config: FTWConfig | None = None
 ) -> tuple[dict, torch.nn.Module, torch.optim.Optimizer]:
-    model = tiny_model()
+    model = odd_llama()
     model.load_state_dict(state["weights"])
     model = model.to(dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=BETAS, eps=EPS, weight_decay=0.0)
@@ -528,7 +507,7 @@ def test_flat_range_blocks_tiles_rows_and_skips_padding():
 
 
 def test_make_state_reader_picks_plain_and_rejects_zero12():
-    model = tiny_model()
+    model = odd_llama()
     assert isinstance(make_state_reader(torch.optim.AdamW(model.parameters()), "adam"), TorchAdamStateReader)
 
     class DeepSpeedZeroOptimizer:  # the class name is what identifies ZeRO-1/2's wrapper

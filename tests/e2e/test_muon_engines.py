@@ -25,7 +25,7 @@ from optsel.pipeline.engines.muon import MuonAdamW, build_optimizer, split_muon_
 from optsel.pipeline.engines.shared import OptimizerConfig
 from optsel.selection.ftw import FilterThenWeight, FTWConfig
 
-from support.bruteforce import VOCAB, make_batch
+from support.bruteforce import make_batch, odd_llama
 from support.common import REPO
 from support.dist import run_distributed
 from support.muon import _brute
@@ -39,26 +39,6 @@ CFG = FTWConfig(budget=3, filter_size=6, geometry="auto", exchange="direction", 
 CFG_MUON = dataclasses.replace(CFG, geometry="muon")  # P = I on the AdamW layers
 
 
-def tiny_model(dtype=torch.float32) -> torch.nn.Module:
-    """1-layer Llama with odd sizes (uneven FSDP2 row chunks): q [24, 27], gate [45, 27], down [27, 45]."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=27,
-        intermediate_size=45,
-        num_hidden_layers=1,
-        num_attention_heads=3,
-        num_key_value_heads=1,
-        head_dim=8,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        attn_implementation="eager",
-    )
-    return LlamaForCausalLM(cfg).to(dtype)
-
-
 def _loss(model, batch):
     from optsel.losses import per_sample_token_mean_ce
 
@@ -67,7 +47,7 @@ def _loss(model, batch):
 
 
 def test_split_rule_and_override():
-    model = tiny_model()
+    model = odd_llama()
     muon, adam = split_muon_params(model)
     names = {id(p): n for n, p in model.named_parameters()}
     assert {names[id(p)].split(".")[-2] for p in muon} == {
@@ -85,7 +65,7 @@ def test_split_rule_and_override():
 
 
 def test_muon_adamw_steps_as_torch_muon_and_adamw():
-    a, b = tiny_model(torch.float64), tiny_model(torch.float64)
+    a, b = odd_llama(torch.float64), odd_llama(torch.float64)
     opt_a = build_optimizer(a, list(a.parameters()), OptimizerConfig(**OPTIM))
     assert isinstance(opt_a, MuonAdamW)
     muon_b, adam_b = split_muon_params(b)
@@ -128,7 +108,7 @@ def test_run_config_refusals_name_the_key():
     with pytest.raises(ValueError, match="optimizer.name: 'muon' does not run on engine 'deepspeed'"):
         build_engine(
             EngineConfig(name="deepspeed"),
-            tiny_model(),
+            odd_llama(),
             OptimizerConfig(name="muon"),
             total_steps=1,
             micro_batch_size=1,
@@ -157,7 +137,7 @@ def _engine(world: int):
 
     return build_engine(
         EngineConfig(name="fsdp2"),
-        tiny_model(),
+        odd_llama(),
         OptimizerConfig(**OPTIM),
         total_steps=TRAIN_STEPS + 1,
         micro_batch_size=N_TRAIN // world,
@@ -216,7 +196,7 @@ def _body(rank: int, world: int, ckpt: str) -> dict:
 
 def _reference(state: dict, dtype: torch.dtype, cfg: FTWConfig = CFG):
     """R = 1: a plain model with the gathered weights, torch.optim.Muon + AdamW with the gathered state."""
-    model = tiny_model()
+    model = odd_llama()
     model.load_state_dict(state["weights"])
     model = model.to(dtype)
     muon_p, adam_p = split_muon_params(model)

@@ -162,3 +162,36 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
     ry = y.argsort().argsort().double()
     rx, ry = rx - rx.mean(), ry - ry.mean()
     return float((rx * ry).sum() / (rx.norm() * ry.norm()))
+
+
+def trained_llama(
+    *, seed: int, steps: int, pool_size: int, betas: tuple[float, float] = (0.9, 0.999), batch_seed: int = 41
+) -> tuple[nn.Module, torch.optim.Optimizer, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The tests' ``trained`` fixture: tiny_llama(seed) after ``steps`` AdamW steps (lr 1e-2, ``betas``), a
+    pool of ``pool_size`` samples (≤ 9 tokens, seed ``batch_seed``) and a target of 4 (≤ 8 tokens, seed
+    ``batch_seed`` + 1): (model, optimizer, pool, target)."""
+    model = tiny_llama(seed=seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=betas)
+    train_steps(model, opt, steps)
+    return model, opt, make_batch(pool_size, 9, seed=batch_seed), make_batch(4, 8, seed=batch_seed + 1)
+
+
+def odd_llama(dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A 1-layer Llama with odd sizes, so FSDP2's and ZeRO-3's row chunks split unevenly: q [24, 27],
+    k/v [8, 27], o [27, 24], gate/up [45, 27], down [27, 45], lm_head [50, 27] (untied)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=27,
+        intermediate_size=45,
+        num_hidden_layers=1,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
+    return LlamaForCausalLM(cfg).to(dtype)

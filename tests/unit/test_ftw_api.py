@@ -10,17 +10,14 @@ from optsel.selection import FilterThenWeight, FTWConfig, Selection
 from optsel.selection.base import get_selector_factory
 from optsel.selection.solvers import cvxpy_qp, objective
 
-from support.bruteforce import brute_force, make_batch, tiny_llama, train_steps
+from support.bruteforce import brute_force, make_batch, tiny_llama, train_steps, trained_llama
 
 PHASES = {"capture", "target", "gather", "alignment", "gram", "filter", "solve"}
 
 
 @pytest.fixture(scope="module")
 def trained():
-    model = tiny_llama(seed=3)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.99))
-    train_steps(model, opt, 4)
-    return model, opt, make_batch(10, 9, seed=31), make_batch(4, 8, seed=32)
+    return trained_llama(seed=3, steps=4, pool_size=10, betas=(0.9, 0.99), batch_seed=31)
 
 
 @pytest.mark.parametrize(

@@ -10,17 +10,14 @@ import torch
 from optsel.selection import FilterThenWeight, FTWConfig
 from optsel.selection.solvers import cvxpy_qp
 
-from support.bruteforce import brute_force, make_batch, tiny_llama, train_steps
+from support.bruteforce import brute_force, trained_llama
 
 N = 10
 
 
 @pytest.fixture(scope="module")
 def trained():
-    model = tiny_llama(seed=5)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.99))
-    train_steps(model, opt, 4)
-    return model, opt, make_batch(N, 9, seed=41), make_batch(4, 8, seed=42)
+    return trained_llama(seed=5, steps=4, pool_size=N, betas=(0.9, 0.99))
 
 
 def _brute(model, opt, pool, target, sel):

@@ -12,7 +12,7 @@ from optsel.selection.base import get_selector_factory
 from optsel.selection.model_view import ModelView, make_state_reader, model_view_for, register_model_view
 from optsel.selection.preconditioner import TorchAdamStateReader
 
-from support.bruteforce import make_batch, tiny_llama, train_steps
+from support.bruteforce import tiny_llama, train_steps, trained_llama
 
 
 class CountingView(ModelView):
@@ -53,10 +53,7 @@ def counting_engine():
 
 @pytest.fixture(scope="module")
 def trained():
-    model = tiny_llama(seed=5)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    train_steps(model, opt, 2)
-    return model, opt, make_batch(8, 9, seed=41), make_batch(4, 8, seed=42)
+    return trained_llama(seed=5, steps=2, pool_size=8)
 
 
 def test_a_registered_view_is_used_and_hands_the_model_back(counting_engine, trained):
