@@ -70,6 +70,7 @@ def load_grid(path: Path, quick: bool, section: str | None = None) -> dict[str, 
         "study_variants",
         "study_cells",
         "equal_compute",
+        "real",  # the real-text grid: benchmarks/quality_real.py
         *SECTIONS,
     }
     if unknown:
