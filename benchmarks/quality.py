@@ -214,8 +214,8 @@ def _job(args: tuple) -> list[dict]:
 
 def _from_record(d: dict) -> RunResult:
     r = RunResult(method=d["method"], cell=d["cell"], seed=d["seed"])
-    for name in ("curve", "em_curve", "seconds", "alignment_by_kind"):
-        setattr(r, name, {int(k): v for k, v in d[name].items()})
+    for name in ("curve", "em_curve", "seconds", "alignment_by_kind", "rouge_curve"):
+        setattr(r, name, {int(k): v for k, v in d.get(name, {}).items()})
     for name in ("precision", "fallbacks"):
         setattr(r, name, dict(d[name]))
     r.ess, r.selected, r.wall_seconds = d["ess"], d["selected"], d["wall_seconds"]
@@ -233,7 +233,11 @@ def main(argv: list[str] | None = None) -> dict:
         help="a grid-file section (muon: the Muon grid) replacing settings overrides, cells, methods, "
         "variants and the run order",
     )
-    parser.add_argument("--cells", default="default", help="default | all | study | comma-separated cell names")
+    parser.add_argument(
+        "--cells",
+        default="default",
+        help="default | all | study | comma-separated cell names | real (the real-text grid, benchmarks/quality_real.py)",
+    )
     parser.add_argument("--methods", default=None, help="comma-separated methods (default: the grid's)")
     parser.add_argument("--variants", default=None, help="FTW variants from the grid file: all | study | a,b")
     parser.add_argument("--workers", type=int, default=2, help="parallel (cell, seed) jobs, one thread each")
@@ -251,6 +255,11 @@ def main(argv: list[str] | None = None) -> dict:
         help="no new runs: the report over the stored runs of these cells, methods and variants",
     )
     args = parser.parse_args(argv)
+    if args.cells == "real":  # the real-text grid: its own section of the grid file
+        from benchmarks import quality_real  # noqa: PLC0415 - reads the stdlib corpus and needs rouge-score
+
+        args.argv = list(sys.argv[1:] if argv is None else argv)
+        return quality_real.main(args)
     started = time.perf_counter()
     grid = load_grid(Path(args.grid), args.quick, args.section)
     settings: Settings = grid["settings_obj"]

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -69,6 +70,30 @@ class Settings:
     seeds: list[int]
     max_new_tokens: int = 8
     stream_seed: int = 0
+
+
+class RunSettings(Protocol):
+    """What :func:`run` reads of a grid's settings (the synthetic ``Settings``, the real-text ``RealSettings``)."""
+
+    pool: int
+    steps: int
+    eval_every: int
+    max_new_tokens: int
+    optimizer: dict[str, Any]
+
+
+class RunCell(Protocol):
+    """What :func:`run` reads of a grid cell (the synthetic :class:`Cell`, the real-text ``RealCell``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def budget(self) -> int: ...
+
+
+#: a model's scores on a stream's eval set: {"loss", "exact_match"} and optionally "rouge_l"
+Evaluator = Callable[[torch.nn.Module], dict[str, float]]
 
 
 @dataclass
@@ -234,6 +259,7 @@ class RunResult:
     seed: int
     curve: dict[int, float] = field(default_factory=dict)  # step -> target val loss
     em_curve: dict[int, float] = field(default_factory=dict)  # step -> exact match
+    rouge_curve: dict[int, float] = field(default_factory=dict)  # step -> ROUGE-L F (real-text grid only)
     seconds: dict[int, float] = field(default_factory=dict)  # step -> cumulative select + train seconds
     precision: dict[str, float] = field(default_factory=dict)  # kind -> mean share of the step's weight
     ess: float = 0.0
@@ -292,25 +318,33 @@ def _step_flops(fn) -> tuple[Any, int]:
 
 
 def run(
-    settings: Settings,
+    settings: RunSettings,
     stream: Stream,
     base: dict[str, torch.Tensor],
     method: str,
     options: dict[str, Any],
     label: str,
-    cell: Cell,
+    cell: RunCell,
     seed: int,
     probe_alignment: bool = False,
     steps: int | None = None,
     count_flops: bool = False,
+    make_model: Callable[[], torch.nn.Module] | None = None,
+    evaluator: Evaluator | None = None,
 ) -> RunResult:
     """Fine-tune the base on ``stream`` with one selector; ``seed`` fixes the stream order and RNGs (paired).
     ``steps``: instead of ``settings.steps`` (the learning-rate schedule spans them; the equal-compute
-    view); ``count_flops``: count every step's select + train FLOPs into ``RunResult.flops``."""
+    view); ``count_flops``: count every step's select + train FLOPs into ``RunResult.flops``.
+    ``make_model`` / ``evaluator``: the real-text grid's model (an uninitialised copy of its base) and eval
+    (loss, exact match and ROUGE-L of the first line); default the synthetic grid's."""
     total = int(steps or settings.steps)
     started = time.perf_counter()
     torch.manual_seed(seed)
-    model = new_model(settings)
+    if make_model is None:
+        assert isinstance(settings, Settings), "the synthetic model needs the synthetic grid's Settings"
+        model = new_model(settings)
+    else:
+        model = make_model()
     model.load_state_dict(base)
     opt = OptimizerConfig(**settings.optimizer)
     optimizer = _optimizer(model, opt)
@@ -327,8 +361,14 @@ def run(
     ess = selected = elapsed = flops = 0.0
 
     def record_eval(step: int) -> None:
-        ev = evaluate(engine, stream.eval_batches, settings.max_new_tokens, 0, 2)
-        result.curve[step], result.em_curve[step], result.seconds[step] = ev.loss, ev.exact_match, elapsed
+        if evaluator is None:
+            ev = evaluate(engine, stream.eval_batches, settings.max_new_tokens, 0, 2)
+            scores = {"loss": ev.loss, "exact_match": ev.exact_match}
+        else:
+            scores = evaluator(model)
+        result.curve[step], result.em_curve[step], result.seconds[step] = scores["loss"], scores["exact_match"], elapsed
+        if "rouge_l" in scores:
+            result.rouge_curve[step] = scores["rouge_l"]
         if count_flops:
             result.flops[step] = flops
         model.train()

@@ -19,7 +19,7 @@ if [ "${OPTSEL_KEEP_TORCH:-0}" != "1" ]; then
 fi
 # deepspeed's setup.py imports torch: build it against the venv's torch, never an isolated one.
 "${PIP[@]}" install "${CONSTRAINTS[@]}" --no-build-isolation "deepspeed==0.19.8"
-"${PIP[@]}" install "${CONSTRAINTS[@]}" -e ".[test,trl,lint]"
+"${PIP[@]}" install "${CONSTRAINTS[@]}" -e ".[test,trl,lint,bench]"
 # streaming's declared pins conflict with transformers 5 / numpy 2 and pull torchvision: no deps.
 "${PIP[@]}" install --no-deps mosaicml-streaming==0.13.0
 "${PIP[@]}" install "${CONSTRAINTS[@]}" $(grep -vE '^(#|mosaicml-streaming|$)' requirements/streaming.txt)
