@@ -26,8 +26,10 @@ import json
 import logging
 import math
 import multiprocessing as mp
+import os
 import re
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -272,10 +274,10 @@ def run_key(grid: RealGrid, inputs: Inputs, cell: RealCell, method: str, seed: i
 
 def _job(args: tuple) -> list[dict]:
     """One (cell, seed): every method, reusing finished runs. Runs in a worker process."""
-    grid, inputs, cell, seed, methods, run_dir, report_only = args
+    grid, inputs, cell, seed, methods, run_dir, report_only, threads = args
     from transformers import AutoConfig, LlamaForCausalLM  # noqa: PLC0415 - heavy, worker-only
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     logging.getLogger("optsel").setLevel(logging.WARNING)
     tok = load_tokenizer(inputs.tokenizer_dir, key="real.base")
     config = AutoConfig.from_pretrained(inputs.base_dir)
@@ -338,9 +340,17 @@ def add_rouge(summary: dict[str, Any], runs: list[RunResult]) -> dict[str, Any]:
     return summary
 
 
-def markdown(summaries: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    """The synthetic grid's tables, then per cell each method's ROUGE-L and weight on every kind."""
-    lines = [report.markdown(summaries, meta), "## Generation and weight per kind", ""]
+def markdown(summaries: list[dict[str, Any]], meta: dict[str, Any], runs: list[RunResult]) -> str:
+    """Which runs the summary holds, the synthetic grid's tables, then per cell each method's ROUGE-L and
+    weight on every kind, and FTW's alignment per kind along training."""
+    lines = [
+        report.markdown(summaries, meta),
+        "## Runs held (seeds per cell and method)",
+        "",
+        report.coverage_markdown(runs, meta["cells"]),
+        "## Generation and weight per kind",
+        "",
+    ]
     for s in summaries:
         lines += [
             f"### {s['cell']}",
@@ -355,6 +365,16 @@ def markdown(summaries: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 f"{report._fmt(m['ess'], 1)} |"
             )
         lines.append("")
+    table = report.alignment_by_kind(runs, "ftw")
+    if table:
+        lines += [
+            "## FTW's alignment per kind along training",
+            "",
+            "Mean alignment b of each kind's pool samples in units of the step's mean |b|, mean ± 95 % CI over "
+            "FTW's runs in all cells:",
+            "",
+            report.alignment_markdown(table),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -385,15 +405,18 @@ def run_grid(
     out.mkdir(parents=True, exist_ok=True)
     inputs = build_inputs(grid, cache)
     run_dir = out / "runs"
+    threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
     jobs = [
-        (grid, inputs, cell, seed, grid.methods, str(run_dir), report_only)
+        (grid, inputs, cell, seed, grid.methods, str(run_dir), report_only, threads)
         for block in grid.seed_blocks
         for cell in grid.cells
         for seed in block
     ]
     if workers > 1:
-        with mp.get_context("spawn").Pool(workers) as pool:
-            records = [r for batch in pool.imap_unordered(_job, jobs) for r in batch]
+        # a worker killed (e.g. out of memory) fails the grid with BrokenProcessPool instead of a hang; what
+        # finished is stored and reused by the next call
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            records = [r for batch in pool.map(_job, jobs) for r in batch]
     else:
         records = [r for job in jobs for r in _job(job)]
     runs = [_from_record(d) for d in records]
@@ -423,7 +446,7 @@ def run_grid(
             f"{pretrain_summary['loss_last']:.2f}); pool N = {grid.settings.pool}, {grid.settings.steps} steps."
         ),
     }
-    (out / "README.md").write_text(markdown(summaries, meta))
+    (out / "README.md").write_text(markdown(summaries, meta, runs))
     report.write_csv(runs, out / "runs.csv")
     report.write_json(runs, summaries, meta, out / "summary.json")
     if runs:

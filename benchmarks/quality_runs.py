@@ -378,6 +378,10 @@ def run(
         _train_on(
             model, optimizer, take(pool, sel.indices), sel.weights.float(), opt, step, total, sel.pool_pass, sel.indices
         )
+        # the single pass's activations and output gradients are spent: free them before the next select (as
+        # the trainer does by dropping the step's Selection), not after it; a 14M-parameter model at N = 32
+        # peaks at ~8.5 GB instead of ~13 GB
+        sel.pool_pass = None
         return sel
 
     record_eval(0)
