@@ -335,7 +335,11 @@ def _from_record(d: dict) -> RunResult:
 def add_rouge(summary: dict[str, Any], runs: list[RunResult]) -> dict[str, Any]:
     """The cell summary's methods with their final ROUGE-L F (mean ± 95 % CI over seeds)."""
     for method, m in summary["methods"].items():
-        values = [r.rouge_curve[max(r.rouge_curve)] for r in runs if r.method == method and r.rouge_curve]
+        values = [
+            r.rouge_curve[max(r.rouge_curve)]
+            for r in runs
+            if r.cell == summary["cell"] and r.method == method and r.rouge_curve
+        ]
         m["final_rouge_l"] = report.mean_ci(values) if values else (math.nan, math.nan)
     return summary
 
@@ -364,6 +368,27 @@ def markdown(summaries: list[dict[str, Any]], meta: dict[str, Any], runs: list[R
                 f"| {method} | {report._pm(m['final_rouge_l'])} | {report._pm(m['final_em'], 2)} | {kinds} | "
                 f"{report._fmt(m['ess'], 1)} |"
             )
+        lines.append("")
+    preview = [s for s in summaries if len(s["seeds"]) < 2 and {"random", "oracle"} <= set(s["methods"])]
+    if preview:
+        names = list(dict.fromkeys(m for s in preview for m in s["methods"]))
+        lines += [
+            "## Cells with fewer than 2 seeds: the point estimates (not valid under the rule: no CI)",
+            "",
+            "(L_random − L_method) / (L_random − L_oracle) of the final target loss on the seeds held; the oracle "
+            "here spends the budget on the pool's clean targets and tops up at random when a pool holds fewer "
+            "than k of them.",
+            "",
+            "| cell | seeds | " + " | ".join(names) + " |",
+            "|---|---|" + "---|" * len(names),
+        ]
+        for s in preview:
+            r, o = s["methods"]["random"]["final_loss"][0], s["methods"]["oracle"]["final_loss"][0]
+            ms = s["methods"]
+            gaps = [
+                report._fmt((r - ms[m]["final_loss"][0]) / (r - o), 2) if m in ms and r != o else "—" for m in names
+            ]
+            lines.append(f"| {s['cell']} | {','.join(map(str, s['seeds']))} | " + " | ".join(gaps) + " |")
         lines.append("")
     table = report.alignment_by_kind(runs, "ftw")
     if table:

@@ -33,7 +33,7 @@ def tiny_grid(tree: Path) -> qr.RealGrid:
             optimizer={"lr": 1e-3, "warmup_steps": 1},
             seeds=[0, 1],
         ),
-        cells=[qr.RealCell(0.3, 0.25, 2)],
+        cells=[qr.RealCell(0.3, 0.25, 2), qr.RealCell(0.3, 0.0, 2)],
         methods=["random", "oracle", "ftw"],
         seed_blocks=[[0, 1]],
     )
@@ -53,22 +53,28 @@ def test_tiny_real_grid_runs_reports_and_reuses_its_runs(tmp_path):
     assert w["oracle"]["target"] > w["random"]["target"] and w["random"]["target"] < 1.0
     assert set(cell["kind_counts"]) <= set(qr.KINDS) and cell["kind_counts"]["corrupted"] > 0
     runs = json.loads((out / "summary.json").read_text())["runs"]
-    assert len(runs) == 6
+    assert len(runs) == 12 and result["cells"][1]["kind_counts"].get("corrupted", 0) == 0
     for r in runs:
         assert sorted(map(int, r["curve"])) == [0, 3]
         for step, rouge in r["rouge_curve"].items():
             assert 0.0 <= r["em_curve"][step] <= rouge <= 1.0 or r["em_curve"][step] == 0.0
+    for summary in result["cells"]:  # each cell's own runs' final ROUGE-L, mean over its seeds
+        for method in ("random", "oracle", "ftw"):
+            mine = [r for r in runs if r["method"] == method and r["cell"] == summary["cell"]]
+            finals = [r["rouge_curve"][str(max(map(int, r["rouge_curve"])))] for r in mine]
+            assert len(finals) == 2
+            assert summary["methods"][method]["final_rouge_l"][0] == pytest.approx(sum(finals) / len(finals))
     readme = (out / "README.md").read_text()
     assert "first-line ROUGE-L F" in readme and "w on distractor/text" in readme
     assert (out / "curves.png").is_file() and (out / "gap_closed.png").is_file()
     stored = sorted(p.name for p in (out / "runs").rglob("*.json"))
-    assert len(stored) == 6
+    assert len(stored) == 12
     # a second call reuses every stored run (report only: nothing missing, so nothing runs)
     again = qr.run_grid(grid, out, cache=cache, workers=1, report_only=True)
     assert again["cells"][0]["methods"]["ftw"]["final_loss"] == cell["methods"]["ftw"]["final_loss"]
     # a changed setting is a different run: nothing stored matches it
     changed = replace(grid, settings=replace(grid.settings, steps=2))
-    assert qr.run_grid(changed, out, cache=cache, workers=1, report_only=True)["cells"][0]["methods"] == {}
+    assert all(c["methods"] == {} for c in qr.run_grid(changed, out, cache=cache, workers=1, report_only=True)["cells"])
 
 
 def test_real_stream_holds_out_a_disjoint_target_and_eval_set(tmp_path):
