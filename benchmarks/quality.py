@@ -212,16 +212,6 @@ def _job(args: tuple) -> list[dict]:
     return out
 
 
-def _from_record(d: dict) -> RunResult:
-    r = RunResult(method=d["method"], cell=d["cell"], seed=d["seed"])
-    for name in ("curve", "em_curve", "seconds", "alignment_by_kind", "rouge_curve"):
-        setattr(r, name, {int(k): v for k, v in d.get(name, {}).items()})
-    for name in ("precision", "fallbacks"):
-        setattr(r, name, dict(d[name]))
-    r.ess, r.selected, r.wall_seconds = d["ess"], d["selected"], d["wall_seconds"]
-    return r
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI-sized smoke run (the grid file's quick block)")
@@ -309,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
             records = [r for batch in pool.imap_unordered(_job, jobs) for r in batch]
     else:
         records = [r for job in jobs for r in _job(job)]
-    runs = [_from_record(d) for d in records]
+    runs = [RunResult.from_record(d) for d in records]
     summaries = [report.cell_summary(c.name, [r for r in runs if r.cell == c.name]) for c in cells]
     from optsel.pipeline.data.synthetic import look_alike
 

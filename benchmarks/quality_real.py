@@ -39,7 +39,7 @@ import yaml
 
 from benchmarks import quality_report as report
 from benchmarks.quality_runs import RunResult, Stream, resolved_options, run
-from benchmarks.real_text import DEFAULT_CACHE, BaseSettings, build
+from benchmarks.real_text import DEFAULT_CACHE, BaseSettings, build_base, build_tokenizer_folder
 from optsel.config_loader import from_mapping
 from optsel.losses import per_sample_token_mean_ce
 from optsel.pipeline.data.collate import collate
@@ -246,11 +246,15 @@ class Inputs:
 
 
 def build_inputs(grid: RealGrid, cache: Path) -> Inputs:
-    """The corpus, and the tokenizer and base built (or reused from ``cache``, by content hash)."""
-    out = build(grid.source_config(), grid.base, cache)
-    if out["base_built"]:
-        print(f"[quality-real] base model pre-trained in {out['base_s']:.0f} s: {out['base']}", flush=True)
-    return Inputs(collect(grid.source_config()), Path(str(out["tokenizer"])), Path(str(out["base"])))
+    """The corpus (walked once), and the tokenizer and base built (or reused from ``cache``, by content hash)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    corpus = collect(grid.source_config())
+    tokenizer_dir, _ = build_tokenizer_folder(corpus, grid.base, cache)
+    t0 = time.perf_counter()
+    base_dir, built = build_base(corpus, tokenizer_dir, grid.base, cache)
+    if built:
+        print(f"[quality-real] base model pre-trained in {time.perf_counter() - t0:.0f} s: {base_dir}", flush=True)
+    return Inputs(corpus, tokenizer_dir, base_dir)
 
 
 def run_key(grid: RealGrid, inputs: Inputs, cell: RealCell, method: str, seed: int) -> str:
@@ -294,7 +298,7 @@ def _job(args: tuple) -> list[dict]:
         if data is None:
             data = real_stream(grid, inputs.corpus, tok, cell, seed)
             base = dict(LlamaForCausalLM.from_pretrained(inputs.base_dir).state_dict())
-        evaluator = RealEvaluator(tok, data.stream.eval_batches, data.references, grid.settings.max_new_tokens)
+            evaluator = RealEvaluator(tok, data.stream.eval_batches, data.references, grid.settings.max_new_tokens)
         r = run(
             grid.settings,
             data.stream,
@@ -321,15 +325,6 @@ def _job(args: tuple) -> list[dict]:
         )
         out.append(record)
     return out
-
-
-def _from_record(d: dict) -> RunResult:
-    r = RunResult(method=d["method"], cell=d["cell"], seed=d["seed"])
-    for name in ("curve", "em_curve", "rouge_curve", "seconds", "alignment_by_kind"):
-        setattr(r, name, {int(k): v for k, v in d.get(name, {}).items()})
-    r.precision, r.fallbacks = dict(d["precision"]), dict(d["fallbacks"])
-    r.ess, r.selected, r.wall_seconds, r.steps = d["ess"], d["selected"], d["wall_seconds"], d.get("steps", 0)
-    return r
 
 
 def add_rouge(summary: dict[str, Any], runs: list[RunResult]) -> dict[str, Any]:
@@ -444,7 +439,7 @@ def run_grid(
             records = [r for batch in pool.map(_job, jobs) for r in batch]
     else:
         records = [r for job in jobs for r in _job(job)]
-    runs = [_from_record(d) for d in records]
+    runs = [RunResult.from_record(d) for d in records]
     summaries = [
         add_rouge(report.cell_summary(c.name, [r for r in runs if r.cell == c.name]), runs) for c in grid.cells
     ]

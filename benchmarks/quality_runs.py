@@ -270,6 +270,16 @@ class RunResult:
     flops: dict[int, float] = field(default_factory=dict)  # step -> cumulative counted FLOPs (count_flops runs)
     steps: int = 0
 
+    @classmethod
+    def from_record(cls, d: dict) -> RunResult:
+        """A run back from its stored JSON record (``vars(run)``; JSON keys of the step maps are strings)."""
+        r = cls(method=d["method"], cell=d["cell"], seed=d["seed"])
+        for name in ("curve", "em_curve", "rouge_curve", "seconds", "alignment_by_kind"):
+            setattr(r, name, {int(k): v for k, v in d.get(name, {}).items()})
+        r.precision, r.fallbacks = dict(d["precision"]), dict(d["fallbacks"])
+        r.ess, r.selected, r.wall_seconds, r.steps = d["ess"], d["selected"], d["wall_seconds"], d.get("steps", 0)
+        return r
+
     @property
     def final_loss(self) -> float:
         return self.curve[max(self.curve)]
