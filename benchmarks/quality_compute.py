@@ -103,17 +103,9 @@ def job(args: tuple) -> list[dict]:
         print(
             f"[quality/compute] {cell.name} {label:14s} seed {seed}: {record['steps']} steps "
             f"({per_step / 1e6:.1f} MFLOP/step, budget {budget / 1e9:.2f} GFLOP{', capped by the stream' if capped else ''})"
-            f": loss {RunResult(**_fields(record)).final_loss:.4f}",
+            f": loss {RunResult.from_record(record).final_loss:.4f}",
             flush=True,
         )
-    return out
-
-
-def _fields(record: dict) -> dict:
-    names = {f.name for f in dataclasses.fields(RunResult)}
-    out = {k: v for k, v in record.items() if k in names}
-    for name in ("curve", "em_curve", "seconds", "alignment_by_kind", "flops"):
-        out[name] = {int(k): v for k, v in out.get(name, {}).items()}
     return out
 
 
@@ -122,7 +114,7 @@ def summarize(records: list[dict], cells: list[str], budget_label: str) -> list[
     summaries = []
     for cell in cells:
         recs = [r for r in records if r["cell"] == cell]
-        runs = {(r["method"], r["seed"]): RunResult(**_fields(r)) for r in recs}
+        runs = {(r["method"], r["seed"]): RunResult.from_record(r) for r in recs}
         seeds = sorted({r["seed"] for r in recs})
         methods = list(dict.fromkeys(r["method"] for r in recs))
         rows = {}
@@ -200,10 +192,10 @@ def plot(records: list[dict], cells: list[str], path: Path) -> None:
     for ax, cell in zip(axes[0], cells):
         recs = [r for r in records if r["cell"] == cell]
         for m in dict.fromkeys(r["method"] for r in recs):
-            mine = [_fields(r) for r in recs if r["method"] == m]
-            steps = sorted(set.intersection(*[set(r["flops"]) for r in mine]))
-            xs = [sum(r["flops"][s] for r in mine) / len(mine) / 1e9 for s in steps]
-            ys = [sum(r["curve"][s] for r in mine) / len(mine) for s in steps]
+            mine = [RunResult.from_record(r) for r in recs if r["method"] == m]
+            steps = sorted(set.intersection(*[set(r.flops) for r in mine]))
+            xs = [sum(r.flops[s] for r in mine) / len(mine) / 1e9 for s in steps]
+            ys = [sum(r.curve[s] for r in mine) / len(mine) for s in steps]
             ax.plot(xs, ys, marker=".", label=m)
         ax.set_xlabel("counted GFLOPs (select + train)")
         ax.set_ylabel("target validation loss")

@@ -252,6 +252,10 @@ def pretrain(settings: Settings) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+#: RunResult's maps keyed by step
+STEP_MAPS = ("curve", "em_curve", "rouge_curve", "seconds", "alignment_by_kind", "flops")
+
+
 @dataclass
 class RunResult:
     method: str
@@ -272,13 +276,12 @@ class RunResult:
 
     @classmethod
     def from_record(cls, d: dict) -> RunResult:
-        """A run back from its stored JSON record (``vars(run)``; JSON keys of the step maps are strings)."""
-        r = cls(method=d["method"], cell=d["cell"], seed=d["seed"])
-        for name in ("curve", "em_curve", "rouge_curve", "seconds", "alignment_by_kind"):
-            setattr(r, name, {int(k): v for k, v in d.get(name, {}).items()})
-        r.precision, r.fallbacks = dict(d["precision"]), dict(d["fallbacks"])
-        r.ess, r.selected, r.wall_seconds, r.steps = d["ess"], d["selected"], d["wall_seconds"], d.get("steps", 0)
-        return r
+        """A run back from its stored JSON record (``vars(run)``, perhaps with extra keys, which are dropped;
+        JSON keys of the step maps are strings)."""
+        kept = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
+        for name in STEP_MAPS:
+            kept[name] = {int(k): v for k, v in kept.get(name, {}).items()}
+        return cls(**kept)
 
     @property
     def final_loss(self) -> float:
