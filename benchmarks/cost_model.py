@@ -21,7 +21,14 @@ lm_head) is not resharded after forward, so backward re-gathers only the decoder
 engines' gathers and reduce-scatters per micro-batch and not the selector's, so this is the engines'
 lowest traffic). FTW: compute dtype fp32 (4 B), pool N global, m = N/2 survivors (filter_ratio 0.5),
 |V| = 32 target samples refreshed every step, 32 × 32 sketches, T tokens per sample; a tied lm_head is
-not covered (capture.py).
+not covered (capture.py). Two-stage FTW (``prefilter: head``, exchange direction): stage 1's bytes
+(``head_stage_cost``: the target batch, the head's M and P gathered whole, 2N scores; a tied head's state is
+the embedding's, scored all the same) plus the direction exchange's on the m = N/2 survivors.
+
+Step FLOPs (``step_flops``, docs/design.md#two-stage's formulas, in plain training steps on k) at T = 2048 for
+N/k = 2, 4, 8 and |V| = k target rows, with each shape's head share h (``head_share``): what a step costs at
+scale, where the head is a small part of a forward (h ≈ 0.06 at 8B against ≈ 0.2–0.5 for the CPU sizes the
+overhead benchmark counts).
 """
 
 from __future__ import annotations
@@ -35,7 +42,16 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from optsel.selection.cost_model import choose_backend, layer_cost
+from optsel.selection.cost_model import (
+    HeadStageShape,
+    StepShape,
+    choose_backend,
+    head_share,
+    head_stage_cost,
+    layer_cost,
+    step_flops,
+)
+from optsel.selection.ftw_config import FTWConfig
 
 NUM_TARGET, K_SKETCH, ESZ, BF16 = 32, 32, 4, 2
 TS, NS, RS = (2048, 8192), (64, 256), (8, 16, 32, 64)
@@ -91,9 +107,34 @@ def engine_bytes(model: Llama, grad_wire: dict[str, int]) -> dict[str, float]:
     return {"zero3": (2 * BF16 + grad_wire["zero3"]) * P, "fsdp2": (BF16 + grad_wire["fsdp2"]) * P + BF16 * (P - root)}
 
 
-def selector_bytes(model: Llama, exchange: str, T: int, N: int, R: int, wire_esz: int = ESZ) -> dict:
-    """Selector payload per rank and step for one exchange, with auto's per-layer backends."""
-    m, k = N // 2, max(1, N // 4)
+def two_stage_bytes(model: Llama, T: int, N: int, R: int) -> dict:
+    """``prefilter: head`` then exact stage 2 on the m = N/2 survivors (exchange direction), per rank and step."""
+    m = N // 2
+    stage1 = head_stage_cost(
+        HeadStageShape(
+            n=N,
+            window=T,
+            hidden=model.hidden,
+            vocab=model.vocab,
+            target_rows=NUM_TARGET,
+            target_len=T,
+            scored_target_rows=NUM_TARGET,
+            forward_flops_per_token=0.0,
+            survivors=m,
+            world=R,
+            esz=ESZ,
+        )
+    )
+    stage2 = selector_bytes(model, "direction", T, m, R, pool_survivors=m)
+    return {"bytes": stage1.bytes + stage2["bytes"], "stage1": stage1.bytes, "backends": stage2["backends"]}
+
+
+def selector_bytes(
+    model: Llama, exchange: str, T: int, N: int, R: int, wire_esz: int = ESZ, pool_survivors: int | None = None
+) -> dict:
+    """Selector payload per rank and step for one exchange, with auto's per-layer backends (m = N/2 survivors;
+    ``pool_survivors``: m, for a pool that is already the survivors)."""
+    m, k = (N // 2 if pool_survivors is None else pool_survivors), max(1, N // 4)
     total, backends = 0.0, {}
     for d_in, d_out in model.linears():
         kw = dict(
@@ -140,6 +181,8 @@ def table(models=MODELS) -> list[dict]:
                         sel = selector_bytes(model, exchange, T, N, R, wire)
                         row[label] = sel["bytes"]
                         row[label + "_backends"] = sel["backends"]
+                    two = two_stage_bytes(model, T, N, R)
+                    row["two_stage"], row["two_stage_stage1"] = two["bytes"], two["stage1"]
                     rows.append(row)
     return rows
 
@@ -159,18 +202,20 @@ def markdown(rows: list[dict]) -> str:
     """One row per (model, T, N); ranks whose row reads the same are merged (payload ratios do not depend on R)."""
     L = [
         "| model | T | N | R | ZeRO-3 | FSDP2 | factors | sketches | direction (default, exact b) | "
-        "direction, bf16 M | factors / ZeRO-3 | sketches / ZeRO-3 | direction / ZeRO-3 | direction / FSDP2 | "
-        "direction / ZeRO-3, bf16 grads | direction / FSDP2, bf16 grads | direction bf16 M / ZeRO-3 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "direction, bf16 M | two-stage (head → exact on N/2) | factors / ZeRO-3 | sketches / ZeRO-3 | "
+        "direction / ZeRO-3 | direction / FSDP2 | direction / ZeRO-3, bf16 grads | direction / FSDP2, bf16 grads | "
+        "direction bf16 M / ZeRO-3 | two-stage / ZeRO-3 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     groups: dict[tuple, list[tuple[int, str]]] = {}
     for r in rows:
         z, f = r["zero3"], r["fsdp2"]
         cells = (
             f"{_b(z)} | {_b(f)} | {_b(r['factors'])} | {_b(r['sketches'])} | {_b(r['direction'])} | "
-            f"{_b(r['direction_bf16'])} | {_r(r['factors'] / z)} | {_r(r['sketches'] / z)} | "
+            f"{_b(r['direction_bf16'])} | {_b(r['two_stage'])} | {_r(r['factors'] / z)} | {_r(r['sketches'] / z)} | "
             f"{_r(r['direction'] / z)} | {_r(r['direction'] / f)} | {_r(r['direction'] / r['zero3_bf16_grad'])} | "
-            f"{_r(r['direction'] / r['fsdp2_bf16_grad'])} | {_r(r['direction_bf16'] / z)}"
+            f"{_r(r['direction'] / r['fsdp2_bf16_grad'])} | {_r(r['direction_bf16'] / z)} | "
+            f"{_r(r['two_stage'] / z)}"
         )
         groups.setdefault((r["model"], r["T"], r["N"]), []).append((r["R"], cells))
     for (model, T, N), items in groups.items():
@@ -180,6 +225,51 @@ def markdown(rows: list[dict]) -> str:
         for cells, ranks in by_cells.items():
             span = f"{ranks[0]}–{ranks[-1]}" if len(ranks) > 1 else str(ranks[0])
             L.append(f"| {model} | {T} | {N} | {span} | {cells} |")
+    return "\n".join(L)
+
+
+#: (label, FTW options given k and T) for the FLOPs table: the default and the overhead benchmark's variants
+FLOP_VARIANTS = [
+    ("one stage (default)", lambda k, T: {}),
+    ("head → exact stage 2 on 2k", lambda k, T: {"prefilter": "head", "filter_size": 2 * k}),
+    (
+        "head → exact on k, W = T/4, reused target",
+        lambda k, T: {"prefilter": "head", "filter_size": k, "prefilter_window": T // 4, "prefilter_target": "reuse"},
+    ),
+    ("head → exact on k, exit L = 0", lambda k, T: {"prefilter": "head", "filter_size": k, "prefilter_depth": 0}),
+    ("head only", lambda k, T: {"prefilter": "head", "prefilter_stage2": "head"}),
+    ("head only, W = T/8", lambda k, T: {"prefilter": "head", "prefilter_stage2": "head", "prefilter_window": T // 8}),
+    ("head only, exit L = 0", lambda k, T: {"prefilter": "head", "prefilter_stage2": "head", "prefilter_depth": 0}),
+]
+FLOP_T, FLOP_K, FLOP_RATIOS = 2048, 16, (2, 4, 8)
+
+
+def flops_table(models=MODELS) -> list[dict]:
+    """Each variant's step FLOPs / a plain step on k (``step_flops``) per model and N/k."""
+    rows = []
+    for model in models:
+        h = head_share(model.hidden, model.layers, model.intermediate, model.kv_dim, model.vocab, FLOP_T)
+        for label, options in FLOP_VARIANTS:
+            row: dict = {"model": model.name, "variant": label, "head_share": h}
+            for ratio in FLOP_RATIOS:
+                cfg = FTWConfig(budget=FLOP_K, **options(FLOP_K, FLOP_T))
+                shape = StepShape.of(cfg, ratio * FLOP_K, FLOP_K, FLOP_T, model.layers, h)
+                row[f"r{ratio}"] = step_flops(shape)
+            rows.append(row)
+    return rows
+
+
+def flops_markdown(rows: list[dict]) -> str:
+    L = [
+        "| model (h) | variant | " + " | ".join(f"N/k = {r}" for r in FLOP_RATIOS) + " |",
+        "|---|---|" + "---|" * len(FLOP_RATIOS),
+    ]
+    for r in rows:
+        L.append(
+            f"| {r['model']} ({r['head_share']:.3f}) | {r['variant']} | "
+            + " | ".join(f"{r[f'r{x}']:.2f}×" for x in FLOP_RATIOS)
+            + " |"
+        )
     return "\n".join(L)
 
 
@@ -232,6 +322,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", default="results/cost_model")
     args = parser.parse_args(argv)
     rows = table()
+    flop_rows = flops_table()
     doc = __doc__.split("\n\n")
     md = [
         "# Selector bytes per step vs the engines' own (cost model)",
@@ -249,11 +340,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "",
         *verdict(rows),
         "",
+        "## Step FLOPs against a plain training step on k (analytic)",
+        "",
+        doc[4].strip(),
+        "",
+        flops_markdown(flop_rows),
+        "",
     ]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cost_model.md").write_text("\n".join(md))
-    (out / "cost_model.json").write_text(json.dumps(rows, indent=1))
+    (out / "cost_model.json").write_text(json.dumps({"bytes": rows, "flops": flop_rows}, indent=1))
     print("\n".join(md))
     return rows
 

@@ -9,7 +9,9 @@ method's step (select + train on its chosen rows + AdamW) is timed in interleave
 every method in an order rotated per round, plain-k again; a method's ratio is the median over rounds of
 its step / that round's mean plain-k step) and counted in FLOPs (matmul + attention,
 torch.utils.flop_counter, one step after the rounds). The old reference, a plain step over all N, is
-printed beside it. The methods and the two-stage FTW variants are fixed below (written before any run).
+printed beside it, and so is what selection/cost_model.py's ``step_flops`` predicts for each FTW
+variant (docs/design.md#two-stage's formulas; random is 1 by definition). The methods and the two-stage FTW
+variants are fixed below (written before any run).
 """
 
 from __future__ import annotations
@@ -27,8 +29,20 @@ if __package__ in (None, ""):
 
 import torch
 
-from benchmarks.speed import Method, build_model, count_flops, interleaved_rounds, make_pool, sync, train_step
+from benchmarks.speed import (
+    SIZES,
+    VOCAB,
+    Method,
+    build_model,
+    count_flops,
+    interleaved_rounds,
+    make_pool,
+    sync,
+    train_step,
+)
 from optsel.pipeline.files import jsonio
+from optsel.selection.cost_model import StepShape, head_share, step_flops
+from optsel.selection.ftw_config import FTWConfig
 
 #: (label, method, FTW options or a callable of (k, T) giving them); written 2026-12-02 before any run
 VARIANTS = [
@@ -110,6 +124,21 @@ VARIANTS = [
 POINTS = {"cpu-compute": (256, 16), "small": (32, 16), "gpu-100m": (1024, 16)}
 
 
+def predicted_ratio(label: str, size: str, T: int, k: int, n: int, num_target: int) -> float | None:
+    """selection/cost_model.py's step FLOPs / plain-k for a variant (None: not FTW, no formula)."""
+    method, options = next((m, o) for name, m, o in VARIANTS if name == label)
+    if method == "random":
+        return 1.0
+    if method != "ftw":
+        return None
+    hidden, layers, inter = SIZES[size]
+    heads, kv_heads = max(4, hidden // 64), max(2, hidden // 128)
+    h = head_share(hidden, layers, inter, kv_heads * (hidden // heads), VOCAB, T)
+    opts = options(k, T) if callable(options) else options
+    config = FTWConfig(budget=k, **(opts or {}))
+    return step_flops(StepShape.of(config, n, num_target, T, layers, h))
+
+
 def plain_k(model, opt, pool, k: int, device) -> float:
     """Seconds of a plain step on the pool's first k rows (the rows random would train on are as long)."""
     sync(device)
@@ -181,7 +210,10 @@ def write(results: dict, out: Path) -> None:
         f"Command: `{meta['command']}` — {meta['date']}, {meta['device_name']}, {meta['repeats']} interleaved "
         f"rounds after a warm-up round. time = median over rounds of step / that round's mean plain-k step; "
         f"FLOPs = counted matmul + attention FLOPs of one step / the plain-k step's; 'vs plain-N' = the old "
-        f"reference, FLOPs / a plain step over the whole pool. |V| = k target rows.",
+        f"reference, FLOPs / a plain step over the whole pool. |V| = k target rows. 'predicted' = "
+        f"selection/cost_model.py's step_flops (docs/design.md#two-stage's formulas) for a step that trains k rows "
+        f"and, with target_refresh, amortised over the refresh period; the counted step is one step (a refresh "
+        f"step), and FTW often trains fewer than k rows (its QP's non-zero weights), so counted can be lower.",
         "",
     ]
     for block in results["tables"]:
@@ -190,12 +222,14 @@ def write(results: dict, out: Path) -> None:
             "",
             f"plain-k step {block['plain_k_s'] * 1e3:.0f} ms",
             "",
-            "| method | time / plain-k | FLOPs / plain-k | FLOPs / plain-N | step ms |",
-            "|---|---|---|---|---|",
+            "| method | time / plain-k | FLOPs / plain-k | predicted FLOPs / plain-k | FLOPs / plain-N | step ms |",
+            "|---|---|---|---|---|---|",
         ]
         for name, r in block["rows"].items():
+            pred = predicted_ratio(name, block["size"], block["T"], block["k"], block["N"], block["V"])
             lines.append(
-                f"| {name} | {r['time_ratio']:.2f} | {r['flop_ratio']:.2f} | {r['flop_ratio_to_plain_N']:.3f} | "
+                f"| {name} | {r['time_ratio']:.2f} | {r['flop_ratio']:.2f} | "
+                f"{'—' if pred is None else f'{pred:.2f}'} | {r['flop_ratio_to_plain_N']:.3f} | "
                 f"{r['step_s'] * 1e3:.0f} |"
             )
         lines.append("")

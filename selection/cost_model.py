@@ -25,6 +25,11 @@ any R ≥ 2 selects alike, and at R = 1 on one process, where nothing crosses ra
 most ACCURACY_SLACK × the cheapest's. With the factors already shipped (exchange: factors) the bytes
 hardly differ and FLOPs decide (exact while d_in·d_out is small next to T·Σd, as the old 2T² rule);
 with exchange: direction the survivors' factors (m·T·Σd) are weighed against m·k² sketches.
+
+Two-stage FTW (``prefilter: head``, docs/design.md#two-stage): stage 2 is the exact step on the m
+survivors, so ``auto`` picks its backends for N = m (the selector passes the survivors' pool);
+stage 1 costs :func:`head_stage_cost` (bytes and FLOPs of one rank), and :func:`step_flops` gives a whole
+step, one or two stages, in plain training steps on k, from the design's formulas.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NotRequired, TypedDict, Unpack, get_args
 
-from optsel.selection.ftw_config import ExchangeName
+from optsel.selection.ftw_config import ExchangeName, FTWConfig
 
 #: a byte across ranks costs the time of this many FLOPs (≈ 1e12 FLOP/s of a rank's selector kernels
 #: against ≈ 10 GB/s of inter-node bandwidth per rank)
@@ -151,17 +156,138 @@ def backend_for(exchange: str, shape: LayerShape, max_temp_elems: int) -> str:
     return next(b for b in allowed if times[b] <= ACCURACY_SLACK * cheapest)
 
 
+@dataclass(frozen=True)
+class HeadStageShape:
+    """Stage 1 of ``prefilter: head`` in one step: the global pool N = ``n``, W = ``window`` scored tokens per
+    sample, the head [V = ``vocab``, d = ``hidden``], ``target_rows`` |V| rows of ``target_len`` tokens (the whole
+    target is gathered; stage 1 scores ``scored_target_rows`` of them, 0 when ``prefilter_target: reuse``),
+    ``forward_flops_per_token`` (2 × the multiply-adds of stage 1's forward per token: the L blocks run, the final
+    norm and the head), m = ``survivors``, R = ``world``, ``esz`` the compute dtype's bytes and
+    ``keep_factors`` (``prefilter_stage2: head``: the survivors' head factors are all-gathered for their Gram)."""
+
+    n: int
+    window: int
+    hidden: int
+    vocab: int
+    target_rows: int
+    target_len: int
+    scored_target_rows: int
+    forward_flops_per_token: float
+    survivors: int
+    world: int
+    esz: int = 4
+    keep_factors: bool = False
+
+
+def head_stage_cost(shape: HeadStageShape) -> LayerCost:
+    """One rank's bytes and FLOPs of stage 1 (selection/ftw/two_stage.py ``HeadPrefilter.run``).
+
+    FLOPs: the forward over this rank's n/R candidates and every rank's scored target rows (W tokens each), and
+    per sample the head gradient G_i = Δ_iᵀ H_i formed once (2·W·d·V) for b_i and K_ii (3·d·V more); with
+    ``keep_factors`` the survivors' head Gram (m²·(2·W·d·V)/R at most). Bytes (R ≥ 2; pool and target split
+    evenly over the ranks): the gathered target batch (ids, mask, labels; int32 on the wire,
+    selection/ftw/gathering.py), the head's M and P gathered whole (2·V·d·esz: the dominant term, as for the
+    one-stage direction exchange), the 2N float64 (b, K_ii), the row counts each of those all-gathers exchanges
+    first, and with ``keep_factors`` the survivors' head factors (m·W·(d + V)·esz). The forward's own parameter
+    gathers (ZeRO-3/FSDP2) are the engine's and are not counted here."""
+    R = max(int(shape.world), 1)
+    W, d, V = shape.window, shape.hidden, shape.vocab
+    per_sample = W * shape.forward_flops_per_token + 2.0 * W * d * V + 3.0 * d * V
+    flops = (shape.n / R) * per_sample + shape.scored_target_rows * (
+        W * shape.forward_flops_per_token + 2.0 * W * d * V
+    )
+    nbytes = 0.0
+    if R > 1:
+        sizes = R * 8  # every variable-size all-gather first exchanges the R row counts (int64)
+        target = shape.target_rows * shape.target_len * 3 * 4 + 3 * sizes + 4 * 8  # + the agreed width and dtypes
+        nbytes = target + 2 * V * d * shape.esz + 2 * shape.n * 8 + sizes
+    if shape.keep_factors:
+        m = shape.survivors
+        flops += m * m * 2.0 * W * d * V / R
+        nbytes += m * W * (d + V) * shape.esz if R > 1 else 0.0
+    return LayerCost(bytes=nbytes, flops=flops)
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """One FTW step in the units of docs/design.md#two-stage, all relative to k: r = N/k, v = |V|/k target rows
+    (amortised over ``target_refresh``), mu = m/k survivors (two stages), w = W/T the scoring window's share of a
+    sample, s = stage 1's target rows / k (0: reused), depth = L/n the share of the decoder blocks stage 1 runs,
+    head = h the output layer's share of a forward's FLOPs (:func:`head_share`), stage2: None (one stage),
+    "exact" or "head"."""
+
+    r: float
+    v: float
+    mu: float = 0.0
+    w: float = 1.0
+    s: float = 0.0
+    depth: float = 1.0
+    head: float = 0.0
+    stage2: str | None = None
+
+    @classmethod
+    def of(cls, config: FTWConfig, n: int, num_target: int, seq_len: int, layers: int, head: float) -> StepShape:
+        """The shape of ``config``'s step on a pool of ``n``, |V| = ``num_target`` rows of ``seq_len`` tokens, a
+        model of ``layers`` decoder blocks whose head is ``head`` of a forward's FLOPs."""
+        k = min(config.budget, n)
+        v = num_target / k / max(config.target_refresh, 1)
+        if config.prefilter == "none":
+            return cls(r=n / k, v=v, head=head)
+        window = config.prefilter_window
+        rows = 0 if config.prefilter_target == "reuse" else (config.prefilter_target_rows or num_target)
+        return cls(
+            r=n / k,
+            v=v,
+            mu=config.num_filtered(n) / k,
+            w=1.0 if window is None else min(window, seq_len) / seq_len,
+            s=min(rows, num_target) / k / (max(config.target_refresh, 1) if config.prefilter_target == "reuse" else 1),
+            depth=1.0 if config.prefilter_depth is None else min(config.prefilter_depth, layers) / layers,
+            head=head,
+            stage2=config.prefilter_stage2,
+        )
+
+
+def step_flops(shape: StepShape) -> float:
+    """A step's FLOPs in plain training steps on k (one plain step = 3f, f = a forward over the k rows):
+
+    - one stage: (3r + 3v + 1)/3 — capture (forward + activation backward) of pool and target, each candidate's
+      and the target's gradient formed once (≈ a forward each), the trainer's weight gradient on k;
+    - stage 1: (r + s)·w·(a + h) with a = depth·(1 − h) + h the forward it runs (h: the head, run at any depth)
+      and h once more for forming each head gradient;
+    - stage 2 exact: (3μ + 3v + 1) as one stage on the survivors; stage 2 head: 3 (the trainer's own step).
+    """
+    if shape.stage2 is None:
+        return (3 * shape.r + 3 * shape.v + 1) / 3
+    a = shape.depth * (1 - shape.head) + shape.head
+    stage1 = (shape.r + shape.s) * shape.w * (a + shape.head)
+    stage2 = 3 * shape.mu + 3 * shape.v + 1 if shape.stage2 == "exact" else 3.0
+    return (stage1 + stage2) / 3
+
+
+def head_share(hidden: int, layers: int, intermediate: int, kv_dim: int, vocab: int, seq_len: int) -> float:
+    """h: the output layer's share of a Llama forward's FLOPs per token (linear layers, and attention's
+    2·2·T·d per block for QKᵀ and AV at sequence length T)."""
+    block = 2 * (2 * hidden * hidden + 2 * hidden * kv_dim + 3 * hidden * intermediate) + 4 * seq_len * hidden
+    head = 2 * hidden * vocab
+    return head / (layers * block + head)
+
+
 __all__ = [
     "ACCURACY_ORDER",
     "ACCURACY_SLACK",
     "EXCHANGES",
     "FLOPS_PER_BYTE",
     "REFERENCE_WORLD",
+    "HeadStageShape",
     "LayerCost",
     "LayerShape",
     "LayerShapeFields",
+    "StepShape",
     "backend_for",
     "choose_backend",
     "cost_of",
+    "head_share",
+    "head_stage_cost",
     "layer_cost",
+    "step_flops",
 ]

@@ -23,6 +23,7 @@ import torch
 
 from optsel.pipeline.engines import fsdp2_view, zero3_view
 from optsel.pipeline.engines.zero3_view import flat_range_blocks
+from optsel.selection.cost_model import HeadStageShape, head_stage_cost
 from optsel.selection.ftw import FilterThenWeight, FTWConfig
 from optsel.selection.model_view import make_state_reader
 from optsel.selection.preconditioner import TorchAdamStateReader
@@ -322,6 +323,26 @@ def _check_two_stage(results: list[dict]) -> None:
         _assert_same(res["two_stage"], ref, f"two-stage rank {rank}")
         _assert_same(res["two_stage_head"], head_ref, f"two-stage head-only rank {rank}")
         _assert_same(res["two_stage_depth"], depth_ref, f"two-stage early exit rank {rank}")
+    # stage 1's traffic is what the cost model says it is (target gather, the head's M and P, 2N scores)
+    stage1 = head_stage_cost(
+        HeadStageShape(
+            n=N_POOL,
+            window=6,
+            hidden=27,
+            vocab=model.config.vocab_size,
+            target_rows=N_TARGET,
+            target_len=8,
+            scored_target_rows=N_TARGET,
+            forward_flops_per_token=0.0,
+            survivors=7,
+            world=len(results),
+            esz=8,
+        )
+    )
+    for rank, res in enumerate(results):
+        phases = res["two_stage"]["comm_by_phase"]
+        measured = phases.get("stage1_target", 0) + phases.get("stage1", 0)
+        assert measured == stage1.bytes, (rank, phases, stage1.bytes)
     here = [r["two_stage"]["survivors_here"] for r in results]
     assert sum(here) == TWO_STAGE.filter_size and here[0] != here[1]  # uneven: the padding rows ran
     pool = pool_batch()

@@ -1,0 +1,77 @@
+"""The cost model's step FLOPs (selection/cost_model.py ``step_flops``, docs/design.md#two-stage) against FLOPs
+counted by torch.utils.flop_counter on a real step of the selector (benchmarks/overhead.py's step: select, train
+on the chosen rows, AdamW), one and two stages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from optsel.selection.cost_model import HeadStageShape, StepShape, head_stage_cost, step_flops
+from optsel.selection.ftw_config import FTWConfig
+
+VARIANTS = [
+    "ftw (one stage, exact b)",
+    "ftw[head, m=2k]",
+    "ftw[head, m=k, W=T/4]",
+    "ftw[head, m=k, exit L=0]",
+]
+
+
+@pytest.fixture(scope="module")
+def counted():
+    from benchmarks.overhead import table
+
+    torch.manual_seed(0)
+    return table(torch.device("cpu"), "small", 4, repeats=1, only=VARIANTS)
+
+
+@pytest.mark.parametrize("label", VARIANTS)
+def test_step_flops_predicts_the_counted_step(counted, label):
+    from benchmarks.overhead import predicted_ratio
+
+    got = counted["rows"][label]["flop_ratio"]
+    pred = predicted_ratio(label, "small", counted["T"], counted["k"], counted["N"], counted["V"])
+    assert pred is not None
+    assert abs(pred - got) <= 0.15 * got, (label, pred, got)
+
+
+def test_step_shape_reads_the_config():
+    two = FTWConfig(budget=4, prefilter="head", filter_size=8, prefilter_window=16, prefilter_depth=1)
+    shape = StepShape.of(two, n=32, num_target=8, seq_len=64, layers=4, head=0.1)
+    assert (shape.r, shape.v, shape.mu, shape.w, shape.s, shape.depth) == (8, 2, 2, 0.25, 2, 0.25)
+    reuse = FTWConfig(budget=4, prefilter="head", prefilter_target="reuse", target_refresh=2)
+    assert StepShape.of(reuse, 32, 8, 64, 4, 0.1).s == 0
+    one = StepShape.of(FTWConfig(budget=4), 16, 4, 64, 4, 0.1)
+    assert step_flops(one) == pytest.approx((3 * 4 + 3 * 1 + 1) / 3)
+    # a window, an early exit and fewer survivors each make stage 1 / the step cheaper
+    full = step_flops(StepShape.of(FTWConfig(budget=4, prefilter="head"), 32, 4, 64, 4, 0.1))
+    for cheaper in (
+        dict(prefilter_window=16),
+        dict(prefilter_depth=0),
+        dict(filter_size=4),
+        dict(prefilter_stage2="head"),
+    ):
+        cfg = FTWConfig(budget=4, prefilter="head", **cheaper)  # type: ignore[arg-type]
+        assert step_flops(StepShape.of(cfg, 32, 4, 64, 4, 0.1)) < full, cheaper
+
+
+def test_head_stage_cost_moves_nothing_on_one_process():
+    shape = dict(
+        n=8,
+        window=4,
+        hidden=16,
+        vocab=32,
+        target_rows=2,
+        target_len=4,
+        scored_target_rows=2,
+        forward_flops_per_token=100.0,
+        survivors=4,
+        esz=4,
+    )
+    one = head_stage_cost(HeadStageShape(world=1, **shape))  # type: ignore[arg-type]
+    two = head_stage_cost(HeadStageShape(world=2, **shape))  # type: ignore[arg-type]
+    kept = head_stage_cost(HeadStageShape(world=2, keep_factors=True, **shape))  # type: ignore[arg-type]
+    assert one.bytes == 0 and two.bytes >= 2 * 32 * 16 * 4  # M and P gathered whole
+    assert kept.bytes - two.bytes == 4 * 4 * (16 + 32) * 4  # + the survivors' head factors
+    assert two.flops < one.flops  # the pool's forward is split over the ranks
