@@ -26,6 +26,7 @@ import logging
 import multiprocessing as mp
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, fields
 from itertools import product
 from pathlib import Path
@@ -295,8 +296,10 @@ def main(argv: list[str] | None = None) -> dict:
         for seed in block
     ]
     if args.workers > 1:
-        with mp.get_context("spawn").Pool(args.workers) as pool:
-            records = [r for batch in pool.imap_unordered(_job, jobs) for r in batch]
+        # a worker killed (e.g. out of memory) fails the grid with BrokenProcessPool instead of a hang (a
+        # multiprocessing.Pool waits forever for it); what finished is stored and reused by the next call
+        with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as pool:
+            records = [r for batch in pool.map(_job, jobs) for r in batch]
     else:
         records = [r for job in jobs for r in _job(job)]
     runs = [RunResult.from_record(d) for d in records]
@@ -363,9 +366,9 @@ def _equal_compute(
         for cell in cells
         for seed in settings.seeds
     ]
-    if args.workers > 1:
-        with mp.get_context("spawn").Pool(args.workers) as pool:
-            records = [r for batch in pool.imap_unordered(compute.job, jobs) for r in batch]
+    if args.workers > 1:  # as above: a killed worker fails the grid, it does not hang it
+        with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as pool:
+            records = [r for batch in pool.map(compute.job, jobs) for r in batch]
     else:
         records = [r for job in jobs for r in compute.job(job)]
     names = [c.name for c in cells]

@@ -30,7 +30,7 @@ import os
 import re
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +94,8 @@ class RealSettings:
 
 @dataclass
 class RealGrid:
-    """The ``real`` section, typed: corpus, base, settings, cells, methods and run order."""
+    """The ``real`` section, typed: corpus, base, settings, cells, methods (selectors or variant labels), run
+    order and the variants (label → (method, options): a selector with options, e.g. two-stage FTW)."""
 
     source: dict[str, Any]
     base: BaseSettings
@@ -102,6 +103,11 @@ class RealGrid:
     cells: list[RealCell]
     methods: list[str]
     seed_blocks: list[list[int]]
+    variants: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
+
+    def method_of(self, label: str) -> tuple[str, dict[str, Any]]:
+        """(selector, options) of a method or variant label."""
+        return self.variants.get(label, (label, {}))
 
     def source_config(self, cell: RealCell | None = None) -> PySourceConfig:
         """The corpus's config; with ``cell``: its mix (shares, and as many train records as the run reads)."""
@@ -122,7 +128,7 @@ def load_real_grid(path: Path) -> RealGrid:
     if "real" not in grid:
         raise ValueError(f"{path}: no real section")
     sec = grid["real"]
-    unknown = sorted(set(sec) - {"source", "base", "settings", "cells", "methods", "seed_blocks"})
+    unknown = sorted(set(sec) - {"source", "base", "settings", "cells", "methods", "seed_blocks", "variants"})
     if unknown:
         raise ValueError(f"{path}: real: unknown keys {unknown}")
     source = dict(sec["source"])
@@ -134,6 +140,15 @@ def load_real_grid(path: Path) -> RealGrid:
     cells = [RealCell.parse(n) for n in sec["cells"]]
     if not {"random", "oracle"} <= set(sec["methods"]):
         raise ValueError("real.methods: random and oracle are needed for the gap closed")
+    variants: dict[str, tuple[str, dict[str, Any]]] = {}
+    for label, spec in (sec.get("variants") or {}).items():
+        if not isinstance(spec, dict) or set(spec) - {"method", "options"} or "method" not in spec:
+            raise ValueError(f"real.variants.{label}: must be {{method: ..., options: {{...}}}}, got {spec!r}")
+        if label in sec["methods"]:
+            raise ValueError(f"real.variants.{label}: the label is also a method")
+        options = dict(spec.get("options") or {})
+        resolved_options(spec["method"], options, 1)  # a bad key or value fails here, named
+        variants[str(label)] = (str(spec["method"]), options)
     return RealGrid(
         source=source,
         base=from_mapping(BaseSettings, dict(sec.get("base") or {}), "real.base"),
@@ -141,6 +156,7 @@ def load_real_grid(path: Path) -> RealGrid:
         cells=cells,
         methods=list(sec["methods"]),
         seed_blocks=blocks,
+        variants=variants,
     )
 
 
@@ -257,7 +273,9 @@ def build_inputs(grid: RealGrid, cache: Path) -> Inputs:
     return Inputs(corpus, tokenizer_dir, base_dir)
 
 
-def run_key(grid: RealGrid, inputs: Inputs, cell: RealCell, method: str, seed: int) -> str:
+def run_key(grid: RealGrid, inputs: Inputs, cell: RealCell, label: str, seed: int) -> str:
+    """The stored run's key: everything that makes the run (a variant: its label and its resolved options)."""
+    method, options = grid.method_of(label)
     budget = grid.settings.pool if method == "full" else cell.budget
     blob = json.dumps(
         [
@@ -266,8 +284,8 @@ def run_key(grid: RealGrid, inputs: Inputs, cell: RealCell, method: str, seed: i
             asdict(grid.base),
             inputs.base_dir.name,
             asdict(cell),
-            method,
-            resolved_options(method, {}, budget),
+            label,
+            resolved_options(method, options, budget),
             seed,
         ],
         sort_keys=True,
@@ -288,8 +306,9 @@ def _job(args: tuple) -> list[dict]:
     base: dict[str, torch.Tensor] = {}
     data: RealStream | None = None
     out = []
-    for method in methods:
-        path = Path(run_dir) / cell.name / f"{method}_s{seed}_{run_key(grid, inputs, cell, method, seed)}.json"
+    for label in methods:
+        method, options = grid.method_of(label)
+        path = Path(run_dir) / cell.name / f"{label}_s{seed}_{run_key(grid, inputs, cell, label, seed)}.json"
         if path.is_file():
             out.append(json.loads(path.read_text()))
             continue
@@ -304,11 +323,11 @@ def _job(args: tuple) -> list[dict]:
             data.stream,
             base,
             method,
-            {},
-            method,
+            options,
+            label,
             cell,
             seed,
-            probe_alignment=method == "ftw",
+            probe_alignment=label == "ftw",
             make_model=lambda: LlamaForCausalLM(config),
             evaluator=evaluator,
         )
@@ -318,7 +337,7 @@ def _job(args: tuple) -> list[dict]:
         tmp.write_text(jsonio.dumps(record))
         tmp.replace(path)
         print(
-            f"[quality-real] {cell.name} {method:9s} seed {seed}: loss {r.final_loss:.4f} EM {r.final_em:.3f} "
+            f"[quality-real] {cell.name} {label:9s} seed {seed}: loss {r.final_loss:.4f} EM {r.final_em:.3f} "
             f"ROUGE-L {r.rouge_curve[max(r.rouge_curve)]:.3f} target w {r.precision.get('target', 0):.2f} "
             f"corrupted w {r.precision.get('corrupted', 0):.2f} ESS {r.ess:.1f} ({r.wall_seconds:.0f}s)",
             flush=True,
@@ -402,7 +421,14 @@ def main(args) -> dict[str, Any]:
     """``python -m benchmarks.quality --cells real ...``: the parsed arguments of benchmarks/quality.py."""
     grid = load_real_grid(Path(args.grid))
     if args.methods:
-        grid = replace(grid, methods=args.methods.split(","))
+        wanted = args.methods.split(",")
+        unknown = sorted(set(wanted) - set(grid.methods) - set(grid.variants))
+        if unknown:
+            raise SystemExit(
+                f"--methods: unknown {unknown}; the real grid has methods {grid.methods} and variants "
+                f"{sorted(grid.variants)}"
+            )
+        grid = replace(grid, methods=wanted)
     if args.variants or args.section or args.equal_compute or args.quick:
         raise SystemExit("--cells real: --variants, --section, --equal-compute and --quick do not apply")
     out = Path(args.out or "results/quality_real")

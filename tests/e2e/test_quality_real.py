@@ -126,3 +126,15 @@ def test_the_grid_files_real_section_is_read_strictly(tmp_path):
             qr.load_real_grid(path)
     with pytest.raises(ValueError, match="real-t<target"):
         qr.RealCell.parse("t05-c25-lh-k8")
+    # variants: a selector with options, keyed by label (a plain method keeps its key: stored runs stay valid)
+    assert grid.method_of("ftw_head") == ("ftw", {"prefilter": "head", "filter_size": 8})
+    assert grid.method_of("random") == ("random", {})
+    for variants, key in [
+        ({"ftw_x": {"method": "ftw", "options": {"prefilter": "tail"}}}, "prefilter"),
+        ({"ftw_x": {"method": "ftw", "opts": {}}}, "real.variants.ftw_x"),
+        ({"ftw": {"method": "ftw"}}, "also a method"),
+    ]:
+        path = tmp_path / "grid.yaml"
+        path.write_text(yaml.safe_dump({**text, "real": {**text["real"], "variants": variants}}))
+        with pytest.raises((ValueError, TypeError), match=key):
+            qr.load_real_grid(path)
