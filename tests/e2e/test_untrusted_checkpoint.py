@@ -20,28 +20,14 @@ from pathlib import Path
 import pytest
 
 from support.common import run_train as _train
+from support.hostile import train_args
 
 KEY_VARS = ("OPTSEL_CHECKPOINT_KEY", "OPTSEL_CHECKPOINT_KEY_FILE")
 
 
 def _args(data_dir: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        f"data.local={data_dir}",
-        f"output_dir={out}",
-        "run_name=r",
-        "training.progress_bar=false",
-        "training.num_eval_samples=8",
-        "monitoring.port=0",
-        "training.eval_every=0",
-        "engine.name=fsdp2",
-        "selection.method=random",
-        "training.num_steps=2",
-        "selection.pool_size=8",
-        "selection.budget=4",
-        "selection.num_target_samples=4",
-        "checkpoint.every_steps=1",
-        *extra,
-    ]
+    """A 2-step FSDP2 random run that checkpoints every step (a later override wins)."""
+    return train_args(data_dir, out, "fsdp2", "training.num_steps=2", "checkpoint.every_steps=1", *extra)
 
 
 @pytest.fixture(scope="module")
