@@ -273,6 +273,44 @@ def flops_markdown(rows: list[dict]) -> str:
     return "\n".join(L)
 
 
+REAL_GRID_FILE = Path(__file__).resolve().parent / "quality_grid.yaml"
+REAL_TS = (256, 512)  #: padded pool widths bracketing the real-text stream's (max_seq_len 512)
+
+
+def real_text_flops(grid_file: Path = REAL_GRID_FILE) -> list[dict]:
+    """``step_flops`` at the real-text grid's step (its ``real`` section: N, k, |V| and the FTW variants, on the
+    base of ``real.base``), at the padded widths ``REAL_TS``: what one step of each FTW run there costs in
+    plain steps on k. |V| = 32 = 8k target rows there, so the target's capture is half the one-stage step."""
+    from benchmarks.quality_real import load_real_grid  # noqa: PLC0415 - reads the grid file, yaml
+
+    grid = load_real_grid(grid_file)
+    base, n, num_target = grid.base, grid.settings.pool, grid.settings.num_target
+    k = grid.cells[0].budget
+    labels: list[tuple[str, tuple[str, dict]]] = [("ftw", ("ftw", {}))] + [
+        (lab, spec) for lab, spec in grid.variants.items() if spec[0] == "ftw"
+    ]
+    rows = []
+    for label, (_, options) in labels:
+        row: dict = {"variant": label, "options": options, "N": n, "k": k, "num_target": num_target}
+        for T in REAL_TS:
+            h = head_share(base.hidden, base.layers, base.intermediate, base.hidden, base.vocab_size, T)
+            shape = StepShape.of(FTWConfig(budget=k, **options), n, num_target, T, base.layers, h)
+            row[f"T{T}"] = step_flops(shape)
+        rows.append(row)
+    return rows
+
+
+def real_text_markdown(rows: list[dict]) -> str:
+    L = [
+        "| real-text variant | options | " + " | ".join(f"T = {T}" for T in REAL_TS) + " |",
+        "|---|---|" + "---|" * len(REAL_TS),
+    ]
+    for r in rows:
+        opts = ", ".join(f"{k}: {v}" for k, v in r["options"].items()) or "(default: one stage)"
+        L.append(f"| {r['variant']} | {opts} | " + " | ".join(f"{r[f'T{T}']:.2f}×" for T in REAL_TS) + " |")
+    return "\n".join(L)
+
+
 def _span(sel: list[dict], key: str, engines: tuple[str, str]) -> tuple[float, float]:
     ratios = [r[key] / r[e] for r in sel for e in engines]
     return min(ratios), max(ratios)
@@ -323,6 +361,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     rows = table()
     flop_rows = flops_table()
+    real_rows = real_text_flops()
     doc = __doc__.split("\n\n")
     md = [
         "# Selector bytes per step vs the engines' own (cost model)",
@@ -346,11 +385,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "",
         flops_markdown(flop_rows),
         "",
+        f"At the real-text grid's step (`real` section of benchmarks/quality_grid.yaml: N = {real_rows[0]['N']}, "
+        f"k = {real_rows[0]['k']}, |V| = {real_rows[0]['num_target']} target rows, its base model), padded "
+        "pool width T:",
+        "",
+        real_text_markdown(real_rows),
+        "",
     ]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cost_model.md").write_text("\n".join(md))
-    (out / "cost_model.json").write_text(json.dumps({"bytes": rows, "flops": flop_rows}, indent=1))
+    (out / "cost_model.json").write_text(
+        json.dumps({"bytes": rows, "flops": flop_rows, "real_text_flops": real_rows}, indent=1)
+    )
     print("\n".join(md))
     return rows
 

@@ -75,3 +75,22 @@ def test_head_stage_cost_moves_nothing_on_one_process():
     assert one.bytes == 0 and two.bytes >= 2 * 32 * 16 * 4  # M and P gathered whole
     assert kept.bytes - two.bytes == 4 * 4 * (16 + 32) * 4  # + the survivors' head factors
     assert two.flops < one.flops  # the pool's forward is split over the ranks
+
+
+def test_real_text_step_prices_the_grid_file_variants():
+    """benchmarks/cost_model.py's real-text table reads the grid file: every FTW variant of ``real.variants``
+    priced, the one-stage step (3r + 3v + 1)/3 from the grid's own N, k, |V|, and a window cheaper where the pool
+    is wider."""
+    from benchmarks.cost_model import REAL_GRID_FILE, REAL_TS, real_text_flops
+    from benchmarks.quality_real import load_real_grid
+
+    grid = load_real_grid(REAL_GRID_FILE)
+    rows = {r["variant"]: r for r in real_text_flops()}
+    assert set(rows) == {"ftw"} | {lab for lab, (m, _) in grid.variants.items() if m == "ftw"}
+    k = grid.cells[0].budget
+    r, v = grid.settings.pool / k, grid.settings.num_target / k
+    for T in REAL_TS:
+        assert rows["ftw"][f"T{T}"] == pytest.approx((3 * r + 3 * v + 1) / 3)
+    windowed = [lab for lab, (_, opts) in grid.variants.items() if opts.get("prefilter_window")]
+    for lab in windowed:
+        assert rows[lab][f"T{REAL_TS[-1]}"] < rows[lab][f"T{REAL_TS[0]}"]
