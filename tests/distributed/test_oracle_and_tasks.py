@@ -143,3 +143,7 @@ def test_grid_statistics_gap_closed_validity_and_ci():
     bad = cell_summary("c", noisy)
     assert not bad["valid"] and bad["methods"]["oracle"]["gap_closed"] is None
     assert overall([s, bad])["x"] == {"mean_gap_closed": pytest.approx(0.5), "valid_cells": 1, "beats_random_cells": 1}
+    # a grid cut short: random and the oracle on 4 seeds, y on seed 3 only — its gap is seed 3's, paired
+    short = cell_summary("c", runs + [r("y", 3, 1.53)])
+    y = short["methods"]["y"]
+    assert y["gap_seeds"] == [3] and y["gap_closed"] == pytest.approx(0.5) and not y["beats_random"]
