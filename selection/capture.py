@@ -165,6 +165,102 @@ def stack_batches(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.
     }
 
 
+def row_extents(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """[n]: each row's extent, one past its last attended or labelled position (0 for an empty row).
+    Columns at or beyond a row's extent are padding it never reads: a pass may drop them."""
+    mask, labels = batch["attention_mask"], batch["labels"]
+    used = (mask != 0) | (labels != -100)
+    T = used.shape[1]
+    last = torch.where(used, torch.arange(1, T + 1, device=used.device), 0)
+    return last.max(1).values.cpu() if T else torch.zeros(used.shape[0], dtype=torch.int64)
+
+
+@dataclass
+class Chunk:
+    """One capture pass: ``rows`` [c] of the batch (in pass order) and the ``width`` the pass keeps."""
+
+    rows: torch.Tensor
+    width: int
+
+
+def plan_chunks(
+    batch: Mapping[str, torch.Tensor],
+    chunk_size: int | None = None,
+    chunk_tokens: int | None = None,
+    passes: int | None = None,
+) -> list[Chunk]:
+    """The capture's passes over ``batch``.
+
+    - neither: one pass over every row at the padded width;
+    - ``chunk_size`` s: rows in order, s per pass, at the padded width;
+    - ``chunk_tokens`` t: rows sorted by extent (:func:`row_extents`, longest first), packed greedily so that
+      a pass's rows × its longest extent stays ≤ t (a row longer than t gets a pass alone); each pass is cut
+      to its own longest row, so a pool of mixed lengths pays for its tokens, not for its longest row n times.
+
+    ``passes``: at least this many (every rank of a sharded engine must run the same number of forwards:
+    :func:`capture_factors` agrees it); the longest passes are split, rows that are left over make none."""
+    n = int(batch["input_ids"].shape[0])
+    width = int(batch["input_ids"].shape[1])
+    if chunk_tokens is not None:
+        ext = row_extents(batch)
+        order = torch.argsort(ext, descending=True, stable=True)
+        chunks: list[list[int]] = []
+        for r in order.tolist():
+            if chunks and (len(chunks[-1]) + 1) * max(int(ext[chunks[-1][0]]), 1) <= chunk_tokens:
+                chunks[-1].append(r)
+            else:
+                chunks.append([r])
+        plan = [Chunk(torch.tensor(c, dtype=torch.int64), max(1, int(ext[c[0]]))) for c in chunks]
+    else:
+        step = n if not chunk_size else max(1, int(chunk_size))
+        plan = [Chunk(torch.arange(s, min(s + step, n)), width) for s in range(0, n, step)] if n else []
+    while passes is not None and len(plan) < passes and any(c.rows.numel() > 1 for c in plan):
+        big = max(range(len(plan)), key=lambda i: (plan[i].rows.numel() > 1, plan[i].rows.numel() * plan[i].width))
+        c = plan.pop(big)
+        half = (c.rows.numel() + 1) // 2
+        plan[big:big] = [Chunk(c.rows[:half], c.width), Chunk(c.rows[half:], c.width)]
+    return plan
+
+
+def agreed_plan(
+    model: nn.Module, batch: Mapping[str, torch.Tensor], chunk_size: int | None, chunk_tokens: int | None
+) -> tuple[list[Chunk], int]:
+    """(:func:`plan_chunks`' passes, the idle passes to run after them). Under an engine whose forward runs
+    collectives (ZeRO-3's gathers, FSDP2's unshards) a chunked capture's pass count is agreed by one all-reduce
+    (the largest rank's): a rank with fewer splits its longest passes, and runs idle passes when it has too
+    few rows. Everywhere else the local plan, nothing idle."""
+    plan = plan_chunks(batch, chunk_size, chunk_tokens)
+    chunked = bool(chunk_size) or chunk_tokens is not None
+    if not (chunked and distributed.is_distributed() and model_view_for(model).collective_forward):
+        return plan, 0
+    agreed = int(distributed.all_reduce_max(torch.tensor([len(plan)], dtype=torch.int64))[0])
+    if agreed > len(plan):
+        plan = plan_chunks(batch, chunk_size, chunk_tokens, passes=agreed)
+    return plan, agreed - len(plan)
+
+
+def chunk_batch(
+    batch: Mapping[str, torch.Tensor], chunk: Chunk, keys: Sequence[str], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """The pass's rows of ``batch`` cut to its width, on ``device`` (a view where the rows are a range)."""
+    rows = chunk.rows
+    n = int(rows.numel())
+    if n and int(rows[-1] - rows[0]) == n - 1 and bool((rows.diff() == 1).all()):
+        start = int(rows[0])
+        return {k: batch[k][start : start + n, : chunk.width].to(device) for k in keys}
+    return {k: batch[k][rows.to(batch[k].device), : chunk.width].to(device) for k in keys}
+
+
+def idle_pass_batch(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """One row of one attended pad token and no label: a forward that keeps a rank in step and adds nothing."""
+    ids = batch["input_ids"]
+    return {
+        "input_ids": torch.zeros(1, 1, dtype=ids.dtype, device=device),
+        "attention_mask": torch.ones(1, 1, dtype=batch["attention_mask"].dtype, device=device),
+        "labels": torch.full((1, 1), -100, dtype=batch["labels"].dtype, device=device),
+    }
+
+
 def capture_factors(
     model: nn.Module,
     batch: Mapping[str, torch.Tensor],
@@ -172,41 +268,66 @@ def capture_factors(
     chunk_size: int | None = None,
     pool_pass: PoolPass | None = None,
     leaves: list[Leaf] | None = None,
+    chunk_tokens: int | None = None,
 ) -> Factors:
-    """(A, Δ) of every covered layer for every sample of ``batch`` (see :class:`Factors`).
+    """(A, Δ) of every covered layer for every sample of ``batch`` (see :class:`Factors`), rows in the batch's order.
 
-    batch: input_ids / attention_mask / labels [n, T]. chunk_size: samples per forward/backward
-    (None: all at once). Parameter ``.grad`` is left untouched; the model's train/eval mode too.
-    pool_pass + leaves (selection/single_pass.py): the same backward also records every leaf's
-    (input, output gradient) into ``pool_pass``, from which the training gradient follows.
+    batch: input_ids / attention_mask / labels [n, T]. chunk_size / chunk_tokens: the passes
+    (:func:`plan_chunks`; None: all at once). Under a sharded engine every rank runs the same number of passes
+    (agreed; a rank short of rows runs label-free one-token passes). Parameter ``.grad`` is left untouched; the
+    model's train/eval mode too. pool_pass + leaves (selection/single_pass.py): the same backward also records
+    every leaf's (input, output gradient) into ``pool_pass``, from which the training gradient follows.
     """
     n = int(batch["input_ids"].shape[0])
-    step = n if not chunk_size else max(1, int(chunk_size))
     device = layers[0].param.device  # pools arrive on the CPU from the dataloader
+    plan, idle = agreed_plan(model, batch, chunk_size, chunk_tokens)
+    keys = ("input_ids", "attention_mask", "labels")
     parts = [
-        _capture_chunk(
-            model,
-            {k: batch[k][s : s + step].to(device) for k in ("input_ids", "attention_mask", "labels")},
-            layers,
-            pool_pass,
-            leaves,
-            s,
-        )
-        for s in range(0, n, step)
+        _capture_chunk(model, chunk_batch(batch, c, keys, device), layers, pool_pass, leaves, c.rows) for c in plan
     ]
+    for _ in range(idle):
+        _capture_chunk(
+            model, idle_pass_batch(batch, device), layers, pool_pass, leaves, torch.zeros(0, dtype=torch.int64)
+        )
+    if not parts:  # no rows: empty factors, no forward of its own (a sharded rank ran its agreed idle passes)
+        dtype = layers[0].param.dtype
+        empty = Factors(
+            [torch.zeros(0, 1, layer.d_in, dtype=dtype, device=device) for layer in layers],
+            [torch.zeros(0, 1, layer.d_out, dtype=dtype, device=device) for layer in layers],
+            torch.zeros(0, device=device),
+            torch.zeros(0, dtype=torch.int64),
+        )
+        if pool_pass is not None:
+            pool_pass.loss, pool_pass.tokens = empty.loss.float(), empty.tokens
+        return empty
     if pool_pass is not None:
-        pool_pass.loss = torch.cat([p.loss for p in parts]).float()
-        pool_pass.tokens = torch.cat([p.tokens for p in parts])
-    if len(parts) == 1:
+        pool_pass.loss = scatter_rows([p.loss for p in parts], plan, n).float()
+        pool_pass.tokens = scatter_rows([p.tokens for p in parts], plan, n)
+    in_order = len(parts) == 1 and torch.equal(plan[0].rows, torch.arange(n))
+    if in_order:
         return parts[0]
-    width = [max(p.A[l].shape[1] for p in parts) for l in range(len(layers))]
-    pad = lambda t, w: F.pad(t, (0, 0, 0, w - t.shape[1]))  # noqa: E731
     return Factors(
-        A=[torch.cat([pad(p.A[l], width[l]) for p in parts]) for l in range(len(layers))],
-        D=[torch.cat([pad(p.D[l], width[l]) for p in parts]) for l in range(len(layers))],
-        loss=torch.cat([p.loss for p in parts]),
-        tokens=torch.cat([p.tokens for p in parts]),
+        A=[scatter_rows([p.A[l] for p in parts], plan, n) for l in range(len(layers))],
+        D=[scatter_rows([p.D[l] for p in parts], plan, n) for l in range(len(layers))],
+        loss=scatter_rows([p.loss for p in parts], plan, n),
+        tokens=scatter_rows([p.tokens for p in parts], plan, n),
     )
+
+
+def scatter_rows(parts: list[torch.Tensor], plan: list[Chunk], n: int) -> torch.Tensor:
+    """The passes' [c, ...] tensors as one [n, ...] in the batch's row order, dim 1 zero-padded to the widest."""
+    ref = parts[0]
+    tail = list(ref.shape[1:])
+    if ref.dim() >= 2:
+        tail[0] = max(int(p.shape[1]) for p in parts)
+    out = ref.new_zeros((n, *tail))
+    for p, c in zip(parts, plan):
+        rows = c.rows.to(out.device)
+        if p.dim() >= 2:
+            out[rows, : p.shape[1]] = p
+        else:
+            out[rows] = p
+    return out
 
 
 def _capture_chunk(
@@ -215,8 +336,11 @@ def _capture_chunk(
     layers: list[CoveredLayer],
     pool_pass: PoolPass | None = None,
     leaves: list[Leaf] | None = None,
-    offset: int = 0,
+    rows: torch.Tensor | None = None,
 ) -> Factors:
+    """One pass; ``rows`` [c]: the batch rows this pass's rows are (for the single pass's leaf calls)."""
+    if rows is None:
+        rows = torch.arange(int(batch["input_ids"].shape[0]))
     mask = batch["attention_mask"]
     recorder = _Recorder(layers)
     leaf_recorder = _Recorder(leaves) if pool_pass is not None and leaves else None
@@ -240,7 +364,7 @@ def _capture_chunk(
             for inp, out in calls:
                 grad = next(leaf_grads)
                 pool_pass.calls.append(
-                    LeafCall(leaf, inp, torch.zeros_like(out) if grad is None else grad.detach(), offset)
+                    LeafCall(leaf, inp, torch.zeros_like(out) if grad is None else grad.detach(), rows)
                 )
         grads = grads[: len(outputs)]
     A: list[torch.Tensor] = []

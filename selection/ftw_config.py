@@ -50,9 +50,9 @@ class FTWConfig:
     sketch_dim_in: int = 32  #: k_i, the input-side dimension of the sketch backend
     #: samples per capture forward/backward (null: the whole pool in one pass)
     capture_chunk_size: int | None = None
-    #: instead of capture_chunk_size: at most this many token positions (samples × padded T) per
-    #: forward/backward, so memory stays bounded whatever T is and short sequences are not split into
-    #: needlessly small passes
+    #: instead of capture_chunk_size: at most this many token positions (samples × the pass's longest row)
+    #: per forward/backward; rows are sorted by length and each pass is cut to its own longest row, so
+    #: memory stays bounded whatever T is and a pool of mixed lengths pays for its tokens, not its padding
     capture_chunk_tokens: int | None = None
     #: bound (elements) on the temporaries of the Gram kernels, and on T² for auto's ghost choice
     max_temp_elems: int = 1 << 24
@@ -205,12 +205,6 @@ class FTWConfig:
                 raise bad(name, f"must be >= 1 or null, got {getattr(self, name)}")
         if self.capture_chunk_size is not None and self.capture_chunk_tokens is not None:
             raise bad("capture_chunk_tokens", "set capture_chunk_size or capture_chunk_tokens, not both")
-
-    def capture_chunk(self, width: int) -> int | None:
-        """Samples per capture forward/backward for a batch padded to ``width`` tokens (None: all)."""
-        if self.capture_chunk_tokens is not None:
-            return max(1, self.capture_chunk_tokens // max(int(width), 1))
-        return self.capture_chunk_size
 
     def weight_cap(self, k: int) -> float | None:
         """The cap on each weight: w_max and 1/(ess_fraction·k), whichever is tighter (None: no cap)."""

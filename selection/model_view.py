@@ -38,6 +38,9 @@ class ModelView:
     caller needs only the other). Engines subclass it."""
 
     name = "plain"
+    #: whether the model's forward runs collectives (ZeRO-3's parameter gathers, FSDP2's unshards): then every
+    #: rank must run the same number of forwards, and a selector's passes are agreed across ranks
+    collective_forward = False
 
     def __init__(self, model: nn.Module | None = None, optimizer: Any = None):
         self.model = model

@@ -88,13 +88,13 @@ def single_pass_leaves(model: nn.Module, view: ModelView | None = None) -> tuple
 
 @dataclass
 class LeafCall:
-    """One call of a leaf in the capture forward: its input [n, ...] and output gradient [n, ...]
-    (detached; row r is sample r of the captured chunk starting at ``offset``)."""
+    """One call of a leaf in the capture forward: its input [c, ...] and output gradient [c, ...]
+    (detached; row j is pass row ``rows[j]``: a pass may hold any rows, e.g. length-sorted ones)."""
 
     leaf: Leaf
     inputs: torch.Tensor
     grad_out: torch.Tensor
-    offset: int
+    rows: torch.Tensor
 
 
 @dataclass
@@ -125,12 +125,12 @@ class PoolPass:
         self, call: LeafCall, rows: torch.Tensor, weights: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(inputs, weight-scaled output gradients) of the chosen rows inside this call's chunk."""
-        n = call.inputs.shape[0]
         rows, weights = rows.cpu(), weights.cpu()
-        inside = (rows >= call.offset) & (rows < call.offset + n)
+        match = rows[:, None] == call.rows.cpu()[None, :]  # [s, c]: chosen row i is the call's row j
+        inside = match.any(1)
         if not bool(inside.any()):
             return None
-        local = (rows[inside] - call.offset).to(call.inputs.device)
+        local = match[inside].to(torch.int64).argmax(1).to(call.inputs.device)
         w = weights[inside].to(call.grad_out.device, call.grad_out.dtype)
         scaled = call.grad_out[local] * w.view(-1, *([1] * (call.grad_out.dim() - 1)))
         return call.inputs[local], scaled

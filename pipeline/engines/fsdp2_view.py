@@ -125,6 +125,8 @@ class FSDP2View(ModelView):
     leaves the root unsharded after a forward without backward, so ``module.weight`` would not be the
     DTensor the optimizer holds) and after the selector's passes, dropping any gradient."""
 
+    collective_forward = True
+
     name = "fsdp2"
 
     def prepare(self) -> None:

@@ -182,6 +182,8 @@ class ZeRO3View(ModelView):
     """ZeRO-3: full shapes from ``ds_shape``; after the selector's passes, the optimizer's zero_grad
     (it resets ZeRO-3's micro-step counter, so the next backward overwrites its partition buffers)."""
 
+    collective_forward = True
+
     name = "zero3"
 
     def full_shape(self, param: torch.Tensor) -> Sequence[int]:

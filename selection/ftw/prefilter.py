@@ -25,6 +25,7 @@ from typing import cast
 import torch
 from torch import nn
 
+from optsel.selection.capture import agreed_plan, chunk_batch, idle_pass_batch
 from optsel.selection.layers import CoveredLayer
 from optsel.selection.model_view import ModelView
 
@@ -128,21 +129,33 @@ def early_exit(model: nn.Module, depth: int | None) -> Iterator[None]:
 
 @dataclass
 class HeadFactors:
-    """One chunk's head factors: H [c, W, d] inputs, D [c, W, V] output gradients δ (0 off labels),
-    tokens [c] labelled counts."""
+    """One pass's head factors: H [c, W, d] inputs, D [c, W, V] output gradients δ (0 off labels),
+    tokens [c] labelled counts, rows [c] the batch rows they are."""
 
     H: torch.Tensor
     D: torch.Tensor
     tokens: torch.Tensor
+    rows: torch.Tensor
 
 
 class HeadScorer:
     """Forward-only output-layer factors of a batch (module docstring). ``window``: W tokens per
-    sample or None; ``chunk``: samples per forward given the padded width (None: all); ``depth``: the
-    decoder blocks the forward runs before the head (:func:`early_exit`; None: all)."""
+    sample or None; ``chunk_size`` / ``chunk_tokens``: the passes, as the capture's
+    (selection/capture.py ``plan_chunks``: length-sorted, each cut to its longest row, under a token budget;
+    agreed across the ranks of a sharded engine); ``depth``: the decoder blocks the forward runs before the
+    head (:func:`early_exit`; None: all)."""
 
-    def __init__(self, model: nn.Module, head: CoveredLayer, window: int | None, chunk, depth: int | None = None):
-        self.model, self.head, self.window, self.chunk, self.depth = model, head, window, chunk, depth
+    def __init__(
+        self,
+        model: nn.Module,
+        head: CoveredLayer,
+        window: int | None,
+        chunk_size: int | None = None,
+        chunk_tokens: int | None = None,
+        depth: int | None = None,
+    ):
+        self.model, self.head, self.window, self.depth = model, head, window, depth
+        self.chunk_size, self.chunk_tokens = chunk_size, chunk_tokens
         if depth is not None:
             with early_exit(model, depth):  # fail at construction: no block stack, or too few blocks
                 pass
@@ -151,11 +164,15 @@ class HeadScorer:
     def chunks(self, batch: Mapping[str, torch.Tensor], dtype: torch.dtype) -> Iterator[HeadFactors]:
         device = self.head.param.device
         scored, pos = scoring_window(batch, self.window)
-        n, width = scored["input_ids"].shape
-        step = self.chunk(width) or n
-        for s in range(0, n, max(1, step)):
-            part = {k: v[s : s + step].to(device) for k, v in scored.items()}
-            yield self._factors(part, None if pos is None else pos[s : s + step].to(device), dtype)
+        plan, idle = agreed_plan(self.model, scored, self.chunk_size, self.chunk_tokens)
+        keys = ("input_ids", "attention_mask", "labels")
+        for c in plan:
+            part = chunk_batch(scored, c, keys, device)
+            where = None if pos is None else pos[c.rows.to(pos.device), : c.width].to(device)
+            f = self._factors(part, where, dtype)
+            yield HeadFactors(f.H, f.D, f.tokens, c.rows)
+        for _ in range(idle):  # a sharded engine's ranks run the same number of forwards
+            self._factors(idle_pass_batch(scored, device), None, dtype)
 
     def _factors(self, part: dict[str, torch.Tensor], pos: torch.Tensor | None, dtype: torch.dtype) -> HeadFactors:
         seen: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -183,7 +200,7 @@ class HeadScorer:
         )  # − e_y at labelled positions
         delta = delta * (valid.to(dtype) / tokens.clamp(min=1).to(dtype)[:, None])[..., None]
         D = torch.cat([delta, delta.new_zeros(delta.shape[0], 1, delta.shape[2])], dim=1)
-        return HeadFactors(h.to(dtype), D, tokens.cpu())
+        return HeadFactors(h.to(dtype), D, tokens.cpu(), torch.arange(int(tokens.shape[0])))
 
     def target_gradient(self, batch: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """G_V of the head, [V, d]: the mean over the batch's samples of Δ_iᵀ H_i."""

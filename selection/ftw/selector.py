@@ -372,12 +372,12 @@ class FilterThenWeight(Selector):
         cfg, layers = self.config, self.coverage.layers
         if target is None:
             return capture_factors(
-                self.model, pool, layers, cfg.capture_chunk(pool["input_ids"].shape[1]), self._pool_pass, self.leaves
+                self.model, pool, layers, cfg.capture_chunk_size, self._pool_pass, self.leaves, cfg.capture_chunk_tokens
             ), None
         n = int(pool["input_ids"].shape[0])
         joint = stack_batches(pool, target)
         both = capture_factors(
-            self.model, joint, layers, cfg.capture_chunk(joint["input_ids"].shape[1]), self._pool_pass, self.leaves
+            self.model, joint, layers, cfg.capture_chunk_size, self._pool_pass, self.leaves, cfg.capture_chunk_tokens
         )
         return both.rows(0, n), both.rows(n, both.num_samples)
 
@@ -390,8 +390,9 @@ class FilterThenWeight(Selector):
         if joint is not None:
             return joint
         batch = gather_batch(target, self.comm) if whole else target
+        cfg = self.config
         return capture_factors(
-            self.model, batch, self.coverage.layers, self.config.capture_chunk(batch["input_ids"].shape[1])
+            self.model, batch, self.coverage.layers, cfg.capture_chunk_size, chunk_tokens=cfg.capture_chunk_tokens
         )
 
     def backend(self, layer: CoveredLayer, T: int, n: int, m: int) -> str:

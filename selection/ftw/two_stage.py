@@ -21,7 +21,7 @@ from optsel import distributed
 from optsel.selection import gram as gram_ops
 from optsel.selection.alignment import target_direction
 from optsel.selection.base import Batch, Selection, split_local
-from optsel.selection.capture import Factors, gather_factors
+from optsel.selection.capture import Chunk, Factors, gather_factors, scatter_rows
 from optsel.selection.ftw.context import Coefficients, require_target
 from optsel.selection.ftw.filter import filter_candidates, utility
 from optsel.selection.ftw.gathering import full_matrix, gather_batch
@@ -74,7 +74,12 @@ class HeadPrefilter:
         except KeyError as err:
             raise ValueError(f"optimizer: the output layer {self.head.name} is not in its param_groups") from err
         self.scorer = HeadScorer(
-            model, self.head, config.prefilter_window, config.capture_chunk, config.prefilter_depth
+            model,
+            self.head,
+            config.prefilter_window,
+            config.capture_chunk_size,
+            config.capture_chunk_tokens,
+            config.prefilter_depth,
         )
         self.covered_index = next((i for i, layer in enumerate(covered) if layer.param is self.head.param), None)
 
@@ -120,18 +125,14 @@ class HeadPrefilter:
             P = full_matrix(self.reader, head, geom.blocks, [blk.precond for blk in geom.blocks], dtype, dtype, comm)
         with phase(timings, comm, "stage1"):
             whole = LayerBlock(slice(0, head.d_out), slice(0, head.d_in), P, None)
-            b_parts, diag_parts, kept = [], [], []
+            n_local = int(pool["input_ids"].shape[0])
+            local = torch.zeros(n_local, 2, dtype=torch.float64, device=device)  # (b, diag K) per pool row
+            kept = []
             for f in self.scorer.chunks(pool, dtype):
                 b, diag = gram_ops.exact_alignment_and_diag_partial(f.H, f.D, M, whole, cfg.max_temp_elems)
-                b_parts.append(b.double())
-                diag_parts.append(diag.double())
+                local[f.rows.to(device)] = torch.stack([b.double(), diag.double()], dim=1)
                 if keep:
                     kept.append(f)
-            local = (
-                torch.stack([torch.cat(b_parts), torch.cat(diag_parts)], dim=1)
-                if b_parts
-                else torch.zeros(0, 2, dtype=torch.float64, device=device)
-            )
             both = distributed.all_gather_cat(local, comm) if distributed.is_distributed() else local
             b_all, diag_all = both[:, 0].cpu(), both[:, 1].cpu()
             u = utility(b_all, diag_all, tau / k if cfg.filter_curvature == "batch" else tau)
@@ -139,11 +140,13 @@ class HeadPrefilter:
             survivors = filter_candidates(u, m, m).filtered.sort().values.to(torch.int64)
         factors = None
         if keep and kept:
+            plan = [Chunk(f.rows, int(f.H.shape[1])) for f in kept]
+            n_kept = sum(int(f.rows.numel()) for f in kept)
             factors = Factors(
-                [torch.cat([f.H for f in kept])],
-                [torch.cat([f.D for f in kept])],
-                torch.zeros(sum(int(f.tokens.numel()) for f in kept), dtype=dtype),
-                torch.cat([f.tokens for f in kept]),
+                [scatter_rows([f.H for f in kept], plan, n_kept)],
+                [scatter_rows([f.D for f in kept], plan, n_kept)],
+                torch.zeros(n_kept, dtype=dtype),
+                scatter_rows([f.tokens for f in kept], plan, n_kept),
             )
         return Stage1(survivors, b_all, u, reused, diag_all, (rho, tau, opt_step), geom, factors, P)
 

@@ -88,6 +88,28 @@ def target_batch():
     return make_batch(N_TARGET, 8, seed=8)
 
 
+CHUNK_TOKENS = 12  # token positions per capture pass: length-sorted passes, each cut to its longest row
+
+
+def uneven_pool() -> dict[str, torch.Tensor]:
+    """The pool with rank 1's half cut to 3 tokens: under ``CHUNK_TOKENS`` the ranks' length-sorted plans
+    differ in pass count, so a sharded engine's ranks must agree one (or hang in their gathers)."""
+    b = pool_batch()
+    cut = (torch.arange(N_POOL)[:, None] >= N_POOL // 2) & (torch.arange(b["input_ids"].shape[1])[None] >= 3)
+    return {
+        "input_ids": b["input_ids"].masked_fill(cut, 0),
+        "attention_mask": b["attention_mask"].masked_fill(cut, 0),
+        "labels": b["labels"].masked_fill(cut, -100),
+    }
+
+
+def chunked_configs() -> dict[str, FTWConfig]:
+    return {
+        "one_stage": dataclasses.replace(ftw_config("exact+direction"), capture_chunk_tokens=CHUNK_TOKENS),
+        "two_stage": dataclasses.replace(TWO_STAGE, capture_chunk_tokens=CHUNK_TOKENS),
+    }
+
+
 def _sel_fields(sel) -> dict:
     out = {f: getattr(sel, f).clone() for f in FIELDS}
     out["covered"] = list(sel.covered)
@@ -282,6 +304,19 @@ def _body(rank: int, world: int, engine_name: str, ds_config_path: str) -> dict:
     # the early exit: stage 1 runs no decoder block (a skipped block's shards are never gathered)
     early = dataclasses.replace(TWO_STAGE, prefilter_depth=0)
     out["two_stage_depth"] = _sel_fields(FilterThenWeight(model, opt, early).select(pool, target))
+    # length-sorted capture passes under a token budget on a pool whose halves differ in length: the ranks
+    # plan different pass counts and must run the same number of forwards (agreed), or the engine's gathers hang
+    forwards: list[int] = []
+    hook = model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    out["chunked"] = {}
+    try:
+        for name, cfg in chunked_configs().items():
+            out["chunked"][name] = _sel_fields(
+                FilterThenWeight(model, opt, cfg).select(half(uneven_pool(), rank, world), target)
+            )
+    finally:
+        hook.remove()
+    out["forwards"] = len(forwards)
     engine.close() if hasattr(engine, "close") else None
     return out
 
@@ -290,7 +325,7 @@ def _body(rank: int, world: int, engine_name: str, ds_config_path: str) -> dict:
 
 
 def _reference(
-    state: dict, gram: str, dtype=torch.float32, config: FTWConfig | None = None
+    state: dict, gram: str, dtype=torch.float32, config: FTWConfig | None = None, pool: dict | None = None
 ) -> tuple[dict, torch.nn.Module, torch.optim.Optimizer]:
     model = odd_llama()
     model.load_state_dict(state["weights"])
@@ -303,7 +338,9 @@ def _reference(
             "exp_avg": m.to(dtype).clone(),
             "exp_avg_sq": v.to(dtype).clone(),
         }
-    sel = FilterThenWeight(model, opt, config or ftw_config(gram)).select(pool_batch(), target_batch())
+    sel = FilterThenWeight(model, opt, config or ftw_config(gram)).select(
+        pool if pool is not None else pool_batch(), target_batch()
+    )
     return _sel_fields(sel), model, opt
 
 
@@ -539,12 +576,27 @@ def test_make_state_reader_picks_plain_and_rejects_zero12():
         make_state_reader(DeepSpeedZeroOptimizer(), "adam")
 
 
+def _check_chunked(results: list[dict]) -> None:
+    """Length-sorted capture passes: the ranks planned different pass counts, ran the same number of forwards,
+    and select what one process selects on the whole pool."""
+    from optsel.selection.capture import plan_chunks
+
+    counts = [len(plan_chunks(half(uneven_pool(), r, 2), chunk_tokens=CHUNK_TOKENS)) for r in range(2)]
+    assert counts[0] != counts[1], counts  # the agreement is exercised
+    assert results[0]["forwards"] == results[1]["forwards"] > 0
+    for name, cfg in chunked_configs().items():
+        ref, _, _ = _reference(results[0]["state_after"], "exact", config=cfg, pool=uneven_pool())
+        for rank, res in enumerate(results):
+            _assert_same(res["chunked"][name], ref, f"chunked {name} rank {rank}")
+
+
 @pytest.mark.distributed
 def test_ftw_fsdp2_two_ranks_equals_one():
     results = run_distributed(_body, 2, args=("fsdp2", ""), init="fsdp2", timeout_s=300)
     _check(results, "fsdp2")
     _check_bruteforce(results)
     _check_two_stage(results)
+    _check_chunked(results)
 
 
 @pytest.mark.distributed
@@ -557,5 +609,6 @@ def test_ftw_zero3_two_ranks_equals_one(tmp_path):
     _check(results, "deepspeed")
     _check_bruteforce(results)
     _check_two_stage(results)
+    _check_chunked(results)
     # the ZeRO-3 model really shards, unevenly, with padding (gate_proj: 45·27 = 1215 elements)
     assert any(rec["numel"] == 1215 for rec in results[0]["reads"])

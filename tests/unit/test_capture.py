@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optsel.selection.capture import capture_factors, find_covered_layers
+from optsel.selection.capture import capture_factors, find_covered_layers, plan_chunks, row_extents
+from optsel.selection.single_pass import PoolPass, single_pass_leaves
 
 from support.bruteforce import make_batch, per_sample_grads, tiny_gpt2, tiny_llama, tiny_lora_llama
 
 
-def _max_rel_err(model, batch, chunk=None) -> float:
+def _max_rel_err(model, batch, chunk=None, tokens=None) -> float:
     cov = find_covered_layers(model)
-    factors = capture_factors(model, batch, cov.layers, chunk_size=chunk)
+    factors = capture_factors(model, batch, cov.layers, chunk_size=chunk, chunk_tokens=tokens)
     ref = per_sample_grads(model, batch, cov.names)
     worst = 0.0
     for l, layer in enumerate(cov.layers):
@@ -42,6 +43,40 @@ def test_chunked_capture_matches_and_loss_is_per_sample():
         one = {k: v[i : i + 1, : int(batch["attention_mask"][i].sum())] for k, v in batch.items()}
         alone = capture_factors(model, one, cov.layers)
         torch.testing.assert_close(whole.loss[i : i + 1], alone.loss, rtol=1e-7, atol=0)
+
+
+def test_length_sorted_passes_pay_for_tokens_and_stay_exact():
+    """chunk_tokens t: rows sorted by length, each pass cut to its longest row and holding ≤ t token positions;
+    every sample's Δᵀ A is still its own gradient (brute force), and the single pass's training gradient of
+    weighted rows equals the one-pass capture's."""
+    model = tiny_llama()
+    batch = make_batch(9, 16, seed=5, min_len=3)
+    ext = row_extents(batch)
+    assert torch.equal(ext, batch["attention_mask"].sum(1))
+    plan = plan_chunks(batch, chunk_tokens=24)
+    assert sorted(r for c in plan for r in c.rows.tolist()) == list(range(9))
+    for c in plan:
+        assert c.width == int(ext[c.rows].max()) and (c.rows.numel() * c.width <= 24 or c.rows.numel() == 1)
+    assert sum(c.rows.numel() * c.width for c in plan) < 9 * 16  # less padding than one padded pass
+    assert _max_rel_err(model, batch, tokens=24) < 1e-6
+    # more passes on demand (a sharded engine's agreed count): the longest split, every row once
+    more = plan_chunks(batch, chunk_tokens=24, passes=len(plan) + 3)
+    assert len(more) == len(plan) + 3 and sorted(r for c in more for r in c.rows.tolist()) == list(range(9))
+
+    cov = find_covered_layers(model)
+    leaves, why = single_pass_leaves(model)
+    assert not why
+    passes = {}
+    for name, tokens in (("one", None), ("sorted", 24)):
+        pool_pass = PoolPass()
+        f = capture_factors(model, batch, cov.layers, pool_pass=pool_pass, leaves=leaves, chunk_tokens=tokens)
+        rows, w = torch.tensor([7, 0, 4]), torch.tensor([0.5, 0.2, 0.3], dtype=torch.float64)
+        passes[name] = (f, pool_pass.local_grads(rows, w), pool_pass.loss)
+    (one, g1, l1), (srt, g2, l2) = passes["one"], passes["sorted"]
+    torch.testing.assert_close(l1, l2, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(one.tokens, srt.tokens)
+    for p, g in g1.items():
+        torch.testing.assert_close(g2[p], g, rtol=1e-6, atol=1e-9)
 
 
 def test_coverage_of_conv1d_lora_and_tied_weights():

@@ -190,16 +190,13 @@ def test_two_ranks_select_what_one_rank_selects(tmp_path):
 
 
 def test_capture_chunk_tokens_bounds_tokens_per_pass_and_selects_the_same(trained):
-    """capture_chunk_tokens t: ⌊t / padded T⌋ samples per capture pass (at least 1), and the selection
-    equals the unchunked one (the capture is per sample) — single pass, joint target."""
+    """capture_chunk_tokens t: passes of length-sorted rows, each cut to its longest row and holding at most t
+    token positions (a row longer than t alone), and the selection equals the unchunked one (the capture is per
+    sample) — single pass, joint target."""
     model, opt, pool, target = trained
-    assert FTWConfig(budget=2, capture_chunk_tokens=20).capture_chunk(9) == 2
-    assert FTWConfig(budget=2, capture_chunk_tokens=5).capture_chunk(9) == 1
-    assert FTWConfig(budget=2, capture_chunk_size=3).capture_chunk(4096) == 3
-    assert FTWConfig(budget=2).capture_chunk(9) is None
     calls = []
     handle = model.register_forward_pre_hook(
-        lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+        lambda module, args, kwargs: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
     )
     try:
         chunked = FilterThenWeight(model, opt, FTWConfig(budget=3, gram="exact", capture_chunk_tokens=27)).select(
@@ -208,7 +205,11 @@ def test_capture_chunk_tokens_bounds_tokens_per_pass_and_selects_the_same(traine
     finally:
         handle.remove()
     whole = FilterThenWeight(model, opt, FTWConfig(budget=3, gram="exact")).select(pool, target)
-    assert calls == [3, 3, 3, 3, 2], calls  # 10 pool + 4 target rows at padded T = 9: 27 // 9 = 3 per pass
+    n = pool["input_ids"].shape[0] + target["input_ids"].shape[0]
+    assert sum(rows for rows, _ in calls) == n, calls  # every pool and target row in exactly one pass
+    assert all(rows * width <= 27 or rows == 1 for rows, width in calls), calls
+    widths = [width for _, width in calls]
+    assert widths == sorted(widths, reverse=True), calls  # longest rows first, each pass cut to its own
     assert torch.equal(chunked.indices, whole.indices)
     torch.testing.assert_close(chunked.alignment, whole.alignment, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(chunked.weights, whole.weights, rtol=1e-6, atol=1e-9)
