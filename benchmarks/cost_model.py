@@ -244,6 +244,11 @@ FLOP_VARIANTS = [
 FLOP_T, FLOP_K, FLOP_RATIOS = 2048, 16, (2, 4, 8)
 
 
+def step_ratio(options: dict, k: int, n: int, num_target: int, T: int, layers: int, h: float) -> float:
+    """``step_flops`` of an FTW step with ``options`` at budget k, pool n, |V| = num_target rows of T tokens."""
+    return step_flops(StepShape.of(FTWConfig(budget=k, **options), n, num_target, T, layers, h))
+
+
 def flops_table(models=MODELS) -> list[dict]:
     """Each variant's step FLOPs / a plain step on k (``step_flops``) per model and N/k."""
     rows = []
@@ -252,9 +257,8 @@ def flops_table(models=MODELS) -> list[dict]:
         for label, options in FLOP_VARIANTS:
             row: dict = {"model": model.name, "variant": label, "head_share": h}
             for ratio in FLOP_RATIOS:
-                cfg = FTWConfig(budget=FLOP_K, **options(FLOP_K, FLOP_T))
-                shape = StepShape.of(cfg, ratio * FLOP_K, FLOP_K, FLOP_T, model.layers, h)
-                row[f"r{ratio}"] = step_flops(shape)
+                opts = options(FLOP_K, FLOP_T)
+                row[f"r{ratio}"] = step_ratio(opts, FLOP_K, ratio * FLOP_K, FLOP_K, FLOP_T, model.layers, h)
             rows.append(row)
     return rows
 
@@ -294,8 +298,7 @@ def real_text_flops(grid_file: Path = REAL_GRID_FILE) -> list[dict]:
         row: dict = {"variant": label, "options": options, "N": n, "k": k, "num_target": num_target}
         for T in REAL_TS:
             h = head_share(base.hidden, base.layers, base.intermediate, base.hidden, base.vocab_size, T)
-            shape = StepShape.of(FTWConfig(budget=k, **options), n, num_target, T, base.layers, h)
-            row[f"T{T}"] = step_flops(shape)
+            row[f"T{T}"] = step_ratio(options, k, n, num_target, T, base.layers, h)
         rows.append(row)
     return rows
 

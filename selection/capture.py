@@ -165,6 +165,10 @@ def stack_batches(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.
     }
 
 
+#: the keys of a batch that a capture pass runs on
+BATCH_KEYS = ("input_ids", "attention_mask", "labels")
+
+
 def row_extents(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """[n]: each row's extent, one past its last attended or labelled position (0 for an empty row).
     Columns at or beyond a row's extent are padding it never reads: a pass may drop them."""
@@ -244,10 +248,9 @@ def chunk_batch(
 ) -> dict[str, torch.Tensor]:
     """The pass's rows of ``batch`` cut to its width, on ``device`` (a view where the rows are a range)."""
     rows = chunk.rows
-    n = int(rows.numel())
-    if n and int(rows[-1] - rows[0]) == n - 1 and bool((rows.diff() == 1).all()):
-        start = int(rows[0])
-        return {k: batch[k][start : start + n, : chunk.width].to(device) for k in keys}
+    if rows.numel() and bool((rows.diff() == 1).all()):
+        start, stop = int(rows[0]), int(rows[-1]) + 1
+        return {k: batch[k][start:stop, : chunk.width].to(device) for k in keys}
     return {k: batch[k][rows.to(batch[k].device), : chunk.width].to(device) for k in keys}
 
 
@@ -281,9 +284,9 @@ def capture_factors(
     n = int(batch["input_ids"].shape[0])
     device = layers[0].param.device  # pools arrive on the CPU from the dataloader
     plan, idle = agreed_plan(model, batch, chunk_size, chunk_tokens)
-    keys = ("input_ids", "attention_mask", "labels")
     parts = [
-        _capture_chunk(model, chunk_batch(batch, c, keys, device), layers, pool_pass, leaves, c.rows) for c in plan
+        _capture_chunk(model, chunk_batch(batch, c, BATCH_KEYS, device), layers, pool_pass, leaves, c.rows)
+        for c in plan
     ]
     for _ in range(idle):
         _capture_chunk(
@@ -300,18 +303,20 @@ def capture_factors(
         if pool_pass is not None:
             pool_pass.loss, pool_pass.tokens = empty.loss.float(), empty.tokens
         return empty
-    if pool_pass is not None:
-        pool_pass.loss = scatter_rows([p.loss for p in parts], plan, n).float()
-        pool_pass.tokens = scatter_rows([p.tokens for p in parts], plan, n)
     in_order = len(parts) == 1 and torch.equal(plan[0].rows, torch.arange(n))
-    if in_order:
-        return parts[0]
-    return Factors(
-        A=[scatter_rows([p.A[l] for p in parts], plan, n) for l in range(len(layers))],
-        D=[scatter_rows([p.D[l] for p in parts], plan, n) for l in range(len(layers))],
-        loss=scatter_rows([p.loss for p in parts], plan, n),
-        tokens=scatter_rows([p.tokens for p in parts], plan, n),
+    out = (
+        parts[0]
+        if in_order
+        else Factors(
+            A=[scatter_rows([p.A[l] for p in parts], plan, n) for l in range(len(layers))],
+            D=[scatter_rows([p.D[l] for p in parts], plan, n) for l in range(len(layers))],
+            loss=scatter_rows([p.loss for p in parts], plan, n),
+            tokens=scatter_rows([p.tokens for p in parts], plan, n),
+        )
     )
+    if pool_pass is not None:
+        pool_pass.loss, pool_pass.tokens = out.loss.float(), out.tokens
+    return out
 
 
 def scatter_rows(parts: list[torch.Tensor], plan: list[Chunk], n: int) -> torch.Tensor:
@@ -334,13 +339,11 @@ def _capture_chunk(
     model: nn.Module,
     batch: Mapping[str, torch.Tensor],
     layers: list[CoveredLayer],
-    pool_pass: PoolPass | None = None,
-    leaves: list[Leaf] | None = None,
-    rows: torch.Tensor | None = None,
+    pool_pass: PoolPass | None,
+    leaves: list[Leaf] | None,
+    rows: torch.Tensor,
 ) -> Factors:
     """One pass; ``rows`` [c]: the batch rows this pass's rows are (for the single pass's leaf calls)."""
-    if rows is None:
-        rows = torch.arange(int(batch["input_ids"].shape[0]))
     mask = batch["attention_mask"]
     recorder = _Recorder(layers)
     leaf_recorder = _Recorder(leaves) if pool_pass is not None and leaves else None

@@ -25,7 +25,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from optsel.selection.capture import agreed_plan, chunk_batch, idle_pass_batch
+from optsel.selection.capture import BATCH_KEYS, agreed_plan, chunk_batch, idle_pass_batch
 from optsel.selection.layers import CoveredLayer
 from optsel.selection.model_view import ModelView
 
@@ -165,16 +165,15 @@ class HeadScorer:
         device = self.head.param.device
         scored, pos = scoring_window(batch, self.window)
         plan, idle = agreed_plan(self.model, scored, self.chunk_size, self.chunk_tokens)
-        keys = ("input_ids", "attention_mask", "labels")
         for c in plan:
-            part = chunk_batch(scored, c, keys, device)
             where = None if pos is None else pos[c.rows.to(pos.device), : c.width].to(device)
-            f = self._factors(part, where, dtype)
-            yield HeadFactors(f.H, f.D, f.tokens, c.rows)
+            yield self._factors(chunk_batch(scored, c, BATCH_KEYS, device), where, dtype, c.rows)
         for _ in range(idle):  # a sharded engine's ranks run the same number of forwards
-            self._factors(idle_pass_batch(scored, device), None, dtype)
+            self._factors(idle_pass_batch(scored, device), None, dtype, torch.zeros(0, dtype=torch.int64))
 
-    def _factors(self, part: dict[str, torch.Tensor], pos: torch.Tensor | None, dtype: torch.dtype) -> HeadFactors:
+    def _factors(
+        self, part: dict[str, torch.Tensor], pos: torch.Tensor | None, dtype: torch.dtype, rows: torch.Tensor
+    ) -> HeadFactors:
         seen: list[tuple[torch.Tensor, torch.Tensor]] = []
         handle = self.head.module.register_forward_hook(lambda mod, inp, out: seen.append((inp[0], out)))
         try:
@@ -200,7 +199,7 @@ class HeadScorer:
         )  # − e_y at labelled positions
         delta = delta * (valid.to(dtype) / tokens.clamp(min=1).to(dtype)[:, None])[..., None]
         D = torch.cat([delta, delta.new_zeros(delta.shape[0], 1, delta.shape[2])], dim=1)
-        return HeadFactors(h.to(dtype), D, tokens.cpu(), torch.arange(int(tokens.shape[0])))
+        return HeadFactors(h.to(dtype), D, tokens.cpu(), rows)
 
     def target_gradient(self, batch: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """G_V of the head, [V, d]: the mean over the batch's samples of Δ_iᵀ H_i."""
