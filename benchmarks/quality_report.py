@@ -225,7 +225,8 @@ def plots(runs: list[RunResult], summaries: list[dict[str, Any]], cell: str, out
             g = s["methods"].get(m, {}).get("gap_closed")
             if g is not None:
                 grid[i, j] = g
-    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(cells), 1.2 + 0.42 * len(methods)))
+    height = max(3.0, 1.2 + 0.42 * len(methods))  # inches; below ~3 the colorbar's label is cut off
+    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(cells), height))
     im = ax.imshow(np.clip(grid, -1.5, 1.5), cmap="RdBu", vmin=-1.5, vmax=1.5, aspect="auto")
     ax.set_xticks(
         range(len(cells)),
