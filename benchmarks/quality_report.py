@@ -243,7 +243,7 @@ def plots(runs: list[RunResult], summaries: list[dict[str, Any]], cell: str, out
     fig.colorbar(im, ax=ax, label="gap closed (1 = oracle, 0 = random)")
     ax.set_title("gap closed per cell")
     fig.tight_layout()
-    fig.savefig(out / "gap_closed.png", dpi=110)
+    fig.savefig(out / "gap_closed.png", dpi=110, bbox_inches="tight")  # the colorbar label stays inside
     plt.close(fig)
 
 
