@@ -225,7 +225,7 @@ def plots(runs: list[RunResult], summaries: list[dict[str, Any]], cell: str, out
             g = s["methods"].get(m, {}).get("gap_closed")
             if g is not None:
                 grid[i, j] = g
-    height = max(3.0, 1.2 + 0.42 * len(methods))  # inches; below ~3 the colorbar's label is cut off
+    height = max(3.0, 1.2 + 0.42 * len(methods))  # inches; below ~3 the colorbar is shorter than its label
     fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(cells), height))
     im = ax.imshow(np.clip(grid, -1.5, 1.5), cmap="RdBu", vmin=-1.5, vmax=1.5, aspect="auto")
     ax.set_xticks(
