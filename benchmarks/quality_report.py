@@ -240,7 +240,9 @@ def plots(runs: list[RunResult], summaries: list[dict[str, Any]], cell: str, out
         for j in range(len(cells)):
             if np.isfinite(grid[i, j]):
                 dark = abs(np.clip(grid[i, j], -1.5, 1.5)) > 0.9  # RdBu is near-black blue/red past ±0.9 of ±1.5
-                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=6, color="white" if dark else "black")
+                ax.text(
+                    j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=6, color="white" if dark else "black"
+                )
     fig.colorbar(im, ax=ax, label="gap closed (1 = oracle, 0 = random)")
     ax.set_title("gap closed per cell")
     fig.tight_layout()
