@@ -227,7 +227,8 @@ def plots(runs: list[RunResult], summaries: list[dict[str, Any]], cell: str, out
                 grid[i, j] = g
     height = max(3.0, 1.2 + 0.42 * len(methods))  # inches; below ~3 the colorbar is shorter than its label
     fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(cells), height))
-    im = ax.imshow(np.clip(grid, -1.5, 1.5), cmap="RdBu", vmin=-1.5, vmax=1.5, aspect="auto")
+    limit = 1.5  # the colour scale spans gap closed in [-limit, limit]; beyond it cells take the end colours
+    im = ax.imshow(np.clip(grid, -limit, limit), cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
     ax.set_xticks(
         range(len(cells)),
         [c + ("" if s["valid"] else "\n(invalid)") for c, s in zip(cells, summaries)],
@@ -239,7 +240,7 @@ def plots(runs: list[RunResult], summaries: list[dict[str, Any]], cell: str, out
     for i in range(len(methods)):
         for j in range(len(cells)):
             if np.isfinite(grid[i, j]):
-                dark = abs(np.clip(grid[i, j], -1.5, 1.5)) > 0.9  # RdBu is near-black blue/red past ±0.9 of ±1.5
+                dark = abs(grid[i, j]) > 0.6 * limit  # RdBu is near-black blue/red past 0.6 of its half-range
                 ax.text(
                     j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=6, color="white" if dark else "black"
                 )
