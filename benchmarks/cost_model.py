@@ -240,6 +240,8 @@ FLOP_VARIANTS = [
     ("head only", lambda k, T: {"prefilter": "head", "prefilter_stage2": "head"}),
     ("head only, W = T/8", lambda k, T: {"prefilter": "head", "prefilter_stage2": "head", "prefilter_window": T // 8}),
     ("head only, exit L = 0", lambda k, T: {"prefilter": "head", "prefilter_stage2": "head", "prefilter_depth": 0}),
+    ("learned → exact stage 2 on 2k", lambda k, T: {"prefilter": "learned", "filter_size": 2 * k}),
+    ("learned → exact stage 2 on k", lambda k, T: {"prefilter": "learned", "filter_size": k}),
 ]
 FLOP_T, FLOP_K, FLOP_RATIOS = 2048, 16, (2, 4, 8)
 

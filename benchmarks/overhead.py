@@ -118,6 +118,15 @@ VARIANTS = [
             "prefilter_target_rows": max(1, k // 4),
         },
     ),
+    # the learned stage 1 (no model in stage 1; exact stage 2 on m); added 2026-12-07 23:50 UTC before any run.
+    # The timed steps come after its learning steps (prefilter_learn_steps: 1 here, so the timed rounds are
+    # the steady state; the one-stage learning step is that of "ftw (one stage, exact b)")
+    (
+        "ftw[learned, m=2k]",
+        "ftw",
+        lambda k, T: {"prefilter": "learned", "filter_size": 2 * k, "prefilter_learn_steps": 1},
+    ),
+    ("ftw[learned, m=k]", "ftw", lambda k, T: {"prefilter": "learned", "filter_size": k, "prefilter_learn_steps": 1}),
 ]
 
 #: size: (T, k); "cpu-compute" is the speed benchmark's compute-bound CPU size (hidden 256, 4 layers)

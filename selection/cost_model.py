@@ -233,6 +233,8 @@ class StepShape:
         v = num_target / k / max(config.target_refresh, 1)
         if config.prefilter == "none":
             return cls(r=n / k, v=v, head=head)
+        if config.prefilter == "learned":  # stage 1 runs no model: w = 0 (hashing and a D × D solve, no FLOPs)
+            return cls(r=n / k, v=v, mu=config.num_filtered(n) / k, w=0.0, head=head, stage2="exact")
         window = config.prefilter_window
         rows = 0 if config.prefilter_target == "reuse" else (config.prefilter_target_rows or num_target)
         return cls(
@@ -253,7 +255,8 @@ def step_flops(shape: StepShape) -> float:
     - one stage: (3r + 3v + 1)/3 — capture (forward + activation backward) of pool and target, each candidate's
       and the target's gradient formed once (≈ a forward each), the trainer's weight gradient on k;
     - stage 1: (r + s)·w·(a + h) with a = depth·(1 − h) + h the forward it runs (h: the head, run at any depth)
-      and h once more for forming each head gradient;
+      and h once more for forming each head gradient (``prefilter: learned``: w = 0, no model FLOPs; its
+      ``prefilter_learn_steps`` one-stage steps are not amortised here);
     - stage 2 exact: (3μ + 3v + 1) as one stage on the survivors; stage 2 head: 3 (the trainer's own step).
     """
     if shape.stage2 is None:

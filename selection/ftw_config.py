@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from typing import Literal
 
 from optsel.config_loader import check_literal_fields
+
+#: the keys of ``prefilter: learned`` (selection/ftw/learned.py)
+LEARNED_KEYS = (
+    "prefilter_features",
+    "prefilter_explore",
+    "prefilter_learn_steps",
+    "prefilter_decay",
+    "prefilter_ridge",
+)
 
 #: the allowed values of the options that name an implementation, written once (the registries read them)
 GramBackend = Literal["exact", "ghost", "sketch", "auto"]
@@ -100,8 +110,10 @@ class FTWConfig:
     #: diag K from a forward/backward over the whole pool | head: stage 1, a forward-only pass over the
     #: pool, scores every candidate by the output layer's exact per-sample alignment
     #: (selection/ftw/prefilter.py); the top m (filter_size, or filter_ratio·N) go to stage 2, which runs the
-    #: exact machinery, the QP and the single pass on those m rows only
-    prefilter: Literal["none", "head"] = "none"
+    #: exact machinery, the QP and the single pass on those m rows only | learned: stage 1 runs no model; a
+    #: ridge regression from hashed token counts to stage 2's exact utility, fitted online on earlier
+    #: survivors, picks the m (selection/ftw/learned.py)
+    prefilter: Literal["none", "head", "learned"] = "none"
     #: prefilter head: W, the tokens per sample scored in stage 1 (null: all)
     prefilter_window: int | None = None
     #: prefilter head: where stage 1's head target gradient comes from — forward (a forward over the
@@ -120,6 +132,17 @@ class FTWConfig:
     #: layer, an early-exit proxy that costs about L/n_layers of the blocks' forward (0: the embeddings
     #: straight into the head; null: every block, the exact output-layer score); docs/design.md, Two stages
     prefilter_depth: int | None = None
+    #: prefilter learned: hash buckets per part (prompt, response) of the token unigram+bigram features
+    prefilter_features: int = 256
+    #: prefilter learned: the share of the m survivors drawn uniformly from the candidates the score does not
+    #: keep (exploration: the regression also sees what it would not pick; 1.0: every survivor at random)
+    prefilter_explore: float = 0.25
+    #: prefilter learned: the first steps that label the whole pool (exact one-stage steps) before the score is used
+    prefilter_learn_steps: int = 2
+    #: prefilter learned: per-step decay of the regression's sufficient statistics (older survivors count less)
+    prefilter_decay: float = 0.9
+    #: prefilter learned: the ridge penalty λ on the regression's weights (features are unit-norm per part)
+    prefilter_ridge: float = 1.0
 
     def __post_init__(self) -> None:
         def bad(field_name: str, message: str) -> ValueError:
@@ -169,25 +192,30 @@ class FTWConfig:
                 raise bad(name, f"must be >= 1, got {getattr(self, name)}")
         if self.prefilter_window is not None and self.prefilter_window < 2:
             raise bad("prefilter_window", f"must be >= 2 tokens or null, got {self.prefilter_window}")
-        if self.prefilter_window is not None and self.prefilter == "none":
-            raise bad("prefilter_window", "applies to prefilter='head' only (got prefilter='none')")
-        if self.prefilter_stage2 != "exact" and self.prefilter == "none":
-            raise bad("prefilter_stage2", "applies to prefilter='head' only (got prefilter='none')")
-        if self.prefilter_target != "forward" and self.prefilter == "none":
-            raise bad("prefilter_target", "applies to prefilter='head' only (got prefilter='none')")
+        head_only = {
+            "prefilter_window": self.prefilter_window is not None,
+            "prefilter_stage2": self.prefilter_stage2 != "exact",
+            "prefilter_target": self.prefilter_target != "forward",
+            "prefilter_target_rows": self.prefilter_target_rows is not None,
+            "prefilter_depth": self.prefilter_depth is not None,
+        }
+        for name, is_set in head_only.items():
+            if is_set and self.prefilter != "head":
+                raise bad(name, f"applies to prefilter='head' only (got prefilter={self.prefilter!r})")
+        self._check_learned(bad)
         if self.prefilter_target == "reuse" and self.prefilter_stage2 == "head":
             raise bad(
                 "prefilter_target",
                 "'reuse' takes the head block of stage 2's target gradient, which "
                 "prefilter_stage2='head' never computes: use 'forward'",
             )
-        if self.prefilter_target_rows is not None and (self.prefilter == "none" or self.prefilter_target_rows < 1):
+        if self.prefilter_target_rows is not None and self.prefilter_target_rows < 1:
             raise bad(
                 "prefilter_target_rows",
                 f"must be >= 1 with prefilter='head' (got {self.prefilter_target_rows} "
                 f"with prefilter={self.prefilter!r})",
             )
-        if self.prefilter_depth is not None and (self.prefilter == "none" or self.prefilter_depth < 0):
+        if self.prefilter_depth is not None and self.prefilter_depth < 0:
             raise bad(
                 "prefilter_depth",
                 f"must be >= 0 with prefilter='head' (got {self.prefilter_depth} with prefilter={self.prefilter!r})",
@@ -199,12 +227,34 @@ class FTWConfig:
                 "does not score against: use 'forward'",
             )
         if self.prefilter != "none" and self.exchange == "sketches":
-            raise bad("prefilter", "'head' runs stage 2 with the exact b: use exchange 'direction' or 'factors'")
+            raise bad(
+                "prefilter", f"{self.prefilter!r} runs stage 2 with the exact b: use exchange 'direction' or 'factors'"
+            )
         for name in ("capture_chunk_size", "capture_chunk_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise bad(name, f"must be >= 1 or null, got {getattr(self, name)}")
         if self.capture_chunk_size is not None and self.capture_chunk_tokens is not None:
             raise bad("capture_chunk_tokens", "set capture_chunk_size or capture_chunk_tokens, not both")
+
+    def _check_learned(self, bad: Callable[[str, str], ValueError]) -> None:
+        """The ``prefilter: learned`` keys: in range, and only with that prefilter when not at their defaults."""
+        defaults = {f.name: f.default for f in fields(FTWConfig) if f.name.startswith("prefilter_")}
+        for name in LEARNED_KEYS:
+            if getattr(self, name) != defaults[name] and self.prefilter != "learned":
+                raise bad(name, f"applies to prefilter='learned' only (got prefilter={self.prefilter!r})")
+        if self.prefilter_features < 1:
+            raise bad("prefilter_features", f"must be >= 1, got {self.prefilter_features}")
+        if not 0.0 <= self.prefilter_explore <= 1.0:
+            raise bad("prefilter_explore", f"must be in [0, 1], got {self.prefilter_explore}")
+        if self.prefilter_learn_steps < 1:
+            raise bad(
+                "prefilter_learn_steps",
+                f"must be >= 1 (the score needs labelled steps), got {self.prefilter_learn_steps}",
+            )
+        if not 0.0 < self.prefilter_decay <= 1.0:
+            raise bad("prefilter_decay", f"must be in (0, 1], got {self.prefilter_decay}")
+        if not (self.prefilter_ridge > 0 and math.isfinite(self.prefilter_ridge)):
+            raise bad("prefilter_ridge", f"must be a finite number > 0, got {self.prefilter_ridge}")
 
     def weight_cap(self, k: int) -> float | None:
         """The cap on each weight: w_max and 1/(ess_fraction·k), whichever is tighter (None: no cap)."""

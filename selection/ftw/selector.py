@@ -47,6 +47,7 @@ from optsel.selection.ftw.exchanges import (
 )
 from optsel.selection.ftw.filter import filter_candidates, utility
 from optsel.selection.ftw.gathering import gather_batch
+from optsel.selection.ftw.learned import LearnedPrefilter
 from optsel.selection.ftw.two_stage import HeadPrefilter, Stage1, SurvivorPool
 from optsel.selection.ftw_config import FTWConfig
 from optsel.selection.layers import CoveredLayer
@@ -87,13 +88,13 @@ class FilterThenWeight(Selector):
             config.exchange, self.target_cache, self.sketch_target, self.direction_cache
         )
         self.engine_bytes = self.view.engine_bytes_per_step()  # the engine's own, per step
-        self.prefilter = (
-            HeadPrefilter(
+        self.prefilter: HeadPrefilter | LearnedPrefilter | None = None
+        if config.prefilter == "head":
+            self.prefilter = HeadPrefilter(
                 model, self.view, self.reader, config, self.coverage.layers, self._coefficients, self.generator
             )
-            if config.prefilter == "head"
-            else None
-        )
+        elif config.prefilter == "learned":
+            self.prefilter = LearnedPrefilter(config, self.generator)
         self._eligible: torch.Tensor | None = None  # stage 2: which of the survivors' pool rows may be chosen
         for layer in self.coverage.layers:  # fail at construction, naming the parameter
             try:
@@ -119,19 +120,28 @@ class FilterThenWeight(Selector):
         return self._select_two_stage(self.prefilter, pool, target, sizes, timings)
 
     def _select_two_stage(
-        self, prefilter: HeadPrefilter, pool: Batch, target: Batch | None, sizes: list[int], timings: dict[str, float]
+        self,
+        prefilter: HeadPrefilter | LearnedPrefilter,
+        pool: Batch,
+        target: Batch | None,
+        sizes: list[int],
+        timings: dict[str, float],
     ) -> Selection:
-        """``prefilter: head`` (docs/design.md, "Two stages"): stage 1 over the pool, the exact step on its m survivors."""
-        dtype = torch.float64 if self._dtype_name() == "float64" else torch.float32
-        index = prefilter.covered_index
-        reuse = (
-            self.target_cache.blocks[index]
-            if index is not None and self.target_cache.blocks is not None and self.config.exchange != "sketches"
-            else None
-        )
-        stage1 = prefilter.run(pool, target, sizes, dtype, reuse, self.comm, timings)
-        if self.config.prefilter_stage2 == "head":
-            return self._select_on_head(prefilter, stage1, sizes, timings)
+        """``prefilter: head | learned`` (docs/design.md, "Two stages"): stage 1 over the pool, the exact step on
+        its m survivors (a learned stage 1 is then fitted on their exact utilities)."""
+        if isinstance(prefilter, LearnedPrefilter):
+            stage1 = prefilter.run(pool, sizes, self.comm, timings)
+        else:
+            dtype = torch.float64 if self._dtype_name() == "float64" else torch.float32
+            index = prefilter.covered_index
+            reuse = (
+                self.target_cache.blocks[index]
+                if index is not None and self.target_cache.blocks is not None and self.config.exchange != "sketches"
+                else None
+            )
+            stage1 = prefilter.run(pool, target, sizes, dtype, reuse, self.comm, timings)
+            if self.config.prefilter_stage2 == "head":
+                return self._select_on_head(prefilter, stage1, sizes, timings)
         rank = distributed.info().rank if distributed.is_distributed() else 0
         survivors = SurvivorPool.build(pool, stage1.survivors, sizes, rank)
         self._eligible = survivors.eligible
@@ -139,6 +149,8 @@ class FilterThenWeight(Selector):
             sel = self._select_exact(survivors.batch, target, survivors.sizes, timings)
         finally:
             self._eligible = None
+        if isinstance(prefilter, LearnedPrefilter):
+            prefilter.observe(stage1, sel, survivors)
         return survivors.remap(sel, sizes, stage1)
 
     def _select_on_head(
@@ -356,6 +368,7 @@ class FilterThenWeight(Selector):
             "generator": self.generator.get_state(),
             "target": self.target_cache.state_dict(),
             "sketch_target": self.sketch_target.state_dict(),
+            **({"prefilter": self.prefilter.state_dict()} if isinstance(self.prefilter, LearnedPrefilter) else {}),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -364,6 +377,8 @@ class FilterThenWeight(Selector):
         self.generator.set_state(state["generator"])
         self.target_cache.load_state_dict(dict(state.get("target", {})))
         self.sketch_target.load_state_dict(dict(state.get("sketch_target", {})))
+        if isinstance(self.prefilter, LearnedPrefilter):
+            self.prefilter.load_state_dict(dict(state.get("prefilter", {})))
 
     # ------------------------------------------------------------------ the capture
     def _capture(self, pool: Batch, target: Batch | None) -> tuple[Factors, Factors | None]:

@@ -37,7 +37,8 @@ from optsel.selection.timing import phase
 class Stage1:
     """Stage 1's result, identical on every rank: survivors [m] (global indices, ascending), b, u and
     diag K [N] (the head's), whether the head target gradient was reused, (ρ, τ, optimizer step), and
-    for ``prefilter_stage2: head`` this rank's head factors (H [n, W, d], D [n, W, V]) and the gathered P."""
+    for ``prefilter_stage2: head`` this rank's head factors (H [n, W, d], D [n, W, V]) and the gathered P;
+    ``kind``: the prefilter that produced it (``head`` or ``learned``)."""
 
     survivors: torch.Tensor
     alignment: torch.Tensor
@@ -48,6 +49,7 @@ class Stage1:
     geometry: LayerGeometry | None = None
     factors: Factors | None = None
     precond: torch.Tensor | None = None
+    kind: str = "head"
 
 
 class HeadPrefilter:
@@ -232,7 +234,7 @@ class SurvivorPool:
             sel.pool_pass.row_map = self.row_map(sizes[rank])
         sel.diagnostics.update(
             {
-                "prefilter": "head",
+                "prefilter": stage1.kind,
                 "stage1_survivors": int(stage1.survivors.numel()),
                 "stage1_target_reused": stage1.target_reused,
             }

@@ -73,6 +73,9 @@ TWO_STAGE = FTWConfig(
     prefilter="head",
     prefilter_window=6,
 )  # 7 survivors on 2 ranks: one rank pads
+LEARNED = dataclasses.replace(
+    TWO_STAGE, prefilter="learned", prefilter_window=None, prefilter_learn_steps=1, prefilter_features=16
+)
 
 
 def half(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
@@ -304,6 +307,10 @@ def _body(rank: int, world: int, engine_name: str, ds_config_path: str) -> dict:
     # the early exit: stage 1 runs no decoder block (a skipped block's shards are never gathered)
     early = dataclasses.replace(TWO_STAGE, prefilter_depth=0)
     out["two_stage_depth"] = _sel_fields(FilterThenWeight(model, opt, early).select(pool, target))
+    # the learned stage 1: a learning step (the whole pool to stage 2), then a scored step (features all-gathered,
+    # the regression fitted on stage 2's utilities: the same statistics on every rank)
+    learned = FilterThenWeight(model, opt, LEARNED)
+    out["two_stage_learned"] = [_sel_fields(learned.select(pool, target)) for _ in range(2)]
     # length-sorted capture passes under a token budget on a pool whose halves differ in length: the ranks
     # plan different pass counts and must run the same number of forwards (agreed), or the engine's gathers hang
     forwards: list[int] = []
@@ -325,8 +332,14 @@ def _body(rank: int, world: int, engine_name: str, ds_config_path: str) -> dict:
 
 
 def _reference(
-    state: dict, gram: str, dtype=torch.float32, config: FTWConfig | None = None, pool: dict | None = None
+    state: dict,
+    gram: str,
+    dtype=torch.float32,
+    config: FTWConfig | None = None,
+    pool: dict | None = None,
+    selects: int = 1,
 ) -> tuple[dict, torch.nn.Module, torch.optim.Optimizer]:
+    """One process's selection (the last of ``selects`` calls of one selector) from the ranks' gathered state."""
     model = odd_llama()
     model.load_state_dict(state["weights"])
     model = model.to(dtype)
@@ -338,9 +351,9 @@ def _reference(
             "exp_avg": m.to(dtype).clone(),
             "exp_avg_sq": v.to(dtype).clone(),
         }
-    sel = FilterThenWeight(model, opt, config or ftw_config(gram)).select(
-        pool if pool is not None else pool_batch(), target_batch()
-    )
+    ftw = FilterThenWeight(model, opt, config or ftw_config(gram))
+    for _ in range(selects):
+        sel = ftw.select(pool if pool is not None else pool_batch(), target_batch())
     return _sel_fields(sel), model, opt
 
 
@@ -356,7 +369,14 @@ def _check_two_stage(results: list[dict]) -> None:
     depth_ref, _, _ = _reference(
         results[0]["state_after"], "exact", config=dataclasses.replace(TWO_STAGE, prefilter_depth=0)
     )
+    learned_ref = [_reference(results[0]["state_after"], "exact", config=LEARNED, selects=n)[0] for n in (1, 2)]
     for rank, res in enumerate(results):
+        for step, (got, want) in enumerate(zip(res["two_stage_learned"], learned_ref)):
+            where = f"learned stage 1 rank {rank} step {step}"
+            assert torch.equal(got["indices"], want["indices"]), (where, got["indices"], want["indices"])
+            torch.testing.assert_close(got["weights"], want["weights"], rtol=1e-4, atol=1e-6, msg=where)
+            for f in ("alignment", "utility"):  # b: exact at the survivors, NaN (not computed) elsewhere
+                torch.testing.assert_close(got[f], want[f], rtol=1e-4, atol=1e-4, equal_nan=True, msg=where)
         _assert_same(res["two_stage"], ref, f"two-stage rank {rank}")
         _assert_same(res["two_stage_head"], head_ref, f"two-stage head-only rank {rank}")
         _assert_same(res["two_stage_depth"], depth_ref, f"two-stage early exit rank {rank}")

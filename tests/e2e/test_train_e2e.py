@@ -108,9 +108,11 @@ def test_two_rank_training_learns_and_respects_the_budget(data_dir, tmp_path, en
 
 
 @pytest.mark.slow
-def test_two_stage_ftw_trains_under_zero3_from_the_survivors_single_pass(data_dir, tmp_path):
-    """prefilter: head on 2 ranks of DeepSpeed ZeRO-3: the single pass over the survivors only (pool rows mapped to
-    pass rows inside the engine's surrogate backward); both stages' times and the overhead ratio are reported."""
+@pytest.mark.parametrize("prefilter", ["head", "learned"])
+def test_two_stage_ftw_trains_under_zero3_from_the_survivors_single_pass(data_dir, tmp_path, prefilter):
+    """prefilter: head | learned on 2 ranks of DeepSpeed ZeRO-3: the single pass over the survivors only (pool rows
+    mapped to pass rows inside the engine's surrogate backward); both stages' times and the overhead ratio are
+    reported."""
     done = _run(
         [
             "launch",
@@ -123,7 +125,7 @@ def test_two_stage_ftw_trains_under_zero3_from_the_survivors_single_pass(data_di
                 tmp_path,
                 "engine.name=deepspeed",
                 "selection.method=ftw",
-                "selection.options.ftw.prefilter=head",
+                f"selection.options.ftw.prefilter={prefilter}",
                 "selection.options.ftw.filter_size=24",
                 "training.num_steps=20",
                 "training.eval_every=0",

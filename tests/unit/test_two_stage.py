@@ -225,10 +225,12 @@ def test_prefilter_config_errors_name_the_key():
         FTWConfig(budget=2, prefilter="head", prefilter_window=1)
     with pytest.raises(ValueError, match="prefilter_target: 'reuse' takes the head block"):
         FTWConfig(budget=2, prefilter="head", prefilter_stage2="head", prefilter_target="reuse")
-    with pytest.raises(ValueError, match="prefilter_target_rows: must be >= 1 with prefilter='head'"):
+    with pytest.raises(ValueError, match="prefilter_target_rows: applies to prefilter='head' only"):
         FTWConfig(budget=2, prefilter_target_rows=4)
-    with pytest.raises(ValueError, match="prefilter_depth: must be >= 0 with prefilter='head'"):
-        FTWConfig(budget=2, prefilter_depth=1)
+    with pytest.raises(ValueError, match="prefilter_target_rows: must be >= 1 with prefilter='head'"):
+        FTWConfig(budget=2, prefilter="head", prefilter_target_rows=0)
+    with pytest.raises(ValueError, match="prefilter_depth: applies to prefilter='head' only"):
+        FTWConfig(budget=2, prefilter="learned", prefilter_depth=1)
     with pytest.raises(ValueError, match="prefilter_depth: must be >= 0"):
         FTWConfig(budget=2, prefilter="head", prefilter_depth=-1)
     with pytest.raises(ValueError, match="prefilter_target: 'reuse' takes the full model's head"):

@@ -1,0 +1,178 @@
+"""Stage 1 of two-stage FTW, ``prefilter: learned`` (docs/design.md, "Two stages"): a score that runs no model.
+
+Each candidate i is described by model-free features φ_i [D], D = 2B + 3: its token unigram and bigram counts
+hashed into B buckets (``prefilter_features``) for the prompt (attended, unlabelled positions) and for the
+response (labelled positions) apart, each part scaled to unit L2 norm, then a constant 1 and log(1 + tokens) of
+each part. The score is a ridge regression of stage 2's exact FTW utility u on φ, refitted every step from
+decayed sufficient statistics over every earlier survivor,
+
+    A ← γ A + Φ_sᵀ Φ_s,   c ← γ c + Φ_sᵀ u_s,   β = (A + λ I)⁻¹ c,   û_i = φ_iᵀ β
+
+(Φ_s [m, D], u_s [m]: the last step's survivors and their exact u; γ = ``prefilter_decay``, λ =
+``prefilter_ridge``). The first ``prefilter_learn_steps`` steps send the whole pool to stage 2 (exact one-stage
+steps that label N candidates each). Then the m survivors are the top m − e by û plus e = round(explore·m)
+drawn uniformly from the rest by the selector's generator (``prefilter_explore``), so the regression keeps
+seeing candidates it would not pick.
+
+What it approximates: FTW's utility as far as a linear function of which tokens occur can express it
+(topic, format, length). It cannot tell whether a response is right for its prompt (a bag of tokens does
+not compare them), and it follows the model's state only through the refit, one step late. Cost: O(T)
+integer work per candidate and one D × D solve per step; no FLOPs of the model, no collective beyond one
+all-gather of the N × D features. Every rank holds the same statistics (fitted on gathered features and
+stage 2's utilities, which are identical on every rank), so R ranks pick what one process picks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from optsel import distributed
+from optsel.selection.base import Batch, Selection
+from optsel.selection.ftw.prefilter import IGNORE
+from optsel.selection.ftw.two_stage import Stage1, SurvivorPool
+from optsel.selection.ftw_config import FTWConfig
+from optsel.selection.timing import phase
+
+_MODULUS = 2_147_483_647  # a prime below 2^31: hashes stay exact in int64
+_UNIGRAM = (1_000_003, 7)
+_BIGRAM = (999_983, 11)
+_BIGRAM_BASE = 1_048_583  # a prime above 2^20: (a, b) → a·base + b is one-to-one for token ids below it
+
+
+def feature_dim(buckets: int) -> int:
+    """D: 2 parts × ``buckets`` hashed counts, a constant and log(1 + tokens) of each part."""
+    return 2 * buckets + 3
+
+
+def _bucket(keys: torch.Tensor, salt: tuple[int, int], buckets: int) -> torch.Tensor:
+    mult, add = salt
+    return ((keys % _MODULUS) * mult + add) % _MODULUS % buckets
+
+
+def hashed_features(batch: Mapping[str, torch.Tensor], buckets: int) -> torch.Tensor:
+    """φ [n, D] float64 on the batch's device (module docstring). Token t is in the response when
+    ``labels[t] != -100`` (the labels are aligned with the inputs, as Hugging Face's causal LMs take them),
+    in the prompt when attended and unlabelled; the bigram (t − 1, t) counts for t's part when t − 1 is
+    attended. Token ids must be in [0, 1_048_583)."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"].bool(), batch["labels"]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= _BIGRAM_BASE):
+        raise ValueError(f"prefilter: 'learned' hashes token ids in [0, {_BIGRAM_BASE}), got {int(ids.max())}")
+    n, T = ids.shape
+    response = mask & (labels != IGNORE)
+    prompt = mask & ~response
+    uni = _bucket(ids.long(), _UNIGRAM, buckets)
+    bi = torch.zeros_like(uni)
+    bi[:, 1:] = _bucket(ids[:, :-1].long() * _BIGRAM_BASE + ids[:, 1:].long(), _BIGRAM, buckets)
+    has_prev = torch.zeros_like(mask)
+    has_prev[:, 1:] = mask[:, :-1]
+    parts = []
+    for part in (prompt, response):
+        counts = torch.zeros(n, buckets, dtype=torch.float64, device=ids.device)
+        counts.scatter_add_(1, uni, part.double())
+        counts.scatter_add_(1, bi, (part & has_prev).double())
+        parts.append(counts / counts.norm(dim=1, keepdim=True).clamp(min=1e-12))
+    lengths = torch.stack([prompt.sum(1), response.sum(1)], dim=1).double()
+    return torch.cat([*parts, torch.ones(n, 1, dtype=torch.float64, device=ids.device), lengths.log1p()], dim=1)
+
+
+class OnlineRidge:
+    """Ridge regression from decayed sufficient statistics A [D, D], c [D] (float64, CPU)."""
+
+    def __init__(self, dim: int, decay: float, ridge: float):
+        self.dim, self.decay, self.ridge = dim, decay, ridge
+        self.A = torch.zeros(dim, dim, dtype=torch.float64)
+        self.c = torch.zeros(dim, dtype=torch.float64)
+        self.observed = 0
+
+    def observe(self, X: torch.Tensor, y: torch.Tensor) -> None:
+        """One step's rows X [n, D] and targets y [n] (finite); older statistics decay by γ first."""
+        X, y = X.double().cpu(), y.double().cpu()
+        self.A = self.decay * self.A + X.T @ X
+        self.c = self.decay * self.c + X.T @ y
+        self.observed += int(X.shape[0])
+
+    def coefficients(self) -> torch.Tensor:
+        """β [D] = (A + λ I)⁻¹ c."""
+        eye = torch.eye(self.dim, dtype=torch.float64)
+        return torch.linalg.solve(self.A + self.ridge * eye, self.c)
+
+    def predict(self, X: torch.Tensor) -> torch.Tensor:
+        """û [n] = X β."""
+        return X.double().cpu() @ self.coefficients()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"A": self.A.clone(), "c": self.c.clone(), "observed": self.observed}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        A, c = torch.as_tensor(state["A"], dtype=torch.float64), torch.as_tensor(state["c"], dtype=torch.float64)
+        if A.shape != (self.dim, self.dim) or c.shape != (self.dim,):
+            raise ValueError(
+                f"prefilter learned state: statistics of shape {tuple(A.shape)}, {tuple(c.shape)} do not fit "
+                f"D = {self.dim} (was prefilter_features changed since the checkpoint?)"
+            )
+        self.A, self.c, self.observed = A.clone(), c.clone(), int(state["observed"])
+
+
+class LearnedPrefilter:
+    """Stage 1 ``prefilter: learned`` (module docstring). ``generator``: the selector's (the same draws on
+    every rank)."""
+
+    def __init__(self, config: FTWConfig, generator: torch.Generator):
+        self.config, self.generator = config, generator
+        self.ridge = OnlineRidge(feature_dim(config.prefilter_features), config.prefilter_decay, config.prefilter_ridge)
+        self.steps_labelled = 0
+        self._features: torch.Tensor | None = None
+
+    def run(self, pool: Batch, sizes: list[int], comm: distributed.CommCounter, timings: dict[str, float]) -> Stage1:
+        """Features of the whole pool, the predicted û [N] and the m survivors (every row while learning)."""
+        cfg = self.config
+        with phase(timings, comm, "stage1"):
+            local = hashed_features(pool, cfg.prefilter_features)
+            feats = (distributed.all_gather_cat(local, comm) if distributed.is_distributed() else local).cpu()
+            n = int(feats.shape[0])
+            if self.steps_labelled < cfg.prefilter_learn_steps:
+                predicted = torch.zeros(n, dtype=torch.float64)
+                survivors = torch.arange(n, dtype=torch.int64)
+            else:
+                predicted = self.ridge.predict(feats)
+                survivors = self._survivors(predicted, cfg.num_filtered(n))
+        self._features = feats
+        alignment = torch.full((n,), float("nan"), dtype=torch.float64)  # exact b: filled in at the survivors
+        # utility [N]: û, or (a learning step) stage 2's exact u, filled in by observe()
+        return Stage1(survivors, alignment, predicted, target_reused=False, kind="learned")
+
+    def _survivors(self, predicted: torch.Tensor, m: int) -> torch.Tensor:
+        explore = min(round(self.config.prefilter_explore * m), m)
+        order = torch.sort(predicted, descending=True, stable=True).indices
+        top, rest = order[: m - explore], order[m - explore :]
+        drawn = rest[torch.randperm(int(rest.numel()), generator=self.generator)[:explore]]
+        return torch.cat([top, drawn]).sort().values.to(torch.int64)
+
+    def observe(self, stage1: Stage1, sel: Selection, survivors: SurvivorPool) -> None:
+        """Fit on this step's survivors: their features and stage 2's exact u (and record their exact b)."""
+        if self._features is None or sel.utility is None:
+            raise RuntimeError("prefilter learned: observe() needs this step's run() and stage 2's utility")
+        rows = survivors.global_of[survivors.eligible]
+        u = sel.utility.double()[survivors.eligible]
+        if sel.alignment is not None:
+            stage1.alignment[rows] = sel.alignment.double()[survivors.eligible]
+        if self.steps_labelled < self.config.prefilter_learn_steps:  # a learning step: u is exact everywhere
+            stage1.utility[rows] = u
+        finite = torch.isfinite(u)
+        self.ridge.observe(self._features[rows[finite]], u[finite])
+        self.steps_labelled += 1
+        self._features = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ridge": self.ridge.state_dict(), "steps_labelled": self.steps_labelled}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "ridge" in state:
+            self.ridge.load_state_dict(state["ridge"])
+        self.steps_labelled = int(state.get("steps_labelled", 0))
+
+
+__all__ = ["LearnedPrefilter", "OnlineRidge", "feature_dim", "hashed_features"]

@@ -1,0 +1,171 @@
+"""The learned stage 1 (prefilter: learned, selection/ftw/learned.py) against brute force: the hashed
+features against a per-token Python count, the online ridge against the closed-form weighted ridge, the
+learning step against one-stage FTW, a scored step against exact FTW on the survivors it names, resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from optsel.selection.ftw import FilterThenWeight, FTWConfig
+from optsel.selection.ftw.learned import OnlineRidge, feature_dim, hashed_features
+
+from support.bruteforce import make_batch, tiny_llama, train_steps
+
+N, K, M = 10, 3, 6
+P31 = 2_147_483_647
+
+
+def _python_features(ids: list[int], labels: list[int], mask: list[int], buckets: int) -> list[float]:
+    """φ of one sample, one token at a time with Python integers (the hash as the module documents it)."""
+
+    def bucket(key: int, mult: int, add: int) -> int:
+        return ((key % P31) * mult + add) % P31 % buckets
+
+    parts = [[0.0] * buckets, [0.0] * buckets]  # prompt, response
+    lengths = [0, 0]
+    for t, (tok, lab, att) in enumerate(zip(ids, labels, mask)):
+        if not att:
+            continue
+        part = 1 if lab != -100 else 0
+        lengths[part] += 1
+        parts[part][bucket(tok, 1_000_003, 7)] += 1
+        if t > 0 and mask[t - 1]:
+            parts[part][bucket(ids[t - 1] * 1_048_583 + tok, 999_983, 11)] += 1
+    out: list[float] = []
+    for counts in parts:
+        norm = math.sqrt(sum(c * c for c in counts)) or 1.0
+        out += [c / norm for c in counts]
+    return out + [1.0, math.log1p(lengths[0]), math.log1p(lengths[1])]
+
+
+def test_hashed_features_count_each_parts_unigrams_and_bigrams():
+    batch = make_batch(7, 11, 5, prompt=3)
+    batch["labels"][2] = -100  # a sample with no response: its response part is zero, not NaN
+    buckets = 8
+    phi = hashed_features(batch, buckets)
+    assert phi.shape == (7, feature_dim(buckets)) and phi.dtype == torch.float64
+    for i in range(7):
+        want = _python_features(
+            batch["input_ids"][i].tolist(), batch["labels"][i].tolist(), batch["attention_mask"][i].tolist(), buckets
+        )
+        torch.testing.assert_close(phi[i], torch.tensor(want, dtype=torch.float64), msg=f"sample {i}")
+    assert float(phi[2, buckets : 2 * buckets].abs().sum()) == 0.0
+    with pytest.raises(ValueError, match="hashes token ids in"):
+        hashed_features({**batch, "input_ids": batch["input_ids"] + 2_000_000}, buckets)
+
+
+def test_online_ridge_is_the_closed_form_decayed_weighted_ridge():
+    gen = torch.Generator().manual_seed(0)
+    dim, decay, lam = 5, 0.7, 0.3
+    ridge = OnlineRidge(dim, decay, lam)
+    steps = [
+        (torch.randn(n, dim, generator=gen, dtype=torch.float64), torch.randn(n, generator=gen, dtype=torch.float64))
+        for n in (4, 6, 3)
+    ]
+    for X, y in steps:
+        ridge.observe(X, y)
+    # min_β Σ_s γ^(age_s) ‖X_s β − y_s‖² + λ‖β‖², solved as one least-squares problem
+    rows, targets = [], []
+    for age, (X, y) in enumerate(reversed(steps)):
+        w = decay ** (age / 2)
+        rows.append(w * X)
+        targets.append(w * y)
+    rows.append(math.sqrt(lam) * torch.eye(dim, dtype=torch.float64))
+    targets.append(torch.zeros(dim, dtype=torch.float64))
+    beta = torch.linalg.lstsq(torch.cat(rows), torch.cat(targets)).solution
+    torch.testing.assert_close(ridge.coefficients(), beta, rtol=1e-10, atol=1e-12)
+    X_new = torch.randn(3, dim, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(ridge.predict(X_new), X_new @ beta, rtol=1e-10, atol=1e-12)
+    assert ridge.observed == 13
+    other = OnlineRidge(dim + 1, decay, lam)
+    with pytest.raises(ValueError, match="do not fit D = 6"):
+        other.load_state_dict(ridge.state_dict())
+
+
+def _trained():
+    model = tiny_llama().double()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train_steps(model, opt, 3)
+    return model, opt
+
+
+def _learned(model, opt, **kw) -> FilterThenWeight:
+    config = FTWConfig(budget=K, filter_size=M, gram="exact", prefilter="learned", prefilter_features=16, **kw)
+    return FilterThenWeight(model, opt, config, seed=3)
+
+
+def test_learning_step_is_one_stage_ftw_and_a_scored_step_is_exact_ftw_on_its_survivors():
+    model, opt = _trained()
+    target = make_batch(4, 9, 99)
+    first_pool, pool = make_batch(N, 9, 1), make_batch(N, 9, 2)
+    ftw = _learned(model, opt, prefilter_learn_steps=1, prefilter_explore=0.34)
+    first = ftw.select(first_pool, target)
+    one = FilterThenWeight(model, opt, FTWConfig(budget=K, filter_size=M, gram="exact")).select(first_pool, target)
+    assert torch.equal(first.indices, one.indices)
+    torch.testing.assert_close(first.weights, one.weights)
+    torch.testing.assert_close(first.utility, one.utility)  # the learning step reports the exact u
+    torch.testing.assert_close(first.alignment, one.alignment)
+    # the regression saw every pool row with its exact u
+    phi = hashed_features(first_pool, 16)
+    torch.testing.assert_close(ftw.prefilter.ridge.A, phi.T @ phi)
+    torch.testing.assert_close(ftw.prefilter.ridge.c, phi.T @ one.utility.double())
+
+    drawn = torch.Generator()
+    drawn.set_state(ftw.generator.get_state())
+    sel = ftw.select(pool, target)
+    beta = torch.linalg.solve(phi.T @ phi + torch.eye(phi.shape[1], dtype=torch.float64), phi.T @ one.utility.double())
+    predicted = hashed_features(pool, 16) @ beta
+    torch.testing.assert_close(sel.utility, predicted)  # a scored step reports û
+    explore = round(0.34 * M)
+    order = torch.sort(predicted, descending=True, stable=True).indices
+    rest = order[M - explore :]
+    survivors = torch.cat([order[: M - explore], rest[torch.randperm(rest.numel(), generator=drawn)[:explore]]])
+    rows = survivors.sort().values
+    exact = FilterThenWeight(model, opt, FTWConfig(budget=K, filter_size=M, gram="exact")).select(
+        {key: v[rows] for key, v in pool.items()}, target
+    )
+    assert torch.equal(sel.indices, rows[exact.indices])
+    torch.testing.assert_close(sel.weights, exact.weights)
+    torch.testing.assert_close(sel.alignment[rows], exact.alignment)  # exact b at the survivors, NaN elsewhere
+    assert bool(sel.alignment[[r for r in range(N) if r not in rows.tolist()]].isnan().all())
+    assert sel.diagnostics["prefilter"] == "learned" and sel.diagnostics["stage1_survivors"] == M
+    assert "stage1" in sel.timings
+
+
+def test_learned_stage1_resumes_exactly():
+    model, opt = _trained()
+    target = make_batch(4, 9, 99)
+    pools = [make_batch(N, 9, s) for s in range(4)]
+    straight = _learned(model, opt)
+    for p in pools[:2]:
+        straight.select(p, target)
+    state = straight.state_dict()
+    resumed = _learned(model, opt)
+    resumed.load_state_dict(state)
+    for p in pools[2:]:
+        a, b = straight.select(p, target), resumed.select(p, target)
+        assert torch.equal(a.indices, b.indices)
+        torch.testing.assert_close(a.weights, b.weights)
+        torch.testing.assert_close(a.utility, b.utility)
+
+
+def test_learned_config_errors_name_the_key():
+    with pytest.raises(ValueError, match="prefilter_explore: applies to prefilter='learned' only"):
+        FTWConfig(budget=2, prefilter="head", prefilter_explore=0.5)
+    with pytest.raises(ValueError, match="prefilter_window: applies to prefilter='head' only"):
+        FTWConfig(budget=2, prefilter="learned", prefilter_window=8)
+    with pytest.raises(ValueError, match=r"prefilter_explore: must be in \[0, 1\]"):
+        FTWConfig(budget=2, prefilter="learned", prefilter_explore=1.5)
+    with pytest.raises(ValueError, match="prefilter_learn_steps: must be >= 1"):
+        FTWConfig(budget=2, prefilter="learned", prefilter_learn_steps=0)
+    with pytest.raises(ValueError, match=r"prefilter_decay: must be in \(0, 1\]"):
+        FTWConfig(budget=2, prefilter="learned", prefilter_decay=0.0)
+    with pytest.raises(ValueError, match="prefilter_ridge: must be a finite number > 0"):
+        FTWConfig(budget=2, prefilter="learned", prefilter_ridge=float("nan"))
+    with pytest.raises(ValueError, match="prefilter_features: must be >= 1"):
+        FTWConfig(budget=2, prefilter="learned", prefilter_features=0)
+    with pytest.raises(ValueError, match="prefilter: 'learned' runs stage 2 with the exact b"):
+        FTWConfig(budget=2, prefilter="learned", gram="sketch", exchange="sketches")
