@@ -9,7 +9,10 @@ new samples):
 2. every other method is calibrated on ``calibration_steps`` counted steps, then runs
    round(B / its FLOPs per step) steps (capped by the stream); its FLOPs are that count × its calibrated
    FLOPs per step (counting every step would cost 1.7× the run); its learning-rate schedule spans its own
-   steps, as a user with that budget would set it.
+   steps, as a user with that budget would set it. A method whose steps alternate between two costs (FTW with
+   ``prefilter: learned`` and ``prefilter_stage2: score``: one-stage labelling steps and scored steps) is
+   calibrated on L and L + 1 counted steps (L: its learning steps), so each kind is counted apart, and runs the
+   step count whose scheduled FLOPs (:func:`scheduled_flops`) come nearest B.
 Reported per cell: steps, FLOPs / B, final target loss and exact match, the paired Δ to random with its
 95 % CI, and loss against FLOPs (a PNG).
 """
@@ -60,6 +63,30 @@ def _stored_or_run(path: Path, make) -> dict:
     return json.loads(text)
 
 
+def _total(record: dict) -> float:
+    """A counted run's FLOPs over all its steps (the cumulative count at its last recorded step)."""
+    return float(max(float(v) for v in record["flops"].values()))
+
+
+def labelling_schedule(method: str, options: dict, budget: int) -> tuple[int, int | None] | None:
+    """(learning steps L, labelling period R or None) for FTW with ``prefilter: learned`` and ``prefilter_stage2:
+    score``, whose steps cost either a one-stage labelling step or a scored step; None for a constant step cost."""
+    if method != "ftw":
+        return None
+    opts = resolved_options(method, options, budget)
+    if opts.get("prefilter") != "learned" or opts.get("prefilter_stage2") != "score":
+        return None
+    return int(opts["prefilter_learn_steps"]), opts.get("prefilter_label_every")
+
+
+def scheduled_flops(steps: int, labelled: float, scored: float, learn: int, every: int | None) -> float:
+    """FLOPs of ``steps`` steps of that schedule: the first ``learn`` steps and every ``every``-th step after them
+    label (``labelled`` FLOPs each), the rest are scored (``scored`` each); as selection/ftw/learned.py counts."""
+    after = max(steps - learn, 0)
+    n_label = min(steps, learn) + (after // every if every else 0)
+    return n_label * labelled + (steps - n_label) * scored
+
+
 def job(args: tuple) -> list[dict]:
     """One (cell, seed) of the equal-compute view (module docstring); runs in a worker process."""
     settings, base, cell, seed, todo, budget_label, spec, run_dir = args
@@ -93,12 +120,22 @@ def job(args: tuple) -> list[dict]:
     for label in by_label:
         if label == budget_label:
             continue
-        probe = one(label, calib)
-        per_step = float(max(float(v) for v in probe["flops"].values())) / calib
-        steps = max(1, round(budget / per_step))
+        method, options = by_label[label]
+        period = labelling_schedule(method, options, cell.budget)
+        if period is None:
+            probe = one(label, calib)
+            per_step = _total(probe) / calib
+            scheduled = lambda n, per_step=per_step: float(n) * per_step  # noqa: E731 - one step's cost, n times
+        else:  # a labelling step and a scored step counted apart (module docstring)
+            learn, every = period
+            labelled = _total(one(label, learn)) / learn
+            scored = _total(one(label, learn + 1)) - labelled * learn
+            scheduled = lambda n, a=labelled, b=scored, p=period: scheduled_flops(n, a, b, *p)  # noqa: E731
+        steps = min(range(1, 64 * max_steps), key=lambda n: abs(scheduled(n) - budget))
         capped = steps > max_steps
         record = one(label, min(steps, max_steps), count=False)  # counted on the calibration steps only
-        record["flops"] = {step: float(step) * per_step for step in record["curve"]}
+        record["flops"] = {step: scheduled(int(step)) for step in record["curve"]}
+        per_step = scheduled(steps) / steps
         out.append(dict(record, budget_flops=budget, capped=capped, flops_per_step=per_step))
         print(
             f"[quality/compute] {cell.name} {label:14s} seed {seed}: {record['steps']} steps "

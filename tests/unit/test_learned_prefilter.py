@@ -169,3 +169,67 @@ def test_learned_config_errors_name_the_key():
         FTWConfig(budget=2, prefilter="learned", prefilter_features=0)
     with pytest.raises(ValueError, match="prefilter: 'learned' runs stage 2 with the exact b"):
         FTWConfig(budget=2, prefilter="learned", gram="sketch", exchange="sketches")
+
+
+def test_score_stage2_trains_the_k_best_by_the_score_and_relabels_every_r_steps():
+    model, opt = _trained()
+    target = make_batch(4, 9, 99)
+    pools = [make_batch(N, 9, 10 + s) for s in range(4)]
+    ftw = FilterThenWeight(
+        model,
+        opt,
+        FTWConfig(
+            budget=K,
+            gram="exact",
+            prefilter="learned",
+            prefilter_features=16,
+            prefilter_stage2="score",
+            prefilter_learn_steps=1,
+            prefilter_label_every=3,
+        ),
+    )
+    one_stage = FTWConfig(budget=K, gram="exact")  # the labelling steps: one-stage FTW (filter_ratio 0.5)
+    sels = [ftw.select(p, target) for p in pools]
+    for step in (0, 3):  # the learning step, then every 3rd step after it
+        want = FilterThenWeight(model, opt, one_stage).select(pools[step], target)
+        assert torch.equal(sels[step].indices, want.indices), step
+        torch.testing.assert_close(sels[step].weights, want.weights)
+        assert sels[step].pool_pass is not None
+    phi0 = hashed_features(pools[0], 16)
+    u0 = FilterThenWeight(model, opt, one_stage).select(pools[0], target).utility.double()
+    beta = torch.linalg.solve(phi0.T @ phi0 + torch.eye(phi0.shape[1], dtype=torch.float64), phi0.T @ u0)
+    for step in (1, 2):  # scored: the k best by û, uniform weights, the trainer's own step
+        predicted = hashed_features(pools[step], 16) @ beta
+        torch.testing.assert_close(sels[step].utility, predicted)
+        best = torch.sort(predicted, descending=True, stable=True).indices[:K].sort().values
+        assert torch.equal(sels[step].indices, best)
+        torch.testing.assert_close(sels[step].weights, torch.full((K,), 1.0 / K, dtype=torch.float64))
+        assert sels[step].pool_pass is None and sels[step].diagnostics["prefilter_stage2"] == "score"
+    assert ftw.prefilter.ridge.observed == 2 * N  # steps 0 and 3 labelled the whole pool
+    with pytest.raises(ValueError, match="prefilter_label_every: applies to prefilter_stage2='score' only"):
+        FTWConfig(budget=2, prefilter="learned", prefilter_label_every=4)
+    with pytest.raises(ValueError, match="prefilter_stage2: 'score' applies to prefilter='learned' only"):
+        FTWConfig(budget=2, prefilter="head", prefilter_stage2="score")
+    with pytest.raises(ValueError, match="prefilter_stage2: applies to prefilter='head' only"):
+        FTWConfig(budget=2, prefilter="learned", prefilter_stage2="head")
+
+
+@pytest.mark.parametrize("learn, every", [(2, 16), (1, 3), (2, None), (1, 1)])
+def test_equal_compute_schedule_is_the_selectors_labelling_schedule(learn, every):
+    from benchmarks.quality_compute import labelling_schedule, scheduled_flops
+
+    from optsel.selection.ftw.learned import LearnedPrefilter
+
+    options = {"prefilter": "learned", "prefilter_stage2": "score", "prefilter_learn_steps": learn}
+    if every is not None:
+        options["prefilter_label_every"] = every
+    assert labelling_schedule("ftw", options, 4) == (learn, every)
+    assert labelling_schedule("ftw", {"prefilter": "learned"}, 4) is None and labelling_schedule("random", {}, 4) is None
+    prefilter = LearnedPrefilter(FTWConfig(budget=4, **options), torch.Generator())
+    labelled = []
+    for _ in range(50):  # the selector's own decision, step by step (run() and score_only() both count a step)
+        labelled.append(prefilter.labels_whole_pool())
+        prefilter.steps += 1
+    for steps in range(51):
+        want = sum(labelled[:steps]) * 7.0 + (steps - sum(labelled[:steps])) * 1.0
+        assert scheduled_flops(steps, 7.0, 1.0, learn, every) == want, steps
