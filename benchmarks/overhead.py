@@ -127,6 +127,18 @@ VARIANTS = [
         lambda k, T: {"prefilter": "learned", "filter_size": 2 * k, "prefilter_learn_steps": 1},
     ),
     ("ftw[learned, m=k]", "ftw", lambda k, T: {"prefilter": "learned", "filter_size": k, "prefilter_learn_steps": 1}),
+    # added 2026-12-07 23:55 UTC before any run: no stage 2 on a scored step (the counted and timed steps are scored
+    # steps; 'predicted' amortises the one-stage labelling step every 16, the one-stage row's cost)
+    (
+        "ftw[learned score, R=16]",
+        "ftw",
+        lambda k, T: {
+            "prefilter": "learned",
+            "prefilter_stage2": "score",
+            "prefilter_learn_steps": 1,
+            "prefilter_label_every": 16,
+        },
+    ),
 ]
 
 #: size: (T, k); "cpu-compute" is the speed benchmark's compute-bound CPU size (hidden 256, 4 layers)

@@ -214,7 +214,7 @@ class StepShape:
     (amortised over ``target_refresh``), mu = m/k survivors (two stages), w = W/T the scoring window's share of a
     sample, s = stage 1's target rows / k (0: reused), depth = L/n the share of the decoder blocks stage 1 runs,
     head = h the output layer's share of a forward's FLOPs (:func:`head_share`), stage2: None (one stage),
-    "exact" or "head"."""
+    "exact", "head" or "score"; label_every: R, the labelling period of ``prefilter_stage2: score`` (0: never)."""
 
     r: float
     v: float
@@ -224,6 +224,7 @@ class StepShape:
     depth: float = 1.0
     head: float = 0.0
     stage2: str | None = None
+    label_every: float = 0.0
 
     @classmethod
     def of(cls, config: FTWConfig, n: int, num_target: int, seq_len: int, layers: int, head: float) -> StepShape:
@@ -234,7 +235,9 @@ class StepShape:
         if config.prefilter == "none":
             return cls(r=n / k, v=v, head=head)
         if config.prefilter == "learned":  # stage 1 runs no model: w = 0 (hashing and a D × D solve, no FLOPs)
-            return cls(r=n / k, v=v, mu=config.num_filtered(n) / k, w=0.0, head=head, stage2="exact")
+            stage2 = "score" if config.prefilter_stage2 == "score" else "exact"
+            every = float(config.prefilter_label_every or 0)
+            return cls(r=n / k, v=v, mu=config.num_filtered(n) / k, w=0.0, head=head, stage2=stage2, label_every=every)
         window = config.prefilter_window
         rows = 0 if config.prefilter_target == "reuse" else (config.prefilter_target_rows or num_target)
         return cls(
@@ -257,10 +260,16 @@ def step_flops(shape: StepShape) -> float:
     - stage 1: (r + s)·w·(a + h) with a = depth·(1 − h) + h the forward it runs (h: the head, run at any depth)
       and h once more for forming each head gradient (``prefilter: learned``: w = 0, no model FLOPs; its
       ``prefilter_learn_steps`` one-stage steps are not amortised here);
-    - stage 2 exact: (3μ + 3v + 1) as one stage on the survivors; stage 2 head: 3 (the trainer's own step).
+    - stage 2 exact: (3μ + 3v + 1) as one stage on the survivors; stage 2 head: 3 (the trainer's own step);
+    - ``prefilter_stage2: score``: 1 (the trainer's own step), with a one-stage labelling step every R steps
+      amortised: (one stage + (R − 1))/R (the learning steps are not amortised).
     """
+    one_stage = (3 * shape.r + 3 * shape.v + 1) / 3
     if shape.stage2 is None:
-        return (3 * shape.r + 3 * shape.v + 1) / 3
+        return one_stage
+    if shape.stage2 == "score":  # the trainer's own step, and a one-stage labelling step every R (0: never)
+        R = shape.label_every
+        return (one_stage + (R - 1) * 1.0) / R if R >= 1 else 1.0
     a = shape.depth * (1 - shape.head) + shape.head
     stage1 = (shape.r + shape.s) * shape.w * (a + shape.head)
     stage2 = 3 * shape.mu + 3 * shape.v + 1 if shape.stage2 == "exact" else 3.0

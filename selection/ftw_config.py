@@ -123,7 +123,9 @@ class FTWConfig:
     #: prefilter head: exact (stage 2 as under prefilter) | head (no stage-2 pass: the QP runs on the
     #: head's own b and exact K over the m survivors, from stage 1's factors, and the trainer trains the
     #: chosen rows with its usual forward/backward; the cheapest FTW, scored by the output layer alone)
-    prefilter_stage2: Literal["exact", "head"] = "exact"
+    #: | score (prefilter learned: no stage 2 on most steps — the k best by the learned score with uniform weights and
+    #: the trainer's own step; every prefilter_label_every-th step is an exact one-stage step that labels the pool)
+    prefilter_stage2: Literal["exact", "head", "score"] = "exact"
     #: prefilter head: s, the target rows stage 1's target forward uses per step, drawn without
     #: replacement by the selector's seeded generator (the same rows on every rank): an unbiased,
     #: noisier G_V at s/|V| of the cost (null: every row)
@@ -143,6 +145,9 @@ class FTWConfig:
     prefilter_decay: float = 0.9
     #: prefilter learned: the ridge penalty λ on the regression's weights (features are unit-norm per part)
     prefilter_ridge: float = 1.0
+    #: prefilter learned, stage 2 score: every R-th step after the learning steps labels the whole pool (an exact
+    #: one-stage step) and refits; null: only the learning steps label
+    prefilter_label_every: int | None = None
 
     def __post_init__(self) -> None:
         def bad(field_name: str, message: str) -> ValueError:
@@ -194,7 +199,7 @@ class FTWConfig:
             raise bad("prefilter_window", f"must be >= 2 tokens or null, got {self.prefilter_window}")
         head_only = {
             "prefilter_window": self.prefilter_window is not None,
-            "prefilter_stage2": self.prefilter_stage2 != "exact",
+            "prefilter_stage2": self.prefilter_stage2 == "head",
             "prefilter_target": self.prefilter_target != "forward",
             "prefilter_target_rows": self.prefilter_target_rows is not None,
             "prefilter_depth": self.prefilter_depth is not None,
@@ -242,6 +247,17 @@ class FTWConfig:
         for name in LEARNED_KEYS:
             if getattr(self, name) != defaults[name] and self.prefilter != "learned":
                 raise bad(name, f"applies to prefilter='learned' only (got prefilter={self.prefilter!r})")
+        if self.prefilter_stage2 == "score" and self.prefilter != "learned":
+            raise bad(
+                "prefilter_stage2", f"'score' applies to prefilter='learned' only (got prefilter={self.prefilter!r})"
+            )
+        if self.prefilter_label_every is not None and self.prefilter_stage2 != "score":
+            raise bad(
+                "prefilter_label_every",
+                f"applies to prefilter_stage2='score' only (got prefilter_stage2={self.prefilter_stage2!r})",
+            )
+        if self.prefilter_label_every is not None and self.prefilter_label_every < 1:
+            raise bad("prefilter_label_every", f"must be >= 1 or null, got {self.prefilter_label_every}")
         if self.prefilter_features < 1:
             raise bad("prefilter_features", f"must be >= 1, got {self.prefilter_features}")
         if not 0.0 <= self.prefilter_explore <= 1.0:

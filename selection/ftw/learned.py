@@ -12,7 +12,9 @@ decayed sufficient statistics over every earlier survivor,
 ``prefilter_ridge``). The first ``prefilter_learn_steps`` steps send the whole pool to stage 2 (exact one-stage
 steps that label N candidates each). Then the m survivors are the top m − e by û plus e = round(explore·m)
 drawn uniformly from the rest by the selector's generator (``prefilter_explore``), so the regression keeps
-seeing candidates it would not pick.
+seeing candidates it would not pick. ``prefilter_stage2: score`` skips stage 2 on most steps: the k best by û, with
+uniform weights, train with the trainer's own step; every ``prefilter_label_every``-th step after the learning steps is
+again an exact one-stage step that labels the whole pool.
 
 What it approximates: FTW's utility as far as a linear function of which tokens occur can express it
 (topic, format, length). It cannot tell whether a response is right for its prompt (a bag of tokens does
@@ -123,25 +125,53 @@ class LearnedPrefilter:
     def __init__(self, config: FTWConfig, generator: torch.Generator):
         self.config, self.generator = config, generator
         self.ridge = OnlineRidge(feature_dim(config.prefilter_features), config.prefilter_decay, config.prefilter_ridge)
-        self.steps_labelled = 0
+        self.steps_labelled = 0  # steps whose survivors were fitted on
+        self.steps = 0  # selection steps seen (labelling or not)
         self._features: torch.Tensor | None = None
+        self._labelling = False
+
+    def labels_whole_pool(self) -> bool:
+        """Whether this step sends every candidate to stage 2: the learning steps, and under ``prefilter_stage2:
+        score`` every ``prefilter_label_every``-th step after them."""
+        cfg, learn = self.config, self.config.prefilter_learn_steps
+        if self.steps < learn:
+            return True
+        every = cfg.prefilter_label_every
+        return cfg.prefilter_stage2 == "score" and every is not None and (self.steps - learn + 1) % every == 0
+
+    def features(self, pool: Batch, comm: distributed.CommCounter) -> torch.Tensor:
+        """φ of the whole pool [N, D] (this rank's rows hashed, all-gathered), on the CPU."""
+        local = hashed_features(pool, self.config.prefilter_features)
+        return (distributed.all_gather_cat(local, comm) if distributed.is_distributed() else local).cpu()
+
+    def score_only(
+        self, pool: Batch, comm: distributed.CommCounter, timings: dict[str, float]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``prefilter_stage2: score`` on a step that does not label: (the k best by û, ascending [k]; û [N])."""
+        with phase(timings, comm, "stage1"):
+            feats = self.features(pool, comm)
+            predicted = self.ridge.predict(feats)
+            k = min(self.config.budget, int(feats.shape[0]))
+            chosen = torch.sort(predicted, descending=True, stable=True).indices[:k].sort().values.to(torch.int64)
+        self.steps += 1
+        return chosen, predicted
 
     def run(self, pool: Batch, sizes: list[int], comm: distributed.CommCounter, timings: dict[str, float]) -> Stage1:
-        """Features of the whole pool, the predicted û [N] and the m survivors (every row while learning)."""
+        """Features of the whole pool, the predicted û [N] and the m survivors (every row on a labelling step)."""
         cfg = self.config
         with phase(timings, comm, "stage1"):
-            local = hashed_features(pool, cfg.prefilter_features)
-            feats = (distributed.all_gather_cat(local, comm) if distributed.is_distributed() else local).cpu()
+            feats = self.features(pool, comm)
             n = int(feats.shape[0])
-            if self.steps_labelled < cfg.prefilter_learn_steps:
-                predicted = torch.zeros(n, dtype=torch.float64)
+            self._labelling = self.labels_whole_pool()
+            self.steps += 1
+            predicted = self.ridge.predict(feats) if self.ridge.observed else torch.zeros(n, dtype=torch.float64)
+            if self._labelling:
                 survivors = torch.arange(n, dtype=torch.int64)
             else:
-                predicted = self.ridge.predict(feats)
                 survivors = self._survivors(predicted, cfg.num_filtered(n))
         self._features = feats
         alignment = torch.full((n,), float("nan"), dtype=torch.float64)  # exact b: filled in at the survivors
-        # utility [N]: û, or (a learning step) stage 2's exact u, filled in by observe()
+        # utility [N]: û, or (a labelling step) stage 2's exact u, filled in by observe()
         return Stage1(survivors, alignment, predicted, target_reused=False, kind="learned")
 
     def _survivors(self, predicted: torch.Tensor, m: int) -> torch.Tensor:
@@ -159,7 +189,7 @@ class LearnedPrefilter:
         u = sel.utility.double()[survivors.eligible]
         if sel.alignment is not None:
             stage1.alignment[rows] = sel.alignment.double()[survivors.eligible]
-        if self.steps_labelled < self.config.prefilter_learn_steps:  # a learning step: u is exact everywhere
+        if self._labelling:  # a labelling step: u is exact everywhere
             stage1.utility[rows] = u
         finite = torch.isfinite(u)
         self.ridge.observe(self._features[rows[finite]], u[finite])
@@ -167,12 +197,13 @@ class LearnedPrefilter:
         self._features = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ridge": self.ridge.state_dict(), "steps_labelled": self.steps_labelled}
+        return {"ridge": self.ridge.state_dict(), "steps_labelled": self.steps_labelled, "steps": self.steps}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if "ridge" in state:
             self.ridge.load_state_dict(state["ridge"])
         self.steps_labelled = int(state.get("steps_labelled", 0))
+        self.steps = int(state.get("steps", self.steps_labelled))
 
 
 __all__ = ["LearnedPrefilter", "OnlineRidge", "feature_dim", "hashed_features"]

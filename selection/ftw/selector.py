@@ -117,6 +117,9 @@ class FilterThenWeight(Selector):
             return self._warmup_selection(sizes, timings)
         if self.prefilter is None:
             return self._select_exact(pool, target, sizes, timings)
+        if isinstance(self.prefilter, LearnedPrefilter) and self.config.prefilter_stage2 == "score":
+            if not self.prefilter.labels_whole_pool():
+                return self._select_by_score(self.prefilter, pool, sizes, timings)
         return self._select_two_stage(self.prefilter, pool, target, sizes, timings)
 
     def _select_two_stage(
@@ -325,6 +328,36 @@ class FilterThenWeight(Selector):
             timings=timings,
             diagnostics=diagnostics,
             pool_pass=pool_pass,
+        )
+
+    def _select_by_score(
+        self, prefilter: LearnedPrefilter, pool: Batch, sizes: list[int], timings: dict[str, float]
+    ) -> Selection:
+        """``prefilter_stage2: score`` on a step that does not label: the k best by the learned score, uniform
+        weights, no pool pass (the trainer trains the chosen rows with its own forward/backward)."""
+        indices, predicted = prefilter.score_only(pool, self.comm, timings)
+        weights = torch.full((int(indices.numel()),), 1.0 / max(int(indices.numel()), 1), dtype=torch.float64)
+        self.step += 1
+        local_idx, local_w = split_local(indices, weights, sizes, distributed.info().rank)
+        return Selection(
+            indices=indices,
+            weights=weights,
+            local_indices=local_idx,
+            local_weights=local_w,
+            pool_size=sum(sizes),
+            alignment=torch.full((sum(sizes),), float("nan"), dtype=torch.float64),
+            utility=predicted,
+            filtered=indices,
+            covered=list(self.covered),
+            timings=timings,
+            diagnostics={
+                "prefilter": "learned",
+                "prefilter_stage2": "score",
+                "stage1_survivors": int(indices.numel()),
+                "fallbacks": {},
+                "fallbacks_total": dict(self.counters),
+                "comm_bytes": self.comm.bytes,
+            },
         )
 
     def _warmup_selection(self, sizes: list[int], timings: dict[str, float]) -> Selection:

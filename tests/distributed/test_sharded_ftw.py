@@ -76,6 +76,7 @@ TWO_STAGE = FTWConfig(
 LEARNED = dataclasses.replace(
     TWO_STAGE, prefilter="learned", prefilter_window=None, prefilter_learn_steps=1, prefilter_features=16
 )
+LEARNED_SCORE = dataclasses.replace(LEARNED, prefilter_stage2="score")  # a labelling step, then the k best by û
 
 
 def half(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
@@ -111,6 +112,11 @@ def chunked_configs() -> dict[str, FTWConfig]:
         "one_stage": dataclasses.replace(ftw_config("exact+direction"), capture_chunk_tokens=CHUNK_TOKENS),
         "two_stage": dataclasses.replace(TWO_STAGE, capture_chunk_tokens=CHUNK_TOKENS),
     }
+
+
+def _learned_fields(sel) -> dict:
+    """What a learned stage 1's selection must agree on (a scored step has no Gram nor FTW's diagnostics)."""
+    return {f: getattr(sel, f).clone() for f in ("indices", "weights", "alignment", "utility")}
 
 
 def _sel_fields(sel) -> dict:
@@ -309,8 +315,9 @@ def _body(rank: int, world: int, engine_name: str, ds_config_path: str) -> dict:
     out["two_stage_depth"] = _sel_fields(FilterThenWeight(model, opt, early).select(pool, target))
     # the learned stage 1: a learning step (the whole pool to stage 2), then a scored step (features all-gathered,
     # the regression fitted on stage 2's utilities: the same statistics on every rank)
-    learned = FilterThenWeight(model, opt, LEARNED)
-    out["two_stage_learned"] = [_sel_fields(learned.select(pool, target)) for _ in range(2)]
+    for name, cfg in (("two_stage_learned", LEARNED), ("two_stage_score", LEARNED_SCORE)):
+        learned = FilterThenWeight(model, opt, cfg)
+        out[name] = [_learned_fields(learned.select(pool, target)) for _ in range(2)]
     # length-sorted capture passes under a token budget on a pool whose halves differ in length: the ranks
     # plan different pass counts and must run the same number of forwards (agreed), or the engine's gathers hang
     forwards: list[int] = []
@@ -338,6 +345,7 @@ def _reference(
     config: FTWConfig | None = None,
     pool: dict | None = None,
     selects: int = 1,
+    fields=_sel_fields,
 ) -> tuple[dict, torch.nn.Module, torch.optim.Optimizer]:
     """One process's selection (the last of ``selects`` calls of one selector) from the ranks' gathered state."""
     model = odd_llama()
@@ -354,7 +362,7 @@ def _reference(
     ftw = FilterThenWeight(model, opt, config or ftw_config(gram))
     for _ in range(selects):
         sel = ftw.select(pool if pool is not None else pool_batch(), target_batch())
-    return _sel_fields(sel), model, opt
+    return fields(sel), model, opt
 
 
 def _check_two_stage(results: list[dict]) -> None:
@@ -369,10 +377,16 @@ def _check_two_stage(results: list[dict]) -> None:
     depth_ref, _, _ = _reference(
         results[0]["state_after"], "exact", config=dataclasses.replace(TWO_STAGE, prefilter_depth=0)
     )
-    learned_ref = [_reference(results[0]["state_after"], "exact", config=LEARNED, selects=n)[0] for n in (1, 2)]
+    learned_ref = {
+        name: [
+            _reference(results[0]["state_after"], "exact", config=cfg, selects=n, fields=_learned_fields)[0]
+            for n in (1, 2)
+        ]
+        for name, cfg in (("two_stage_learned", LEARNED), ("two_stage_score", LEARNED_SCORE))
+    }
     for rank, res in enumerate(results):
-        for step, (got, want) in enumerate(zip(res["two_stage_learned"], learned_ref)):
-            where = f"learned stage 1 rank {rank} step {step}"
+        for name, step in ((name, step) for name in learned_ref for step in range(2)):
+            got, want, where = res[name][step], learned_ref[name][step], f"{name} rank {rank} step {step}"
             assert torch.equal(got["indices"], want["indices"]), (where, got["indices"], want["indices"])
             torch.testing.assert_close(got["weights"], want["weights"], rtol=1e-4, atol=1e-6, msg=where)
             for f in ("alignment", "utility"):  # b: exact at the survivors, NaN (not computed) elsewhere

@@ -224,7 +224,9 @@ def test_equal_compute_schedule_is_the_selectors_labelling_schedule(learn, every
     if every is not None:
         options["prefilter_label_every"] = every
     assert labelling_schedule("ftw", options, 4) == (learn, every)
-    assert labelling_schedule("ftw", {"prefilter": "learned"}, 4) is None and labelling_schedule("random", {}, 4) is None
+    assert (
+        labelling_schedule("ftw", {"prefilter": "learned"}, 4) is None and labelling_schedule("random", {}, 4) is None
+    )
     prefilter = LearnedPrefilter(FTWConfig(budget=4, **options), torch.Generator())
     labelled = []
     for _ in range(50):  # the selector's own decision, step by step (run() and score_only() both count a step)

@@ -15,6 +15,7 @@ VARIANTS = [
     "ftw[head, m=2k]",
     "ftw[head, m=k, W=T/4]",
     "ftw[head, m=k, exit L=0]",
+    "ftw[learned, m=k]",
 ]
 
 
@@ -34,6 +35,14 @@ def test_step_flops_predicts_the_counted_step(counted, label):
     pred = predicted_ratio(label, "small", counted["T"], counted["k"], counted["N"], counted["V"])
     assert pred is not None
     assert abs(pred - got) <= 0.15 * got, (label, pred, got)
+
+
+def test_score_stage2_amortises_its_labelling_steps():
+    one = step_flops(StepShape.of(FTWConfig(budget=4), 16, 4, 32, 2, 0.1))
+    every = FTWConfig(budget=4, prefilter="learned", prefilter_stage2="score", prefilter_label_every=8)
+    assert step_flops(StepShape.of(every, 16, 4, 32, 2, 0.1)) == pytest.approx((one + 7) / 8)
+    never = FTWConfig(budget=4, prefilter="learned", prefilter_stage2="score")
+    assert step_flops(StepShape.of(never, 16, 4, 32, 2, 0.1)) == 1.0
 
 
 def test_step_shape_reads_the_config():
