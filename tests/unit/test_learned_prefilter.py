@@ -217,7 +217,6 @@ def test_score_stage2_trains_the_k_best_by_the_score_and_relabels_every_r_steps(
 @pytest.mark.parametrize("learn, every", [(2, 16), (1, 3), (2, None), (1, 1)])
 def test_equal_compute_schedule_is_the_selectors_labelling_schedule(learn, every):
     from benchmarks.quality_compute import labelling_schedule, scheduled_flops
-
     from optsel.selection.ftw.learned import LearnedPrefilter
 
     options = {"prefilter": "learned", "prefilter_stage2": "score", "prefilter_learn_steps": learn}
