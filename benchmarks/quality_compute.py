@@ -71,12 +71,15 @@ def _total(record: dict) -> float:
 def labelling_schedule(method: str, options: dict, budget: int) -> tuple[int, int | None] | None:
     """(learning steps L, labelling period R or None) for FTW with ``prefilter: learned`` and ``prefilter_stage2:
     score``, whose steps cost either a one-stage labelling step or a scored step; None for a constant step cost."""
+    from optsel.config_loader import from_mapping
+    from optsel.selection.ftw_config import FTWConfig
+
     if method != "ftw":
         return None
-    opts = resolved_options(method, options, budget)
-    if opts.get("prefilter") != "learned" or opts.get("prefilter_stage2") != "score":
+    config = from_mapping(FTWConfig, {"budget": budget, **options}, f"options.{method}")
+    if config.prefilter != "learned" or config.prefilter_stage2 != "score":
         return None
-    return int(opts["prefilter_learn_steps"]), opts.get("prefilter_label_every")
+    return config.prefilter_learn_steps, config.prefilter_label_every
 
 
 def scheduled_flops(steps: int, labelled: float, scored: float, learn: int, every: int | None) -> float:

@@ -293,14 +293,20 @@ class RunResult:
 
 
 def resolved_options(method: str, options: dict, budget: int) -> dict:
-    """The selector's typed config as it will run (defaults filled in), so a changed default is a new run."""
+    """The selector's typed config as it will run (defaults filled in), so a changed default is a new run; FTW keys
+    added after runs were stored are left out at their default (``ftw_config.LATE_KEYS``)."""
     from optsel.config_loader import from_mapping, to_plain
     from optsel.selection.base import get_selector_factory
+    from optsel.selection.ftw_config import LATE_KEYS, FTWConfig
 
     config_class = getattr(get_selector_factory(method), "config_class", None)
     if config_class is None:
         return dict(options)
-    return to_plain(from_mapping(config_class, {"budget": budget, **options}, f"options.{method}"))
+    resolved = to_plain(from_mapping(config_class, {"budget": budget, **options}, f"options.{method}"))
+    if issubclass(config_class, FTWConfig):  # keys added later, at their default: left out (ftw_config.LATE_KEYS)
+        defaults = {f.name: f.default for f in dataclasses.fields(FTWConfig)}
+        resolved = {k: v for k, v in resolved.items() if not (k in LATE_KEYS and v == defaults[k])}
+    return resolved
 
 
 def build_selector(

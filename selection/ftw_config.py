@@ -17,6 +17,9 @@ LEARNED_KEYS = (
     "prefilter_decay",
     "prefilter_ridge",
 )
+#: keys added after benchmark runs were stored: a run's stored key (benchmarks/quality_runs.py ``resolved_options``)
+#: leaves them out while they hold their default, where they change nothing, so the stored runs stay valid
+LATE_KEYS = (*LEARNED_KEYS, "prefilter_label_every")
 
 #: the allowed values of the options that name an implementation, written once (the registries read them)
 GramBackend = Literal["exact", "ghost", "sketch", "auto"]

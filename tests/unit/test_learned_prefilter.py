@@ -234,3 +234,13 @@ def test_equal_compute_schedule_is_the_selectors_labelling_schedule(learn, every
     for steps in range(51):
         want = sum(labelled[:steps]) * 7.0 + (steps - sum(labelled[:steps])) * 1.0
         assert scheduled_flops(steps, 7.0, 1.0, learn, every) == want, steps
+
+
+def test_stored_run_keys_leave_out_the_late_keys_at_their_default():
+    from benchmarks.quality_runs import resolved_options
+    from optsel.selection.ftw_config import LATE_KEYS
+
+    plain = resolved_options("ftw", {}, 4)
+    assert not set(LATE_KEYS) & set(plain) and plain["prefilter"] == "none"  # a stored one-stage run keeps its key
+    learned = resolved_options("ftw", {"prefilter": "learned", "prefilter_explore": 1.0}, 4)
+    assert learned["prefilter_explore"] == 1.0 and "prefilter_decay" not in learned
