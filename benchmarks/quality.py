@@ -382,8 +382,9 @@ def _equal_compute(
         "description": (
             f"Budget: the counted FLOPs of `{spec['budget_method']}`'s {settings.steps}-step run per cell "
             f"and seed; every other method runs round(budget / its FLOPs per step) steps (calibrated "
-            f"on {spec['calibration_steps']} counted steps) on a stream {spec['stream_factor']}× the "
-            f"equal-samples one; N = {settings.pool}, seeds {settings.seeds}."
+            f"on {spec['calibration_steps']} counted steps; a learned score without stage 2, whose labelling and "
+            f"scored steps differ, on one of each, and the step count whose scheduled FLOPs come nearest the budget) "
+            f"on a stream {spec['stream_factor']}× the equal-samples one; N = {settings.pool}, seeds {settings.seeds}."
         ),
     }
     (out / "summary.json").write_text(jsonio.dumps({"meta": meta, "cells": summaries}, indent=2))
