@@ -10,7 +10,7 @@ decayed sufficient statistics over every earlier survivor,
 
 (Φ_s [m, D], u_s [m]: the last step's survivors and their exact u; γ = ``prefilter_decay``, λ =
 ``prefilter_ridge``). The first ``prefilter_learn_steps`` steps send the whole pool to stage 2 (exact one-stage
-steps that label N candidates each). Then the m survivors are the top m − e by û plus e = round(explore·m)
+steps that label N candidates each; stage 2 keeps every survivor with u > 0, so their QP has no filter cap). Then the m survivors are the top m − e by û plus e = round(explore·m)
 drawn uniformly from the rest by the selector's generator (``prefilter_explore``), so the regression keeps
 seeing candidates it would not pick. ``prefilter_stage2: score`` skips stage 2 on most steps: the k best by û, with
 uniform weights, train with the trainer's own step; every ``prefilter_label_every``-th step after the learning steps is

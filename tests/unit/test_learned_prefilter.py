@@ -103,10 +103,15 @@ def test_learning_step_is_one_stage_ftw_and_a_scored_step_is_exact_ftw_on_its_su
     first_pool, pool = make_batch(N, 9, 1), make_batch(N, 9, 2)
     ftw = _learned(model, opt, prefilter_learn_steps=1, prefilter_explore=0.34)
     first = ftw.select(first_pool, target)
-    one = FilterThenWeight(model, opt, FTWConfig(budget=K, filter_size=M, gram="exact")).select(first_pool, target)
+    # the learning step: one-stage FTW whose filter keeps every candidate with u > 0 (stage 2 keeps every survivor)
+    one = FilterThenWeight(model, opt, FTWConfig(budget=K, filter_size=N, gram="exact")).select(first_pool, target)
     assert torch.equal(first.indices, one.indices)
     torch.testing.assert_close(first.weights, one.weights)
     torch.testing.assert_close(first.utility, one.utility)  # the learning step reports the exact u
+    # no filter cap on a labelling step: every candidate with u > 0 reaches the QP (a pool that is its own target: 10 > M)
+    own = _learned(model, opt, prefilter_learn_steps=1).select(first_pool, first_pool)
+    positive = torch.nonzero(own.utility > 0).flatten()
+    assert positive.numel() > M and set(own.filtered.tolist()) == set(positive.tolist())
     torch.testing.assert_close(first.alignment, one.alignment)
     # the regression saw every pool row with its exact u
     phi = hashed_features(first_pool, 16)
@@ -188,7 +193,7 @@ def test_score_stage2_trains_the_k_best_by_the_score_and_relabels_every_r_steps(
             prefilter_label_every=3,
         ),
     )
-    one_stage = FTWConfig(budget=K, gram="exact")  # the labelling steps: one-stage FTW (filter_ratio 0.5)
+    one_stage = FTWConfig(budget=K, gram="exact", filter_ratio=1.0)  # labelling: one stage, every u > 0 to the QP
     sels = [ftw.select(p, target) for p in pools]
     for step in (0, 3):  # the learning step, then every 3rd step after it
         want = FilterThenWeight(model, opt, one_stage).select(pools[step], target)
