@@ -164,9 +164,7 @@ def summarize(records: list[dict], cells: list[str], budget_label: str) -> list[
             em_diff = report.mean_ci(report._paired(runs, m, "random", seeds, "final_em"))
             rows[m] = {
                 "steps": report.mean_ci([r["steps"] for r in mine]),
-                "flops_over_budget": report.mean_ci(
-                    [float(max(float(v) for v in r["flops"].values())) / r["budget_flops"] for r in mine]
-                ),
+                "flops_over_budget": report.mean_ci([_total(r) / r["budget_flops"] for r in mine]),
                 "final_loss": report.mean_ci([runs[(m, s)].final_loss for s in seeds if (m, s) in runs]),
                 "final_em": report.mean_ci([runs[(m, s)].final_em for s in seeds if (m, s) in runs]),
                 "delta_vs_random": diff,

@@ -125,7 +125,6 @@ class LearnedPrefilter:
     def __init__(self, config: FTWConfig, generator: torch.Generator):
         self.config, self.generator = config, generator
         self.ridge = OnlineRidge(feature_dim(config.prefilter_features), config.prefilter_decay, config.prefilter_ridge)
-        self.steps_labelled = 0  # steps whose survivors were fitted on
         self.steps = 0  # selection steps seen (labelling or not)
         self._features: torch.Tensor | None = None
         self._labelling = False
@@ -193,17 +192,15 @@ class LearnedPrefilter:
             stage1.utility[rows] = u
         finite = torch.isfinite(u)
         self.ridge.observe(self._features[rows[finite]], u[finite])
-        self.steps_labelled += 1
         self._features = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ridge": self.ridge.state_dict(), "steps_labelled": self.steps_labelled, "steps": self.steps}
+        return {"ridge": self.ridge.state_dict(), "steps": self.steps}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if "ridge" in state:
             self.ridge.load_state_dict(state["ridge"])
-        self.steps_labelled = int(state.get("steps_labelled", 0))
-        self.steps = int(state.get("steps", self.steps_labelled))
+        self.steps = int(state.get("steps", 0))
 
 
 __all__ = ["LearnedPrefilter", "OnlineRidge", "feature_dim", "hashed_features"]

@@ -26,7 +26,16 @@ from torch import nn
 from optsel import distributed
 from optsel.selection import gram as gram_ops
 from optsel.selection import muon_geometry
-from optsel.selection.base import Batch, Selection, Selector, agree, register_selector, split_local, timed
+from optsel.selection.base import (
+    Batch,
+    Selection,
+    Selector,
+    agree,
+    register_selector,
+    split_local,
+    timed,
+    uniform_selection,
+)
 from optsel.selection.capture import (
     Coverage,
     Factors,
@@ -336,54 +345,27 @@ class FilterThenWeight(Selector):
         """``prefilter_stage2: score`` on a step that does not label: the k best by the learned score, uniform
         weights, no pool pass (the trainer trains the chosen rows with its own forward/backward)."""
         indices, predicted = prefilter.score_only(pool, self.comm, timings)
-        weights = torch.full((int(indices.numel()),), 1.0 / max(int(indices.numel()), 1), dtype=torch.float64)
         self.step += 1
-        local_idx, local_w = split_local(indices, weights, sizes, distributed.info().rank)
-        return Selection(
-            indices=indices,
-            weights=weights,
-            local_indices=local_idx,
-            local_weights=local_w,
-            pool_size=sum(sizes),
-            alignment=torch.full((sum(sizes),), float("nan"), dtype=torch.float64),
-            utility=predicted,
-            filtered=indices,
-            covered=list(self.covered),
-            timings=timings,
-            diagnostics={
-                "prefilter": "learned",
-                "prefilter_stage2": "score",
-                "stage1_survivors": int(indices.numel()),
-                "fallbacks": {},
-                "fallbacks_total": dict(self.counters),
-                "comm_bytes": self.comm.bytes,
-            },
-        )
+        diagnostics = {"prefilter": "learned", "prefilter_stage2": "score", "stage1_survivors": int(indices.numel())}
+        sel = uniform_selection(indices, sizes, timings, {**diagnostics, **self._plain_diagnostics()}, predicted)
+        sel.alignment = torch.full((sum(sizes),), float("nan"), dtype=torch.float64)  # b: not computed
+        sel.filtered, sel.covered = sel.indices, list(self.covered)
+        return sel
 
     def _warmup_selection(self, sizes: list[int], timings: dict[str, float]) -> Selection:
         """``warmup_steps``: k of the N global candidates at random, uniform weights (the selector's
         generator: the same on every rank)."""
         with timed(timings, "select"):
             n, k = sum(sizes), min(self.config.budget, sum(sizes))
-            indices = torch.randperm(n, generator=self.generator)[:k].sort().values.to(torch.int64)
-            weights = torch.full((k,), 1.0 / k, dtype=torch.float64)
+            indices = torch.randperm(n, generator=self.generator)[:k]
         self.step += 1
-        local_idx, local_w = split_local(indices, weights, sizes, distributed.info().rank)
-        return Selection(
-            indices=indices,
-            weights=weights,
-            local_indices=local_idx,
-            local_weights=local_w,
-            pool_size=n,
-            covered=list(self.covered),
-            timings=timings,
-            diagnostics={
-                "warmup": True,
-                "fallbacks": {},
-                "fallbacks_total": dict(self.counters),
-                "comm_bytes": self.comm.bytes,
-            },
-        )
+        sel = uniform_selection(indices, sizes, timings, {"warmup": True, **self._plain_diagnostics()})
+        sel.covered = list(self.covered)
+        return sel
+
+    def _plain_diagnostics(self) -> dict[str, Any]:
+        """The diagnostics of a step that ran no FTW machinery (no fallback, the running totals, the bytes)."""
+        return {"fallbacks": {}, "fallbacks_total": dict(self.counters), "comm_bytes": self.comm.bytes}
 
     def _draw_proportional(
         self, support: torch.Tensor, weights: torch.Tensor, k: int
