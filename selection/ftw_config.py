@@ -16,6 +16,7 @@ LEARNED_KEYS = (
     "prefilter_learn_steps",
     "prefilter_decay",
     "prefilter_ridge",
+    "prefilter_overlap",
 )
 #: keys added after benchmark runs were stored: a run's stored key (benchmarks/quality_runs.py ``resolved_options``)
 #: leaves them out while they hold their default, where they change nothing, so the stored runs stay valid
@@ -148,6 +149,9 @@ class FTWConfig:
     prefilter_decay: float = 0.9
     #: prefilter learned: the ridge penalty λ on the regression's weights (features are unit-norm per part)
     prefilter_ridge: float = 1.0
+    #: prefilter learned: add 3 prompt-response overlap features (the share of the response's tokens, bigrams and
+    #: reversed bigrams that occur in the prompt), which can tell a mismatched or reordered answer from its prompt
+    prefilter_overlap: bool = False
     #: prefilter learned, stage 2 score: every R-th step after the learning steps labels the whole pool (an exact
     #: one-stage step) and refits; null: only the learning steps label
     prefilter_label_every: int | None = None
@@ -263,6 +267,8 @@ class FTWConfig:
             raise bad("prefilter_label_every", f"must be >= 1 or null, got {self.prefilter_label_every}")
         if self.prefilter_features < 1:
             raise bad("prefilter_features", f"must be >= 1, got {self.prefilter_features}")
+        if not isinstance(self.prefilter_overlap, bool):
+            raise bad("prefilter_overlap", f"must be true or false, got {self.prefilter_overlap!r}")
         if not 0.0 <= self.prefilter_explore <= 1.0:
             raise bad("prefilter_explore", f"must be in [0, 1], got {self.prefilter_explore}")
         if self.prefilter_learn_steps < 1:

@@ -1,26 +1,29 @@
 """Stage 1 of two-stage FTW, ``prefilter: learned`` (docs/design.md, "Two stages"): a score that runs no model.
 
-Each candidate i is described by model-free features φ_i [D], D = 2B + 3: its token unigram and bigram counts
-hashed into B buckets (``prefilter_features``) for the prompt (attended, unlabelled positions) and for the
-response (labelled positions) apart, each part scaled to unit L2 norm, then a constant 1 and log(1 + tokens) of
-each part. The score is a ridge regression of stage 2's exact FTW utility u on φ, refitted every step from
-decayed sufficient statistics over every earlier survivor,
+Each candidate i is described by model-free features φ_i [D], D = 2B + 3 (+ 3 with ``prefilter_overlap``): its
+token unigram and bigram counts hashed into B buckets (``prefilter_features``) for the prompt (attended, unlabelled
+positions) and for the response (labelled positions) apart, each part scaled to unit L2 norm, then a constant 1 and
+log(1 + tokens) of each part; with ``prefilter_overlap`` the share of the response's tokens, of its bigrams and of
+its reversed bigrams that occur in the prompt (a comparison of the response with its prompt). The score is a ridge
+regression of stage 2's exact FTW utility u on φ, refitted every step from decayed sufficient statistics over every
+earlier survivor,
 
     A ← γ A + Φ_sᵀ Φ_s,   c ← γ c + Φ_sᵀ u_s,   β = (A + λ I)⁻¹ c,   û_i = φ_iᵀ β
 
 (Φ_s [m, D], u_s [m]: the last step's survivors and their exact u; γ = ``prefilter_decay``, λ =
 ``prefilter_ridge``). The first ``prefilter_learn_steps`` steps send the whole pool to stage 2 (exact one-stage
-steps that label N candidates each; stage 2 keeps every survivor with u > 0, so their QP has no filter cap). Then the m survivors are the top m − e by û plus e = round(explore·m)
-drawn uniformly from the rest by the selector's generator (``prefilter_explore``), so the regression keeps
-seeing candidates it would not pick. ``prefilter_stage2: score`` skips stage 2 on most steps: the k best by û, with
-uniform weights, train with the trainer's own step; every ``prefilter_label_every``-th step after the learning steps is
-again an exact one-stage step that labels the whole pool.
+steps that label N candidates each; stage 2 keeps every survivor with u > 0, so their QP has no filter cap). Then
+the m survivors are the top m − e by û plus e = round(explore·m) drawn uniformly from the rest by the selector's
+generator (``prefilter_explore``), so the regression keeps seeing candidates it would not pick. ``prefilter_stage2:
+score`` skips stage 2 on most steps: the k best by û, with uniform weights, train with the trainer's own step; every
+``prefilter_label_every``-th step after the learning steps is again an exact one-stage step that labels the pool.
 
 What it approximates: FTW's utility as far as a linear function of which tokens occur can express it
-(topic, format, length). It cannot tell whether a response is right for its prompt (a bag of tokens does
-not compare them), and it follows the model's state only through the refit, one step late. Cost: O(T)
-integer work per candidate and one D × D solve per step; no FLOPs of the model, no collective beyond one
-all-gather of the N × D features. Every rank holds the same statistics (fitted on gathered features and
+(topic, format, length). Without the overlap shares it cannot tell whether a response is right for its prompt (a
+bag of tokens does not compare them); with them it sees how much of the response its prompt contains, which tells
+a copied, extracted or mismatched answer, not a wrong computation. It follows the model's state only through the
+refit, one step late. Cost: O(T) integer work per candidate and one D × D solve per step; no FLOPs of the model,
+no collective beyond one all-gather of the N × D features. Every rank holds the same statistics (fitted on gathered features and
 stage 2's utilities, which are identical on every rank), so R ranks pick what one process picks.
 """
 
@@ -44,9 +47,9 @@ _BIGRAM = (999_983, 11)
 _BIGRAM_BASE = 1_048_583  # a prime above 2^20: (a, b) → a·base + b is one-to-one for token ids below it
 
 
-def feature_dim(buckets: int) -> int:
-    """D: 2 parts × ``buckets`` hashed counts, a constant and log(1 + tokens) of each part."""
-    return 2 * buckets + 3
+def feature_dim(buckets: int, overlap: bool = False) -> int:
+    """D: 2 parts × ``buckets`` hashed counts, a constant and log(1 + tokens) of each part (+ 3 overlap shares)."""
+    return 2 * buckets + 3 + (3 if overlap else 0)
 
 
 def _bucket(keys: torch.Tensor, salt: tuple[int, int], buckets: int) -> torch.Tensor:
@@ -54,11 +57,11 @@ def _bucket(keys: torch.Tensor, salt: tuple[int, int], buckets: int) -> torch.Te
     return ((keys % _MODULUS) * mult + add) % _MODULUS % buckets
 
 
-def hashed_features(batch: Mapping[str, torch.Tensor], buckets: int) -> torch.Tensor:
+def hashed_features(batch: Mapping[str, torch.Tensor], buckets: int, overlap: bool = False) -> torch.Tensor:
     """φ [n, D] float64 on the batch's device (module docstring). Token t is in the response when
     ``labels[t] != -100`` (the labels are aligned with the inputs, as Hugging Face's causal LMs take them),
     in the prompt when attended and unlabelled; the bigram (t − 1, t) counts for t's part when t − 1 is
-    attended. Token ids must be in [0, 1_048_583)."""
+    attended. Token ids must be in [0, 1_048_583). ``overlap``: the 3 columns of :func:`overlap_features` last."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"].bool(), batch["labels"]
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= _BIGRAM_BASE):
         raise ValueError(f"prefilter: 'learned' hashes token ids in [0, {_BIGRAM_BASE}), got {int(ids.max())}")
@@ -77,7 +80,32 @@ def hashed_features(batch: Mapping[str, torch.Tensor], buckets: int) -> torch.Te
         counts.scatter_add_(1, bi, (part & has_prev).double())
         parts.append(counts / counts.norm(dim=1, keepdim=True).clamp(min=1e-12))
     lengths = torch.stack([prompt.sum(1), response.sum(1)], dim=1).double()
-    return torch.cat([*parts, torch.ones(n, 1, dtype=torch.float64, device=ids.device), lengths.log1p()], dim=1)
+    extra = [overlap_features(ids.long(), prompt, response)] if overlap else []
+    return torch.cat([*parts, torch.ones(n, 1, dtype=torch.float64, device=ids.device), lengths.log1p(), *extra], dim=1)
+
+
+def _in_prompt(
+    keys: torch.Tensor, of: torch.Tensor, prompt_keys: torch.Tensor, in_prompt: torch.Tensor
+) -> torch.Tensor:
+    """[n, T'] bool: whether ``keys[i, t]`` (where ``of``) occurs among row i's ``prompt_keys`` (where ``in_prompt``).
+    Keys are < 2^41; the row index is added above them so one ``isin`` answers every row."""
+    row = torch.arange(keys.shape[0], device=keys.device).unsqueeze(1) << 41
+    return torch.isin(keys + row, (prompt_keys + row)[in_prompt]) & of
+
+
+def overlap_features(ids: torch.Tensor, prompt: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
+    """[n, 3] float64: the share of the response's tokens whose id occurs in the prompt, of its bigrams (both tokens in
+    the response) that occur as prompt bigrams (both in the prompt), and of its bigrams (a, b) whose reverse (b, a) is a
+    prompt bigram; 0 for a row without a response token (or bigram). ids [n, T] int64 in [0, 2^20); masks [n, T]."""
+    big = ids[:, :-1] * _BIGRAM_BASE + ids[:, 1:]
+    rev = ids[:, 1:] * _BIGRAM_BASE + ids[:, :-1]
+    prompt_bi, response_bi = prompt[:, :-1] & prompt[:, 1:], response[:, :-1] & response[:, 1:]
+    hits = [
+        (_in_prompt(ids, response, ids, prompt), response),
+        (_in_prompt(big, response_bi, big, prompt_bi), response_bi),
+        (_in_prompt(rev, response_bi, big, prompt_bi), response_bi),
+    ]
+    return torch.stack([h.sum(1).double() / of.sum(1).clamp(min=1).double() for h, of in hits], dim=1)
 
 
 class OnlineRidge:
@@ -113,7 +141,7 @@ class OnlineRidge:
         if A.shape != (self.dim, self.dim) or c.shape != (self.dim,):
             raise ValueError(
                 f"prefilter learned state: statistics of shape {tuple(A.shape)}, {tuple(c.shape)} do not fit "
-                f"D = {self.dim} (was prefilter_features changed since the checkpoint?)"
+                f"D = {self.dim} (was prefilter_features or prefilter_overlap changed since the checkpoint?)"
             )
         self.A, self.c, self.observed = A.clone(), c.clone(), int(state["observed"])
 
@@ -124,7 +152,8 @@ class LearnedPrefilter:
 
     def __init__(self, config: FTWConfig, generator: torch.Generator):
         self.config, self.generator = config, generator
-        self.ridge = OnlineRidge(feature_dim(config.prefilter_features), config.prefilter_decay, config.prefilter_ridge)
+        dim = feature_dim(config.prefilter_features, config.prefilter_overlap)
+        self.ridge = OnlineRidge(dim, config.prefilter_decay, config.prefilter_ridge)
         self.steps = 0  # selection steps seen (labelling or not)
         self._features: torch.Tensor | None = None
         self._labelling = False
@@ -140,7 +169,7 @@ class LearnedPrefilter:
 
     def features(self, pool: Batch, comm: distributed.CommCounter) -> torch.Tensor:
         """φ of the whole pool [N, D] (this rank's rows hashed, all-gathered), on the CPU."""
-        local = hashed_features(pool, self.config.prefilter_features)
+        local = hashed_features(pool, self.config.prefilter_features, self.config.prefilter_overlap)
         return (distributed.all_gather_cat(local, comm) if distributed.is_distributed() else local).cpu()
 
     def score_only(
@@ -203,4 +232,4 @@ class LearnedPrefilter:
         self.steps = int(state.get("steps", 0))
 
 
-__all__ = ["LearnedPrefilter", "OnlineRidge", "feature_dim", "hashed_features"]
+__all__ = ["LearnedPrefilter", "OnlineRidge", "feature_dim", "hashed_features", "overlap_features"]

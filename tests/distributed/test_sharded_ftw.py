@@ -76,7 +76,9 @@ TWO_STAGE = FTWConfig(
 LEARNED = dataclasses.replace(
     TWO_STAGE, prefilter="learned", prefilter_window=None, prefilter_learn_steps=1, prefilter_features=16
 )
-LEARNED_SCORE = dataclasses.replace(LEARNED, prefilter_stage2="score")  # a labelling step, then the k best by û
+LEARNED_SCORE = dataclasses.replace(  # a labelling step, then the k best by û (with the overlap features)
+    LEARNED, prefilter_stage2="score", prefilter_overlap=True
+)
 
 
 def half(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from optsel.selection.ftw import FilterThenWeight, FTWConfig
-from optsel.selection.ftw.learned import OnlineRidge, feature_dim, hashed_features
+from optsel.selection.ftw.learned import OnlineRidge, feature_dim, hashed_features, overlap_features
 
 from support.bruteforce import make_batch, tiny_llama, train_steps
 
@@ -55,6 +55,57 @@ def test_hashed_features_count_each_parts_unigrams_and_bigrams():
     assert float(phi[2, buckets : 2 * buckets].abs().sum()) == 0.0
     with pytest.raises(ValueError, match="hashes token ids in"):
         hashed_features({**batch, "input_ids": batch["input_ids"] + 2_000_000}, buckets)
+
+
+def _python_overlap(ids: list[int], labels: list[int], mask: list[int]) -> list[float]:
+    """The 3 overlap shares of one sample with Python sets (the module's definition)."""
+    prompt = [bool(a) and lab == -100 for a, lab in zip(mask, labels)]
+    response = [bool(a) and lab != -100 for a, lab in zip(mask, labels)]
+    prompt_tokens = {t for t, p in zip(ids, prompt) if p}
+    prompt_bigrams = {(ids[t - 1], ids[t]) for t in range(1, len(ids)) if prompt[t - 1] and prompt[t]}
+    tokens = [t for t, r in zip(ids, response) if r]
+    bigrams = [(ids[t - 1], ids[t]) for t in range(1, len(ids)) if response[t - 1] and response[t]]
+    share = lambda hits, n: hits / n if n else 0.0  # noqa: E731
+    return [
+        share(sum(t in prompt_tokens for t in tokens), len(tokens)),
+        share(sum(b in prompt_bigrams for b in bigrams), len(bigrams)),
+        share(sum((b, a) in prompt_bigrams for a, b in bigrams), len(bigrams)),
+    ]
+
+
+def test_overlap_features_are_the_prompt_response_shares():
+    """A copied answer, a reversed one, a reordered one, a foreign one and random rows, against Python sets."""
+    rows = [
+        ([5, 6, 7, 8, 9], [5, 6, 7, 8, 9]),  # copy: every token and bigram in the prompt
+        ([5, 6, 7, 8, 9], [9, 8, 7, 6, 5]),  # reversed: every reversed bigram in the prompt
+        ([5, 6, 7, 8, 9], [6, 5, 8, 9, 7]),  # reordered: the tokens, a bigram (8, 9) and a reversed one (6, 5)
+        ([5, 6, 7, 8, 9], [20, 21, 22]),  # foreign: nothing
+        ([5, 6, 7], []),  # no response: zeros, not NaN
+    ]
+    T = 11
+    ids = torch.zeros(len(rows), T, dtype=torch.int64)
+    labels = torch.full((len(rows), T), -100, dtype=torch.int64)
+    mask = torch.zeros(len(rows), T, dtype=torch.int64)
+    for i, (p, r) in enumerate(rows):
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+        labels[i, len(p) : len(p) + len(r)] = torch.tensor(r, dtype=torch.int64)
+        mask[i, : len(p) + len(r)] = 1
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    phi = hashed_features(batch, 8, overlap=True)
+    assert phi.shape == (len(rows), feature_dim(8, overlap=True)) == (len(rows), 2 * 8 + 6)
+    torch.testing.assert_close(phi[:, :-3], hashed_features(batch, 8))  # the same counts first
+    want = [[1.0, 1.0, 0.0], [1.0, 0.0, 1.0], [1.0, 0.25, 0.25], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    torch.testing.assert_close(phi[:, -3:], torch.tensor(want, dtype=torch.float64))
+    random = make_batch(9, 12, 3, prompt=5)
+    random["input_ids"] = random["input_ids"] % 6 + 1  # a small vocabulary: many repeats and overlaps
+    mask = random["attention_mask"].bool()
+    got = overlap_features(random["input_ids"], mask & (random["labels"] == -100), mask & (random["labels"] != -100))
+    for i in range(9):
+        want_i = _python_overlap(
+            random["input_ids"][i].tolist(), random["labels"][i].tolist(), random["attention_mask"][i].tolist()
+        )
+        torch.testing.assert_close(got[i], torch.tensor(want_i, dtype=torch.float64), msg=f"sample {i}")
+    assert float(got[:, 0].min()) < 1.0 and float(got[:, 1].max()) > 0.0  # the check is not vacuous
 
 
 def test_online_ridge_is_the_closed_form_decayed_weighted_ridge():
@@ -172,6 +223,10 @@ def test_learned_config_errors_name_the_key():
         FTWConfig(budget=2, prefilter="learned", prefilter_ridge=float("nan"))
     with pytest.raises(ValueError, match="prefilter_features: must be >= 1"):
         FTWConfig(budget=2, prefilter="learned", prefilter_features=0)
+    with pytest.raises(ValueError, match="prefilter_overlap: applies to prefilter='learned' only"):
+        FTWConfig(budget=2, prefilter="head", prefilter_overlap=True)
+    with pytest.raises(ValueError, match="prefilter_overlap: must be true or false"):
+        FTWConfig(budget=2, prefilter="learned", prefilter_overlap=1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="prefilter: 'learned' runs stage 2 with the exact b"):
         FTWConfig(budget=2, prefilter="learned", gram="sketch", exchange="sketches")
 
