@@ -139,6 +139,25 @@ VARIANTS = [
             "prefilter_label_every": 16,
         },
     ),
+    # added 2026-12-08 03:15 UTC before any run: the labelling step itself (every step a learning step: the whole pool
+    # to stage 2, which keeps every u > 0, so its Gram has no filter cap), and the scored step with the overlap
+    # features at R = 32 (the counted and timed steps are scored steps; 'predicted' amortises a one-stage step every 32)
+    (
+        "ftw[learned, labelling step]",
+        "ftw",
+        lambda k, T: {"prefilter": "learned", "filter_ratio": 1.0, "prefilter_learn_steps": 1_000_000},
+    ),
+    (
+        "ftw[learned score + overlap, R=32]",
+        "ftw",
+        lambda k, T: {
+            "prefilter": "learned",
+            "prefilter_stage2": "score",
+            "prefilter_learn_steps": 1,
+            "prefilter_label_every": 32,
+            "prefilter_overlap": True,
+        },
+    ),
 ]
 
 #: size: (T, k); "cpu-compute" is the speed benchmark's compute-bound CPU size (hidden 256, 4 layers)
