@@ -23,8 +23,8 @@ What it approximates: FTW's utility as far as a linear function of which tokens 
 bag of tokens does not compare them); with them it sees how much of the response its prompt contains, which tells
 a copied, extracted or mismatched answer, not a wrong computation. It follows the model's state only through the
 refit, one step late. Cost: O(T) integer work per candidate and one D × D solve per step; no FLOPs of the model,
-no collective beyond one all-gather of the N × D features. Every rank holds the same statistics (fitted on gathered features and
-stage 2's utilities, which are identical on every rank), so R ranks pick what one process picks.
+no collective beyond one all-gather of the N × D features. Every rank holds the same statistics (fitted on gathered
+features and stage 2's utilities, which are identical on every rank), so R ranks pick what one process picks.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def _in_prompt(
 def overlap_features(ids: torch.Tensor, prompt: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
     """[n, 3] float64: the share of the response's tokens whose id occurs in the prompt, of its bigrams (both tokens in
     the response) that occur as prompt bigrams (both in the prompt), and of its bigrams (a, b) whose reverse (b, a) is a
-    prompt bigram; 0 for a row without a response token (or bigram). ids [n, T] int64 in [0, 2^20); masks [n, T]."""
+    prompt bigram; 0 for a row without a response token (or bigram). ids [n, T] int64 in [0, 1_048_583); masks [n, T]."""
     big = ids[:, :-1] * _BIGRAM_BASE + ids[:, 1:]
     rev = ids[:, 1:] * _BIGRAM_BASE + ids[:, :-1]
     prompt_bi, response_bi = prompt[:, :-1] & prompt[:, 1:], response[:, :-1] & response[:, 1:]
