@@ -108,11 +108,19 @@ def test_two_rank_training_learns_and_respects_the_budget(data_dir, tmp_path, en
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("prefilter", ["head", "learned"])
+@pytest.mark.parametrize("prefilter", ["head", "learned", "score"])
 def test_two_stage_ftw_trains_under_zero3_from_the_survivors_single_pass(data_dir, tmp_path, prefilter):
     """prefilter: head | learned on 2 ranks of DeepSpeed ZeRO-3: the single pass over the survivors only (pool rows
     mapped to pass rows inside the engine's surrogate backward); both stages' times and the overhead ratio are
-    reported."""
+    reported. score: the learned score without stage 2 (with the overlap features), a labelling step every 8."""
+    options = [f"selection.options.ftw.prefilter={prefilter}"]
+    if prefilter == "score":
+        options = [
+            "selection.options.ftw.prefilter=learned",
+            "selection.options.ftw.prefilter_stage2=score",
+            "selection.options.ftw.prefilter_label_every=8",
+            "selection.options.ftw.prefilter_overlap=true",
+        ]
     done = _run(
         [
             "launch",
@@ -125,7 +133,7 @@ def test_two_stage_ftw_trains_under_zero3_from_the_survivors_single_pass(data_di
                 tmp_path,
                 "engine.name=deepspeed",
                 "selection.method=ftw",
-                f"selection.options.ftw.prefilter={prefilter}",
+                *options,
                 "selection.options.ftw.filter_size=24",
                 "training.num_steps=20",
                 "training.eval_every=0",
@@ -142,6 +150,11 @@ def test_two_stage_ftw_trains_under_zero3_from_the_survivors_single_pass(data_di
     rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "time/phase/stage1" in r]
     assert len(steps) >= 20 and all(r["time/phase/stage1"] > 0 and r["time/overhead_ratio"] > 1 for r in steps)
+    if prefilter == "score":  # exact (captured) steps: the 2 learning steps and every 8th after them; else k by û
+        labelling = [i for i, r in enumerate(steps) if "time/phase/capture" in r]
+        assert labelling[:4] == [0, 1, 9, 17], labelling
+        assert all(r["select/filtered"] == 16 for i, r in enumerate(steps) if i not in labelling)
+        return
     # a learned stage 1's first 2 steps label the whole pool: stage 2 keeps every candidate with u > 0 there
     scored = steps[2:] if prefilter == "learned" else steps
     assert all(r["select/filtered"] <= 24 for r in scored if "select/filtered" in r), [
