@@ -84,26 +84,21 @@ def hashed_features(batch: Mapping[str, torch.Tensor], buckets: int, overlap: bo
     return torch.cat([*parts, torch.ones(n, 1, dtype=torch.float64, device=ids.device), lengths.log1p(), *extra], dim=1)
 
 
-def _in_prompt(
-    keys: torch.Tensor, of: torch.Tensor, prompt_keys: torch.Tensor, in_prompt: torch.Tensor
-) -> torch.Tensor:
-    """[n, T'] bool: whether ``keys[i, t]`` (where ``of``) occurs among row i's ``prompt_keys`` (where ``in_prompt``).
-    Keys are < 2^41; the row index is added above them so one ``isin`` answers every row."""
-    row = torch.arange(keys.shape[0], device=keys.device).unsqueeze(1) << 41
-    return torch.isin(keys + row, (prompt_keys + row)[in_prompt]) & of
-
-
 def overlap_features(ids: torch.Tensor, prompt: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
     """[n, 3] float64: the share of the response's tokens whose id occurs in the prompt, of its bigrams (both tokens in
     the response) that occur as prompt bigrams (both in the prompt), and of its bigrams (a, b) whose reverse (b, a) is a
-    prompt bigram; 0 for a row without a response token (or bigram). ids [n, T] int64 in [0, 1_048_583); masks [n, T]."""
-    big = ids[:, :-1] * _BIGRAM_BASE + ids[:, 1:]
-    rev = ids[:, 1:] * _BIGRAM_BASE + ids[:, :-1]
+    prompt bigram; 0 for a row without a response token (or bigram). ids [n, T] int64 in [0, 1_048_583); masks [n, T].
+    Keys (ids, bigrams a·base + b) are < 2^41; the row index is added above them, so one ``isin`` answers every row."""
+    row = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1) << 41
+    token = ids + row
+    bigram = ids[:, :-1] * _BIGRAM_BASE + ids[:, 1:] + row
+    reverse = ids[:, 1:] * _BIGRAM_BASE + ids[:, :-1] + row
     prompt_bi, response_bi = prompt[:, :-1] & prompt[:, 1:], response[:, :-1] & response[:, 1:]
+    prompt_tokens, prompt_bigrams = token[prompt], bigram[prompt_bi]
     hits = [
-        (_in_prompt(ids, response, ids, prompt), response),
-        (_in_prompt(big, response_bi, big, prompt_bi), response_bi),
-        (_in_prompt(rev, response_bi, big, prompt_bi), response_bi),
+        (torch.isin(token, prompt_tokens) & response, response),
+        (torch.isin(bigram, prompt_bigrams) & response_bi, response_bi),
+        (torch.isin(reverse, prompt_bigrams) & response_bi, response_bi),
     ]
     return torch.stack([h.sum(1).double() / of.sum(1).clamp(min=1).double() for h, of in hits], dim=1)
 
